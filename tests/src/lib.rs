@@ -1,0 +1,1 @@
+//! Test support for the multi-process suites in `tests/`.

@@ -1,0 +1,136 @@
+//! The float element types a merge reads and writes, and conversion to and from f32.
+
+use half::{bf16, f16};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+
+    /// The name in a safetensors header.
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "F32",
+            DType::F16 => "F16",
+            DType::BF16 => "BF16",
+        }
+    }
+
+    /// The name in a recipe or config.json (`torch_dtype`).
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            DType::F32 => "float32",
+            DType::F16 => "float16",
+            DType::BF16 => "bfloat16",
+        }
+    }
+
+    /// Parses the names mergekit accepts for `dtype` / `out_dtype`.
+    pub fn from_recipe(s: &str) -> Option<DType> {
+        Some(match s {
+            "float32" | "fp32" | "f32" | "float" => DType::F32,
+            "float16" | "fp16" | "f16" | "half" => DType::F16,
+            "bfloat16" | "bf16" => DType::BF16,
+            _ => return None,
+        })
+    }
+
+    pub fn to_proto(self) -> shardmerge_proto::Dtype {
+        match self {
+            DType::F32 => shardmerge_proto::Dtype::F32,
+            DType::F16 => shardmerge_proto::Dtype::F16,
+            DType::BF16 => shardmerge_proto::Dtype::Bf16,
+        }
+    }
+
+    pub fn from_proto(v: i32) -> Option<DType> {
+        match shardmerge_proto::Dtype::try_from(v).ok()? {
+            shardmerge_proto::Dtype::F32 => Some(DType::F32),
+            shardmerge_proto::Dtype::F16 => Some(DType::F16),
+            shardmerge_proto::Dtype::Bf16 => Some(DType::BF16),
+            shardmerge_proto::Dtype::Unspecified => None,
+        }
+    }
+}
+
+/// Decodes little-endian elements of `dtype` from `src` into `dst` (`dst.len()` elements).
+pub fn decode(dtype: DType, src: &[u8], dst: &mut [f32]) {
+    debug_assert_eq!(src.len(), dst.len() * dtype.size());
+    match dtype {
+        DType::F32 => {
+            for (d, c) in dst.iter_mut().zip(src.chunks_exact(4)) {
+                *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        DType::BF16 => {
+            for (d, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                *d = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
+            }
+        }
+        DType::F16 => {
+            for (d, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                *d = f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+            }
+        }
+    }
+}
+
+/// Encodes `src` as little-endian `dtype` into `dst` (round to nearest even, as torch does).
+pub fn encode(dtype: DType, src: &[f32], dst: &mut [u8]) {
+    debug_assert_eq!(dst.len(), src.len() * dtype.size());
+    match dtype {
+        DType::F32 => {
+            for (c, s) in dst.chunks_exact_mut(4).zip(src) {
+                c.copy_from_slice(&s.to_le_bytes());
+            }
+        }
+        DType::BF16 => {
+            for (c, s) in dst.chunks_exact_mut(2).zip(src) {
+                c.copy_from_slice(&bf16::from_f32(*s).to_bits().to_le_bytes());
+            }
+        }
+        DType::F16 => {
+            for (c, s) in dst.chunks_exact_mut(2).zip(src) {
+                c.copy_from_slice(&f16::from_f32(*s).to_bits().to_le_bytes());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip_all_dtypes() {
+        let v = [0.0f32, -1.5, 3.25, 1e-3, -65504.0];
+        for dt in [DType::F32, DType::F16, DType::BF16] {
+            let mut b = vec![0u8; v.len() * dt.size()];
+            encode(dt, &v, &mut b);
+            let mut back = vec![0f32; v.len()];
+            decode(dt, &b, &mut back);
+            for (a, b) in v.iter().zip(&back) {
+                assert!((a - b).abs() <= a.abs() * 1e-2 + 1e-6, "{dt:?} {a} {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_rounds_to_nearest_even() {
+        // 1 + 2^-8 is halfway between two bf16 values; ties go to the even mantissa (1.0)
+        let x = 1.0f32 + 2f32.powi(-8);
+        let mut b = [0u8; 2];
+        encode(DType::BF16, &[x], &mut b);
+        assert_eq!(u16::from_le_bytes(b), 0x3f80);
+    }
+}

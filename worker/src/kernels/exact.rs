@@ -1,0 +1,258 @@
+//! Exact, order-independent summation of f64 values.
+//!
+//! Tensor statistics (norms, dot products, L1 sums) are computed over row ranges by different
+//! tasks and reduced by the coordinator. Floating-point addition is not associative, so a plain
+//! running sum would depend on how the tensor was cut. `ExactSum` keeps the sum exactly (a
+//! signed integer per binary exponent) and rounds once, at the end: the result is the correctly
+//! rounded sum whatever the order or grouping of the additions.
+
+/// Exact sum of f64 values. Products of two f32 values are exact in f64, so sums of squares
+/// and dot products of f32 data are exact too.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ExactSum {
+    /// (exponent, signed sum of 53-bit mantissas at that exponent), sorted by exponent.
+    buckets: Vec<(i32, i128)>,
+    /// Index of the bucket used last: consecutive values mostly share an exponent.
+    hint: usize,
+    /// Set when a NaN or infinity was added.
+    non_finite: Option<f64>,
+}
+
+impl ExactSum {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    #[inline]
+    pub fn add(&mut self, x: f64) {
+        if x == 0.0 {
+            return;
+        }
+        if !x.is_finite() {
+            self.non_finite = Some(match self.non_finite {
+                None => x,
+                Some(y) => x + y,
+            });
+            return;
+        }
+        let bits = x.to_bits();
+        let biased = ((bits >> 52) & 0x7ff) as i32;
+        let frac = (bits & ((1u64 << 52) - 1)) as i128;
+        let (m, e) = if biased == 0 {
+            (frac, -1074)
+        } else {
+            (frac | (1i128 << 52), biased - 1075)
+        };
+        let m = if bits >> 63 == 1 { -m } else { m };
+        self.add_bucket(e, m);
+    }
+
+    #[inline]
+    fn add_bucket(&mut self, e: i32, m: i128) {
+        if let Some(b) = self.buckets.get_mut(self.hint) {
+            if b.0 == e {
+                b.1 += m;
+                return;
+            }
+        }
+        match self.buckets.binary_search_by_key(&e, |b| b.0) {
+            Ok(i) => {
+                self.buckets[i].1 += m;
+                self.hint = i;
+            }
+            Err(i) => {
+                self.buckets.insert(i, (e, m));
+                self.hint = i;
+            }
+        }
+    }
+
+    /// Adds every value of a slice.
+    pub fn add_all(&mut self, xs: impl IntoIterator<Item = f64>) {
+        for x in xs {
+            self.add(x);
+        }
+    }
+
+    /// Adds another exact sum into this one (exact, so associative and commutative).
+    pub fn merge(&mut self, other: &ExactSum) {
+        for &(e, m) in &other.buckets {
+            self.add_bucket(e, m);
+        }
+        if let Some(v) = other.non_finite {
+            self.non_finite = Some(self.non_finite.map_or(v, |w| w + v));
+        }
+    }
+
+    /// The sum, correctly rounded to the nearest f64 (ties to even).
+    pub fn value(&self) -> f64 {
+        if let Some(v) = self.non_finite {
+            return v;
+        }
+        let Some(&(lo_e, _)) = self.buckets.first() else {
+            return 0.0;
+        };
+        let hi_e = self.buckets.last().map_or(lo_e, |b| b.0);
+        // Two's complement bits of the total, from exponent lo_e upwards.
+        let nbits = (hi_e - lo_e) as usize + 140;
+        let mut bits = vec![0u64; nbits.div_ceil(64)];
+        let mut carry: i128 = 0;
+        let mut it = self.buckets.iter().peekable();
+        for pos in 0..nbits {
+            let e = lo_e + pos as i32;
+            let mut v = carry;
+            if let Some(&&(be, m)) = it.peek() {
+                if be == e {
+                    v += m;
+                    it.next();
+                }
+            }
+            if v & 1 != 0 {
+                bits[pos / 64] |= 1 << (pos % 64);
+            }
+            carry = v >> 1;
+        }
+        let negative = carry < 0;
+        if negative {
+            // negate the two's complement bit string
+            let mut c = 1u64;
+            for w in bits.iter_mut() {
+                let (s, o) = (!*w).overflowing_add(c);
+                *w = s;
+                c = o as u64;
+            }
+        }
+        let Some(top) = (0..nbits).rev().find(|&p| bits[p / 64] >> (p % 64) & 1 == 1) else {
+            return 0.0;
+        };
+        let bit = |p: usize| bits[p / 64] >> (p % 64) & 1;
+        // Keep 53 significant bits, but never go below the subnormal exponent.
+        let top_e = lo_e + top as i32;
+        let low_e = (top_e - 52).max(-1074);
+        let keep_from = (low_e - lo_e).max(0) as usize;
+        let mut mant: u64 = 0;
+        for p in (keep_from..=top).rev() {
+            mant = (mant << 1) | bit(p);
+        }
+        if keep_from > 0 {
+            let guard = bit(keep_from - 1);
+            let sticky = (0..keep_from - 1).any(|p| bit(p) == 1);
+            if guard == 1 && (sticky || mant & 1 == 1) {
+                mant += 1;
+            }
+        }
+        let exp = lo_e + keep_from as i32;
+        let mag = ldexp(mant as f64, exp);
+        if negative {
+            -mag
+        } else {
+            mag
+        }
+    }
+
+    /// (exponent, mantissa sum) pairs, for transport.
+    pub fn buckets(&self) -> &[(i32, i128)] {
+        &self.buckets
+    }
+
+    pub fn from_buckets(mut buckets: Vec<(i32, i128)>, non_finite: Option<f64>) -> Self {
+        buckets.sort_by_key(|b| b.0);
+        let mut s = ExactSum {
+            buckets: Vec::with_capacity(buckets.len()),
+            hint: 0,
+            non_finite,
+        };
+        for (e, m) in buckets {
+            s.add_bucket(e, m);
+        }
+        s
+    }
+
+    pub fn non_finite(&self) -> Option<f64> {
+        self.non_finite
+    }
+}
+
+/// x * 2^e without intermediate overflow or underflow for the exponents used here.
+fn ldexp(x: f64, e: i32) -> f64 {
+    let mut x = x;
+    let mut e = e;
+    while e > 1000 {
+        x *= 2f64.powi(1000);
+        e -= 1000;
+    }
+    while e < -1000 {
+        x *= 2f64.powi(-1000);
+        e += 1000;
+    }
+    x * 2f64.powi(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exact_where_naive_is_not() {
+        let mut s = ExactSum::new();
+        s.add_all([1e20, 1.0, -1e20, 1.0]);
+        assert_eq!(s.value(), 2.0);
+    }
+
+    #[test]
+    fn order_independent() {
+        let xs: Vec<f64> = (0..5000)
+            .map(|i| ((i as f64 * 0.7368).sin() * 10f64.powi(i % 13 - 6)))
+            .collect();
+        let mut a = ExactSum::new();
+        a.add_all(xs.iter().copied());
+        let mut parts = Vec::new();
+        for c in xs.chunks(333).rev() {
+            let mut p = ExactSum::new();
+            p.add_all(c.iter().rev().copied());
+            parts.push(p);
+        }
+        let mut b = ExactSum::new();
+        for p in &parts {
+            b.merge(p);
+        }
+        assert_eq!(a.value().to_bits(), b.value().to_bits());
+        let naive: f64 = xs.iter().sum();
+        assert!((a.value() - naive).abs() <= naive.abs() * 1e-12 + 1e-12);
+    }
+
+    #[test]
+    fn rounding_and_signs() {
+        for v in [
+            1.0,
+            -1.0,
+            0.1,
+            -3.75e-300,
+            5e-324,
+            1.7976931348623157e308,
+            -123456.789,
+        ] {
+            let mut s = ExactSum::new();
+            s.add(v);
+            assert_eq!(s.value(), v);
+        }
+        // 1 + 2^-53 rounds to even (1.0); 1 + 2^-53 + 2^-100 rounds up
+        let mut s = ExactSum::new();
+        s.add_all([1.0, 2f64.powi(-53)]);
+        assert_eq!(s.value(), 1.0);
+        s.add(2f64.powi(-100));
+        assert_eq!(s.value(), 1.0 + 2f64.powi(-52));
+        let mut s = ExactSum::new();
+        s.add_all([-1.0, -2f64.powi(-53), -2f64.powi(-100)]);
+        assert_eq!(s.value(), -(1.0 + 2f64.powi(-52)));
+    }
+
+    #[test]
+    fn non_finite_propagates() {
+        let mut s = ExactSum::new();
+        s.add_all([1.0, f64::INFINITY]);
+        assert_eq!(s.value(), f64::INFINITY);
+        s.add(f64::NAN);
+        assert!(s.value().is_nan());
+    }
+}

@@ -1,0 +1,425 @@
+//! Merge kernels: pure functions over f32 slices, one file per method.
+//!
+//! A kernel sees one output tensor at a time as a 2-D array (rows = first dimension, a row =
+//! the product of the others; a 1-D tensor is one row) and is handed a *row range* of it: one
+//! f32 slice per input model covering exactly those rows, and an output slice of the same
+//! length. Kernels never do I/O.
+//!
+//! Methods that need whole-tensor statistics declare `passes() > 0`. For each pass every row
+//! range computes a `partial`, and `reduce` folds the partials of all ranges (in range order)
+//! into the state that the next pass and finally `apply` read. A tensor that fits in one task
+//! runs the same passes over a single range, so a tensor gives the same bits whether it was cut
+//! or not, as long as `reduce` is exact (see [`stats`]).
+//!
+//! Adding a method: one file here implementing [`Method`], plus one line in [`registry`].
+
+use std::collections::HashMap;
+use std::fmt;
+
+pub mod exact;
+pub mod rng;
+pub mod select;
+pub mod stats;
+
+mod gta;
+mod linear;
+mod passthrough;
+mod slerp;
+
+pub use stats::Stats;
+
+/// Whether a method takes a base model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BaseRule {
+    /// The method needs `base_model`.
+    Required,
+    /// The method uses `base_model` when given.
+    Optional,
+    /// The method has no notion of a base model (mergekit ignores one if given).
+    Ignored,
+}
+
+/// A parameter a method reads, with mergekit's name and default.
+#[derive(Clone, Copy, Debug)]
+pub struct ParamDef {
+    pub name: &'static str,
+    /// `None`: required (for a tensor parameter: required of every model but the base).
+    pub default: Option<f64>,
+}
+
+impl ParamDef {
+    pub const fn required(name: &'static str) -> ParamDef {
+        ParamDef {
+            name,
+            default: None,
+        }
+    }
+    pub const fn with_default(name: &'static str, default: f64) -> ParamDef {
+        ParamDef {
+            name,
+            default: Some(default),
+        }
+    }
+}
+
+/// What a method accepts, for the planner and the docs.
+#[derive(Clone, Copy, Debug)]
+pub struct MethodSpec {
+    pub name: &'static str,
+    /// Method-level parameters (one value per tensor).
+    pub params: &'static [ParamDef],
+    /// Per-model parameters.
+    pub tensor_params: &'static [ParamDef],
+    pub base: BaseRule,
+    /// Fewest and most input models, base included (`None`: no upper limit).
+    pub min_models: usize,
+    pub max_models: Option<usize>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelError(pub String);
+
+impl fmt::Display for KernelError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for KernelError {}
+
+impl From<String> for KernelError {
+    fn from(s: String) -> Self {
+        KernelError(s)
+    }
+}
+
+impl From<&str> for KernelError {
+    fn from(s: &str) -> Self {
+        KernelError(s.to_string())
+    }
+}
+
+pub type KResult<T> = Result<T, KernelError>;
+
+/// One output tensor as a kernel sees it.
+#[derive(Clone, Debug)]
+pub struct TensorCtx<'a> {
+    pub name: &'a str,
+    pub shape: &'a [u64],
+    /// The 2-D view: `rows` rows of `row_len` elements.
+    pub rows: u64,
+    pub row_len: usize,
+    /// Method-level parameters, resolved for this tensor (booleans as 0/1).
+    pub params: &'a HashMap<String, f64>,
+    /// Per-input parameters, in input order.
+    pub model_params: Vec<&'a HashMap<String, f64>>,
+    /// Which input is the base model, if any.
+    pub base: Option<usize>,
+    /// Per-input RNG keys and the tensor's key; the job's seed.
+    pub model_keys: Vec<u64>,
+    pub tensor_key: u64,
+    pub seed: u64,
+}
+
+impl TensorCtx<'_> {
+    pub fn numel(&self) -> u64 {
+        self.rows * self.row_len as u64
+    }
+
+    pub fn n_models(&self) -> usize {
+        self.model_params.len()
+    }
+
+    /// A method-level parameter (the planner has filled in defaults).
+    pub fn param(&self, name: &str) -> KResult<f64> {
+        self.params
+            .get(name)
+            .copied()
+            .ok_or_else(|| KernelError(format!("tensor {}: parameter {name} is missing", self.name)))
+    }
+
+    pub fn flag(&self, name: &str) -> KResult<bool> {
+        Ok(self.param(name)? != 0.0)
+    }
+
+    /// A per-model parameter of input `i`.
+    pub fn model_param(&self, i: usize, name: &str) -> KResult<f64> {
+        self.model_params
+            .get(i)
+            .and_then(|m| m.get(name))
+            .copied()
+            .ok_or_else(|| {
+                KernelError(format!(
+                    "tensor {}: parameter {name} is missing for input {i}",
+                    self.name
+                ))
+            })
+    }
+
+    /// Like [`model_param`](Self::model_param), but `None` when unset.
+    pub fn model_param_opt(&self, i: usize, name: &str) -> Option<f64> {
+        self.model_params.get(i).and_then(|m| m.get(name)).copied()
+    }
+
+    /// The base input index, or an error naming the method.
+    pub fn base_index(&self, method: &str) -> KResult<usize> {
+        self.base
+            .ok_or_else(|| KernelError(format!("{method} needs a base_model")))
+    }
+
+    /// Inputs other than the base, in order.
+    pub fn others(&self) -> Vec<usize> {
+        (0..self.n_models()).filter(|&i| Some(i) != self.base).collect()
+    }
+
+    /// The RNG stream of input `i` for this tensor.
+    pub fn stream(&self, i: usize) -> rng::Stream {
+        rng::Stream::new(self.seed, self.tensor_key, self.model_keys.get(i).copied().unwrap_or(i as u64))
+    }
+}
+
+/// A row range of a tensor: rows `[start, end)`, the `index`-th range of the tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowRange {
+    pub start: u64,
+    pub end: u64,
+    pub index: u32,
+}
+
+impl RowRange {
+    /// Index of the range's first element in the flattened tensor.
+    pub fn first_element(&self, ctx: &TensorCtx) -> u64 {
+        self.start * ctx.row_len as u64
+    }
+}
+
+/// What a reduction decided.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Reduced {
+    /// Run the next pass with this state.
+    More(Stats),
+    /// No further pass is needed (an iteration converged); apply with this state.
+    Done(Stats),
+}
+
+/// A merge method. See the module docs for the pass protocol.
+pub trait Method: Send + Sync {
+    fn spec(&self) -> &MethodSpec;
+
+    /// Checks parameter values for one tensor; runs at plan time. The message should name the
+    /// parameter and what range it must be in (the planner adds the method and tensor).
+    fn check(&self, _ctx: &TensorCtx) -> KResult<()> {
+        Ok(())
+    }
+
+    /// How many statistics passes this tensor needs before `apply` (at most).
+    fn passes(&self, _ctx: &TensorCtx) -> u32 {
+        0
+    }
+
+    /// One range's partial statistics for `pass`, given the state reduced from earlier passes.
+    fn partial(
+        &self,
+        _ctx: &TensorCtx,
+        _pass: u32,
+        _state: &Stats,
+        _rows: RowRange,
+        _inputs: &[&[f32]],
+    ) -> KResult<Stats> {
+        Err("this method has no statistics passes".into())
+    }
+
+    /// Folds every range's partial (in range order) into the next state.
+    fn reduce(
+        &self,
+        _ctx: &TensorCtx,
+        _pass: u32,
+        _state: Stats,
+        _partials: Vec<Stats>,
+    ) -> KResult<Reduced> {
+        Err("this method has no statistics passes".into())
+    }
+
+    /// Computes the output rows. `inputs[i]` and `out` cover exactly `rows`.
+    fn apply(
+        &self,
+        ctx: &TensorCtx,
+        state: &Stats,
+        rows: RowRange,
+        inputs: &[&[f32]],
+        out: &mut [f32],
+    ) -> KResult<()>;
+}
+
+/// Every method, by mergekit name.
+pub fn registry() -> &'static [&'static dyn Method] {
+    static ALL: &[&dyn Method] = &[
+        &linear::Linear,
+        &gta::TASK_ARITHMETIC,
+        &gta::TIES,
+        &gta::DARE_LINEAR,
+        &gta::DARE_TIES,
+        &gta::BREADCRUMBS,
+        &gta::BREADCRUMBS_TIES,
+        &gta::DELLA,
+        &gta::DELLA_LINEAR,
+        &slerp::Slerp,
+        &passthrough::Passthrough,
+    ];
+    ALL
+}
+
+/// Looks a method up by its mergekit name.
+pub fn method(name: &str) -> Option<&'static dyn Method> {
+    registry().iter().copied().find(|m| m.spec().name == name)
+}
+
+/// Runs every statistics pass over a whole tensor held in memory, then `apply`: the path for a
+/// tensor that fits in one task. Uses the same partial/reduce steps as a cut tensor.
+pub fn run_whole(m: &dyn Method, ctx: &TensorCtx, inputs: &[&[f32]], out: &mut [f32]) -> KResult<()> {
+    let whole = RowRange {
+        start: 0,
+        end: ctx.rows,
+        index: 0,
+    };
+    let state = run_passes(m, ctx, |pass, state| {
+        Ok(vec![m.partial(ctx, pass, state, whole, inputs)?])
+    })?;
+    m.apply(ctx, &state, whole, inputs, out)
+}
+
+/// Drives the pass protocol: `partials(pass, state)` computes the partials of every range for
+/// a pass (in range order); returns the final state for `apply`.
+pub fn run_passes(
+    m: &dyn Method,
+    ctx: &TensorCtx,
+    mut partials: impl FnMut(u32, &Stats) -> KResult<Vec<Stats>>,
+) -> KResult<Stats> {
+    let mut state = Stats::default();
+    for pass in 0..m.passes(ctx) {
+        let ps = partials(pass, &state)?;
+        match m.reduce(ctx, pass, state, ps)? {
+            Reduced::More(s) => state = s,
+            Reduced::Done(s) => return Ok(s),
+        }
+    }
+    Ok(state)
+}
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    //! Helpers for kernel unit tests: build a context and run a method whole or cut.
+    use super::*;
+
+    pub struct Case {
+        pub name: String,
+        pub shape: Vec<u64>,
+        pub params: HashMap<String, f64>,
+        pub model_params: Vec<HashMap<String, f64>>,
+        pub base: Option<usize>,
+        pub seed: u64,
+    }
+
+    impl Case {
+        pub fn new(shape: &[u64], n_models: usize) -> Case {
+            Case {
+                name: "model.layers.0.mlp.up_proj.weight".into(),
+                shape: shape.to_vec(),
+                params: HashMap::new(),
+                model_params: vec![HashMap::new(); n_models],
+                base: None,
+                seed: 0,
+            }
+        }
+
+        /// Fills in the method's defaults for unset parameters.
+        pub fn with_defaults(mut self, m: &dyn Method) -> Case {
+            for p in m.spec().params {
+                if let Some(d) = p.default {
+                    self.params.entry(p.name.into()).or_insert(d);
+                }
+            }
+            for mp in &mut self.model_params {
+                for p in m.spec().tensor_params {
+                    if let Some(d) = p.default {
+                        mp.entry(p.name.into()).or_insert(d);
+                    }
+                }
+            }
+            self
+        }
+
+        pub fn ctx(&self) -> TensorCtx<'_> {
+            let (rows, row_len) = match self.shape.len() {
+                0 => (1, 1),
+                1 => (1, self.shape[0] as usize),
+                _ => (self.shape[0], self.shape[1..].iter().product::<u64>() as usize),
+            };
+            TensorCtx {
+                name: &self.name,
+                shape: &self.shape,
+                rows,
+                row_len,
+                params: &self.params,
+                model_params: self.model_params.iter().collect(),
+                base: self.base,
+                model_keys: (0..self.model_params.len() as u64).map(|i| i * 7919 + 1).collect(),
+                tensor_key: rng::key_of(&self.name),
+                seed: self.seed,
+            }
+        }
+    }
+
+    /// Runs the method whole.
+    pub fn run(m: &dyn Method, case: &Case, inputs: &[Vec<f32>]) -> Vec<f32> {
+        let ctx = case.ctx();
+        m.check(&ctx).unwrap();
+        let refs: Vec<&[f32]> = inputs.iter().map(|v| v.as_slice()).collect();
+        let mut out = vec![0f32; ctx.numel() as usize];
+        run_whole(m, &ctx, &refs, &mut out).unwrap();
+        out
+    }
+
+    /// Runs the method with the tensor cut into ranges of `rows_per_range` rows, exactly as
+    /// the coordinator would (a partial per range per pass, then apply per range).
+    pub fn run_cut(m: &dyn Method, case: &Case, inputs: &[Vec<f32>], rows_per_range: u64) -> Vec<f32> {
+        let ctx = case.ctx();
+        let rl = ctx.row_len;
+        let mut ranges = Vec::new();
+        let mut s = 0;
+        while s < ctx.rows {
+            let e = (s + rows_per_range).min(ctx.rows);
+            ranges.push(RowRange {
+                start: s,
+                end: e,
+                index: ranges.len() as u32,
+            });
+            s = e;
+        }
+        let slice = |r: &RowRange| -> Vec<&[f32]> {
+            inputs
+                .iter()
+                .map(|v| &v[r.start as usize * rl..r.end as usize * rl])
+                .collect()
+        };
+        let state = run_passes(m, &ctx, |pass, state| {
+            ranges
+                .iter()
+                .map(|r| m.partial(&ctx, pass, state, *r, &slice(r)))
+                .collect()
+        })
+        .unwrap();
+        let mut out = vec![0f32; ctx.numel() as usize];
+        for r in &ranges {
+            let o = &mut out[r.start as usize * rl..r.end as usize * rl];
+            m.apply(&ctx, &state, *r, &slice(r), o).unwrap();
+        }
+        out
+    }
+
+    /// Deterministic pseudo-random test data.
+    pub fn data(n: usize, salt: u64, scale: f32) -> Vec<f32> {
+        let s = rng::Stream::new(salt, 1, 2);
+        (0..n as u64).map(|i| (s.uniform(i) as f32 * 2.0 - 1.0) * scale).collect()
+    }
+}

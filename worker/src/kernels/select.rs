@@ -1,0 +1,267 @@
+//! Exact rank selection over a tensor cut into row ranges: radix selection on f32 bit patterns.
+//!
+//! Sparsifying methods keep the elements whose rank by some key (|delta|, a variance) falls in a
+//! window, e.g. TIES keeps the k largest magnitudes. Elements are totally ordered by
+//! (key, element index), so ties are broken the same way whatever the layout. A rank boundary
+//! `p` splits the order into the `p` lowest elements and the rest; it is found exactly in two
+//! statistics passes: a histogram of the keys' high 16 bits locates the bucket holding rank `p`,
+//! then a histogram of the low 16 bits inside that bucket gives the exact key. The per-range
+//! count of elements equal to that key tells each range how many of its ties fall below.
+//!
+//! Keys are `u32`s whose unsigned order is the order wanted; for non-negative floats
+//! (magnitudes, variances) that is just `f32::to_bits`.
+
+use super::stats::{Hist, Stats};
+
+/// Passes a selection needs.
+pub const PASSES: u32 = 2;
+
+const BINS: usize = 1 << 16;
+
+/// The sort key of a non-negative f32 (NaN sorts above everything).
+#[inline]
+pub fn key(x: f32) -> u32 {
+    let b = x.to_bits() & 0x7fff_ffff;
+    if b > 0x7f80_0000 {
+        u32::MAX - 1
+    } else {
+        b
+    }
+}
+
+/// A located rank boundary: an element with key `x` whose ties earlier in the tensor number
+/// `seen` ranks below the boundary iff `x < key || (x == key && seen < need)`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Boundary {
+    pub key: u32,
+    pub need: u64,
+    /// For each row range: how many elements with key == `key` lie in earlier ranges.
+    pub prefix: Vec<u64>,
+}
+
+/// Walks one row range's elements in order and says which rank below a boundary.
+pub struct Cursor<'a> {
+    b: &'a Boundary,
+    seen: u64,
+}
+
+impl<'a> Cursor<'a> {
+    pub fn new(b: &'a Boundary, range_index: u32) -> Self {
+        let seen = b.prefix.get(range_index as usize).copied().unwrap_or(0);
+        Cursor { b, seen }
+    }
+
+    /// Whether the next element (with key `k`) ranks below the boundary.
+    #[inline]
+    pub fn below(&mut self, k: u32) -> bool {
+        if k < self.b.key {
+            true
+        } else if k == self.b.key {
+            let r = self.seen < self.b.need;
+            self.seen += 1;
+            r
+        } else {
+            false
+        }
+    }
+}
+
+/// Pass 0, one range: a histogram of the high 16 bits of each problem's keys.
+pub fn partial0(keys: &[&[u32]]) -> Stats {
+    let mut st = Stats::default();
+    let mut dense = vec![0u64; BINS];
+    for ks in keys {
+        dense.iter_mut().for_each(|d| *d = 0);
+        for &k in ks.iter() {
+            dense[(k >> 16) as usize] += 1;
+        }
+        st.hists.push(Hist::from_dense(&dense));
+    }
+    st
+}
+
+/// Reduces pass 0: for each problem `j` and each rank in `ranks[j]`, locates the high bucket.
+/// `n[j]` is the number of elements of problem `j`.
+pub fn reduce0(partials: &[Stats], ranks: &[Vec<u64>], n: &[u64]) -> Result<Stats, String> {
+    let mut st = Stats::default();
+    let mut dense = vec![0u64; BINS];
+    for (j, rs) in ranks.iter().enumerate() {
+        dense.iter_mut().for_each(|d| *d = 0);
+        for p in partials {
+            p.hists
+                .get(j)
+                .ok_or("selection partial is missing a histogram")?
+                .add_to(&mut dense);
+        }
+        let total: u64 = dense.iter().sum();
+        if total != n[j] {
+            return Err(format!(
+                "selection saw {total} elements, expected {}",
+                n[j]
+            ));
+        }
+        for &p in rs {
+            // state per boundary: [rank, bucket, rank within bucket]; bucket = BINS for p == n
+            let (bucket, within) = locate(&dense, p);
+            st.counts.extend_from_slice(&[p, bucket, within]);
+        }
+    }
+    Ok(st)
+}
+
+fn locate(dense: &[u64], p: u64) -> (u64, u64) {
+    let mut before = 0u64;
+    for (b, &c) in dense.iter().enumerate() {
+        if p < before + c {
+            return (b as u64, p - before);
+        }
+        before += c;
+    }
+    (dense.len() as u64, 0)
+}
+
+/// Pass 1, one range: for each boundary, a histogram of the low 16 bits of the keys in its
+/// bucket. `keys[j]` are problem j's keys, `ranks[j]` its ranks (as given to `reduce0`).
+pub fn partial1(state0: &Stats, keys: &[&[u32]], ranks: &[Vec<u64>]) -> Stats {
+    let mut st = Stats::default();
+    let mut dense = vec![0u64; BINS];
+    let mut at = 0;
+    for (j, rs) in ranks.iter().enumerate() {
+        for _ in rs {
+            let bucket = state0.counts.get(at * 3 + 1).copied().unwrap_or(BINS as u64);
+            at += 1;
+            dense.iter_mut().for_each(|d| *d = 0);
+            if bucket < BINS as u64 {
+                for &k in keys[j].iter() {
+                    if (k >> 16) as u64 == bucket {
+                        dense[(k & 0xffff) as usize] += 1;
+                    }
+                }
+            }
+            st.hists.push(Hist::from_dense(&dense));
+        }
+    }
+    st
+}
+
+/// Reduces pass 1 into the located boundaries, one child per problem, one [`Boundary`] per rank.
+pub fn reduce1(state0: &Stats, partials: &[Stats], ranks: &[Vec<u64>]) -> Result<Stats, String> {
+    let mut out = Stats::default();
+    let mut dense = vec![0u64; BINS];
+    let mut at = 0;
+    for rs in ranks {
+        let mut child = Stats::default();
+        for _ in rs {
+            let bucket = *state0.counts.get(at * 3 + 1).ok_or("selection state is short")?;
+            let within = *state0.counts.get(at * 3 + 2).ok_or("selection state is short")?;
+            let b = if bucket >= BINS as u64 {
+                Boundary {
+                    key: u32::MAX,
+                    need: 0,
+                    prefix: vec![0; partials.len()],
+                }
+            } else {
+                dense.iter_mut().for_each(|d| *d = 0);
+                for p in partials {
+                    p.hists
+                        .get(at)
+                        .ok_or("selection partial is missing a histogram")?
+                        .add_to(&mut dense);
+                }
+                let (lo, need) = locate(&dense, within);
+                if lo >= BINS as u64 {
+                    return Err("selection bucket lost elements between passes".into());
+                }
+                let key = ((bucket as u32) << 16) | lo as u32;
+                let mut prefix = Vec::with_capacity(partials.len());
+                let mut acc = 0u64;
+                for p in partials {
+                    prefix.push(acc);
+                    acc += p.hists[at].get(lo as u32);
+                }
+                Boundary { key, need, prefix }
+            };
+            at += 1;
+            child.counts.push(b.key as u64);
+            child.counts.push(b.need);
+            child.counts.push(b.prefix.len() as u64);
+            child.counts.extend_from_slice(&b.prefix);
+        }
+        out.children.push(child);
+    }
+    Ok(out)
+}
+
+/// Decodes the boundaries of problem `j` from the state `reduce1` produced.
+pub fn boundaries(state: &Stats, j: usize) -> Vec<Boundary> {
+    let c = &state.child(j).counts;
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i + 3 <= c.len() {
+        let (key, need, n) = (c[i] as u32, c[i + 1], c[i + 2] as usize);
+        let prefix = c.get(i + 3..i + 3 + n).map(<[u64]>::to_vec).unwrap_or_default();
+        out.push(Boundary { key, need, prefix });
+        i += 3 + n;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs the two passes over `keys` cut at `cuts`, returns the boundaries for `ranks`.
+    fn select(keys: &[u32], cuts: &[usize], ranks: &[u64]) -> (Vec<Boundary>, Vec<(usize, usize)>) {
+        let mut ranges = Vec::new();
+        let mut s = 0;
+        for &c in cuts.iter().chain([keys.len()].iter()) {
+            ranges.push((s, c));
+            s = c;
+        }
+        let rk = vec![ranks.to_vec()];
+        let p0: Vec<Stats> = ranges.iter().map(|&(a, b)| partial0(&[&keys[a..b]])).collect();
+        let s0 = reduce0(&p0, &rk, &[keys.len() as u64]).unwrap();
+        let p1: Vec<Stats> = ranges
+            .iter()
+            .map(|&(a, b)| partial1(&s0, &[&keys[a..b]], &rk))
+            .collect();
+        let s1 = reduce1(&s0, &p1, &rk).unwrap();
+        (boundaries(&s1, 0), ranges)
+    }
+
+    fn below_set(keys: &[u32], b: &Boundary, ranges: &[(usize, usize)]) -> Vec<bool> {
+        let mut out = Vec::new();
+        for (i, &(a, e)) in ranges.iter().enumerate() {
+            let mut c = Cursor::new(b, i as u32);
+            out.extend(keys[a..e].iter().map(|&k| c.below(k)));
+        }
+        out
+    }
+
+    #[test]
+    fn matches_sort_and_is_layout_independent() {
+        let keys: Vec<u32> = (0..3000u32)
+            .map(|i| key(((i as f32 * 0.37).sin() * 4.0).round() / 4.0))
+            .collect();
+        // reference: sort (key, index) and take ranks
+        let mut order: Vec<usize> = (0..keys.len()).collect();
+        order.sort_by_key(|&i| (keys[i], i));
+        for p in [0u64, 1, 17, 1500, 2999, 3000] {
+            let mut want = vec![false; keys.len()];
+            for &i in &order[..p as usize] {
+                want[i] = true;
+            }
+            let (b1, r1) = select(&keys, &[], &[p]);
+            let (b2, r2) = select(&keys, &[1, 700, 701, 2048], &[p]);
+            assert_eq!(below_set(&keys, &b1[0], &r1), want, "p={p}");
+            assert_eq!(below_set(&keys, &b2[0], &r2), want, "p={p} cut");
+        }
+    }
+
+    #[test]
+    fn nan_and_infinity_sort_last() {
+        assert!(key(f32::INFINITY) < key(f32::NAN));
+        assert!(key(3.0) < key(f32::INFINITY));
+        assert_eq!(key(-2.0), key(2.0));
+    }
+}

@@ -1,0 +1,7 @@
+//! The shardmerge worker: checkpoint I/O, merge kernels, and the task executor.
+//!
+//! Dependency direction inside: `exec` uses `storage` (bytes in and out) and `kernels`
+//! (arithmetic); `storage` knows nothing of methods and `kernels` nothing of I/O.
+
+pub mod format;
+pub mod kernels;
