@@ -1,1 +1,14 @@
+//! The shardmerge coordinator: recipes, planning, cutting into tasks, job state, commit, and
+//! the embedded runner. It schedules work and moves receipts; the arithmetic lives in the
+//! worker's kernels.
 
+pub mod commit;
+pub mod cut;
+pub mod embedded;
+pub mod error;
+pub mod job;
+pub mod plan;
+pub mod planinfo;
+pub mod recipe;
+pub mod size;
+pub mod verify;

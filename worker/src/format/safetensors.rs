@@ -394,7 +394,10 @@ mod tests {
             8,
         );
         let e = parse(&f).unwrap_err();
-        assert!(e.0.contains("tensor w") && e.0.contains("out of bounds"), "{e}");
+        assert!(
+            e.0.contains("tensor w") && e.0.contains("out of bounds"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -423,7 +426,12 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        for j in ["[1,2]", "{\"a\":3}", "not json", "{\"a\":{\"dtype\":\"Q7\",\"shape\":[],\"data_offsets\":[0,0]}}"] {
+        for j in [
+            "[1,2]",
+            "{\"a\":3}",
+            "not json",
+            "{\"a\":{\"dtype\":\"Q7\",\"shape\":[],\"data_offsets\":[0,0]}}",
+        ] {
             let f = file_with(j, 0);
             assert!(parse(&f).is_err(), "{j}");
         }

@@ -32,7 +32,14 @@ impl Method for Gta {
     fn spec(&self) -> &MethodSpec {
         &self.spec
     }
-    fn apply(&self, _: &TensorCtx, _: &Stats, _: RowRange, _: &[&[f32]], _: &mut [f32]) -> KResult<()> {
+    fn apply(
+        &self,
+        _: &TensorCtx,
+        _: &Stats,
+        _: RowRange,
+        _: &[&[f32]],
+        _: &mut [f32],
+    ) -> KResult<()> {
         Err("not yet".into())
     }
 }

@@ -32,7 +32,11 @@ impl Method for Linear {
             .map(|i| ctx.model_param(i, "weight").map(|w| w as f32))
             .collect::<KResult<_>>()?;
         let total: f32 = weights.iter().sum();
-        let scale = if ctx.flag("normalize")? { 1.0 / total } else { 1.0 };
+        let scale = if ctx.flag("normalize")? {
+            1.0 / total
+        } else {
+            1.0
+        };
         out.iter_mut().for_each(|o| *o = 0.0);
         for (x, &w) in inputs.iter().zip(&weights) {
             for (o, &v) in out.iter_mut().zip(x.iter()) {

@@ -59,7 +59,10 @@ mod tests {
     #[test]
     fn copies_and_scales() {
         let mut c = Case::new(&[4], 1).with_defaults(&Passthrough);
-        assert_eq!(run(&Passthrough, &c, &[vec![1.0, 2.0, 3.0, 4.0]]), vec![1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(
+            run(&Passthrough, &c, &[vec![1.0, 2.0, 3.0, 4.0]]),
+            vec![1.0, 2.0, 3.0, 4.0]
+        );
         c.model_params[0].insert("scale".into(), 0.5);
         assert_eq!(run(&Passthrough, &c, &[vec![2.0; 4]]), vec![1.0; 4]);
     }

@@ -95,10 +95,7 @@ pub fn reduce0(partials: &[Stats], ranks: &[Vec<u64>], n: &[u64]) -> Result<Stat
         }
         let total: u64 = dense.iter().sum();
         if total != n[j] {
-            return Err(format!(
-                "selection saw {total} elements, expected {}",
-                n[j]
-            ));
+            return Err(format!("selection saw {total} elements, expected {}", n[j]));
         }
         for &p in rs {
             // state per boundary: [rank, bucket, rank within bucket]; bucket = BINS for p == n
@@ -128,7 +125,11 @@ pub fn partial1(state0: &Stats, keys: &[&[u32]], ranks: &[Vec<u64>]) -> Stats {
     let mut at = 0;
     for (j, rs) in ranks.iter().enumerate() {
         for _ in rs {
-            let bucket = state0.counts.get(at * 3 + 1).copied().unwrap_or(BINS as u64);
+            let bucket = state0
+                .counts
+                .get(at * 3 + 1)
+                .copied()
+                .unwrap_or(BINS as u64);
             at += 1;
             dense.iter_mut().for_each(|d| *d = 0);
             if bucket < BINS as u64 {
@@ -152,8 +153,14 @@ pub fn reduce1(state0: &Stats, partials: &[Stats], ranks: &[Vec<u64>]) -> Result
     for rs in ranks {
         let mut child = Stats::default();
         for _ in rs {
-            let bucket = *state0.counts.get(at * 3 + 1).ok_or("selection state is short")?;
-            let within = *state0.counts.get(at * 3 + 2).ok_or("selection state is short")?;
+            let bucket = *state0
+                .counts
+                .get(at * 3 + 1)
+                .ok_or("selection state is short")?;
+            let within = *state0
+                .counts
+                .get(at * 3 + 2)
+                .ok_or("selection state is short")?;
             let b = if bucket >= BINS as u64 {
                 Boundary {
                     key: u32::MAX,
@@ -199,7 +206,10 @@ pub fn boundaries(state: &Stats, j: usize) -> Vec<Boundary> {
     let mut i = 0;
     while i + 3 <= c.len() {
         let (key, need, n) = (c[i] as u32, c[i + 1], c[i + 2] as usize);
-        let prefix = c.get(i + 3..i + 3 + n).map(<[u64]>::to_vec).unwrap_or_default();
+        let prefix = c
+            .get(i + 3..i + 3 + n)
+            .map(<[u64]>::to_vec)
+            .unwrap_or_default();
         out.push(Boundary { key, need, prefix });
         i += 3 + n;
     }
@@ -219,7 +229,10 @@ mod tests {
             s = c;
         }
         let rk = vec![ranks.to_vec()];
-        let p0: Vec<Stats> = ranges.iter().map(|&(a, b)| partial0(&[&keys[a..b]])).collect();
+        let p0: Vec<Stats> = ranges
+            .iter()
+            .map(|&(a, b)| partial0(&[&keys[a..b]]))
+            .collect();
         let s0 = reduce0(&p0, &rk, &[keys.len() as u64]).unwrap();
         let p1: Vec<Stats> = ranges
             .iter()

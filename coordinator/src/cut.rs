@@ -1,0 +1,167 @@
+//! Cutting: each output file becomes contiguous byte-range tasks of whole rows. A tensor cut
+//! across several pieces whose method needs whole-tensor statistics becomes a *statistics unit*:
+//! its pieces run the statistics passes first, and the tasks writing them wait for it.
+
+use shardmerge_worker::exec::tensor_ctx;
+use shardmerge_worker::format::dtype::DType;
+use shardmerge_worker::kernels;
+
+use crate::plan::{rows_of, Plan};
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum SegDef {
+    Literal(Vec<u8>),
+    Rows {
+        tensor: usize,
+        start: u64,
+        end: u64,
+        range_index: u32,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct TaskDef {
+    pub file: usize,
+    pub part_index: u32,
+    pub offset: u64,
+    pub length: u64,
+    pub segments: Vec<SegDef>,
+    /// Statistics units this task waits for.
+    pub deps: Vec<usize>,
+}
+
+/// A tensor cut into several row ranges whose method needs statistics passes.
+#[derive(Clone, Debug)]
+pub struct StatsUnit {
+    pub tensor: usize,
+    pub ranges: Vec<(u64, u64)>,
+    pub passes: u32,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Cut {
+    pub tasks: Vec<TaskDef>,
+    pub units: Vec<StatsUnit>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct CutOptions {
+    /// Target output bytes per task.
+    pub task_size: u64,
+    /// Memory one worker slot may use.
+    pub slot_memory: u64,
+    /// Smallest part the output store accepts (all but a file's last task reach it).
+    pub min_part: u64,
+}
+
+/// Memory a task needs per output element of a tensor: the output bytes, f32 output, and per
+/// input the raw bytes plus their f32 copy.
+pub fn bytes_per_element(t: &shardmerge_proto::TensorJob) -> u64 {
+    let out = DType::from_proto(t.out_dtype).map_or(4, |d| d.size()) as u64;
+    let ins: u64 = t
+        .inputs
+        .iter()
+        .map(|s| 4 + DType::from_proto(s.dtype).map_or(4, |d| d.size()) as u64)
+        .sum();
+    out + 4 + ins
+}
+
+pub fn cut(plan: &Plan, o: &CutOptions) -> Cut {
+    let mut out = Cut::default();
+    // Half the slot for the task's output buffer, half for one segment's f32 working set.
+    let half = (o.slot_memory / 2).max(1);
+    let target = o.task_size.max(o.min_part).min(half.max(o.min_part)).max(1);
+    let mut pieces: Vec<Vec<(u64, u64, usize)>> = vec![Vec::new(); plan.tensors.len()];
+    for (fi, f) in plan.files.iter().enumerate() {
+        let mut cur = TaskDef {
+            file: fi,
+            part_index: 0,
+            offset: 0,
+            length: f.layout.header.len() as u64,
+            segments: vec![SegDef::Literal(f.layout.header.clone())],
+            deps: Vec::new(),
+        };
+        let mut file_tasks: Vec<TaskDef> = Vec::new();
+        for &ti in &f.tensors {
+            let t = &plan.tensors[ti];
+            let (rows, row_bytes) = rows_of(t);
+            let row_elems =
+                row_bytes / DType::from_proto(t.out_dtype).map_or(4, |d| d.size()) as u64;
+            let seg_cap_rows = (half / (bytes_per_element(t) * row_elems.max(1))).max(1);
+            let mut r = 0;
+            while r < rows {
+                if cur.length >= target {
+                    let next_off = cur.offset + cur.length;
+                    file_tasks.push(std::mem::replace(
+                        &mut cur,
+                        TaskDef {
+                            file: fi,
+                            part_index: 0,
+                            offset: next_off,
+                            length: 0,
+                            segments: Vec::new(),
+                            deps: Vec::new(),
+                        },
+                    ));
+                }
+                let space = target - cur.length;
+                let fit = space.div_ceil(row_bytes.max(1)).max(1);
+                let take = fit.min(seg_cap_rows).min(rows - r);
+                cur.segments.push(SegDef::Rows {
+                    tensor: ti,
+                    start: r,
+                    end: r + take,
+                    range_index: 0,
+                });
+                pieces[ti].push((r, r + take, 0));
+                cur.length += take * row_bytes;
+                r += take;
+            }
+        }
+        file_tasks.push(cur);
+        for (k, t) in file_tasks.iter_mut().enumerate() {
+            t.part_index = k as u32;
+        }
+        out.tasks.extend(file_tasks);
+    }
+    // Number the pieces of each tensor and make statistics units of cut tensors that need them.
+    let mut unit_of = vec![None; plan.tensors.len()];
+    for (ti, ps) in pieces.iter().enumerate() {
+        if ps.len() <= 1 {
+            continue;
+        }
+        let t = &plan.tensors[ti];
+        let passes = match (kernels::method(&t.method), tensor_ctx(t)) {
+            (Some(m), Ok(ctx)) => m.passes(&ctx),
+            _ => 0,
+        };
+        if passes > 0 {
+            unit_of[ti] = Some(out.units.len());
+            out.units.push(StatsUnit {
+                tensor: ti,
+                ranges: ps.iter().map(|&(a, b, _)| (a, b)).collect(),
+                passes,
+            });
+        }
+    }
+    let mut next_index = vec![0u32; plan.tensors.len()];
+    for task in &mut out.tasks {
+        for s in &mut task.segments {
+            if let SegDef::Rows {
+                tensor,
+                range_index,
+                ..
+            } = s
+            {
+                *range_index = next_index[*tensor];
+                next_index[*tensor] += 1;
+                if let Some(u) = unit_of[*tensor] {
+                    if !task.deps.contains(&u) {
+                        task.deps.push(u);
+                    }
+                }
+            }
+        }
+    }
+    out
+}

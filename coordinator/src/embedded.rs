@@ -1,0 +1,112 @@
+//! Embedded mode: a coordinator and its workers in one process, on local files or S3. The same
+//! job manager, tasks and executor as the distributed mode; only the transport differs.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use shardmerge_proto as pb;
+use shardmerge_worker::exec::Executor;
+use shardmerge_worker::pull::{self, LoopOptions};
+use shardmerge_worker::storage::Resolver;
+use tokio::sync::watch;
+
+use crate::error::{Error, Result};
+use crate::job::{JobManager, SubmitOptions};
+use crate::plan::Plan;
+
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub workers: usize,
+    pub submit: SubmitOptions,
+    pub quiet: bool,
+}
+
+pub struct Summary {
+    pub status: pb::JobStatus,
+    pub plan: Arc<Plan>,
+}
+
+pub fn progress_bar(total: u64, quiet: bool) -> ProgressBar {
+    if quiet || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(total);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    pb.enable_steady_tick(Duration::from_millis(200));
+    pb
+}
+
+pub fn terminal(s: &pb::JobStatus) -> bool {
+    matches!(
+        pb::JobState::try_from(s.state),
+        Ok(pb::JobState::Succeeded | pb::JobState::Failed | pb::JobState::Cancelled)
+    )
+}
+
+/// Runs a merge in this process and waits for it.
+pub async fn run(
+    recipe_text: &str,
+    output: &str,
+    o: &RunOptions,
+    resolver: Resolver,
+) -> Result<Summary> {
+    let mgr = JobManager::new(resolver.clone());
+    let (jid, plan) = mgr.submit(recipe_text, output, &o.submit).await?;
+    tracing::info!(
+        job = %jid,
+        tensors = plan.tensors.len(),
+        files = plan.files.len(),
+        "planned: {} bytes to write",
+        plan.bytes_out()
+    );
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let exec = Executor::new(resolver);
+    let opts = LoopOptions {
+        worker_id: "embedded".into(),
+        slots: o.workers.max(1),
+        slot_memory: o.submit.slot_memory,
+        max_idle: Duration::from_millis(20),
+    };
+    let workers = tokio::spawn(pull::run(mgr.clone(), exec, opts, stop_rx));
+    let mut rx = mgr
+        .watch(&jid)
+        .ok_or_else(|| Error::Job("job vanished".into()))?;
+    let bar = progress_bar(plan.bytes_out(), o.quiet);
+    let status = loop {
+        let st = rx.borrow_and_update().clone();
+        bar.set_position(st.bytes_done);
+        if terminal(&st) {
+            break st;
+        }
+        tokio::select! {
+            r = rx.changed() => {
+                if r.is_err() {
+                    break mgr.status(&jid).unwrap_or(st);
+                }
+            }
+            _ = tokio::signal::ctrl_c() => {
+                bar.abandon_with_message("interrupted: removing partial output");
+                mgr.cancel(&jid).await;
+            }
+        }
+    };
+    bar.finish_and_clear();
+    let _ = stop_tx.send(true);
+    let _ = workers.await;
+    match pb::JobState::try_from(status.state) {
+        Ok(pb::JobState::Succeeded) => Ok(Summary { status, plan }),
+        _ => Err(Error::Job(status.error.clone())),
+    }
+}
+
+/// The folder relative paths in a recipe resolve against: the working directory, as mergekit.
+pub fn cwd() -> PathBuf {
+    std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."))
+}

@@ -1,0 +1,747 @@
+//! Job state: queued tasks, leases, statistics units, per-file completion and the commit.
+//! One `JobManager` serves in-process workers (embedded mode) and the gRPC service alike.
+//! State is in memory, behind this one interface.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use shardmerge_proto as pb;
+use shardmerge_worker::exec::tensor_ctx;
+use shardmerge_worker::kernels::{self, Reduced, Stats};
+use shardmerge_worker::pull::WorkSource;
+use shardmerge_worker::storage::{Location, Receipt, Resolver, Upload};
+use tokio::sync::watch;
+
+use crate::commit;
+use crate::cut::{self, Cut, CutOptions, SegDef};
+use crate::error::{Error, Result};
+use crate::plan::{self, Plan, PlanOptions};
+use crate::recipe::Recipe;
+
+pub const DEFAULT_TASK_SIZE: u64 = 64 << 20;
+pub const DEFAULT_SLOT_MEMORY: u64 = 512 << 20;
+pub const MAX_ATTEMPTS: u32 = 5;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Item {
+    Write(usize),
+    Stats { unit: usize, range: usize },
+}
+
+#[derive(Clone, Debug)]
+enum ItemState {
+    Blocked,
+    Queued,
+    Leased { lease: String, deadline: Instant },
+    Done,
+}
+
+struct ItemSlot {
+    state: ItemState,
+    attempts: u32,
+}
+
+struct UnitState {
+    pass: u32,
+    state: Stats,
+    partials: Vec<Option<Stats>>,
+    done: bool,
+}
+
+struct Job {
+    id: String,
+    plan: Arc<Plan>,
+    cut: Cut,
+    out: Location,
+    uploads: Vec<Upload>,
+    receipts: Vec<Vec<Option<Receipt>>>,
+    file_remaining: Vec<usize>,
+    items: HashMap<Item, ItemSlot>,
+    blocked_by: Vec<usize>,
+    units: Vec<UnitState>,
+    queue: VecDeque<Item>,
+    status: pb::JobStatus,
+    started: Instant,
+    tx: watch::Sender<pb::JobStatus>,
+    committing: bool,
+}
+
+impl Job {
+    fn terminal(&self) -> bool {
+        matches!(
+            pb::JobState::try_from(self.status.state),
+            Ok(pb::JobState::Succeeded | pb::JobState::Failed | pb::JobState::Cancelled)
+        )
+    }
+
+    fn publish(&mut self) {
+        self.status.elapsed_seconds = self.started.elapsed().as_secs_f64();
+        self.status.leases_active = self
+            .items
+            .values()
+            .filter(|s| matches!(s.state, ItemState::Leased { .. }))
+            .count() as u32;
+        let _ = self.tx.send(self.status.clone());
+    }
+
+    fn build_task(&self, item: Item, attempt: u32) -> pb::Task {
+        let plan = &self.plan;
+        let rows = |tensor: usize, start: u64, end: u64, range_index: u32, with_stats: bool| {
+            let unit = self.cut.units.iter().position(|u| u.tensor == tensor);
+            pb::TensorRows {
+                tensor: Some(plan.tensors[tensor].clone()),
+                row_start: start,
+                row_end: end,
+                range_index,
+                stats: match unit {
+                    Some(u) if with_stats => Some(self.units[u].state.to_proto()),
+                    _ => None,
+                },
+            }
+        };
+        let kind = match item {
+            Item::Write(i) => {
+                let t = &self.cut.tasks[i];
+                let up = &self.uploads[t.file];
+                let file_uri = self.out.join(&plan.files[t.file].name).uri();
+                let sink = if self.out.store.scheme_root() == "file://" {
+                    pb::output_target::Sink::Local(pb::LocalSink {
+                        path: up.id.clone(),
+                    })
+                } else {
+                    pb::output_target::Sink::Multipart(pb::MultipartSink {
+                        store: self.out.store.scheme_root(),
+                        key: up.path.clone(),
+                        upload_id: up.id.clone(),
+                        part_index: t.part_index,
+                    })
+                };
+                pb::task::Kind::Write(pb::WriteTask {
+                    output: Some(pb::OutputTarget {
+                        uri: file_uri,
+                        offset: t.offset,
+                        length: t.length,
+                        sink: Some(sink),
+                    }),
+                    segments: t
+                        .segments
+                        .iter()
+                        .map(|s| pb::Segment {
+                            kind: Some(match s {
+                                SegDef::Literal(b) => pb::segment::Kind::Literal(b.clone()),
+                                SegDef::Rows {
+                                    tensor,
+                                    start,
+                                    end,
+                                    range_index,
+                                } => pb::segment::Kind::Rows(rows(
+                                    *tensor,
+                                    *start,
+                                    *end,
+                                    *range_index,
+                                    true,
+                                )),
+                            }),
+                        })
+                        .collect(),
+                })
+            }
+            Item::Stats { unit, range } => {
+                let u = &self.cut.units[unit];
+                let (a, b) = u.ranges[range];
+                pb::task::Kind::Stats(pb::StatsTask {
+                    rows: Some(rows(u.tensor, a, b, range as u32, true)),
+                    pass: self.units[unit].pass,
+                })
+            }
+        };
+        let task_id = match item {
+            Item::Write(i) => i as u64,
+            Item::Stats { unit, range } => (1u64 << 40) | ((unit as u64) << 20) | range as u64,
+        };
+        pb::Task {
+            job_id: self.id.clone(),
+            task_id,
+            attempt,
+            kind: Some(kind),
+        }
+    }
+}
+
+/// What a completed report requires outside the lock.
+enum Followup {
+    None,
+    FinishFile(usize),
+}
+
+#[derive(Clone, Debug)]
+pub struct SubmitOptions {
+    pub out_shard_size: u64,
+    pub task_size: u64,
+    pub slot_memory: u64,
+    pub seed: Option<u64>,
+    pub base_dir: PathBuf,
+    pub lease_ttl: Duration,
+    /// Refuse to write into a folder that already holds a checkpoint.
+    pub overwrite: bool,
+}
+
+impl Default for SubmitOptions {
+    fn default() -> Self {
+        SubmitOptions {
+            out_shard_size: plan::DEFAULT_SHARD_SIZE,
+            task_size: DEFAULT_TASK_SIZE,
+            slot_memory: DEFAULT_SLOT_MEMORY,
+            seed: None,
+            base_dir: PathBuf::from("."),
+            lease_ttl: Duration::from_secs(30),
+            overwrite: true,
+        }
+    }
+}
+
+pub struct JobManager {
+    resolver: Resolver,
+    jobs: Mutex<HashMap<String, Job>>,
+    leases: Mutex<HashMap<String, (String, Item)>>,
+    next_id: std::sync::atomic::AtomicU64,
+    lease_ttl: Mutex<Duration>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl JobManager {
+    pub fn new(resolver: Resolver) -> Arc<Self> {
+        Arc::new(JobManager {
+            resolver,
+            jobs: Mutex::new(HashMap::new()),
+            leases: Mutex::new(HashMap::new()),
+            next_id: std::sync::atomic::AtomicU64::new(1),
+            lease_ttl: Mutex::new(Duration::from_secs(30)),
+        })
+    }
+
+    pub fn resolver(&self) -> &Resolver {
+        &self.resolver
+    }
+
+    /// Plans a job, starts its output files, and queues its tasks.
+    pub async fn submit(
+        &self,
+        recipe_text: &str,
+        output: &str,
+        o: &SubmitOptions,
+    ) -> Result<(String, Arc<Plan>)> {
+        let recipe = Recipe::parse(recipe_text)?;
+        let plan = plan::plan(
+            recipe,
+            &self.resolver,
+            &o.base_dir,
+            &PlanOptions {
+                out_shard_size: o.out_shard_size,
+                seed: o.seed,
+            },
+        )
+        .await?;
+        let out = self.resolver.resolve(output, &o.base_dir)?;
+        let index = out.join("model.safetensors.index.json");
+        if !o.overwrite && index.store.exists(&index.path).await? {
+            return Err(Error::Other(format!(
+                "{} already holds a finished checkpoint; pick a new output or remove it",
+                out.uri()
+            )));
+        }
+        let cut = cut::cut(
+            &plan,
+            &CutOptions {
+                task_size: o.task_size,
+                slot_memory: o.slot_memory,
+                min_part: out.store.min_part_size(),
+            },
+        );
+        // A stale index from an earlier run must not make a half-written folder look finished.
+        index.store.delete(&index.path).await?;
+        let mut uploads = Vec::new();
+        for f in &plan.files {
+            let loc = out.join(&f.name);
+            match loc.store.begin_upload(&loc.path, f.layout.total_size).await {
+                Ok(u) => uploads.push(u),
+                Err(e) => {
+                    for u in &uploads {
+                        let _ = out.store.abort_upload(u).await;
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+        let id = format!(
+            "job-{}-{}",
+            std::process::id(),
+            self.next_id
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+        );
+        *lock(&self.lease_ttl) = o.lease_ttl;
+        let plan = Arc::new(plan);
+        let mut items = HashMap::new();
+        let mut queue = VecDeque::new();
+        let mut blocked_by = Vec::new();
+        for (u, unit) in cut.units.iter().enumerate() {
+            for r in 0..unit.ranges.len() {
+                let it = Item::Stats { unit: u, range: r };
+                items.insert(
+                    it,
+                    ItemSlot {
+                        state: ItemState::Queued,
+                        attempts: 0,
+                    },
+                );
+                queue.push_back(it);
+            }
+        }
+        for (i, t) in cut.tasks.iter().enumerate() {
+            let it = Item::Write(i);
+            let state = if t.deps.is_empty() {
+                queue.push_back(it);
+                ItemState::Queued
+            } else {
+                ItemState::Blocked
+            };
+            blocked_by.push(t.deps.len());
+            items.insert(it, ItemSlot { state, attempts: 0 });
+        }
+        let mut file_remaining = vec![0usize; plan.files.len()];
+        for t in &cut.tasks {
+            file_remaining[t.file] += 1;
+        }
+        let status = pb::JobStatus {
+            job_id: id.clone(),
+            state: pb::JobState::Running as i32,
+            output_uri: out.uri(),
+            tasks_total: items.len() as u64,
+            bytes_total: plan.bytes_out(),
+            ..Default::default()
+        };
+        let (tx, _) = watch::channel(status.clone());
+        let units = cut
+            .units
+            .iter()
+            .map(|u| UnitState {
+                pass: 0,
+                state: Stats::default(),
+                partials: vec![None; u.ranges.len()],
+                done: false,
+            })
+            .collect();
+        let receipts = plan
+            .files
+            .iter()
+            .enumerate()
+            .map(|(fi, _)| vec![None; cut.tasks.iter().filter(|t| t.file == fi).count()])
+            .collect();
+        let job = Job {
+            id: id.clone(),
+            plan: plan.clone(),
+            cut,
+            out,
+            uploads,
+            receipts,
+            file_remaining,
+            items,
+            blocked_by,
+            units,
+            queue,
+            status,
+            started: Instant::now(),
+            tx,
+            committing: false,
+        };
+        lock(&self.jobs).insert(id.clone(), job);
+        Ok((id, plan))
+    }
+
+    pub fn status(&self, job: &str) -> Option<pb::JobStatus> {
+        let mut jobs = lock(&self.jobs);
+        let j = jobs.get_mut(job)?;
+        j.status.elapsed_seconds = j.started.elapsed().as_secs_f64();
+        Some(j.status.clone())
+    }
+
+    pub fn list(&self) -> Vec<pb::JobStatus> {
+        lock(&self.jobs)
+            .values()
+            .map(|j| j.status.clone())
+            .collect()
+    }
+
+    pub fn watch(&self, job: &str) -> Option<watch::Receiver<pb::JobStatus>> {
+        lock(&self.jobs).get(job).map(|j| j.tx.subscribe())
+    }
+
+    /// Re-queues work whose lease ran out.
+    fn expire(&self, now: Instant) {
+        let mut jobs = lock(&self.jobs);
+        let mut leases = lock(&self.leases);
+        for j in jobs.values_mut() {
+            let mut changed = false;
+            for (it, slot) in j.items.iter_mut() {
+                if let ItemState::Leased { lease, deadline } = &slot.state {
+                    if *deadline <= now {
+                        tracing::warn!(job = %j.id, "lease {lease} expired; the task runs again");
+                        leases.remove(lease);
+                        slot.state = ItemState::Queued;
+                        j.queue.push_back(*it);
+                        j.status.retries += 1;
+                        changed = true;
+                    }
+                }
+            }
+            if changed {
+                j.publish();
+            }
+        }
+    }
+
+    pub fn poll(&self, req: &pb::PollWorkRequest) -> pb::PollWorkResponse {
+        let now = Instant::now();
+        self.expire(now);
+        let ttl = *lock(&self.lease_ttl);
+        let mut out = pb::PollWorkResponse {
+            leases: Vec::new(),
+            retry_after_ms: 20,
+        };
+        let mut jobs = lock(&self.jobs);
+        let mut leases = lock(&self.leases);
+        let want = req.free_slots.max(1) as usize;
+        for j in jobs.values_mut() {
+            if j.terminal() {
+                continue;
+            }
+            while out.leases.len() < want {
+                let Some(it) = j.queue.pop_front() else { break };
+                let Some(slot) = j.items.get_mut(&it) else {
+                    continue;
+                };
+                if !matches!(slot.state, ItemState::Queued) {
+                    continue;
+                }
+                slot.attempts += 1;
+                let lease = format!("{}:{:?}:{}", j.id, it, slot.attempts);
+                slot.state = ItemState::Leased {
+                    lease: lease.clone(),
+                    deadline: now + ttl,
+                };
+                let attempt = slot.attempts;
+                leases.insert(lease.clone(), (j.id.clone(), it));
+                out.leases.push(pb::Lease {
+                    lease_id: lease,
+                    ttl_ms: ttl.as_millis() as u64,
+                    task: Some(j.build_task(it, attempt)),
+                });
+            }
+            if !out.leases.is_empty() {
+                j.publish();
+            }
+        }
+        out
+    }
+
+    pub fn renew(&self, req: &pb::RenewLeaseRequest) -> pb::RenewLeaseResponse {
+        let ttl = *lock(&self.lease_ttl);
+        let mut jobs = lock(&self.jobs);
+        let leases = lock(&self.leases);
+        let mut lost = Vec::new();
+        for l in &req.lease_ids {
+            let held = leases.get(l).and_then(|(jid, it)| {
+                let j = jobs.get_mut(jid)?;
+                if j.terminal() {
+                    return None;
+                }
+                match &mut j.items.get_mut(it)?.state {
+                    ItemState::Leased { lease, deadline } if *lease == *l => {
+                        *deadline = Instant::now() + ttl;
+                        Some(())
+                    }
+                    _ => None,
+                }
+            });
+            if held.is_none() {
+                lost.push(l.clone());
+            }
+        }
+        pb::RenewLeaseResponse {
+            lost,
+            ttl_ms: ttl.as_millis() as u64,
+        }
+    }
+
+    /// Records a task's result. Returns false when the lease was no longer held (ignored).
+    pub async fn complete(&self, req: &pb::CompleteTaskRequest) -> bool {
+        let Some((jid, it)) = lock(&self.leases).remove(&req.lease_id) else {
+            return false;
+        };
+        let follow = {
+            let mut jobs = lock(&self.jobs);
+            let Some(j) = jobs.get_mut(&jid) else {
+                return false;
+            };
+            match j.items.get(&it).map(|s| &s.state) {
+                Some(ItemState::Leased { lease, .. }) if *lease == req.lease_id => {}
+                _ => return false,
+            }
+            if j.terminal() {
+                return false;
+            }
+            let result = req.result.clone().unwrap_or_default();
+            self.record(j, it, result)
+        };
+        match follow {
+            Ok(Followup::FinishFile(fi)) => self.finish_file(&jid, fi).await,
+            Ok(Followup::None) => {}
+            Err(e) => self.fail_job(&jid, &e.to_string()).await,
+        }
+        true
+    }
+
+    fn record(&self, j: &mut Job, it: Item, result: pb::TaskResult) -> Result<Followup> {
+        if let Some(slot) = j.items.get_mut(&it) {
+            slot.state = ItemState::Done;
+        }
+        j.status.tasks_done += 1;
+        let mut follow = Followup::None;
+        match it {
+            Item::Write(i) => {
+                let t = &j.cut.tasks[i];
+                j.status.bytes_done += t.length;
+                let receipt = result.part.map(|p| Receipt {
+                    part_index: p.part_index,
+                    etag: p.etag,
+                    size: p.size,
+                });
+                j.receipts[t.file][t.part_index as usize] = receipt;
+                j.file_remaining[t.file] -= 1;
+                if j.file_remaining[t.file] == 0 {
+                    follow = Followup::FinishFile(t.file);
+                }
+            }
+            Item::Stats { unit, range } => {
+                let stats = result
+                    .stats
+                    .as_ref()
+                    .map(Stats::from_proto)
+                    .unwrap_or_default();
+                j.units[unit].partials[range] = Some(stats);
+                if j.units[unit].partials.iter().all(Option::is_some) {
+                    self.reduce_unit(j, unit)?;
+                }
+            }
+        }
+        j.publish();
+        Ok(follow)
+    }
+
+    /// Folds a statistics pass; queues the next pass or releases the tasks that wait.
+    fn reduce_unit(&self, j: &mut Job, unit: usize) -> Result<()> {
+        let tensor = &j.plan.tensors[j.cut.units[unit].tensor];
+        let m = kernels::method(&tensor.method)
+            .ok_or_else(|| Error::Job(format!("unknown method {}", tensor.method)))?;
+        let ctx = tensor_ctx(tensor).map_err(|e| Error::Job(e.message))?;
+        let u = &mut j.units[unit];
+        let partials: Vec<Stats> = u
+            .partials
+            .iter_mut()
+            .map(|p| p.take().unwrap_or_default())
+            .collect();
+        let state = std::mem::take(&mut u.state);
+        let reduced = m
+            .reduce(&ctx, u.pass, state, partials)
+            .map_err(|e| Error::Job(format!("tensor {}: {e}", tensor.name)))?;
+        let (state, done) = match reduced {
+            Reduced::More(s) => (s, u.pass + 1 >= j.cut.units[unit].passes),
+            Reduced::Done(s) => (s, true),
+        };
+        u.state = state;
+        let n = j.cut.units[unit].ranges.len();
+        if done {
+            u.done = true;
+            for (i, t) in j.cut.tasks.iter().enumerate() {
+                if t.deps.contains(&unit) {
+                    j.blocked_by[i] -= 1;
+                    if j.blocked_by[i] == 0 {
+                        if let Some(s) = j.items.get_mut(&Item::Write(i)) {
+                            s.state = ItemState::Queued;
+                        }
+                        j.queue.push_back(Item::Write(i));
+                    }
+                }
+            }
+        } else {
+            u.pass += 1;
+            u.partials = vec![None; n];
+            for r in 0..n {
+                let it = Item::Stats { unit, range: r };
+                if let Some(s) = j.items.get_mut(&it) {
+                    s.state = ItemState::Queued;
+                }
+                j.queue.push_back(it);
+                j.status.tasks_total += 1;
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn fail(&self, req: &pb::FailTaskRequest) {
+        let Some((jid, it)) = lock(&self.leases).remove(&req.lease_id) else {
+            return;
+        };
+        let fatal = {
+            let mut jobs = lock(&self.jobs);
+            let Some(j) = jobs.get_mut(&jid) else { return };
+            let Some(slot) = j.items.get_mut(&it) else {
+                return;
+            };
+            match &slot.state {
+                ItemState::Leased { lease, .. } if *lease == req.lease_id => {}
+                _ => return,
+            }
+            if req.retryable && slot.attempts < MAX_ATTEMPTS {
+                tracing::warn!(job = %jid, "task failed (attempt {}), retrying: {}", slot.attempts, req.error);
+                slot.state = ItemState::Queued;
+                j.queue.push_back(it);
+                j.status.retries += 1;
+                j.publish();
+                None
+            } else {
+                Some(if req.retryable {
+                    format!("{} (gave up after {MAX_ATTEMPTS} attempts)", req.error)
+                } else {
+                    req.error.clone()
+                })
+            }
+        };
+        if let Some(msg) = fatal {
+            self.fail_job(&jid, &msg).await;
+        }
+    }
+
+    /// Fails a job: aborts its uploads so nothing looks finished.
+    pub async fn fail_job(&self, jid: &str, msg: &str) {
+        self.end_job(jid, pb::JobState::Failed, msg).await;
+    }
+
+    pub async fn cancel(&self, jid: &str) -> Option<pb::JobStatus> {
+        self.end_job(jid, pb::JobState::Cancelled, "cancelled")
+            .await;
+        self.status(jid)
+    }
+
+    async fn end_job(&self, jid: &str, state: pb::JobState, msg: &str) {
+        let (store, uploads) = {
+            let mut jobs = lock(&self.jobs);
+            let Some(j) = jobs.get_mut(jid) else { return };
+            if j.terminal() {
+                return;
+            }
+            j.status.state = state as i32;
+            j.status.error = msg.to_string();
+            j.queue.clear();
+            let mut leases = lock(&self.leases);
+            leases.retain(|_, (id, _)| id != jid);
+            j.publish();
+            (j.out.store.clone(), j.uploads.clone())
+        };
+        for u in &uploads {
+            if let Err(e) = store.abort_upload(u).await {
+                tracing::warn!("aborting {}: {e}", u.path);
+            }
+        }
+    }
+
+    async fn finish_file(&self, jid: &str, fi: usize) {
+        let (store, upload, receipts, all_done) = {
+            let mut jobs = lock(&self.jobs);
+            let Some(j) = jobs.get_mut(jid) else { return };
+            let receipts: Vec<Receipt> = j.receipts[fi].iter().flatten().cloned().collect();
+            let all_done = j.file_remaining.iter().all(|&r| r == 0) && !j.committing;
+            if all_done {
+                j.committing = true;
+                j.status.state = pb::JobState::Committing as i32;
+                j.publish();
+            }
+            (
+                j.out.store.clone(),
+                j.uploads[fi].clone(),
+                receipts,
+                all_done,
+            )
+        };
+        if let Err(e) = store.finish_upload(&upload, &receipts).await {
+            self.fail_job(jid, &format!("completing {}: {e}", upload.path))
+                .await;
+            return;
+        }
+        if all_done {
+            // other files may still be finishing; the last finisher commits
+            self.commit(jid).await;
+        }
+    }
+
+    async fn commit(&self, jid: &str) {
+        let (plan, out) = {
+            let jobs = lock(&self.jobs);
+            let Some(j) = jobs.get(jid) else { return };
+            (j.plan.clone(), j.out.clone())
+        };
+        match commit::write_checkpoint_files(&plan, &out).await {
+            Ok(()) => {
+                let mut jobs = lock(&self.jobs);
+                if let Some(j) = jobs.get_mut(jid) {
+                    j.status.state = pb::JobState::Succeeded as i32;
+                    j.publish();
+                }
+            }
+            Err(e) => self.fail_job(jid, &format!("commit: {e}")).await,
+        }
+    }
+}
+
+/// The job manager is itself a work source for in-process workers.
+#[async_trait]
+impl WorkSource for JobManager {
+    async fn poll(
+        &self,
+        req: pb::PollWorkRequest,
+    ) -> std::result::Result<pb::PollWorkResponse, String> {
+        Ok(JobManager::poll(self, &req))
+    }
+    async fn renew(
+        &self,
+        req: pb::RenewLeaseRequest,
+    ) -> std::result::Result<pb::RenewLeaseResponse, String> {
+        Ok(JobManager::renew(self, &req))
+    }
+    async fn complete(
+        &self,
+        req: pb::CompleteTaskRequest,
+    ) -> std::result::Result<pb::CompleteTaskResponse, String> {
+        Ok(pb::CompleteTaskResponse {
+            accepted: JobManager::complete(self, &req).await,
+        })
+    }
+    async fn fail(&self, req: pb::FailTaskRequest) -> std::result::Result<(), String> {
+        JobManager::fail(self, &req).await;
+        Ok(())
+    }
+}
+
+/// Writes a small file into the output folder.
+pub async fn put(loc: &Location, name: &str, data: impl Into<Bytes>) -> Result<()> {
+    let l = loc.join(name);
+    l.store.put(&l.path, data.into()).await?;
+    Ok(())
+}

@@ -1,0 +1,718 @@
+//! Planning: from a recipe and the inputs' headers (range reads only) to one tensor job per
+//! output tensor, laid out into output files whose headers and offsets are all known before
+//! any tensor data moves.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use serde_json::Value;
+use shardmerge_proto as pb;
+use shardmerge_worker::exec::view2d;
+use shardmerge_worker::format::dtype::DType;
+use shardmerge_worker::format::safetensors::{
+    self as st, FileLayout, LayoutEntry, StDtype, TensorInfo,
+};
+use shardmerge_worker::kernels::{self, rng, BaseRule, Method};
+use shardmerge_worker::storage::{Location, Resolver};
+
+use crate::error::{Error, Result};
+use crate::recipe::{self, Recipe, Slice, Source, TokenizerSource};
+
+/// mergekit's default `--out-shard-size` (bytes).
+pub const DEFAULT_SHARD_SIZE: u64 = 5_000_000_000;
+
+/// Files copied from the tokenizer source, when present.
+pub const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "generation_config.json",
+];
+
+/// An input checkpoint, known from its config and headers.
+#[derive(Clone, Debug)]
+pub struct ModelInfo {
+    pub name: String,
+    pub loc: Location,
+    pub config: Option<Value>,
+    /// Tensor name → (file URI, header entry).
+    pub tensors: BTreeMap<String, (String, TensorInfo)>,
+    pub num_layers: u64,
+    /// Bytes of all its safetensors files.
+    pub bytes: u64,
+}
+
+/// An output file: its name, its tensors (indices into `Plan::tensors`) and its layout.
+#[derive(Clone, Debug)]
+pub struct OutFile {
+    pub name: String,
+    pub tensors: Vec<usize>,
+    pub layout: FileLayout,
+}
+
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub recipe: Recipe,
+    pub models: Vec<ModelInfo>,
+    pub tensors: Vec<pb::TensorJob>,
+    pub files: Vec<OutFile>,
+    /// The output `config.json`, if the donor model had one.
+    pub config: Option<Value>,
+    /// Where tokenizer files come from.
+    pub tokenizer_from: Option<Location>,
+    pub seed: u64,
+    pub out_layers: u64,
+}
+
+impl Plan {
+    pub fn bytes_out(&self) -> u64 {
+        self.files.iter().map(|f| f.layout.total_size).sum()
+    }
+
+    /// Input bytes the merge reads (each input tensor byte once).
+    pub fn bytes_in(&self) -> u64 {
+        self.tensors
+            .iter()
+            .flat_map(|t| t.inputs.iter())
+            .map(|s| {
+                let es = DType::from_proto(s.dtype).map_or(4, |d| d.size()) as u64;
+                s.shape.iter().product::<u64>() * es
+            })
+            .sum()
+    }
+}
+
+/// Splits `model.layers.12.mlp.up_proj.weight` into (`model.layers.`, 12, `mlp.up_proj.weight`).
+pub fn split_layer(name: &str) -> Option<(&str, u64, &str)> {
+    let mut search = 0;
+    while let Some(pos) = name[search..].find("layers.") {
+        let at = search + pos;
+        if at == 0 || name.as_bytes()[at - 1] == b'.' {
+            let rest = &name[at + 7..];
+            let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+            if digits > 0 && rest.as_bytes().get(digits) == Some(&b'.') {
+                if let Ok(n) = rest[..digits].parse() {
+                    return Some((&name[..at + 7], n, &rest[digits + 1..]));
+                }
+            }
+        }
+        search = at + 7;
+    }
+    None
+}
+
+fn is_embed(name: &str) -> bool {
+    name.contains("embed_tokens") || name.starts_with("lm_head") || name.contains("wte")
+}
+
+async fn read_header(loc: &Location) -> Result<st::Header> {
+    let uri = loc.uri();
+    let size = loc.store.size(&loc.path).await.map_err(|e| {
+        if e.not_found {
+            Error::Input(format!("{uri}: file not found"))
+        } else {
+            Error::Input(format!("{uri}: {e}"))
+        }
+    })?;
+    let prefix = loc
+        .store
+        .read_range(&loc.path, 0..size.min(8))
+        .await
+        .map_err(|e| Error::Input(format!("{uri}: {e}")))?;
+    let n = st::header_len(&prefix, size).map_err(|e| Error::Input(format!("{uri}: {e}")))?;
+    let json = loc
+        .store
+        .read_range(&loc.path, 8..8 + n)
+        .await
+        .map_err(|e| Error::Input(format!("{uri}: {e}")))?;
+    st::parse_header(&json, size).map_err(|e| Error::Input(format!("{uri}: {e}")))
+}
+
+async fn read_json(loc: &Location) -> Result<Option<Value>> {
+    match loc.store.read_all(&loc.path).await {
+        Ok(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| Error::Input(format!("{}: not valid JSON: {e}", loc.uri()))),
+        Err(e) if e.not_found => Ok(None),
+        Err(e) => Err(Error::Input(format!("{}: {e}", loc.uri()))),
+    }
+}
+
+/// Reads a model folder's config, index and headers (never the tensor data).
+pub async fn load_model(resolver: &Resolver, base_dir: &Path, name: &str) -> Result<ModelInfo> {
+    let loc = resolver.resolve(name, base_dir)?;
+    let config = read_json(&loc.join("config.json")).await?;
+    let index = read_json(&loc.join("model.safetensors.index.json")).await?;
+    let files: Vec<String> = match &index {
+        Some(idx) => {
+            let wm = idx
+                .get("weight_map")
+                .and_then(Value::as_object)
+                .ok_or_else(|| {
+                    Error::Input(format!(
+                        "{}: model.safetensors.index.json has no weight_map",
+                        loc.uri()
+                    ))
+                })?;
+            let mut f: Vec<String> = wm
+                .values()
+                .map(|v| {
+                    v.as_str().map(str::to_string).ok_or_else(|| {
+                        Error::Input(format!(
+                            "{}: weight_map values must be file names",
+                            loc.uri()
+                        ))
+                    })
+                })
+                .collect::<Result<_>>()?;
+            f.sort();
+            f.dedup();
+            for name in &f {
+                if name.contains('/') || name.contains("..") {
+                    return Err(Error::Input(format!(
+                        "{}: weight_map names a file outside the folder: {name}",
+                        loc.uri()
+                    )));
+                }
+            }
+            f
+        }
+        None => {
+            let single = loc.join("model.safetensors");
+            if !single.store.exists(&single.path).await? {
+                let what = if loc.store.exists(&loc.path).await?
+                    || loc.store.scheme_root() != "file://"
+                {
+                    "has no model.safetensors or model.safetensors.index.json (is it a Hugging Face safetensors checkpoint?)"
+                } else {
+                    "does not exist"
+                };
+                return Err(Error::Input(format!("model folder {} {what}", loc.uri())));
+            }
+            vec!["model.safetensors".into()]
+        }
+    };
+    let mut tensors = BTreeMap::new();
+    let mut bytes = 0;
+    for f in &files {
+        let floc = loc.join(f);
+        let h = read_header(&floc).await?;
+        bytes += h.tensors.values().map(|t| t.end - t.start).sum::<u64>();
+        let uri = floc.uri();
+        for (n, t) in h.tensors {
+            tensors.insert(n, (uri.clone(), t));
+        }
+    }
+    if let Some(idx) = &index {
+        if let Some(wm) = idx.get("weight_map").and_then(Value::as_object) {
+            for (tname, file) in wm {
+                let file = file.as_str().unwrap_or_default();
+                match tensors.get(tname) {
+                    Some((uri, _)) if uri.ends_with(&format!("/{file}")) => {}
+                    _ => {
+                        return Err(Error::Input(format!(
+                            "{}: the index puts tensor {tname} in {file}, but that file's header doesn't have it",
+                            loc.uri()
+                        )))
+                    }
+                }
+            }
+        }
+    }
+    let from_names = tensors
+        .keys()
+        .filter_map(|n| split_layer(n).map(|(_, i, _)| i + 1))
+        .max()
+        .unwrap_or(0);
+    let num_layers = config
+        .as_ref()
+        .and_then(|c| c.get("num_hidden_layers"))
+        .and_then(Value::as_u64)
+        .unwrap_or(from_names)
+        .max(from_names);
+    Ok(ModelInfo {
+        name: name.to_string(),
+        loc,
+        config,
+        tensors,
+        num_layers,
+        bytes,
+    })
+}
+
+pub struct PlanOptions {
+    pub out_shard_size: u64,
+    pub seed: Option<u64>,
+}
+
+struct Ctx<'a> {
+    recipe: &'a Recipe,
+    method: &'static dyn Method,
+    models: &'a HashMap<String, ModelInfo>,
+    seed: u64,
+}
+
+/// Plans a merge.
+pub async fn plan(
+    recipe: Recipe,
+    resolver: &Resolver,
+    base_dir: &Path,
+    opts: &PlanOptions,
+) -> Result<Plan> {
+    let method = kernels::method(&recipe.merge_method).ok_or_else(|| {
+        let names: Vec<&str> = kernels::registry().iter().map(|m| m.spec().name).collect();
+        Error::Recipe(format!(
+            "merge_method: unknown method `{}` (known: {})",
+            recipe.merge_method,
+            names.join(", ")
+        ))
+    })?;
+    let spec = method.spec();
+    for (site, name) in recipe.parameter_sites() {
+        let known = spec
+            .params
+            .iter()
+            .chain(spec.tensor_params)
+            .any(|p| p.name == name);
+        if !known {
+            let takes: Vec<&str> = spec
+                .params
+                .iter()
+                .chain(spec.tensor_params)
+                .map(|p| p.name)
+                .collect();
+            return Err(Error::Recipe(format!(
+                "{site}.{name}: unknown parameter `{name}` for merge_method {} (it takes: {})",
+                spec.name,
+                if takes.is_empty() {
+                    "none".to_string()
+                } else {
+                    takes.join(", ")
+                }
+            )));
+        }
+    }
+    let mut models = HashMap::new();
+    let mut order = Vec::new();
+    for name in recipe.referenced_models() {
+        let m = load_model(resolver, base_dir, &name).await?;
+        order.push(m.clone());
+        models.insert(name, m);
+    }
+    let seed = opts.seed.or(recipe.random_seed).unwrap_or(0);
+    let cx = Ctx {
+        recipe: &recipe,
+        method,
+        models: &models,
+        seed,
+    };
+    let slices = normalize_slices(&cx)?;
+    for (i, s) in slices.iter().enumerate() {
+        check_slice(&cx, i, s)?;
+    }
+
+    let mut tensors = Vec::new();
+    // Tensors outside the layers: embeddings first (from the first slice), the rest last
+    // (from the last slice), as mergekit's pre/post weights.
+    let first = &slices[0];
+    let last = &slices[slices.len() - 1];
+    let pre = non_layer_names(&cx, first, true);
+    for n in pre {
+        tensors.push(plan_tensor(
+            &cx,
+            first,
+            &n,
+            &vec![n.clone(); first.sources.len()],
+            0.0,
+        )?);
+    }
+    let mut out_layer = 0u64;
+    for s in &slices {
+        let (a, b) = s.sources[0].layer_range.unwrap_or((0, 0));
+        let n = b - a;
+        let refi = reference_source(&cx, s);
+        let rsrc = &s.sources[refi];
+        let rmodel = &models[&rsrc.model];
+        for idx in 0..n {
+            let t = if n > 1 {
+                idx as f64 / (n - 1) as f64
+            } else {
+                1.0
+            };
+            let rlayer = rsrc.layer_range.map_or(0, |r| r.0) + idx;
+            let mut names: Vec<(&str, &str)> = rmodel
+                .tensors
+                .keys()
+                .filter_map(|k| {
+                    split_layer(k)
+                        .filter(|(_, i, _)| *i == rlayer)
+                        .map(|(p, _, s)| (p, s))
+                })
+                .collect();
+            names.sort_by_key(|(_, s)| *s);
+            for (prefix, suffix) in names {
+                let out_name = format!("{prefix}{out_layer}.{suffix}");
+                let ins: Vec<String> = s
+                    .sources
+                    .iter()
+                    .map(|src| {
+                        format!(
+                            "{prefix}{}.{suffix}",
+                            src.layer_range.map_or(0, |r| r.0) + idx
+                        )
+                    })
+                    .collect();
+                tensors.push(plan_tensor(&cx, s, &out_name, &ins, t)?);
+            }
+            out_layer += 1;
+        }
+    }
+    let post = non_layer_names(&cx, last, false);
+    for n in post {
+        tensors.push(plan_tensor(
+            &cx,
+            last,
+            &n,
+            &vec![n.clone(); last.sources.len()],
+            0.0,
+        )?);
+    }
+    if tensors.is_empty() {
+        return Err(Error::Input("the recipe selects no tensors".into()));
+    }
+
+    let files = layout_files(&tensors, opts.out_shard_size);
+    let donor = recipe
+        .base_model
+        .clone()
+        .unwrap_or_else(|| first.sources[0].model.clone());
+    let mut config = models[&donor].config.clone();
+    if let Some(Value::Object(c)) = config.as_mut() {
+        if let Some(dt) = recipe.out_dtype.or(recipe.dtype) {
+            c.insert("torch_dtype".into(), Value::String(dt.torch_name().into()));
+        }
+        if c.contains_key("num_hidden_layers") || out_layer > 0 {
+            c.insert("num_hidden_layers".into(), Value::from(out_layer));
+        }
+    }
+    let tok_model = match &recipe.tokenizer_source {
+        Some(TokenizerSource::Model(m)) => m.clone(),
+        _ => donor.clone(),
+    };
+    let tokenizer_from = Some(models[&tok_model].loc.clone());
+    Ok(Plan {
+        recipe: recipe.clone(),
+        models: order,
+        tensors,
+        files,
+        config,
+        tokenizer_from,
+        seed,
+        out_layers: out_layer,
+    })
+}
+
+fn normalize_slices(cx: &Ctx) -> Result<Vec<Slice>> {
+    let r = cx.recipe;
+    let uses_base = cx.method.spec().base != BaseRule::Ignored;
+    if let Some(ms) = &r.models {
+        let mut sources: Vec<Source> = ms
+            .iter()
+            .map(|m| Source {
+                model: m.model.clone(),
+                layer_range: Some((0, cx.models[&m.model].num_layers)),
+                params: m.params.clone(),
+            })
+            .collect();
+        if let Some(b) = &r.base_model {
+            if uses_base && !sources.iter().any(|s| &s.model == b) {
+                sources.push(Source {
+                    model: b.clone(),
+                    layer_range: Some((0, cx.models[b].num_layers)),
+                    params: Default::default(),
+                });
+            }
+        }
+        return Ok(vec![Slice {
+            sources,
+            base_model: None,
+            params: Default::default(),
+        }]);
+    }
+    Ok(r.slices.clone().unwrap_or_default())
+}
+
+fn slice_base<'a>(cx: &'a Ctx, s: &'a Slice) -> Option<&'a str> {
+    s.base_model.as_deref().or(cx.recipe.base_model.as_deref())
+}
+
+fn base_index(cx: &Ctx, s: &Slice) -> Option<usize> {
+    if cx.method.spec().base == BaseRule::Ignored {
+        return None;
+    }
+    let b = slice_base(cx, s)?;
+    s.sources.iter().position(|x| x.model == b)
+}
+
+/// The source whose tensor names define the slice's output: the base if present, else the first.
+fn reference_source(cx: &Ctx, s: &Slice) -> usize {
+    base_index(cx, s).unwrap_or(0)
+}
+
+fn check_slice(cx: &Ctx, i: usize, s: &Slice) -> Result<()> {
+    let spec = cx.method.spec();
+    let n = s.sources.len();
+    let where_ = if cx.recipe.slices.is_some() {
+        format!("slices[{i}]")
+    } else {
+        "models".into()
+    };
+    if n < spec.min_models || spec.max_models.is_some_and(|m| n > m) {
+        let want = match spec.max_models {
+            Some(m) if m == spec.min_models => format!("exactly {m}"),
+            Some(m) => format!("{} to {m}", spec.min_models),
+            None => format!("at least {}", spec.min_models),
+        };
+        return Err(Error::Recipe(format!(
+            "{where_}: merge_method {} takes {want} models (base model included), the recipe gives {n}",
+            spec.name
+        )));
+    }
+    if spec.base == BaseRule::Required {
+        match slice_base(cx, s) {
+            None => {
+                return Err(Error::Recipe(format!(
+                    "merge_method {} needs base_model: set `base_model:` to the model the others are deltas from",
+                    spec.name
+                )))
+            }
+            Some(b) if base_index(cx, s).is_none() => {
+                return Err(Error::Recipe(format!(
+                    "{where_}: base_model {b} is not among the sources"
+                )))
+            }
+            _ => {}
+        }
+    }
+    let mut len = None;
+    for (j, src) in s.sources.iter().enumerate() {
+        let m = &cx.models[&src.model];
+        let (a, b) = src.layer_range.unwrap_or((0, m.num_layers));
+        if b > m.num_layers {
+            return Err(Error::Recipe(format!(
+                "{where_}.sources[{j}].layer_range: [{a}, {b}] is past the {} layers of {}",
+                m.num_layers, src.model
+            )));
+        }
+        if *len.get_or_insert(b - a) != b - a {
+            return Err(Error::Recipe(format!(
+                "{where_}: all sources must span the same number of layers"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn non_layer_names(cx: &Ctx, s: &Slice, pre: bool) -> Vec<String> {
+    let m = &cx.models[&s.sources[reference_source(cx, s)].model];
+    let mut v: Vec<String> = m
+        .tensors
+        .keys()
+        .filter(|n| split_layer(n).is_none() && n.contains("embed") == pre)
+        .cloned()
+        .collect();
+    v.sort();
+    v
+}
+
+fn plan_tensor(
+    cx: &Ctx,
+    s: &Slice,
+    out_name: &str,
+    in_names: &[String],
+    t: f64,
+) -> Result<pb::TensorJob> {
+    let spec = cx.method.spec();
+    let mut inputs = Vec::new();
+    let mut infos: Vec<&TensorInfo> = Vec::new();
+    for (src, in_name) in s.sources.iter().zip(in_names) {
+        let m = &cx.models[&src.model];
+        let (uri, info) = m.tensors.get(in_name).ok_or_else(|| {
+            Error::Input(format!(
+                "tensor {in_name} is missing from model {} ({}), but {out_name} needs it",
+                src.model,
+                m.loc.uri()
+            ))
+        })?;
+        let StDtype::Float(dt) = info.dtype else {
+            return Err(Error::Input(format!(
+                "{uri}: tensor {in_name} has dtype {}, which can't be merged (F32, F16 and BF16 can)",
+                info.dtype.name()
+            )));
+        };
+        inputs.push(pb::TensorSource {
+            uri: uri.clone(),
+            data_offset: info.start,
+            dtype: dt.to_proto() as i32,
+            shape: info.shape.clone(),
+            model: src.model.clone(),
+            model_key: rng::key_of(&src.model),
+        });
+        infos.push(info);
+    }
+    let shape = out_shape(out_name, &s.sources, &infos)?;
+    let base = base_index(cx, s);
+    let mut params = HashMap::new();
+    for p in spec.params {
+        let v = recipe::resolve(cx.recipe, s, p.name, None, out_name, t).or(p.default);
+        match v {
+            Some(v) => {
+                params.insert(p.name.to_string(), v);
+            }
+            None => {
+                return Err(Error::Recipe(format!(
+                    "merge_method {} requires parameter `{}` (set it under `parameters:`), missing for tensor {out_name}",
+                    spec.name, p.name
+                )))
+            }
+        }
+    }
+    let mut model_params = Vec::new();
+    for (i, (src, in_name)) in s.sources.iter().zip(in_names).enumerate() {
+        let mut mp = HashMap::new();
+        for p in spec.tensor_params {
+            match recipe::resolve(cx.recipe, s, p.name, Some(&src.model), in_name, t).or(p.default) {
+                Some(v) => {
+                    mp.insert(p.name.to_string(), v);
+                }
+                None if Some(i) == base => {}
+                None => {
+                    return Err(Error::Recipe(format!(
+                        "merge_method {} requires parameter `{}` for model {} (missing for tensor {in_name})",
+                        spec.name, p.name, src.model
+                    )))
+                }
+            }
+        }
+        model_params.push(pb::ParamMap { values: mp });
+    }
+    let out_dtype = cx
+        .recipe
+        .out_dtype
+        .or(cx.recipe.dtype)
+        .or_else(|| DType::from_proto(inputs[base.unwrap_or(0)].dtype))
+        .unwrap_or(DType::F32);
+    let job = pb::TensorJob {
+        name: out_name.to_string(),
+        shape,
+        out_dtype: out_dtype.to_proto() as i32,
+        method: spec.name.to_string(),
+        params: Some(pb::ParamMap { values: params }),
+        inputs,
+        model_params,
+        base_index: base.map(|b| b as u32),
+        seed: cx.seed,
+    };
+    let ctx = shardmerge_worker::exec::tensor_ctx(&job).map_err(|e| Error::Input(e.message))?;
+    cx.method.check(&ctx).map_err(|e| {
+        Error::Recipe(format!(
+            "merge_method {}, tensor {out_name}: {e}",
+            spec.name
+        ))
+    })?;
+    Ok(job)
+}
+
+fn out_shape(name: &str, sources: &[Source], infos: &[&TensorInfo]) -> Result<Vec<u64>> {
+    let first = &infos[0].shape;
+    if infos.iter().all(|i| &i.shape == first) {
+        return Ok(first.clone());
+    }
+    if is_embed(name) && infos.iter().all(|i| i.shape.len() == 2) {
+        // mergekit takes the largest common submatrix of embeddings of different vocab sizes
+        let rows = infos.iter().map(|i| i.shape[0]).min().unwrap_or(0);
+        let cols = infos.iter().map(|i| i.shape[1]).min().unwrap_or(0);
+        return Ok(vec![rows, cols]);
+    }
+    let shapes: Vec<String> = sources
+        .iter()
+        .zip(infos)
+        .map(|(s, i)| format!("{} has {:?}", s.model, i.shape))
+        .collect();
+    Err(Error::Input(format!(
+        "shape mismatch for tensor {name}: {}",
+        shapes.join(", ")
+    )))
+}
+
+/// Lays tensors into files of at most `max` bytes (a tensor larger than that gets its own).
+fn layout_files(tensors: &[pb::TensorJob], max: u64) -> Vec<OutFile> {
+    let mut groups: Vec<Vec<usize>> = vec![Vec::new()];
+    let mut cur = 0u64;
+    for (i, t) in tensors.iter().enumerate() {
+        let es = DType::from_proto(t.out_dtype).map_or(4, |d| d.size()) as u64;
+        let bytes = t.shape.iter().product::<u64>() * es;
+        let last = groups.len() - 1;
+        if !groups[last].is_empty() && max > 0 && cur + bytes > max {
+            groups.push(Vec::new());
+            cur = 0;
+        }
+        let last = groups.len() - 1;
+        groups[last].push(i);
+        cur += bytes;
+    }
+    let n = groups.len();
+    let mut meta = BTreeMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    groups
+        .into_iter()
+        .enumerate()
+        .map(|(k, idx)| {
+            let entries: Vec<LayoutEntry> = idx
+                .iter()
+                .map(|&i| LayoutEntry {
+                    name: tensors[i].name.clone(),
+                    dtype: DType::from_proto(tensors[i].out_dtype).unwrap_or(DType::F32),
+                    shape: tensors[i].shape.clone(),
+                })
+                .collect();
+            OutFile {
+                name: if n == 1 {
+                    "model.safetensors".into()
+                } else {
+                    format!("model-{:05}-of-{:05}.safetensors", k + 1, n)
+                },
+                tensors: idx,
+                layout: st::layout_file(&entries, &meta),
+            }
+        })
+        .collect()
+}
+
+/// Number of rows in a tensor's 2-D view and bytes per output row.
+pub fn rows_of(t: &pb::TensorJob) -> (u64, u64) {
+    let (rows, row_len) = view2d(&t.shape);
+    let es = DType::from_proto(t.out_dtype).map_or(4, |d| d.size()) as u64;
+    (rows, row_len * es)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_names() {
+        assert_eq!(
+            split_layer("model.layers.12.mlp.up_proj.weight"),
+            Some(("model.layers.", 12, "mlp.up_proj.weight"))
+        );
+        assert_eq!(split_layer("layers.0.x"), Some(("layers.", 0, "x")));
+        assert_eq!(split_layer("model.norm.weight"), None);
+        assert_eq!(split_layer("model.sublayers.1.x"), None);
+    }
+}

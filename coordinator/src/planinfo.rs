@@ -1,0 +1,134 @@
+//! `shardmerge plan`: what a merge will do, from headers only.
+
+use serde_json::{json, Value};
+use shardmerge_worker::storage::Resolver;
+
+use crate::cut::{self, bytes_per_element, CutOptions, SegDef};
+use crate::error::Result;
+use crate::job::SubmitOptions;
+use crate::plan::{self, Plan, PlanOptions};
+use crate::recipe::Recipe;
+use crate::size::human;
+
+pub struct PlanInfo {
+    pub plan: Plan,
+    pub cut: cut::Cut,
+    pub workers: usize,
+    pub peak_per_slot: u64,
+}
+
+pub async fn describe(
+    text: &str,
+    o: &SubmitOptions,
+    workers: usize,
+    resolver: &Resolver,
+) -> Result<PlanInfo> {
+    let recipe = Recipe::parse(text)?;
+    let plan = plan::plan(
+        recipe,
+        resolver,
+        &o.base_dir,
+        &PlanOptions {
+            out_shard_size: o.out_shard_size,
+            seed: o.seed,
+        },
+    )
+    .await?;
+    let cut = cut::cut(
+        &plan,
+        &CutOptions {
+            task_size: o.task_size,
+            slot_memory: o.slot_memory,
+            min_part: 0,
+        },
+    );
+    let peak_per_slot = cut
+        .tasks
+        .iter()
+        .map(|t| {
+            let seg = t
+                .segments
+                .iter()
+                .map(|s| match s {
+                    SegDef::Literal(_) => 0,
+                    SegDef::Rows {
+                        tensor, start, end, ..
+                    } => {
+                        let tj = &plan.tensors[*tensor];
+                        let (_, row) = shardmerge_worker::exec::view2d(&tj.shape);
+                        (end - start) * row * bytes_per_element(tj)
+                    }
+                })
+                .max()
+                .unwrap_or(0);
+            t.length + seg
+        })
+        .max()
+        .unwrap_or(0);
+    Ok(PlanInfo {
+        plan,
+        cut,
+        workers,
+        peak_per_slot,
+    })
+}
+
+impl PlanInfo {
+    pub fn to_json(&self) -> Value {
+        let p = &self.plan;
+        json!({
+            "method": p.recipe.merge_method,
+            "models": p.models.iter().map(|m| json!({"name": m.name, "uri": m.loc.uri(), "tensors": m.tensors.len(), "bytes": m.bytes})).collect::<Vec<_>>(),
+            "tensors": p.tensors.iter().map(|t| json!({"name": t.name, "shape": t.shape, "inputs": t.inputs.len()})).collect::<Vec<_>>(),
+            "files": p.files.iter().map(|f| json!({"name": f.name, "tensors": f.tensors.len(), "bytes": f.layout.total_size})).collect::<Vec<_>>(),
+            "tasks": self.cut.tasks.len(),
+            "stats_units": self.cut.units.len(),
+            "bytes_read": p.bytes_in(),
+            "bytes_written": p.bytes_out(),
+            "workers": self.workers,
+            "peak_memory_per_worker": self.peak_per_slot,
+            "output_layers": p.out_layers,
+            "seed": p.seed,
+        })
+    }
+
+    pub fn to_text(&self) -> String {
+        let p = &self.plan;
+        let mut s = String::new();
+        s += &format!("method       {}\n", p.recipe.merge_method);
+        for m in &p.models {
+            s += &format!(
+                "input        {} ({} tensors, {})\n",
+                m.loc.uri(),
+                m.tensors.len(),
+                human(m.bytes)
+            );
+        }
+        s += &format!(
+            "tensors      {} ({} layers)\n",
+            p.tensors.len(),
+            p.out_layers
+        );
+        for f in &p.files {
+            s += &format!(
+                "file         {} ({} tensors, {})\n",
+                f.name,
+                f.tensors.len(),
+                human(f.layout.total_size)
+            );
+        }
+        s += &format!(
+            "tasks        {} writes, {} tensors with statistics passes\n",
+            self.cut.tasks.len(),
+            self.cut.units.len()
+        );
+        s += &format!("read         {}\n", human(p.bytes_in()));
+        s += &format!("write        {}\n", human(p.bytes_out()));
+        s += &format!(
+            "peak memory  {} per worker slot x {} slots\n",
+            human(self.peak_per_slot),
+            self.workers
+        );
+        s
+    }
+}

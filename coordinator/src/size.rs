@@ -1,0 +1,67 @@
+//! Byte sizes on the command line: mergekit's `5B`/`500M`/`1K` (decimal), and `64KiB`,
+//! `512MiB`, `2GiB` (binary), `10MB`, `1GB` (decimal), or a plain number of bytes.
+
+pub fn parse(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (examples: 5B, 500M, 64KiB, 2GiB, 1048576)"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "b" | "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "tib" => 1024f64.powi(4),
+        other => {
+            return Err(format!(
+                "`{s}`: unknown unit `{other}` (use K, M, B as mergekit does, or KiB, MiB, GiB)"
+            ))
+        }
+    };
+    let v = n * mult;
+    if !(0.0..1.8e19).contains(&v) {
+        return Err(format!("`{s}` is out of range"));
+    }
+    Ok(v as u64)
+}
+
+/// A size for people: 1.5 GiB.
+pub fn human(n: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < units.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse("5B").unwrap(), 5_000_000_000);
+        assert_eq!(parse("500M").unwrap(), 500_000_000);
+        assert_eq!(parse("64KiB").unwrap(), 65536);
+        assert_eq!(parse("1048576").unwrap(), 1048576);
+        assert_eq!(parse("1.5GiB").unwrap(), 1610612736);
+        assert!(parse("12 parsecs").is_err());
+        assert!(parse("").is_err());
+        assert_eq!(human(1536), "1.5 KiB");
+    }
+}

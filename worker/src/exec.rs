@@ -1,0 +1,325 @@
+//! Runs one task: range-reads exactly the input bytes it needs, converts them to f32, runs the
+//! kernel, converts to the output dtype and writes its part of the output file. A task is pure,
+//! so running it twice writes the same bytes.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use shardmerge_proto as pb;
+
+use crate::format::dtype::{self, DType};
+use crate::kernels::{self, rng, RowRange, Stats, TensorCtx};
+use crate::storage::{Resolver, Storage, StorageError, Upload};
+
+/// A task failure: retryable ones (I/O) are run again, the others fail the job.
+#[derive(Debug, Clone)]
+pub struct TaskError {
+    pub message: String,
+    pub retryable: bool,
+}
+
+impl std::fmt::Display for TaskError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for TaskError {}
+
+impl From<StorageError> for TaskError {
+    fn from(e: StorageError) -> Self {
+        TaskError {
+            message: e.message,
+            retryable: e.retryable,
+        }
+    }
+}
+
+fn fatal(msg: impl Into<String>) -> TaskError {
+    TaskError {
+        message: msg.into(),
+        retryable: false,
+    }
+}
+
+/// The 2-D view of a shape: (rows, row length). A 1-D tensor is one row.
+pub fn view2d(shape: &[u64]) -> (u64, u64) {
+    match shape.len() {
+        0 => (1, 1),
+        1 => (1, shape[0]),
+        _ => (shape[0], shape[1..].iter().product()),
+    }
+}
+
+/// Builds the kernel's view of a tensor job.
+pub fn tensor_ctx(job: &pb::TensorJob) -> Result<TensorCtx<'_>, TaskError> {
+    static EMPTY: std::sync::OnceLock<std::collections::HashMap<String, f64>> =
+        std::sync::OnceLock::new();
+    let empty = EMPTY.get_or_init(Default::default);
+    let (rows, row_len) = view2d(&job.shape);
+    let row_len = usize::try_from(row_len).map_err(|_| fatal("tensor row too large"))?;
+    let params = job.params.as_ref().map(|p| &p.values).unwrap_or(empty);
+    let model_params = (0..job.inputs.len())
+        .map(|i| job.model_params.get(i).map(|p| &p.values).unwrap_or(empty))
+        .collect();
+    Ok(TensorCtx {
+        name: &job.name,
+        shape: &job.shape,
+        rows,
+        row_len,
+        params,
+        model_params,
+        base: job.base_index.map(|b| b as usize),
+        model_keys: job.inputs.iter().map(|s| s.model_key).collect(),
+        tensor_key: rng::key_of(&job.name),
+        seed: job.seed,
+    })
+}
+
+/// Executes tasks against storage.
+#[derive(Clone, Debug, Default)]
+pub struct Executor {
+    pub resolver: Resolver,
+}
+
+/// What a task did, for the result message.
+#[derive(Default)]
+struct Io {
+    bytes_read: u64,
+}
+
+impl Executor {
+    pub fn new(resolver: Resolver) -> Self {
+        Executor { resolver }
+    }
+
+    pub async fn run(&self, task: &pb::Task) -> Result<pb::TaskResult, TaskError> {
+        match &task.kind {
+            Some(pb::task::Kind::Write(w)) => self.run_write(w).await,
+            Some(pb::task::Kind::Stats(s)) => self.run_stats(s).await,
+            None => Err(fatal(
+                "task has no kind (coordinator/worker version mismatch?)",
+            )),
+        }
+    }
+
+    async fn run_write(&self, w: &pb::WriteTask) -> Result<pb::TaskResult, TaskError> {
+        let out = w
+            .output
+            .as_ref()
+            .ok_or_else(|| fatal("write task without output"))?;
+        let len = usize::try_from(out.length).map_err(|_| fatal("task too large"))?;
+        let mut buf = vec![0u8; len];
+        let mut at = 0usize;
+        let mut io = Io::default();
+        for seg in &w.segments {
+            match &seg.kind {
+                Some(pb::segment::Kind::Literal(b)) => {
+                    let end = at + b.len();
+                    buf.get_mut(at..end)
+                        .ok_or_else(|| fatal("segment overruns the task's output range"))?
+                        .copy_from_slice(b);
+                    at = end;
+                }
+                Some(pb::segment::Kind::Rows(r)) => {
+                    let job = r
+                        .tensor
+                        .as_ref()
+                        .ok_or_else(|| fatal("segment without tensor"))?;
+                    let odt = DType::from_proto(job.out_dtype)
+                        .ok_or_else(|| fatal(format!("tensor {}: no output dtype", job.name)))?;
+                    let (_, row_len) = view2d(&job.shape);
+                    let n = ((r.row_end - r.row_start) * row_len) as usize;
+                    let end = at + n * odt.size();
+                    let dst = buf
+                        .get_mut(at..end)
+                        .ok_or_else(|| fatal("segment overruns the task's output range"))?;
+                    let values = self.compute_rows(r, &mut io).await?;
+                    dtype::encode(odt, &values, dst);
+                    at = end;
+                }
+                None => return Err(fatal("empty segment")),
+            }
+        }
+        if at != len {
+            return Err(fatal(format!(
+                "segments fill {at} of the task's {len} bytes (plan error)"
+            )));
+        }
+        let checksum = crc32fast::hash(&buf);
+        let (store, upload, part_index) = self.sink(out)?;
+        let receipt = store
+            .write_part(&upload, part_index, out.offset, Bytes::from(buf))
+            .await?;
+        Ok(pb::TaskResult {
+            bytes_read: io.bytes_read,
+            bytes_written: len as u64,
+            checksum,
+            part: Some(pb::PartReceipt {
+                part_index: receipt.part_index,
+                etag: receipt.etag,
+                size: receipt.size,
+            }),
+            stats: None,
+        })
+    }
+
+    fn sink(&self, out: &pb::OutputTarget) -> Result<(Arc<dyn Storage>, Upload, u32), TaskError> {
+        match &out.sink {
+            Some(pb::output_target::Sink::Local(l)) => {
+                let loc = self.resolver.resolve(&l.path, Path::new("/"))?;
+                let final_path = self.resolver.resolve(&out.uri, Path::new("/"))?.path;
+                Ok((
+                    loc.store,
+                    Upload {
+                        path: final_path,
+                        id: loc.path,
+                    },
+                    0,
+                ))
+            }
+            Some(pb::output_target::Sink::Multipart(m)) => {
+                let loc = self.resolver.resolve(&m.store, Path::new("/"))?;
+                Ok((
+                    loc.store,
+                    Upload {
+                        path: m.key.clone(),
+                        id: m.upload_id.clone(),
+                    },
+                    m.part_index,
+                ))
+            }
+            None => Err(fatal("output without a sink")),
+        }
+    }
+
+    async fn run_stats(&self, s: &pb::StatsTask) -> Result<pb::TaskResult, TaskError> {
+        let r = s
+            .rows
+            .as_ref()
+            .ok_or_else(|| fatal("stats task without rows"))?;
+        let job = r
+            .tensor
+            .as_ref()
+            .ok_or_else(|| fatal("stats task without tensor"))?;
+        let mut io = Io::default();
+        let inputs = self
+            .read_inputs(job, r.row_start, r.row_end, &mut io)
+            .await?;
+        let state = r.stats.as_ref().map(Stats::from_proto).unwrap_or_default();
+        let job = job.clone();
+        let (rs, re, ri, pass) = (r.row_start, r.row_end, r.range_index, s.pass);
+        let partial = tokio::task::spawn_blocking(move || -> Result<Stats, TaskError> {
+            let ctx = tensor_ctx(&job)?;
+            let m = method_of(&job)?;
+            let refs: Vec<&[f32]> = inputs.iter().map(Vec::as_slice).collect();
+            let rows = RowRange {
+                start: rs,
+                end: re,
+                index: ri,
+            };
+            m.partial(&ctx, pass, &state, rows, &refs)
+                .map_err(|e| fatal(format!("tensor {}: {e}", job.name)))
+        })
+        .await
+        .map_err(|e| fatal(format!("kernel panicked: {e}")))??;
+        Ok(pb::TaskResult {
+            bytes_read: io.bytes_read,
+            stats: Some(partial.to_proto()),
+            ..Default::default()
+        })
+    }
+
+    /// Reads a row range of every input and computes the output rows in f32.
+    async fn compute_rows(&self, r: &pb::TensorRows, io: &mut Io) -> Result<Vec<f32>, TaskError> {
+        let job = r
+            .tensor
+            .as_ref()
+            .ok_or_else(|| fatal("segment without tensor"))?;
+        let inputs = self.read_inputs(job, r.row_start, r.row_end, io).await?;
+        let job = job.clone();
+        let stats = r.stats.clone();
+        let (rs, re, ri) = (r.row_start, r.row_end, r.range_index);
+        tokio::task::spawn_blocking(move || -> Result<Vec<f32>, TaskError> {
+            let ctx = tensor_ctx(&job)?;
+            let m = method_of(&job)?;
+            let refs: Vec<&[f32]> = inputs.iter().map(Vec::as_slice).collect();
+            let mut out = vec![0f32; ((re - rs) as usize) * ctx.row_len];
+            let whole = rs == 0 && re == ctx.rows;
+            let res = if whole {
+                kernels::run_whole(m, &ctx, &refs, &mut out)
+            } else {
+                let state = stats.as_ref().map(Stats::from_proto).unwrap_or_default();
+                let rows = RowRange {
+                    start: rs,
+                    end: re,
+                    index: ri,
+                };
+                m.apply(&ctx, &state, rows, &refs, &mut out)
+            };
+            res.map_err(|e| fatal(format!("tensor {}: {}: {e}", job.name, job.method)))?;
+            Ok(out)
+        })
+        .await
+        .map_err(|e| fatal(format!("kernel panicked: {e}")))?
+    }
+
+    /// Reads rows `[start, end)` of every input of `job` as f32, cropped to the output's row
+    /// length (an input may be wider, e.g. an embedding with a larger hidden size).
+    async fn read_inputs(
+        &self,
+        job: &pb::TensorJob,
+        start: u64,
+        end: u64,
+        io: &mut Io,
+    ) -> Result<Vec<Vec<f32>>, TaskError> {
+        let (_, out_row) = view2d(&job.shape);
+        let reads = job.inputs.iter().map(|src| {
+            let resolver = self.resolver.clone();
+            async move {
+                let dt = DType::from_proto(src.dtype).ok_or_else(|| {
+                    fatal(format!(
+                        "{}: input of {} has no float dtype",
+                        src.uri, job.name
+                    ))
+                })?;
+                let (in_rows, in_row) = view2d(&src.shape);
+                if end > in_rows || in_row < out_row {
+                    return Err(fatal(format!(
+                        "{}: tensor {} of {} has shape {:?}, too small for output shape {:?}",
+                        src.uri, job.name, src.model, src.shape, job.shape
+                    )));
+                }
+                let es = dt.size() as u64;
+                let from = src.data_offset + start * in_row * es;
+                let to = src.data_offset + end * in_row * es;
+                let loc = resolver.resolve(&src.uri, Path::new("/"))?;
+                let bytes = loc.store.read_range(&loc.path, from..to).await?;
+                let n = ((end - start) * out_row) as usize;
+                let mut v = vec![0f32; n];
+                if in_row == out_row {
+                    dtype::decode(dt, &bytes, &mut v);
+                } else {
+                    let (ib, ob) = ((in_row * es) as usize, (out_row * es) as usize);
+                    for (row, dst) in v.chunks_exact_mut(out_row as usize).enumerate() {
+                        dtype::decode(dt, &bytes[row * ib..row * ib + ob], dst);
+                    }
+                }
+                Ok::<_, TaskError>((v, to - from))
+            }
+        });
+        let results = futures::future::try_join_all(reads).await?;
+        let mut out = Vec::with_capacity(results.len());
+        for (v, n) in results {
+            io.bytes_read += n;
+            out.push(v);
+        }
+        Ok(out)
+    }
+}
+
+fn method_of(job: &pb::TensorJob) -> Result<&'static dyn kernels::Method, TaskError> {
+    kernels::method(&job.method)
+        .ok_or_else(|| fatal(format!("unknown merge method {:?}", job.method)))
+}

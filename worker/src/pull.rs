@@ -1,0 +1,152 @@
+//! The worker loop: lease tasks from a work source, run them, renew leases while they run,
+//! report completion or failure. The same loop serves in-process workers (the source is the
+//! coordinator's job manager) and remote ones (the source is a gRPC client).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use shardmerge_proto as pb;
+use tokio::sync::watch;
+
+use crate::exec::Executor;
+
+/// Where work comes from. Errors are transport errors (the coordinator is unreachable).
+#[async_trait]
+pub trait WorkSource: Send + Sync {
+    async fn poll(&self, req: pb::PollWorkRequest) -> Result<pb::PollWorkResponse, String>;
+    async fn renew(&self, req: pb::RenewLeaseRequest) -> Result<pb::RenewLeaseResponse, String>;
+    async fn complete(
+        &self,
+        req: pb::CompleteTaskRequest,
+    ) -> Result<pb::CompleteTaskResponse, String>;
+    async fn fail(&self, req: pb::FailTaskRequest) -> Result<(), String>;
+}
+
+#[derive(Clone, Debug)]
+pub struct LoopOptions {
+    pub worker_id: String,
+    /// Tasks run at once.
+    pub slots: usize,
+    pub slot_memory: u64,
+    /// Longest wait between polls when there is no work.
+    pub max_idle: Duration,
+}
+
+/// Runs `opts.slots` task slots until `stop` becomes true.
+pub async fn run(
+    source: Arc<dyn WorkSource>,
+    exec: Executor,
+    opts: LoopOptions,
+    stop: watch::Receiver<bool>,
+) {
+    let mut handles = Vec::new();
+    for slot in 0..opts.slots.max(1) {
+        let (source, exec, opts, stop) = (source.clone(), exec.clone(), opts.clone(), stop.clone());
+        handles.push(tokio::spawn(async move {
+            slot_loop(source, exec, opts, slot, stop).await;
+        }));
+    }
+    for h in handles {
+        let _ = h.await;
+    }
+}
+
+async fn slot_loop(
+    source: Arc<dyn WorkSource>,
+    exec: Executor,
+    opts: LoopOptions,
+    slot: usize,
+    mut stop: watch::Receiver<bool>,
+) {
+    let worker_id = format!("{}/{slot}", opts.worker_id);
+    let mut backoff = Duration::from_millis(5);
+    while !*stop.borrow() {
+        let resp = source
+            .poll(pb::PollWorkRequest {
+                worker_id: worker_id.clone(),
+                free_slots: 1,
+                slot_memory: opts.slot_memory,
+            })
+            .await;
+        let leases = match resp {
+            Ok(r) if !r.leases.is_empty() => {
+                backoff = Duration::from_millis(5);
+                r.leases
+            }
+            Ok(r) => {
+                let wait = Duration::from_millis(r.retry_after_ms.max(1) as u64).min(opts.max_idle);
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stop.changed() => {}
+                }
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(worker = %worker_id, "poll failed: {e}; retrying in {backoff:?}");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.changed() => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        for lease in leases {
+            run_one(&source, &exec, &worker_id, lease).await;
+        }
+    }
+}
+
+async fn run_one(source: &Arc<dyn WorkSource>, exec: &Executor, worker_id: &str, lease: pb::Lease) {
+    let Some(task) = lease.task else { return };
+    // Renew the lease at a third of its lifetime while the task runs.
+    let renew_every = Duration::from_millis((lease.ttl_ms / 3).max(50));
+    let renewer = {
+        let source = source.clone();
+        let (wid, lid) = (worker_id.to_string(), lease.lease_id.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(renew_every).await;
+                let r = source
+                    .renew(pb::RenewLeaseRequest {
+                        worker_id: wid.clone(),
+                        lease_ids: vec![lid.clone()],
+                    })
+                    .await;
+                if let Ok(r) = r {
+                    if r.lost.contains(&lid) {
+                        break;
+                    }
+                }
+            }
+        })
+    };
+    let result = exec.run(&task).await;
+    renewer.abort();
+    match result {
+        Ok(result) => {
+            let r = source
+                .complete(pb::CompleteTaskRequest {
+                    worker_id: worker_id.to_string(),
+                    lease_id: lease.lease_id.clone(),
+                    result: Some(result),
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::warn!("reporting task {} failed: {e}", task.task_id);
+            }
+        }
+        Err(e) => {
+            tracing::debug!("task {} failed: {e}", task.task_id);
+            let _ = source
+                .fail(pb::FailTaskRequest {
+                    worker_id: worker_id.to_string(),
+                    lease_id: lease.lease_id.clone(),
+                    error: e.message,
+                    retryable: e.retryable,
+                })
+                .await;
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! Fault injection around any store: fail chosen operations, to test retries and cleanup
+//! without special cases in the code under test.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use super::{Receipt, SResult, Storage, StorageError, Upload};
+
+/// Which operations fail, and how.
+#[derive(Clone, Debug, Default)]
+pub struct FaultPlan {
+    /// Every n-th range read fails with a retryable error (0: never).
+    pub fail_every_nth_read: u64,
+    /// Every n-th part write fails with a retryable error (0: never).
+    pub fail_every_nth_write: u64,
+    /// After this many successful part writes, every write fails permanently (0: never).
+    pub break_writes_after: u64,
+}
+
+#[derive(Debug)]
+pub struct FaultyStorage {
+    inner: Arc<dyn Storage>,
+    plan: FaultPlan,
+    reads: AtomicU64,
+    writes: AtomicU64,
+}
+
+impl FaultyStorage {
+    pub fn wrap(inner: Arc<dyn Storage>, plan: FaultPlan) -> Arc<dyn Storage> {
+        Arc::new(FaultyStorage {
+            inner,
+            plan,
+            reads: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+        })
+    }
+}
+
+#[async_trait]
+impl Storage for FaultyStorage {
+    fn scheme_root(&self) -> String {
+        self.inner.scheme_root()
+    }
+    fn min_part_size(&self) -> u64 {
+        self.inner.min_part_size()
+    }
+    async fn size(&self, path: &str) -> SResult<u64> {
+        self.inner.size(path).await
+    }
+    async fn exists(&self, path: &str) -> SResult<bool> {
+        self.inner.exists(path).await
+    }
+    async fn read_range(&self, path: &str, range: Range<u64>) -> SResult<Bytes> {
+        let n = self.reads.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.plan.fail_every_nth_read > 0 && n % self.plan.fail_every_nth_read == 0 {
+            return Err(StorageError::new(
+                format!("{path}: injected read fault #{n}"),
+                true,
+            ));
+        }
+        self.inner.read_range(path, range).await
+    }
+    async fn read_all(&self, path: &str) -> SResult<Bytes> {
+        self.inner.read_all(path).await
+    }
+    async fn put(&self, path: &str, data: Bytes) -> SResult<()> {
+        self.inner.put(path, data).await
+    }
+    async fn list(&self, dir: &str) -> SResult<Vec<String>> {
+        self.inner.list(dir).await
+    }
+    async fn delete(&self, path: &str) -> SResult<()> {
+        self.inner.delete(path).await
+    }
+    async fn begin_upload(&self, path: &str, size: u64) -> SResult<Upload> {
+        self.inner.begin_upload(path, size).await
+    }
+    async fn write_part(
+        &self,
+        upload: &Upload,
+        part_index: u32,
+        offset: u64,
+        data: Bytes,
+    ) -> SResult<Receipt> {
+        let n = self.writes.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.plan.break_writes_after > 0 && n > self.plan.break_writes_after {
+            return Err(StorageError::new(
+                format!("{}: injected permanent write fault", upload.path),
+                false,
+            ));
+        }
+        if self.plan.fail_every_nth_write > 0 && n % self.plan.fail_every_nth_write == 0 {
+            return Err(StorageError::new(
+                format!("{}: injected write fault #{n}", upload.path),
+                true,
+            ));
+        }
+        self.inner
+            .write_part(upload, part_index, offset, data)
+            .await
+    }
+    async fn finish_upload(&self, upload: &Upload, parts: &[Receipt]) -> SResult<()> {
+        self.inner.finish_upload(upload, parts).await
+    }
+    async fn abort_upload(&self, upload: &Upload) -> SResult<()> {
+        self.inner.abort_upload(upload).await
+    }
+}

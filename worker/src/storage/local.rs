@@ -1,0 +1,233 @@
+//! Local (or shared) filesystem: positioned reads, and output files preallocated under a
+//! temporary name, filled by positioned writes, then fsynced and renamed into place.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use super::{Receipt, SResult, Storage, StorageError, Upload};
+
+#[derive(Debug, Default)]
+pub struct LocalStorage {
+    /// Open read handles, so range reads of one shard don't reopen it each time.
+    readers: Mutex<HashMap<String, Arc<File>>>,
+}
+
+fn io_err(path: &str, what: &str, e: std::io::Error) -> StorageError {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        StorageError::not_found(format!("{path}: {what}: no such file"))
+    } else {
+        let retryable = matches!(
+            e.kind(),
+            std::io::ErrorKind::Interrupted
+                | std::io::ErrorKind::TimedOut
+                | std::io::ErrorKind::WouldBlock
+        );
+        StorageError::new(format!("{path}: {what}: {e}"), retryable)
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> SResult<T> + Send + 'static,
+) -> SResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StorageError::new(format!("I/O task failed: {e}"), true))?
+}
+
+impl LocalStorage {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn reader(&self, path: &str) -> SResult<Arc<File>> {
+        let mut r = self
+            .readers
+            .lock()
+            .map_err(|_| StorageError::new("reader cache poisoned", false))?;
+        if let Some(f) = r.get(path) {
+            return Ok(f.clone());
+        }
+        let f = Arc::new(File::open(path).map_err(|e| io_err(path, "open", e))?);
+        if r.len() > 256 {
+            r.clear();
+        }
+        r.insert(path.to_string(), f.clone());
+        Ok(f)
+    }
+
+    fn temp_path(path: &str) -> String {
+        format!("{path}.partial")
+    }
+}
+
+/// Reads exactly `range` of an open file.
+pub fn read_exact_range(f: &File, path: &str, range: Range<u64>) -> SResult<Vec<u8>> {
+    let len = usize::try_from(range.end.saturating_sub(range.start))
+        .map_err(|_| StorageError::new(format!("{path}: read too large"), false))?;
+    let mut buf = vec![0u8; len];
+    f.read_exact_at(&mut buf, range.start).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            StorageError::new(
+                format!("{path}: file ends before byte {} (truncated?)", range.end),
+                false,
+            )
+        } else {
+            io_err(path, "read", e)
+        }
+    })?;
+    Ok(buf)
+}
+
+fn sync_dir(path: &str) {
+    if let Some(dir) = Path::new(path).parent() {
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+}
+
+#[async_trait]
+impl Storage for LocalStorage {
+    fn scheme_root(&self) -> String {
+        "file://".into()
+    }
+
+    async fn size(&self, path: &str) -> SResult<u64> {
+        let p = path.to_string();
+        blocking(move || {
+            let m = fs::metadata(&p).map_err(|e| io_err(&p, "stat", e))?;
+            if !m.is_file() {
+                return Err(StorageError::not_found(format!("{p}: not a file")));
+            }
+            Ok(m.len())
+        })
+        .await
+    }
+
+    async fn exists(&self, path: &str) -> SResult<bool> {
+        Ok(Path::new(path).exists())
+    }
+
+    async fn read_range(&self, path: &str, range: Range<u64>) -> SResult<Bytes> {
+        let f = self.reader(path)?;
+        let p = path.to_string();
+        blocking(move || read_exact_range(&f, &p, range).map(Bytes::from)).await
+    }
+
+    async fn read_all(&self, path: &str) -> SResult<Bytes> {
+        let p = path.to_string();
+        blocking(move || {
+            fs::read(&p)
+                .map(Bytes::from)
+                .map_err(|e| io_err(&p, "read", e))
+        })
+        .await
+    }
+
+    async fn put(&self, path: &str, data: Bytes) -> SResult<()> {
+        let p = path.to_string();
+        blocking(move || {
+            if let Some(dir) = Path::new(&p).parent() {
+                fs::create_dir_all(dir).map_err(|e| io_err(&p, "create folder", e))?;
+            }
+            let tmp = format!("{p}.tmp");
+            let mut f = File::create(&tmp).map_err(|e| io_err(&tmp, "create", e))?;
+            f.write_all(&data).map_err(|e| io_err(&tmp, "write", e))?;
+            f.sync_all().map_err(|e| io_err(&tmp, "fsync", e))?;
+            fs::rename(&tmp, &p).map_err(|e| io_err(&p, "rename", e))?;
+            sync_dir(&p);
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list(&self, dir: &str) -> SResult<Vec<String>> {
+        let d = dir.to_string();
+        blocking(move || {
+            let rd = fs::read_dir(&d).map_err(|e| io_err(&d, "list", e))?;
+            let mut out = Vec::new();
+            for e in rd.flatten() {
+                if e.file_type().map(|t| t.is_file()).unwrap_or(false) {
+                    out.push(e.file_name().to_string_lossy().into_owned());
+                }
+            }
+            out.sort();
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn delete(&self, path: &str) -> SResult<()> {
+        match fs::remove_file(path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err(path, "delete", e)),
+        }
+    }
+
+    async fn begin_upload(&self, path: &str, size: u64) -> SResult<Upload> {
+        let p = path.to_string();
+        let tmp = Self::temp_path(path);
+        blocking(move || {
+            if let Some(dir) = Path::new(&p).parent() {
+                fs::create_dir_all(dir).map_err(|e| io_err(&p, "create folder", e))?;
+            }
+            let f = File::create(&tmp).map_err(|e| io_err(&tmp, "create", e))?;
+            f.set_len(size)
+                .map_err(|e| io_err(&tmp, "preallocate", e))?;
+            Ok(Upload { path: p, id: tmp })
+        })
+        .await
+    }
+
+    async fn write_part(
+        &self,
+        upload: &Upload,
+        part_index: u32,
+        offset: u64,
+        data: Bytes,
+    ) -> SResult<Receipt> {
+        let tmp = upload.id.clone();
+        blocking(move || {
+            let f = OpenOptions::new()
+                .write(true)
+                .open(&tmp)
+                .map_err(|e| io_err(&tmp, "open for writing", e))?;
+            f.write_all_at(&data, offset)
+                .map_err(|e| io_err(&tmp, "write", e))?;
+            Ok(Receipt {
+                part_index,
+                etag: String::new(),
+                size: data.len() as u64,
+            })
+        })
+        .await
+    }
+
+    async fn finish_upload(&self, upload: &Upload, _parts: &[Receipt]) -> SResult<()> {
+        let up = upload.clone();
+        blocking(move || {
+            let f = OpenOptions::new()
+                .write(true)
+                .open(&up.id)
+                .map_err(|e| io_err(&up.id, "open", e))?;
+            f.sync_all().map_err(|e| io_err(&up.id, "fsync", e))?;
+            fs::rename(&up.id, &up.path).map_err(|e| io_err(&up.path, "rename", e))?;
+            sync_dir(&up.path);
+            Ok(())
+        })
+        .await
+    }
+
+    async fn abort_upload(&self, upload: &Upload) -> SResult<()> {
+        self.delete(&upload.id).await
+    }
+}

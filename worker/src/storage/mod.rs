@@ -1,0 +1,241 @@
+//! Byte storage for checkpoints: range reads of inputs, small whole-file puts, and output files
+//! written in parts by many tasks. One trait, one module per backend (`local`, `object`), and
+//! cross-cutting behaviour as wrappers around any store (`fault`). Storage knows nothing of
+//! tensors or merge methods.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+pub mod fault;
+pub mod local;
+pub mod object;
+
+/// A storage failure. `retryable` failures (I/O hiccups, throttling) may succeed on retry;
+/// the others (missing file, bad request) will not.
+#[derive(Debug, Clone)]
+pub struct StorageError {
+    pub message: String,
+    pub retryable: bool,
+    pub not_found: bool,
+}
+
+impl StorageError {
+    pub fn new(message: impl Into<String>, retryable: bool) -> Self {
+        StorageError {
+            message: message.into(),
+            retryable,
+            not_found: false,
+        }
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        StorageError {
+            message: message.into(),
+            retryable: false,
+            not_found: true,
+        }
+    }
+}
+
+impl fmt::Display for StorageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for StorageError {}
+
+pub type SResult<T> = Result<T, StorageError>;
+
+/// An output file being written in parts: the temporary file or the multipart upload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Upload {
+    /// The file's final path in its store.
+    pub path: String,
+    /// Local: the temporary file's path. S3: the multipart upload id.
+    pub id: String,
+}
+
+/// What a written part left behind; the commit needs every part's receipt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Receipt {
+    pub part_index: u32,
+    pub etag: String,
+    pub size: u64,
+}
+
+/// A store of files addressed by path (a local absolute path, or an object key).
+#[async_trait]
+pub trait Storage: Send + Sync + fmt::Debug {
+    /// `file://` or `s3://bucket`, for messages and URIs.
+    fn scheme_root(&self) -> String;
+    /// Smallest part a multi-part output accepts (except a file's last part).
+    fn min_part_size(&self) -> u64 {
+        0
+    }
+    async fn size(&self, path: &str) -> SResult<u64>;
+    async fn exists(&self, path: &str) -> SResult<bool>;
+    async fn read_range(&self, path: &str, range: Range<u64>) -> SResult<Bytes>;
+    async fn read_all(&self, path: &str) -> SResult<Bytes>;
+    /// Writes a small file whole; readers see the old file or the new one, never a part.
+    async fn put(&self, path: &str, data: Bytes) -> SResult<()>;
+    /// Names of the files directly in folder `dir`.
+    async fn list(&self, dir: &str) -> SResult<Vec<String>>;
+    async fn delete(&self, path: &str) -> SResult<()>;
+    /// Starts an output file of `size` bytes, written by parts at known offsets.
+    async fn begin_upload(&self, path: &str, size: u64) -> SResult<Upload>;
+    /// Writes part `part_index` (bytes at `offset`). Writing the same part again replaces it.
+    async fn write_part(
+        &self,
+        upload: &Upload,
+        part_index: u32,
+        offset: u64,
+        data: Bytes,
+    ) -> SResult<Receipt>;
+    /// Makes the file visible under its final path; `parts` in ascending part order.
+    async fn finish_upload(&self, upload: &Upload, parts: &[Receipt]) -> SResult<()>;
+    async fn abort_upload(&self, upload: &Upload) -> SResult<()>;
+}
+
+/// A parsed location: which store, and the path inside it.
+#[derive(Clone, Debug)]
+pub struct Location {
+    pub store: Arc<dyn Storage>,
+    pub path: String,
+}
+
+impl Location {
+    pub fn uri(&self) -> String {
+        let root = self.store.scheme_root();
+        if root == "file://" {
+            format!("file://{}", self.path)
+        } else {
+            format!("{root}/{}", self.path)
+        }
+    }
+
+    /// A file inside this location (treated as a folder).
+    pub fn join(&self, name: &str) -> Location {
+        let path = if self.path.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}/{}", self.path.trim_end_matches('/'), name)
+        };
+        Location {
+            store: self.store.clone(),
+            path,
+        }
+    }
+}
+
+/// Wraps every store a resolver hands out (e.g. in fault injection).
+pub type StoreWrapper = Arc<dyn Fn(Arc<dyn Storage>) -> Arc<dyn Storage> + Send + Sync>;
+
+/// Resolves URIs to stores, keeping one store per bucket. A wrapper (e.g. fault injection)
+/// can be applied to every store it hands out.
+#[derive(Clone, Default)]
+pub struct Resolver {
+    stores: Arc<Mutex<HashMap<String, Arc<dyn Storage>>>>,
+    wrap: Option<StoreWrapper>,
+}
+
+impl fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Resolver").finish_non_exhaustive()
+    }
+}
+
+impl Resolver {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Every store handed out is first passed through `wrap`.
+    pub fn with_wrapper(
+        wrap: impl Fn(Arc<dyn Storage>) -> Arc<dyn Storage> + Send + Sync + 'static,
+    ) -> Self {
+        Resolver {
+            stores: Default::default(),
+            wrap: Some(Arc::new(wrap)),
+        }
+    }
+
+    /// Resolves `uri`: `s3://bucket/key`, `file:///abs/path`, or a path (relative paths are
+    /// taken against `base_dir`).
+    pub fn resolve(&self, uri: &str, base_dir: &Path) -> SResult<Location> {
+        if let Some(rest) = uri.strip_prefix("s3://") {
+            let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(StorageError::new(
+                    format!("{uri}: no bucket in S3 URI"),
+                    false,
+                ));
+            }
+            let store = self.store(&format!("s3://{bucket}"), || {
+                Ok(Arc::new(object::ObjectStorage::s3_from_env(bucket)?) as Arc<dyn Storage>)
+            })?;
+            return Ok(Location {
+                store,
+                path: key.trim_matches('/').to_string(),
+            });
+        }
+        if uri.contains("://") && !uri.starts_with("file://") {
+            return Err(StorageError::new(
+                format!("{uri}: unsupported URI scheme (use a local path, file:// or s3://)"),
+                false,
+            ));
+        }
+        let p = uri.strip_prefix("file://").unwrap_or(uri);
+        let p = PathBuf::from(p);
+        let abs = if p.is_absolute() { p } else { base_dir.join(p) };
+        let abs = normalize(&abs);
+        let store = self.store("file://", || {
+            Ok(Arc::new(local::LocalStorage::new()) as Arc<dyn Storage>)
+        })?;
+        Ok(Location {
+            store,
+            path: abs.to_string_lossy().into_owned(),
+        })
+    }
+
+    fn store(
+        &self,
+        key: &str,
+        make: impl FnOnce() -> SResult<Arc<dyn Storage>>,
+    ) -> SResult<Arc<dyn Storage>> {
+        let mut stores = self
+            .stores
+            .lock()
+            .map_err(|_| StorageError::new("storage registry poisoned", false))?;
+        if let Some(s) = stores.get(key) {
+            return Ok(s.clone());
+        }
+        let mut s = make()?;
+        if let Some(w) = &self.wrap {
+            s = w(s);
+        }
+        stores.insert(key.to_string(), s.clone());
+        Ok(s)
+    }
+}
+
+/// Removes `.` and `..` components without touching the filesystem.
+fn normalize(p: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
+}
