@@ -1,0 +1,73 @@
+//! The conformance suite every merge method runs: for each of mergekit's golden cases, the
+//! merge matches mergekit within the golden tolerances, and the output bytes are identical
+//! between one worker with whole tensors and three workers with 4 KiB tasks (tensors cut into
+//! many row ranges, statistics reduced across them).
+
+mod common;
+
+use common::*;
+
+const BIG: u64 = 64 << 20;
+
+async fn case(name: &str, kind: &str) {
+    let g = golden();
+    let recipe = std::fs::read_to_string(g.join("cases").join(name).join("config.yml")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let whole = tmp.path().join("whole");
+    run(&recipe, &g, &whole, 1, BIG, 512 << 20).await.unwrap();
+    let bad = compare(&whole, &g.join("cases").join(name).join("expected"), &g.join("models/base"), kind);
+    assert!(bad.is_empty(), "{name}: {} tensors differ from mergekit:\n{}", bad.len(), bad.join("\n"));
+    let cut = tmp.path().join("cut");
+    run(&recipe, &g, &cut, 3, 4096, 64 << 10).await.unwrap();
+    assert_eq!(file_bytes(&whole), file_bytes(&cut), "{name}: output depends on the task layout");
+}
+
+macro_rules! cases {
+    ($($name:ident: $kind:literal),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                case(stringify!($name), $kind).await;
+            }
+        )*
+        const LISTED: &[&str] = &[$(stringify!($name)),*];
+    };
+}
+
+cases! {
+    linear_soup: "exact",
+    task_arithmetic_instruct_transfer: "exact",
+    task_arithmetic_lambda_bf16: "exact",
+    ties_multilingual: "exact",
+    breadcrumbs_ties: "exact",
+    breadcrumbs: "exact",
+    slerp_gradient: "exact",
+    nuslerp_task_vectors: "exact",
+    nuslerp_rowwise: "exact",
+    multislerp: "exact",
+    karcher: "exact",
+    model_stock: "exact",
+    sce: "exact",
+    nearswap: "exact",
+    ram: "exact",
+    passthrough_frankenmerge: "exact",
+    dare_ties: "stat",
+    dare_linear: "stat",
+    della: "stat",
+}
+
+#[test]
+fn every_golden_case_is_listed() {
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(golden().join("cases.json")).unwrap()).unwrap();
+    let mut want: Vec<String> = v["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["case"].as_str().unwrap().to_string())
+        .collect();
+    want.sort();
+    let mut have: Vec<String> = LISTED.iter().map(|s| s.to_string()).collect();
+    have.sort();
+    assert_eq!(want, have);
+}
