@@ -23,6 +23,7 @@ pub mod stats;
 
 mod gta;
 mod linear;
+mod nearswap;
 mod passthrough;
 mod slerp;
 
@@ -132,10 +133,9 @@ impl TensorCtx<'_> {
 
     /// A method-level parameter (the planner has filled in defaults).
     pub fn param(&self, name: &str) -> KResult<f64> {
-        self.params
-            .get(name)
-            .copied()
-            .ok_or_else(|| KernelError(format!("tensor {}: parameter {name} is missing", self.name)))
+        self.params.get(name).copied().ok_or_else(|| {
+            KernelError(format!("tensor {}: parameter {name} is missing", self.name))
+        })
     }
 
     pub fn flag(&self, name: &str) -> KResult<bool> {
@@ -169,12 +169,18 @@ impl TensorCtx<'_> {
 
     /// Inputs other than the base, in order.
     pub fn others(&self) -> Vec<usize> {
-        (0..self.n_models()).filter(|&i| Some(i) != self.base).collect()
+        (0..self.n_models())
+            .filter(|&i| Some(i) != self.base)
+            .collect()
     }
 
     /// The RNG stream of input `i` for this tensor.
     pub fn stream(&self, i: usize) -> rng::Stream {
-        rng::Stream::new(self.seed, self.tensor_key, self.model_keys.get(i).copied().unwrap_or(i as u64))
+        rng::Stream::new(
+            self.seed,
+            self.tensor_key,
+            self.model_keys.get(i).copied().unwrap_or(i as u64),
+        )
     }
 }
 
@@ -265,6 +271,7 @@ pub fn registry() -> &'static [&'static dyn Method] {
         &gta::DELLA_LINEAR,
         &slerp::Slerp,
         &passthrough::Passthrough,
+        &nearswap::NearSwap,
     ];
     ALL
 }
@@ -276,7 +283,12 @@ pub fn method(name: &str) -> Option<&'static dyn Method> {
 
 /// Runs every statistics pass over a whole tensor held in memory, then `apply`: the path for a
 /// tensor that fits in one task. Uses the same partial/reduce steps as a cut tensor.
-pub fn run_whole(m: &dyn Method, ctx: &TensorCtx, inputs: &[&[f32]], out: &mut [f32]) -> KResult<()> {
+pub fn run_whole(
+    m: &dyn Method,
+    ctx: &TensorCtx,
+    inputs: &[&[f32]],
+    out: &mut [f32],
+) -> KResult<()> {
     let whole = RowRange {
         start: 0,
         end: ctx.rows,
@@ -353,7 +365,10 @@ pub(crate) mod testutil {
             let (rows, row_len) = match self.shape.len() {
                 0 => (1, 1),
                 1 => (1, self.shape[0] as usize),
-                _ => (self.shape[0], self.shape[1..].iter().product::<u64>() as usize),
+                _ => (
+                    self.shape[0],
+                    self.shape[1..].iter().product::<u64>() as usize,
+                ),
             };
             TensorCtx {
                 name: &self.name,
@@ -363,7 +378,9 @@ pub(crate) mod testutil {
                 params: &self.params,
                 model_params: self.model_params.iter().collect(),
                 base: self.base,
-                model_keys: (0..self.model_params.len() as u64).map(|i| i * 7919 + 1).collect(),
+                model_keys: (0..self.model_params.len() as u64)
+                    .map(|i| i * 7919 + 1)
+                    .collect(),
                 tensor_key: rng::key_of(&self.name),
                 seed: self.seed,
             }
@@ -382,7 +399,12 @@ pub(crate) mod testutil {
 
     /// Runs the method with the tensor cut into ranges of `rows_per_range` rows, exactly as
     /// the coordinator would (a partial per range per pass, then apply per range).
-    pub fn run_cut(m: &dyn Method, case: &Case, inputs: &[Vec<f32>], rows_per_range: u64) -> Vec<f32> {
+    pub fn run_cut(
+        m: &dyn Method,
+        case: &Case,
+        inputs: &[Vec<f32>],
+        rows_per_range: u64,
+    ) -> Vec<f32> {
         let ctx = case.ctx();
         let rl = ctx.row_len;
         let mut ranges = Vec::new();
@@ -420,6 +442,8 @@ pub(crate) mod testutil {
     /// Deterministic pseudo-random test data.
     pub fn data(n: usize, salt: u64, scale: f32) -> Vec<f32> {
         let s = rng::Stream::new(salt, 1, 2);
-        (0..n as u64).map(|i| (s.uniform(i) as f32 * 2.0 - 1.0) * scale).collect()
+        (0..n as u64)
+            .map(|i| (s.uniform(i) as f32 * 2.0 - 1.0) * scale)
+            .collect()
     }
 }
