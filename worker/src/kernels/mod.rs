@@ -25,6 +25,7 @@ mod gta;
 mod linear;
 mod nearswap;
 mod passthrough;
+mod ram;
 mod slerp;
 
 pub use stats::Stats;
@@ -272,6 +273,8 @@ pub fn registry() -> &'static [&'static dyn Method] {
         &slerp::Slerp,
         &passthrough::Passthrough,
         &nearswap::NearSwap,
+        &ram::Ram,
+        &ram::RamPlusTl,
     ];
     ALL
 }
