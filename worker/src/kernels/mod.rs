@@ -23,6 +23,7 @@ pub mod stats;
 
 mod gta;
 mod linear;
+mod model_stock;
 mod nearswap;
 mod passthrough;
 mod ram;
@@ -275,6 +276,7 @@ pub fn registry() -> &'static [&'static dyn Method] {
         &nearswap::NearSwap,
         &ram::Ram,
         &ram::RamPlusTl,
+        &model_stock::ModelStock,
     ];
     ALL
 }
