@@ -25,6 +25,7 @@ mod gta;
 mod linear;
 mod model_stock;
 mod nearswap;
+mod nuslerp;
 mod passthrough;
 mod ram;
 mod slerp;
@@ -277,6 +278,7 @@ pub fn registry() -> &'static [&'static dyn Method] {
         &ram::Ram,
         &ram::RamPlusTl,
         &model_stock::ModelStock,
+        &nuslerp::NuSlerp,
     ];
     ALL
 }
