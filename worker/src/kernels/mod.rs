@@ -24,6 +24,7 @@ pub mod stats;
 mod gta;
 mod linear;
 mod model_stock;
+mod multislerp;
 mod nearswap;
 mod nuslerp;
 mod passthrough;
@@ -279,6 +280,7 @@ pub fn registry() -> &'static [&'static dyn Method] {
         &ram::RamPlusTl,
         &model_stock::ModelStock,
         &nuslerp::NuSlerp,
+        &multislerp::MultiSlerp,
     ];
     ALL
 }
