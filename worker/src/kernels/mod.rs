@@ -22,6 +22,7 @@ pub mod select;
 pub mod stats;
 
 mod gta;
+mod karcher;
 mod linear;
 mod model_stock;
 mod multislerp;
@@ -281,6 +282,7 @@ pub fn registry() -> &'static [&'static dyn Method] {
         &model_stock::ModelStock,
         &nuslerp::NuSlerp,
         &multislerp::MultiSlerp,
+        &karcher::Karcher,
     ];
     ALL
 }
