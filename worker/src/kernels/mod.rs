@@ -30,6 +30,7 @@ mod nearswap;
 mod nuslerp;
 mod passthrough;
 mod ram;
+mod sce;
 mod slerp;
 
 pub use stats::Stats;
@@ -283,6 +284,7 @@ pub fn registry() -> &'static [&'static dyn Method] {
         &nuslerp::NuSlerp,
         &multislerp::MultiSlerp,
         &karcher::Karcher,
+        &sce::Sce,
     ];
     ALL
 }
