@@ -21,6 +21,7 @@ pub mod rng;
 pub mod select;
 pub mod stats;
 
+mod arcee_fusion;
 mod gta;
 mod karcher;
 mod linear;
@@ -285,6 +286,7 @@ pub fn registry() -> &'static [&'static dyn Method] {
         &multislerp::MultiSlerp,
         &karcher::Karcher,
         &sce::Sce,
+        &arcee_fusion::ArceeFusion,
     ];
     ALL
 }
