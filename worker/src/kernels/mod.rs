@@ -21,9 +21,17 @@ pub mod rng;
 pub mod select;
 pub mod stats;
 
+mod arcee_fusion;
 mod gta;
+mod karcher;
 mod linear;
+mod model_stock;
+mod multislerp;
+mod nearswap;
+mod nuslerp;
 mod passthrough;
+mod ram;
+mod sce;
 mod slerp;
 
 pub use stats::Stats;
@@ -270,6 +278,15 @@ pub fn registry() -> &'static [&'static dyn Method] {
         &gta::DELLA_LINEAR,
         &slerp::Slerp,
         &passthrough::Passthrough,
+        &nearswap::NearSwap,
+        &ram::Ram,
+        &ram::RamPlusTl,
+        &model_stock::ModelStock,
+        &nuslerp::NuSlerp,
+        &multislerp::MultiSlerp,
+        &karcher::Karcher,
+        &sce::Sce,
+        &arcee_fusion::ArceeFusion,
     ];
     ALL
 }

@@ -1,0 +1,292 @@
+//! `karcher`: the Riemannian (Karcher) mean of the models on the unit sphere, rescaled.
+//!
+//! Every input (a base model included, as one more input) gets weight 1/N. Inputs are
+//! normalised to unit vectors uᵢ = xᵢ/‖xᵢ‖ (the whole tensor is one vector; inputs with norm
+//! <= `tol` are left out of the mean); starting from the normalised weighted mean, the
+//! iteration u ← exp_u(Σ aᵢ·θᵢ/sin θᵢ·(uᵢ - cos θᵢ·u)) runs at most `max_iter` times, stopping
+//! when the step is shorter than `tol`; the result is u · Σ (1/N)‖xᵢ‖.
+//!
+//! Every iterate is a linear combination of the inputs, and every quantity the iteration reads
+//! (norms, dot products) is a quadratic form in the Gram matrix xᵢ·xⱼ. So one statistics pass
+//! of exact sums gives the Gram matrix, the iteration runs on N coefficients in `reduce`, and
+//! `apply` forms Σ cᵢ·xᵢ.
+
+use super::exact::ExactSum;
+use super::stats::merge_sums;
+use super::{BaseRule, KResult, Method, MethodSpec, ParamDef, Reduced, RowRange, Stats, TensorCtx};
+
+pub struct Karcher;
+
+static SPEC: MethodSpec = MethodSpec {
+    name: "karcher",
+    params: &[
+        ParamDef::with_default("max_iter", 10.0),
+        ParamDef::with_default("tol", 1e-5),
+    ],
+    tensor_params: &[],
+    base: BaseRule::Optional,
+    min_models: 1,
+    max_models: None,
+};
+
+fn tri(n: usize, i: usize, j: usize) -> usize {
+    let (i, j) = if i <= j { (i, j) } else { (j, i) };
+    i * n - i * (i + 1) / 2 + j
+}
+
+/// The Karcher iteration on coefficients over the valid unit vectors; `m` is their Gram matrix.
+fn iterate(m: &[Vec<f64>], a: &[f64], max_iter: u64, tol: f64) -> Vec<f64> {
+    let k = a.len();
+    let quad = |v: &[f64]| -> f64 {
+        let mut s = 0.0;
+        for i in 0..k {
+            for j in 0..k {
+                s += v[i] * v[j] * m[i][j];
+            }
+        }
+        s.max(0.0).sqrt()
+    };
+    let mut beta = a.to_vec();
+    let nu = quad(&beta);
+    if nu < tol {
+        beta = vec![0.0; k];
+        beta[0] = 1.0;
+    } else {
+        beta.iter_mut().for_each(|b| *b /= nu);
+    }
+    for _ in 0..max_iter {
+        let mut tau = vec![0.0; k];
+        for i in 0..k {
+            let dot: f64 = (0..k)
+                .map(|j| m[i][j] * beta[j])
+                .sum::<f64>()
+                .clamp(-1.0, 1.0);
+            let theta = dot.acos();
+            if theta < tol {
+                continue;
+            }
+            let f = a[i] * theta / theta.sin();
+            for j in 0..k {
+                tau[j] -= f * dot * beta[j];
+            }
+            tau[i] += f;
+        }
+        let nt = quad(&tau);
+        if nt < tol {
+            break;
+        }
+        let (c, s) = (nt.cos(), nt.sin());
+        for j in 0..k {
+            beta[j] = c * beta[j] + s * tau[j] / nt;
+        }
+        let un = quad(&beta);
+        if un > tol {
+            beta.iter_mut().for_each(|b| *b /= un);
+        }
+    }
+    beta
+}
+
+impl Method for Karcher {
+    fn spec(&self) -> &MethodSpec {
+        &SPEC
+    }
+
+    fn check(&self, ctx: &TensorCtx) -> KResult<()> {
+        let mi = ctx.param("max_iter")?;
+        if !(0.0..=1e9).contains(&mi) || mi.fract() != 0.0 {
+            return Err(format!(
+                "karcher: parameter max_iter must be an integer in [0, 1e9], got {mi}"
+            )
+            .into());
+        }
+        let tol = ctx.param("tol")?;
+        if !tol.is_finite() || tol < 0.0 {
+            return Err(
+                format!("karcher: parameter tol must be a finite number >= 0, got {tol}").into(),
+            );
+        }
+        if ctx.n_models() == 0 {
+            return Err("karcher needs at least one model".into());
+        }
+        Ok(())
+    }
+
+    fn passes(&self, ctx: &TensorCtx) -> u32 {
+        u32::from(ctx.n_models() > 1)
+    }
+
+    fn partial(
+        &self,
+        _ctx: &TensorCtx,
+        _pass: u32,
+        _state: &Stats,
+        _rows: RowRange,
+        inputs: &[&[f32]],
+    ) -> KResult<Stats> {
+        let n = inputs.len();
+        let mut sums = vec![ExactSum::new(); n * (n + 1) / 2];
+        let len = inputs.first().map_or(0, |x| x.len());
+        let mut v = vec![0f64; n];
+        for e in 0..len {
+            for (vi, x) in v.iter_mut().zip(inputs) {
+                *vi = x[e] as f64;
+            }
+            let mut at = 0;
+            for i in 0..n {
+                for j in i..n {
+                    sums[at].add(v[i] * v[j]);
+                    at += 1;
+                }
+            }
+        }
+        Ok(Stats {
+            sums,
+            ..Default::default()
+        })
+    }
+
+    fn reduce(
+        &self,
+        ctx: &TensorCtx,
+        _pass: u32,
+        _state: Stats,
+        partials: Vec<Stats>,
+    ) -> KResult<Reduced> {
+        let g: Vec<f64> = merge_sums(&partials).iter().map(ExactSum::value).collect();
+        let n = ctx.n_models();
+        if g.len() != n * (n + 1) / 2 {
+            return Err("karcher: statistics are missing".into());
+        }
+        let tol = ctx.param("tol")?;
+        let max_iter = ctx.param("max_iter")?.max(0.0) as u64;
+        let norms: Vec<f64> = (0..n)
+            .map(|i| g[tri(n, i, i)].sqrt() as f32 as f64)
+            .collect();
+        let valid: Vec<usize> = (0..n).filter(|&i| norms[i] > tol).collect();
+        let mut coefs = vec![0f64; n];
+        if !valid.is_empty() {
+            let a = vec![1.0 / valid.len() as f64; valid.len()];
+            let m: Vec<Vec<f64>> = valid
+                .iter()
+                .map(|&i| {
+                    valid
+                        .iter()
+                        .map(|&j| g[tri(n, i, j)] / (norms[i] * norms[j]))
+                        .collect()
+                })
+                .collect();
+            let beta = iterate(&m, &a, max_iter, tol);
+            let scale: f64 = norms.iter().map(|x| x / n as f64).sum();
+            for (&i, b) in valid.iter().zip(&beta) {
+                coefs[i] = scale * b / norms[i];
+            }
+        }
+        Ok(Reduced::Done(Stats {
+            values: coefs,
+            ..Default::default()
+        }))
+    }
+
+    fn apply(
+        &self,
+        ctx: &TensorCtx,
+        state: &Stats,
+        _rows: RowRange,
+        inputs: &[&[f32]],
+        out: &mut [f32],
+    ) -> KResult<()> {
+        if inputs.len() == 1 {
+            out.copy_from_slice(inputs[0]);
+            return Ok(());
+        }
+        if state.values.len() != ctx.n_models() {
+            return Err("karcher: statistics are missing".into());
+        }
+        let c: Vec<f32> = state.values.iter().map(|&v| v as f32).collect();
+        for (e, o) in out.iter_mut().enumerate() {
+            let mut s = 0f32;
+            for (x, &ci) in inputs.iter().zip(&c) {
+                if ci != 0.0 {
+                    s += ci * x[e];
+                }
+            }
+            *o = s;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::*;
+    use super::*;
+
+    fn case(shape: &[u64], n: usize) -> Case {
+        Case::new(shape, n).with_defaults(&Karcher)
+    }
+
+    #[test]
+    fn hand_checked() {
+        // orthogonal, norms 1 and 3: the mean direction bisects them, scale = (1+3)/2
+        let out = run(&Karcher, &case(&[2], 2), &[vec![1.0, 0.0], vec![0.0, 3.0]]);
+        let w = 2.0 / 2f32.sqrt();
+        assert!(
+            (out[0] - w).abs() < 1e-5 && (out[1] - w).abs() < 1e-5,
+            "{out:?}"
+        );
+        // three unit vectors at 0, 90 and 180 degrees in a plane: mean at 90 degrees
+        let out = run(
+            &Karcher,
+            &case(&[2], 3),
+            &[vec![1.0, 0.0], vec![0.0, 1.0], vec![-1.0, 0.0]],
+        );
+        assert!(
+            out[0].abs() < 1e-5 && (out[1] - 1.0).abs() < 1e-5,
+            "{out:?}"
+        );
+        // a zero input is left out of the direction but counts (as 0) in the scale
+        let out = run(&Karcher, &case(&[2], 2), &[vec![0.0, 4.0], vec![0.0, 0.0]]);
+        assert!(
+            out[0].abs() < 1e-6 && (out[1] - 2.0).abs() < 1e-6,
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn whole_equals_cut() {
+        for shape in [vec![37u64, 19], vec![101]] {
+            let n = shape.iter().product::<u64>() as usize;
+            let mut c = case(&shape, 3);
+            c.params.insert("tol".into(), 1e-7);
+            c.params.insert("max_iter".into(), 30.0);
+            let ins: Vec<Vec<f32>> = (0..3).map(|i| data(n, i + 1, 1.0)).collect();
+            let whole = run(&Karcher, &c, &ins);
+            for k in [1, 2, 5, 7, 36, 100] {
+                let cut = run_cut(&Karcher, &c, &ins, k);
+                assert!(whole
+                    .iter()
+                    .zip(&cut)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()));
+            }
+        }
+    }
+
+    #[test]
+    fn rejects_bad_params() {
+        let mut c = case(&[2], 2);
+        c.params.insert("max_iter".into(), 2.5);
+        assert!(Karcher
+            .check(&c.ctx())
+            .unwrap_err()
+            .0
+            .contains("karcher: parameter max_iter"));
+        let mut c = case(&[2], 2);
+        c.params.insert("tol".into(), -1.0);
+        assert!(Karcher
+            .check(&c.ctx())
+            .unwrap_err()
+            .0
+            .contains("karcher: parameter tol"));
+    }
+}
