@@ -15,11 +15,25 @@ async fn case(name: &str, kind: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let whole = tmp.path().join("whole");
     run(&recipe, &g, &whole, 1, BIG, 512 << 20).await.unwrap();
-    let bad = compare(&whole, &g.join("cases").join(name).join("expected"), &g.join("models/base"), kind);
-    assert!(bad.is_empty(), "{name}: {} tensors differ from mergekit:\n{}", bad.len(), bad.join("\n"));
+    let bad = compare(
+        &whole,
+        &g.join("cases").join(name).join("expected"),
+        &g.join("models/base"),
+        kind,
+    );
+    assert!(
+        bad.is_empty(),
+        "{name}: {} tensors differ from mergekit:\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
     let cut = tmp.path().join("cut");
     run(&recipe, &g, &cut, 3, 4096, 64 << 10).await.unwrap();
-    assert_eq!(file_bytes(&whole), file_bytes(&cut), "{name}: output depends on the task layout");
+    assert_eq!(
+        file_bytes(&whole),
+        file_bytes(&cut),
+        "{name}: output depends on the task layout"
+    );
 }
 
 macro_rules! cases {

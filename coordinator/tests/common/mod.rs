@@ -48,7 +48,9 @@ pub fn load(dir: &Path) -> BTreeMap<String, Tensor> {
         let n = st::header_len(&bytes, bytes.len() as u64).unwrap();
         let h = st::parse_header(&bytes[8..8 + n as usize], bytes.len() as u64).unwrap();
         for (name, t) in h.tensors {
-            let StDtype::Float(dt) = t.dtype else { panic!("non-float tensor") };
+            let StDtype::Float(dt) = t.dtype else {
+                panic!("non-float tensor")
+            };
             let raw = bytes[t.start as usize..t.end as usize].to_vec();
             let mut values = vec![0f32; t.numel() as usize];
             dtype::decode(dt, &raw, &mut values);
@@ -67,7 +69,13 @@ pub fn load(dir: &Path) -> BTreeMap<String, Tensor> {
 }
 
 /// Writes tensors as a checkpoint: one file, or shards of at most `shard` bytes with an index.
-pub fn write(dir: &Path, tensors: &BTreeMap<String, Tensor>, dt: DType, shard: Option<u64>, config: Option<&Path>) {
+pub fn write(
+    dir: &Path,
+    tensors: &BTreeMap<String, Tensor>,
+    dt: DType,
+    shard: Option<u64>,
+    config: Option<&Path>,
+) {
     std::fs::create_dir_all(dir).unwrap();
     if let Some(c) = config {
         std::fs::copy(c, dir.join("config.json")).unwrap();
@@ -116,12 +124,23 @@ pub fn write(dir: &Path, tensors: &BTreeMap<String, Tensor>, dt: DType, shard: O
     }
     if shard.is_some() {
         let idx = serde_json::json!({"metadata": {"total_size": total}, "weight_map": wm});
-        std::fs::write(dir.join("model.safetensors.index.json"), serde_json::to_vec(&idx).unwrap()).unwrap();
+        std::fs::write(
+            dir.join("model.safetensors.index.json"),
+            serde_json::to_vec(&idx).unwrap(),
+        )
+        .unwrap();
     }
 }
 
 /// Runs a recipe in-process with relative paths taken against `base_dir`.
-pub async fn run(recipe: &str, base_dir: &Path, out: &Path, workers: usize, task_size: u64, slot_memory: u64) -> Result<(), String> {
+pub async fn run(
+    recipe: &str,
+    base_dir: &Path,
+    out: &Path,
+    workers: usize,
+    task_size: u64,
+    slot_memory: u64,
+) -> Result<(), String> {
     let o = RunOptions {
         workers,
         submit: SubmitOptions {
@@ -155,7 +174,11 @@ pub fn file_bytes(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 pub fn compare(ours: &Path, expected: &Path, base: &Path, kind: &str) -> Vec<String> {
     let o = load(ours);
     let e = load(expected);
-    let b = if kind == "stat" { load(base) } else { BTreeMap::new() };
+    let b = if kind == "stat" {
+        load(base)
+    } else {
+        BTreeMap::new()
+    };
     let mut bad = Vec::new();
     for n in e.keys() {
         if !o.contains_key(n) {
@@ -170,30 +193,47 @@ pub fn compare(ours: &Path, expected: &Path, base: &Path, kind: &str) -> Vec<Str
     for (n, et) in &e {
         let Some(ot) = o.get(n) else { continue };
         if ot.shape != et.shape || ot.dtype != et.dtype {
-            bad.push(format!("{n}: {:?} {:?} vs {:?} {:?}", ot.dtype, ot.shape, et.dtype, et.shape));
+            bad.push(format!(
+                "{n}: {:?} {:?} vs {:?} {:?}",
+                ot.dtype, ot.shape, et.dtype, et.shape
+            ));
             continue;
         }
         if kind == "exact" {
-            let (rel, atol) = if et.dtype == DType::F32 { (1e-4, 1e-5) } else { (2f64.powi(-7), 1e-6) };
+            let (rel, atol) = if et.dtype == DType::F32 {
+                (1e-4, 1e-5)
+            } else {
+                (2f64.powi(-7), 1e-6)
+            };
             let off = ot
                 .values
                 .iter()
                 .zip(&et.values)
-                .filter(|(a, b)| !(((**a as f64) - (**b as f64)).abs() <= atol + rel * (**b as f64).abs()))
+                .filter(|(a, b)| {
+                    !(((**a as f64) - (**b as f64)).abs() <= atol + rel * (**b as f64).abs())
+                })
                 .count();
             if off > (1e-4 * et.values.len() as f64) as usize {
                 bad.push(format!("{n}: {off}/{} elements off", et.values.len()));
             }
         } else if let Some(bt) = b.get(n) {
             let stats = |v: &[f32]| {
-                let same = v.iter().zip(&bt.values).filter(|(a, b)| a == b).count() as f64 / v.len() as f64;
-                let l1 = v.iter().zip(&bt.values).map(|(a, b)| (a - b).abs() as f64).sum::<f64>() / v.len() as f64;
+                let same = v.iter().zip(&bt.values).filter(|(a, b)| a == b).count() as f64
+                    / v.len() as f64;
+                let l1 = v
+                    .iter()
+                    .zip(&bt.values)
+                    .map(|(a, b)| (a - b).abs() as f64)
+                    .sum::<f64>()
+                    / v.len() as f64;
                 (same, l1)
             };
             let (so, lo) = stats(&ot.values);
             let (se, le) = stats(&et.values);
             if (so - se).abs() > 0.1 * se.max(0.02) + 0.01 || (lo - le).abs() > 0.1 * le + 1e-9 {
-                bad.push(format!("{n}: kept-at-base {so:.3} vs {se:.3}, mean|out-base| {lo:.4} vs {le:.4}"));
+                bad.push(format!(
+                    "{n}: kept-at-base {so:.3} vs {se:.3}, mean|out-base| {lo:.4} vs {le:.4}"
+                ));
             }
         }
     }
