@@ -210,7 +210,11 @@ pub fn compare(ours: &Path, expected: &Path, base: &Path, kind: &str) -> Vec<Str
                 .iter()
                 .zip(&et.values)
                 .filter(|(a, b)| {
-                    !(((**a as f64) - (**b as f64)).abs() <= atol + rel * (**b as f64).abs())
+                    {
+                        // NaN counts as off
+                        let d = ((**a as f64) - (**b as f64)).abs();
+                        d.is_nan() || d > atol + rel * (**b as f64).abs()
+                    }
                 })
                 .count();
             if off > (1e-4 * et.values.len() as f64) as usize {
