@@ -1,0 +1,159 @@
+//! Inputs as real users bring them: bfloat16 and float16 checkpoints, sharded checkpoints with
+//! an index, odd (non-power-of-two) shapes and a model with a different vocabulary size. Every
+//! golden recipe runs on each variant.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use common::*;
+use shardmerge_worker::format::dtype::{self, DType};
+
+const MODELS: &[&str] = &["base", "instruct", "lang_eu", "lang_ca", "lang_gl"];
+
+fn cases() -> Vec<String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(golden().join("cases.json")).unwrap()).unwrap();
+    v["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["case"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn recipe(case: &str) -> String {
+    std::fs::read_to_string(golden().join("cases").join(case).join("config.yml")).unwrap()
+}
+
+/// Writes every golden model through `f` into `dir/models/NAME`.
+fn derive(dir: &Path, f: impl Fn(&str, &BTreeMap<String, Tensor>, &Path)) {
+    for m in MODELS {
+        let src = golden().join("models").join(m);
+        let t = load(&src);
+        let dst = dir.join("models").join(m);
+        f(m, &t, &dst);
+    }
+}
+
+fn round_to(t: &BTreeMap<String, Tensor>, dt: DType) -> BTreeMap<String, Tensor> {
+    t.iter()
+        .map(|(k, v)| {
+            let mut b = vec![0u8; v.values.len() * dt.size()];
+            dtype::encode(dt, &v.values, &mut b);
+            let mut r = vec![0f32; v.values.len()];
+            dtype::decode(dt, &b, &mut r);
+            (k.clone(), Tensor { values: r, ..v.clone() })
+        })
+        .collect()
+}
+
+/// 16-bit inputs are read exactly: merging bf16 (f16) files gives the same bytes as merging
+/// f32 files holding the same values.
+async fn sixteen_bit(dt: DType) {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("half"), tmp.path().join("wide"));
+    derive(&a, |m, t, d| write(d, &round_to(t, dt), dt, None, Some(&golden().join("models").join(m).join("config.json"))));
+    derive(&b, |m, t, d| write(d, &round_to(t, dt), DType::F32, None, Some(&golden().join("models").join(m).join("config.json"))));
+    for c in cases() {
+        let r = recipe(&c);
+        let (oa, ob) = (tmp.path().join(format!("{c}-a")), tmp.path().join(format!("{c}-b")));
+        run(&r, &a, &oa, 2, 64 << 20, 512 << 20).await.unwrap();
+        run(&r, &b, &ob, 2, 64 << 20, 512 << 20).await.unwrap();
+        assert_eq!(file_bytes(&oa), file_bytes(&ob), "{c}: {dt:?} inputs differ from the same values in f32");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bf16_inputs() {
+    sixteen_bit(DType::BF16).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f16_inputs() {
+    sixteen_bit(DType::F16).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bf16_output_is_rounded_to_nearest_even() {
+    // task_arithmetic_lambda_bf16 writes bfloat16: compare with the f32 result rounded once
+    let g = golden();
+    let tmp = tempfile::tempdir().unwrap();
+    let r = recipe("task_arithmetic_lambda_bf16");
+    let out = tmp.path().join("o");
+    run(&r, &g, &out, 2, 64 << 20, 512 << 20).await.unwrap();
+    let f32r = r.replace("out_dtype: bfloat16\n", "");
+    let out32 = tmp.path().join("o32");
+    run(&f32r, &g, &out32, 2, 64 << 20, 512 << 20).await.unwrap();
+    let (a, b) = (load(&out), load(&out32));
+    for (n, t) in &a {
+        assert_eq!(t.dtype, DType::BF16);
+        let mut want = vec![0u8; t.raw.len()];
+        dtype::encode(DType::BF16, &b[n].values, &mut want);
+        assert_eq!(t.raw, want, "{n}");
+    }
+}
+
+/// Sharded inputs with an index merge to the same bytes as single-file inputs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sharded_inputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = tmp.path().join("sharded");
+    derive(&s, |m, t, d| write(d, t, DType::F32, Some(150_000), Some(&golden().join("models").join(m).join("config.json"))));
+    assert!(s.join("models/base/model.safetensors.index.json").exists());
+    for c in cases() {
+        let r = recipe(&c);
+        let (oa, ob) = (tmp.path().join(format!("{c}-a")), tmp.path().join(format!("{c}-b")));
+        run(&r, &golden(), &oa, 2, 64 << 20, 512 << 20).await.unwrap();
+        run(&r, &s, &ob, 2, 64 << 20, 512 << 20).await.unwrap();
+        assert_eq!(file_bytes(&oa), file_bytes(&ob), "{c}: sharded inputs changed the output");
+    }
+}
+
+fn odd(d: u64, vocab: u64) -> u64 {
+    match d {
+        64 => 47,
+        256 => vocab,
+        160 => 97,
+        32 => 21,
+        x => x,
+    }
+}
+
+/// Odd shapes and a model with a larger vocabulary (its embeddings are cropped to the common
+/// submatrix): every method gives the same bytes whole and cut into tiny tasks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odd_shapes_and_vocab_split_invariant() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = tmp.path().join("odd");
+    derive(&o, |m, t, d| {
+        let vocab = if m == "lang_ca" { 253 } else { 251 };
+        let cropped: BTreeMap<String, Tensor> = t
+            .iter()
+            .map(|(k, v)| {
+                let shape: Vec<u64> = v.shape.iter().map(|&x| odd(x, vocab)).collect();
+                let values = if v.shape.len() == 2 {
+                    let (c_in, c_out) = (v.shape[1] as usize, shape[1] as usize);
+                    (0..shape[0] as usize)
+                        .flat_map(|r| v.values[r * c_in..r * c_in + c_out].to_vec())
+                        .collect()
+                } else {
+                    v.values[..shape[0] as usize].to_vec()
+                };
+                (k.clone(), Tensor { shape, values, ..v.clone() })
+            })
+            .collect();
+        write(d, &cropped, DType::BF16, if m == "lang_gl" { Some(40_000) } else { None }, Some(&golden().join("models").join(m).join("config.json")));
+    });
+    for c in cases() {
+        let r = recipe(&c);
+        let (oa, ob) = (tmp.path().join(format!("{c}-a")), tmp.path().join(format!("{c}-b")));
+        run(&r, &o, &oa, 1, 64 << 20, 512 << 20).await.unwrap_or_else(|e| panic!("{c}: {e}"));
+        run(&r, &o, &ob, 3, 1000, 24 << 10).await.unwrap_or_else(|e| panic!("{c}: {e}"));
+        assert_eq!(file_bytes(&oa), file_bytes(&ob), "{c}: odd shapes, output depends on the task layout");
+        let t = load(&oa);
+        let embed = &t["model.embed_tokens.weight"];
+        assert_eq!(embed.shape, vec![251, 47], "{c}");
+    }
+}
