@@ -122,7 +122,10 @@ impl ExactSum {
                 c = o as u64;
             }
         }
-        let Some(top) = (0..nbits).rev().find(|&p| bits[p / 64] >> (p % 64) & 1 == 1) else {
+        let Some(top) = (0..nbits)
+            .rev()
+            .find(|&p| bits[p / 64] >> (p % 64) & 1 == 1)
+        else {
             return 0.0;
         };
         let bit = |p: usize| bits[p / 64] >> (p % 64) & 1;
@@ -202,7 +205,7 @@ mod tests {
     #[test]
     fn order_independent() {
         let xs: Vec<f64> = (0..5000)
-            .map(|i| ((i as f64 * 0.7368).sin() * 10f64.powi(i % 13 - 6)))
+            .map(|i| (i as f64 * 0.7368).sin() * 10f64.powi(i % 13 - 6))
             .collect();
         let mut a = ExactSum::new();
         a.add_all(xs.iter().copied());
