@@ -44,7 +44,13 @@ fn round_to(t: &BTreeMap<String, Tensor>, dt: DType) -> BTreeMap<String, Tensor>
             dtype::encode(dt, &v.values, &mut b);
             let mut r = vec![0f32; v.values.len()];
             dtype::decode(dt, &b, &mut r);
-            (k.clone(), Tensor { values: r, ..v.clone() })
+            (
+                k.clone(),
+                Tensor {
+                    values: r,
+                    ..v.clone()
+                },
+            )
         })
         .collect()
 }
@@ -54,14 +60,37 @@ fn round_to(t: &BTreeMap<String, Tensor>, dt: DType) -> BTreeMap<String, Tensor>
 async fn sixteen_bit(dt: DType) {
     let tmp = tempfile::tempdir().unwrap();
     let (a, b) = (tmp.path().join("half"), tmp.path().join("wide"));
-    derive(&a, |m, t, d| write(d, &round_to(t, dt), dt, None, Some(&golden().join("models").join(m).join("config.json"))));
-    derive(&b, |m, t, d| write(d, &round_to(t, dt), DType::F32, None, Some(&golden().join("models").join(m).join("config.json"))));
+    derive(&a, |m, t, d| {
+        write(
+            d,
+            &round_to(t, dt),
+            dt,
+            None,
+            Some(&golden().join("models").join(m).join("config.json")),
+        )
+    });
+    derive(&b, |m, t, d| {
+        write(
+            d,
+            &round_to(t, dt),
+            DType::F32,
+            None,
+            Some(&golden().join("models").join(m).join("config.json")),
+        )
+    });
     for c in cases() {
         let r = recipe(&c);
-        let (oa, ob) = (tmp.path().join(format!("{c}-a")), tmp.path().join(format!("{c}-b")));
+        let (oa, ob) = (
+            tmp.path().join(format!("{c}-a")),
+            tmp.path().join(format!("{c}-b")),
+        );
         run(&r, &a, &oa, 2, 64 << 20, 512 << 20).await.unwrap();
         run(&r, &b, &ob, 2, 64 << 20, 512 << 20).await.unwrap();
-        assert_eq!(file_bytes(&oa), file_bytes(&ob), "{c}: {dt:?} inputs differ from the same values in f32");
+        assert_eq!(
+            file_bytes(&oa),
+            file_bytes(&ob),
+            "{c}: {dt:?} inputs differ from the same values in f32"
+        );
     }
 }
 
@@ -85,7 +114,9 @@ async fn bf16_output_is_rounded_to_nearest_even() {
     run(&r, &g, &out, 2, 64 << 20, 512 << 20).await.unwrap();
     let f32r = r.replace("out_dtype: bfloat16\n", "");
     let out32 = tmp.path().join("o32");
-    run(&f32r, &g, &out32, 2, 64 << 20, 512 << 20).await.unwrap();
+    run(&f32r, &g, &out32, 2, 64 << 20, 512 << 20)
+        .await
+        .unwrap();
     let (a, b) = (load(&out), load(&out32));
     for (n, t) in &a {
         assert_eq!(t.dtype, DType::BF16);
@@ -100,14 +131,31 @@ async fn bf16_output_is_rounded_to_nearest_even() {
 async fn sharded_inputs() {
     let tmp = tempfile::tempdir().unwrap();
     let s = tmp.path().join("sharded");
-    derive(&s, |m, t, d| write(d, t, DType::F32, Some(150_000), Some(&golden().join("models").join(m).join("config.json"))));
+    derive(&s, |m, t, d| {
+        write(
+            d,
+            t,
+            DType::F32,
+            Some(150_000),
+            Some(&golden().join("models").join(m).join("config.json")),
+        )
+    });
     assert!(s.join("models/base/model.safetensors.index.json").exists());
     for c in cases() {
         let r = recipe(&c);
-        let (oa, ob) = (tmp.path().join(format!("{c}-a")), tmp.path().join(format!("{c}-b")));
-        run(&r, &golden(), &oa, 2, 64 << 20, 512 << 20).await.unwrap();
+        let (oa, ob) = (
+            tmp.path().join(format!("{c}-a")),
+            tmp.path().join(format!("{c}-b")),
+        );
+        run(&r, &golden(), &oa, 2, 64 << 20, 512 << 20)
+            .await
+            .unwrap();
         run(&r, &s, &ob, 2, 64 << 20, 512 << 20).await.unwrap();
-        assert_eq!(file_bytes(&oa), file_bytes(&ob), "{c}: sharded inputs changed the output");
+        assert_eq!(
+            file_bytes(&oa),
+            file_bytes(&ob),
+            "{c}: sharded inputs changed the output"
+        );
     }
 }
 
@@ -141,17 +189,41 @@ async fn odd_shapes_and_vocab_split_invariant() {
                 } else {
                     v.values[..shape[0] as usize].to_vec()
                 };
-                (k.clone(), Tensor { shape, values, ..v.clone() })
+                (
+                    k.clone(),
+                    Tensor {
+                        shape,
+                        values,
+                        ..v.clone()
+                    },
+                )
             })
             .collect();
-        write(d, &cropped, DType::BF16, if m == "lang_gl" { Some(40_000) } else { None }, Some(&golden().join("models").join(m).join("config.json")));
+        write(
+            d,
+            &cropped,
+            DType::BF16,
+            if m == "lang_gl" { Some(40_000) } else { None },
+            Some(&golden().join("models").join(m).join("config.json")),
+        );
     });
     for c in cases() {
         let r = recipe(&c);
-        let (oa, ob) = (tmp.path().join(format!("{c}-a")), tmp.path().join(format!("{c}-b")));
-        run(&r, &o, &oa, 1, 64 << 20, 512 << 20).await.unwrap_or_else(|e| panic!("{c}: {e}"));
-        run(&r, &o, &ob, 3, 1000, 24 << 10).await.unwrap_or_else(|e| panic!("{c}: {e}"));
-        assert_eq!(file_bytes(&oa), file_bytes(&ob), "{c}: odd shapes, output depends on the task layout");
+        let (oa, ob) = (
+            tmp.path().join(format!("{c}-a")),
+            tmp.path().join(format!("{c}-b")),
+        );
+        run(&r, &o, &oa, 1, 64 << 20, 512 << 20)
+            .await
+            .unwrap_or_else(|e| panic!("{c}: {e}"));
+        run(&r, &o, &ob, 3, 1000, 24 << 10)
+            .await
+            .unwrap_or_else(|e| panic!("{c}: {e}"));
+        assert_eq!(
+            file_bytes(&oa),
+            file_bytes(&ob),
+            "{c}: odd shapes, output depends on the task layout"
+        );
         let t = load(&oa);
         let embed = &t["model.embed_tokens.weight"];
         assert_eq!(embed.shape, vec![251, 47], "{c}");

@@ -1,45 +1,938 @@
-//! Generalized task arithmetic (placeholder: being written).
-use super::{BaseRule, KResult, Method, MethodSpec, ParamDef, RowRange, Stats, TensorCtx};
+//! Generalized task arithmetic: `task_arithmetic`, `ties`, `dare_linear`, `dare_ties`,
+//! `breadcrumbs`, `breadcrumbs_ties`, `della`, `della_linear`.
+//!
+//! The reference is mergekit 0.1.5 (what the parity fixtures were made with). It differs from
+//! some older mergekit sources: magnitude keeps at least one element (density <= 0 keeps none,
+//! instead of failing), and breadcrumbs keeps ranks `[n_bot, n_bot + int(density·n))` (older
+//! code's `[n_bot:-n_top]` slice came out empty when `int(gamma·n)` was 0).
+//!
+//! Every method works on task vectors (deltas) δᵢ = xᵢ − base of the non-base models:
+//!
+//! 1. *sparsify* each δᵢ (none, top-k magnitude, magnitude with outliers cut, random DARE
+//!    drop, DELLA's rank-weighted random drop), optionally rescaling what is left so its L1 norm
+//!    matches the unsparsified delta's (`rescale`);
+//! 2. weight each δᵢ by `weight`;
+//! 3. *mix*: plain sum, or (TIES consensus) a sum of only the deltas whose sign agrees with the
+//!    sign of the weighted sum, with the divisor the sum of the agreeing weights;
+//! 4. divide by the divisor when `normalize`, multiply by `lambda`, add to the base.
+//!
+//! The eight methods differ only in their [`Config`]: which sparsification and whether there
+//! is a sign consensus (plus default values of `normalize` and `rescale`).
+//!
+//! Statistics passes: magnitude selections (ties, breadcrumbs*) find their exact rank
+//! boundaries in two radix-selection passes; with `rescale`, one more pass sums |δ| before and
+//! after masking (exactly) per model. Element indices of the whole tensor key every random draw
+//! and every tie-break, so cutting the tensor into row ranges never changes a bit.
+
+use super::exact::ExactSum;
+use super::select::{self, Cursor};
+use super::stats::merge_sums;
+use super::{
+    BaseRule, KResult, KernelError, Method, MethodSpec, ParamDef, Reduced, RowRange, Stats,
+    TensorCtx,
+};
+
+/// How deltas are sparsified.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sparsify {
+    None,
+    /// Keep the `max(1, int(density·n))` largest |δ| (TIES); none at density <= 0.
+    Magnitude,
+    /// Drop the `gamma` share of largest |δ| and enough small ones to reach `density`
+    /// (breadcrumbs).
+    Outliers,
+    /// Keep each element with probability `density` (DARE).
+    Random,
+    /// Keep with a probability growing with the element's magnitude rank in its row (DELLA).
+    Della,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Config {
+    pub sparsify: Sparsify,
+    /// TIES sign consensus by weighted sum.
+    pub consensus: bool,
+}
 
 pub struct Gta {
     spec: MethodSpec,
+    cfg: Config,
 }
 
+const TP_PLAIN: &[ParamDef] = &[
+    ParamDef::required("weight"),
+    ParamDef::with_default("density", 1.0),
+];
+const TP_GAMMA: &[ParamDef] = &[
+    ParamDef::required("weight"),
+    ParamDef::with_default("density", 1.0),
+    ParamDef::with_default("gamma", 0.01),
+];
+const TP_EPSILON: &[ParamDef] = &[
+    ParamDef::required("weight"),
+    ParamDef::with_default("density", 1.0),
+    ParamDef::with_default("epsilon", 0.15),
+];
+
 macro_rules! gta {
-    ($id:ident, $name:literal) => {
+    ($id:ident, $name:literal, $sp:ident, $cons:literal, normalize = $norm:literal, rescale = $resc:literal, $tp:ident) => {
         pub static $id: Gta = Gta {
             spec: MethodSpec {
                 name: $name,
-                params: &[],
-                tensor_params: &[ParamDef::required("weight")],
+                params: &[
+                    ParamDef::with_default("int8_mask", 0.0),
+                    ParamDef::with_default("normalize", $norm),
+                    ParamDef::with_default("rescale", $resc),
+                    ParamDef::with_default("lambda", 1.0),
+                ],
+                tensor_params: $tp,
                 base: BaseRule::Required,
                 min_models: 2,
                 max_models: None,
             },
+            cfg: Config {
+                sparsify: Sparsify::$sp,
+                consensus: $cons,
+            },
         };
     };
 }
-gta!(TASK_ARITHMETIC, "task_arithmetic");
-gta!(TIES, "ties");
-gta!(DARE_LINEAR, "dare_linear");
-gta!(DARE_TIES, "dare_ties");
-gta!(BREADCRUMBS, "breadcrumbs");
-gta!(BREADCRUMBS_TIES, "breadcrumbs_ties");
-gta!(DELLA, "della");
-gta!(DELLA_LINEAR, "della_linear");
+
+gta!(
+    TASK_ARITHMETIC,
+    "task_arithmetic",
+    None,
+    false,
+    normalize = 0.0,
+    rescale = 0.0,
+    TP_PLAIN
+);
+gta!(
+    TIES,
+    "ties",
+    Magnitude,
+    true,
+    normalize = 1.0,
+    rescale = 0.0,
+    TP_PLAIN
+);
+gta!(
+    DARE_TIES,
+    "dare_ties",
+    Random,
+    true,
+    normalize = 0.0,
+    rescale = 1.0,
+    TP_PLAIN
+);
+gta!(
+    DARE_LINEAR,
+    "dare_linear",
+    Random,
+    false,
+    normalize = 0.0,
+    rescale = 1.0,
+    TP_PLAIN
+);
+gta!(
+    BREADCRUMBS,
+    "breadcrumbs",
+    Outliers,
+    false,
+    normalize = 0.0,
+    rescale = 0.0,
+    TP_GAMMA
+);
+gta!(
+    BREADCRUMBS_TIES,
+    "breadcrumbs_ties",
+    Outliers,
+    true,
+    normalize = 0.0,
+    rescale = 0.0,
+    TP_GAMMA
+);
+gta!(
+    DELLA,
+    "della",
+    Della,
+    true,
+    normalize = 1.0,
+    rescale = 1.0,
+    TP_EPSILON
+);
+gta!(
+    DELLA_LINEAR,
+    "della_linear",
+    Della,
+    false,
+    normalize = 0.0,
+    rescale = 1.0,
+    TP_EPSILON
+);
+
+/// What survives sparsification of one delta.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Keep {
+    /// Everything (no sparsification, or density ≥ 1): no rescaling either.
+    All,
+    /// Nothing.
+    Nothing,
+    /// Ranks `[lo, hi)` in ascending (|δ|, index) order; `sel` is the selection problem.
+    Window { lo: u64, hi: u64, sel: usize },
+    /// Bernoulli(p) per element.
+    Random { p: f64 },
+    /// DELLA: per-row rank-dependent Bernoulli.
+    Della { density: f64, epsilon: f64 },
+}
+
+impl Keep {
+    /// Whether the L1 rescale applies (when `rescale` is set).
+    fn rescalable(&self) -> bool {
+        matches!(
+            self,
+            Keep::Window { .. } | Keep::Random { .. } | Keep::Della { .. }
+        )
+    }
+}
+
+/// Everything one tensor's merge needs, resolved from the context.
+struct Plan {
+    base: usize,
+    /// Non-base inputs in order; index `j` below refers to `others[j]`.
+    others: Vec<usize>,
+    weights: Vec<f32>,
+    keep: Vec<Keep>,
+    /// Ranks per selection problem (one problem per model with a window).
+    ranks: Vec<Vec<u64>>,
+    normalize: bool,
+    rescale: bool,
+    lambda: f32,
+    /// Statistics passes: selection (0 or 2), then L1 sums (0 or 1).
+    sel_passes: u32,
+    l1_passes: u32,
+}
+
+/// Python's `int(x)` of a float: truncation toward zero.
+fn py_int(x: f64) -> i64 {
+    x.trunc() as i64
+}
+
+/// Python's `seq[start:stop]` bounds for a sequence of length `n` (step 1).
+fn py_slice(n: i64, start: i64, stop: i64) -> (i64, i64) {
+    let norm = |i: i64| if i < 0 { (i + n).max(0) } else { i.min(n) };
+    let (a, b) = (norm(start), norm(stop));
+    (a, b.max(a))
+}
+
+fn finite(name: &str, v: f64) -> KResult<f64> {
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err(format!("{name} must be a finite number, got {v}").into())
+    }
+}
+
+/// Length of the ranked axis (dimension 1, or the whole of a 1-D tensor) and the stride of
+/// its elements within a row, as DELLA ranks them.
+fn della_axis(ctx: &TensorCtx) -> KResult<(usize, usize)> {
+    match ctx.shape.len() {
+        0 => Err("della sparsification needs a tensor of at least one dimension".into()),
+        1 => Ok((ctx.row_len, 1)),
+        _ => {
+            let m = ctx.shape[1] as usize;
+            let inner: usize = ctx.shape[2..].iter().map(|&d| d as usize).product();
+            if m * inner != ctx.row_len {
+                return Err(
+                    format!("tensor {}: shape does not match its row length", ctx.name).into(),
+                );
+            }
+            Ok((m, inner))
+        }
+    }
+}
+
+impl Gta {
+    fn plan(&self, ctx: &TensorCtx) -> KResult<Plan> {
+        let name = self.spec.name;
+        let base = ctx.base_index(name)?;
+        if base >= ctx.n_models() {
+            return Err(format!("base model index {base} is out of range").into());
+        }
+        let others = ctx.others();
+        let n = ctx.numel();
+        let ni = n as i64;
+        let mut weights = Vec::with_capacity(others.len());
+        let mut keep = Vec::with_capacity(others.len());
+        let mut ranks = Vec::new();
+        for &i in &others {
+            weights.push(finite("weight", ctx.model_param(i, "weight")?)? as f32);
+            let k = match self.cfg.sparsify {
+                Sparsify::None => Keep::All,
+                sp => {
+                    let density = finite("density", ctx.model_param(i, "density")?)?;
+                    if density < 0.0 {
+                        return Err(format!("density must be >= 0, got {density}").into());
+                    }
+                    if density >= 1.0 {
+                        Keep::All
+                    } else {
+                        match sp {
+                            Sparsify::Magnitude => {
+                                // mergekit keeps max(1, int(density·n)) largest, none at density <= 0
+                                let k = py_int(density * n as f64).max(1).min(ni);
+                                if density <= 0.0 || n == 0 {
+                                    Keep::Nothing
+                                } else {
+                                    ranks.push(vec![(ni - k) as u64, n]);
+                                    Keep::Window {
+                                        lo: (ni - k) as u64,
+                                        hi: n,
+                                        sel: ranks.len() - 1,
+                                    }
+                                }
+                            }
+                            Sparsify::Outliers => {
+                                let gamma = finite("gamma", ctx.model_param(i, "gamma")?)?;
+                                if !(0.0..=1.0).contains(&gamma) {
+                                    return Err(
+                                        format!("gamma must be in [0, 1], got {gamma}").into()
+                                    );
+                                }
+                                let target = py_int(density * n as f64);
+                                let n_top = py_int(gamma * n as f64);
+                                // outlier removal shrinks as needed to keep `target` elements:
+                                // mergekit keeps sorted[n_bot : n_bot + target]
+                                let n_bot = (ni - target - n_top).max(0);
+                                let (lo, hi) = py_slice(ni, n_bot, n_bot + target);
+                                if hi <= lo {
+                                    Keep::Nothing
+                                } else {
+                                    ranks.push(vec![lo as u64, hi as u64]);
+                                    Keep::Window {
+                                        lo: lo as u64,
+                                        hi: hi as u64,
+                                        sel: ranks.len() - 1,
+                                    }
+                                }
+                            }
+                            Sparsify::Random => Keep::Random {
+                                p: density as f32 as f64,
+                            },
+                            Sparsify::Della => {
+                                let epsilon = finite("epsilon", ctx.model_param(i, "epsilon")?)?;
+                                if density <= 0.0 {
+                                    Keep::Nothing
+                                } else {
+                                    if density + epsilon >= 1.0 || density - epsilon <= 0.0 {
+                                        return Err(format!(
+                                            "epsilon must be such that density ± epsilon is in \
+                                             (0, 1); got density {density}, epsilon {epsilon}"
+                                        )
+                                        .into());
+                                    }
+                                    let (m, _) = della_axis(ctx)?;
+                                    if m < 2 {
+                                        return Err(format!(
+                                            "density < 1 needs at least 2 elements along the \
+                                             ranked dimension, got {m}"
+                                        )
+                                        .into());
+                                    }
+                                    Keep::Della { density, epsilon }
+                                }
+                            }
+                            Sparsify::None => Keep::All,
+                        }
+                    }
+                }
+            };
+            keep.push(k);
+        }
+        let lambda = finite("lambda", ctx.param("lambda")?)? as f32;
+        let rescale = ctx.flag("rescale")?;
+        let sel_passes = if ranks.is_empty() { 0 } else { select::PASSES };
+        let l1_passes = u32::from(rescale && keep.iter().any(Keep::rescalable));
+        Ok(Plan {
+            base,
+            others,
+            weights,
+            keep,
+            ranks,
+            normalize: ctx.flag("normalize")?,
+            rescale,
+            lambda,
+            sel_passes,
+            l1_passes,
+        })
+    }
+}
+
+/// The sparsified (unscaled) delta of model `j` over one row range.
+fn sparse_delta(
+    plan: &Plan,
+    ctx: &TensorCtx,
+    sel_state: &Stats,
+    rows: RowRange,
+    inputs: &[&[f32]],
+    j: usize,
+) -> KResult<Vec<f32>> {
+    let x = inputs[plan.others[j]];
+    let b = inputs[plan.base];
+    let mut d: Vec<f32> = x.iter().zip(b.iter()).map(|(&x, &b)| x - b).collect();
+    let first = rows.first_element(ctx);
+    match plan.keep[j] {
+        Keep::All => {}
+        Keep::Nothing => d.iter_mut().for_each(|v| *v = 0.0),
+        Keep::Window { sel, .. } => {
+            let bs = select::boundaries(sel_state, sel);
+            let [lo, hi] = bs.as_slice() else {
+                return Err("selection state is missing a boundary".into());
+            };
+            let mut lo = Cursor::new(lo, rows.index);
+            let mut hi = Cursor::new(hi, rows.index);
+            for v in d.iter_mut() {
+                let k = select::key(*v);
+                let below_lo = lo.below(k);
+                let below_hi = hi.below(k);
+                if below_lo || !below_hi {
+                    *v *= 0.0;
+                }
+            }
+        }
+        Keep::Random { p } => {
+            let s = ctx.stream(plan.others[j]);
+            for (e, v) in d.iter_mut().enumerate() {
+                if !s.bernoulli(first + e as u64, p) {
+                    *v *= 0.0;
+                }
+            }
+        }
+        Keep::Della { density, epsilon } => {
+            let (m, inner) = della_axis(ctx)?;
+            let s = ctx.stream(plan.others[j]);
+            let lo = (density - epsilon) as f32;
+            let eps = epsilon as f32;
+            let denom = (m as f32) - 1.0;
+            let mut order: Vec<usize> = Vec::with_capacity(m);
+            let mut keep = vec![false; d.len()];
+            for row in 0..d.len() / ctx.row_len.max(1) {
+                let r0 = row * ctx.row_len;
+                for c in 0..inner {
+                    order.clear();
+                    order.extend((0..m).map(|a| r0 + a * inner + c));
+                    order.sort_by_key(|&e| (select::key(d[e]), e));
+                    for (rank, &e) in order.iter().enumerate() {
+                        // mergekit: ranks 1..=m, normalised by (rank - min) / (max - min)
+                        let rn = (((rank + 1) as f32 - 1.0) / denom).clamp(0.0, 1.0);
+                        let p = lo + rn * 2.0 * eps;
+                        keep[e] = s.bernoulli(first + e as u64, p as f64);
+                    }
+                }
+            }
+            for (v, k) in d.iter_mut().zip(keep) {
+                if !k {
+                    *v *= 0.0;
+                }
+            }
+        }
+    }
+    Ok(d)
+}
+
+/// The selection's keys (|δ|) for every selection problem over one range.
+fn selection_keys(plan: &Plan, inputs: &[&[f32]]) -> Vec<Vec<u32>> {
+    let b = inputs[plan.base];
+    plan.keep
+        .iter()
+        .zip(&plan.others)
+        .filter(|(k, _)| matches!(k, Keep::Window { .. }))
+        .map(|(_, &i)| {
+            inputs[i]
+                .iter()
+                .zip(b.iter())
+                .map(|(&x, &b)| select::key(x - b))
+                .collect()
+        })
+        .collect()
+}
+
+fn check_inputs(ctx: &TensorCtx, inputs: &[&[f32]], len: usize) -> KResult<()> {
+    if inputs.len() != ctx.n_models() {
+        return Err(format!("expected {} inputs, got {}", ctx.n_models(), inputs.len()).into());
+    }
+    if inputs.iter().any(|x| x.len() != len) {
+        return Err("input slices differ in length".into());
+    }
+    Ok(())
+}
 
 impl Method for Gta {
     fn spec(&self) -> &MethodSpec {
         &self.spec
     }
+
+    fn check(&self, ctx: &TensorCtx) -> KResult<()> {
+        self.plan(ctx).map(|_| ())
+    }
+
+    fn passes(&self, ctx: &TensorCtx) -> u32 {
+        // a plan error surfaces in `apply`
+        self.plan(ctx).map_or(0, |p| p.sel_passes + p.l1_passes)
+    }
+
+    fn partial(
+        &self,
+        ctx: &TensorCtx,
+        pass: u32,
+        state: &Stats,
+        rows: RowRange,
+        inputs: &[&[f32]],
+    ) -> KResult<Stats> {
+        let plan = self.plan(ctx)?;
+        let len = inputs.first().map_or(0, |x| x.len());
+        check_inputs(ctx, inputs, len)?;
+        if pass < plan.sel_passes {
+            let keys = selection_keys(&plan, inputs);
+            let refs: Vec<&[u32]> = keys.iter().map(Vec::as_slice).collect();
+            return Ok(if pass == 0 {
+                select::partial0(&refs)
+            } else {
+                select::partial1(state, &refs, &plan.ranks)
+            });
+        }
+        // L1 pass: Σ|δ| and Σ|masked δ| per model (zero sums for models not rescaled)
+        let mut st = Stats::default();
+        for j in 0..plan.others.len() {
+            let mut before = ExactSum::new();
+            let mut after = ExactSum::new();
+            if plan.keep[j].rescalable() {
+                let x = inputs[plan.others[j]];
+                let b = inputs[plan.base];
+                before.add_all(x.iter().zip(b.iter()).map(|(&x, &b)| (x - b).abs() as f64));
+                let d = sparse_delta(&plan, ctx, state.child(0), rows, inputs, j)?;
+                after.add_all(d.iter().map(|v| v.abs() as f64));
+            }
+            st.sums.push(before);
+            st.sums.push(after);
+        }
+        Ok(st)
+    }
+
+    fn reduce(
+        &self,
+        ctx: &TensorCtx,
+        pass: u32,
+        state: Stats,
+        partials: Vec<Stats>,
+    ) -> KResult<Reduced> {
+        let plan = self.plan(ctx)?;
+        if pass < plan.sel_passes {
+            if pass == 0 {
+                let n = vec![ctx.numel(); plan.ranks.len()];
+                return Ok(Reduced::More(select::reduce0(&partials, &plan.ranks, &n)?));
+            }
+            let sel = select::reduce1(&state, &partials, &plan.ranks)?;
+            return Ok(Reduced::More(Stats {
+                children: vec![sel],
+                ..Default::default()
+            }));
+        }
+        let sums = merge_sums(&partials);
+        let mut out = state;
+        out.values = (0..plan.others.len())
+            .map(|j| {
+                let before = sums.get(2 * j).map_or(0.0, |s| s.value()) as f32;
+                let after = sums.get(2 * j + 1).map_or(0.0, |s| s.value()) as f32;
+                let eps = 1e-7f32;
+                if !plan.keep[j].rescalable() || before < eps || after < eps {
+                    f64::NAN
+                } else {
+                    (before / after) as f64
+                }
+            })
+            .collect();
+        Ok(Reduced::More(out))
+    }
+
     fn apply(
         &self,
-        _: &TensorCtx,
-        _: &Stats,
-        _: RowRange,
-        _: &[&[f32]],
-        _: &mut [f32],
+        ctx: &TensorCtx,
+        state: &Stats,
+        rows: RowRange,
+        inputs: &[&[f32]],
+        out: &mut [f32],
     ) -> KResult<()> {
-        Err("not yet".into())
+        let plan = self.plan(ctx)?;
+        check_inputs(ctx, inputs, out.len())?;
+        let base = inputs[plan.base];
+        let sel_state = state.child(0);
+        let mut deltas = Vec::with_capacity(plan.others.len());
+        for j in 0..plan.others.len() {
+            let mut d = sparse_delta(&plan, ctx, sel_state, rows, inputs, j)?;
+            if plan.rescale && plan.l1_passes > 0 && plan.keep[j].rescalable() {
+                let scale = state
+                    .values
+                    .get(j)
+                    .copied()
+                    .ok_or_else(|| KernelError("rescale statistics are missing".into()))?;
+                if !scale.is_nan() {
+                    let s = scale as f32;
+                    d.iter_mut().for_each(|v| *v *= s);
+                }
+            }
+            deltas.push(d);
+        }
+        let w = &plan.weights;
+        let total_w = {
+            let t: f32 = w.iter().sum();
+            if t.abs() < 1e-8 {
+                1.0
+            } else {
+                t
+            }
+        };
+        for (e, o) in out.iter_mut().enumerate() {
+            let (mut mixed, divisor) = if self.cfg.consensus {
+                let mut s = 0f32;
+                for (d, &wj) in deltas.iter().zip(w) {
+                    s += d[e] * wj;
+                }
+                let positive = s >= 0.0;
+                let (mut mixed, mut div) = (0f32, 0f32);
+                for (d, &wj) in deltas.iter().zip(w) {
+                    let wd = d[e] * wj;
+                    // torch.sign(0) == 0 matches neither majority
+                    if (positive && wd > 0.0) || (!positive && wd < 0.0) {
+                        mixed += wd;
+                        div += wj;
+                    }
+                }
+                (mixed, if div == 0.0 { 1.0 } else { div })
+            } else {
+                let mut mixed = 0f32;
+                for (d, &wj) in deltas.iter().zip(w) {
+                    mixed += d[e] * wj;
+                }
+                (mixed, total_w)
+            };
+            if plan.normalize {
+                mixed /= divisor;
+            }
+            if plan.lambda != 1.0 {
+                mixed *= plan.lambda;
+            }
+            *o = base[e] + mixed;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::*;
+    use super::*;
+
+    fn case(m: &Gta, shape: &[u64], n_models: usize) -> Case {
+        let mut c = Case::new(shape, n_models);
+        c.base = Some(0);
+        c.seed = 17;
+        for i in 1..n_models {
+            c.model_params[i].insert("weight".into(), 1.0);
+        }
+        c.with_defaults(m)
+    }
+
+    fn set(c: &mut Case, i: usize, name: &str, v: f64) {
+        c.model_params[i].insert(name.into(), v);
+    }
+
+    #[test]
+    fn task_arithmetic_by_hand() {
+        let m = &TASK_ARITHMETIC;
+        let mut c = case(m, &[4], 3);
+        set(&mut c, 2, "weight", 0.5);
+        let inputs = [
+            vec![1.0, 2.0, 3.0, 4.0],
+            vec![2.0; 4],
+            vec![1.0, 3.0, 5.0, 0.0],
+        ];
+        assert_eq!(run(m, &c, &inputs), vec![2.0, 2.5, 3.0, 0.0]);
+        c.params.insert("normalize".into(), 1.0);
+        c.params.insert("lambda".into(), 3.0);
+        // deltas sum to [1, .5, 0, -4], / 1.5, * 3
+        let want: Vec<f32> = [1.0f32, 0.5, 0.0, -4.0]
+            .iter()
+            .zip(&inputs[0])
+            .map(|(d, b)| b + d / 1.5 * 3.0)
+            .collect();
+        assert_eq!(run(m, &c, &inputs), want);
+    }
+
+    #[test]
+    fn ties_by_hand() {
+        let m = &TIES;
+        let mut c = case(m, &[4], 3);
+        set(&mut c, 1, "density", 0.5);
+        set(&mut c, 2, "density", 0.5);
+        // model 1 keeps -4 and 3; model 2 keeps 2 and the later of the tied 1s
+        let inputs = [
+            vec![0.0; 4],
+            vec![1.0, -2.0, 3.0, -4.0],
+            vec![-1.0, 1.0, 2.0, 0.5],
+        ];
+        assert_eq!(run(m, &c, &inputs), vec![0.0, 1.0, 2.5, -4.0]);
+        // without normalize the agreeing deltas are summed
+        c.params.insert("normalize".into(), 0.0);
+        assert_eq!(run(m, &c, &inputs), vec![0.0, 1.0, 5.0, -4.0]);
+        // opposite signs: the weighted majority wins
+        // tiny densities keep at least one element; density 0 keeps none
+        let mut c1 = case(m, &[4], 2);
+        set(&mut c1, 1, "density", 0.01);
+        assert_eq!(run(m, &c1, &inputs[..2]), vec![0.0, 0.0, 0.0, -4.0]);
+        set(&mut c1, 1, "density", 0.0);
+        assert_eq!(run(m, &c1, &inputs[..2]), vec![0.0; 4]);
+        let mut c = case(m, &[2], 3);
+        c.params.insert("normalize".into(), 0.0);
+        set(&mut c, 2, "weight", 3.0);
+        let inputs = [vec![1.0; 2], vec![2.0, 0.0], vec![0.0, 1.5]];
+        assert_eq!(run(m, &c, &inputs), vec![-2.0, 2.5]);
+    }
+
+    #[test]
+    fn breadcrumbs_by_hand() {
+        let m = &BREADCRUMBS;
+        let mut c = case(m, &[10], 2);
+        let base = vec![0.0f32; 10];
+        let x: Vec<f32> = (1..=10).map(|v| v as f32).collect();
+        let inputs = [base, x];
+        let with = |c: &mut Case, density: f64, gamma: f64| {
+            set(c, 1, "density", density);
+            set(c, 1, "gamma", gamma);
+            run(m, c, &inputs)
+        };
+        // target 5, top 1 → ranks [4, 9): values 5..=9
+        let want: Vec<f32> = (1..=10)
+            .map(|v| if (5..=9).contains(&v) { v as f32 } else { 0.0 })
+            .collect();
+        assert_eq!(with(&mut c, 0.5, 0.1), want);
+        // target 9, top 1 → n_bot 0: values 1..=9
+        let want: Vec<f32> = (1..=10)
+            .map(|v| if v <= 9 { v as f32 } else { 0.0 })
+            .collect();
+        assert_eq!(with(&mut c, 0.95, 0.1), want);
+        // no outliers to cut (int(gamma * n) == 0): the `target` largest, values 6..=10
+        let want: Vec<f32> = (1..=10)
+            .map(|v| if v >= 6 { v as f32 } else { 0.0 })
+            .collect();
+        assert_eq!(with(&mut c, 0.5, 0.0), want);
+        let want: Vec<f32> = (1..=10)
+            .map(|v| if v >= 2 { v as f32 } else { 0.0 })
+            .collect();
+        assert_eq!(with(&mut c, 0.99, 0.05), want);
+        // density >= 1 keeps everything
+        assert_eq!(with(&mut c, 1.0, 0.1), inputs[1]);
+        // rescale restores the L1 norm: kept 5..=9 (sum 35) of 55
+        c.params.insert("rescale".into(), 1.0);
+        let out = with(&mut c, 0.5, 0.1);
+        let s = 55f32 / 35f32;
+        let want: Vec<f32> = (1..=10)
+            .map(|v| {
+                if (5..=9).contains(&v) {
+                    v as f32 * s
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        assert_eq!(out, want);
+    }
+
+    #[test]
+    fn breadcrumbs_ties_by_hand() {
+        let m = &BREADCRUMBS_TIES;
+        let mut c = case(m, &[10], 3);
+        for i in 1..3 {
+            set(&mut c, i, "density", 0.8);
+            set(&mut c, i, "gamma", 0.1);
+        }
+        // each model keeps ranks [1, 9): drops its smallest and its largest |delta|
+        let a: Vec<f32> = (1..=10).map(|v| v as f32).collect();
+        let b: Vec<f32> = (1..=10)
+            .map(|v| -(v as f32) * 0.5 + if v == 1 { 100.0 } else { 0.0 })
+            .collect();
+        let out = run(m, &c, &[vec![0.0; 10], a.clone(), b.clone()]);
+        // a drops 1 and 10; b drops -1 (v=2, its smallest) and 99.5 (v=1, its largest)
+        let mut want = vec![0.0f32; 10];
+        for v in 2..=9usize {
+            let (x, y) = (a[v - 1], if v >= 3 { b[v - 1] } else { 0.0 });
+            // majority is +: only a's positive delta counts
+            want[v - 1] = if x + y >= 0.0 { x } else { y };
+        }
+        // v = 10: a dropped it, b kept it alone
+        want[9] = b[9];
+        assert_eq!(out, want);
+    }
+
+    #[test]
+    fn dare_extremes_and_rescale() {
+        for m in [&DARE_LINEAR, &DARE_TIES] {
+            let mut c = case(m, &[13, 11], 2);
+            let base = data(143, 1, 1.0);
+            let x: Vec<f32> = data(143, 2, 1.0)
+                .iter()
+                .zip(&base)
+                .map(|(d, b)| b + d)
+                .collect();
+            let inputs = [base.clone(), x.clone()];
+            // density 1: plain task arithmetic
+            let plain = run(
+                &TASK_ARITHMETIC,
+                &case(&TASK_ARITHMETIC, &[13, 11], 2),
+                &inputs,
+            );
+            assert_eq!(run(m, &c, &inputs), plain);
+            set(&mut c, 1, "density", 0.0);
+            assert_eq!(run(m, &c, &inputs), base);
+            set(&mut c, 1, "density", 0.5);
+            let out = run(m, &c, &inputs);
+            let deltas: Vec<f32> = x.iter().zip(&base).map(|(x, b)| x - b).collect();
+            let kept: Vec<bool> = out.iter().zip(&base).map(|(o, b)| o != b).collect();
+            let n_kept = kept.iter().filter(|&&k| k).count();
+            assert!((40..=103).contains(&n_kept), "{n_kept}");
+            let l1: f64 = deltas.iter().map(|d| d.abs() as f64).sum();
+            let l1k: f64 = deltas
+                .iter()
+                .zip(&kept)
+                .filter(|(_, &k)| k)
+                .map(|(d, _)| d.abs() as f64)
+                .sum();
+            let s = (l1 as f32) / (l1k as f32);
+            for ((o, b), (d, k)) in out.iter().zip(&base).zip(deltas.iter().zip(&kept)) {
+                if *k {
+                    assert_eq!(*o, b + d * s);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn della_probabilities_follow_rank() {
+        for m in [&DELLA, &DELLA_LINEAR] {
+            let rows = 400u64;
+            let mut c = case(m, &[rows, 8], 2);
+            set(&mut c, 1, "density", 0.5);
+            set(&mut c, 1, "epsilon", 0.3);
+            c.params.insert("rescale".into(), 0.0);
+            let base = vec![0.0f32; rows as usize * 8];
+            // every row: magnitudes 1..=8 in shuffled order
+            let x: Vec<f32> = (0..rows as usize * 8)
+                .map(|e| (((e % 8) * 5 + e / 8) % 8 + 1) as f32)
+                .collect();
+            let out = run(m, &c, &[base, x.clone()]);
+            let mut kept = [0usize; 8];
+            for (o, v) in out.iter().zip(&x) {
+                if *o != 0.0 {
+                    assert_eq!(o, v);
+                    kept[*v as usize - 1] += 1;
+                }
+            }
+            // smallest kept with p = 0.2, largest with p = 0.8
+            let share = |k: usize| kept[k] as f64 / rows as f64;
+            assert!((share(0) - 0.2).abs() < 0.07, "{kept:?}");
+            assert!((share(7) - 0.8).abs() < 0.07, "{kept:?}");
+        }
+    }
+
+    #[test]
+    fn checks_reject_bad_parameters() {
+        let err = |m: &Gta, c: &Case| m.check(&c.ctx()).unwrap_err().0;
+        let mut c = case(&TIES, &[10, 10], 2);
+        set(&mut c, 1, "density", -0.5);
+        assert!(err(&TIES, &c).contains("density"));
+
+        let mut c = case(&DELLA, &[10, 10], 2);
+        set(&mut c, 1, "density", 0.1);
+        assert!(err(&DELLA, &c).contains("epsilon"));
+        set(&mut c, 1, "density", 0.9);
+        assert!(err(&DELLA, &c).contains("epsilon"));
+        set(&mut c, 1, "density", 0.5);
+        assert!(DELLA.check(&c.ctx()).is_ok());
+        set(&mut c, 1, "density", 0.0);
+        assert!(DELLA.check(&c.ctx()).is_ok());
+
+        let mut c = case(&BREADCRUMBS, &[10], 2);
+        set(&mut c, 1, "density", 0.5);
+        set(&mut c, 1, "gamma", 1.5);
+        assert!(err(&BREADCRUMBS, &c).contains("gamma"));
+
+        let mut c = case(&TASK_ARITHMETIC, &[3], 2);
+        c.base = None;
+        assert!(err(&TASK_ARITHMETIC, &c).contains("base"));
+        let mut c = case(&TASK_ARITHMETIC, &[3], 2);
+        set(&mut c, 1, "weight", f64::NAN);
+        assert!(err(&TASK_ARITHMETIC, &c).contains("weight"));
+    }
+
+    /// Inputs with exact ties (values on a coarse grid) and zero deltas.
+    fn tie_inputs(n: usize, n_models: usize) -> Vec<Vec<f32>> {
+        let base = data(n, 100, 1.0);
+        let mut out = vec![base.clone()];
+        for i in 1..n_models {
+            let d = data(n, 100 + i as u64, 4.0);
+            out.push(
+                d.iter()
+                    .zip(&base)
+                    .enumerate()
+                    .map(|(e, (d, b))| if e % 7 == i { *b } else { b + d.round() * 0.25 })
+                    .collect(),
+            );
+        }
+        out
+    }
+
+    #[test]
+    fn whole_and_cut_are_bit_identical() {
+        for m in [
+            &TASK_ARITHMETIC,
+            &TIES,
+            &DARE_LINEAR,
+            &DARE_TIES,
+            &BREADCRUMBS,
+            &BREADCRUMBS_TIES,
+            &DELLA,
+            &DELLA_LINEAR,
+        ] {
+            for shape in [vec![37u64, 19], vec![101], vec![5, 3, 7]] {
+                let n: u64 = shape.iter().product();
+                for rescale in [0.0, 1.0] {
+                    let mut c = case(m, &shape, 4);
+                    c.base = Some(1);
+                    c.params.insert("rescale".into(), rescale);
+                    c.params.insert("lambda".into(), 0.9);
+                    set(&mut c, 0, "weight", 0.7);
+                    set(&mut c, 2, "weight", -0.3);
+                    set(&mut c, 0, "density", 0.4);
+                    set(&mut c, 2, "density", 0.55);
+                    set(&mut c, 3, "density", 0.3);
+                    set(&mut c, 0, "gamma", 0.05);
+                    set(&mut c, 2, "gamma", 0.0);
+                    set(&mut c, 3, "epsilon", 0.2);
+                    let inputs = tie_inputs(n as usize, 4);
+                    let whole = run(m, &c, &inputs);
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert!(whole.iter().zip(&inputs[1]).any(|(o, b)| o != b));
+                    for cut in [1u64, 2, 3, 5, 7, 36] {
+                        let part = run_cut(m, &c, &inputs, cut);
+                        assert_eq!(
+                            bits(&whole),
+                            bits(&part),
+                            "{} {shape:?} cut {cut}",
+                            m.spec.name
+                        );
+                    }
+                }
+            }
+        }
     }
 }
