@@ -271,8 +271,13 @@ impl Gta {
                 Sparsify::None => Keep::All,
                 sp => {
                     let density = finite("density", ctx.model_param(i, "density")?)?;
-                    if density < 0.0 {
-                        return Err(format!("density must be >= 0, got {density}").into());
+                    if density <= 0.0 {
+                        // mergekit would drop the whole task vector (or assert); that is
+                        // never what a recipe means, so say so before any work is done
+                        return Err(format!(
+                            "density must be greater than 0 (the share of each task vector kept), got {density}"
+                        )
+                        .into());
                     }
                     if density >= 1.0 {
                         Keep::All
@@ -686,12 +691,12 @@ mod tests {
         c.params.insert("normalize".into(), 0.0);
         assert_eq!(run(m, &c, &inputs), vec![0.0, 1.0, 5.0, -4.0]);
         // opposite signs: the weighted majority wins
-        // tiny densities keep at least one element; density 0 keeps none
+        // tiny densities keep at least one element; density 0 is refused at plan time
         let mut c1 = case(m, &[4], 2);
         set(&mut c1, 1, "density", 0.01);
         assert_eq!(run(m, &c1, &inputs[..2]), vec![0.0, 0.0, 0.0, -4.0]);
         set(&mut c1, 1, "density", 0.0);
-        assert_eq!(run(m, &c1, &inputs[..2]), vec![0.0; 4]);
+        assert!(m.check(&c1.ctx()).is_err());
         let mut c = case(m, &[2], 3);
         c.params.insert("normalize".into(), 0.0);
         set(&mut c, 2, "weight", 3.0);
@@ -793,7 +798,7 @@ mod tests {
             );
             assert_eq!(run(m, &c, &inputs), plain);
             set(&mut c, 1, "density", 0.0);
-            assert_eq!(run(m, &c, &inputs), base);
+            assert!(m.check(&c.ctx()).is_err());
             set(&mut c, 1, "density", 0.5);
             let out = run(m, &c, &inputs);
             let deltas: Vec<f32> = x.iter().zip(&base).map(|(x, b)| x - b).collect();
@@ -859,7 +864,7 @@ mod tests {
         set(&mut c, 1, "density", 0.5);
         assert!(DELLA.check(&c.ctx()).is_ok());
         set(&mut c, 1, "density", 0.0);
-        assert!(DELLA.check(&c.ctx()).is_ok());
+        assert!(err(&DELLA, &c).contains("density must be greater than 0"));
 
         let mut c = case(&BREADCRUMBS, &[10], 2);
         set(&mut c, 1, "density", 0.5);
