@@ -193,7 +193,12 @@ impl Resolver {
         }
         let p = uri.strip_prefix("file://").unwrap_or(uri);
         let p = PathBuf::from(p);
-        let abs = if p.is_absolute() { p } else { base_dir.join(p) };
+        let mut abs = if p.is_absolute() { p } else { base_dir.join(p) };
+        if !abs.is_absolute() {
+            if let Ok(cwd) = std::env::current_dir() {
+                abs = cwd.join(abs);
+            }
+        }
         let abs = normalize(&abs);
         let store = self.store("file://", || {
             Ok(Arc::new(local::LocalStorage::new()) as Arc<dyn Storage>)

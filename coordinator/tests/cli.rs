@@ -1,0 +1,296 @@
+//! The `shardmerge` binary on bad input: a one-line error naming the file, tensor or key,
+//! exit code 1, no panic, and nothing left behind that looks like a finished checkpoint.
+//! Also: run + verify on a good recipe, plan --json, and verify rejecting a damaged file.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::golden;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_shardmerge"))
+}
+
+struct Outcome {
+    code: i32,
+    stderr: String,
+    stdout: String,
+}
+
+fn run_in(dir: &Path, args: &[&str]) -> Outcome {
+    let o = bin().current_dir(dir).args(args).output().unwrap();
+    Outcome {
+        code: o.status.code().unwrap_or(-1),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+    }
+}
+
+/// A scratch folder holding a copy of the golden models.
+fn scratch() -> (tempfile::TempDir, PathBuf) {
+    let t = tempfile::tempdir().unwrap();
+    let models = t.path().join("models");
+    for m in ["base", "instruct", "lang_eu"] {
+        let d = models.join(m);
+        std::fs::create_dir_all(&d).unwrap();
+        for f in ["config.json", "model.safetensors"] {
+            std::fs::copy(golden().join("models").join(m).join(f), d.join(f)).unwrap();
+        }
+    }
+    let p = t.path().to_path_buf();
+    (t, p)
+}
+
+const TA: &str = "merge_method: task_arithmetic\nbase_model: models/base\nmodels:\n- model: models/instruct\n  parameters:\n    weight: 1.0\n- model: models/lang_eu\n  parameters:\n    weight: 0.5\n";
+
+/// Runs `recipe` into `out` and checks the failure contract; returns stderr.
+fn fails(dir: &Path, recipe: &str) -> String {
+    std::fs::write(dir.join("r.yml"), recipe).unwrap();
+    let out = dir.join("out");
+    let o = run_in(dir, &["run", "r.yml", out.to_str().unwrap(), "--quiet"]);
+    assert_eq!(o.code, 1, "expected exit 1; stderr: {}", o.stderr);
+    assert!(!o.stderr.contains("panicked"), "{}", o.stderr);
+    let lines: Vec<&str> = o.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "one line of error expected, got: {}",
+        o.stderr
+    );
+    assert!(lines[0].starts_with("error: "), "{}", o.stderr);
+    assert!(
+        !out.join("model.safetensors.index.json").exists(),
+        "an index was left behind"
+    );
+    if out.exists() {
+        for e in std::fs::read_dir(&out).unwrap() {
+            let n = e.unwrap().file_name().to_string_lossy().into_owned();
+            assert!(
+                !n.ends_with(".safetensors"),
+                "finished-looking file {n} left behind"
+            );
+        }
+    }
+    o.stderr
+}
+
+/// Writes a safetensors file from a raw header JSON and `data` bytes.
+fn raw_file(path: &Path, header: &str, data: usize) {
+    let mut v = (header.len() as u64).to_le_bytes().to_vec();
+    v.extend_from_slice(header.as_bytes());
+    v.extend(std::iter::repeat_n(0u8, data));
+    std::fs::write(path, v).unwrap();
+}
+
+fn edit_header(path: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut h: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    f(&mut h);
+    let mut hs = serde_json::to_vec(&h).unwrap();
+    while hs.len() < n {
+        hs.push(b' ');
+    }
+    assert!(hs.len() == n, "edited header must keep its length");
+    let mut out = bytes.clone();
+    out[8..8 + n].copy_from_slice(&hs);
+    std::fs::write(path, out).unwrap();
+}
+
+#[test]
+fn good_run_verifies_and_plans() {
+    let (_t, d) = scratch();
+    std::fs::write(d.join("r.yml"), TA).unwrap();
+    let o = run_in(&d, &["run", "r.yml", "out", "--quiet"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let v = run_in(&d, &["verify", "out"]);
+    assert_eq!(v.code, 0, "{}", v.stderr);
+    assert!(v.stdout.contains("39 tensors"), "{}", v.stdout);
+    for f in ["config.json", "README.md", "model.safetensors.index.json"] {
+        assert!(d.join("out").join(f).exists(), "{f}");
+    }
+    let card = std::fs::read_to_string(d.join("out/README.md")).unwrap();
+    assert!(card.contains("merge_method: task_arithmetic"));
+    let p = run_in(&d, &["plan", "r.yml", "--json"]);
+    assert_eq!(p.code, 0, "{}", p.stderr);
+    let j: serde_json::Value = serde_json::from_str(&p.stdout).unwrap();
+    assert_eq!(j["tensors"].as_array().unwrap().len(), 39);
+    assert!(j["peak_memory_per_worker"].as_u64().unwrap() > 0);
+    // a sharded output: several files, the index maps every tensor
+    let o = run_in(
+        &d,
+        &[
+            "run",
+            "r.yml",
+            "out2",
+            "--quiet",
+            "--out-shard-size",
+            "200K",
+        ],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(d.join("out2/model-00001-of-00005.safetensors").exists());
+    assert_eq!(run_in(&d, &["verify", "out2"]).code, 0);
+}
+
+#[test]
+fn missing_model_folder() {
+    let (_t, d) = scratch();
+    let e = fails(&d, &TA.replace("models/lang_eu", "models/lang_xx"));
+    assert!(
+        e.contains("models/lang_xx") && e.contains("does not exist"),
+        "{e}"
+    );
+}
+
+#[test]
+fn missing_tensor_in_one_model() {
+    let (_t, d) = scratch();
+    let f = d.join("models/lang_eu/model.safetensors");
+    edit_header(&f, |h| {
+        let o = h.as_object_mut().unwrap();
+        let v = o.remove("model.layers.1.mlp.up_proj.weight").unwrap();
+        o.insert("model.layers.1.mlp.up_proj.weigh_".into(), v);
+    });
+    let e = fails(&d, TA);
+    assert!(
+        e.contains("model.layers.1.mlp.up_proj.weight")
+            && e.contains("missing")
+            && e.contains("lang_eu"),
+        "{e}"
+    );
+}
+
+#[test]
+fn shape_mismatch() {
+    let (_t, d) = scratch();
+    let f = d.join("models/lang_eu/model.safetensors");
+    edit_header(&f, |h| {
+        h["model.layers.0.self_attn.q_proj.weight"]["shape"] = serde_json::json!([32, 128]);
+    });
+    let e = fails(&d, TA);
+    assert!(e.contains("shape mismatch") && e.contains("q_proj"), "{e}");
+}
+
+#[test]
+fn unsupported_dtype() {
+    let (_t, d) = scratch();
+    let f = d.join("models/lang_eu/model.safetensors");
+    edit_header(&f, |h| {
+        // same byte length: 64 F32 == 64 I32
+        h["model.norm.weight"]["dtype"] = serde_json::json!("I32");
+    });
+    let e = fails(&d, TA);
+    assert!(e.contains("model.norm.weight") && e.contains("I32"), "{e}");
+}
+
+#[test]
+fn malformed_yaml() {
+    let (_t, d) = scratch();
+    let e = fails(&d, "merge_method: [ties\nmodels: {");
+    assert!(e.contains("YAML"), "{e}");
+}
+
+#[test]
+fn header_length_past_end() {
+    let (_t, d) = scratch();
+    let f = d.join("models/lang_eu/model.safetensors");
+    let mut b = std::fs::read(&f).unwrap();
+    let past = b.len() as u64 * 2;
+    b[..8].copy_from_slice(&past.to_le_bytes());
+    std::fs::write(&f, b).unwrap();
+    let e = fails(&d, TA);
+    assert!(
+        e.contains("lang_eu/model.safetensors") && e.contains("past the end"),
+        "{e}"
+    );
+}
+
+#[test]
+fn out_of_bounds_offsets() {
+    let (_t, d) = scratch();
+    let f = d.join("models/lang_eu/model.safetensors");
+    // truncate the file: the last tensors' offsets now point past its end
+    let b = std::fs::read(&f).unwrap();
+    std::fs::write(&f, &b[..b.len() - 1000]).unwrap();
+    let e = fails(&d, TA);
+    assert!(
+        e.contains("lang_eu/model.safetensors") && e.contains("out of bounds"),
+        "{e}"
+    );
+}
+
+#[test]
+fn overlapping_offsets() {
+    let (_t, d) = scratch();
+    let dir = d.join("models/lang_eu");
+    raw_file(
+        &dir.join("model.safetensors"),
+        r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"b":{"dtype":"F32","shape":[4],"data_offsets":[8,24]}}"#,
+        24,
+    );
+    let e = fails(&d, TA);
+    assert!(e.contains("overlap") && e.contains("lang_eu"), "{e}");
+}
+
+#[test]
+fn recipe_rule_errors_name_method_and_parameter() {
+    let (_t, d) = scratch();
+    let e = fails(&d, &TA.replace("task_arithmetic", "frobnicate"));
+    assert!(e.contains("unknown method `frobnicate`"), "{e}");
+    let e = fails(&d, &TA.replace("weight: 0.5", "wieght: 0.5"));
+    assert!(
+        e.contains("models[1].parameters.wieght") && e.contains("task_arithmetic"),
+        "{e}"
+    );
+    let e = fails(&d, &TA.replace("base_model: models/base\n", ""));
+    assert!(e.contains("task_arithmetic needs base_model"), "{e}");
+    let slerp = "merge_method: slerp\nbase_model: models/base\nparameters:\n  t: 0.5\nmodels:\n- model: models/base\n- model: models/instruct\n- model: models/lang_eu\n";
+    let e = fails(&d, slerp);
+    assert!(e.contains("slerp takes exactly 2 models"), "{e}");
+    let ties = TA
+        .replace("task_arithmetic", "ties")
+        .replace("weight: 0.5", "weight: 0.5\n    density: 0");
+    let e = fails(&d, &ties);
+    assert!(
+        e.contains("ties") && e.contains("density must be greater than 0"),
+        "{e}"
+    );
+    let della = TA.replace("task_arithmetic", "della").replace(
+        "weight: 0.5",
+        "weight: 0.5\n    density: 0.5\n    epsilon: 0.6",
+    );
+    let e = fails(&d, &della);
+    assert!(e.contains("della") && e.contains("epsilon"), "{e}");
+    let stock =
+        "merge_method: model_stock\nbase_model: models/base\nmodels:\n- model: models/instruct\n";
+    let e = fails(&d, stock);
+    assert!(e.contains("model_stock"), "{e}");
+}
+
+#[test]
+fn verify_rejects_damage() {
+    let (_t, d) = scratch();
+    std::fs::write(d.join("r.yml"), TA).unwrap();
+    assert_eq!(run_in(&d, &["run", "r.yml", "out", "--quiet"]).code, 0);
+    // trailing garbage after the last tensor
+    let f = d.join("out/model.safetensors");
+    let mut b = std::fs::read(&f).unwrap();
+    b.extend_from_slice(&[0; 16]);
+    std::fs::write(&f, &b).unwrap();
+    let v = run_in(&d, &["verify", "out"]);
+    assert_eq!(v.code, 1);
+    assert!(v.stderr.contains("after the last tensor"), "{}", v.stderr);
+    // an index that names a tensor the file doesn't hold
+    b.truncate(b.len() - 16);
+    std::fs::write(&f, &b).unwrap();
+    let idx = d.join("out/model.safetensors.index.json");
+    let mut j: serde_json::Value = serde_json::from_slice(&std::fs::read(&idx).unwrap()).unwrap();
+    j["weight_map"]["ghost.weight"] = serde_json::json!("model.safetensors");
+    std::fs::write(&idx, serde_json::to_vec(&j).unwrap()).unwrap();
+    let v = run_in(&d, &["verify", "out"]);
+    assert_eq!(v.code, 1);
+    assert!(v.stderr.contains("ghost.weight"), "{}", v.stderr);
+}
