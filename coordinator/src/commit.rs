@@ -51,7 +51,7 @@ pub async fn write_checkpoint_files(plan: &Plan, out: &Location) -> Result<()> {
     if let Some(src) = &plan.tokenizer_from {
         for name in TOKENIZER_FILES {
             let l = src.join(name);
-            match l.store.read_all(&l.path).await {
+            match shardmerge_worker::storage::retry(|| l.store.read_all(&l.path)).await {
                 Ok(b) => put(out, name, b).await?,
                 Err(e) if e.not_found => {}
                 Err(e) => return Err(e.into()),

@@ -13,7 +13,7 @@ use shardmerge_worker::format::safetensors::{
     self as st, FileLayout, LayoutEntry, StDtype, TensorInfo,
 };
 use shardmerge_worker::kernels::{self, rng, BaseRule, Method};
-use shardmerge_worker::storage::{Location, Resolver};
+use shardmerge_worker::storage::{retry, Location, Resolver};
 
 use crate::error::{Error, Result};
 use crate::recipe::{self, Recipe, Slice, Source, TokenizerSource};
@@ -112,29 +112,25 @@ fn is_embed(name: &str) -> bool {
 
 async fn read_header(loc: &Location) -> Result<st::Header> {
     let uri = loc.uri();
-    let size = loc.store.size(&loc.path).await.map_err(|e| {
+    let size = retry(|| loc.store.size(&loc.path)).await.map_err(|e| {
         if e.not_found {
             Error::Input(format!("{uri}: file not found"))
         } else {
             Error::Input(format!("{uri}: {e}"))
         }
     })?;
-    let prefix = loc
-        .store
-        .read_range(&loc.path, 0..size.min(8))
+    let prefix = retry(|| loc.store.read_range(&loc.path, 0..size.min(8)))
         .await
         .map_err(|e| Error::Input(format!("{uri}: {e}")))?;
     let n = st::header_len(&prefix, size).map_err(|e| Error::Input(format!("{uri}: {e}")))?;
-    let json = loc
-        .store
-        .read_range(&loc.path, 8..8 + n)
+    let json = retry(|| loc.store.read_range(&loc.path, 8..8 + n))
         .await
         .map_err(|e| Error::Input(format!("{uri}: {e}")))?;
     st::parse_header(&json, size).map_err(|e| Error::Input(format!("{uri}: {e}")))
 }
 
 async fn read_json(loc: &Location) -> Result<Option<Value>> {
-    match loc.store.read_all(&loc.path).await {
+    match retry(|| loc.store.read_all(&loc.path)).await {
         Ok(b) => serde_json::from_slice(&b)
             .map(Some)
             .map_err(|e| Error::Input(format!("{}: not valid JSON: {e}", loc.uri()))),

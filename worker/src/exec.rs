@@ -10,7 +10,7 @@ use shardmerge_proto as pb;
 
 use crate::format::dtype::{self, DType};
 use crate::kernels::{self, rng, RowRange, Stats, TensorCtx};
-use crate::storage::{Resolver, Storage, StorageError, Upload};
+use crate::storage::{retry, Resolver, Storage, StorageError, Upload};
 
 /// A task failure: retryable ones (I/O) are run again, the others fail the job.
 #[derive(Debug, Clone)]
@@ -295,7 +295,7 @@ impl Executor {
                 let from = src.data_offset + start * in_row * es;
                 let to = src.data_offset + end * in_row * es;
                 let loc = resolver.resolve(&src.uri, Path::new("/"))?;
-                let bytes = loc.store.read_range(&loc.path, from..to).await?;
+                let bytes = retry(|| loc.store.read_range(&loc.path, from..to)).await?;
                 let n = ((end - start) * out_row) as usize;
                 let mut v = vec![0f32; n];
                 if in_row == out_row {

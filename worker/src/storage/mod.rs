@@ -244,3 +244,25 @@ fn normalize(p: &Path) -> PathBuf {
     }
     out
 }
+
+/// Runs an idempotent storage operation, retrying retryable failures with backoff (for the
+/// coordinator's own reads; tasks are retried whole by the coordinator instead).
+pub async fn retry<T, F, Fut>(mut op: F) -> SResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = SResult<T>>,
+{
+    let mut delay = std::time::Duration::from_millis(50);
+    let mut attempt = 1;
+    loop {
+        match op().await {
+            Err(e) if e.retryable && attempt < 5 => {
+                tracing::warn!("{e}; retrying in {delay:?} (attempt {attempt})");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! Nothing lost, nothing half-done: retried faults give the same bytes, a lost worker's lease
+//! expires and its task runs again, a late completion of an expired lease is ignored, and a job
+//! that fails leaves nothing that looks finished. Faults are injected by a storage wrapper.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use shardmerge::embedded::{self, RunOptions};
+use shardmerge::job::{JobManager, SubmitOptions};
+use shardmerge_proto as pb;
+use shardmerge_worker::exec::Executor;
+use shardmerge_worker::pull::{self, LoopOptions};
+use shardmerge_worker::storage::fault::{FaultPlan, FaultyStorage};
+use shardmerge_worker::storage::Resolver;
+
+fn recipe() -> String {
+    std::fs::read_to_string(golden().join("cases/ties_multilingual/config.yml")).unwrap()
+}
+
+fn opts(task_size: u64) -> RunOptions {
+    RunOptions {
+        workers: 3,
+        submit: SubmitOptions {
+            task_size,
+            slot_memory: 64 << 10,
+            base_dir: golden(),
+            ..Default::default()
+        },
+        quiet: true,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retried_faults_give_identical_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let clean = tmp.path().join("clean");
+    run(&recipe(), &golden(), &clean, 2, 64 << 20, 512 << 20)
+        .await
+        .unwrap();
+    let faulty = tmp.path().join("faulty");
+    let resolver = Resolver::with_wrapper(|s| {
+        FaultyStorage::wrap(
+            s,
+            FaultPlan {
+                fail_every_nth_read: 13,
+                fail_every_nth_write: 11,
+                ..Default::default()
+            },
+        )
+    });
+    let s = embedded::run(&recipe(), faulty.to_str().unwrap(), &opts(8192), resolver)
+        .await
+        .unwrap();
+    assert!(s.status.retries > 0, "no fault was injected");
+    assert_eq!(file_bytes(&clean), file_bytes(&faulty));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_job_leaves_nothing_finished() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let resolver = Resolver::with_wrapper(|s| {
+        FaultyStorage::wrap(
+            s,
+            FaultPlan {
+                break_writes_after: 10,
+                ..Default::default()
+            },
+        )
+    });
+    let e = embedded::run(&recipe(), out.to_str().unwrap(), &opts(8192), resolver)
+        .await
+        .err()
+        .expect("the job must fail");
+    assert!(
+        e.to_string().contains("injected permanent write fault"),
+        "{e}"
+    );
+    let left: Vec<String> = std::fs::read_dir(&out)
+        .map(|r| {
+            r.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_worker_lease_expires_and_late_result_is_ignored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let clean = tmp.path().join("clean");
+    run(&recipe(), &golden(), &clean, 2, 64 << 20, 512 << 20)
+        .await
+        .unwrap();
+
+    let mgr = JobManager::new(Resolver::new());
+    let out = tmp.path().join("out");
+    let so = SubmitOptions {
+        task_size: 8192,
+        slot_memory: 64 << 10,
+        base_dir: golden(),
+        lease_ttl: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let (jid, _) = mgr
+        .submit(&recipe(), out.to_str().unwrap(), &so)
+        .await
+        .unwrap();
+    // a worker takes a task and vanishes
+    let lost = mgr.poll(&pb::PollWorkRequest {
+        worker_id: "ghost".into(),
+        free_slots: 1,
+        slot_memory: 0,
+    });
+    assert_eq!(lost.leases.len(), 1);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let workers = tokio::spawn(pull::run(
+        mgr.clone(),
+        Executor::new(Resolver::new()),
+        LoopOptions {
+            worker_id: "w".into(),
+            slots: 2,
+            slot_memory: 64 << 10,
+            max_idle: Duration::from_millis(20),
+        },
+        stop_rx,
+    ));
+    let mut rx = mgr.watch(&jid).unwrap();
+    let st = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let s = rx.borrow_and_update().clone();
+            if embedded::terminal(&s) {
+                break s;
+            }
+            rx.changed().await.unwrap();
+        }
+    })
+    .await
+    .unwrap();
+    let _ = stop_tx.send(true);
+    workers.await.unwrap();
+    assert_eq!(st.state, pb::JobState::Succeeded as i32, "{}", st.error);
+    assert!(st.retries >= 1);
+    // the ghost comes back with a result for its expired lease: ignored
+    let late = mgr
+        .complete(&pb::CompleteTaskRequest {
+            worker_id: "ghost".into(),
+            lease_id: lost.leases[0].lease_id.clone(),
+            result: Some(pb::TaskResult::default()),
+        })
+        .await;
+    assert!(!late);
+    assert_eq!(file_bytes(&clean), file_bytes(&out));
+    let _ = Arc::clone(&mgr);
+}
