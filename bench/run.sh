@@ -90,6 +90,7 @@ merge() { # key recipe
 }
 declare -A OUTSIZE
 
+sync   # flush the generator's (or an earlier run's) dirty pages before timing anything
 floor floor_ta_first "${TA_IN[@]}"
 floor floor_ties_first "${TIES_IN[@]}"
 if [[ ${BENCH_ONLY:-} != floor ]]; then
