@@ -116,8 +116,11 @@ async fn main_inner(cli: Cli) -> Result<()> {
             let s = embedded::run(&text, &out, &o, resolver).await?;
             if !quiet {
                 let secs = s.status.elapsed_seconds.max(1e-9);
+                let peak = size::peak_rss().map_or(String::new(), |b| {
+                    format!(", peak memory {}", size::human(b))
+                });
                 eprintln!(
-                    "merged {} tensors into {} file(s), {} in {:.1}s ({}/s) -> {}",
+                    "merged {} tensors into {} file(s), {} in {:.1}s ({}/s{peak}) -> {}",
                     s.plan.tensors.len(),
                     s.plan.files.len(),
                     size::human(s.plan.bytes_out()),

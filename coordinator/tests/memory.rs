@@ -1,0 +1,107 @@
+//! Read once, stream always: a worker's peak memory does not grow with the model. A model 4x
+//! larger merges within 1.5x the peak resident memory of the smaller one, under the same
+//! --memory-limit.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+use common::{write, Tensor};
+use shardmerge_worker::format::dtype::DType;
+use shardmerge_worker::kernels::rng::Stream;
+
+fn family(dir: &Path, hidden: u64, inter: u64, vocab: u64, layers: u64) {
+    let mut shapes: Vec<(String, Vec<u64>)> = vec![
+        ("model.embed_tokens.weight".into(), vec![vocab, hidden]),
+        ("lm_head.weight".into(), vec![vocab, hidden]),
+        ("model.norm.weight".into(), vec![hidden]),
+    ];
+    for l in 0..layers {
+        for (n, s) in [
+            ("self_attn.q_proj.weight", vec![hidden, hidden]),
+            ("self_attn.o_proj.weight", vec![hidden, hidden]),
+            ("mlp.up_proj.weight", vec![inter, hidden]),
+            ("mlp.down_proj.weight", vec![hidden, inter]),
+            ("input_layernorm.weight", vec![hidden]),
+        ] {
+            shapes.push((format!("model.layers.{l}.{n}"), s));
+        }
+    }
+    for (k, m) in ["base", "instruct", "lang_eu"].iter().enumerate() {
+        let mut t = BTreeMap::new();
+        for (i, (name, shape)) in shapes.iter().enumerate() {
+            let n: u64 = shape.iter().product();
+            let s = Stream::new(k as u64, i as u64, 1);
+            let values = (0..n).map(|j| s.uniform(j) as f32 - 0.5).collect();
+            t.insert(
+                name.clone(),
+                Tensor {
+                    dtype: DType::BF16,
+                    shape: shape.clone(),
+                    values,
+                    raw: vec![],
+                },
+            );
+        }
+        let d = dir.join(m);
+        write(&d, &t, DType::BF16, None, None);
+        let cfg = serde_json::json!({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": layers, "hidden_size": hidden});
+        std::fs::write(d.join("config.json"), cfg.to_string()).unwrap();
+    }
+}
+
+/// Runs a ties merge and returns the peak memory the binary reported, in bytes.
+fn peak(dir: &Path) -> u64 {
+    let recipe = "merge_method: ties\nbase_model: base\nmodels:\n- model: instruct\n  parameters: {weight: 1.0, density: 0.5}\n- model: lang_eu\n  parameters: {weight: 0.7, density: 0.5}\n";
+    std::fs::write(dir.join("r.yml"), recipe).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_shardmerge"))
+        .current_dir(dir)
+        .args([
+            "run",
+            "r.yml",
+            "out",
+            "--workers",
+            "2",
+            "--memory-limit",
+            "48MiB",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let tail = err
+        .split("peak memory ")
+        .nth(1)
+        .expect("summary reports peak memory");
+    let (num, unit) = tail.split_once(' ').unwrap();
+    let v: f64 = num.parse().unwrap();
+    let mult = match &unit[..3] {
+        "MiB" => 1024.0 * 1024.0,
+        "GiB" => 1024.0 * 1024.0 * 1024.0,
+        "KiB" => 1024.0,
+        _ => 1.0,
+    };
+    (v * mult) as u64
+}
+
+#[test]
+fn peak_memory_does_not_grow_with_model_size() {
+    let t = tempfile::tempdir().unwrap();
+    let (small, large) = (t.path().join("small"), t.path().join("large"));
+    family(&small, 512, 1376, 8000, 2);
+    family(&large, 1024, 2752, 16000, 2);
+    let bytes = |d: &Path| {
+        std::fs::metadata(d.join("base/model.safetensors"))
+            .unwrap()
+            .len()
+    };
+    assert!(bytes(&large) >= 4 * bytes(&small) - bytes(&small) / 10);
+    let (ps, pl) = (peak(&small), peak(&large));
+    eprintln!("peak RSS: small model {ps} B, 4x model {pl} B");
+    assert!(
+        (pl as f64) <= 1.5 * ps as f64,
+        "peak memory grew with the model: {ps} -> {pl} bytes"
+    );
+}
