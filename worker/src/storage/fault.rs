@@ -1,5 +1,6 @@
-//! Fault injection around any store: fail chosen operations, to test retries and cleanup
-//! without special cases in the code under test.
+//! Fault injection and I/O accounting around any store: fail chosen operations and count the
+//! bytes read, to test retries, cleanup and read volumes without special cases in the code
+//! under test.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,15 +28,26 @@ pub struct FaultyStorage {
     plan: FaultPlan,
     reads: AtomicU64,
     writes: AtomicU64,
+    bytes_read: Arc<AtomicU64>,
 }
 
 impl FaultyStorage {
     pub fn wrap(inner: Arc<dyn Storage>, plan: FaultPlan) -> Arc<dyn Storage> {
+        Self::counting(inner, plan, Arc::new(AtomicU64::new(0)))
+    }
+
+    /// Like `wrap`, adding every byte read (ranges and whole files) to `bytes_read`.
+    pub fn counting(
+        inner: Arc<dyn Storage>,
+        plan: FaultPlan,
+        bytes_read: Arc<AtomicU64>,
+    ) -> Arc<dyn Storage> {
         Arc::new(FaultyStorage {
             inner,
             plan,
             reads: AtomicU64::new(0),
             writes: AtomicU64::new(0),
+            bytes_read,
         })
     }
 }
@@ -62,10 +74,14 @@ impl Storage for FaultyStorage {
                 true,
             ));
         }
-        self.inner.read_range(path, range).await
+        let b = self.inner.read_range(path, range).await?;
+        self.bytes_read.fetch_add(b.len() as u64, Ordering::SeqCst);
+        Ok(b)
     }
     async fn read_all(&self, path: &str) -> SResult<Bytes> {
-        self.inner.read_all(path).await
+        let b = self.inner.read_all(path).await?;
+        self.bytes_read.fetch_add(b.len() as u64, Ordering::SeqCst);
+        Ok(b)
     }
     async fn put(&self, path: &str, data: Bytes) -> SResult<()> {
         self.inner.put(path, data).await

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: unit tests, the engine suites (parity with mergekit, split
+# invariance, layouts, faults, CLI, memory) and the multi-process suites (coordinator + workers
+# + a real S3 server on loopback).
+#
+# The S3 suites use MinIO when a `minio` binary is on PATH, otherwise Garage; when neither is
+# installed, this installs Garage from crates.io first (a one-time build of about 10 minutes on
+# 2 cores). Nothing else is needed beyond a Rust toolchain: protos compile in pure Rust (protox).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+
+if ! command -v minio >/dev/null 2>&1 && ! command -v garage >/dev/null 2>&1; then
+    echo "tests/run.sh: no S3 server found; installing Garage from crates.io (one time)" >&2
+    cargo install --locked garage --version 2.5.0 \
+        --no-default-features --features bundled-libs,lmdb
+fi
+
+exec cargo test --workspace "$@"
