@@ -9,7 +9,7 @@
 //! dimension (a 1-D tensor is one vector), which lies inside a row and needs no pass.
 
 use super::exact::ExactSum;
-use super::stats::merge_sums;
+use super::stats::sum_values;
 use super::{BaseRule, KResult, Method, MethodSpec, ParamDef, Reduced, RowRange, Stats, TensorCtx};
 
 pub struct ModelStock;
@@ -135,11 +135,7 @@ impl Method for ModelStock {
         _state: Stats,
         partials: Vec<Stats>,
     ) -> KResult<Reduced> {
-        let values = merge_sums(&partials).iter().map(ExactSum::value).collect();
-        Ok(Reduced::Done(Stats {
-            values,
-            ..Default::default()
-        }))
+        Ok(Reduced::Done(sum_values(&partials)))
     }
 
     fn apply(

@@ -13,7 +13,7 @@
 //! more it is an error.
 
 use super::exact::ExactSum;
-use super::stats::merge_sums;
+use super::stats::sum_values;
 use super::{BaseRule, KResult, Method, MethodSpec, ParamDef, Reduced, RowRange, Stats, TensorCtx};
 
 pub struct MultiSlerp;
@@ -225,11 +225,7 @@ impl Method for MultiSlerp {
         _state: Stats,
         partials: Vec<Stats>,
     ) -> KResult<Reduced> {
-        let values = merge_sums(&partials).iter().map(ExactSum::value).collect();
-        Ok(Reduced::Done(Stats {
-            values,
-            ..Default::default()
-        }))
+        Ok(Reduced::Done(sum_values(&partials)))
     }
 
     fn apply(

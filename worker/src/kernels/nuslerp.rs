@@ -13,7 +13,7 @@
 //! out = (sin((1-t)θ)·v₀ + sin(tθ)·v₁) / sin θ, or (1-t)·v₀ + t·v₁ when |sin θ| < 1e-8.
 
 use super::exact::ExactSum;
-use super::stats::merge_sums;
+use super::stats::sum_values;
 use super::{BaseRule, KResult, Method, MethodSpec, ParamDef, Reduced, RowRange, Stats, TensorCtx};
 
 pub struct NuSlerp;
@@ -240,11 +240,7 @@ impl Method for NuSlerp {
         _state: Stats,
         partials: Vec<Stats>,
     ) -> KResult<Reduced> {
-        let values = merge_sums(&partials).iter().map(ExactSum::value).collect();
-        Ok(Reduced::Done(Stats {
-            values,
-            ..Default::default()
-        }))
+        Ok(Reduced::Done(sum_values(&partials)))
     }
 
     fn apply(

@@ -156,6 +156,14 @@ pub fn merge_sums(partials: &[Stats]) -> Vec<ExactSum> {
     out
 }
 
+/// The usual one-pass reduction: merge every range's exact sums and keep their values.
+pub fn sum_values(partials: &[Stats]) -> Stats {
+    Stats {
+        values: merge_sums(partials).iter().map(ExactSum::value).collect(),
+        ..Default::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
