@@ -63,7 +63,9 @@ impl EngineArgs {
 enum Cmd {
     /// Run a merge in this process (coordinator + workers); paths may be local or s3:// URIs
     Run {
+        /// mergekit YAML recipe; relative model paths resolve against the working directory
         recipe: PathBuf,
+        /// Output checkpoint folder: a local path, file:// or s3://bucket/prefix
         out: String,
         #[command(flatten)]
         engine: EngineArgs,
@@ -73,6 +75,7 @@ enum Cmd {
     },
     /// Dry run from headers: output tensors, files, tasks, bytes, peak memory per worker
     Plan {
+        /// mergekit YAML recipe
         recipe: PathBuf,
         #[command(flatten)]
         engine: EngineArgs,
@@ -81,7 +84,10 @@ enum Cmd {
         json: bool,
     },
     /// Check a checkpoint's integrity (index, files, headers, offsets, sizes)
-    Verify { checkpoint: String },
+    Verify {
+        /// Checkpoint folder: a local path, file:// or s3://bucket/prefix
+        checkpoint: String,
+    },
 }
 
 fn init_tracing() {
