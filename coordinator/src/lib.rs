@@ -2,6 +2,7 @@
 //! the embedded runner. It schedules work and moves receipts; the arithmetic lives in the
 //! worker's kernels.
 
+pub mod cli;
 pub mod commit;
 pub mod cut;
 pub mod embedded;
@@ -10,5 +11,7 @@ pub mod job;
 pub mod plan;
 pub mod planinfo;
 pub mod recipe;
+pub mod remote;
+pub mod server;
 pub mod size;
 pub mod verify;

@@ -536,7 +536,7 @@ fn plan_tensor(
     let spec = cx.method.spec();
     let mut inputs = Vec::new();
     let mut infos: Vec<&TensorInfo> = Vec::new();
-    for (src, in_name) in s.sources.iter().zip(in_names) {
+    for (pos, (src, in_name)) in s.sources.iter().zip(in_names).enumerate() {
         let m = &cx.models[&src.model];
         let (uri, info) = m.tensors.get(in_name).ok_or_else(|| {
             Error::Input(format!(
@@ -557,7 +557,9 @@ fn plan_tensor(
             dtype: dt.to_proto() as i32,
             shape: info.shape.clone(),
             model: src.model.clone(),
-            model_key: rng::key_of(&src.model),
+            // keyed by the model's position among the inputs, not by where it is stored, so
+            // the same recipe over copies on S3 or local disk draws the same numbers
+            model_key: rng::key_of(&format!("input:{pos}")),
         });
         infos.push(info);
     }

@@ -229,3 +229,45 @@ async fn odd_shapes_and_vocab_split_invariant() {
         assert_eq!(embed.shape, vec![251, 47], "{c}");
     }
 }
+
+/// Randomised methods draw the same numbers whatever folder (or bucket) the models are in:
+/// the RNG is keyed by a model's position among the inputs, not by its path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_draws_do_not_depend_on_model_location() {
+    let tmp = tempfile::tempdir().unwrap();
+    let moved = tmp.path().join("elsewhere");
+    derive(&moved, |m, t, d| {
+        write(
+            d,
+            t,
+            DType::F32,
+            None,
+            Some(&golden().join("models").join(m).join("config.json")),
+        )
+    });
+    for c in ["dare_ties", "dare_linear", "della"] {
+        let r = recipe(c);
+        let (oa, ob) = (
+            tmp.path().join(format!("{c}-a")),
+            tmp.path().join(format!("{c}-b")),
+        );
+        run(&r, &golden(), &oa, 2, 64 << 20, 512 << 20)
+            .await
+            .unwrap();
+        run(
+            &retarget(&r, &moved.join("models")),
+            &golden(),
+            &ob,
+            2,
+            64 << 20,
+            512 << 20,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            file_bytes(&oa),
+            file_bytes(&ob),
+            "{c}: output depends on where the models are"
+        );
+    }
+}

@@ -1,4 +1,647 @@
-//! Test support for the multi-process suites in `tests/`, and the synthetic model family used
-//! by tests, `examples/` and `bench/`.
+//! Test support for the multi-process suites in `tests/`: a real S3 server on loopback (MinIO
+//! when a `minio` binary is on PATH, otherwise Garage), a coordinator and worker processes of
+//! the `shardmerge` program, fixtures and byte comparisons.
+//!
+//! When neither `minio` nor `garage` is installed the S3 suites fail with instructions: they
+//! never pass without having run.
+//!
+//! `family` is the synthetic model family generator behind `gen-family`, `examples/` and `bench/`.
 
 pub mod family;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::path::Path as OPath;
+use object_store::{ObjectStore, PutPayload};
+
+pub use shardmerge_proto as pb;
+
+/// The `shardmerge` program (this package's copy of it; see `Cargo.toml`). Expands to the path
+/// cargo built for the calling test, unless `SHARDMERGE_BIN` names another build.
+#[macro_export]
+macro_rules! shardmerge_bin {
+    () => {
+        std::env::var_os("SHARDMERGE_BIN")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_BIN_EXE_shardmerge-it")))
+    };
+}
+
+/// The fixtures folder of this package.
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+/// A free TCP port on 127.0.0.1 (free when asked; the child binds it right after).
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local addr").port()
+}
+
+fn wait_tcp(addr: SocketAddr, timeout: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    false
+}
+
+fn on_path(name: &str) -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    if let Some(home) = std::env::var_os("HOME") {
+        dirs.push(Path::new(&home).join(".cargo/bin"));
+    }
+    dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+/// Spawns `cmd` so that it dies with this process (Linux: parent-death signal), from a thread
+/// that lives as long as the process (the signal follows the spawning thread).
+fn spawn_tied(mut cmd: Command) -> std::io::Result<Child> {
+    static SPAWNER: OnceLock<Mutex<std::sync::mpsc::Sender<SpawnReq>>> = OnceLock::new();
+    type SpawnReq = (Command, std::sync::mpsc::Sender<std::io::Result<Child>>);
+    #[cfg(target_os = "linux")]
+    // SAFETY: `pre_exec` runs the closure in the forked child before exec, where only
+    // async-signal-safe calls are allowed. The closure makes one `prctl` system call (async-
+    // signal-safe: no allocation, no locks) and touches no memory of the parent.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let tx = SPAWNER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<SpawnReq>();
+        std::thread::spawn(move || {
+            for (mut c, reply) in rx {
+                let _ = reply.send(c.spawn());
+            }
+            loop {
+                std::thread::park();
+            }
+        });
+        Mutex::new(tx)
+    });
+    let (rtx, rrx) = std::sync::mpsc::channel();
+    tx.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .send((cmd, rtx))
+        .expect("spawner thread");
+    rrx.recv().expect("spawner reply")
+}
+
+const ACCESS_KEY: &str = "GK0123456789abcdef01234567";
+const SECRET_KEY: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+const REGION: &str = "us-east-1";
+
+/// A running S3 server on loopback.
+pub struct S3Server {
+    pub kind: &'static str,
+    pub endpoint: String,
+    dir: tempfile::TempDir,
+    child: Mutex<Child>,
+    garage: Option<(PathBuf, PathBuf)>,
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let mut c = self.child.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+const NO_SERVER: &str =
+    "no S3 server binary for the S3 tests: install MinIO (put `minio` on PATH: \
+https://min.io/docs/minio/linux/index.html) or Garage (`cargo install --locked garage \
+--no-default-features --features bundled-libs,lmdb`), then run the tests again";
+
+impl S3Server {
+    /// The server shared by every test of this process (started on first use).
+    pub fn shared() -> &'static S3Server {
+        static S: OnceLock<S3Server> = OnceLock::new();
+        S.get_or_init(|| match S3Server::start() {
+            Ok(s) => s,
+            Err(e) => panic!("{e}"),
+        })
+    }
+
+    pub fn start() -> Result<S3Server, String> {
+        if let Some(minio) = on_path("minio") {
+            return Self::start_minio(&minio);
+        }
+        if let Some(garage) = on_path("garage") {
+            return Self::start_garage(&garage);
+        }
+        Err(NO_SERVER.to_string())
+    }
+
+    fn start_minio(bin: &Path) -> Result<S3Server, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let (port, console) = (free_port(), free_port());
+        let mut cmd = Command::new(bin);
+        cmd.arg("server")
+            .arg(dir.path().join("data"))
+            .arg("--address")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--console-address")
+            .arg(format!("127.0.0.1:{console}"))
+            .env("MINIO_ROOT_USER", ACCESS_KEY)
+            .env("MINIO_ROOT_PASSWORD", SECRET_KEY)
+            .stdout(Stdio::null())
+            .stderr(log_file(dir.path(), "minio.log"));
+        let child = spawn_tied(cmd).map_err(|e| format!("{}: {e}", bin.display()))?;
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let s = S3Server {
+            kind: "minio",
+            endpoint: format!("http://127.0.0.1:{port}"),
+            dir,
+            child: Mutex::new(child),
+            garage: None,
+        };
+        if !wait_tcp(addr, Duration::from_secs(20)) {
+            return Err(format!("minio did not start: {}", s.log("minio.log")));
+        }
+        Ok(s)
+    }
+
+    fn start_garage(bin: &Path) -> Result<S3Server, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let (rpc, s3) = (free_port(), free_port());
+        let secret: String = (0..32)
+            .map(|i| format!("{:02x}", (i * 37 + std::process::id() as usize) % 256))
+            .collect();
+        let cfg = dir.path().join("garage.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "metadata_dir = \"{m}\"\ndata_dir = \"{d}\"\ndb_engine = \"lmdb\"\n\
+                 replication_factor = 1\nrpc_bind_addr = \"127.0.0.1:{rpc}\"\n\
+                 rpc_public_addr = \"127.0.0.1:{rpc}\"\nrpc_secret = \"{secret}\"\n\
+                 [s3_api]\ns3_region = \"{REGION}\"\napi_bind_addr = \"127.0.0.1:{s3}\"\n\
+                 root_domain = \".s3.garage.localhost\"\n",
+                m = dir.path().join("meta").display(),
+                d = dir.path().join("data").display(),
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+        let mut cmd = Command::new(bin);
+        cmd.arg("-c")
+            .arg(&cfg)
+            .arg("server")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log_file(dir.path(), "garage.log"));
+        let child = spawn_tied(cmd).map_err(|e| format!("{}: {e}", bin.display()))?;
+        let s = S3Server {
+            kind: "garage",
+            endpoint: format!("http://127.0.0.1:{s3}"),
+            dir,
+            child: Mutex::new(child),
+            garage: Some((bin.to_path_buf(), cfg)),
+        };
+        // the CLI talks to the node over RPC: retry until it answers
+        let start = Instant::now();
+        let node = loop {
+            match s.garage_cli(&["node", "id", "-q"]) {
+                Ok(out) => break out.trim().split('@').next().unwrap_or("").to_string(),
+                Err(e) if start.elapsed() > Duration::from_secs(20) => {
+                    return Err(format!(
+                        "garage did not start: {e}\n{}",
+                        s.log("garage.log")
+                    ))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        };
+        s.garage_cli(&["layout", "assign", "-z", "dc1", "-c", "1G", &node])?;
+        s.garage_cli(&["layout", "apply", "--version", "1"])?;
+        s.garage_cli(&[
+            "key", "import", "--yes", "-n", "test", ACCESS_KEY, SECRET_KEY,
+        ])?;
+        let addr: SocketAddr = format!("127.0.0.1:{s3}").parse().expect("addr");
+        if !wait_tcp(addr, Duration::from_secs(20)) {
+            return Err(format!(
+                "garage S3 API did not open: {}",
+                s.log("garage.log")
+            ));
+        }
+        Ok(s)
+    }
+
+    fn garage_cli(&self, args: &[&str]) -> Result<String, String> {
+        let (bin, cfg) = self.garage.as_ref().expect("garage");
+        let out = Command::new(bin)
+            .arg("-c")
+            .arg(cfg)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(format!(
+                "garage {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
+    }
+
+    /// Creates a bucket the test key may read and write (`writable: false`: read only).
+    pub fn create_bucket(&self, name: &str, writable: bool) {
+        if self.garage.is_some() {
+            self.garage_cli(&["bucket", "create", name])
+                .unwrap_or_else(|e| panic!("{e}"));
+            let mut args = vec!["bucket", "allow", "--read"];
+            if writable {
+                args.extend(["--write", "--owner"]);
+            }
+            args.extend([name, "--key", "test"]);
+            self.garage_cli(&args).unwrap_or_else(|e| panic!("{e}"));
+        } else {
+            // MinIO: the root user may do everything; a read-only bucket is not modelled
+            assert!(writable, "read-only buckets are only set up on Garage");
+            if let Some(mc) = on_path("mc") {
+                let alias = format!("sm{}", std::process::id());
+                let ok = Command::new(&mc)
+                    .args([
+                        "alias",
+                        "set",
+                        &alias,
+                        &self.endpoint,
+                        ACCESS_KEY,
+                        SECRET_KEY,
+                    ])
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+                    && Command::new(&mc)
+                        .args(["mb", &format!("{alias}/{name}")])
+                        .output()
+                        .is_ok_and(|o| o.status.success());
+                assert!(ok, "mc mb {name} failed");
+            } else {
+                std::fs::create_dir_all(self.dir.path().join("data").join(name))
+                    .expect("create bucket folder");
+            }
+        }
+    }
+
+    /// The AWS_* environment that points `shardmerge` at this server.
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_ENDPOINT_URL", self.endpoint.as_str()),
+            ("AWS_ACCESS_KEY_ID", ACCESS_KEY),
+            ("AWS_SECRET_ACCESS_KEY", SECRET_KEY),
+            ("AWS_REGION", REGION),
+            ("AWS_ALLOW_HTTP", "true"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+
+    /// A client for one bucket, for the test itself.
+    pub fn bucket(&self, name: &str) -> Bucket {
+        let s3 = AmazonS3Builder::new()
+            .with_endpoint(&self.endpoint)
+            .with_allow_http(true)
+            .with_access_key_id(ACCESS_KEY)
+            .with_secret_access_key(SECRET_KEY)
+            .with_region(REGION)
+            .with_bucket_name(name)
+            .with_virtual_hosted_style_request(false)
+            .build()
+            .expect("S3 client");
+        Bucket {
+            name: name.to_string(),
+            s3: Arc::new(s3),
+        }
+    }
+}
+
+fn log_file(dir: &Path, name: &str) -> Stdio {
+    std::fs::File::create(dir.join(name))
+        .map(Stdio::from)
+        .unwrap_or_else(|_| Stdio::null())
+}
+
+/// One bucket, seen from the test.
+pub struct Bucket {
+    pub name: String,
+    s3: Arc<AmazonS3>,
+}
+
+fn rt() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime")
+    })
+}
+
+/// Runs a future to completion on the harness runtime.
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    rt().block_on(f)
+}
+
+impl Bucket {
+    pub fn uri(&self, key: &str) -> String {
+        format!("s3://{}/{}", self.name, key)
+    }
+
+    pub fn put(&self, key: &str, data: Vec<u8>) {
+        block_on(self.s3.put(&OPath::from(key), PutPayload::from(data)))
+            .unwrap_or_else(|e| panic!("put {key}: {e}"));
+    }
+
+    /// Uploads every file under `dir` to `prefix/`.
+    pub fn upload_dir(&self, dir: &Path, prefix: &str) {
+        for e in std::fs::read_dir(dir).expect("read fixture dir") {
+            let e = e.expect("entry");
+            if e.path().is_file() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                self.put(
+                    &format!("{prefix}/{name}"),
+                    std::fs::read(e.path()).expect("read fixture"),
+                );
+            }
+        }
+    }
+
+    pub fn get(&self, key: &str) -> Option<Vec<u8>> {
+        match block_on(async { self.s3.get(&OPath::from(key)).await?.bytes().await }) {
+            Ok(b) => Some(b.to_vec()),
+            Err(object_store::Error::NotFound { .. }) => None,
+            Err(e) => panic!("get {key}: {e}"),
+        }
+    }
+
+    /// Names (relative to `prefix/`) of the objects under `prefix`.
+    pub fn list(&self, prefix: &str) -> Vec<String> {
+        use futures::TryStreamExt;
+        let p = OPath::from(prefix);
+        let items: Vec<_> = block_on(self.s3.list(Some(&p)).try_collect::<Vec<_>>())
+            .unwrap_or_else(|e| panic!("list {prefix}: {e}"));
+        let mut names: Vec<String> = items
+            .into_iter()
+            .map(|m| {
+                m.location
+                    .to_string()
+                    .trim_start_matches(prefix)
+                    .trim_start_matches('/')
+                    .to_string()
+            })
+            .collect();
+        names.sort();
+        names
+    }
+}
+
+/// A coordinator and its workers, as processes of the `shardmerge` program.
+pub struct Cluster {
+    pub bin: PathBuf,
+    pub url: String,
+    pub env: Vec<(String, String)>,
+    pub dir: tempfile::TempDir,
+    coordinator: Child,
+    workers: Vec<Option<Child>>,
+}
+
+impl Cluster {
+    /// Starts a coordinator with `lease_ttl` seconds and `workers` workers of one thread.
+    pub fn start(
+        bin: &Path,
+        env: Vec<(String, String)>,
+        lease_ttl: f64,
+        workers: usize,
+    ) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let mut cmd = Command::new(bin);
+        cmd.args(["coordinator", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--lease-ttl", &lease_ttl.to_string()])
+            .envs(env.iter().cloned())
+            .env("RUST_LOG", "shardmerge=info,warn")
+            .stdout(Stdio::null())
+            .stderr(log_file(dir.path(), "coordinator.log"));
+        let coordinator = spawn_tied(cmd).expect("start coordinator");
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        assert!(
+            wait_tcp(addr, Duration::from_secs(20)),
+            "coordinator did not listen on {addr}"
+        );
+        let mut c = Cluster {
+            bin: bin.to_path_buf(),
+            url: format!("http://127.0.0.1:{port}"),
+            env,
+            dir,
+            coordinator,
+            workers: Vec::new(),
+        };
+        for _ in 0..workers {
+            c.add_worker();
+        }
+        c
+    }
+
+    /// Starts one more worker; returns its index.
+    pub fn add_worker(&mut self) -> usize {
+        let i = self.workers.len();
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(["worker", "--coordinator", &self.url, "--threads", "1"])
+            .args(["--memory-limit", "256MiB", "--id", &format!("w{i}")])
+            .envs(self.env.iter().cloned())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log_file(self.dir.path(), &format!("worker{i}.log")));
+        self.workers
+            .push(Some(spawn_tied(cmd).expect("start worker")));
+        i
+    }
+
+    /// Kills worker `i` at once (SIGKILL: no goodbye, its leases must expire).
+    pub fn kill_worker(&mut self, i: usize) {
+        if let Some(mut c) = self.workers[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Runs `shardmerge ARGS` in `cwd` with the S3 environment; returns its output.
+    pub fn cli(&self, cwd: &Path, args: &[&str]) -> Output {
+        run_cli(&self.bin, &self.env, cwd, args)
+    }
+
+    /// The coordinator's and workers' logs, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        let mut names: Vec<_> = std::fs::read_dir(self.dir.path())
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        names.sort();
+        for p in names {
+            if p.extension().is_some_and(|e| e == "log") {
+                let text = std::fs::read_to_string(&p).unwrap_or_default();
+                let tail: String = text
+                    .lines()
+                    .rev()
+                    .take(30)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                s.push_str(&format!("--- {}\n{tail}\n", p.display()));
+            }
+        }
+        s
+    }
+
+    /// The coordinator's view of a job.
+    pub fn job(&self, id: &str) -> pb::JobStatus {
+        let url = self.url.clone();
+        let id = id.to_string();
+        block_on(async move {
+            let mut c = shardmerge_worker::client::client(&url).expect("client");
+            c.get_job(pb::GetJobRequest { job_id: id })
+                .await
+                .expect("GetJob")
+                .into_inner()
+        })
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+        for w in self.workers.iter_mut().flatten() {
+            let _ = w.kill();
+            let _ = w.wait();
+        }
+        let _ = self.coordinator.kill();
+        let _ = self.coordinator.wait();
+    }
+}
+
+/// Runs the `shardmerge` program to completion.
+pub fn run_cli(bin: &Path, env: &[(String, String)], cwd: &Path, args: &[&str]) -> Output {
+    Command::new(bin)
+        .args(args)
+        .current_dir(cwd)
+        .envs(env.iter().cloned())
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}", bin.display()))
+}
+
+/// Asserts a command succeeded, showing its output when not.
+pub fn ok(out: &Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The files that make a checkpoint's bytes (weights and index), by name.
+pub fn checkpoint_files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut m = BTreeMap::new();
+    for e in std::fs::read_dir(dir).expect("read output dir").flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if is_checkpoint_file(&name) {
+            m.insert(name, std::fs::read(e.path()).expect("read output"));
+        }
+    }
+    m
+}
+
+pub fn is_checkpoint_file(name: &str) -> bool {
+    name.ends_with(".safetensors")
+        || name == "model.safetensors.index.json"
+        || name == "config.json"
+}
+
+/// Writes a safetensors file of float32 tensors with pseudo-random values from `seed`.
+pub fn write_safetensors(path: &Path, tensors: &[(&str, Vec<u64>)], seed: u64) {
+    let mut header = String::from("{\"__metadata__\":{\"format\":\"pt\"}");
+    let mut offset = 0u64;
+    for (name, shape) in tensors {
+        let n: u64 = shape.iter().product::<u64>() * 4;
+        let dims: Vec<String> = shape.iter().map(u64::to_string).collect();
+        header.push_str(&format!(
+            ",\"{name}\":{{\"dtype\":\"F32\",\"shape\":[{}],\"data_offsets\":[{offset},{}]}}",
+            dims.join(","),
+            offset + n
+        ));
+        offset += n;
+    }
+    header.push('}');
+    while header.len() % 8 != 0 {
+        header.push(' ');
+    }
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).expect("create model"));
+    f.write_all(&(header.len() as u64).to_le_bytes())
+        .expect("write");
+    f.write_all(header.as_bytes()).expect("write");
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for _ in 0..offset / 4 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let v = ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
+        f.write_all(&v.to_le_bytes()).expect("write");
+    }
+    f.flush().expect("flush");
+}
+
+/// A family of `n` models of `layers` Llama-style layers, `mib` MiB each, under `dir/m{i}`.
+pub fn generate_family(dir: &Path, n: usize, layers: usize, hidden: u64) -> Vec<PathBuf> {
+    let mut names = Vec::new();
+    for l in 0..layers {
+        for p in [
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ] {
+            names.push((format!("model.layers.{l}.{p}.weight"), vec![hidden, hidden]));
+        }
+    }
+    names.push(("model.norm.weight".to_string(), vec![hidden]));
+    let tensors: Vec<(&str, Vec<u64>)> =
+        names.iter().map(|(n, s)| (n.as_str(), s.clone())).collect();
+    (0..n)
+        .map(|i| {
+            let d = dir.join(format!("m{i}"));
+            std::fs::create_dir_all(&d).expect("mkdir");
+            write_safetensors(&d.join("model.safetensors"), &tensors, i as u64 + 1);
+            d
+        })
+        .collect()
+}

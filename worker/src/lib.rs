@@ -3,6 +3,7 @@
 //! Dependency direction inside: `exec` uses `storage` (bytes in and out) and `kernels`
 //! (arithmetic); `storage` knows nothing of methods and `kernels` nothing of I/O.
 
+pub mod client;
 pub mod exec;
 pub mod format;
 pub mod kernels;

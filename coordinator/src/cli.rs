@@ -1,0 +1,324 @@
+//! The `shardmerge` command line (in the library so that test harnesses can build the same
+//! program as their own binary).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use crate::embedded::{self, RunOptions};
+use crate::error::{Error, Result};
+use crate::job::SubmitOptions;
+use crate::remote::{self, SubmitArgs, WorkerOptions};
+use crate::{planinfo, size, verify};
+use clap::{Parser, Subcommand};
+use shardmerge_proto as pb;
+use shardmerge_worker::storage::Resolver;
+
+#[derive(Parser)]
+#[command(
+    name = "shardmerge",
+    version,
+    about = "Merge large language models with mergekit recipes, in one process or as a distributed job"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args, Clone, Debug)]
+struct EngineArgs {
+    /// Largest output shard (mergekit syntax: 5B = 5e9 bytes; also 500M, 2GiB, ...)
+    #[arg(long, default_value = "5B", value_parser = size::parse)]
+    out_shard_size: u64,
+    /// Target output bytes per task
+    #[arg(long, default_value = "64MiB", value_parser = size::parse)]
+    task_size: u64,
+    /// Memory the workers of this process may use in all; tasks are cut to fit
+    #[arg(long, default_value = "1GiB", value_parser = size::parse)]
+    memory_limit: u64,
+    /// Worker slots (default: the number of cores)
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Seed for randomised methods (overrides the recipe's random_seed)
+    #[arg(long)]
+    random_seed: Option<u64>,
+}
+
+impl EngineArgs {
+    fn workers(&self) -> usize {
+        self.workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+            .max(1)
+    }
+
+    fn submit_options(&self) -> SubmitOptions {
+        SubmitOptions {
+            out_shard_size: self.out_shard_size,
+            task_size: self.task_size.max(1),
+            slot_memory: (self.memory_limit / self.workers() as u64).max(1 << 20),
+            seed: self.random_seed,
+            base_dir: embedded::cwd(),
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a merge in this process (coordinator + workers); paths may be local or s3:// URIs
+    Run {
+        /// mergekit YAML recipe; relative model paths resolve against the working directory
+        recipe: PathBuf,
+        /// Output checkpoint folder: a local path, file:// or s3://bucket/prefix
+        out: String,
+        #[command(flatten)]
+        engine: EngineArgs,
+        /// No progress bar or summary
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Dry run from headers: output tensors, files, tasks, bytes, peak memory per worker
+    Plan {
+        /// mergekit YAML recipe
+        recipe: PathBuf,
+        #[command(flatten)]
+        engine: EngineArgs,
+        /// Machine-readable output
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a checkpoint's integrity (index, files, headers, offsets, sizes)
+    Verify {
+        /// Checkpoint folder: a local path, file:// or s3://bucket/prefix
+        checkpoint: String,
+    },
+    /// Serve jobs to workers over gRPC until SIGINT/SIGTERM
+    Coordinator {
+        /// Address to listen on
+        #[arg(long, default_value = "0.0.0.0:50051")]
+        listen: SocketAddr,
+        /// Seconds a task's lease lasts without a renewal; a worker that dies loses its tasks
+        /// to the others after this long (workers renew at a third of it)
+        #[arg(long, default_value_t = 30.0)]
+        lease_ttl: f64,
+        /// Where job state lives. Only `memory` for now: jobs do not survive a restart
+        #[arg(long, default_value = "memory")]
+        state: String,
+    },
+    /// Pull tasks from a coordinator and run them until SIGINT/SIGTERM
+    Worker {
+        /// The coordinator's URL (http://HOST:PORT)
+        #[arg(long, env = "SHARDMERGE_COORDINATOR")]
+        coordinator: String,
+        /// Tasks run at once (default: the number of cores)
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Memory this worker may use in all, split between its threads
+        #[arg(long, default_value = "1GiB", value_parser = size::parse)]
+        memory_limit: u64,
+        /// Name in logs and leases (default: hostname-pid)
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Submit a merge to a coordinator; relative model paths resolve against this directory
+    Submit {
+        recipe: PathBuf,
+        /// Output checkpoint: s3://bucket/prefix (or a path every worker shares)
+        out: String,
+        /// The coordinator's URL (http://HOST:PORT)
+        #[arg(long, env = "SHARDMERGE_COORDINATOR")]
+        coordinator: String,
+        /// Follow the job; exit 0 only when it succeeded
+        #[arg(long)]
+        wait: bool,
+        /// Largest output shard (mergekit syntax: 5B = 5e9 bytes; also 500M, 2GiB, ...)
+        #[arg(long, default_value = "5B", value_parser = size::parse)]
+        out_shard_size: u64,
+        /// Target output bytes per task
+        #[arg(long, default_value = "64MiB", value_parser = size::parse)]
+        task_size: u64,
+        /// Memory one worker thread may use for a task (the workers' --memory-limit divided by
+        /// their --threads); tasks are cut to fit
+        #[arg(long, default_value = "512MiB", value_parser = size::parse)]
+        memory_limit: u64,
+        /// Seed for randomised methods (overrides the recipe's random_seed)
+        #[arg(long)]
+        random_seed: Option<u64>,
+        /// No progress output
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Show one job, or every job the coordinator knows
+    Status {
+        job: Option<String>,
+        #[arg(long, env = "SHARDMERGE_COORDINATOR")]
+        coordinator: String,
+    },
+    /// Cancel a job: drop its tasks, revoke its leases, abort its uploads
+    Cancel {
+        job: String,
+        #[arg(long, env = "SHARDMERGE_COORDINATOR")]
+        coordinator: String,
+    },
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn read_recipe(p: &PathBuf) -> Result<String> {
+    std::fs::read_to_string(p)
+        .map_err(|e| Error::Other(format!("{}: cannot read recipe: {e}", p.display())))
+}
+
+async fn main_inner(cli: Cli) -> Result<()> {
+    let resolver = Resolver::new();
+    match cli.cmd {
+        Cmd::Run {
+            recipe,
+            out,
+            engine,
+            quiet,
+        } => {
+            let text = read_recipe(&recipe)?;
+            let o = RunOptions {
+                workers: engine.workers(),
+                submit: engine.submit_options(),
+                quiet,
+            };
+            let s = embedded::run(&text, &out, &o, resolver).await?;
+            if !quiet {
+                let secs = s.status.elapsed_seconds.max(1e-9);
+                let peak = size::peak_rss().map_or(String::new(), |b| {
+                    format!(", peak memory {}", size::human(b))
+                });
+                eprintln!(
+                    "merged {} tensors into {} file(s), {} in {:.1}s ({}/s{peak}) -> {}",
+                    s.plan.tensors.len(),
+                    s.plan.files.len(),
+                    size::human(s.plan.bytes_out()),
+                    secs,
+                    size::human((s.plan.bytes_out() as f64 / secs) as u64),
+                    s.status.output_uri
+                );
+            }
+            Ok(())
+        }
+        Cmd::Plan {
+            recipe,
+            engine,
+            json,
+        } => {
+            let text = read_recipe(&recipe)?;
+            let info =
+                planinfo::describe(&text, &engine.submit_options(), engine.workers(), &resolver)
+                    .await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&info.to_json()).unwrap_or_default()
+                );
+            } else {
+                print!("{}", info.to_text());
+            }
+            Ok(())
+        }
+        Cmd::Verify { checkpoint } => {
+            let r = verify::verify(&resolver, &checkpoint).await?;
+            println!(
+                "ok: {} tensors in {} file(s), {} of tensor data",
+                r.tensors,
+                r.files,
+                size::human(r.bytes)
+            );
+            Ok(())
+        }
+        Cmd::Coordinator {
+            listen,
+            lease_ttl,
+            state,
+        } => {
+            if !(lease_ttl.is_finite() && lease_ttl > 0.0) {
+                return Err(Error::Other(format!(
+                    "--lease-ttl {lease_ttl}: give a positive number of seconds"
+                )));
+            }
+            remote::coordinator(listen, Duration::from_secs_f64(lease_ttl), Some(&state)).await
+        }
+        Cmd::Worker {
+            coordinator,
+            threads,
+            memory_limit,
+            id,
+        } => {
+            remote::worker(WorkerOptions {
+                coordinator,
+                threads: threads
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+                memory_limit,
+                id,
+            })
+            .await
+        }
+        Cmd::Submit {
+            recipe,
+            out,
+            coordinator,
+            wait,
+            out_shard_size,
+            task_size,
+            memory_limit,
+            random_seed,
+            quiet,
+        } => {
+            let text = read_recipe(&recipe)?;
+            remote::submit(SubmitArgs {
+                coordinator,
+                recipe_yaml: text,
+                output: out,
+                options: pb::JobOptions {
+                    out_shard_size,
+                    task_size: task_size.max(1),
+                    slot_memory: memory_limit.max(1 << 20),
+                    seed: random_seed,
+                    base_dir: embedded::cwd().to_string_lossy().into_owned(),
+                    min_part_size: 0,
+                },
+                wait,
+                quiet,
+            })
+            .await
+        }
+        Cmd::Status { job, coordinator } => remote::status(&coordinator, job).await,
+        Cmd::Cancel { job, coordinator } => remote::cancel(&coordinator, job).await,
+    }
+}
+
+/// Parses the command line and runs it: the whole `shardmerge` program.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(main_inner(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

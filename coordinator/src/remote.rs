@@ -1,0 +1,314 @@
+//! The distributed-mode commands: run a coordinator, run a worker, and the client commands
+//! (`submit`, `status`, `cancel`) that talk to a coordinator over gRPC.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use shardmerge_proto as pb;
+use shardmerge_worker::client::{self, RemoteSource};
+use shardmerge_worker::exec::Executor;
+use shardmerge_worker::pull::{self, LoopOptions};
+use shardmerge_worker::storage::Resolver;
+use tokio::sync::watch;
+
+use crate::embedded::{progress_bar, terminal};
+use crate::error::{Error, Result};
+use crate::job::JobManager;
+use crate::server;
+use crate::size;
+
+/// Runs a coordinator on `listen` until SIGINT/SIGTERM.
+pub async fn coordinator(
+    listen: SocketAddr,
+    lease_ttl: Duration,
+    state: Option<&str>,
+) -> Result<()> {
+    if let Some(s) = state {
+        if !s.is_empty() && s != "memory" && s != "memory://" {
+            tracing::warn!(
+                "--state {s}: job state is kept in memory for now; jobs do not survive a restart"
+            );
+        }
+    }
+    let listener = server::bind(listen).await?;
+    let addr = listener.local_addr().unwrap_or(listen);
+    let mgr = JobManager::new(Resolver::new());
+    eprintln!(
+        "shardmerge coordinator listening on http://{addr} (lease ttl {:.1}s)",
+        lease_ttl.as_secs_f64()
+    );
+    server::serve(listener, mgr, lease_ttl, server::shutdown_signal()).await?;
+    eprintln!("shardmerge coordinator: shutting down");
+    Ok(())
+}
+
+/// Options of `shardmerge worker`.
+pub struct WorkerOptions {
+    pub coordinator: String,
+    pub threads: usize,
+    pub memory_limit: u64,
+    pub id: Option<String>,
+}
+
+fn default_worker_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|s| s.trim().to_string())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "worker".into());
+    format!("{host}-{}", std::process::id())
+}
+
+/// Runs a worker against a coordinator until SIGINT/SIGTERM. Tasks in flight when the signal
+/// comes are dropped; their leases expire and they run elsewhere.
+pub async fn worker(o: WorkerOptions) -> Result<()> {
+    let source = RemoteSource::new(&o.coordinator).map_err(Error::Other)?;
+    let resolver = Resolver::new();
+    let threads = o.threads.max(1);
+    let opts = LoopOptions {
+        worker_id: o.id.unwrap_or_else(default_worker_id),
+        slots: threads,
+        slot_memory: (o.memory_limit / threads as u64).max(1 << 20),
+        max_idle: Duration::from_millis(250),
+    };
+    eprintln!(
+        "shardmerge worker {} pulling from {} with {threads} slot(s) of {} each",
+        opts.worker_id,
+        client::normalize_url(&o.coordinator),
+        size::human(opts.slot_memory)
+    );
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let run = tokio::spawn(pull::run(
+        Arc::new(source),
+        Executor::new(resolver),
+        opts,
+        stop_rx,
+    ));
+    server::shutdown_signal().await;
+    let _ = stop_tx.send(true);
+    // Give running tasks a moment to report; then leave (leases expire for the rest).
+    let _ = tokio::time::timeout(Duration::from_secs(2), run).await;
+    Ok(())
+}
+
+fn rpc_err(url: &str, what: &str, s: tonic::Status) -> Error {
+    Error::Other(format!("{what}: {}", client::describe(url, &s)))
+}
+
+fn connect(
+    url: &str,
+) -> Result<pb::coordinator_client::CoordinatorClient<tonic::transport::Channel>> {
+    client::client(url).map_err(Error::Other)
+}
+
+fn state_name(s: i32) -> &'static str {
+    match pb::JobState::try_from(s) {
+        Ok(pb::JobState::Queued) => "queued",
+        Ok(pb::JobState::Running) => "running",
+        Ok(pb::JobState::Committing) => "committing",
+        Ok(pb::JobState::Succeeded) => "succeeded",
+        Ok(pb::JobState::Failed) => "failed",
+        Ok(pb::JobState::Cancelled) => "cancelled",
+        _ => "unknown",
+    }
+}
+
+/// One line describing a job.
+pub fn describe(s: &pb::JobStatus) -> String {
+    let mut line = format!(
+        "{}  {:<10} tasks {}/{}  {}/{}  {:.1}s  leases {}  retries {}  -> {}",
+        s.job_id,
+        state_name(s.state),
+        s.tasks_done,
+        s.tasks_total,
+        size::human(s.bytes_done),
+        size::human(s.bytes_total),
+        s.elapsed_seconds,
+        s.leases_active,
+        s.retries,
+        s.output_uri
+    );
+    if !s.error.is_empty()
+        && !matches!(pb::JobState::try_from(s.state), Ok(pb::JobState::Succeeded))
+    {
+        line.push_str(&format!("\n  error: {}", s.error));
+    }
+    line
+}
+
+/// Options of `shardmerge submit`.
+pub struct SubmitArgs {
+    pub coordinator: String,
+    pub recipe_yaml: String,
+    pub output: String,
+    pub options: pb::JobOptions,
+    pub wait: bool,
+    pub quiet: bool,
+}
+
+/// Submits a job; with `wait`, follows it to the end and fails unless it succeeded.
+pub async fn submit(a: SubmitArgs) -> Result<()> {
+    let url = &a.coordinator;
+    let mut c = connect(url)?;
+    let r = c
+        .submit_job(pb::SubmitJobRequest {
+            recipe_yaml: a.recipe_yaml,
+            output_uri: a.output,
+            options: Some(a.options),
+        })
+        .await
+        .map_err(|s| rpc_err(url, "submit", s))?
+        .into_inner();
+    let id = r.job_id;
+    if !a.wait {
+        println!("{id}");
+        return Ok(());
+    }
+    eprintln!("submitted {id}; waiting (Ctrl-C stops waiting, the job goes on: `shardmerge cancel {id}` stops it)");
+    let status = follow(url, &mut c, &id, a.quiet).await?;
+    match pb::JobState::try_from(status.state) {
+        Ok(pb::JobState::Succeeded) => {
+            if !a.quiet {
+                let secs = status.elapsed_seconds.max(1e-9);
+                eprintln!(
+                    "{id} succeeded: {} in {:.1}s ({}/s), {} retries -> {}",
+                    size::human(status.bytes_total),
+                    secs,
+                    size::human((status.bytes_total as f64 / secs) as u64),
+                    status.retries,
+                    status.output_uri
+                );
+            }
+            println!("{id}");
+            Ok(())
+        }
+        _ => Err(Error::Job(format!(
+            "{id} {}: {}",
+            state_name(status.state),
+            status.error
+        ))),
+    }
+}
+
+/// Follows WatchJob until a terminal state, re-watching after transport errors for a while.
+async fn follow(
+    url: &str,
+    c: &mut pb::coordinator_client::CoordinatorClient<tonic::transport::Channel>,
+    id: &str,
+    quiet: bool,
+) -> Result<pb::JobStatus> {
+    let interactive = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut bar = None;
+    let mut last_line = Instant::now() - Duration::from_secs(60);
+    let mut last_state = -1;
+    let mut lost_since: Option<Instant> = None;
+    loop {
+        let stream = c
+            .watch_job(pb::GetJobRequest {
+                job_id: id.to_string(),
+            })
+            .await;
+        let mut stream = match stream {
+            Ok(s) => s.into_inner(),
+            Err(s) if client::is_transport(&s) => {
+                let since = *lost_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > Duration::from_secs(30) {
+                    return Err(rpc_err(url, &format!("watching {id}"), s));
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            Err(s) => return Err(rpc_err(url, &format!("watching {id}"), s)),
+        };
+        loop {
+            match stream.message().await {
+                Ok(Some(st)) => {
+                    lost_since = None;
+                    if interactive && !quiet {
+                        let b = bar.get_or_insert_with(|| progress_bar(st.bytes_total, quiet));
+                        b.set_length(st.bytes_total);
+                        b.set_position(st.bytes_done);
+                        b.set_message(format!(
+                            "{} {}/{} tasks",
+                            state_name(st.state),
+                            st.tasks_done,
+                            st.tasks_total
+                        ));
+                    } else if !quiet
+                        && (st.state != last_state || last_line.elapsed() > Duration::from_secs(2))
+                    {
+                        eprintln!("{}", describe(&st));
+                        last_line = Instant::now();
+                        last_state = st.state;
+                    }
+                    if terminal(&st) {
+                        if let Some(b) = &bar {
+                            b.finish_and_clear();
+                        }
+                        return Ok(st);
+                    }
+                }
+                Ok(None) => break,
+                Err(s) if client::is_transport(&s) => break,
+                Err(s) => return Err(rpc_err(url, &format!("watching {id}"), s)),
+            }
+        }
+        // the stream ended early: the connection dropped; watch again
+        let since = *lost_since.get_or_insert_with(Instant::now);
+        if since.elapsed() > Duration::from_secs(30) {
+            return Err(Error::Other(format!(
+                "lost coordinator {} while waiting for {id}; the job may still run: `shardmerge status {id}`",
+                client::normalize_url(url)
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Prints one job, or every job the coordinator knows.
+pub async fn status(url: &str, job: Option<String>) -> Result<()> {
+    let mut c = connect(url)?;
+    match job {
+        Some(id) => {
+            let s = c
+                .get_job(pb::GetJobRequest { job_id: id })
+                .await
+                .map_err(|s| rpc_err(url, "status", s))?
+                .into_inner();
+            println!("{}", describe(&s));
+        }
+        None => {
+            let jobs = c
+                .list_jobs(pb::ListJobsRequest {})
+                .await
+                .map_err(|s| rpc_err(url, "status", s))?
+                .into_inner()
+                .jobs;
+            if jobs.is_empty() {
+                println!("no jobs");
+            }
+            for s in jobs {
+                println!("{}", describe(&s));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Cancels a job.
+pub async fn cancel(url: &str, id: String) -> Result<()> {
+    let mut c = connect(url)?;
+    let s = c
+        .cancel_job(pb::CancelJobRequest { job_id: id })
+        .await
+        .map_err(|s| rpc_err(url, "cancel", s))?
+        .into_inner();
+    println!("{}", describe(&s));
+    Ok(())
+}

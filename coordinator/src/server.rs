@@ -1,0 +1,241 @@
+//! The distributed coordinator: the gRPC `Coordinator` service over one `JobManager`.
+//!
+//! Every RPC delegates to the job manager that embedded mode uses in-process; this module only
+//! translates messages and errors. No planning or arithmetic happens here.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use shardmerge_proto as pb;
+use shardmerge_proto::coordinator_server::{Coordinator, CoordinatorServer};
+use tonic::{Request, Response, Status};
+
+use crate::embedded::terminal;
+use crate::error::Error;
+use crate::job::{JobManager, SubmitOptions, DEFAULT_SLOT_MEMORY, DEFAULT_TASK_SIZE};
+use crate::plan;
+
+/// Largest gRPC message either side accepts (tasks carry header literals and statistics).
+pub const MAX_MESSAGE: usize = 256 << 20;
+
+pub struct Service {
+    mgr: Arc<JobManager>,
+    lease_ttl: Duration,
+}
+
+impl Service {
+    pub fn new(mgr: Arc<JobManager>, lease_ttl: Duration) -> Self {
+        Service { mgr, lease_ttl }
+    }
+
+    pub fn into_server(self) -> CoordinatorServer<Service> {
+        CoordinatorServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE)
+    }
+
+    /// The job manager's options for a submitted job: 0 means the default.
+    pub fn submit_options(&self, o: &pb::JobOptions) -> SubmitOptions {
+        let or = |v: u64, d: u64| if v == 0 { d } else { v };
+        SubmitOptions {
+            out_shard_size: or(o.out_shard_size, plan::DEFAULT_SHARD_SIZE),
+            task_size: or(o.task_size, DEFAULT_TASK_SIZE),
+            slot_memory: or(o.slot_memory, DEFAULT_SLOT_MEMORY),
+            seed: o.seed,
+            // Relative paths are the submitter's business: without a base_dir they resolve
+            // against the coordinator's working directory.
+            base_dir: if o.base_dir.is_empty() {
+                crate::embedded::cwd()
+            } else {
+                PathBuf::from(&o.base_dir)
+            },
+            lease_ttl: self.lease_ttl,
+            ..Default::default()
+        }
+    }
+}
+
+fn status_of(e: Error) -> Status {
+    match &e {
+        Error::Recipe(_) | Error::Input(_) => Status::invalid_argument(e.to_string()),
+        Error::Storage(s) if s.not_found => Status::not_found(e.to_string()),
+        Error::Storage(s) if s.retryable => Status::unavailable(e.to_string()),
+        Error::Storage(_) => Status::failed_precondition(e.to_string()),
+        Error::Job(_) | Error::Other(_) => Status::internal(e.to_string()),
+    }
+}
+
+fn no_job(id: &str) -> Status {
+    Status::not_found(format!(
+        "no job {id} on this coordinator (`shardmerge status` lists the jobs it knows)"
+    ))
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::JobStatus, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Coordinator for Service {
+    async fn submit_job(
+        &self,
+        req: Request<pb::SubmitJobRequest>,
+    ) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        let r = req.into_inner();
+        if r.output_uri.is_empty() {
+            return Err(Status::invalid_argument("output_uri is empty"));
+        }
+        let o = self.submit_options(&r.options.unwrap_or_default());
+        let (id, plan) = self
+            .mgr
+            .submit(&r.recipe_yaml, &r.output_uri, &o)
+            .await
+            .map_err(status_of)?;
+        tracing::info!(
+            job = %id,
+            tensors = plan.tensors.len(),
+            files = plan.files.len(),
+            "submitted: {} bytes to write to {}",
+            plan.bytes_out(),
+            r.output_uri
+        );
+        let status = self.mgr.status(&id);
+        Ok(Response::new(pb::SubmitJobResponse { job_id: id, status }))
+    }
+
+    async fn get_job(
+        &self,
+        req: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::JobStatus>, Status> {
+        let id = req.into_inner().job_id;
+        self.mgr
+            .status(&id)
+            .map(Response::new)
+            .ok_or_else(|| no_job(&id))
+    }
+
+    async fn list_jobs(
+        &self,
+        _: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let mut jobs = self.mgr.list();
+        jobs.sort_by(|a, b| a.job_id.cmp(&b.job_id));
+        Ok(Response::new(pb::ListJobsResponse { jobs }))
+    }
+
+    type WatchJobStream = WatchStream;
+
+    async fn watch_job(
+        &self,
+        req: Request<pb::GetJobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let id = req.into_inner().job_id;
+        let rx = self.mgr.watch(&id).ok_or_else(|| no_job(&id))?;
+        // Yields the current status, then one per change, and ends after a terminal state.
+        let stream =
+            futures::stream::unfold((rx, false, true), |(mut rx, done, first)| async move {
+                if done {
+                    return None;
+                }
+                if !first && rx.changed().await.is_err() {
+                    return None;
+                }
+                let st = rx.borrow_and_update().clone();
+                let end = terminal(&st);
+                Some((Ok(st), (rx, end, false)))
+            });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn cancel_job(
+        &self,
+        req: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::JobStatus>, Status> {
+        let id = req.into_inner().job_id;
+        self.mgr
+            .cancel(&id)
+            .await
+            .map(Response::new)
+            .ok_or_else(|| no_job(&id))
+    }
+
+    async fn poll_work(
+        &self,
+        req: Request<pb::PollWorkRequest>,
+    ) -> Result<Response<pb::PollWorkResponse>, Status> {
+        Ok(Response::new(self.mgr.poll(&req.into_inner())))
+    }
+
+    async fn renew_lease(
+        &self,
+        req: Request<pb::RenewLeaseRequest>,
+    ) -> Result<Response<pb::RenewLeaseResponse>, Status> {
+        Ok(Response::new(self.mgr.renew(&req.into_inner())))
+    }
+
+    async fn complete_task(
+        &self,
+        req: Request<pb::CompleteTaskRequest>,
+    ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
+        let accepted = self.mgr.complete(&req.into_inner()).await;
+        Ok(Response::new(pb::CompleteTaskResponse { accepted }))
+    }
+
+    async fn fail_task(
+        &self,
+        req: Request<pb::FailTaskRequest>,
+    ) -> Result<Response<pb::FailTaskResponse>, Status> {
+        self.mgr.fail(&req.into_inner()).await;
+        Ok(Response::new(pb::FailTaskResponse {}))
+    }
+}
+
+/// Resolves when the process gets SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Serves the coordinator on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    mgr: Arc<JobManager>,
+    lease_ttl: Duration,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), Error> {
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(Service::new(mgr, lease_ttl).into_server())
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .map_err(|e| Error::Other(format!("coordinator server: {e}")))
+}
+
+/// Binds `addr` with a message that says what to do when it is taken.
+pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, Error> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        Error::Other(format!(
+            "cannot listen on {addr}: {e} (is another coordinator running? pick another --listen address)"
+        ))
+    })
+}
