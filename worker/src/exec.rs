@@ -77,6 +77,9 @@ pub fn tensor_ctx(job: &pb::TensorJob) -> Result<TensorCtx<'_>, TaskError> {
     })
 }
 
+/// Bytes of one input read at a time (then decoded before the next piece is read).
+const READ_PIECE: u64 = 4 << 20;
+
 /// Executes tasks against storage.
 #[derive(Clone, Debug, Default)]
 pub struct Executor {
@@ -292,21 +295,36 @@ impl Executor {
                     )));
                 }
                 let es = dt.size() as u64;
-                let from = src.data_offset + start * in_row * es;
-                let to = src.data_offset + end * in_row * es;
                 let loc = resolver.resolve(&src.uri, Path::new("/"))?;
-                let bytes = retry(|| loc.store.read_range(&loc.path, from..to)).await?;
+                // Read whole rows a piece (about READ_PIECE bytes) at a time and decode each as
+                // it comes: the raw bytes never take more memory than one piece.
+                let row_bytes = in_row * es;
+                let rows_per_piece = (READ_PIECE / row_bytes.max(1)).max(1);
                 let n = ((end - start) * out_row) as usize;
-                let mut v = vec![0f32; n];
-                if in_row == out_row {
-                    dtype::decode(dt, &bytes, &mut v);
-                } else {
-                    let (ib, ob) = ((in_row * es) as usize, (out_row * es) as usize);
-                    for (row, dst) in v.chunks_exact_mut(out_row as usize).enumerate() {
-                        dtype::decode(dt, &bytes[row * ib..row * ib + ob], dst);
+                let mut v: Vec<f32> = Vec::with_capacity(n);
+                let mut read = 0u64;
+                let mut r = start;
+                while r < end {
+                    let re = (r + rows_per_piece).min(end);
+                    let from = src.data_offset + r * row_bytes;
+                    let to = src.data_offset + re * row_bytes;
+                    let bytes = retry(|| loc.store.read_range(&loc.path, from..to)).await?;
+                    if in_row == out_row {
+                        let at = v.len();
+                        v.resize(at + ((re - r) * out_row) as usize, 0.0);
+                        dtype::decode(dt, &bytes, &mut v[at..]);
+                    } else {
+                        let ob = (out_row * es) as usize;
+                        for row in bytes.chunks_exact(row_bytes as usize) {
+                            let at = v.len();
+                            v.resize(at + out_row as usize, 0.0);
+                            dtype::decode(dt, &row[..ob], &mut v[at..]);
+                        }
                     }
+                    read += to - from;
+                    r = re;
                 }
-                Ok::<_, TaskError>((v, to - from))
+                Ok::<_, TaskError>((v, read))
             }
         });
         let results = futures::future::try_join_all(reads).await?;

@@ -1,6 +1,6 @@
 //! The float element types a merge reads and writes, and conversion to and from f32.
 
-use half::{bf16, f16};
+use half::f16;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
@@ -85,6 +85,19 @@ pub fn decode(dtype: DType, src: &[u8], dst: &mut [f32]) {
     }
 }
 
+/// The bf16 bits of `x`, rounded to nearest even: bit for bit what `half::bf16::from_f32`
+/// gives (NaN keeps its sign and high payload with the quiet bit set), without branches, so
+/// the encode loop vectorises.
+#[inline(always)]
+pub fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    // adding 0x7fff plus the kept part's lowest bit carries into bit 16 exactly when the
+    // dropped half is above the halfway point, or at it with an odd kept part
+    let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
+    let nan = (b & 0x7fff_ffff) > 0x7f80_0000;
+    (if nan { (b >> 16) | 0x0040 } else { rounded }) as u16
+}
+
 /// Encodes `src` as little-endian `dtype` into `dst` (round to nearest even, as torch does).
 pub fn encode(dtype: DType, src: &[f32], dst: &mut [u8]) {
     debug_assert_eq!(dst.len(), src.len() * dtype.size());
@@ -96,7 +109,7 @@ pub fn encode(dtype: DType, src: &[f32], dst: &mut [u8]) {
         }
         DType::BF16 => {
             for (c, s) in dst.chunks_exact_mut(2).zip(src) {
-                c.copy_from_slice(&bf16::from_f32(*s).to_bits().to_le_bytes());
+                c.copy_from_slice(&bf16_bits(*s).to_le_bytes());
             }
         }
         DType::F16 => {
@@ -110,6 +123,7 @@ pub fn encode(dtype: DType, src: &[f32], dst: &mut [u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use half::bf16;
 
     #[test]
     fn roundtrip_all_dtypes() {
@@ -121,6 +135,35 @@ mod tests {
             decode(dt, &b, &mut back);
             for (a, b) in v.iter().zip(&back) {
                 assert!((a - b).abs() <= a.abs() * 1e-2 + 1e-6, "{dt:?} {a} {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_bits_matches_half() {
+        let check = |b: u32| {
+            let x = f32::from_bits(b);
+            assert_eq!(bf16_bits(x), bf16::from_f32(x).to_bits(), "bits {b:#010x}");
+        };
+        // a dense sample of all 2^32 patterns (the stride is odd, so every low-bit residue
+        // and rounding case turns up) ...
+        let mut b = 0u32;
+        loop {
+            check(b);
+            match b.checked_add(251) {
+                Some(n) => b = n,
+                None => break,
+            }
+        }
+        // ... and every pattern around the interesting exponents, both signs: zero and
+        // subnormals, one, the largest finite values rounding to infinity, infinity and NaN
+        for sign in [0u32, 0x8000_0000] {
+            for hi in [
+                0x0000u32, 0x0001, 0x007f, 0x0080, 0x3f80, 0x7f7f, 0x7f80, 0x7fc0, 0x7fff,
+            ] {
+                for lo in 0..=0xffffu32 {
+                    check(sign | hi << 16 | lo);
+                }
             }
         }
     }

@@ -25,7 +25,7 @@
 //! and every tie-break, so cutting the tensor into row ranges never changes a bit.
 
 use super::exact::ExactSum;
-use super::select::{self, Cursor};
+use super::select;
 use super::stats::merge_sums;
 use super::{
     BaseRule, KResult, KernelError, Method, MethodSpec, ParamDef, Reduced, RowRange, Stats,
@@ -373,93 +373,184 @@ impl Gta {
     }
 }
 
-/// The sparsified (unscaled) delta of model `j` over one row range.
-fn sparse_delta(
+/// Elements per chunk of the streaming kernels: small enough that every model's chunk of
+/// deltas stays in L1/L2, large enough to amortise the per-chunk bookkeeping.
+const CHUNK: usize = 2048;
+
+/// One side of a rank window, walked in element order without branches on the data: an
+/// element with key `k` ranks below iff `k < key`, or `k == key` and fewer than `need` earlier
+/// ties (counted from `seen`, this range's prefix) did.
+#[derive(Clone, Copy)]
+struct Edge {
+    key: u32,
+    need: u64,
+    seen: u64,
+}
+
+impl Edge {
+    fn new(b: &select::Boundary, range_index: u32) -> Edge {
+        Edge {
+            key: b.key,
+            need: b.need,
+            seen: b.prefix.get(range_index as usize).copied().unwrap_or(0),
+        }
+    }
+
+    /// Same answer as [`select::Cursor::below`], as a select rather than a branch.
+    #[inline(always)]
+    fn below(&mut self, k: u32) -> bool {
+        let eq = k == self.key;
+        let r = (k < self.key) | (eq & (self.seen < self.need));
+        self.seen += u64::from(eq);
+        r
+    }
+}
+
+/// Produces the sparsified (unscaled) delta of one model chunk by chunk, in element order.
+enum Sparse {
+    All,
+    Nothing,
+    Window {
+        lo: Edge,
+        hi: Edge,
+    },
+    Random {
+        s: super::rng::Stream,
+        p: f64,
+    },
+    /// DELLA ranks whole rows: materialised for the range up front.
+    Full(Vec<f32>),
+}
+
+impl Sparse {
+    fn new(
+        plan: &Plan,
+        ctx: &TensorCtx,
+        sel_state: &Stats,
+        rows: RowRange,
+        inputs: &[&[f32]],
+        j: usize,
+    ) -> KResult<Sparse> {
+        Ok(match plan.keep[j] {
+            Keep::All => Sparse::All,
+            Keep::Nothing => Sparse::Nothing,
+            Keep::Window { sel, .. } => {
+                let bs = select::boundaries(sel_state, sel);
+                let [lo, hi] = bs.as_slice() else {
+                    return Err("selection state is missing a boundary".into());
+                };
+                Sparse::Window {
+                    lo: Edge::new(lo, rows.index),
+                    hi: Edge::new(hi, rows.index),
+                }
+            }
+            Keep::Random { p } => Sparse::Random {
+                s: ctx.stream(plan.others[j]),
+                p,
+            },
+            Keep::Della { density, epsilon } => {
+                Sparse::Full(della_delta(plan, ctx, rows, inputs, j, density, epsilon)?)
+            }
+        })
+    }
+
+    /// Writes the sparsified delta of elements `[at, at + d.len())` of the range into `d`;
+    /// `x` and `b` are the model's and the base's values there, `first` the range's first
+    /// element in the tensor. Chunks must come in order (the window counts ties as it goes).
+    fn fill(&mut self, x: &[f32], b: &[f32], first: u64, at: usize, d: &mut [f32]) {
+        for ((d, &x), &b) in d.iter_mut().zip(x).zip(b) {
+            *d = x - b;
+        }
+        match self {
+            Sparse::All => {}
+            Sparse::Nothing => d.iter_mut().for_each(|v| *v = 0.0),
+            Sparse::Window { lo, hi } => {
+                for v in d.iter_mut() {
+                    let k = select::key(*v);
+                    let below_lo = lo.below(k);
+                    let below_hi = hi.below(k);
+                    let z = *v * 0.0;
+                    *v = if below_lo | !below_hi { z } else { *v };
+                }
+            }
+            Sparse::Random { s, p } => {
+                let base = first + at as u64;
+                for (e, v) in d.iter_mut().enumerate() {
+                    if !s.bernoulli(base + e as u64, *p) {
+                        *v *= 0.0;
+                    }
+                }
+            }
+            Sparse::Full(all) => d.copy_from_slice(&all[at..at + d.len()]),
+        }
+    }
+}
+
+/// DELLA's sparsified (unscaled) delta of model `j` over one row range.
+fn della_delta(
     plan: &Plan,
     ctx: &TensorCtx,
-    sel_state: &Stats,
     rows: RowRange,
     inputs: &[&[f32]],
     j: usize,
+    density: f64,
+    epsilon: f64,
 ) -> KResult<Vec<f32>> {
     let x = inputs[plan.others[j]];
     let b = inputs[plan.base];
     let mut d: Vec<f32> = x.iter().zip(b.iter()).map(|(&x, &b)| x - b).collect();
     let first = rows.first_element(ctx);
-    match plan.keep[j] {
-        Keep::All => {}
-        Keep::Nothing => d.iter_mut().for_each(|v| *v = 0.0),
-        Keep::Window { sel, .. } => {
-            let bs = select::boundaries(sel_state, sel);
-            let [lo, hi] = bs.as_slice() else {
-                return Err("selection state is missing a boundary".into());
-            };
-            let mut lo = Cursor::new(lo, rows.index);
-            let mut hi = Cursor::new(hi, rows.index);
-            for v in d.iter_mut() {
-                let k = select::key(*v);
-                let below_lo = lo.below(k);
-                let below_hi = hi.below(k);
-                if below_lo || !below_hi {
-                    *v *= 0.0;
-                }
+    let (m, inner) = della_axis(ctx)?;
+    let s = ctx.stream(plan.others[j]);
+    let lo = (density - epsilon) as f32;
+    let eps = epsilon as f32;
+    let denom = (m as f32) - 1.0;
+    let mut order: Vec<usize> = Vec::with_capacity(m);
+    let mut keep = vec![false; d.len()];
+    for row in 0..d.len() / ctx.row_len.max(1) {
+        let r0 = row * ctx.row_len;
+        for c in 0..inner {
+            order.clear();
+            order.extend((0..m).map(|a| r0 + a * inner + c));
+            order.sort_by_key(|&e| (select::key(d[e]), e));
+            for (rank, &e) in order.iter().enumerate() {
+                // mergekit: ranks 1..=m, normalised by (rank - min) / (max - min)
+                let rn = (((rank + 1) as f32 - 1.0) / denom).clamp(0.0, 1.0);
+                let p = lo + rn * 2.0 * eps;
+                keep[e] = s.bernoulli(first + e as u64, p as f64);
             }
         }
-        Keep::Random { p } => {
-            let s = ctx.stream(plan.others[j]);
-            for (e, v) in d.iter_mut().enumerate() {
-                if !s.bernoulli(first + e as u64, p) {
-                    *v *= 0.0;
-                }
-            }
-        }
-        Keep::Della { density, epsilon } => {
-            let (m, inner) = della_axis(ctx)?;
-            let s = ctx.stream(plan.others[j]);
-            let lo = (density - epsilon) as f32;
-            let eps = epsilon as f32;
-            let denom = (m as f32) - 1.0;
-            let mut order: Vec<usize> = Vec::with_capacity(m);
-            let mut keep = vec![false; d.len()];
-            for row in 0..d.len() / ctx.row_len.max(1) {
-                let r0 = row * ctx.row_len;
-                for c in 0..inner {
-                    order.clear();
-                    order.extend((0..m).map(|a| r0 + a * inner + c));
-                    order.sort_by_key(|&e| (select::key(d[e]), e));
-                    for (rank, &e) in order.iter().enumerate() {
-                        // mergekit: ranks 1..=m, normalised by (rank - min) / (max - min)
-                        let rn = (((rank + 1) as f32 - 1.0) / denom).clamp(0.0, 1.0);
-                        let p = lo + rn * 2.0 * eps;
-                        keep[e] = s.bernoulli(first + e as u64, p as f64);
-                    }
-                }
-            }
-            for (v, k) in d.iter_mut().zip(keep) {
-                if !k {
-                    *v *= 0.0;
-                }
-            }
+    }
+    for (v, k) in d.iter_mut().zip(keep) {
+        if !k {
+            *v *= 0.0;
         }
     }
     Ok(d)
 }
 
-/// The selection's keys (|δ|) for every selection problem over one range.
-fn selection_keys(plan: &Plan, inputs: &[&[f32]]) -> Vec<Vec<u32>> {
-    let b = inputs[plan.base];
-    plan.keep
+/// Calls `f` with the selection keys (|δ|) of selection problem `j`, chunk by chunk in
+/// element order, without materialising them.
+fn for_each_key_chunk(plan: &Plan, inputs: &[&[f32]], j: usize, f: &mut dyn FnMut(&[u32])) {
+    let Some(i) = plan
+        .keep
         .iter()
         .zip(&plan.others)
         .filter(|(k, _)| matches!(k, Keep::Window { .. }))
-        .map(|(_, &i)| {
-            inputs[i]
-                .iter()
-                .zip(b.iter())
-                .map(|(&x, &b)| select::key(x - b))
-                .collect()
-        })
-        .collect()
+        .map(|(_, &i)| i)
+        .nth(j)
+    else {
+        return;
+    };
+    let (x, b) = (inputs[i], inputs[plan.base]);
+    let mut keys = [0u32; CHUNK];
+    for (xc, bc) in x.chunks(CHUNK).zip(b.chunks(CHUNK)) {
+        let ks = &mut keys[..xc.len()];
+        for ((k, &x), &b) in ks.iter_mut().zip(xc).zip(bc) {
+            *k = select::key(x - b);
+        }
+        f(ks);
+    }
 }
 
 fn check_inputs(ctx: &TensorCtx, inputs: &[&[f32]], len: usize) -> KResult<()> {
@@ -498,12 +589,13 @@ impl Method for Gta {
         let len = inputs.first().map_or(0, |x| x.len());
         check_inputs(ctx, inputs, len)?;
         if pass < plan.sel_passes {
-            let keys = selection_keys(&plan, inputs);
-            let refs: Vec<&[u32]> = keys.iter().map(Vec::as_slice).collect();
+            let problems = plan.ranks.len();
+            let mut keys =
+                |j: usize, f: &mut dyn FnMut(&[u32])| for_each_key_chunk(&plan, inputs, j, f);
             return Ok(if pass == 0 {
-                select::partial0(&refs)
+                select::partial0_with(problems, &mut keys)
             } else {
-                select::partial1(state, &refs, &plan.ranks)
+                select::partial1_with(state, &plan.ranks, &mut keys)
             });
         }
         // L1 pass: Σ|δ| and Σ|masked δ| per model (zero sums for models not rescaled)
@@ -515,8 +607,15 @@ impl Method for Gta {
                 let x = inputs[plan.others[j]];
                 let b = inputs[plan.base];
                 before.add_all(x.iter().zip(b.iter()).map(|(&x, &b)| (x - b).abs() as f64));
-                let d = sparse_delta(&plan, ctx, state.child(0), rows, inputs, j)?;
-                after.add_all(d.iter().map(|v| v.abs() as f64));
+                let mut sp = Sparse::new(&plan, ctx, state.child(0), rows, inputs, j)?;
+                let first = rows.first_element(ctx);
+                let mut d = [0f32; CHUNK];
+                for at in (0..len).step_by(CHUNK) {
+                    let end = (at + CHUNK).min(len);
+                    let dc = &mut d[..end - at];
+                    sp.fill(&x[at..end], &b[at..end], first, at, dc);
+                    after.add_all(dc.iter().map(|v| v.abs() as f64));
+                }
             }
             st.sums.push(before);
             st.sums.push(after);
@@ -572,21 +671,23 @@ impl Method for Gta {
         check_inputs(ctx, inputs, out.len())?;
         let base = inputs[plan.base];
         let sel_state = state.child(0);
-        let mut deltas = Vec::with_capacity(plan.others.len());
-        for j in 0..plan.others.len() {
-            let mut d = sparse_delta(&plan, ctx, sel_state, rows, inputs, j)?;
+        let nj = plan.others.len();
+        let mut sparse = Vec::with_capacity(nj);
+        let mut scales = Vec::with_capacity(nj);
+        for j in 0..nj {
+            sparse.push(Sparse::new(&plan, ctx, sel_state, rows, inputs, j)?);
+            let mut scale = None;
             if plan.rescale && plan.l1_passes > 0 && plan.keep[j].rescalable() {
-                let scale = state
+                let s = state
                     .values
                     .get(j)
                     .copied()
                     .ok_or_else(|| KernelError("rescale statistics are missing".into()))?;
-                if !scale.is_nan() {
-                    let s = scale as f32;
-                    d.iter_mut().for_each(|v| *v *= s);
+                if !s.is_nan() {
+                    scale = Some(s as f32);
                 }
             }
-            deltas.push(d);
+            scales.push(scale);
         }
         let w = &plan.weights;
         let total_w = {
@@ -597,37 +698,75 @@ impl Method for Gta {
                 t
             }
         };
-        for (e, o) in out.iter_mut().enumerate() {
-            let (mut mixed, divisor) = if self.cfg.consensus {
-                let mut s = 0f32;
-                for (d, &wj) in deltas.iter().zip(w) {
-                    s += d[e] * wj;
+        let first = rows.first_element(ctx);
+        let n = out.len();
+        // One chunk of every model's delta, then the mix over the chunk, loops ordered so
+        // that each element sees exactly the scalar sequence of operations (bit-identical).
+        let mut deltas = vec![0f32; nj * CHUNK];
+        let mut sum = [0f32; CHUNK];
+        let mut mixed = [0f32; CHUNK];
+        let mut div = [0f32; CHUNK];
+        for at in (0..n).step_by(CHUNK) {
+            let end = (at + CHUNK).min(n);
+            let len = end - at;
+            let bc = &base[at..end];
+            for (j, sp) in sparse.iter_mut().enumerate() {
+                let d = &mut deltas[j * CHUNK..j * CHUNK + len];
+                sp.fill(&inputs[plan.others[j]][at..end], bc, first, at, d);
+                if let Some(s) = scales[j] {
+                    d.iter_mut().for_each(|v| *v *= s);
                 }
-                let positive = s >= 0.0;
-                let (mut mixed, mut div) = (0f32, 0f32);
-                for (d, &wj) in deltas.iter().zip(w) {
-                    let wd = d[e] * wj;
-                    // torch.sign(0) == 0 matches neither majority
-                    if (positive && wd > 0.0) || (!positive && wd < 0.0) {
-                        mixed += wd;
-                        div += wj;
+            }
+            let (sum, mixed, div) = (&mut sum[..len], &mut mixed[..len], &mut div[..len]);
+            mixed.iter_mut().for_each(|m| *m = 0.0);
+            if self.cfg.consensus {
+                sum.iter_mut().for_each(|m| *m = 0.0);
+                for (j, &wj) in w.iter().enumerate() {
+                    let d = &deltas[j * CHUNK..j * CHUNK + len];
+                    for (s, &d) in sum.iter_mut().zip(d) {
+                        *s += d * wj;
                     }
                 }
-                (mixed, if div == 0.0 { 1.0 } else { div })
-            } else {
-                let mut mixed = 0f32;
-                for (d, &wj) in deltas.iter().zip(w) {
-                    mixed += d[e] * wj;
+                div.iter_mut().for_each(|m| *m = 0.0);
+                for (j, &wj) in w.iter().enumerate() {
+                    let d = &deltas[j * CHUNK..j * CHUNK + len];
+                    for (((m, dv), &s), &d) in
+                        mixed.iter_mut().zip(div.iter_mut()).zip(&*sum).zip(d)
+                    {
+                        let wd = d * wj;
+                        // torch.sign(0) == 0 matches neither majority. Adding +0.0 instead of
+                        // skipping is exact: `m` and `dv` start at +0.0 and only ever get
+                        // non-zero terms, so they are never -0.0 (the one value +0.0 changes).
+                        let agree = if s >= 0.0 { wd > 0.0 } else { wd < 0.0 };
+                        *m += if agree { wd } else { 0.0 };
+                        *dv += if agree { wj } else { 0.0 };
+                    }
                 }
-                (mixed, total_w)
-            };
+                for dv in div.iter_mut() {
+                    if *dv == 0.0 {
+                        *dv = 1.0;
+                    }
+                }
+            } else {
+                for (j, &wj) in w.iter().enumerate() {
+                    let d = &deltas[j * CHUNK..j * CHUNK + len];
+                    for (m, &d) in mixed.iter_mut().zip(d) {
+                        *m += d * wj;
+                    }
+                }
+                div.iter_mut().for_each(|m| *m = total_w);
+            }
             if plan.normalize {
-                mixed /= divisor;
+                for (m, &dv) in mixed.iter_mut().zip(&*div) {
+                    *m /= dv;
+                }
             }
             if plan.lambda != 1.0 {
-                mixed *= plan.lambda;
+                mixed.iter_mut().for_each(|m| *m *= plan.lambda);
             }
-            *o = base[e] + mixed;
+            for ((o, &b), &m) in out[at..end].iter_mut().zip(bc).zip(&*mixed) {
+                *o = b + m;
+            }
         }
         Ok(())
     }

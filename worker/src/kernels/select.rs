@@ -68,13 +68,24 @@ impl<'a> Cursor<'a> {
 
 /// Pass 0, one range: a histogram of the high 16 bits of each problem's keys.
 pub fn partial0(keys: &[&[u32]]) -> Stats {
+    partial0_with(keys.len(), &mut |j, f| f(keys[j]))
+}
+
+/// Streams a selection problem's keys: `keys(j, f)` calls `f` on the keys of problem `j`,
+/// chunk by chunk, in element order.
+pub type KeySource<'a> = dyn FnMut(usize, &mut dyn FnMut(&[u32])) + 'a;
+
+/// [`partial0`] over streamed keys (`problems` problems).
+pub fn partial0_with(problems: usize, keys: &mut KeySource) -> Stats {
     let mut st = Stats::default();
     let mut dense = vec![0u64; BINS];
-    for ks in keys {
+    for j in 0..problems {
         dense.iter_mut().for_each(|d| *d = 0);
-        for &k in ks.iter() {
-            dense[(k >> 16) as usize] += 1;
-        }
+        keys(j, &mut |ks| {
+            for &k in ks {
+                dense[(k >> 16) as usize] += 1;
+            }
+        });
         st.hists.push(Hist::from_dense(&dense));
     }
     st
@@ -120,27 +131,47 @@ fn locate(dense: &[u64], p: u64) -> (u64, u64) {
 /// Pass 1, one range: for each boundary, a histogram of the low 16 bits of the keys in its
 /// bucket. `keys[j]` are problem j's keys, `ranks[j]` its ranks (as given to `reduce0`).
 pub fn partial1(state0: &Stats, keys: &[&[u32]], ranks: &[Vec<u64>]) -> Stats {
+    partial1_with(state0, ranks, &mut |j, f| f(keys[j]))
+}
+
+/// [`partial1`] over streamed keys: one walk over each problem's keys fills the histograms of
+/// all its boundaries.
+pub fn partial1_with(state0: &Stats, ranks: &[Vec<u64>], keys: &mut KeySource) -> Stats {
     let mut st = Stats::default();
-    let mut dense = vec![0u64; BINS];
     let mut at = 0;
     for (j, rs) in ranks.iter().enumerate() {
-        for _ in rs {
-            let bucket = state0
-                .counts
-                .get(at * 3 + 1)
-                .copied()
-                .unwrap_or(BINS as u64);
-            at += 1;
-            dense.iter_mut().for_each(|d| *d = 0);
-            if bucket < BINS as u64 {
-                for &k in keys[j].iter() {
-                    if (k >> 16) as u64 == bucket {
-                        dense[(k & 0xffff) as usize] += 1;
+        let buckets: Vec<u64> = rs
+            .iter()
+            .enumerate()
+            .map(|(r, _)| {
+                state0
+                    .counts
+                    .get((at + r) * 3 + 1)
+                    .copied()
+                    .unwrap_or(BINS as u64)
+            })
+            .collect();
+        at += rs.len();
+        let mut dense = vec![vec![0u64; BINS]; buckets.len()];
+        let live: Vec<(usize, u32)> = buckets
+            .iter()
+            .enumerate()
+            .filter(|(_, &b)| b < BINS as u64)
+            .map(|(r, &b)| (r, b as u32))
+            .collect();
+        if !live.is_empty() {
+            keys(j, &mut |ks| {
+                for &k in ks {
+                    let hi = k >> 16;
+                    for &(r, b) in &live {
+                        if hi == b {
+                            dense[r][(k & 0xffff) as usize] += 1;
+                        }
                     }
                 }
-            }
-            st.hists.push(Hist::from_dense(&dense));
+            });
         }
+        st.hists.extend(dense.iter().map(|d| Hist::from_dense(d)));
     }
     st
 }
