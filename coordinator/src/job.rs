@@ -22,7 +22,9 @@ use crate::error::{Error, Result};
 use crate::plan::{self, Plan, PlanOptions};
 use crate::recipe::Recipe;
 
-pub const DEFAULT_TASK_SIZE: u64 = 64 << 20;
+/// Small enough that task buffers are reused from the heap (bench: 8 MiB tasks ran a 0.75B
+/// task_arithmetic in 0.65x the time of 64 MiB tasks, with 0.63x the peak memory).
+pub const DEFAULT_TASK_SIZE: u64 = 8 << 20;
 pub const DEFAULT_SLOT_MEMORY: u64 = 512 << 20;
 pub const MAX_ATTEMPTS: u32 = 5;
 
