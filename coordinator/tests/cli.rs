@@ -294,3 +294,39 @@ fn verify_rejects_damage() {
     assert_eq!(v.code, 1);
     assert!(v.stderr.contains("ghost.weight"), "{}", v.stderr);
 }
+
+/// Tokenizer files and generation_config.json come from `tokenizer_source` (default: the base
+/// model); config.json from the base with the output dtype and layer count.
+#[test]
+fn tokenizer_and_config_come_from_the_right_model() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let t = tempfile::tempdir().unwrap();
+    let recipe = |extra: &str| {
+        format!(
+            "merge_method: task_arithmetic\nbase_model: examples/models/base\ndtype: float16\n{extra}models:\n- model: examples/models/instruct\n  parameters:\n    weight: 1.0\n- model: examples/models/lang_eu\n  parameters:\n    weight: 1.0\n"
+        )
+    };
+    for (extra, want) in [
+        ("", "base"),
+        ("tokenizer_source: examples/models/lang_eu\n", "lang_eu"),
+    ] {
+        let r = t.path().join("r.yml");
+        std::fs::write(&r, recipe(extra)).unwrap();
+        let out = t.path().join(format!("out-{want}"));
+        let o = run_in(
+            &root,
+            &["run", r.to_str().unwrap(), out.to_str().unwrap(), "--quiet"],
+        );
+        assert_eq!(o.code, 0, "{}", o.stderr);
+        let tc = std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap();
+        assert!(
+            tc.contains(&format!("\"{want}\"")) || tc.contains(&format!("/{want}")),
+            "{want}: {tc}"
+        );
+        assert!(out.join("tokenizer.json").exists() && out.join("generation_config.json").exists());
+        let cfg: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+        assert_eq!(cfg["torch_dtype"], "float16");
+        assert_eq!(cfg["num_hidden_layers"], 4);
+    }
+}
