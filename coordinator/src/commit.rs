@@ -31,7 +31,7 @@ pub fn model_card(plan: &Plan) -> String {
         .collect();
     format!(
         "---\nlibrary_name: transformers\ntags:\n- merge\n- shardmerge\n---\n# Merged model\n\n\
-         This model was merged with [shardmerge](https://github.com/) using the `{}` method.\n\n\
+         This model was merged with shardmerge, from a mergekit recipe, using the `{}` method.\n\n\
          ## Models merged\n\n{}\n\n## Recipe\n\n```yaml\n{}\n```\n",
         plan.recipe.merge_method,
         models.join("\n"),
