@@ -69,6 +69,8 @@ struct Job {
     status: pb::JobStatus,
     started: Instant,
     tx: watch::Sender<pb::JobStatus>,
+    /// Output files whose upload is complete (renamed / multipart completed).
+    files_finished: usize,
     committing: bool,
 }
 
@@ -361,6 +363,7 @@ impl JobManager {
             status,
             started: Instant::now(),
             tx,
+            files_finished: 0,
             committing: false,
         };
         lock(&self.jobs).insert(id.clone(), job);
@@ -657,38 +660,45 @@ impl JobManager {
             j.publish();
             (j.out.store.clone(), j.uploads.clone())
         };
+        // Abort what is in flight and remove files already completed: a failed job leaves
+        // nothing that looks like part of a finished checkpoint.
         for u in &uploads {
             if let Err(e) = store.abort_upload(u).await {
                 tracing::warn!("aborting {}: {e}", u.path);
+            }
+            if let Err(e) = store.delete(&u.path).await {
+                tracing::warn!("removing {}: {e}", u.path);
             }
         }
     }
 
     async fn finish_file(&self, jid: &str, fi: usize) {
-        let (store, upload, receipts, all_done) = {
+        let (store, upload, receipts) = {
             let mut jobs = lock(&self.jobs);
             let Some(j) = jobs.get_mut(jid) else { return };
             let receipts: Vec<Receipt> = j.receipts[fi].iter().flatten().cloned().collect();
-            let all_done = j.file_remaining.iter().all(|&r| r == 0) && !j.committing;
-            if all_done {
-                j.committing = true;
-                j.status.state = pb::JobState::Committing as i32;
-                j.publish();
-            }
-            (
-                j.out.store.clone(),
-                j.uploads[fi].clone(),
-                receipts,
-                all_done,
-            )
+            (j.out.store.clone(), j.uploads[fi].clone(), receipts)
         };
         if let Err(e) = store.finish_upload(&upload, &receipts).await {
             self.fail_job(jid, &format!("completing {}: {e}", upload.path))
                 .await;
             return;
         }
-        if all_done {
-            // other files may still be finishing; the last finisher commits
+        // Files complete in any order (a slow multipart completion may finish last): whoever
+        // completes the last one commits, so the index is written after every file exists.
+        let commit_now = {
+            let mut jobs = lock(&self.jobs);
+            let Some(j) = jobs.get_mut(jid) else { return };
+            j.files_finished += 1;
+            let last = j.files_finished == j.plan.files.len() && !j.committing && !j.terminal();
+            if last {
+                j.committing = true;
+                j.status.state = pb::JobState::Committing as i32;
+                j.publish();
+            }
+            last
+        };
+        if commit_now {
             self.commit(jid).await;
         }
     }

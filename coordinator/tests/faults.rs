@@ -66,12 +66,15 @@ async fn failed_job_leaves_nothing_finished() {
         FaultyStorage::wrap(
             s,
             FaultPlan {
-                break_writes_after: 10,
+                break_writes_after: 60,
                 ..Default::default()
             },
         )
     });
-    let e = embedded::run(&recipe(), out.to_str().unwrap(), &opts(8192), resolver)
+    // several output files: some are complete (renamed into place) when the job fails
+    let mut o = opts(8192);
+    o.submit.out_shard_size = 150_000;
+    let e = embedded::run(&recipe(), out.to_str().unwrap(), &o, resolver)
         .await
         .err()
         .expect("the job must fail");
@@ -155,4 +158,28 @@ async fn lost_worker_lease_expires_and_late_result_is_ignored() {
     assert!(!late);
     assert_eq!(file_bytes(&clean), file_bytes(&out));
     let _ = Arc::clone(&mgr);
+}
+
+/// The index is written last even when one output file's completion is slow: a folder with an
+/// index is always a finished checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn index_waits_for_every_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let resolver = Resolver::with_wrapper(|s| {
+        FaultyStorage::wrap(
+            s,
+            FaultPlan {
+                delay_first_finish_ms: 500,
+                check_index_last: true,
+                ..Default::default()
+            },
+        )
+    });
+    let mut o = opts(8192);
+    o.submit.out_shard_size = 150_000; // several output files
+    embedded::run(&recipe(), out.to_str().unwrap(), &o, resolver)
+        .await
+        .unwrap();
+    assert!(out.join("model-00001-of-00006.safetensors").exists());
 }

@@ -20,6 +20,11 @@ pub struct FaultPlan {
     pub fail_every_nth_write: u64,
     /// After this many successful part writes, every write fails permanently (0: never).
     pub break_writes_after: u64,
+    /// The first file completed is held back this long (a slow multipart completion).
+    pub delay_first_finish_ms: u64,
+    /// Writing `model.safetensors.index.json` fails unless every file it names exists: the
+    /// index must be written last.
+    pub check_index_last: bool,
 }
 
 #[derive(Debug)]
@@ -28,6 +33,7 @@ pub struct FaultyStorage {
     plan: FaultPlan,
     reads: AtomicU64,
     writes: AtomicU64,
+    finishes: AtomicU64,
     bytes_read: Arc<AtomicU64>,
 }
 
@@ -47,6 +53,7 @@ impl FaultyStorage {
             plan,
             reads: AtomicU64::new(0),
             writes: AtomicU64::new(0),
+            finishes: AtomicU64::new(0),
             bytes_read,
         })
     }
@@ -84,6 +91,23 @@ impl Storage for FaultyStorage {
         Ok(b)
     }
     async fn put(&self, path: &str, data: Bytes) -> SResult<()> {
+        if self.plan.check_index_last && path.ends_with("model.safetensors.index.json") {
+            let dir = path.trim_end_matches("model.safetensors.index.json");
+            let idx: serde_json::Value = serde_json::from_slice(&data)
+                .map_err(|e| StorageError::new(format!("{path}: bad index: {e}"), false))?;
+            let files: std::collections::BTreeSet<&str> = idx["weight_map"]
+                .as_object()
+                .map(|m| m.values().filter_map(|v| v.as_str()).collect())
+                .unwrap_or_default();
+            for f in files {
+                if !self.inner.exists(&format!("{dir}{f}")).await? {
+                    return Err(StorageError::new(
+                        format!("{path}: written before {f} was complete"),
+                        false,
+                    ));
+                }
+            }
+        }
         self.inner.put(path, data).await
     }
     async fn list(&self, dir: &str) -> SResult<Vec<String>> {
@@ -120,6 +144,13 @@ impl Storage for FaultyStorage {
             .await
     }
     async fn finish_upload(&self, upload: &Upload, parts: &[Receipt]) -> SResult<()> {
+        if self.finishes.fetch_add(1, Ordering::SeqCst) == 0 && self.plan.delay_first_finish_ms > 0
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(
+                self.plan.delay_first_finish_ms,
+            ))
+            .await;
+        }
         self.inner.finish_upload(upload, parts).await
     }
     async fn abort_upload(&self, upload: &Upload) -> SResult<()> {
