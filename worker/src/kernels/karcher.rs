@@ -12,7 +12,7 @@
 //! `apply` forms Σ cᵢ·xᵢ.
 
 use super::exact::ExactSum;
-use super::stats::merge_sums;
+use super::stats::{gram_upper, merge_sums};
 use super::{BaseRule, KResult, Method, MethodSpec, ParamDef, Reduced, RowRange, Stats, TensorCtx};
 
 pub struct Karcher;
@@ -124,26 +124,8 @@ impl Method for Karcher {
         _rows: RowRange,
         inputs: &[&[f32]],
     ) -> KResult<Stats> {
-        let n = inputs.len();
-        let mut sums = vec![ExactSum::new(); n * (n + 1) / 2];
         let len = inputs.first().map_or(0, |x| x.len());
-        let mut v = vec![0f64; n];
-        for e in 0..len {
-            for (vi, x) in v.iter_mut().zip(inputs) {
-                *vi = x[e] as f64;
-            }
-            let mut at = 0;
-            for i in 0..n {
-                for j in i..n {
-                    sums[at].add(v[i] * v[j]);
-                    at += 1;
-                }
-            }
-        }
-        Ok(Stats {
-            sums,
-            ..Default::default()
-        })
+        Ok(gram_upper(inputs.len(), len, |i, e| inputs[i][e]))
     }
 
     fn reduce(

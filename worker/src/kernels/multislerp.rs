@@ -12,8 +12,7 @@
 //! With two inputs whose weighted unit mean vanishes the result is their weighted sum; with
 //! more it is an error.
 
-use super::exact::ExactSum;
-use super::stats::sum_values;
+use super::stats::{gram_upper, sum_values};
 use super::{BaseRule, KResult, Method, MethodSpec, ParamDef, Reduced, RowRange, Stats, TensorCtx};
 
 pub struct MultiSlerp;
@@ -196,26 +195,8 @@ impl Method for MultiSlerp {
         inputs: &[&[f32]],
     ) -> KResult<Stats> {
         let inp = Inputs::new(ctx, inputs)?;
-        let n = inp.xs.len();
-        let mut sums = vec![ExactSum::new(); n * (n + 1) / 2];
         let len = inputs.first().map_or(0, |x| x.len());
-        let mut v = vec![0f64; n];
-        for e in 0..len {
-            for (i, vi) in v.iter_mut().enumerate() {
-                *vi = inp.x(i, e) as f64;
-            }
-            let mut at = 0;
-            for i in 0..n {
-                for j in i..n {
-                    sums[at].add(v[i] * v[j]);
-                    at += 1;
-                }
-            }
-        }
-        Ok(Stats {
-            sums,
-            ..Default::default()
-        })
+        Ok(gram_upper(inp.xs.len(), len, |i, e| inp.x(i, e)))
     }
 
     fn reduce(

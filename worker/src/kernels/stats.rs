@@ -59,10 +59,6 @@ pub struct Stats {
 }
 
 impl Stats {
-    pub fn is_empty(&self) -> bool {
-        *self == Stats::default()
-    }
-
     pub fn child(&self, i: usize) -> &Stats {
         static EMPTY: Stats = Stats {
             sums: Vec::new(),
@@ -154,6 +150,29 @@ pub fn merge_sums(partials: &[Stats]) -> Vec<ExactSum> {
         }
     }
     out
+}
+
+/// Partial Gram matrix of `n` vectors of `len` elements: exact sums of xᵢ·xⱼ for i ≤ j,
+/// upper triangle in row order (`n(n+1)/2` sums). `x(i, e)` is element `e` of vector `i`.
+pub fn gram_upper(n: usize, len: usize, x: impl Fn(usize, usize) -> f32) -> Stats {
+    let mut sums = vec![ExactSum::new(); n * (n + 1) / 2];
+    let mut v = vec![0f64; n];
+    for e in 0..len {
+        for (i, vi) in v.iter_mut().enumerate() {
+            *vi = x(i, e) as f64;
+        }
+        let mut at = 0;
+        for i in 0..n {
+            for j in i..n {
+                sums[at].add(v[i] * v[j]);
+                at += 1;
+            }
+        }
+    }
+    Stats {
+        sums,
+        ..Default::default()
+    }
 }
 
 /// The usual one-pass reduction: merge every range's exact sums and keep their values.

@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::TryStreamExt;
 use object_store::aws::AmazonS3Builder;
 use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path;
@@ -230,15 +229,4 @@ impl Storage for ObjectStorage {
             .await
             .map_err(|e| os_err(&upload.path, e))
     }
-}
-
-/// Lists every object under a prefix (used by tests and `verify`).
-pub async fn list_recursive(store: &Arc<dyn ObjectStore>, prefix: &str) -> SResult<Vec<String>> {
-    let p = Path::from(prefix);
-    let items: Vec<_> = store
-        .list(Some(&p))
-        .try_collect()
-        .await
-        .map_err(|e| os_err(prefix, e))?;
-    Ok(items.into_iter().map(|m| m.location.to_string()).collect())
 }
