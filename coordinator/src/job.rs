@@ -214,6 +214,9 @@ pub struct JobManager {
     leases: Mutex<HashMap<String, (String, Item)>>,
     next_id: std::sync::atomic::AtomicU64,
     lease_ttl: Mutex<Duration>,
+    /// When leases were last checked for expiry: polls arrive far more often than leases
+    /// can expire, and a check walks every task.
+    last_expiry_scan: Mutex<Option<Instant>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -228,6 +231,7 @@ impl JobManager {
             leases: Mutex::new(HashMap::new()),
             next_id: std::sync::atomic::AtomicU64::new(1),
             lease_ttl: Mutex::new(Duration::from_secs(30)),
+            last_expiry_scan: Mutex::new(None),
         })
     }
 
@@ -390,6 +394,16 @@ impl JobManager {
 
     /// Re-queues work whose lease ran out.
     fn expire(&self, now: Instant) {
+        {
+            let ttl = *lock(&self.lease_ttl);
+            let mut last = lock(&self.last_expiry_scan);
+            if last
+                .is_some_and(|t| now.duration_since(t) < (ttl / 20).min(Duration::from_millis(250)))
+            {
+                return;
+            }
+            *last = Some(now);
+        }
         let mut jobs = lock(&self.jobs);
         let mut leases = lock(&self.leases);
         for j in jobs.values_mut() {
