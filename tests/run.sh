@@ -16,12 +16,13 @@ if ! command -v minio >/dev/null 2>&1 && ! command -v garage >/dev/null 2>&1; th
         --no-default-features --features bundled-libs,lmdb
 fi
 
+# --no-fail-fast: a failing suite does not hide the results of the ones after it.
 # cargo's last "test result" line is the (empty) doc-test run of the last crate; finish with
 # the totals over every suite instead.
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --workspace "$@" 2>&1 | tee "$log" || status=$?
+cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
 awk '/^test result:/ { p += $4; f += $6; i += $8 }
      END { printf "%d passed, %d failed, %d skipped\n", p, f, i }' "$log"
 exit "$status"

@@ -212,25 +212,30 @@ impl S3Server {
             child: Mutex::new(child),
             garage: Some((bin.to_path_buf(), cfg)),
         };
-        // the CLI talks to the node over RPC: retry until it answers
-        let start = Instant::now();
-        let node = loop {
-            match s.garage_cli(&["node", "id", "-q"]) {
-                Ok(out) => break out.trim().split('@').next().unwrap_or("").to_string(),
-                Err(e) if start.elapsed() > Duration::from_secs(20) => {
-                    return Err(format!(
-                        "garage did not start: {e}\n{}",
-                        s.log("garage.log")
-                    ))
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(100)),
-            }
-        };
-        s.garage_cli(&["layout", "assign", "-z", "dc1", "-c", "1G", &node])?;
-        s.garage_cli(&["layout", "apply", "--version", "1"])?;
-        s.garage_cli(&[
-            "key", "import", "--yes", "-n", "test", ACCESS_KEY, SECRET_KEY,
-        ])?;
+        // The CLI talks to the node over RPC, which opens some time after the process starts
+        // (`node id` can answer from the key file before it does): wait for the RPC port, then
+        // retry every set-up step until it succeeds or the deadline passes.
+        let rpc_addr: SocketAddr = format!("127.0.0.1:{rpc}").parse().expect("addr");
+        if !wait_tcp(rpc_addr, Duration::from_secs(30)) {
+            return Err(format!(
+                "garage RPC port did not open: {}",
+                s.log("garage.log")
+            ));
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let node = s.garage_retry(&["node", "id", "-q"], deadline)?;
+        let node = node.trim().split('@').next().unwrap_or("").to_string();
+        s.garage_retry(
+            &["layout", "assign", "-z", "dc1", "-c", "1G", &node],
+            deadline,
+        )?;
+        s.garage_retry(&["layout", "apply", "--version", "1"], deadline)?;
+        s.garage_retry(
+            &[
+                "key", "import", "--yes", "-n", "test", ACCESS_KEY, SECRET_KEY,
+            ],
+            deadline,
+        )?;
         let addr: SocketAddr = format!("127.0.0.1:{s3}").parse().expect("addr");
         if !wait_tcp(addr, Duration::from_secs(20)) {
             return Err(format!(
@@ -239,6 +244,23 @@ impl S3Server {
             ));
         }
         Ok(s)
+    }
+
+    /// `garage_cli`, retried every 200 ms until it succeeds or `deadline` passes. Every step
+    /// used with it is idempotent or fails harmlessly when repeated after a success.
+    fn garage_retry(&self, args: &[&str], deadline: Instant) -> Result<String, String> {
+        loop {
+            match self.garage_cli(args) {
+                Ok(out) => return Ok(out),
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(format!(
+                        "garage did not become ready: {e}\n{}",
+                        self.log("garage.log")
+                    ))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
     }
 
     fn garage_cli(&self, args: &[&str]) -> Result<String, String> {
@@ -267,14 +289,20 @@ impl S3Server {
     /// Creates a bucket the test key may read and write (`writable: false`: read only).
     pub fn create_bucket(&self, name: &str, writable: bool) {
         if self.garage.is_some() {
-            self.garage_cli(&["bucket", "create", name])
-                .unwrap_or_else(|e| panic!("{e}"));
+            let deadline = Instant::now() + Duration::from_secs(20);
+            match self.garage_retry(&["bucket", "create", name], deadline) {
+                Ok(_) => {}
+                // an earlier try that succeeded on the server but not for us
+                Err(e) if e.contains("already exists") => {}
+                Err(e) => panic!("{e}"),
+            }
             let mut args = vec!["bucket", "allow", "--read"];
             if writable {
                 args.extend(["--write", "--owner"]);
             }
             args.extend([name, "--key", "test"]);
-            self.garage_cli(&args).unwrap_or_else(|e| panic!("{e}"));
+            self.garage_retry(&args, deadline)
+                .unwrap_or_else(|e| panic!("{e}"));
         } else {
             // MinIO: the root user may do everything; a read-only bucket is not modelled
             assert!(writable, "read-only buckets are only set up on Garage");
