@@ -43,6 +43,26 @@ struct EngineArgs {
     /// Seed for randomised methods (overrides the recipe's random_seed)
     #[arg(long)]
     random_seed: Option<u64>,
+    /// Random draws of DARE/DELLA: mergekit's (torch's CPU stream, same masks as mergekit
+    /// with the same seed) or counter (a hash per element; no stream jumps)
+    #[arg(long, value_enum, default_value_t = RngArg::Mergekit)]
+    rng: RngArg,
+}
+
+/// `--rng`: see `pb::Rng`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RngArg {
+    Mergekit,
+    Counter,
+}
+
+impl RngArg {
+    fn proto(self) -> pb::Rng {
+        match self {
+            RngArg::Mergekit => pb::Rng::Mergekit,
+            RngArg::Counter => pb::Rng::Counter,
+        }
+    }
 }
 
 impl EngineArgs {
@@ -58,6 +78,7 @@ impl EngineArgs {
             task_size: self.task_size.max(1),
             slot_memory: (self.memory_limit / self.workers() as u64).max(1 << 20),
             seed: self.random_seed,
+            rng: self.rng.proto(),
             base_dir: embedded::cwd(),
             ..Default::default()
         }
@@ -145,6 +166,9 @@ enum Cmd {
         /// Seed for randomised methods (overrides the recipe's random_seed)
         #[arg(long)]
         random_seed: Option<u64>,
+        /// Random draws of DARE/DELLA (see `run --help`)
+        #[arg(long, value_enum, default_value_t = RngArg::Mergekit)]
+        rng: RngArg,
         /// No progress output
         #[arg(long, short)]
         quiet: bool,
@@ -275,6 +299,7 @@ async fn main_inner(cli: Cli) -> Result<()> {
             task_size,
             memory_limit,
             random_seed,
+            rng,
             quiet,
         } => {
             let text = read_recipe(&recipe)?;
@@ -289,6 +314,7 @@ async fn main_inner(cli: Cli) -> Result<()> {
                     seed: random_seed,
                     base_dir: embedded::cwd().to_string_lossy().into_owned(),
                     min_part_size: 0,
+                    rng: rng.proto() as i32,
                 },
                 wait,
                 quiet,

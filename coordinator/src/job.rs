@@ -188,6 +188,8 @@ pub struct SubmitOptions {
     pub task_size: u64,
     pub slot_memory: u64,
     pub seed: Option<u64>,
+    /// How randomised methods draw.
+    pub rng: pb::Rng,
     pub base_dir: PathBuf,
     pub lease_ttl: Duration,
     /// Refuse to write into a folder that already holds a checkpoint.
@@ -201,6 +203,7 @@ impl Default for SubmitOptions {
             task_size: DEFAULT_TASK_SIZE,
             slot_memory: DEFAULT_SLOT_MEMORY,
             seed: None,
+            rng: pb::Rng::Mergekit,
             base_dir: PathBuf::from("."),
             lease_ttl: Duration::from_secs(30),
             overwrite: true,
@@ -254,6 +257,7 @@ impl JobManager {
             &PlanOptions {
                 out_shard_size: o.out_shard_size,
                 seed: o.seed,
+                rng: o.rng,
             },
         )
         .await?;

@@ -244,6 +244,7 @@ pub async fn load_model(resolver: &Resolver, base_dir: &Path, name: &str) -> Res
 pub struct PlanOptions {
     pub out_shard_size: u64,
     pub seed: Option<u64>,
+    pub rng: pb::Rng,
 }
 
 struct Ctx<'a> {
@@ -251,6 +252,7 @@ struct Ctx<'a> {
     method: &'static dyn Method,
     models: &'a HashMap<String, ModelInfo>,
     seed: u64,
+    rng: pb::Rng,
 }
 
 /// Plans a merge.
@@ -306,6 +308,7 @@ pub async fn plan(
         method,
         models: &models,
         seed,
+        rng: opts.rng,
     };
     let slices = normalize_slices(&cx)?;
     for (i, s) in slices.iter().enumerate() {
@@ -380,6 +383,9 @@ pub async fn plan(
     }
     if tensors.is_empty() {
         return Err(Error::Input("the recipe selects no tensors".into()));
+    }
+    if opts.rng == pb::Rng::Mergekit {
+        lay_out_draws(method, &mut tensors)?;
     }
 
     let files = layout_files(&tensors, opts.out_shard_size);
@@ -560,6 +566,8 @@ fn plan_tensor(
             // keyed by the model's position among the inputs, not by where it is stored, so
             // the same recipe over copies on S3 or local disk draws the same numbers
             model_key: rng::key_of(&format!("input:{pos}")),
+            tensor: in_name.clone(),
+            rng_offset: 0,
         });
         infos.push(info);
     }
@@ -605,6 +613,12 @@ fn plan_tensor(
         .or(cx.recipe.dtype)
         .or_else(|| DType::from_proto(inputs[base.unwrap_or(0)].dtype))
         .unwrap_or(DType::F32);
+    // mergekit loads every input in the recipe's dtype, else casts to the base's
+    let work_dtype = cx
+        .recipe
+        .dtype
+        .map(|d| d.to_proto() as i32)
+        .unwrap_or(inputs[base.unwrap_or(0)].dtype);
     let job = pb::TensorJob {
         name: out_name.to_string(),
         shape,
@@ -615,6 +629,8 @@ fn plan_tensor(
         model_params,
         base_index: base.map(|b| b as u32),
         seed: cx.seed,
+        rng: cx.rng as i32,
+        work_dtype,
     };
     let ctx = shardmerge_worker::exec::tensor_ctx(&job).map_err(|e| Error::Input(e.message))?;
     cx.method.check(&ctx).map_err(|e| {
@@ -624,6 +640,37 @@ fn plan_tensor(
         ))
     })?;
     Ok(job)
+}
+
+/// Gives every randomised (tensor, input) its place in mergekit's draw stream. mergekit runs
+/// its merge tasks in order of their group label (the largest input tensor name, compared as
+/// Python compares strings: by code point, which is UTF-8 byte order), and each task draws
+/// once per element for each input in recipe order. Ties keep output order.
+fn lay_out_draws(method: &dyn Method, tensors: &mut [pb::TensorJob]) -> Result<()> {
+    let mut order: Vec<(String, usize)> = tensors
+        .iter()
+        .enumerate()
+        .map(|(k, t)| {
+            let label = t.inputs.iter().map(|s| s.tensor.as_str()).max();
+            (label.unwrap_or_default().to_string(), k)
+        })
+        .collect();
+    order.sort();
+    let mut at = 0u64;
+    for (_, k) in order {
+        let counts = {
+            let ctx = shardmerge_worker::exec::tensor_ctx(&tensors[k])
+                .map_err(|e| Error::Input(e.message))?;
+            method.draws(&ctx)
+        };
+        for (src, n) in tensors[k].inputs.iter_mut().zip(counts) {
+            src.rng_offset = at;
+            at = at.checked_add(n).ok_or_else(|| {
+                Error::Input("more random draws than a 64-bit stream position holds".into())
+            })?;
+        }
+    }
+    Ok(())
 }
 
 fn out_shape(name: &str, sources: &[Source], infos: &[&TensorInfo]) -> Result<Vec<u64>> {
@@ -702,6 +749,59 @@ pub fn rows_of(t: &pb::TensorJob) -> (u64, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A dare_linear tensor job over base + two models, with `density` for both.
+    fn dare_job(out: &str, ins: &[&str; 3], shape: &[u64], density: f64) -> pb::TensorJob {
+        let m = kernels::method("dare_linear").expect("dare_linear");
+        let params = m
+            .spec()
+            .params
+            .iter()
+            .filter_map(|p| p.default.map(|d| (p.name.to_string(), d)))
+            .collect();
+        let mp = |w: f64| pb::ParamMap {
+            values: [("weight".to_string(), w), ("density".to_string(), density)].into(),
+        };
+        pb::TensorJob {
+            name: out.into(),
+            shape: shape.to_vec(),
+            method: "dare_linear".into(),
+            params: Some(pb::ParamMap { values: params }),
+            inputs: ins
+                .iter()
+                .map(|t| pb::TensorSource {
+                    tensor: t.to_string(),
+                    shape: shape.to_vec(),
+                    ..Default::default()
+                })
+                .collect(),
+            model_params: vec![pb::ParamMap::default(), mp(1.0), mp(1.0)],
+            base_index: Some(0),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn draws_follow_mergekit_task_order() {
+        let m = kernels::method("dare_linear").expect("dare_linear");
+        // output order differs from mergekit's: it runs tasks by largest input name, as
+        // Python compares strings ("layers.10" < "layers.2"); a frankenmerge's output layer
+        // 0 reading input layer 2 sorts by the input name
+        let mut jobs = vec![
+            dare_job("model.layers.0.w", &["model.layers.2.w"; 3], &[10], 0.5),
+            dare_job("model.layers.1.w", &["model.layers.10.w"; 3], &[7], 0.5),
+            dare_job("lm_head.weight", &["lm_head.weight"; 3], &[3, 4], 0.5),
+            // density 1: no draws at all
+            dare_job("model.norm.weight", &["model.norm.weight"; 3], &[5], 1.0),
+        ];
+        lay_out_draws(m, &mut jobs).expect("lay out");
+        let offs = |k: usize| -> Vec<u64> { jobs[k].inputs.iter().map(|s| s.rng_offset).collect() };
+        // lm_head (12 draws per model), then layers.10 (7), then layers.2 (10), then norm
+        assert_eq!(offs(2)[1..], [0, 12]);
+        assert_eq!(offs(1)[1..], [24, 31]);
+        assert_eq!(offs(0)[1..], [38, 48]);
+        assert_eq!(offs(3)[1..], [58, 58]);
+    }
 
     #[test]
     fn layer_names() {

@@ -31,6 +31,7 @@ pub async fn describe(
         &PlanOptions {
             out_shard_size: o.out_shard_size,
             seed: o.seed,
+            rng: o.rng,
         },
     )
     .await?;

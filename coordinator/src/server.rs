@@ -46,6 +46,7 @@ impl Service {
             task_size: or(o.task_size, DEFAULT_TASK_SIZE),
             slot_memory: or(o.slot_memory, DEFAULT_SLOT_MEMORY),
             seed: o.seed,
+            rng: pb::Rng::try_from(o.rng).unwrap_or(pb::Rng::Mergekit),
             // Relative paths are the submitter's business: without a base_dir they resolve
             // against the coordinator's working directory.
             base_dir: if o.base_dir.is_empty() {
@@ -87,7 +88,14 @@ impl Coordinator for Service {
         if r.output_uri.is_empty() {
             return Err(Status::invalid_argument("output_uri is empty"));
         }
-        let o = self.submit_options(&r.options.unwrap_or_default());
+        let opts = r.options.unwrap_or_default();
+        if pb::Rng::try_from(opts.rng).is_err() {
+            return Err(Status::invalid_argument(format!(
+                "options.rng: unknown value {} (this coordinator knows mergekit = 0, counter = 1)",
+                opts.rng
+            )));
+        }
+        let o = self.submit_options(&opts);
         let (id, plan) = self
             .mgr
             .submit(&r.recipe_yaml, &r.output_uri, &o)

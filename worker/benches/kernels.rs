@@ -71,6 +71,12 @@ impl Setup {
                 .collect(),
             tensor_key: rng::key_of(TENSOR_NAME),
             seed: 0,
+            // mergekit's draws, deep into a 70B model's stream: each range pays its jump
+            rng: rng::Mode::Mergekit,
+            rng_offsets: (0..self.model_params.len() as u64)
+                .map(|i| (i + 1) * 50_000_000_000)
+                .collect(),
+            work_bf16: false,
         }
     }
 }

@@ -74,6 +74,18 @@ pub fn tensor_ctx(job: &pb::TensorJob) -> Result<TensorCtx<'_>, TaskError> {
         model_keys: job.inputs.iter().map(|s| s.model_key).collect(),
         tensor_key: rng::key_of(&job.name),
         seed: job.seed,
+        rng: match pb::Rng::try_from(job.rng) {
+            Ok(pb::Rng::Mergekit) => rng::Mode::Mergekit,
+            Ok(pb::Rng::Counter) => rng::Mode::Counter,
+            Err(_) => {
+                return Err(fatal(format!(
+                    "tensor {}: unknown rng kind {} (coordinator/worker version mismatch?)",
+                    job.name, job.rng
+                )))
+            }
+        },
+        rng_offsets: job.inputs.iter().map(|s| s.rng_offset).collect(),
+        work_bf16: job.work_dtype == pb::Dtype::Bf16 as i32,
     })
 }
 

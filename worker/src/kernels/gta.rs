@@ -322,7 +322,7 @@ impl Gta {
                                 }
                             }
                             Sparsify::Random => Keep::Random {
-                                p: density as f32 as f64,
+                                p: ctx.keep_probability(density),
                             },
                             Sparsify::Della => {
                                 let epsilon = finite("epsilon", ctx.model_param(i, "epsilon")?)?;
@@ -415,7 +415,7 @@ enum Sparse {
         hi: Edge,
     },
     Random {
-        s: super::rng::Stream,
+        d: super::rng::Draws,
         p: f64,
     },
     /// DELLA ranks whole rows: materialised for the range up front.
@@ -445,7 +445,7 @@ impl Sparse {
                 }
             }
             Keep::Random { p } => Sparse::Random {
-                s: ctx.stream(plan.others[j]),
+                d: ctx.draws(plan.others[j], rows.first_element(ctx)),
                 p,
             },
             Keep::Della { density, epsilon } => {
@@ -455,9 +455,10 @@ impl Sparse {
     }
 
     /// Writes the sparsified delta of elements `[at, at + d.len())` of the range into `d`;
-    /// `x` and `b` are the model's and the base's values there, `first` the range's first
-    /// element in the tensor. Chunks must come in order (the window counts ties as it goes).
-    fn fill(&mut self, x: &[f32], b: &[f32], first: u64, at: usize, d: &mut [f32]) {
+    /// `x` and `b` are the model's and the base's values there. Chunks must come in order,
+    /// from the range's first element (the window counts ties and the draws advance as they
+    /// go).
+    fn fill(&mut self, x: &[f32], b: &[f32], at: usize, d: &mut [f32]) {
         for ((d, &x), &b) in d.iter_mut().zip(x).zip(b) {
             *d = x - b;
         }
@@ -473,10 +474,9 @@ impl Sparse {
                     *v = if below_lo | !below_hi { z } else { *v };
                 }
             }
-            Sparse::Random { s, p } => {
-                let base = first + at as u64;
-                for (e, v) in d.iter_mut().enumerate() {
-                    if !s.bernoulli(base + e as u64, *p) {
+            Sparse::Random { d: draws, p } => {
+                for v in d.iter_mut() {
+                    if !draws.keep(*p) {
                         *v *= 0.0;
                     }
                 }
@@ -501,7 +501,9 @@ fn della_delta(
     let mut d: Vec<f32> = x.iter().zip(b.iter()).map(|(&x, &b)| x - b).collect();
     let first = rows.first_element(ctx);
     let (m, inner) = della_axis(ctx)?;
-    let s = ctx.stream(plan.others[j]);
+    // the range's draws in element order; ranks decide each element's probability
+    let mut draws = ctx.draws(plan.others[j], first);
+    let u: Vec<f64> = (0..d.len()).map(|_| draws.uniform()).collect();
     let lo = (density - epsilon) as f32;
     let eps = epsilon as f32;
     let denom = (m as f32) - 1.0;
@@ -517,7 +519,7 @@ fn della_delta(
                 // mergekit: ranks 1..=m, normalised by (rank - min) / (max - min)
                 let rn = (((rank + 1) as f32 - 1.0) / denom).clamp(0.0, 1.0);
                 let p = lo + rn * 2.0 * eps;
-                keep[e] = s.bernoulli(first + e as u64, p as f64);
+                keep[e] = u[e] < p as f64;
             }
         }
     }
@@ -572,6 +574,21 @@ impl Method for Gta {
         self.plan(ctx).map(|_| ())
     }
 
+    fn draws(&self, ctx: &TensorCtx) -> Vec<u64> {
+        // mergekit draws once per element of every randomly sparsified delta (none at
+        // density >= 1); a plan error surfaces in `check`
+        let Ok(plan) = self.plan(ctx) else {
+            return Vec::new();
+        };
+        let mut n = vec![0; ctx.n_models()];
+        for (j, k) in plan.keep.iter().enumerate() {
+            if matches!(k, Keep::Random { .. } | Keep::Della { .. }) {
+                n[plan.others[j]] = ctx.numel();
+            }
+        }
+        n
+    }
+
     fn passes(&self, ctx: &TensorCtx) -> u32 {
         // a plan error surfaces in `apply`
         self.plan(ctx).map_or(0, |p| p.sel_passes + p.l1_passes)
@@ -608,12 +625,11 @@ impl Method for Gta {
                 let b = inputs[plan.base];
                 before.add_all(x.iter().zip(b.iter()).map(|(&x, &b)| (x - b).abs() as f64));
                 let mut sp = Sparse::new(&plan, ctx, state.child(0), rows, inputs, j)?;
-                let first = rows.first_element(ctx);
                 let mut d = [0f32; CHUNK];
                 for at in (0..len).step_by(CHUNK) {
                     let end = (at + CHUNK).min(len);
                     let dc = &mut d[..end - at];
-                    sp.fill(&x[at..end], &b[at..end], first, at, dc);
+                    sp.fill(&x[at..end], &b[at..end], at, dc);
                     after.add_all(dc.iter().map(|v| v.abs() as f64));
                 }
             }
@@ -698,7 +714,6 @@ impl Method for Gta {
                 t
             }
         };
-        let first = rows.first_element(ctx);
         let n = out.len();
         // One chunk of every model's delta, then the mix over the chunk, loops ordered so
         // that each element sees exactly the scalar sequence of operations (bit-identical).
@@ -712,7 +727,7 @@ impl Method for Gta {
             let bc = &base[at..end];
             for (j, sp) in sparse.iter_mut().enumerate() {
                 let d = &mut deltas[j * CHUNK..j * CHUNK + len];
-                sp.fill(&inputs[plan.others[j]][at..end], bc, first, at, d);
+                sp.fill(&inputs[plan.others[j]][at..end], bc, at, d);
                 if let Some(s) = scales[j] {
                     d.iter_mut().for_each(|v| *v *= s);
                 }
@@ -958,6 +973,49 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// mergekit's masks: element e of input i is kept iff 24 bits of the MT19937 output at
+    /// (input i's stream position + e) fall below the density in the working dtype.
+    #[test]
+    fn dare_draws_are_torch_bernoulli() {
+        let (rows, cols) = (300u64, 400u64);
+        let n = (rows * cols) as usize;
+        let mut c = case(&DARE_LINEAR, &[rows, cols], 3);
+        for i in 1..3 {
+            set(&mut c, i, "density", 0.3);
+        }
+        c.params.insert("rescale".into(), 0.0);
+        let base = data(n, 1, 1.0);
+        let inputs = [base.clone(), data(n, 2, 1.0), data(n, 3, 1.0)];
+        let changed = |c: &Case| -> Vec<bool> {
+            run(&DARE_LINEAR, c, &inputs)
+                .iter()
+                .zip(&base)
+                .map(|(o, b)| o != b)
+                .collect()
+        };
+        let (seed, offsets) = (c.seed, c.ctx().rng_offsets);
+        let expect = |p: f64| -> Vec<bool> {
+            let mask = |i: usize| -> Vec<bool> {
+                let mut g = super::super::mt::Mt19937::at(seed, offsets[i]);
+                (0..n)
+                    .map(|_| ((g.next_u32() & 0xff_ffff) as f64 / (1u64 << 24) as f64) < p)
+                    .collect()
+            };
+            let (a, b) = (mask(1), mask(2));
+            a.iter().zip(&b).map(|(x, y)| x | y).collect()
+        };
+        let f32_mask = changed(&c);
+        assert_eq!(f32_mask, expect(0.3f32 as f64));
+        // bfloat16: torch fills the probability tensor with bf16(0.3) = 0.30078125
+        c.work_bf16 = true;
+        let bf16_mask = changed(&c);
+        assert_eq!(bf16_mask, expect(0.30078125));
+        assert_ne!(
+            f32_mask, bf16_mask,
+            "the bf16 rounding should change some draws"
+        );
     }
 
     #[test]

@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use std::fmt;
 
 pub mod exact;
+pub mod mt;
 pub mod rng;
 pub mod select;
 pub mod stats;
@@ -127,6 +128,12 @@ pub struct TensorCtx<'a> {
     pub model_keys: Vec<u64>,
     pub tensor_key: u64,
     pub seed: u64,
+    /// The generator of random draws, and ([`rng::Mode::Mergekit`]) each input's position in
+    /// the seeded stream for this tensor.
+    pub rng: rng::Mode,
+    pub rng_offsets: Vec<u64>,
+    /// mergekit would compute this tensor in bfloat16 (its keep probabilities are rounded).
+    pub work_bf16: bool,
 }
 
 impl TensorCtx<'_> {
@@ -181,13 +188,37 @@ impl TensorCtx<'_> {
             .collect()
     }
 
-    /// The RNG stream of input `i` for this tensor.
+    /// The counter-based RNG stream of input `i` for this tensor.
     pub fn stream(&self, i: usize) -> rng::Stream {
         rng::Stream::new(
             self.seed,
             self.tensor_key,
             self.model_keys.get(i).copied().unwrap_or(i as u64),
         )
+    }
+
+    /// Input `i`'s draws for this tensor, from element `first` on.
+    pub fn draws(&self, i: usize, first: u64) -> rng::Draws {
+        match self.rng {
+            rng::Mode::Counter => rng::Draws::Counter {
+                s: self.stream(i),
+                next: first,
+            },
+            rng::Mode::Mergekit => {
+                let at = self.rng_offsets.get(i).copied().unwrap_or(0);
+                rng::Draws::Torch(Box::new(mt::Mt19937::at(self.seed, at + first)))
+            }
+        }
+    }
+
+    /// The keep probability mergekit compares draws with for a density `p`: `p` in the dtype
+    /// it computes in (bfloat16, or float32 for every other dtype).
+    pub fn keep_probability(&self, p: f64) -> f64 {
+        if self.rng == rng::Mode::Mergekit && self.work_bf16 {
+            rng::round_bf16(p)
+        } else {
+            p as f32 as f64
+        }
     }
 }
 
@@ -223,6 +254,12 @@ pub trait Method: Send + Sync {
     /// parameter and what range it must be in (the planner adds the method and tensor).
     fn check(&self, _ctx: &TensorCtx) -> KResult<()> {
         Ok(())
+    }
+
+    /// How many random draws each input makes for this tensor (by input position; empty or
+    /// zeros for a deterministic method). The planner lays mergekit's draw stream out with it.
+    fn draws(&self, _ctx: &TensorCtx) -> Vec<u64> {
+        Vec::new()
     }
 
     /// How many statistics passes this tensor needs before `apply` (at most).
@@ -346,6 +383,8 @@ pub(crate) mod testutil {
         pub model_params: Vec<HashMap<String, f64>>,
         pub base: Option<usize>,
         pub seed: u64,
+        pub rng: rng::Mode,
+        pub work_bf16: bool,
     }
 
     impl Case {
@@ -357,6 +396,8 @@ pub(crate) mod testutil {
                 model_params: vec![HashMap::new(); n_models],
                 base: None,
                 seed: 0,
+                rng: rng::Mode::default(),
+                work_bf16: false,
             }
         }
 
@@ -399,6 +440,12 @@ pub(crate) mod testutil {
                     .collect(),
                 tensor_key: rng::key_of(&self.name),
                 seed: self.seed,
+                rng: self.rng,
+                // each input's draws follow the previous input's, as mergekit's do
+                rng_offsets: (0..self.model_params.len() as u64)
+                    .map(|i| i * rows * row_len as u64)
+                    .collect(),
+                work_bf16: self.work_bf16,
             }
         }
     }

@@ -1,6 +1,12 @@
-//! Counter-based randomness: every random draw is a pure function of
-//! (seed, tensor, model, element index), so the same `random_seed` gives the same bytes
-//! whatever the number of workers, the task size, or how often a task was retried.
+//! Random draws. Every draw is a pure function of the seed, the tensor, the input and the
+//! element index, so the same `random_seed` gives the same bytes whatever the number of
+//! workers, the task size, or how often a task was retried. Two generators:
+//!
+//! - [`Mode::Mergekit`] (the default): the draws mergekit makes on CPU with the same seed.
+//!   mergekit seeds torch's MT19937 and takes one 32-bit output per element, tensor after
+//!   tensor in a fixed order; the planner gives each (tensor, input) its position in that
+//!   stream and a task jumps there ([`super::mt`]).
+//! - [`Mode::Counter`]: a counter-based hash of (seed, tensor, input, element), no stream.
 
 /// The 64-bit finaliser of MurmurHash3 / SplitMix64: a bijective avalanche mix.
 #[inline]
@@ -53,6 +59,54 @@ impl Stream {
     }
 }
 
+/// Which generator randomised methods draw from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mode {
+    #[default]
+    Mergekit,
+    Counter,
+}
+
+/// The draws of one (tensor, input), one per element, in element order from a starting
+/// element: `keep(p)` is the Bernoulli(p) draw of the next element.
+#[derive(Clone, Debug)]
+pub enum Draws {
+    Counter {
+        s: Stream,
+        next: u64,
+    },
+    /// torch's CPU Bernoulli: 24 bits of one MT19937 output, `u < p` in float.
+    Torch(Box<super::mt::Mt19937>),
+}
+
+impl Draws {
+    /// The next element's uniform draw in [0, 1).
+    #[inline]
+    pub fn uniform(&mut self) -> f64 {
+        match self {
+            Draws::Counter { s, next } => {
+                let u = s.uniform(*next);
+                *next += 1;
+                u
+            }
+            Draws::Torch(g) => (g.next_u32() & 0x00ff_ffff) as f64 * (1.0 / (1u64 << 24) as f64),
+        }
+    }
+
+    /// The next element's Bernoulli(p) draw.
+    #[inline]
+    pub fn keep(&mut self, p: f64) -> bool {
+        self.uniform() < p
+    }
+}
+
+/// `x` rounded to bfloat16 (nearest, ties to even), as torch stores a bfloat16 fill value.
+pub fn round_bf16(x: f64) -> f64 {
+    let b = (x as f32).to_bits();
+    let r = b.wrapping_add(0x7fff + ((b >> 16) & 1)) & 0xffff_0000;
+    f32::from_bits(r) as f64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -65,6 +119,29 @@ mod tests {
         assert_ne!(a.u64(7), a.u64(8));
         assert_ne!(a.u64(7), Stream::new(1, key_of("w"), key_of("m")).u64(7));
         assert_ne!(a.u64(7), Stream::new(0, key_of("w"), key_of("n")).u64(7));
+    }
+
+    #[test]
+    fn torch_bernoulli_draws() {
+        // torch.manual_seed(0); torch.bernoulli(torch.full((4,), 0.5)) draws from the first
+        // MT19937(0) outputs: 2357136044, 2546248239, 3071714933, 3626093760
+        let mut d = Draws::Torch(Box::new(super::super::mt::Mt19937::new(0)));
+        let u: Vec<f64> = (0..4).map(|_| d.uniform()).collect();
+        let expect = [
+            2_357_136_044u32,
+            2_546_248_239,
+            3_071_714_933,
+            3_626_093_760,
+        ]
+        .map(|x| (x & 0xff_ffff) as f64 / (1u64 << 24) as f64);
+        assert_eq!(u, expect);
+    }
+
+    #[test]
+    fn bf16_rounding() {
+        assert_eq!(round_bf16(0.3), 0.30078125);
+        assert_eq!(round_bf16(0.5), 0.5);
+        assert_eq!(round_bf16(0.4), 0.400390625);
     }
 
     #[test]
