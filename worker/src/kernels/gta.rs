@@ -24,7 +24,7 @@
 //! after masking (exactly) per model. Element indices of the whole tensor key every random draw
 //! and every tie-break, so cutting the tensor into row ranges never changes a bit.
 
-use super::exact::ExactSum;
+use super::exact::F32Sum;
 use super::select;
 use super::stats::merge_sums;
 use super::{
@@ -474,13 +474,7 @@ impl Sparse {
                     *v = if below_lo | !below_hi { z } else { *v };
                 }
             }
-            Sparse::Random { d: draws, p } => {
-                for v in d.iter_mut() {
-                    if !draws.keep(*p) {
-                        *v *= 0.0;
-                    }
-                }
-            }
+            Sparse::Random { d: draws, p } => draws.mask(*p, d),
             Sparse::Full(all) => d.copy_from_slice(&all[at..at + d.len()]),
         }
     }
@@ -618,23 +612,23 @@ impl Method for Gta {
         // L1 pass: Σ|δ| and Σ|masked δ| per model (zero sums for models not rescaled)
         let mut st = Stats::default();
         for j in 0..plan.others.len() {
-            let mut before = ExactSum::new();
-            let mut after = ExactSum::new();
+            let mut before = F32Sum::new();
+            let mut after = F32Sum::new();
             if plan.keep[j].rescalable() {
                 let x = inputs[plan.others[j]];
                 let b = inputs[plan.base];
-                before.add_all(x.iter().zip(b.iter()).map(|(&x, &b)| (x - b).abs() as f64));
+                before.add_all(x.iter().zip(b.iter()).map(|(&x, &b)| (x - b).abs()));
                 let mut sp = Sparse::new(&plan, ctx, state.child(0), rows, inputs, j)?;
                 let mut d = [0f32; CHUNK];
                 for at in (0..len).step_by(CHUNK) {
                     let end = (at + CHUNK).min(len);
                     let dc = &mut d[..end - at];
                     sp.fill(&x[at..end], &b[at..end], at, dc);
-                    after.add_all(dc.iter().map(|v| v.abs() as f64));
+                    after.add_all(dc.iter().map(|v| v.abs()));
                 }
             }
-            st.sums.push(before);
-            st.sums.push(after);
+            st.sums.push(before.finish());
+            st.sums.push(after.finish());
         }
         Ok(st)
     }

@@ -103,6 +103,25 @@ impl Mt19937 {
         temper(y)
     }
 
+    /// The next `out.len()` outputs.
+    pub fn fill(&mut self, out: &mut [u32]) {
+        let mut k = 0;
+        while k < out.len() {
+            if self.i >= N {
+                self.twist();
+            }
+            let take = (N - self.i).min(out.len() - k);
+            for (o, &w) in out[k..k + take]
+                .iter_mut()
+                .zip(&self.w[self.i..self.i + take])
+            {
+                *o = temper(w);
+            }
+            self.i += take;
+            k += take;
+        }
+    }
+
     /// Advances by `n` outputs.
     pub fn skip(&mut self, n: u64) {
         // finish the current block, so the state is a window (i == N)
@@ -401,6 +420,12 @@ mod tests {
                 );
             }
         }
+        // bulk outputs across block boundaries
+        let mut g = Mt19937::at(0, 5);
+        let mut buf = vec![0u32; 2000];
+        g.fill(&mut buf[..10]);
+        g.fill(&mut buf[10..]);
+        assert_eq!(buf[..], seq[5..2005]);
         // skipping in pieces, from the middle of a block
         let mut g = Mt19937::new(0);
         for _ in 0..100 {

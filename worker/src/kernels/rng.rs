@@ -98,6 +98,34 @@ impl Draws {
     pub fn keep(&mut self, p: f64) -> bool {
         self.uniform() < p
     }
+
+    /// Draws for the next `d.len()` elements: each element not kept becomes `v * 0.0` (a zero
+    /// of its sign), as [`keep`](Self::keep) one by one would decide. The comparison runs on
+    /// integers: for a draw of `b` bits, `k / 2^b < p` exactly when `k < ceil(p · 2^b)`.
+    pub fn mask(&mut self, p: f64, d: &mut [f32]) {
+        match self {
+            Draws::Counter { s, next } => {
+                let t = (p.clamp(0.0, 1.0) * (1u64 << 53) as f64).ceil() as u64;
+                for v in d.iter_mut() {
+                    let keep = (s.u64(*next) >> 11) < t;
+                    *next += 1;
+                    *v = if keep { *v } else { *v * 0.0 };
+                }
+            }
+            Draws::Torch(g) => {
+                let t = (p.clamp(0.0, 1.0) * (1u64 << 24) as f64).ceil() as u32;
+                let mut buf = [0u32; 512];
+                for chunk in d.chunks_mut(buf.len()) {
+                    let r = &mut buf[..chunk.len()];
+                    g.fill(r);
+                    for (v, &r) in chunk.iter_mut().zip(r.iter()) {
+                        let keep = (r & 0x00ff_ffff) < t;
+                        *v = if keep { *v } else { *v * 0.0 };
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// `x` rounded to bfloat16 (nearest, ties to even), as torch stores a bfloat16 fill value.
@@ -135,6 +163,29 @@ mod tests {
         ]
         .map(|x| (x & 0xff_ffff) as f64 / (1u64 << 24) as f64);
         assert_eq!(u, expect);
+    }
+
+    #[test]
+    fn mask_agrees_with_keep() {
+        for p in [0.0, 0.3, 0.30078125, 0.5, 0.999, 1.0] {
+            for d0 in [
+                Draws::Torch(Box::new(super::super::mt::Mt19937::at(3, 1000))),
+                Draws::Counter {
+                    s: Stream::new(3, 4, 5),
+                    next: 77,
+                },
+            ] {
+                let (mut a, mut b) = (d0.clone(), d0);
+                let mut v: Vec<f32> = (0..3000).map(|i| i as f32 - 1500.5).collect();
+                let want: Vec<f32> = v
+                    .iter()
+                    .map(|&x| if a.keep(p) { x } else { x * 0.0 })
+                    .collect();
+                b.mask(p, &mut v);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&v), bits(&want), "p {p}");
+            }
+        }
     }
 
     #[test]
