@@ -16,7 +16,7 @@
 //! top bit is read), so the jumped state may differ from the stepped one there and nowhere
 //! that matters.
 
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 const N: usize = 624;
 const M: usize = 397;
@@ -50,11 +50,51 @@ pub struct Mt19937 {
     w: Box<[u32; N]>,
     /// Next word of `w` to output; `N`: a twist is due.
     i: usize,
+    /// The seed, and how many outputs have been taken since seeding (for [`remember`]).
+    seed: u64,
+    pos: u64,
 }
 
 impl std::fmt::Debug for Mt19937 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Mt19937 {{ i: {} }}", self.i)
+        write!(f, "Mt19937 {{ seed: {}, pos: {} }}", self.seed, self.pos)
+    }
+}
+
+/// Generators recently positioned in this process, by (seed, position). A task's ranges are
+/// drawn twice (statistics pass, then apply) and a tensor's next range starts where the last
+/// one ended, so most positions asked for are at or just after one of these: starting from the
+/// nearest one below makes the jump short or empty. Only a shortcut: the state at a position
+/// is the same however it was reached.
+struct Memo {
+    slots: Vec<Mt19937>,
+    next: usize,
+}
+
+const MEMO_SLOTS: usize = 64;
+
+fn memo() -> &'static Mutex<Memo> {
+    static M: OnceLock<Mutex<Memo>> = OnceLock::new();
+    M.get_or_init(|| {
+        Mutex::new(Memo {
+            slots: Vec::with_capacity(MEMO_SLOTS),
+            next: 0,
+        })
+    })
+}
+
+/// Keeps `g`'s state for later [`Mt19937::at`] calls.
+pub fn remember(g: &Mt19937) {
+    let mut m = memo().lock().unwrap_or_else(|p| p.into_inner());
+    if m.slots.iter().any(|s| s.seed == g.seed && s.pos == g.pos) {
+        return;
+    }
+    if m.slots.len() < MEMO_SLOTS {
+        m.slots.push(g.clone());
+    } else {
+        let k = m.next;
+        m.slots[k] = g.clone();
+        m.next = (k + 1) % MEMO_SLOTS;
     }
 }
 
@@ -70,13 +110,30 @@ impl Mt19937 {
                 .wrapping_mul(p ^ (p >> 30))
                 .wrapping_add(j as u32);
         }
-        Mt19937 { w, i: N }
+        Mt19937 {
+            w,
+            i: N,
+            seed,
+            pos: 0,
+        }
     }
 
-    /// The generator `seed` would be after `skip` outputs.
+    /// The generator `seed` would be after `skip` outputs (starting from the nearest
+    /// remembered state below, if any).
     pub fn at(seed: u64, skip: u64) -> Mt19937 {
-        let mut g = Mt19937::new(seed);
-        g.skip(skip);
+        let near = {
+            let m = memo().lock().unwrap_or_else(|p| p.into_inner());
+            m.slots
+                .iter()
+                .filter(|s| s.seed == seed && s.pos <= skip)
+                .max_by_key(|s| s.pos)
+                .cloned()
+        };
+        let mut g = near.unwrap_or_else(|| Mt19937::new(seed));
+        if g.pos < skip {
+            g.skip(skip - g.pos);
+            remember(&g);
+        }
         g
     }
 
@@ -100,6 +157,7 @@ impl Mt19937 {
         }
         let y = self.w[self.i];
         self.i += 1;
+        self.pos += 1;
         temper(y)
     }
 
@@ -120,10 +178,12 @@ impl Mt19937 {
             self.i += take;
             k += take;
         }
+        self.pos += out.len() as u64;
     }
 
     /// Advances by `n` outputs.
     pub fn skip(&mut self, n: u64) {
+        self.pos += n;
         // finish the current block, so the state is a window (i == N)
         let left = (N - self.i.min(N)) as u64;
         if n <= left {

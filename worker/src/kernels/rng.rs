@@ -128,6 +128,16 @@ impl Draws {
     }
 }
 
+impl Drop for Draws {
+    fn drop(&mut self) {
+        // where these draws stopped is where the tensor's next range (or the same range's
+        // next pass) starts: keep it for a short jump
+        if let Draws::Torch(g) = self {
+            super::mt::remember(g);
+        }
+    }
+}
+
 /// `x` rounded to bfloat16 (nearest, ties to even), as torch stores a bfloat16 fill value.
 pub fn round_bf16(x: f64) -> f64 {
     let b = (x as f32).to_bits();
