@@ -322,15 +322,11 @@ impl Executor {
                     let to = src.data_offset + re * row_bytes;
                     let bytes = retry(|| loc.store.read_range(&loc.path, from..to)).await?;
                     if in_row == out_row {
-                        let at = v.len();
-                        v.resize(at + ((re - r) * out_row) as usize, 0.0);
-                        dtype::decode(dt, &bytes, &mut v[at..]);
+                        dtype::decode_extend(dt, &bytes, &mut v);
                     } else {
                         let ob = (out_row * es) as usize;
                         for row in bytes.chunks_exact(row_bytes as usize) {
-                            let at = v.len();
-                            v.resize(at + out_row as usize, 0.0);
-                            dtype::decode(dt, &row[..ob], &mut v[at..]);
+                            dtype::decode_extend(dt, &row[..ob], &mut v);
                         }
                     }
                     read += to - from;

@@ -85,6 +85,25 @@ pub fn decode(dtype: DType, src: &[u8], dst: &mut [f32]) {
     }
 }
 
+/// Decodes little-endian elements of `dtype` from `src` onto the end of `dst`, without
+/// first zero-filling the space (the buffers are large; the fill costs as much as the decode).
+pub fn decode_extend(dtype: DType, src: &[u8], dst: &mut Vec<f32>) {
+    match dtype {
+        DType::F32 => dst.extend(
+            src.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        ),
+        DType::BF16 => dst.extend(
+            src.chunks_exact(2)
+                .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)),
+        ),
+        DType::F16 => dst.extend(
+            src.chunks_exact(2)
+                .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()),
+        ),
+    }
+}
+
 /// The bf16 bits of `x`, rounded to nearest even: bit for bit what `half::bf16::from_f32`
 /// gives (NaN keeps its sign and high payload with the quiet bit set), without branches, so
 /// the encode loop vectorises.
@@ -124,6 +143,22 @@ pub fn encode(dtype: DType, src: &[f32], dst: &mut [u8]) {
 mod tests {
     use super::*;
     use half::bf16;
+
+    #[test]
+    fn decode_extend_equals_decode() {
+        let bytes: Vec<u8> = (0..4000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        for dt in [DType::F32, DType::F16, DType::BF16] {
+            let n = bytes.len() / dt.size();
+            let mut a = vec![0f32; n];
+            decode(dt, &bytes, &mut a);
+            let mut b = vec![7.0f32];
+            decode_extend(dt, &bytes, &mut b);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&b[1..]), bits(&a), "{dt:?}");
+        }
+    }
 
     #[test]
     fn roundtrip_all_dtypes() {
