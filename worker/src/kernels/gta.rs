@@ -396,11 +396,12 @@ impl Edge {
         }
     }
 
-    /// Same answer as [`select::Cursor::below`], as a select rather than a branch.
+    /// Same answer as [`select::Cursor::below`] (1 or 0), in integer arithmetic: the answer
+    /// is a coin flip near the median, so a branch on it would mispredict half the time.
     #[inline(always)]
-    fn below(&mut self, k: u32) -> bool {
-        let eq = k == self.key;
-        let r = (k < self.key) | (eq & (self.seen < self.need));
+    fn below(&mut self, k: u32) -> u32 {
+        let eq = u32::from(k == self.key);
+        let r = u32::from(k < self.key) | (eq & u32::from(self.seen < self.need));
         self.seen += u64::from(eq);
         r
     }
@@ -466,13 +467,19 @@ impl Sparse {
             Sparse::All => {}
             Sparse::Nothing => d.iter_mut().for_each(|v| *v = 0.0),
             Sparse::Window { lo, hi } => {
+                // walk with copies in registers: updating the counters through `self` on
+                // every element chains each one behind a store and a reload
+                let (mut l, mut h) = (*lo, *hi);
                 for v in d.iter_mut() {
                     let k = select::key(*v);
-                    let below_lo = lo.below(k);
-                    let below_hi = hi.below(k);
-                    let z = *v * 0.0;
-                    *v = if below_lo | !below_hi { z } else { *v };
+                    // kept: at or above the low edge and below the high one; a dropped
+                    // element becomes v · 0 (a zero of its sign). Multiplying by 1 or 0
+                    // rather than selecting: a coin flip near the median must not become a
+                    // branch (a float select is one on baseline x86-64).
+                    let kept = (1 ^ l.below(k)) & h.below(k);
+                    *v *= kept as f32;
                 }
+                (*lo, *hi) = (l, h);
             }
             Sparse::Random { d: draws, p } => draws.mask(*p, d),
             Sparse::Full(all) => d.copy_from_slice(&all[at..at + d.len()]),

@@ -160,13 +160,27 @@ pub fn partial1_with(state0: &Stats, ranks: &[Vec<u64>], keys: &mut KeySource) -
             .map(|(r, &b)| (r, b as u32))
             .collect();
         if !live.is_empty() {
+            // Branch-free: the keys of the bucket are first packed into `low` (every key is
+            // stored, the count advances only for a match), then counted. Keys of exactly 0,
+            // common in a bf16 model's deltas, are counted in a register: incrementing one bin
+            // over and over chains every increment behind the last one's store.
+            let mut low: Vec<u16> = Vec::new();
             keys(j, &mut |ks| {
-                for &k in ks {
-                    let hi = k >> 16;
-                    for &(r, b) in &live {
-                        if hi == b {
-                            dense[r][(k & 0xffff) as usize] += 1;
-                        }
+                low.resize(ks.len(), 0);
+                for &(r, b) in &live {
+                    let (mut n, mut zeros) = (0usize, 0u64);
+                    for &k in ks {
+                        let zero = k == 0;
+                        low[n] = k as u16;
+                        n += usize::from((k >> 16 == b) & !zero);
+                        zeros += u64::from(zero);
+                    }
+                    let d = &mut dense[r];
+                    for &l in &low[..n] {
+                        d[l as usize] += 1;
+                    }
+                    if b == 0 {
+                        d[0] += zeros;
                     }
                 }
             });
