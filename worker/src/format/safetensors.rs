@@ -312,7 +312,7 @@ pub fn layout_file(entries: &[LayoutEntry], metadata: &BTreeMap<String, String>)
         off += bytes;
     }
     let mut json = serde_json::to_vec(&Value::Object(obj)).unwrap_or_default();
-    while (8 + json.len()) % 8 != 0 {
+    while !(8 + json.len()).is_multiple_of(8) {
         json.push(b' ');
     }
     let mut header = Vec::with_capacity(8 + json.len());

@@ -75,7 +75,7 @@ impl Storage for FaultyStorage {
     }
     async fn read_range(&self, path: &str, range: Range<u64>) -> SResult<Bytes> {
         let n = self.reads.fetch_add(1, Ordering::SeqCst) + 1;
-        if self.plan.fail_every_nth_read > 0 && n % self.plan.fail_every_nth_read == 0 {
+        if self.plan.fail_every_nth_read > 0 && n.is_multiple_of(self.plan.fail_every_nth_read) {
             return Err(StorageError::new(
                 format!("{path}: injected read fault #{n}"),
                 true,
@@ -133,7 +133,7 @@ impl Storage for FaultyStorage {
                 false,
             ));
         }
-        if self.plan.fail_every_nth_write > 0 && n % self.plan.fail_every_nth_write == 0 {
+        if self.plan.fail_every_nth_write > 0 && n.is_multiple_of(self.plan.fail_every_nth_write) {
             return Err(StorageError::new(
                 format!("{}: injected write fault #{n}", upload.path),
                 true,
