@@ -236,9 +236,9 @@ fn finite(name: &str, v: f64) -> KResult<f64> {
 /// Length of the ranked axis (dimension 1, or the whole of a 1-D tensor) and the stride of
 /// its elements within a row, as DELLA ranks them.
 fn della_axis(ctx: &TensorCtx) -> KResult<(usize, usize)> {
-    match ctx.shape.len() {
-        0 => Err("della sparsification needs a tensor of at least one dimension".into()),
-        1 => Ok((ctx.row_len, 1)),
+    let (m, inner) = match ctx.shape.len() {
+        0 => return Err("della sparsification needs a tensor of at least one dimension".into()),
+        1 => (ctx.row_len, 1),
         _ => {
             let m = ctx.shape[1] as usize;
             let inner: usize = ctx.shape[2..].iter().map(|&d| d as usize).product();
@@ -247,9 +247,19 @@ fn della_axis(ctx: &TensorCtx) -> KResult<(usize, usize)> {
                     format!("tensor {}: shape does not match its row length", ctx.name).into(),
                 );
             }
-            Ok((m, inner))
+            (m, inner)
         }
+    };
+    // the ranking packs a position along the axis into 32 bits
+    if m > u32::MAX as usize {
+        return Err(format!(
+            "tensor {}: della ranks along a dimension of {m} elements; at most {} are supported",
+            ctx.name,
+            u32::MAX
+        )
+        .into());
     }
+    Ok((m, inner))
 }
 
 impl Gta {
@@ -508,15 +518,20 @@ fn della_delta(
     let lo = (density - epsilon) as f32;
     let eps = epsilon as f32;
     let denom = (m as f32) - 1.0;
-    let mut order: Vec<usize> = Vec::with_capacity(m);
+    // (|δ| key, position along the axis) packed in one integer: distinct, so an unstable
+    // sort gives the (key, index) order
+    let mut order: Vec<u64> = Vec::with_capacity(m);
     let mut keep = vec![false; d.len()];
     for row in 0..d.len() / ctx.row_len.max(1) {
         let r0 = row * ctx.row_len;
         for c in 0..inner {
             order.clear();
-            order.extend((0..m).map(|a| r0 + a * inner + c));
-            order.sort_by_key(|&e| (select::key(d[e]), e));
-            for (rank, &e) in order.iter().enumerate() {
+            order.extend(
+                (0..m).map(|a| (u64::from(select::key(d[r0 + a * inner + c])) << 32) | a as u64),
+            );
+            order.sort_unstable();
+            for (rank, &ka) in order.iter().enumerate() {
+                let e = r0 + (ka & 0xffff_ffff) as usize * inner + c;
                 // mergekit: ranks 1..=m, normalised by (rank - min) / (max - min)
                 let rn = (((rank + 1) as f32 - 1.0) / denom).clamp(0.0, 1.0);
                 let p = lo + rn * 2.0 * eps;
