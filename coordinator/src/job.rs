@@ -65,6 +65,10 @@ struct Job {
     items: HashMap<Item, ItemSlot>,
     blocked_by: Vec<usize>,
     units: Vec<UnitState>,
+    /// The statistics unit of a tensor, and the write tasks waiting on each unit (indexes, so
+    /// neither lookup scans a 70B job's tasks).
+    unit_of: HashMap<usize, usize>,
+    dependents: Vec<Vec<usize>>,
     queue: VecDeque<Item>,
     status: pb::JobStatus,
     started: Instant,
@@ -95,7 +99,7 @@ impl Job {
     fn build_task(&self, item: Item, attempt: u32) -> pb::Task {
         let plan = &self.plan;
         let rows = |tensor: usize, start: u64, end: u64, range_index: u32, with_stats: bool| {
-            let unit = self.cut.units.iter().position(|u| u.tensor == tensor);
+            let unit = self.unit_of.get(&tensor).copied();
             pb::TensorRows {
                 tensor: Some(plan.tensors[tensor].clone()),
                 row_start: start,
@@ -327,6 +331,18 @@ impl JobManager {
             blocked_by.push(t.deps.len());
             items.insert(it, ItemSlot { state, attempts: 0 });
         }
+        let unit_of = cut
+            .units
+            .iter()
+            .enumerate()
+            .map(|(u, unit)| (unit.tensor, u))
+            .collect();
+        let mut dependents = vec![Vec::new(); cut.units.len()];
+        for (i, t) in cut.tasks.iter().enumerate() {
+            for &u in &t.deps {
+                dependents[u].push(i);
+            }
+        }
         let mut file_remaining = vec![0usize; plan.files.len()];
         for t in &cut.tasks {
             file_remaining[t.file] += 1;
@@ -367,6 +383,8 @@ impl JobManager {
             items,
             blocked_by,
             units,
+            unit_of,
+            dependents,
             queue,
             status,
             started: Instant::now(),
@@ -592,15 +610,14 @@ impl JobManager {
         let n = j.cut.units[unit].ranges.len();
         if done {
             u.done = true;
-            for (i, t) in j.cut.tasks.iter().enumerate() {
-                if t.deps.contains(&unit) {
-                    j.blocked_by[i] -= 1;
-                    if j.blocked_by[i] == 0 {
-                        if let Some(s) = j.items.get_mut(&Item::Write(i)) {
-                            s.state = ItemState::Queued;
-                        }
-                        j.queue.push_back(Item::Write(i));
+            for k in 0..j.dependents[unit].len() {
+                let i = j.dependents[unit][k];
+                j.blocked_by[i] -= 1;
+                if j.blocked_by[i] == 0 {
+                    if let Some(s) = j.items.get_mut(&Item::Write(i)) {
+                        s.state = ItemState::Queued;
                     }
+                    j.queue.push_back(Item::Write(i));
                 }
             }
         } else {
