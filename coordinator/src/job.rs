@@ -674,6 +674,9 @@ impl JobManager {
         self.end_job(jid, pb::JobState::Failed, msg).await;
     }
 
+    /// Cancels a job, unless it is already committing its checkpoint (every data file is
+    /// complete; removing them under the commit could leave an index without its files) or has
+    /// ended. Returns the job's status afterwards: CANCELLED, or the state that refused it.
     pub async fn cancel(&self, jid: &str) -> Option<pb::JobStatus> {
         self.end_job(jid, pb::JobState::Cancelled, "cancelled")
             .await;
@@ -685,6 +688,10 @@ impl JobManager {
             let mut jobs = lock(&self.jobs);
             let Some(j) = jobs.get_mut(jid) else { return };
             if j.terminal() {
+                return;
+            }
+            // a committing job is ended only by its own commit failing
+            if j.committing && state == pb::JobState::Cancelled {
                 return;
             }
             j.status.state = state as i32;

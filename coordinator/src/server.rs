@@ -162,11 +162,14 @@ impl Coordinator for Service {
         req: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::JobStatus>, Status> {
         let id = req.into_inner().job_id;
-        self.mgr
-            .cancel(&id)
-            .await
-            .map(Response::new)
-            .ok_or_else(|| no_job(&id))
+        let st = self.mgr.cancel(&id).await.ok_or_else(|| no_job(&id))?;
+        match pb::JobState::try_from(st.state) {
+            Ok(pb::JobState::Committing) => Err(Status::failed_precondition(format!(
+                "job {id} is committing its checkpoint (every data file is written); it can no \
+                 longer be cancelled: wait for it, then delete the output if unwanted"
+            ))),
+            _ => Ok(Response::new(st)),
+        }
     }
 
     async fn poll_work(

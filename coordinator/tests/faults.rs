@@ -183,3 +183,77 @@ async fn index_waits_for_every_file() {
         .unwrap();
     assert!(out.join("model-00001-of-00006.safetensors").exists());
 }
+
+/// A cancel that arrives while the checkpoint is being committed must not leave an index whose
+/// files were removed (nor report success for a cancelled job): the commit runs to the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_during_commit_leaves_a_whole_checkpoint_or_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let resolver = Resolver::with_wrapper(|s| {
+        FaultyStorage::wrap(
+            s,
+            FaultPlan {
+                delay_puts_ms: 200,
+                ..Default::default()
+            },
+        )
+    });
+    let mgr = JobManager::new(resolver.clone());
+    let (jid, _) = mgr
+        .submit(&recipe(), out.to_str().unwrap(), &opts(8192).submit)
+        .await
+        .unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let workers = tokio::spawn(pull::run(
+        mgr.clone(),
+        Executor::new(resolver),
+        LoopOptions {
+            worker_id: "w".into(),
+            slots: 2,
+            slot_memory: 64 << 10,
+            max_idle: Duration::from_millis(20),
+        },
+        stop_rx,
+    ));
+    let mut rx = mgr.watch(&jid).unwrap();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let s = rx.borrow_and_update().clone();
+            assert!(!embedded::terminal(&s), "ended before committing: {s:?}");
+            if s.state == pb::JobState::Committing as i32 {
+                break;
+            }
+            rx.changed().await.unwrap();
+        }
+    })
+    .await
+    .unwrap();
+    let answer = mgr.cancel(&jid).await.unwrap();
+    let st = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let s = rx.borrow_and_update().clone();
+            if embedded::terminal(&s) {
+                break s;
+            }
+            rx.changed().await.unwrap();
+        }
+    })
+    .await
+    .unwrap();
+    let _ = stop_tx.send(true);
+    workers.await.unwrap();
+    let index = out.join("model.safetensors.index.json").exists();
+    let data = out.join("model.safetensors").exists();
+    assert_eq!(
+        st.state,
+        pb::JobState::Succeeded as i32,
+        "a committing job finishes: {st:?}"
+    );
+    assert!(index && data, "index {index}, data {data}");
+    assert_ne!(
+        answer.state,
+        pb::JobState::Cancelled as i32,
+        "the cancel should have been refused: {answer:?}"
+    );
+}

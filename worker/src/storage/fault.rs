@@ -25,6 +25,8 @@ pub struct FaultPlan {
     /// Writing `model.safetensors.index.json` fails unless every file it names exists: the
     /// index must be written last.
     pub check_index_last: bool,
+    /// Every small-file write (config, model card, index: the commit) waits this long first.
+    pub delay_puts_ms: u64,
 }
 
 #[derive(Debug)]
@@ -91,6 +93,9 @@ impl Storage for FaultyStorage {
         Ok(b)
     }
     async fn put(&self, path: &str, data: Bytes) -> SResult<()> {
+        if self.plan.delay_puts_ms > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(self.plan.delay_puts_ms)).await;
+        }
         if self.plan.check_index_last && path.ends_with("model.safetensors.index.json") {
             let dir = path.trim_end_matches("model.safetensors.index.json");
             let idx: serde_json::Value = serde_json::from_slice(&data)
