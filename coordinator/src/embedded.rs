@@ -92,8 +92,13 @@ pub async fn run(
                 }
             }
             _ = tokio::signal::ctrl_c() => {
-                bar.abandon_with_message("interrupted: removing partial output");
-                mgr.cancel(&jid).await;
+                let st = mgr.cancel(&jid).await;
+                if st.is_some_and(|s| s.state == pb::JobState::Committing as i32) {
+                    // every data file is written: the commit runs to the end
+                    eprintln!("interrupted while committing: finishing the checkpoint");
+                } else {
+                    bar.abandon_with_message("interrupted: removing partial output");
+                }
             }
         }
     };
