@@ -62,6 +62,11 @@ fn assert_same_checkpoint(local: &Path, bucket: &Bucket, out: &str) {
 /// Runs golden `case` with inputs and output on S3 through a coordinator and three workers,
 /// and checks it against `shardmerge run` on the local copies; `verify` must accept it.
 fn parity(case: &str, bucket_name: &str, models: &[&str]) {
+    parity_with(case, bucket_name, models, &[]);
+}
+
+/// [`parity`], with `extra` options given to both `run` and `submit`.
+fn parity_with(case: &str, bucket_name: &str, models: &[&str], extra: &[&str]) {
     let s3 = S3Server::shared();
     let bin = shardmerge_bin!();
     let bucket = bucket_with_models(s3, bucket_name, models);
@@ -75,11 +80,15 @@ fn parity(case: &str, bucket_name: &str, models: &[&str]) {
             &s3.env(),
             &golden(),
             &[
-                "run",
-                recipe.to_str().unwrap(),
-                local.to_str().unwrap(),
-                "-q",
-            ],
+                &[
+                    "run",
+                    recipe.to_str().unwrap(),
+                    local.to_str().unwrap(),
+                    "-q",
+                ],
+                extra,
+            ]
+            .concat(),
         ),
         &format!("shardmerge run {case}"),
     );
@@ -90,13 +99,17 @@ fn parity(case: &str, bucket_name: &str, models: &[&str]) {
         &cluster.cli(
             work.path(),
             &[
-                "submit",
-                "recipe.yml",
-                &out,
-                "--coordinator",
-                &cluster.url,
-                "--wait",
-            ],
+                &[
+                    "submit",
+                    "recipe.yml",
+                    &out,
+                    "--coordinator",
+                    &cluster.url,
+                    "--wait",
+                ],
+                extra,
+            ]
+            .concat(),
         ),
         &format!("shardmerge submit {case}"),
     );
@@ -150,6 +163,18 @@ fn slerp_s3_matches_embedded() {
 #[test]
 fn dare_ties_s3_matches_embedded() {
     parity("dare_ties", "dare-ties", &["base", "instruct", "lang_eu"]);
+}
+
+/// `--rng counter` travels with the job to the workers: the S3 run draws what the embedded
+/// run with the same option draws (mergekit's stream would give other bytes).
+#[test]
+fn counter_rng_reaches_the_workers() {
+    parity_with(
+        "dare_linear",
+        "dare-linear-counter",
+        &["base", "instruct", "lang_ca"],
+        &["--rng", "counter"],
+    );
 }
 
 /// Larger generated models, so that output files are several multipart parts (>= 5 MiB except
