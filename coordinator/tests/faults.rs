@@ -33,6 +33,43 @@ fn opts(task_size: u64) -> RunOptions {
     }
 }
 
+/// Two worker slots pulling from `mgr` in this process, until `stop` says so.
+fn spawn_workers(
+    mgr: &Arc<JobManager>,
+    resolver: Resolver,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(pull::run(
+        mgr.clone(),
+        Executor::new(resolver),
+        LoopOptions {
+            worker_id: "w".into(),
+            slots: 2,
+            slot_memory: 64 << 10,
+            max_idle: Duration::from_millis(20),
+        },
+        stop,
+    ))
+}
+
+/// Waits (at most a minute) for the first status that `done` accepts.
+async fn wait_for(
+    rx: &mut tokio::sync::watch::Receiver<pb::JobStatus>,
+    done: impl Fn(&pb::JobStatus) -> bool,
+) -> pb::JobStatus {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let s = rx.borrow_and_update().clone();
+            if done(&s) {
+                break s;
+            }
+            rx.changed().await.unwrap();
+        }
+    })
+    .await
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retried_faults_give_identical_bytes() {
     let tmp = tempfile::tempdir().unwrap();
@@ -120,29 +157,9 @@ async fn lost_worker_lease_expires_and_late_result_is_ignored() {
     });
     assert_eq!(lost.leases.len(), 1);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let workers = tokio::spawn(pull::run(
-        mgr.clone(),
-        Executor::new(Resolver::new()),
-        LoopOptions {
-            worker_id: "w".into(),
-            slots: 2,
-            slot_memory: 64 << 10,
-            max_idle: Duration::from_millis(20),
-        },
-        stop_rx,
-    ));
+    let workers = spawn_workers(&mgr, Resolver::new(), stop_rx);
     let mut rx = mgr.watch(&jid).unwrap();
-    let st = tokio::time::timeout(Duration::from_secs(60), async {
-        loop {
-            let s = rx.borrow_and_update().clone();
-            if embedded::terminal(&s) {
-                break s;
-            }
-            rx.changed().await.unwrap();
-        }
-    })
-    .await
-    .unwrap();
+    let st = wait_for(&mut rx, embedded::terminal).await;
     let _ = stop_tx.send(true);
     workers.await.unwrap();
     assert_eq!(st.state, pb::JobState::Succeeded as i32, "{}", st.error);
@@ -205,42 +222,15 @@ async fn cancel_during_commit_leaves_a_whole_checkpoint_or_nothing() {
         .await
         .unwrap();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let workers = tokio::spawn(pull::run(
-        mgr.clone(),
-        Executor::new(resolver),
-        LoopOptions {
-            worker_id: "w".into(),
-            slots: 2,
-            slot_memory: 64 << 10,
-            max_idle: Duration::from_millis(20),
-        },
-        stop_rx,
-    ));
+    let workers = spawn_workers(&mgr, resolver, stop_rx);
     let mut rx = mgr.watch(&jid).unwrap();
-    tokio::time::timeout(Duration::from_secs(60), async {
-        loop {
-            let s = rx.borrow_and_update().clone();
-            assert!(!embedded::terminal(&s), "ended before committing: {s:?}");
-            if s.state == pb::JobState::Committing as i32 {
-                break;
-            }
-            rx.changed().await.unwrap();
-        }
+    let s = wait_for(&mut rx, |s| {
+        s.state == pb::JobState::Committing as i32 || embedded::terminal(s)
     })
-    .await
-    .unwrap();
+    .await;
+    assert_eq!(s.state, pb::JobState::Committing as i32, "{s:?}");
     let answer = mgr.cancel(&jid).await.unwrap();
-    let st = tokio::time::timeout(Duration::from_secs(60), async {
-        loop {
-            let s = rx.borrow_and_update().clone();
-            if embedded::terminal(&s) {
-                break s;
-            }
-            rx.changed().await.unwrap();
-        }
-    })
-    .await
-    .unwrap();
+    let st = wait_for(&mut rx, embedded::terminal).await;
     let _ = stop_tx.send(true);
     workers.await.unwrap();
     let index = out.join("model.safetensors.index.json").exists();
