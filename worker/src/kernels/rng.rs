@@ -101,7 +101,8 @@ impl Draws {
 
     /// Draws for the next `d.len()` elements: each element not kept becomes `v * 0.0` (a zero
     /// of its sign), as [`keep`](Self::keep) one by one would decide. The comparison runs on
-    /// integers: for a draw of `b` bits, `k / 2^b < p` exactly when `k < ceil(p · 2^b)`.
+    /// integers: for a draw of `b` bits, `k / 2^b < p` exactly when `k < ceil(p · 2^b)`; the
+    /// verdict multiplies (by 1 or 0) rather than selects, which would be a branch.
     pub fn mask(&mut self, p: f64, d: &mut [f32]) {
         match self {
             Draws::Counter { s, next } => {
@@ -109,7 +110,7 @@ impl Draws {
                 for v in d.iter_mut() {
                     let keep = (s.u64(*next) >> 11) < t;
                     *next += 1;
-                    *v = if keep { *v } else { *v * 0.0 };
+                    *v *= f32::from(u8::from(keep));
                 }
             }
             Draws::Torch(g) => {
@@ -120,7 +121,7 @@ impl Draws {
                     g.fill(r);
                     for (v, &r) in chunk.iter_mut().zip(r.iter()) {
                         let keep = (r & 0x00ff_ffff) < t;
-                        *v = if keep { *v } else { *v * 0.0 };
+                        *v *= f32::from(u8::from(keep));
                     }
                 }
             }
