@@ -179,20 +179,27 @@ impl ExactSum {
 /// An exact sum of f32 values, faster than [`ExactSum::add`] on each: one integer bucket per
 /// f32 exponent, indexed directly (no search), folded into an [`ExactSum`] at the end. The
 /// result is the same exact sum, so it rounds to the same value.
+///
+/// Neighbouring values mostly share an exponent, so one bucket array would chain every add
+/// behind the previous one's store to the same bucket; values go round-robin to `LANES`
+/// arrays instead, and the chains run side by side.
 #[derive(Clone)]
 pub struct F32Sum {
-    /// Signed sums of 24-bit mantissas, by biased f32 exponent (0: subnormals, same scale as 1).
-    buckets: Box<[i64; 256]>,
+    /// Signed sums of 24-bit mantissas, by lane and biased f32 exponent (0: subnormals, same
+    /// scale as 1).
+    buckets: Box<[[i64; 256]; LANES]>,
     /// Values added since the last fold: a bucket holds 2^39 mantissas before it could overflow.
     pending: u64,
     /// NaNs and infinities go the slow way.
     rest: ExactSum,
 }
 
+const LANES: usize = 4;
+
 impl Default for F32Sum {
     fn default() -> Self {
         F32Sum {
-            buckets: Box::new([0; 256]),
+            buckets: Box::new([[0; 256]; LANES]),
             pending: 0,
             rest: ExactSum::new(),
         }
@@ -204,37 +211,39 @@ impl F32Sum {
         Self::default()
     }
 
-    #[inline]
-    pub fn add(&mut self, x: f32) {
-        let bits = x.to_bits();
-        let biased = (bits >> 23) & 0xff;
-        if biased == 0xff {
-            self.rest.add(x as f64);
-            return;
-        }
-        let m = (bits & 0x7f_ffff) as i64 | (i64::from(biased != 0) << 23);
-        // branch-free sign: s is 0 or -1
-        let s = i64::from((bits as i32) >> 31);
-        self.buckets[biased as usize] += (m ^ s) - s;
-        self.pending += 1;
-        if self.pending == 1 << 38 {
-            self.fold();
-        }
-    }
-
     pub fn add_all(&mut self, xs: impl IntoIterator<Item = f32>) {
+        let mut pending = self.pending;
+        let mut lane = 0usize;
         for x in xs {
-            self.add(x);
+            let bits = x.to_bits();
+            let biased = ((bits >> 23) & 0xff) as usize;
+            if biased == 0xff {
+                self.rest.add(x as f64);
+                continue;
+            }
+            let m = (bits & 0x7f_ffff) as i64 | (i64::from(biased != 0) << 23);
+            // branch-free sign: s is 0 or -1
+            let s = i64::from((bits as i32) >> 31);
+            self.buckets[lane][biased] += (m ^ s) - s;
+            lane = (lane + 1) % LANES;
+            pending += 1;
+            if pending == 1 << 38 {
+                self.fold();
+                pending = 0;
+            }
         }
+        self.pending = pending;
     }
 
     fn fold(&mut self) {
-        for (biased, m) in self.buckets.iter_mut().enumerate() {
-            if *m != 0 {
-                // value = mantissa · 2^(biased - 150); subnormals share biased 1's scale
-                let e = (biased as i32).max(1) - 150;
-                self.rest.add_bucket(e, *m as i128);
-                *m = 0;
+        for lane in self.buckets.iter_mut() {
+            for (biased, m) in lane.iter_mut().enumerate() {
+                if *m != 0 {
+                    // value = mantissa · 2^(biased - 150); subnormals share biased 1's scale
+                    let e = (biased as i32).max(1) - 150;
+                    self.rest.add_bucket(e, *m as i128);
+                    *m = 0;
+                }
             }
         }
         self.pending = 0;
