@@ -9,6 +9,7 @@ use std::path::Path;
 
 use common::*;
 use shardmerge_worker::format::dtype::{self, DType};
+use shardmerge_worker::kernels::{method, registry, BaseRule, MethodSpec};
 
 const MODELS: &[&str] = &["base", "instruct", "lang_eu", "lang_ca", "lang_gl"];
 
@@ -169,13 +170,10 @@ fn odd(d: u64, vocab: u64) -> u64 {
     }
 }
 
-/// Odd shapes and a model with a larger vocabulary (its embeddings are cropped to the common
-/// submatrix): every method gives the same bytes whole and cut into tiny tasks.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn odd_shapes_and_vocab_split_invariant() {
-    let tmp = tempfile::tempdir().unwrap();
-    let o = tmp.path().join("odd");
-    derive(&o, |m, t, d| {
+/// The golden family with odd shapes (47 hidden, 97 intermediate, 21 head dim), in bf16, one
+/// model with a larger vocabulary (253 rows of embeddings against 251) and one sharded.
+fn odd_family(o: &Path) {
+    derive(o, |m, t, d| {
         let vocab = if m == "lang_ca" { 253 } else { 251 };
         let cropped: BTreeMap<String, Tensor> = t
             .iter()
@@ -207,6 +205,15 @@ async fn odd_shapes_and_vocab_split_invariant() {
             Some(&golden().join("models").join(m).join("config.json")),
         );
     });
+}
+
+/// Odd shapes and a model with a larger vocabulary (its embeddings are cropped to the common
+/// submatrix): every method gives the same bytes whole and cut into tiny tasks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odd_shapes_and_vocab_split_invariant() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = tmp.path().join("odd");
+    odd_family(&o);
     for c in cases() {
         let r = recipe(&c);
         let (oa, ob) = (
@@ -268,6 +275,114 @@ async fn random_draws_do_not_depend_on_model_location() {
             file_bytes(&oa),
             file_bytes(&ob),
             "{c}: output depends on where the models are"
+        );
+    }
+}
+
+/// A recipe for `spec` over the golden family: the base when the method takes one, then as
+/// many of the other models as it accepts (up to 3 inputs in all), every required parameter
+/// set, sparsification on (density 0.5), and `extra` method parameters.
+fn recipe_for(spec: &MethodSpec, extra: &[(&str, f64)]) -> String {
+    let uses_base = spec.base != BaseRule::Ignored;
+    let n = 3.clamp(spec.min_models, spec.max_models.unwrap_or(usize::MAX));
+    let others = &["instruct", "lang_eu", "lang_ca", "lang_gl"][..n - usize::from(uses_base)];
+    let mut y = format!("merge_method: {}\n", spec.name);
+    if uses_base {
+        y += "base_model: models/base\n";
+    }
+    let takes = |name: &str| spec.tensor_params.iter().any(|p| p.name == name);
+    y += "models:\n";
+    for m in others {
+        y += &format!("  - model: models/{m}\n");
+        let mut ps = Vec::new();
+        if takes("weight") {
+            ps.push(("weight", 1.0));
+        }
+        if takes("density") {
+            ps.push(("density", 0.5));
+            if takes("epsilon") {
+                ps.push(("epsilon", 0.1));
+            }
+        }
+        if !ps.is_empty() {
+            y += "    parameters:\n";
+            for (k, v) in ps {
+                y += &format!("      {k}: {v}\n");
+            }
+        }
+    }
+    let mut ps: Vec<(&str, f64)> = Vec::new();
+    for p in spec.params {
+        match p.name {
+            "t" => ps.push(("t", 0.5)),
+            "select_topk" => ps.push(("select_topk", 0.5)),
+            other => assert!(p.default.is_some(), "{}: set required {other}", spec.name),
+        }
+    }
+    ps.extend_from_slice(extra);
+    if !ps.is_empty() {
+        y += "parameters:\n";
+        for (k, v) in ps {
+            y += &format!("  {k}: {v}\n");
+        }
+    }
+    y
+}
+
+/// Every registered method (and the variants no golden case covers: nuslerp row- and
+/// column-wise, model_stock filter-wise) on bf16, sharded, odd-shaped inputs with mismatched
+/// vocabularies: the same bytes whole and cut into tiny tasks, bf16 output, the embeddings
+/// cropped to the common submatrix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_method_on_odd_bf16_sharded_inputs_is_split_invariant() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = tmp.path().join("odd");
+    odd_family(&o);
+    let mut runs: Vec<(String, String)> = registry()
+        .iter()
+        .map(|m| (m.spec().name.to_string(), recipe_for(m.spec(), &[])))
+        .collect();
+    let spec = |name: &str| method(name).expect(name).spec();
+    for (label, name, extra) in [
+        (
+            "nuslerp-rows",
+            "nuslerp",
+            vec![("nuslerp_flatten", 0.0), ("nuslerp_row_wise", 1.0)],
+        ),
+        ("nuslerp-columns", "nuslerp", vec![("nuslerp_flatten", 0.0)]),
+        (
+            "model_stock-filter-wise",
+            "model_stock",
+            vec![("filter_wise", 1.0)],
+        ),
+    ] {
+        runs.push((label.to_string(), recipe_for(spec(name), &extra)));
+    }
+    for (label, r) in &runs {
+        let (oa, ob) = (
+            tmp.path().join(format!("{label}-a")),
+            tmp.path().join(format!("{label}-b")),
+        );
+        run(r, &o, &oa, 1, 64 << 20, 512 << 20)
+            .await
+            .unwrap_or_else(|e| panic!("{label}: {e}\n{r}"));
+        run(r, &o, &ob, 3, 1000, 24 << 10)
+            .await
+            .unwrap_or_else(|e| panic!("{label}: {e}\n{r}"));
+        assert_eq!(
+            file_bytes(&oa),
+            file_bytes(&ob),
+            "{label}: output depends on the task layout"
+        );
+        let t = load(&oa);
+        assert_eq!(
+            t["model.embed_tokens.weight"].shape,
+            vec![251, 47],
+            "{label}"
+        );
+        assert!(
+            t.values().all(|x| x.dtype == DType::BF16),
+            "{label}: bf16 inputs give bf16 output"
         );
     }
 }
