@@ -11,8 +11,7 @@
 //! of exact sums gives the Gram matrix, the iteration runs on N coefficients in `reduce`, and
 //! `apply` forms Σ cᵢ·xᵢ.
 
-use super::exact::ExactSum;
-use super::stats::{gram_upper, merge_sums};
+use super::stats::{gram_upper, sum_values};
 use super::{BaseRule, KResult, Method, MethodSpec, ParamDef, Reduced, RowRange, Stats, TensorCtx};
 
 pub struct Karcher;
@@ -135,7 +134,7 @@ impl Method for Karcher {
         _state: Stats,
         partials: Vec<Stats>,
     ) -> KResult<Reduced> {
-        let g: Vec<f64> = merge_sums(&partials).iter().map(ExactSum::value).collect();
+        let g = sum_values(&partials).values;
         let n = ctx.n_models();
         if g.len() != n * (n + 1) / 2 {
             return Err("karcher: statistics are missing".into());

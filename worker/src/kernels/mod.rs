@@ -279,15 +279,16 @@ pub trait Method: Send + Sync {
         Err("this method has no statistics passes".into())
     }
 
-    /// Folds every range's partial (in range order) into the next state.
+    /// Folds every range's partial (in range order) into the next state. The default is the
+    /// usual one-pass reduction: merge the ranges' exact sums, keep their values, done.
     fn reduce(
         &self,
         _ctx: &TensorCtx,
         _pass: u32,
         _state: Stats,
-        _partials: Vec<Stats>,
+        partials: Vec<Stats>,
     ) -> KResult<Reduced> {
-        Err("this method has no statistics passes".into())
+        Ok(Reduced::Done(stats::sum_values(&partials)))
     }
 
     /// Computes the output rows. `inputs[i]` and `out` cover exactly `rows`.

@@ -9,8 +9,7 @@
 //! dimension (a 1-D tensor is one vector), which lies inside a row and needs no pass.
 
 use super::exact::ExactSum;
-use super::stats::sum_values;
-use super::{BaseRule, KResult, Method, MethodSpec, ParamDef, Reduced, RowRange, Stats, TensorCtx};
+use super::{BaseRule, KResult, Method, MethodSpec, ParamDef, RowRange, Stats, TensorCtx};
 
 pub struct ModelStock;
 
@@ -126,16 +125,6 @@ impl Method for ModelStock {
             sums,
             ..Default::default()
         })
-    }
-
-    fn reduce(
-        &self,
-        _ctx: &TensorCtx,
-        _pass: u32,
-        _state: Stats,
-        partials: Vec<Stats>,
-    ) -> KResult<Reduced> {
-        Ok(Reduced::Done(sum_values(&partials)))
     }
 
     fn apply(

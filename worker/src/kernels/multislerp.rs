@@ -12,8 +12,8 @@
 //! With two inputs whose weighted unit mean vanishes the result is their weighted sum; with
 //! more it is an error.
 
-use super::stats::{gram_upper, sum_values};
-use super::{BaseRule, KResult, Method, MethodSpec, ParamDef, Reduced, RowRange, Stats, TensorCtx};
+use super::stats::gram_upper;
+use super::{BaseRule, KResult, Method, MethodSpec, ParamDef, RowRange, Stats, TensorCtx};
 
 pub struct MultiSlerp;
 
@@ -197,16 +197,6 @@ impl Method for MultiSlerp {
         let inp = Inputs::new(ctx, inputs)?;
         let len = inputs.first().map_or(0, |x| x.len());
         Ok(gram_upper(inp.xs.len(), len, |i, e| inp.x(i, e)))
-    }
-
-    fn reduce(
-        &self,
-        _ctx: &TensorCtx,
-        _pass: u32,
-        _state: Stats,
-        partials: Vec<Stats>,
-    ) -> KResult<Reduced> {
-        Ok(Reduced::Done(sum_values(&partials)))
     }
 
     fn apply(

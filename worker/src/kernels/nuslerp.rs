@@ -13,8 +13,7 @@
 //! out = (sin((1-t)θ)·v₀ + sin(tθ)·v₁) / sin θ, or (1-t)·v₀ + t·v₁ when |sin θ| < 1e-8.
 
 use super::exact::ExactSum;
-use super::stats::sum_values;
-use super::{BaseRule, KResult, Method, MethodSpec, ParamDef, Reduced, RowRange, Stats, TensorCtx};
+use super::{BaseRule, KResult, Method, MethodSpec, ParamDef, RowRange, Stats, TensorCtx};
 
 pub struct NuSlerp;
 
@@ -231,16 +230,6 @@ impl Method for NuSlerp {
             sums,
             ..Default::default()
         })
-    }
-
-    fn reduce(
-        &self,
-        _ctx: &TensorCtx,
-        _pass: u32,
-        _state: Stats,
-        partials: Vec<Stats>,
-    ) -> KResult<Reduced> {
-        Ok(Reduced::Done(sum_values(&partials)))
     }
 
     fn apply(

@@ -10,7 +10,7 @@
 //! (a tensor whose norm is at most 1e-8 is used unnormalised), the angle in f32.
 
 use super::exact::ExactSum;
-use super::stats::merge_sums;
+use super::stats::sum_values;
 use super::{BaseRule, KResult, Method, MethodSpec, ParamDef, Reduced, RowRange, Stats, TensorCtx};
 
 pub struct Slerp;
@@ -116,14 +116,11 @@ impl Method for Slerp {
         _state: Stats,
         partials: Vec<Stats>,
     ) -> KResult<Reduced> {
-        let sums = merge_sums(&partials);
-        if sums.len() != 3 {
+        let reduced = sum_values(&partials);
+        if reduced.values.len() != 3 {
             return Err("slerp partials are malformed".into());
         }
-        Ok(Reduced::Done(Stats {
-            values: sums.iter().map(ExactSum::value).collect(),
-            ..Default::default()
-        }))
+        Ok(Reduced::Done(reduced))
     }
 
     fn apply(
