@@ -51,12 +51,6 @@ impl Stream {
     pub fn uniform(&self, i: u64) -> f64 {
         (self.u64(i) >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
     }
-
-    /// True with probability `p` for element `i`.
-    #[inline]
-    pub fn bernoulli(&self, i: u64, p: f64) -> bool {
-        self.uniform(i) < p
-    }
 }
 
 /// Which generator randomised methods draw from.
@@ -68,7 +62,7 @@ pub enum Mode {
 }
 
 /// The draws of one (tensor, input), one per element, in element order from a starting
-/// element: `keep(p)` is the Bernoulli(p) draw of the next element.
+/// element: `uniform()` is the next element's draw, `mask` applies a run of Bernoulli draws.
 #[derive(Clone, Debug)]
 pub enum Draws {
     Counter {
@@ -93,14 +87,8 @@ impl Draws {
         }
     }
 
-    /// The next element's Bernoulli(p) draw.
-    #[inline]
-    pub fn keep(&mut self, p: f64) -> bool {
-        self.uniform() < p
-    }
-
     /// Draws for the next `d.len()` elements: each element not kept becomes `v * 0.0` (a zero
-    /// of its sign), as [`keep`](Self::keep) one by one would decide. The comparison runs on
+    /// of its sign), as `uniform() < p` one by one would decide. The comparison runs on
     /// integers: for a draw of `b` bits, `k / 2^b < p` exactly when `k < ceil(p · 2^b)`; the
     /// verdict multiplies (by 1 or 0) rather than selects, which would be a branch.
     pub fn mask(&mut self, p: f64, d: &mut [f32]) {
@@ -190,7 +178,7 @@ mod tests {
                 let mut v: Vec<f32> = (0..3000).map(|i| i as f32 - 1500.5).collect();
                 let want: Vec<f32> = v
                     .iter()
-                    .map(|&x| if a.keep(p) { x } else { x * 0.0 })
+                    .map(|&x| if a.uniform() < p { x } else { x * 0.0 })
                     .collect();
                 b.mask(p, &mut v);
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
@@ -210,7 +198,7 @@ mod tests {
     fn roughly_uniform() {
         let s = Stream::new(42, 1, 2);
         let n = 200_000;
-        let kept = (0..n).filter(|&i| s.bernoulli(i, 0.3)).count() as f64 / n as f64;
+        let kept = (0..n).filter(|&i| s.uniform(i) < 0.3).count() as f64 / n as f64;
         assert!((kept - 0.3).abs() < 0.005, "{kept}");
         let mean = (0..n).map(|i| s.uniform(i)).sum::<f64>() / n as f64;
         assert!((mean - 0.5).abs() < 0.005, "{mean}");
