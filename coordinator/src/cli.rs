@@ -328,6 +328,7 @@ async fn main_inner(cli: Cli) -> Result<()> {
 
 /// Parses the command line and runs it: the whole `shardmerge` program.
 pub fn main() -> ExitCode {
+    size::return_large_buffers_to_the_system();
     let cli = Cli::parse();
     init_tracing();
     let rt = match tokio::runtime::Builder::new_multi_thread()

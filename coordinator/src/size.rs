@@ -57,6 +57,25 @@ pub fn peak_rss() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Large buffers go straight to `mmap` and back to the system when freed.
+///
+/// glibc's default raises its mmap threshold each time such a buffer is freed, after which
+/// buffers of that size come from per-thread arenas that keep freed memory; a worker's resident
+/// memory then grew with the number of tasks it ran, past `--memory-limit` (a ties merge of a
+/// 92 MiB model under a 48 MiB limit peaked at 109 MiB; `coordinator/tests/memory.rs`). Task
+/// buffers are reused from task to task (`shardmerge_worker::exec::Scratch`), so mapping them
+/// afresh is rare. A fixed threshold also turns off glibc's adjustment.
+pub fn return_large_buffers_to_the_system() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `mallopt` only sets a tuning parameter of glibc's allocator under the allocator's
+    // own lock; it takes plain integers and touches no memory of ours. It runs first thing in
+    // `cli::main`, before the program starts any thread. A return of 0 (rejected value) leaves
+    // glibc's defaults in place, which is safe too.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

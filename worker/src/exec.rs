@@ -98,6 +98,87 @@ pub struct Executor {
     pub resolver: Resolver,
 }
 
+/// The large buffers of one task slot, reused from one task to the next: the inputs decoded to
+/// f32, the computed rows and the encoded output bytes.
+///
+/// Allocating them afresh for every task costs a page fault per 4 KiB when the allocator maps
+/// them from the system, and when it keeps freed memory instead, glibc's per-thread arenas each
+/// keep their own, so a worker's resident memory grew with the number of tasks it had run.
+/// Reused, they stay within what one task needs: the planner cuts tasks to the slot's memory,
+/// and buffers over `keep` bytes in all are let go after a task.
+#[derive(Debug, Default)]
+pub struct Scratch {
+    inputs: Vec<Vec<f32>>,
+    /// Raw bytes of each input's current read piece.
+    pieces: Vec<Vec<u8>>,
+    out: Vec<f32>,
+    bytes: Vec<u8>,
+    keep: u64,
+}
+
+impl Scratch {
+    /// Buffers for a slot that keeps at most `keep` bytes between tasks.
+    pub fn new(keep: u64) -> Self {
+        Scratch {
+            keep,
+            ..Default::default()
+        }
+    }
+
+    /// Bytes held now.
+    pub fn held(&self) -> u64 {
+        let f = std::mem::size_of::<f32>();
+        let inputs: usize = self.inputs.iter().map(|v| v.capacity() * f).sum();
+        let pieces: usize = self.pieces.iter().map(Vec::capacity).sum();
+        (inputs + pieces + self.out.capacity() * f + self.bytes.capacity()) as u64
+    }
+
+    /// Lets everything go when more than `keep` bytes are held.
+    fn trim(&mut self) {
+        if self.held() > self.keep {
+            *self = Scratch::new(self.keep);
+        }
+    }
+
+    /// Input buffer `i` and its read buffer, for the caller to fill.
+    fn input(&mut self, i: usize) -> (Vec<f32>, Vec<u8>) {
+        (
+            self.inputs
+                .get_mut(i)
+                .map(std::mem::take)
+                .unwrap_or_default(),
+            self.pieces
+                .get_mut(i)
+                .map(std::mem::take)
+                .unwrap_or_default(),
+        )
+    }
+
+    fn give_inputs(&mut self, inputs: Vec<Vec<f32>>) {
+        give_back(&mut self.inputs, inputs);
+    }
+}
+
+/// Puts buffers back into their places in `slots`.
+fn give_back<T>(slots: &mut Vec<Vec<T>>, bufs: Vec<Vec<T>>) {
+    if slots.len() < bufs.len() {
+        slots.resize_with(bufs.len(), Vec::new);
+    }
+    for (slot, v) in slots.iter_mut().zip(bufs) {
+        *slot = v;
+    }
+}
+
+/// `v` emptied, with room for `n` elements: a buffer too small is replaced rather than grown,
+/// which would copy its old contents.
+fn emptied<T>(mut v: Vec<T>, n: usize) -> Vec<T> {
+    v.clear();
+    if v.capacity() < n {
+        v = Vec::with_capacity(n);
+    }
+    v
+}
+
 /// What a task did, for the result message.
 #[derive(Default)]
 struct Io {
@@ -109,23 +190,35 @@ impl Executor {
         Executor { resolver }
     }
 
-    pub async fn run(&self, task: &pb::Task) -> Result<pb::TaskResult, TaskError> {
-        match &task.kind {
-            Some(pb::task::Kind::Write(w)) => self.run_write(w).await,
-            Some(pb::task::Kind::Stats(s)) => self.run_stats(s).await,
+    /// Runs one task with the slot's buffers.
+    pub async fn run(
+        &self,
+        task: &pb::Task,
+        scratch: &mut Scratch,
+    ) -> Result<pb::TaskResult, TaskError> {
+        let r = match &task.kind {
+            Some(pb::task::Kind::Write(w)) => self.run_write(w, scratch).await,
+            Some(pb::task::Kind::Stats(s)) => self.run_stats(s, scratch).await,
             None => Err(fatal(
                 "task has no kind (coordinator/worker version mismatch?)",
             )),
-        }
+        };
+        scratch.trim();
+        r
     }
 
-    async fn run_write(&self, w: &pb::WriteTask) -> Result<pb::TaskResult, TaskError> {
+    async fn run_write(
+        &self,
+        w: &pb::WriteTask,
+        scratch: &mut Scratch,
+    ) -> Result<pb::TaskResult, TaskError> {
         let out = w
             .output
             .as_ref()
             .ok_or_else(|| fatal("write task without output"))?;
         let len = usize::try_from(out.length).map_err(|_| fatal("task too large"))?;
-        let mut buf = vec![0u8; len];
+        let mut buf = emptied(std::mem::take(&mut scratch.bytes), len);
+        buf.resize(len, 0);
         let mut at = 0usize;
         let mut io = Io::default();
         for seg in &w.segments {
@@ -150,8 +243,9 @@ impl Executor {
                     let dst = buf
                         .get_mut(at..end)
                         .ok_or_else(|| fatal("segment overruns the task's output range"))?;
-                    let values = self.compute_rows(r, &mut io).await?;
+                    let values = self.compute_rows(r, &mut io, scratch).await?;
                     dtype::encode(odt, &values, dst);
+                    scratch.out = values;
                     at = end;
                 }
                 None => return Err(fatal("empty segment")),
@@ -164,9 +258,14 @@ impl Executor {
         }
         let checksum = crc32fast::hash(&buf);
         let (store, upload, part_index) = self.sink(out)?;
+        let data = Bytes::from(buf);
         let receipt = store
-            .write_part(&upload, part_index, out.offset, Bytes::from(buf))
+            .write_part(&upload, part_index, out.offset, data.clone())
             .await?;
+        // The store is done with the bytes: take the buffer back when nothing else holds it.
+        if let Ok(b) = data.try_into_mut() {
+            scratch.bytes = b.into();
+        }
         Ok(pb::TaskResult {
             bytes_read: io.bytes_read,
             bytes_written: len as u64,
@@ -209,7 +308,11 @@ impl Executor {
         }
     }
 
-    async fn run_stats(&self, s: &pb::StatsTask) -> Result<pb::TaskResult, TaskError> {
+    async fn run_stats(
+        &self,
+        s: &pb::StatsTask,
+        scratch: &mut Scratch,
+    ) -> Result<pb::TaskResult, TaskError> {
         let r = s
             .rows
             .as_ref()
@@ -220,25 +323,30 @@ impl Executor {
             .ok_or_else(|| fatal("stats task without tensor"))?;
         let mut io = Io::default();
         let inputs = self
-            .read_inputs(job, r.row_start, r.row_end, &mut io)
+            .read_inputs(job, r.row_start, r.row_end, &mut io, scratch)
             .await?;
         let state = r.stats.as_ref().map(Stats::from_proto).unwrap_or_default();
         let job = job.clone();
         let (rs, re, ri, pass) = (r.row_start, r.row_end, r.range_index, s.pass);
-        let partial = tokio::task::spawn_blocking(move || -> Result<Stats, TaskError> {
-            let ctx = tensor_ctx(&job)?;
-            let m = method_of(&job)?;
-            let refs: Vec<&[f32]> = inputs.iter().map(Vec::as_slice).collect();
-            let rows = RowRange {
-                start: rs,
-                end: re,
-                index: ri,
+        let (partial, inputs) = tokio::task::spawn_blocking(move || {
+            let run = || -> Result<Stats, TaskError> {
+                let ctx = tensor_ctx(&job)?;
+                let m = method_of(&job)?;
+                let refs: Vec<&[f32]> = inputs.iter().map(Vec::as_slice).collect();
+                let rows = RowRange {
+                    start: rs,
+                    end: re,
+                    index: ri,
+                };
+                m.partial(&ctx, pass, &state, rows, &refs)
+                    .map_err(|e| fatal(format!("tensor {}: {e}", job.name)))
             };
-            m.partial(&ctx, pass, &state, rows, &refs)
-                .map_err(|e| fatal(format!("tensor {}: {e}", job.name)))
+            (run(), inputs)
         })
         .await
-        .map_err(|e| fatal(format!("kernel panicked: {e}")))??;
+        .map_err(|e| fatal(format!("kernel panicked: {e}")))?;
+        scratch.give_inputs(inputs);
+        let partial = partial?;
         Ok(pb::TaskResult {
             bytes_read: io.bytes_read,
             stats: Some(partial.to_proto()),
@@ -246,38 +354,54 @@ impl Executor {
         })
     }
 
-    /// Reads a row range of every input and computes the output rows in f32.
-    async fn compute_rows(&self, r: &pb::TensorRows, io: &mut Io) -> Result<Vec<f32>, TaskError> {
+    /// Reads a row range of every input and computes the output rows in f32, in the slot's
+    /// output buffer (give it back to `scratch.out` when done with the values).
+    async fn compute_rows(
+        &self,
+        r: &pb::TensorRows,
+        io: &mut Io,
+        scratch: &mut Scratch,
+    ) -> Result<Vec<f32>, TaskError> {
         let job = r
             .tensor
             .as_ref()
             .ok_or_else(|| fatal("segment without tensor"))?;
-        let inputs = self.read_inputs(job, r.row_start, r.row_end, io).await?;
+        let inputs = self
+            .read_inputs(job, r.row_start, r.row_end, io, scratch)
+            .await?;
         let job = job.clone();
         let stats = r.stats.clone();
         let (rs, re, ri) = (r.row_start, r.row_end, r.range_index);
-        tokio::task::spawn_blocking(move || -> Result<Vec<f32>, TaskError> {
-            let ctx = tensor_ctx(&job)?;
-            let m = method_of(&job)?;
-            let refs: Vec<&[f32]> = inputs.iter().map(Vec::as_slice).collect();
-            let mut out = vec![0f32; ((re - rs) as usize) * ctx.row_len];
-            let whole = rs == 0 && re == ctx.rows;
-            let res = if whole {
-                kernels::run_whole(m, &ctx, &refs, &mut out)
-            } else {
-                let state = stats.as_ref().map(Stats::from_proto).unwrap_or_default();
-                let rows = RowRange {
-                    start: rs,
-                    end: re,
-                    index: ri,
+        let out = std::mem::take(&mut scratch.out);
+        let (res, inputs) = tokio::task::spawn_blocking(move || {
+            let run = || -> Result<Vec<f32>, TaskError> {
+                let ctx = tensor_ctx(&job)?;
+                let m = method_of(&job)?;
+                let refs: Vec<&[f32]> = inputs.iter().map(Vec::as_slice).collect();
+                let n = ((re - rs) as usize) * ctx.row_len;
+                let mut out = emptied(out, n);
+                out.resize(n, 0.0);
+                let whole = rs == 0 && re == ctx.rows;
+                let res = if whole {
+                    kernels::run_whole(m, &ctx, &refs, &mut out)
+                } else {
+                    let state = stats.as_ref().map(Stats::from_proto).unwrap_or_default();
+                    let rows = RowRange {
+                        start: rs,
+                        end: re,
+                        index: ri,
+                    };
+                    m.apply(&ctx, &state, rows, &refs, &mut out)
                 };
-                m.apply(&ctx, &state, rows, &refs, &mut out)
+                res.map_err(|e| fatal(format!("tensor {}: {}: {e}", job.name, job.method)))?;
+                Ok(out)
             };
-            res.map_err(|e| fatal(format!("tensor {}: {}: {e}", job.name, job.method)))?;
-            Ok(out)
+            (run(), inputs)
         })
         .await
-        .map_err(|e| fatal(format!("kernel panicked: {e}")))?
+        .map_err(|e| fatal(format!("kernel panicked: {e}")))?;
+        scratch.give_inputs(inputs);
+        res
     }
 
     /// Reads rows `[start, end)` of every input of `job` as f32, cropped to the output's row
@@ -288,9 +412,11 @@ impl Executor {
         start: u64,
         end: u64,
         io: &mut Io,
+        scratch: &mut Scratch,
     ) -> Result<Vec<Vec<f32>>, TaskError> {
         let (_, out_row) = view2d(&job.shape);
-        let reads = job.inputs.iter().map(|src| {
+        let bufs: Vec<_> = (0..job.inputs.len()).map(|i| scratch.input(i)).collect();
+        let reads = job.inputs.iter().zip(bufs).map(|(src, (buf, mut piece))| {
             let resolver = self.resolver.clone();
             async move {
                 let dt = DType::from_proto(src.dtype).ok_or_else(|| {
@@ -313,34 +439,41 @@ impl Executor {
                 let row_bytes = in_row * es;
                 let rows_per_piece = (READ_PIECE / row_bytes.max(1)).max(1);
                 let n = ((end - start) * out_row) as usize;
-                let mut v: Vec<f32> = Vec::with_capacity(n);
+                let mut v = emptied(buf, n);
                 let mut read = 0u64;
                 let mut r = start;
                 while r < end {
                     let re = (r + rows_per_piece).min(end);
                     let from = src.data_offset + r * row_bytes;
                     let to = src.data_offset + re * row_bytes;
-                    let bytes = retry(|| loc.store.read_range(&loc.path, from..to)).await?;
+                    piece = retry(|| {
+                        let buf = std::mem::take(&mut piece);
+                        loc.store.read_range_into(&loc.path, from..to, buf)
+                    })
+                    .await?;
                     if in_row == out_row {
-                        dtype::decode_extend(dt, &bytes, &mut v);
+                        dtype::decode_extend(dt, &piece, &mut v);
                     } else {
                         let ob = (out_row * es) as usize;
-                        for row in bytes.chunks_exact(row_bytes as usize) {
+                        for row in piece.chunks_exact(row_bytes as usize) {
                             dtype::decode_extend(dt, &row[..ob], &mut v);
                         }
                     }
                     read += to - from;
                     r = re;
                 }
-                Ok::<_, TaskError>((v, read))
+                Ok::<_, TaskError>((v, piece, read))
             }
         });
         let results = futures::future::try_join_all(reads).await?;
         let mut out = Vec::with_capacity(results.len());
-        for (v, n) in results {
+        let mut pieces = Vec::with_capacity(results.len());
+        for (v, piece, n) in results {
             io.bytes_read += n;
             out.push(v);
+            pieces.push(piece);
         }
+        give_back(&mut scratch.pieces, pieces);
         Ok(out)
     }
 }
@@ -348,4 +481,45 @@ impl Executor {
 fn method_of(job: &pb::TensorJob) -> Result<&'static dyn kernels::Method, TaskError> {
     kernels::method(&job.method)
         .ok_or_else(|| fatal(format!("unknown merge method {:?}", job.method)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn written_bytes_come_back_as_the_same_buffer() {
+        // run_write hands the output to the store as `Bytes` and takes the allocation back
+        // once the store has dropped its copy.
+        let buf = vec![7u8; 1 << 20];
+        let ptr = buf.as_ptr();
+        let data = Bytes::from(buf);
+        let store_copy = data.clone();
+        assert!(data.clone().try_into_mut().is_err(), "still shared");
+        drop(store_copy);
+        let back: Vec<u8> = data.try_into_mut().expect("unique again").into();
+        assert_eq!(back.as_ptr(), ptr);
+        assert_eq!(back.len(), 1 << 20);
+    }
+
+    #[test]
+    fn scratch_keeps_buffers_up_to_its_limit() {
+        let mut s = Scratch::new(1 << 20);
+        s.give_inputs(vec![Vec::with_capacity(1000), Vec::with_capacity(2000)]);
+        s.trim();
+        assert_eq!(s.held(), 12_000);
+        let (v, piece) = s.input(1);
+        assert_eq!((v.capacity(), piece.capacity()), (2000, 0));
+        s.give_inputs(vec![Vec::new(), Vec::with_capacity(1 << 20)]);
+        s.trim();
+        assert_eq!(s.held(), 0, "over the limit: everything let go");
+    }
+
+    #[test]
+    fn emptied_reuses_or_replaces() {
+        let v = emptied(vec![1u8, 2, 3], 2);
+        assert!(v.is_empty() && v.capacity() >= 3);
+        let v = emptied(v, 100);
+        assert!(v.is_empty() && v.capacity() >= 100);
+    }
 }

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use shardmerge_proto as pb;
 use tokio::sync::watch;
 
-use crate::exec::Executor;
+use crate::exec::{Executor, Scratch};
 
 /// Where work comes from. Errors are transport errors (the coordinator is unreachable).
 #[async_trait]
@@ -61,6 +61,7 @@ async fn slot_loop(
 ) {
     let worker_id = format!("{}/{slot}", opts.worker_id);
     let mut backoff = Duration::from_millis(5);
+    let mut scratch = Scratch::new(opts.slot_memory);
     while !*stop.borrow() {
         let resp = source
             .poll(pb::PollWorkRequest {
@@ -93,12 +94,18 @@ async fn slot_loop(
             }
         };
         for lease in leases {
-            run_one(&source, &exec, &worker_id, lease).await;
+            run_one(&source, &exec, &worker_id, lease, &mut scratch).await;
         }
     }
 }
 
-async fn run_one(source: &Arc<dyn WorkSource>, exec: &Executor, worker_id: &str, lease: pb::Lease) {
+async fn run_one(
+    source: &Arc<dyn WorkSource>,
+    exec: &Executor,
+    worker_id: &str,
+    lease: pb::Lease,
+    scratch: &mut Scratch,
+) {
     let Some(task) = lease.task else { return };
     // Renew the lease at a third of its lifetime while the task runs.
     let renew_every = Duration::from_millis((lease.ttl_ms / 3).max(50));
@@ -122,7 +129,7 @@ async fn run_one(source: &Arc<dyn WorkSource>, exec: &Executor, worker_id: &str,
             }
         })
     };
-    let result = exec.run(&task).await;
+    let result = exec.run(&task, scratch).await;
     renewer.abort();
     match result {
         Ok(result) => {

@@ -59,6 +59,18 @@ impl FaultyStorage {
             bytes_read,
         })
     }
+
+    /// Counts a range read and fails it when the plan says so.
+    fn read_fault(&self, path: &str) -> SResult<()> {
+        let n = self.reads.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.plan.fail_every_nth_read > 0 && n.is_multiple_of(self.plan.fail_every_nth_read) {
+            return Err(StorageError::new(
+                format!("{path}: injected read fault #{n}"),
+                true,
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -76,14 +88,19 @@ impl Storage for FaultyStorage {
         self.inner.exists(path).await
     }
     async fn read_range(&self, path: &str, range: Range<u64>) -> SResult<Bytes> {
-        let n = self.reads.fetch_add(1, Ordering::SeqCst) + 1;
-        if self.plan.fail_every_nth_read > 0 && n.is_multiple_of(self.plan.fail_every_nth_read) {
-            return Err(StorageError::new(
-                format!("{path}: injected read fault #{n}"),
-                true,
-            ));
-        }
+        self.read_fault(path)?;
         let b = self.inner.read_range(path, range).await?;
+        self.bytes_read.fetch_add(b.len() as u64, Ordering::SeqCst);
+        Ok(b)
+    }
+    async fn read_range_into(
+        &self,
+        path: &str,
+        range: Range<u64>,
+        buf: Vec<u8>,
+    ) -> SResult<Vec<u8>> {
+        self.read_fault(path)?;
+        let b = self.inner.read_range_into(path, range, buf).await?;
         self.bytes_read.fetch_add(b.len() as u64, Ordering::SeqCst);
         Ok(b)
     }

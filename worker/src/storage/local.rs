@@ -70,9 +70,20 @@ impl LocalStorage {
 
 /// Reads exactly `range` of an open file.
 pub fn read_exact_range(f: &File, path: &str, range: Range<u64>) -> SResult<Vec<u8>> {
+    read_exact_range_into(f, path, range, Vec::new())
+}
+
+/// `read_exact_range` into `buf`, replacing its contents.
+pub fn read_exact_range_into(
+    f: &File,
+    path: &str,
+    range: Range<u64>,
+    mut buf: Vec<u8>,
+) -> SResult<Vec<u8>> {
     let len = usize::try_from(range.end.saturating_sub(range.start))
         .map_err(|_| StorageError::new(format!("{path}: read too large"), false))?;
-    let mut buf = vec![0u8; len];
+    buf.clear();
+    buf.resize(len, 0);
     f.read_exact_at(&mut buf, range.start).map_err(|e| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
             StorageError::new(
@@ -120,6 +131,17 @@ impl Storage for LocalStorage {
         let f = self.reader(path)?;
         let p = path.to_string();
         blocking(move || read_exact_range(&f, &p, range).map(Bytes::from)).await
+    }
+
+    async fn read_range_into(
+        &self,
+        path: &str,
+        range: Range<u64>,
+        buf: Vec<u8>,
+    ) -> SResult<Vec<u8>> {
+        let f = self.reader(path)?;
+        let p = path.to_string();
+        blocking(move || read_exact_range_into(&f, &p, range, buf)).await
     }
 
     async fn read_all(&self, path: &str) -> SResult<Bytes> {

@@ -82,6 +82,20 @@ pub trait Storage: Send + Sync + fmt::Debug {
     async fn size(&self, path: &str) -> SResult<u64>;
     async fn exists(&self, path: &str) -> SResult<bool>;
     async fn read_range(&self, path: &str, range: Range<u64>) -> SResult<Bytes>;
+    /// Reads bytes `range` into `buf`, replacing what it held, and hands the buffer back, so
+    /// that a caller reading piece after piece reuses one allocation. By default it reads with
+    /// `read_range` and copies.
+    async fn read_range_into(
+        &self,
+        path: &str,
+        range: Range<u64>,
+        mut buf: Vec<u8>,
+    ) -> SResult<Vec<u8>> {
+        let b = self.read_range(path, range).await?;
+        buf.clear();
+        buf.extend_from_slice(&b);
+        Ok(buf)
+    }
     async fn read_all(&self, path: &str) -> SResult<Bytes>;
     /// Writes a small file whole; readers see the old file or the new one, never a part.
     async fn put(&self, path: &str, data: Bytes) -> SResult<()>;
