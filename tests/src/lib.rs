@@ -22,6 +22,8 @@ use object_store::path::Path as OPath;
 use object_store::{ObjectStore, PutPayload};
 
 pub use shardmerge_proto as pb;
+use shardmerge_worker::storage::object::ObjectStorage;
+use shardmerge_worker::storage::Storage;
 
 /// The `shardmerge` program (this package's copy of it; see `Cargo.toml`). Expands to the path
 /// cargo built for the calling test, unless `SHARDMERGE_BIN` names another build.
@@ -345,14 +347,25 @@ impl S3Server {
         .collect()
     }
 
-    /// A client for one bucket, for the test itself.
-    pub fn bucket(&self, name: &str) -> Bucket {
-        let s3 = AmazonS3Builder::new()
+    /// Client settings for this server (endpoint, credentials, region), without a bucket.
+    fn client(&self) -> AmazonS3Builder {
+        AmazonS3Builder::new()
             .with_endpoint(&self.endpoint)
             .with_allow_http(true)
             .with_access_key_id(ACCESS_KEY)
             .with_secret_access_key(SECRET_KEY)
             .with_region(REGION)
+    }
+
+    /// One bucket as the workers see it: shardmerge's own S3 storage.
+    pub fn storage(&self, bucket: &str) -> Arc<dyn Storage> {
+        Arc::new(ObjectStorage::s3(bucket, self.client()).expect("S3 storage"))
+    }
+
+    /// A client for one bucket, for the test itself.
+    pub fn bucket(&self, name: &str) -> Bucket {
+        let s3 = self
+            .client()
             .with_bucket_name(name)
             .with_virtual_hosted_style_request(false)
             .build()

@@ -46,15 +46,22 @@ impl ObjectStorage {
     /// `AWS_ENDPOINT`), `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`,
     /// `AWS_ALLOW_HTTP`.
     pub fn s3_from_env(bucket: &str) -> SResult<Self> {
-        let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
+        let mut b = AmazonS3Builder::from_env();
         if let Ok(ep) = std::env::var("AWS_ENDPOINT_URL") {
             b = b.with_endpoint(ep);
         }
         if std::env::var("AWS_REGION").is_err() && std::env::var("AWS_DEFAULT_REGION").is_err() {
             b = b.with_region("us-east-1");
         }
-        // path-style addressing works with every S3-compatible server
-        b = b.with_virtual_hosted_style_request(false);
+        Self::s3(bucket, b)
+    }
+
+    /// An S3 bucket reached with the client settings of `builder` (endpoint, credentials,
+    /// region), addressed path-style, which every S3-compatible server accepts.
+    pub fn s3(bucket: &str, builder: AmazonS3Builder) -> SResult<Self> {
+        let b = builder
+            .with_bucket_name(bucket)
+            .with_virtual_hosted_style_request(false);
         let s3 = Arc::new(b.build().map_err(|e| {
             StorageError::new(
                 format!("s3://{bucket}: cannot configure S3 ({e}); set AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION"),
