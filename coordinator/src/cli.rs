@@ -123,7 +123,9 @@ enum Cmd {
         /// to the others after this long (workers renew at a third of it)
         #[arg(long, default_value_t = 30.0)]
         lease_ttl: f64,
-        /// Where job state lives. Only `memory` for now: jobs do not survive a restart
+        /// Where job state lives: `memory` (jobs end with the process), or a journal folder
+        /// (local path, file:// or s3://bucket/prefix) from which a restarted coordinator
+        /// resumes its unfinished jobs
         #[arg(long, default_value = "memory")]
         state: String,
     },

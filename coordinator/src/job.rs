@@ -1,6 +1,7 @@
 //! Job state: queued tasks, leases, statistics units, per-file completion and the commit.
 //! One `JobManager` serves in-process workers (embedded mode) and the gRPC service alike.
-//! State is in memory, behind this one interface.
+//! State is in memory; with a journal (`--state`), every fact a restart needs is recorded
+//! before it is acted on, and `recover` resumes the journal's unfinished jobs.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -19,6 +20,7 @@ use tokio::sync::watch;
 use crate::commit;
 use crate::cut::{self, Cut, CutOptions, SegDef};
 use crate::error::{Error, Result};
+use crate::journal::{Journal, Unfinished};
 use crate::plan::{self, Plan, PlanOptions};
 use crate::recipe::Recipe;
 
@@ -180,6 +182,81 @@ impl Job {
     }
 }
 
+/// The journal's name of a task: `w<task>`, or `s<unit>.<pass>.<range>` for a statistics task
+/// (a unit's ranges run once per pass).
+fn task_key(it: Item, pass: u32) -> String {
+    match it {
+        Item::Write(i) => format!("w{i}"),
+        Item::Stats { unit, range } => format!("s{unit}.{pass}.{range}"),
+    }
+}
+
+fn parse_task_key(k: &str) -> Option<(Item, u32)> {
+    if let Some(i) = k.strip_prefix('w') {
+        return Some((Item::Write(i.parse().ok()?), 0));
+    }
+    let mut it = k.strip_prefix('s')?.split('.');
+    let (unit, pass, range) = (it.next()?, it.next()?, it.next()?);
+    if it.next().is_some() {
+        return None;
+    }
+    Some((
+        Item::Stats {
+            unit: unit.parse().ok()?,
+            range: range.parse().ok()?,
+        },
+        pass.parse().ok()?,
+    ))
+}
+
+/// The output uploads a job record names.
+fn uploads_of(rec: &pb::JournalJob) -> Vec<Upload> {
+    rec.uploads
+        .iter()
+        .map(|x| Upload {
+            path: x.path.clone(),
+            id: x.id.clone(),
+        })
+        .collect()
+}
+
+/// CRC-32 of a job's plan: each tensor's method and shape, where each input tensor lies (file,
+/// offset, dtype, shape), the output files' headers and every task's place. A job is resumed
+/// only when its inputs still plan to exactly this. (An input replaced by another checkpoint
+/// of the very same layout is not noticed.)
+fn layout_crc(plan: &Plan, cut: &Cut) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    fn num(h: &mut crc32fast::Hasher, v: u64) {
+        h.update(&v.to_le_bytes());
+    }
+    for t in &plan.tensors {
+        h.update(t.name.as_bytes());
+        h.update(t.method.as_bytes());
+        t.shape.iter().for_each(|&d| num(&mut h, d));
+        for src in &t.inputs {
+            h.update(src.uri.as_bytes());
+            num(&mut h, src.data_offset);
+            num(&mut h, src.dtype as u64);
+            src.shape.iter().for_each(|&d| num(&mut h, d));
+        }
+    }
+    for f in &plan.files {
+        h.update(f.name.as_bytes());
+        h.update(&(f.layout.header.len() as u64).to_le_bytes());
+        h.update(&f.layout.header);
+    }
+    for t in &cut.tasks {
+        for v in [t.file as u64, t.offset, t.length, t.segments.len() as u64] {
+            h.update(&v.to_le_bytes());
+        }
+    }
+    for u in &cut.units {
+        h.update(&(u.tensor as u64).to_le_bytes());
+        h.update(&(u.ranges.len() as u64).to_le_bytes());
+    }
+    h.finalize()
+}
+
 /// What a completed report requires outside the lock.
 enum Followup {
     None,
@@ -215,8 +292,46 @@ impl Default for SubmitOptions {
     }
 }
 
+impl SubmitOptions {
+    /// The options a job record keeps (everything that shapes the output).
+    pub fn to_proto(&self) -> pb::JobOptions {
+        pb::JobOptions {
+            out_shard_size: self.out_shard_size,
+            task_size: self.task_size,
+            slot_memory: self.slot_memory,
+            seed: self.seed,
+            base_dir: self.base_dir.to_string_lossy().into_owned(),
+            min_part_size: 0,
+            rng: self.rng as i32,
+        }
+    }
+
+    /// Options from their message; 0 or empty means the default, and relative model paths
+    /// resolve against the coordinator's working directory when `base_dir` is empty.
+    pub fn from_proto(o: &pb::JobOptions, lease_ttl: Duration) -> Self {
+        let or = |v: u64, d: u64| if v == 0 { d } else { v };
+        SubmitOptions {
+            out_shard_size: or(o.out_shard_size, plan::DEFAULT_SHARD_SIZE),
+            task_size: or(o.task_size, DEFAULT_TASK_SIZE),
+            slot_memory: or(o.slot_memory, DEFAULT_SLOT_MEMORY),
+            seed: o.seed,
+            rng: pb::Rng::try_from(o.rng).unwrap_or(pb::Rng::Mergekit),
+            base_dir: if o.base_dir.is_empty() {
+                crate::embedded::cwd()
+            } else {
+                PathBuf::from(&o.base_dir)
+            },
+            lease_ttl,
+            ..Default::default()
+        }
+    }
+}
+
 pub struct JobManager {
     resolver: Resolver,
+    journal: Option<Journal>,
+    /// Jobs that ended before this coordinator started (from the journal), for `status`.
+    history: Mutex<HashMap<String, pb::JobStatus>>,
     jobs: Mutex<HashMap<String, Job>>,
     leases: Mutex<HashMap<String, (String, Item)>>,
     next_id: std::sync::atomic::AtomicU64,
@@ -232,8 +347,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl JobManager {
     pub fn new(resolver: Resolver) -> Arc<Self> {
+        Self::build(resolver, None)
+    }
+
+    /// A job manager that records its jobs in `journal` (call `recover` to resume the ones
+    /// it holds).
+    pub fn with_journal(resolver: Resolver, journal: Journal) -> Arc<Self> {
+        Self::build(resolver, Some(journal))
+    }
+
+    fn build(resolver: Resolver, journal: Option<Journal>) -> Arc<Self> {
         Arc::new(JobManager {
             resolver,
+            journal,
+            history: Mutex::new(HashMap::new()),
             jobs: Mutex::new(HashMap::new()),
             leases: Mutex::new(HashMap::new()),
             next_id: std::sync::atomic::AtomicU64::new(1),
@@ -242,17 +369,22 @@ impl JobManager {
         })
     }
 
+    /// How long a lease lasts without renewal (also set by each submitted job's options).
+    pub fn set_lease_ttl(&self, ttl: Duration) {
+        *lock(&self.lease_ttl) = ttl;
+    }
+
     pub fn resolver(&self) -> &Resolver {
         &self.resolver
     }
 
-    /// Plans a job, starts its output files, and queues its tasks.
-    pub async fn submit(
+    /// Plans a job and cuts it into tasks (reads headers only).
+    async fn prepare(
         &self,
         recipe_text: &str,
         output: &str,
         o: &SubmitOptions,
-    ) -> Result<(String, Arc<Plan>)> {
+    ) -> Result<(Plan, Cut, Location)> {
         let recipe = Recipe::parse(recipe_text)?;
         let plan = plan::plan(
             recipe,
@@ -266,13 +398,6 @@ impl JobManager {
         )
         .await?;
         let out = self.resolver.resolve(output, &o.base_dir)?;
-        let index = out.join("model.safetensors.index.json");
-        if !o.overwrite && index.store.exists(&index.path).await? {
-            return Err(Error::Other(format!(
-                "{} already holds a finished checkpoint; pick a new output or remove it",
-                out.uri()
-            )));
-        }
         let cut = cut::cut(
             &plan,
             &CutOptions {
@@ -281,6 +406,39 @@ impl JobManager {
                 min_part: out.store.min_part_size(),
             },
         );
+        Ok((plan, cut, out))
+    }
+
+    /// A job id no job of this coordinator or its journal has.
+    fn fresh_id(&self) -> String {
+        loop {
+            let id = format!(
+                "job-{}-{}",
+                std::process::id(),
+                self.next_id
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            );
+            if !lock(&self.jobs).contains_key(&id) && !lock(&self.history).contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// Plans a job, starts its output files, records it in the journal, and queues its tasks.
+    pub async fn submit(
+        &self,
+        recipe_text: &str,
+        output: &str,
+        o: &SubmitOptions,
+    ) -> Result<(String, Arc<Plan>)> {
+        let (plan, cut, out) = self.prepare(recipe_text, output, o).await?;
+        let index = out.join("model.safetensors.index.json");
+        if !o.overwrite && index.store.exists(&index.path).await? {
+            return Err(Error::Other(format!(
+                "{} already holds a finished checkpoint; pick a new output or remove it",
+                out.uri()
+            )));
+        }
         // A stale index from an earlier run must not make a half-written folder look finished.
         index.store.delete(&index.path).await?;
         let mut uploads = Vec::new();
@@ -296,118 +454,173 @@ impl JobManager {
                 }
             }
         }
-        let id = format!(
-            "job-{}-{}",
-            std::process::id(),
-            self.next_id
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
-        );
-        *lock(&self.lease_ttl) = o.lease_ttl;
-        let plan = Arc::new(plan);
-        let mut items = HashMap::new();
-        let mut queue = VecDeque::new();
-        let mut blocked_by = Vec::new();
-        for (u, unit) in cut.units.iter().enumerate() {
-            for r in 0..unit.ranges.len() {
-                let it = Item::Stats { unit: u, range: r };
-                items.insert(
-                    it,
-                    ItemSlot {
-                        state: ItemState::Queued,
-                        attempts: 0,
-                    },
-                );
-                queue.push_back(it);
-            }
-        }
-        for (i, t) in cut.tasks.iter().enumerate() {
-            let it = Item::Write(i);
-            let state = if t.deps.is_empty() {
-                queue.push_back(it);
-                ItemState::Queued
-            } else {
-                ItemState::Blocked
+        let id = self.fresh_id();
+        if let Some(journal) = &self.journal {
+            let rec = pb::JournalJob {
+                job_id: id.clone(),
+                recipe_yaml: recipe_text.to_string(),
+                output_uri: out.uri(),
+                options: Some(o.to_proto()),
+                uploads: uploads
+                    .iter()
+                    .map(|u| pb::JournalUpload {
+                        path: u.path.clone(),
+                        id: u.id.clone(),
+                    })
+                    .collect(),
+                layout_crc: layout_crc(&plan, &cut),
             };
-            blocked_by.push(t.deps.len());
-            items.insert(it, ItemSlot { state, attempts: 0 });
-        }
-        let unit_of = cut
-            .units
-            .iter()
-            .enumerate()
-            .map(|(u, unit)| (unit.tensor, u))
-            .collect();
-        let mut dependents = vec![Vec::new(); cut.units.len()];
-        for (i, t) in cut.tasks.iter().enumerate() {
-            for &u in &t.deps {
-                dependents[u].push(i);
+            if let Err(e) = journal.job_started(&rec).await {
+                for u in &uploads {
+                    let _ = out.store.abort_upload(u).await;
+                }
+                return Err(Error::Other(format!(
+                    "recording the job in the journal {}: {e}",
+                    journal.uri()
+                )));
             }
         }
-        let mut file_remaining = vec![0usize; plan.files.len()];
-        for t in &cut.tasks {
-            file_remaining[t.file] += 1;
-        }
-        let status = pb::JobStatus {
-            job_id: id.clone(),
-            state: pb::JobState::Running as i32,
-            output_uri: out.uri(),
-            tasks_total: items.len() as u64,
-            bytes_total: plan.bytes_out(),
-            ..Default::default()
-        };
-        let (tx, _) = watch::channel(status.clone());
-        let units = cut
-            .units
-            .iter()
-            .map(|u| UnitState {
-                pass: 0,
-                state: Stats::default(),
-                partials: vec![None; u.ranges.len()],
-                done: false,
-            })
-            .collect();
-        let receipts = plan
-            .files
-            .iter()
-            .enumerate()
-            .map(|(fi, _)| vec![None; cut.tasks.iter().filter(|t| t.file == fi).count()])
-            .collect();
-        let job = Job {
-            id: id.clone(),
-            plan: plan.clone(),
-            cut,
-            out,
-            uploads,
-            receipts,
-            file_remaining,
-            items,
-            blocked_by,
-            units,
-            unit_of,
-            dependents,
-            queue,
-            status,
-            started: Instant::now(),
-            tx,
-            files_finished: 0,
-            committing: false,
-        };
+        *lock(&self.lease_ttl) = o.lease_ttl;
+        let job = build_job(id.clone(), plan, cut, out, uploads);
+        let plan = job.plan.clone();
         lock(&self.jobs).insert(id.clone(), job);
         Ok((id, plan))
     }
 
+    /// Resumes the journal's unfinished jobs and remembers its ended ones; returns the ids
+    /// resumed. A job that cannot resume (its inputs are gone or changed) fails, with the
+    /// reason in its status.
+    pub async fn recover(&self) -> Result<Vec<String>> {
+        let Some(journal) = &self.journal else {
+            return Ok(Vec::new());
+        };
+        let contents = journal.load().await?;
+        {
+            let mut h = lock(&self.history);
+            for st in contents.ended {
+                h.insert(st.job_id.clone(), st);
+            }
+        }
+        let mut resumed = Vec::new();
+        for u in contents.unfinished {
+            let id = u.job.job_id.clone();
+            let out = u.job.output_uri.clone();
+            let uploads = uploads_of(&u.job);
+            match self.resume(u).await {
+                Ok(()) => resumed.push(id),
+                Err(e) => {
+                    let msg = format!("cannot resume after a coordinator restart: {e}");
+                    tracing::error!(job = %id, "{msg}");
+                    let status = pb::JobStatus {
+                        job_id: id.clone(),
+                        state: pb::JobState::Failed as i32,
+                        output_uri: out.clone(),
+                        error: msg,
+                        ..Default::default()
+                    };
+                    if let Err(e) = journal.job_ended(&status).await {
+                        tracing::warn!(job = %id, "journal: {e}");
+                    }
+                    lock(&self.history).insert(id, status);
+                    if let Ok(loc) = self.resolver.resolve(&out, std::path::Path::new("/")) {
+                        for up in &uploads {
+                            let _ = loc.store.abort_upload(up).await;
+                            let _ = loc.store.delete(&up.path).await;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(resumed)
+    }
+
+    /// Rebuilds one job from its record, replays the task results it holds, and finishes what
+    /// they complete.
+    async fn resume(&self, u: Unfinished) -> Result<()> {
+        let ttl = *lock(&self.lease_ttl);
+        let o = SubmitOptions::from_proto(&u.job.options.clone().unwrap_or_default(), ttl);
+        let (plan, cut, out) = self
+            .prepare(&u.job.recipe_yaml, &u.job.output_uri, &o)
+            .await?;
+        if layout_crc(&plan, &cut) != u.job.layout_crc || u.job.uploads.len() != plan.files.len() {
+            return Err(Error::Job(
+                "its inputs now plan to a different output than when it started (changed or \
+                 replaced?); submit it again"
+                    .into(),
+            ));
+        }
+        let uploads = uploads_of(&u.job);
+        let id = u.job.job_id.clone();
+        let mut job = build_job(id.clone(), plan, cut, out, uploads);
+        // Statistics first, pass by pass (a pass's results only count once the ones before it
+        // are folded), then writes whose inputs are ready. Anything else runs again.
+        let mut stats = Vec::new();
+        let mut writes = Vec::new();
+        for (k, r) in u.tasks {
+            match parse_task_key(&k) {
+                Some((Item::Write(i), _)) => writes.push((i, r)),
+                Some((Item::Stats { unit, range }, pass)) => stats.push(((unit, pass, range), r)),
+                None => tracing::warn!(job = %id, "journal: ignoring unknown record {k}"),
+            }
+        }
+        stats.sort_by_key(|(k, _)| *k);
+        let queued = |j: &Job, it: &Item| {
+            matches!(j.items.get(it).map(|s| &s.state), Some(ItemState::Queued))
+        };
+        for ((unit, pass, range), r) in stats {
+            let it = Item::Stats { unit, range };
+            let current = job
+                .units
+                .get(unit)
+                .is_some_and(|s| s.pass == pass && !s.done);
+            if current && queued(&job, &it) {
+                self.record(&mut job, it, r)?;
+            }
+        }
+        let mut complete = Vec::new();
+        writes.sort_by_key(|(i, _)| *i);
+        for (i, r) in writes {
+            if queued(&job, &Item::Write(i)) {
+                if let Followup::FinishFile(f) = self.record(&mut job, Item::Write(i), r)? {
+                    complete.push(f);
+                }
+            }
+        }
+        let done_before: Vec<usize> = complete
+            .iter()
+            .copied()
+            .filter(|f| u.files_finished.contains(f))
+            .collect();
+        tracing::info!(
+            job = %id,
+            "resumed from the journal: {} of {} tasks done",
+            job.status.tasks_done,
+            job.status.tasks_total
+        );
+        lock(&self.jobs).insert(id.clone(), job);
+        for f in complete {
+            if done_before.contains(&f) {
+                self.file_done(&id).await;
+            } else {
+                self.finish_file_as(&id, f, true).await;
+            }
+        }
+        Ok(())
+    }
+
     pub fn status(&self, job: &str) -> Option<pb::JobStatus> {
         let mut jobs = lock(&self.jobs);
-        let j = jobs.get_mut(job)?;
+        let Some(j) = jobs.get_mut(job) else {
+            return lock(&self.history).get(job).cloned();
+        };
         j.status.elapsed_seconds = j.started.elapsed().as_secs_f64();
         Some(j.status.clone())
     }
 
     pub fn list(&self) -> Vec<pb::JobStatus> {
-        lock(&self.jobs)
-            .values()
-            .map(|j| j.status.clone())
-            .collect()
+        let mut all: Vec<pb::JobStatus> = lock(&self.history).values().cloned().collect();
+        all.extend(lock(&self.jobs).values().map(|j| j.status.clone()));
+        all
     }
 
     pub fn watch(&self, job: &str) -> Option<watch::Receiver<pb::JobStatus>> {
@@ -526,9 +739,10 @@ impl JobManager {
         let Some((jid, it)) = lock(&self.leases).remove(&req.lease_id) else {
             return false;
         };
-        let follow = {
-            let mut jobs = lock(&self.jobs);
-            let Some(j) = jobs.get_mut(&jid) else {
+        let result = req.result.clone().unwrap_or_default();
+        let key = {
+            let jobs = lock(&self.jobs);
+            let Some(j) = jobs.get(&jid) else {
                 return false;
             };
             match j.items.get(&it).map(|s| &s.state) {
@@ -538,7 +752,42 @@ impl JobManager {
             if j.terminal() {
                 return false;
             }
-            let result = req.result.clone().unwrap_or_default();
+            match it {
+                Item::Stats { unit, .. } => task_key(it, j.units[unit].pass),
+                Item::Write(_) => task_key(it, 0),
+            }
+        };
+        // Journal first: what a restart finds recorded is what this coordinator acted on.
+        if let Some(journal) = &self.journal {
+            if let Err(e) = journal.task_done(&jid, &key, &result).await {
+                tracing::warn!(job = %jid, "journal: {e}; task {key} runs again");
+                let mut jobs = lock(&self.jobs);
+                if let Some(j) = jobs.get_mut(&jid) {
+                    if let Some(slot) = j.items.get_mut(&it) {
+                        if matches!(&slot.state, ItemState::Leased { lease, .. } if *lease == req.lease_id)
+                        {
+                            slot.state = ItemState::Queued;
+                            j.queue.push_back(it);
+                            j.status.retries += 1;
+                        }
+                    }
+                }
+                return false;
+            }
+        }
+        let follow = {
+            let mut jobs = lock(&self.jobs);
+            let Some(j) = jobs.get_mut(&jid) else {
+                return false;
+            };
+            // (the lease may have expired while the journal was written; the result stands)
+            let pending = matches!(
+                j.items.get(&it).map(|s| &s.state),
+                Some(ItemState::Leased { .. } | ItemState::Queued)
+            );
+            if j.terminal() || !pending {
+                return false;
+            }
             self.record(j, it, result)
         };
         match follow {
@@ -684,7 +933,7 @@ impl JobManager {
     }
 
     async fn end_job(&self, jid: &str, state: pb::JobState, msg: &str) {
-        let (store, uploads) = {
+        let (store, uploads, status) = {
             let mut jobs = lock(&self.jobs);
             let Some(j) = jobs.get_mut(jid) else { return };
             if j.terminal() {
@@ -700,8 +949,10 @@ impl JobManager {
             let mut leases = lock(&self.leases);
             leases.retain(|_, (id, _)| id != jid);
             j.publish();
-            (j.out.store.clone(), j.uploads.clone())
+            (j.out.store.clone(), j.uploads.clone(), j.status.clone())
         };
+        // Recorded before the cleanup: a restart must not resume a job that was ending.
+        self.journal_end(&status).await;
         // Abort what is in flight and remove files already completed: a failed job leaves
         // nothing that looks like part of a finished checkpoint.
         for u in &uploads {
@@ -714,18 +965,46 @@ impl JobManager {
         }
     }
 
+    async fn journal_end(&self, status: &pb::JobStatus) {
+        if let Some(journal) = &self.journal {
+            if let Err(e) = journal.job_ended(status).await {
+                tracing::warn!(job = %status.job_id, "journal: {e}");
+            }
+        }
+    }
+
     async fn finish_file(&self, jid: &str, fi: usize) {
-        let (store, upload, receipts) = {
+        self.finish_file_as(jid, fi, false).await
+    }
+
+    /// Completes output file `fi`. `resumed`: the previous coordinator may have completed it
+    /// already without recording so; a file at its final path with its full size counts.
+    async fn finish_file_as(&self, jid: &str, fi: usize, resumed: bool) {
+        let (store, upload, receipts, size) = {
             let mut jobs = lock(&self.jobs);
             let Some(j) = jobs.get_mut(jid) else { return };
             let receipts: Vec<Receipt> = j.receipts[fi].iter().flatten().cloned().collect();
-            (j.out.store.clone(), j.uploads[fi].clone(), receipts)
+            let size = j.plan.files[fi].layout.total_size;
+            (j.out.store.clone(), j.uploads[fi].clone(), receipts, size)
         };
         if let Err(e) = store.finish_upload(&upload, &receipts).await {
-            self.fail_job(jid, &format!("completing {}: {e}", upload.path))
-                .await;
-            return;
+            let already = resumed && store.size(&upload.path).await.is_ok_and(|n| n == size);
+            if !already {
+                self.fail_job(jid, &format!("completing {}: {e}", upload.path))
+                    .await;
+                return;
+            }
         }
+        if let Some(journal) = &self.journal {
+            if let Err(e) = journal.file_finished(jid, fi).await {
+                tracing::warn!(job = %jid, "journal: {e}");
+            }
+        }
+        self.file_done(jid).await;
+    }
+
+    /// Counts a completed output file; the last one commits the checkpoint.
+    async fn file_done(&self, jid: &str) {
         // Files complete in any order (a slow multipart completion may finish last): whoever
         // completes the last one commits, so the index is written after every file exists.
         let commit_now = {
@@ -753,14 +1032,110 @@ impl JobManager {
         };
         match commit::write_checkpoint_files(&plan, &out).await {
             Ok(()) => {
-                let mut jobs = lock(&self.jobs);
-                if let Some(j) = jobs.get_mut(jid) {
+                let status = {
+                    let mut jobs = lock(&self.jobs);
+                    let Some(j) = jobs.get_mut(jid) else { return };
                     j.status.state = pb::JobState::Succeeded as i32;
                     j.publish();
-                }
+                    j.status.clone()
+                };
+                self.journal_end(&status).await;
             }
             Err(e) => self.fail_job(jid, &format!("commit: {e}")).await,
         }
+    }
+}
+
+/// A job's in-memory state, every task queued (or blocked on its statistics).
+fn build_job(id: String, plan: Plan, cut: Cut, out: Location, uploads: Vec<Upload>) -> Job {
+    let plan = Arc::new(plan);
+    let mut items = HashMap::new();
+    let mut queue = VecDeque::new();
+    let mut blocked_by = Vec::new();
+    for (u, unit) in cut.units.iter().enumerate() {
+        for r in 0..unit.ranges.len() {
+            let it = Item::Stats { unit: u, range: r };
+            items.insert(
+                it,
+                ItemSlot {
+                    state: ItemState::Queued,
+                    attempts: 0,
+                },
+            );
+            queue.push_back(it);
+        }
+    }
+    for (i, t) in cut.tasks.iter().enumerate() {
+        let it = Item::Write(i);
+        let state = if t.deps.is_empty() {
+            queue.push_back(it);
+            ItemState::Queued
+        } else {
+            ItemState::Blocked
+        };
+        blocked_by.push(t.deps.len());
+        items.insert(it, ItemSlot { state, attempts: 0 });
+    }
+    let unit_of = cut
+        .units
+        .iter()
+        .enumerate()
+        .map(|(u, unit)| (unit.tensor, u))
+        .collect();
+    let mut dependents = vec![Vec::new(); cut.units.len()];
+    for (i, t) in cut.tasks.iter().enumerate() {
+        for &u in &t.deps {
+            dependents[u].push(i);
+        }
+    }
+    let mut file_remaining = vec![0usize; plan.files.len()];
+    for t in &cut.tasks {
+        file_remaining[t.file] += 1;
+    }
+    let status = pb::JobStatus {
+        job_id: id.clone(),
+        state: pb::JobState::Running as i32,
+        output_uri: out.uri(),
+        tasks_total: items.len() as u64,
+        bytes_total: plan.bytes_out(),
+        ..Default::default()
+    };
+    let (tx, _) = watch::channel(status.clone());
+    let units = cut
+        .units
+        .iter()
+        .map(|u| UnitState {
+            pass: 0,
+            state: Stats::default(),
+            partials: vec![None; u.ranges.len()],
+            done: false,
+        })
+        .collect();
+    let receipts = plan
+        .files
+        .iter()
+        .enumerate()
+        .map(|(fi, _)| vec![None; cut.tasks.iter().filter(|t| t.file == fi).count()])
+        .collect();
+    Job {
+        id: id.clone(),
+        plan: plan.clone(),
+        cut,
+        out,
+        uploads,
+        receipts,
+        file_remaining,
+        items,
+        blocked_by,
+        units,
+        unit_of,
+        dependents,
+        queue,
+        status,
+        started: Instant::now(),
+        tx,
+        files_finished: 0,
+        committing: false,
     }
 }
 
@@ -798,4 +1173,23 @@ pub async fn put(loc: &Location, name: &str, data: impl Into<Bytes>) -> Result<(
     let l = loc.join(name);
     l.store.put(&l.path, data.into()).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_keys_round_trip() {
+        for (it, pass) in [
+            (Item::Write(0), 0),
+            (Item::Write(17_493), 0),
+            (Item::Stats { unit: 3, range: 9 }, 2),
+        ] {
+            assert_eq!(parse_task_key(&task_key(it, pass)), Some((it, pass)));
+        }
+        for bad in ["", "w", "wx", "s1.2", "s1.2.3.4", "f0", "x1"] {
+            assert_eq!(parse_task_key(bad), None, "{bad}");
+        }
+    }
 }

@@ -8,6 +8,7 @@ pub mod cut;
 pub mod embedded;
 pub mod error;
 pub mod job;
+pub mod journal;
 pub mod plan;
 pub mod planinfo;
 pub mod recipe;

@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use crate::embedded::{progress_bar, terminal};
 use crate::error::{Error, Result};
 use crate::job::JobManager;
+use crate::journal::Journal;
 use crate::server;
 use crate::size;
 
@@ -24,16 +25,29 @@ pub async fn coordinator(
     lease_ttl: Duration,
     state: Option<&str>,
 ) -> Result<()> {
-    if let Some(s) = state {
-        if !s.is_empty() && s != "memory" && s != "memory://" {
-            tracing::warn!(
-                "--state {s}: job state is kept in memory for now; jobs do not survive a restart"
+    let resolver = Resolver::new();
+    let mgr = match state {
+        None | Some("" | "memory" | "memory://") => JobManager::new(resolver),
+        Some(uri) => {
+            let journal = Journal::open(uri, &resolver).await?;
+            let at = journal.uri();
+            let mgr = JobManager::with_journal(resolver, journal);
+            mgr.set_lease_ttl(lease_ttl);
+            let resumed = mgr.recover().await?;
+            eprintln!(
+                "shardmerge coordinator: journal {at}: {} unfinished job(s) resumed{}",
+                resumed.len(),
+                if resumed.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", resumed.join(", "))
+                }
             );
+            mgr
         }
-    }
+    };
     let listener = server::bind(listen).await?;
     let addr = listener.local_addr().unwrap_or(listen);
-    let mgr = JobManager::new(Resolver::new());
     eprintln!(
         "shardmerge coordinator listening on http://{addr} (lease ttl {:.1}s)",
         lease_ttl.as_secs_f64()

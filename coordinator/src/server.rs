@@ -4,7 +4,6 @@
 //! translates messages and errors. No planning or arithmetic happens here.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,8 +15,7 @@ use tonic::{Request, Response, Status};
 
 use crate::embedded::terminal;
 use crate::error::Error;
-use crate::job::{JobManager, SubmitOptions, DEFAULT_SLOT_MEMORY, DEFAULT_TASK_SIZE};
-use crate::plan;
+use crate::job::{JobManager, SubmitOptions};
 
 /// Largest gRPC message either side accepts (tasks carry header literals and statistics).
 pub const MAX_MESSAGE: usize = 256 << 20;
@@ -40,23 +38,7 @@ impl Service {
 
     /// The job manager's options for a submitted job: 0 means the default.
     pub fn submit_options(&self, o: &pb::JobOptions) -> SubmitOptions {
-        let or = |v: u64, d: u64| if v == 0 { d } else { v };
-        SubmitOptions {
-            out_shard_size: or(o.out_shard_size, plan::DEFAULT_SHARD_SIZE),
-            task_size: or(o.task_size, DEFAULT_TASK_SIZE),
-            slot_memory: or(o.slot_memory, DEFAULT_SLOT_MEMORY),
-            seed: o.seed,
-            rng: pb::Rng::try_from(o.rng).unwrap_or(pb::Rng::Mergekit),
-            // Relative paths are the submitter's business: without a base_dir they resolve
-            // against the coordinator's working directory.
-            base_dir: if o.base_dir.is_empty() {
-                crate::embedded::cwd()
-            } else {
-                PathBuf::from(&o.base_dir)
-            },
-            lease_ttl: self.lease_ttl,
-            ..Default::default()
-        }
+        SubmitOptions::from_proto(o, self.lease_ttl)
     }
 }
 
@@ -140,7 +122,12 @@ impl Coordinator for Service {
         req: Request<pb::GetJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
         let id = req.into_inner().job_id;
-        let rx = self.mgr.watch(&id).ok_or_else(|| no_job(&id))?;
+        let Some(rx) = self.mgr.watch(&id) else {
+            // a job that ended before this coordinator started (from its journal)
+            let st = self.mgr.status(&id).ok_or_else(|| no_job(&id))?;
+            let once: WatchStream = Box::pin(futures::stream::once(async move { Ok(st) }));
+            return Ok(Response::new(once));
+        };
         // Yields the current status, then one per change, and ends after a terminal state.
         let stream =
             futures::stream::unfold((rx, false, true), |(mut rx, done, first)| async move {

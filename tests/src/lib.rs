@@ -458,6 +458,39 @@ impl Bucket {
     }
 }
 
+/// Starts `shardmerge coordinator` on 127.0.0.1:`port` and waits until it listens. Its log is
+/// `coordinator.log`, or `coordinator.<n>.log` for the `n`-th restart.
+fn spawn_coordinator(
+    bin: &Path,
+    env: &[(String, String)],
+    dir: &Path,
+    port: u16,
+    lease_ttl: f64,
+    args: &[String],
+    restart: usize,
+) -> Child {
+    let mut cmd = Command::new(bin);
+    let log = if restart == 0 {
+        "coordinator.log".to_string()
+    } else {
+        format!("coordinator.{restart}.log")
+    };
+    cmd.args(["coordinator", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--lease-ttl", &lease_ttl.to_string()])
+        .args(args)
+        .envs(env.iter().cloned())
+        .env("RUST_LOG", "shardmerge=info,warn")
+        .stdout(Stdio::null())
+        .stderr(log_file(dir, &log));
+    let child = spawn_tied(cmd).expect("start coordinator");
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    assert!(
+        wait_tcp(addr, Duration::from_secs(30)),
+        "coordinator did not listen on {addr}"
+    );
+    child
+}
+
 /// A coordinator and its workers, as processes of the `shardmerge` program.
 pub struct Cluster {
     pub bin: PathBuf,
@@ -465,6 +498,9 @@ pub struct Cluster {
     pub env: Vec<(String, String)>,
     pub dir: tempfile::TempDir,
     coordinator: Child,
+    /// How the coordinator was started, to start it again.
+    coordinator_cmd: (u16, f64, Vec<String>),
+    restarts: usize,
     workers: Vec<Option<Child>>,
 }
 
@@ -476,27 +512,29 @@ impl Cluster {
         lease_ttl: f64,
         workers: usize,
     ) -> Cluster {
+        Self::start_with(bin, env, lease_ttl, workers, &[])
+    }
+
+    /// `start`, passing `coordinator_args` to the coordinator too.
+    pub fn start_with(
+        bin: &Path,
+        env: Vec<(String, String)>,
+        lease_ttl: f64,
+        workers: usize,
+        coordinator_args: &[&str],
+    ) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
-        let mut cmd = Command::new(bin);
-        cmd.args(["coordinator", "--listen", &format!("127.0.0.1:{port}")])
-            .args(["--lease-ttl", &lease_ttl.to_string()])
-            .envs(env.iter().cloned())
-            .env("RUST_LOG", "shardmerge=info,warn")
-            .stdout(Stdio::null())
-            .stderr(log_file(dir.path(), "coordinator.log"));
-        let coordinator = spawn_tied(cmd).expect("start coordinator");
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-        assert!(
-            wait_tcp(addr, Duration::from_secs(20)),
-            "coordinator did not listen on {addr}"
-        );
+        let args: Vec<String> = coordinator_args.iter().map(|a| a.to_string()).collect();
+        let coordinator = spawn_coordinator(bin, &env, dir.path(), port, lease_ttl, &args, 0);
         let mut c = Cluster {
             bin: bin.to_path_buf(),
             url: format!("http://127.0.0.1:{port}"),
             env,
             dir,
             coordinator,
+            coordinator_cmd: (port, lease_ttl, args),
+            restarts: 0,
             workers: Vec::new(),
         };
         for _ in 0..workers {
@@ -518,6 +556,24 @@ impl Cluster {
         self.workers
             .push(Some(spawn_tied(cmd).expect("start worker")));
         i
+    }
+
+    /// Kills the coordinator at once (SIGKILL: nothing saved on the way out) and starts it
+    /// again on the same address with the same arguments; returns once it listens.
+    pub fn restart_coordinator(&mut self) {
+        let _ = self.coordinator.kill();
+        let _ = self.coordinator.wait();
+        self.restarts += 1;
+        let (port, ttl, args) = self.coordinator_cmd.clone();
+        self.coordinator = spawn_coordinator(
+            &self.bin,
+            &self.env,
+            self.dir.path(),
+            port,
+            ttl,
+            &args,
+            self.restarts,
+        );
     }
 
     /// Kills worker `i` at once (SIGKILL: no goodbye, its leases must expire).

@@ -249,62 +249,10 @@ fn killed_worker_lease_expires_and_job_completes() {
     let s3 = S3Server::shared();
     let bin = shardmerge_bin!();
     let work = tempfile::tempdir().expect("tempdir");
-    let models = generate_family(work.path(), 2, 4, 768);
-    s3.create_bucket("killed", true);
-    let bucket = s3.bucket("killed");
-    for m in &models {
-        let name = m.file_name().unwrap().to_string_lossy().into_owned();
-        bucket.upload_dir(m, &format!("models/{name}"));
-    }
-    let recipe = |m0: &str, m1: &str| {
-        format!(
-            "merge_method: linear\ndtype: float32\nmodels:\n\
-             - model: {m0}\n  parameters:\n    weight: 0.7\n\
-             - model: {m1}\n  parameters:\n    weight: 0.3\n"
-        )
-    };
-    std::fs::write(work.path().join("local.yml"), recipe("m0", "m1")).expect("write");
-    std::fs::write(
-        work.path().join("s3.yml"),
-        recipe(&bucket.uri("models/m0"), &bucket.uri("models/m1")),
-    )
-    .expect("write");
-    let local = work.path().join("local");
-    ok(
-        &run_cli(
-            &bin,
-            &s3.env(),
-            work.path(),
-            &[
-                "run",
-                "local.yml",
-                local.to_str().unwrap(),
-                "-q",
-                "--task-size",
-                "5MiB",
-            ],
-        ),
-        "shardmerge run",
-    );
+    let (bucket, local) = linear_pair_merged_locally(s3, &bin, work.path(), "killed");
     // one worker first: once it holds a lease, kill it, then bring up two more
     let mut cluster = Cluster::start(&bin, s3.env(), 1.0, 0);
-    let out = bucket.uri("out");
-    let submitted = ok(
-        &cluster.cli(
-            work.path(),
-            &[
-                "submit",
-                "s3.yml",
-                &out,
-                "--coordinator",
-                &cluster.url,
-                "--task-size",
-                "5MiB",
-            ],
-        ),
-        "shardmerge submit",
-    );
-    let id = submitted.trim().to_string();
+    let id = submit_s3_yml(&cluster, work.path(), &bucket.uri("out"));
     let victim = cluster.add_worker();
     let start = Instant::now();
     loop {
@@ -321,19 +269,7 @@ fn killed_worker_lease_expires_and_job_completes() {
     cluster.kill_worker(victim);
     cluster.add_worker();
     cluster.add_worker();
-    let start = Instant::now();
-    let st = loop {
-        let st = cluster.job(&id);
-        if st.state == pb::JobState::Succeeded as i32 || st.state == pb::JobState::Failed as i32 {
-            break st;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "job did not finish: {st:?}\n{}",
-            cluster.logs()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let st = wait_until_ended(&cluster, &id);
     assert_eq!(
         st.state,
         pb::JobState::Succeeded as i32,
@@ -342,6 +278,145 @@ fn killed_worker_lease_expires_and_job_completes() {
     );
     assert!(st.retries >= 1, "no task ran again after the kill: {st:?}");
     assert_same_checkpoint(&local, &bucket, "out");
+}
+
+/// The coordinator killed (SIGKILL) mid-job and started again with the same `--state`: it
+/// resumes the job from its journal (what was done before the kill stays done), the workers
+/// carry on, and the output is exactly the embedded run's. The job's status outlives another
+/// restart.
+#[test]
+fn restarted_coordinator_resumes_from_its_journal() {
+    let s3 = S3Server::shared();
+    let bin = shardmerge_bin!();
+    let work = tempfile::tempdir().expect("tempdir");
+    let (bucket, local) = linear_pair_merged_locally(s3, &bin, work.path(), "journal");
+    let state = work.path().join("state");
+    let state_arg = state.to_str().expect("utf-8 path");
+    let mut cluster = Cluster::start_with(&bin, s3.env(), 2.0, 0, &["--state", state_arg]);
+    let id = submit_s3_yml(&cluster, work.path(), &bucket.uri("out"));
+    cluster.add_worker();
+    let start = Instant::now();
+    let before = loop {
+        let st = cluster.job(&id);
+        if st.tasks_done >= 2 {
+            break st;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the job made no progress: {st:?}\n{}",
+            cluster.logs()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    assert!(
+        before.tasks_done < before.tasks_total,
+        "the job ended before the coordinator could be killed: {before:?}"
+    );
+    cluster.restart_coordinator();
+    let resumed = cluster.job(&id);
+    assert!(
+        resumed.tasks_done >= before.tasks_done,
+        "the restarted coordinator forgot finished tasks: {} done before the kill, {resumed:?} after\n{}",
+        before.tasks_done,
+        cluster.logs()
+    );
+    let st = wait_until_ended(&cluster, &id);
+    assert_eq!(
+        st.state,
+        pb::JobState::Succeeded as i32,
+        "job failed: {}\n{}",
+        st.error,
+        cluster.logs()
+    );
+    assert_same_checkpoint(&local, &bucket, "out");
+    cluster.restart_coordinator();
+    assert_eq!(cluster.job(&id).state, pb::JobState::Succeeded as i32);
+}
+
+/// Submits `s3.yml` in `work` (5 MiB tasks, not waiting); returns the job id.
+fn submit_s3_yml(cluster: &Cluster, work: &Path, out: &str) -> String {
+    let submitted = ok(
+        &cluster.cli(
+            work,
+            &[
+                "submit",
+                "s3.yml",
+                out,
+                "--coordinator",
+                &cluster.url,
+                "--task-size",
+                "5MiB",
+            ],
+        ),
+        "shardmerge submit",
+    );
+    submitted.trim().to_string()
+}
+
+/// Polls a job until it succeeds or fails (60 s at most).
+fn wait_until_ended(cluster: &Cluster, id: &str) -> pb::JobStatus {
+    let start = Instant::now();
+    loop {
+        let st = cluster.job(id);
+        if st.state == pb::JobState::Succeeded as i32 || st.state == pb::JobState::Failed as i32 {
+            return st;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "job did not finish: {st:?}\n{}",
+            cluster.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Two generated models uploaded to bucket `name` under `models/`, the recipes `local.yml`
+/// and `s3.yml` (a linear merge of them) in `work`, and the embedded run of `local.yml`
+/// (5 MiB tasks) into `work/local`, the reference output.
+fn linear_pair_merged_locally(
+    s3: &S3Server,
+    bin: &Path,
+    work: &Path,
+    name: &str,
+) -> (Bucket, PathBuf) {
+    let models = generate_family(work, 2, 4, 768);
+    s3.create_bucket(name, true);
+    let bucket = s3.bucket(name);
+    for m in &models {
+        let name = m.file_name().unwrap().to_string_lossy().into_owned();
+        bucket.upload_dir(m, &format!("models/{name}"));
+    }
+    let recipe = |m0: &str, m1: &str| {
+        format!(
+            "merge_method: linear\ndtype: float32\nmodels:\n\
+             - model: {m0}\n  parameters:\n    weight: 0.7\n\
+             - model: {m1}\n  parameters:\n    weight: 0.3\n"
+        )
+    };
+    std::fs::write(work.join("local.yml"), recipe("m0", "m1")).expect("write");
+    std::fs::write(
+        work.join("s3.yml"),
+        recipe(&bucket.uri("models/m0"), &bucket.uri("models/m1")),
+    )
+    .expect("write");
+    let local = work.join("local");
+    ok(
+        &run_cli(
+            bin,
+            &s3.env(),
+            work,
+            &[
+                "run",
+                "local.yml",
+                local.to_str().unwrap(),
+                "-q",
+                "--task-size",
+                "5MiB",
+            ],
+        ),
+        "shardmerge run",
+    );
+    (bucket, local)
 }
 
 /// An output the workers may not write: the job fails, `submit --wait` exits non-zero with the
