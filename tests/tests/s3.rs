@@ -280,7 +280,8 @@ fn killed_worker_lease_expires_and_job_completes() {
     assert_same_checkpoint(&local, &bucket, "out");
 }
 
-/// The coordinator killed (SIGKILL) mid-job and started again with the same `--state`: it
+/// The coordinator killed (SIGKILL) mid-job and started again with the same `--state` (an S3
+/// prefix): it
 /// resumes the job from its journal (what was done before the kill stays done), the workers
 /// carry on, and the output is exactly the embedded run's. The job's status outlives another
 /// restart.
@@ -290,9 +291,9 @@ fn restarted_coordinator_resumes_from_its_journal() {
     let bin = shardmerge_bin!();
     let work = tempfile::tempdir().expect("tempdir");
     let (bucket, local) = linear_pair_merged_locally(s3, &bin, work.path(), "journal");
-    let state = work.path().join("state");
-    let state_arg = state.to_str().expect("utf-8 path");
-    let mut cluster = Cluster::start_with(&bin, s3.env(), 2.0, 0, &["--state", state_arg]);
+    // the journal in the bucket too, as the Kubernetes manifests have it
+    let state = bucket.uri("_journal");
+    let mut cluster = Cluster::start_with(&bin, s3.env(), 2.0, 0, &["--state", &state]);
     let id = submit_s3_yml(&cluster, work.path(), &bucket.uri("out"));
     cluster.add_worker();
     let start = Instant::now();
