@@ -281,10 +281,9 @@ fn killed_worker_lease_expires_and_job_completes() {
 }
 
 /// The coordinator killed (SIGKILL) mid-job and started again with the same `--state` (an S3
-/// prefix): it
-/// resumes the job from its journal (what was done before the kill stays done), the workers
-/// carry on, and the output is exactly the embedded run's. The job's status outlives another
-/// restart.
+/// prefix): it resumes the job from its journal (what was done before the kill stays done),
+/// the workers carry on, and the output is exactly the embedded run's. The job's status
+/// outlives another restart.
 #[test]
 fn restarted_coordinator_resumes_from_its_journal() {
     let s3 = S3Server::shared();
