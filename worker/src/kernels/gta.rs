@@ -480,19 +480,55 @@ impl Sparse {
                 // walk with copies in registers: updating the counters through `self` on
                 // every element chains each one behind a store and a reload
                 let (mut l, mut h) = (*lo, *hi);
-                for v in d.iter_mut() {
-                    let k = select::key(*v);
-                    // kept: at or above the low edge and below the high one; a dropped
-                    // element becomes v · 0 (a zero of its sign). Multiplying by 1 or 0
-                    // rather than selecting: a coin flip near the median must not become a
-                    // branch (a float select is one on baseline x86-64).
-                    let kept = (1 ^ l.below(k)) & h.below(k);
-                    *v *= kept as f32;
+                for block in d.chunks_mut(WINDOW_BLOCK) {
+                    window_block(&mut l, &mut h, block);
                 }
                 (*lo, *hi) = (l, h);
             }
             Sparse::Random { d: draws, p } => draws.mask(*p, d),
             Sparse::Full(all) => d.copy_from_slice(&all[at..at + d.len()]),
+        }
+    }
+}
+
+/// Elements per block of [`window_block`].
+const WINDOW_BLOCK: usize = 64;
+
+/// Keeps the elements of `block` (deltas, in element order) that rank at or above `lo` and
+/// below `hi`; a dropped element becomes v · 0 (a zero of its sign). Multiplying by 1 or 0
+/// rather than selecting: a coin flip near the median must not become a branch (a float select
+/// is one on baseline x86-64).
+///
+/// A tie with an edge's key ranks below it while fewer than `need` earlier ties did. When
+/// that answer is the same for every tie in the block (they all fit under `need`, or none
+/// do; bf16 deltas tie by the thousand, but they cross `need` once per range), each verdict
+/// depends on the element's own key only and the loop vectorises. The block that straddles
+/// `need` is walked in order.
+#[inline]
+fn window_block(lo: &mut Edge, hi: &mut Edge, block: &mut [f32]) {
+    let mut keys = [0u32; WINDOW_BLOCK];
+    let keys = &mut keys[..block.len()];
+    let (mut nl, mut nh) = (0u64, 0u64);
+    for (k, v) in keys.iter_mut().zip(block.iter()) {
+        *k = select::key(*v);
+        nl += u64::from(*k == lo.key);
+        nh += u64::from(*k == hi.key);
+    }
+    let settled = |e: &Edge, n: u64| e.seen >= e.need || e.seen + n <= e.need;
+    if settled(lo, nl) && settled(hi, nh) {
+        let (kl, kh) = (lo.key, hi.key);
+        let (tl, th) = (u32::from(lo.seen < lo.need), u32::from(hi.seen < hi.need));
+        for (v, &k) in block.iter_mut().zip(keys.iter()) {
+            let below_lo = u32::from(k < kl) | (u32::from(k == kl) & tl);
+            let below_hi = u32::from(k < kh) | (u32::from(k == kh) & th);
+            *v *= ((1 ^ below_lo) & below_hi) as f32;
+        }
+        lo.seen += nl;
+        hi.seen += nh;
+    } else {
+        for (v, &k) in block.iter_mut().zip(keys.iter()) {
+            let kept = (1 ^ lo.below(k)) & hi.below(k);
+            *v *= kept as f32;
         }
     }
 }
@@ -807,6 +843,52 @@ impl Method for Gta {
 mod tests {
     use super::super::testutil::*;
     use super::*;
+
+    #[test]
+    fn window_blocks_agree_with_the_walk_in_order() {
+        // few distinct values (ties by the hundred, as bf16 deltas have), edges that fall
+        // inside, before and after the ties of their key, blocks cut at odd places
+        let s = super::super::rng::Stream::new(5, 6, 7);
+        let vals: Vec<f32> = (0..5000u64)
+            .map(|i| ((s.uniform(i) * 9.0).floor() as f32 - 4.0) * 0.25)
+            .collect();
+        for (lk, lneed, lseen, hk, hneed, hseen) in [
+            (0.5f32, 300, 0, 0.75f32, 100, 0),
+            (0.0, 0, 0, 1.0, 10_000, 0),
+            (0.25, 1000, 990, 1.0, 5, 3),
+            (0.0, 560, 17, 0.5, 2, 50),
+        ] {
+            let edge = |k: f32, need, seen| Edge {
+                key: select::key(k),
+                need,
+                seen,
+            };
+            let (mut l, mut h) = (edge(lk, lneed, lseen), edge(hk, hneed, hseen));
+            let want: Vec<f32> = vals
+                .iter()
+                .map(|&v| {
+                    let k = select::key(v);
+                    v * ((1 ^ l.below(k)) & h.below(k)) as f32
+                })
+                .collect();
+            let (mut l2, mut h2) = (edge(lk, lneed, lseen), edge(hk, hneed, hseen));
+            let mut got = vals.clone();
+            let mut at = 0;
+            for len in [1, 63, 64, 65, 200, 7, 5000].iter().cycle() {
+                if at == got.len() {
+                    break;
+                }
+                let end = (at + len).min(got.len());
+                for block in got[at..end].chunks_mut(WINDOW_BLOCK) {
+                    window_block(&mut l2, &mut h2, block);
+                }
+                at = end;
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want));
+            assert_eq!((l2.seen, h2.seen), (l.seen, h.seen));
+        }
+    }
 
     fn case(m: &Gta, shape: &[u64], n_models: usize) -> Case {
         let mut c = Case::new(shape, n_models);
