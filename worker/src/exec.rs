@@ -174,8 +174,24 @@ fn give_back<T>(slots: &mut Vec<Vec<T>>, bufs: Vec<Vec<T>>) {
 fn emptied<T>(mut v: Vec<T>, n: usize) -> Vec<T> {
     v.clear();
     if v.capacity() < n {
-        v = Vec::with_capacity(n);
+        // the old buffer goes first: both at once would raise the peak
+        drop(v);
+        return Vec::with_capacity(n);
     }
+    v
+}
+
+/// `v` holding `n` elements, for a caller that overwrites every one: what it held stays (no
+/// fill), only growth past its length is zeroed.
+fn sized<T: Copy + Default>(v: Vec<T>, n: usize) -> Vec<T> {
+    let mut v = if v.capacity() < n {
+        drop(v);
+        Vec::with_capacity(n)
+    } else {
+        v
+    };
+    v.truncate(n);
+    v.resize(n, T::default());
     v
 }
 
@@ -217,8 +233,8 @@ impl Executor {
             .as_ref()
             .ok_or_else(|| fatal("write task without output"))?;
         let len = usize::try_from(out.length).map_err(|_| fatal("task too large"))?;
-        let mut buf = emptied(std::mem::take(&mut scratch.bytes), len);
-        buf.resize(len, 0);
+        // every byte is written below: literals and rows fill [0, len) in order (checked)
+        let mut buf = sized(std::mem::take(&mut scratch.bytes), len);
         let mut at = 0usize;
         let mut io = Io::default();
         for seg in &w.segments {
@@ -379,8 +395,8 @@ impl Executor {
                 let m = method_of(&job)?;
                 let refs: Vec<&[f32]> = inputs.iter().map(Vec::as_slice).collect();
                 let n = ((re - rs) as usize) * ctx.row_len;
-                let mut out = emptied(out, n);
-                out.resize(n, 0.0);
+                // kernels write every output element (their tests run on NaN-filled buffers)
+                let mut out = sized(out, n);
                 let whole = rs == 0 && re == ctx.rows;
                 let res = if whole {
                     kernels::run_whole(m, &ctx, &refs, &mut out)
@@ -521,5 +537,18 @@ mod tests {
         assert!(v.is_empty() && v.capacity() >= 3);
         let v = emptied(v, 100);
         assert!(v.is_empty() && v.capacity() >= 100);
+    }
+
+    #[test]
+    fn sized_keeps_contents_and_zeroes_growth() {
+        let mut v = Vec::with_capacity(10);
+        v.extend_from_slice(&[7u8, 8, 9]);
+        let p = v.as_ptr();
+        let v = sized(v, 2);
+        assert_eq!(v, [7, 8]);
+        let v = sized(v, 5);
+        assert_eq!((v.as_slice(), v.as_ptr()), (&[7u8, 8, 0, 0, 0][..], p));
+        let v = sized(v, 64);
+        assert_eq!(v, vec![0u8; 64]);
     }
 }

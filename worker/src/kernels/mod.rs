@@ -495,7 +495,9 @@ pub(crate) mod testutil {
                 .collect()
         })
         .unwrap();
-        let mut out = vec![0f32; ctx.numel() as usize];
+        // apply must write every element it is given: workers reuse their output buffers, so
+        // what it does not write is the previous task's data (here NaN, to show)
+        let mut out = vec![f32::NAN; ctx.numel() as usize];
         for r in &ranges {
             let o = &mut out[r.start as usize * rl..r.end as usize * rl];
             m.apply(&ctx, &state, *r, &slice(r), o).unwrap();

@@ -82,7 +82,8 @@ pub fn read_exact_range_into(
 ) -> SResult<Vec<u8>> {
     let len = usize::try_from(range.end.saturating_sub(range.start))
         .map_err(|_| StorageError::new(format!("{path}: read too large"), false))?;
-    buf.clear();
+    // the read overwrites all `len` bytes: only growth needs initialising
+    buf.truncate(len);
     buf.resize(len, 0);
     f.read_exact_at(&mut buf, range.start).map_err(|e| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
