@@ -32,7 +32,7 @@ struct EngineArgs {
     #[arg(long, default_value = "5B", value_parser = size::parse)]
     out_shard_size: u64,
     /// Target output bytes per task
-    #[arg(long, default_value = "8MiB", value_parser = size::parse)]
+    #[arg(long, default_value = "4MiB", value_parser = size::parse)]
     task_size: u64,
     /// Memory the workers of this process may use in all; tasks are cut to fit
     #[arg(long, default_value = "1GiB", value_parser = size::parse)]
@@ -159,7 +159,7 @@ enum Cmd {
         #[arg(long, default_value = "5B", value_parser = size::parse)]
         out_shard_size: u64,
         /// Target output bytes per task
-        #[arg(long, default_value = "8MiB", value_parser = size::parse)]
+        #[arg(long, default_value = "4MiB", value_parser = size::parse)]
         task_size: u64,
         /// Memory one worker thread may use for a task (the workers' --memory-limit divided by
         /// their --threads); tasks are cut to fit
