@@ -180,6 +180,12 @@ enum Cmd {
         job: Option<String>,
         #[arg(long, env = "SHARDMERGE_COORDINATOR")]
         coordinator: String,
+        /// Follow JOB to its end, as `submit --wait` does (exit 0 only when it succeeded)
+        #[arg(long, requires = "job")]
+        wait: bool,
+        /// With --wait: no progress output
+        #[arg(long, short, requires = "wait")]
+        quiet: bool,
     },
     /// Cancel a job: drop its tasks, revoke its leases, abort its uploads
     Cancel {
@@ -323,7 +329,12 @@ async fn main_inner(cli: Cli) -> Result<()> {
             })
             .await
         }
-        Cmd::Status { job, coordinator } => remote::status(&coordinator, job).await,
+        Cmd::Status {
+            job,
+            coordinator,
+            wait,
+            quiet,
+        } => remote::status(&coordinator, job, wait, quiet).await,
         Cmd::Cancel { job, coordinator } => remote::cancel(&coordinator, job).await,
     }
 }

@@ -185,10 +185,21 @@ pub async fn submit(a: SubmitArgs) -> Result<()> {
         return Ok(());
     }
     eprintln!("submitted {id}; waiting (Ctrl-C stops waiting, the job goes on: `shardmerge cancel {id}` stops it)");
-    let status = follow(url, &mut c, &id, a.quiet).await?;
+    wait_for_end(url, &mut c, &id, a.quiet).await
+}
+
+/// Follows job `id` to its end: Ok (the id printed on stdout) when it succeeded, the job's
+/// error otherwise.
+async fn wait_for_end(
+    url: &str,
+    c: &mut pb::coordinator_client::CoordinatorClient<tonic::transport::Channel>,
+    id: &str,
+    quiet: bool,
+) -> Result<()> {
+    let status = follow(url, c, id, quiet).await?;
     match pb::JobState::try_from(status.state) {
         Ok(pb::JobState::Succeeded) => {
-            if !a.quiet {
+            if !quiet {
                 let secs = status.elapsed_seconds.max(1e-9);
                 eprintln!(
                     "{id} succeeded: {} in {:.1}s ({}/s), {} retries -> {}",
@@ -286,9 +297,10 @@ async fn follow(
 }
 
 /// Prints one job, or every job the coordinator knows.
-pub async fn status(url: &str, job: Option<String>) -> Result<()> {
+pub async fn status(url: &str, job: Option<String>, wait: bool, quiet: bool) -> Result<()> {
     let mut c = connect(url)?;
     match job {
+        Some(id) if wait => wait_for_end(url, &mut c, &id, quiet).await?,
         Some(id) => {
             let s = c
                 .get_job(pb::GetJobRequest { job_id: id })

@@ -282,8 +282,8 @@ fn killed_worker_lease_expires_and_job_completes() {
 
 /// The coordinator killed (SIGKILL) mid-job and started again with the same `--state` (an S3
 /// prefix): it resumes the job from its journal (what was done before the kill stays done),
-/// the workers carry on, and the output is exactly the embedded run's. The job's status
-/// outlives another restart.
+/// the workers carry on, `status --wait` follows the job through it, and the output is exactly
+/// the embedded run's. The job's status outlives another restart.
 #[test]
 fn restarted_coordinator_resumes_from_its_journal() {
     let s3 = S3Server::shared();
@@ -294,6 +294,14 @@ fn restarted_coordinator_resumes_from_its_journal() {
     let state = bucket.uri("_journal");
     let mut cluster = Cluster::start_with(&bin, s3.env(), 2.0, 0, &["--state", &state]);
     let id = submit_s3_yml(&cluster, work.path(), &bucket.uri("out"));
+    // a client following the job through the restart
+    let follower = std::process::Command::new(&cluster.bin)
+        .args(["status", &id, "--wait", "-q", "--coordinator", &cluster.url])
+        .envs(cluster.env.iter().cloned())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start status --wait");
     cluster.add_worker();
     let start = Instant::now();
     let before = loop {
@@ -329,6 +337,13 @@ fn restarted_coordinator_resumes_from_its_journal() {
         cluster.logs()
     );
     assert_same_checkpoint(&local, &bucket, "out");
+    let followed = follower.wait_with_output().expect("status --wait");
+    assert!(
+        followed.status.success(),
+        "status --wait did not follow the job through the restart: {}",
+        String::from_utf8_lossy(&followed.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&followed.stdout).trim(), id);
     cluster.restart_coordinator();
     assert_eq!(cluster.job(&id).state, pb::JobState::Succeeded as i32);
 }
