@@ -374,3 +374,31 @@ async fn restart_refuses_a_job_whose_inputs_changed() {
         .unwrap_or_default();
     assert!(left.is_empty(), "files left behind: {left:?}");
 }
+
+/// A job cancelled before the restart stays cancelled: the journal records its end before its
+/// uploads are aborted, and a restart neither resumes nor forgets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_job_is_not_resumed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let out = tmp.path().join("out");
+    let (first, _) = manager_on(&state).await;
+    let (id, _) = first
+        .submit(&recipe(), out.to_str().unwrap(), &opts(8192).submit)
+        .await
+        .unwrap();
+    let st = first.cancel(&id).await.unwrap();
+    assert_eq!(st.state, pb::JobState::Cancelled as i32);
+    drop(first);
+    let (second, resumed) = manager_on(&state).await;
+    assert!(resumed.is_empty(), "{resumed:?}");
+    let st = second.status(&id).expect("remembered");
+    assert_eq!(st.state, pb::JobState::Cancelled as i32);
+    assert!(second.list().iter().any(|s| s.job_id == id));
+    // and its id is not handed out again
+    let (again, _) = second
+        .submit(&recipe(), out.to_str().unwrap(), &opts(8192).submit)
+        .await
+        .unwrap();
+    assert_ne!(again, id);
+}
