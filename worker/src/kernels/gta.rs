@@ -548,36 +548,60 @@ fn della_delta(
     let mut d: Vec<f32> = x.iter().zip(b.iter()).map(|(&x, &b)| x - b).collect();
     let first = rows.first_element(ctx);
     let (m, inner) = della_axis(ctx)?;
-    // the range's draws in element order; ranks decide each element's probability
+    // the range's draws in element order, a row at a time (kept in cache); ranks decide each
+    // element's probability
     let mut draws = ctx.draws(plan.others[j], first);
-    let u: Vec<f64> = (0..d.len()).map(|_| draws.uniform()).collect();
+    let mut u: Vec<u64> = Vec::with_capacity(ctx.row_len);
     let lo = (density - epsilon) as f32;
     let eps = epsilon as f32;
     let denom = (m as f32) - 1.0;
     // (|δ| key, position along the axis) packed in one integer: distinct, so an unstable
     // sort gives the (key, index) order
+    // the keep probability of each rank along the axis (mergekit: ranks 1..=m, normalised by
+    // (rank - min) / (max - min)); the same for every row
+    // Held as bits: a draw u in [0, 1) is below p exactly when u's bits are below p's, for
+    // p >= 0 (a p below 0 or NaN keeps nothing, as 0 does). Compared as integers, the verdict
+    // (a coin flip) does not become a branch; compared as floats it did.
+    let p_of_rank: Vec<u64> = (0..m)
+        .map(|rank| {
+            let rn = (((rank + 1) as f32 - 1.0) / denom).clamp(0.0, 1.0);
+            let p = (lo + rn * 2.0 * eps) as f64;
+            if p > 0.0 {
+                p.to_bits()
+            } else {
+                0
+            }
+        })
+        .collect();
     let mut order: Vec<u64> = Vec::with_capacity(m);
-    let mut keep = vec![false; d.len()];
+    let mut sort_tmp: Vec<u64> = Vec::with_capacity(m);
+    // each position's probability, scattered from the sorted order: the draws are then read
+    // in element order (reading them in sorted order stalled on every load)
+    let mut p_at = vec![0u64; m];
     for row in 0..d.len() / ctx.row_len.max(1) {
         let r0 = row * ctx.row_len;
+        u.clear();
+        u.extend((0..ctx.row_len).map(|_| draws.uniform().to_bits()));
         for c in 0..inner {
             order.clear();
             order.extend(
                 (0..m).map(|a| (u64::from(select::key(d[r0 + a * inner + c])) << 32) | a as u64),
             );
-            order.sort_unstable();
-            for (rank, &ka) in order.iter().enumerate() {
-                let e = r0 + (ka & 0xffff_ffff) as usize * inner + c;
-                // mergekit: ranks 1..=m, normalised by (rank - min) / (max - min)
-                let rn = (((rank + 1) as f32 - 1.0) / denom).clamp(0.0, 1.0);
-                let p = lo + rn * 2.0 * eps;
-                keep[e] = u[e] < p as f64;
+            select::radix_sort_high32(&mut order, &mut sort_tmp);
+            for (&ka, &p) in order.iter().zip(&p_of_rank) {
+                p_at[(ka & 0xffff_ffff) as usize] = p;
             }
-        }
-    }
-    for (v, k) in d.iter_mut().zip(keep) {
-        if !k {
-            *v *= 0.0;
+            // dropped: v · 0, a zero of its sign (by multiplying: the verdict is a coin flip,
+            // a branch on it would mispredict)
+            if inner == 1 {
+                for ((v, &u), &p) in d[r0..r0 + m].iter_mut().zip(&u).zip(&p_at) {
+                    *v *= f32::from(u8::from(u < p));
+                }
+            } else {
+                for (a, &p) in p_at.iter().enumerate() {
+                    d[r0 + a * inner + c] *= f32::from(u8::from(u[a * inner + c] < p));
+                }
+            }
         }
     }
     Ok(d)

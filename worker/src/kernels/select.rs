@@ -261,6 +261,40 @@ pub fn boundaries(state: &Stats, j: usize) -> Vec<Boundary> {
     out
 }
 
+/// Sorts `v` by the high 32 bits of each value, keeping the order of equal ones (a stable
+/// LSD radix sort, a byte at a time; bytes that every value shares are skipped). For values
+/// packed as `key << 32 | position` and given in position order, the result is the ascending
+/// order of the values, as `sort_unstable` gives it, in linear time. `tmp` is scratch space.
+pub fn radix_sort_high32(v: &mut Vec<u64>, tmp: &mut Vec<u64>) {
+    let n = v.len();
+    let mut counts = [[0u32; 256]; 4];
+    for &x in v.iter() {
+        for (b, c) in counts.iter_mut().enumerate() {
+            c[((x >> (32 + 8 * b)) & 0xff) as usize] += 1;
+        }
+    }
+    tmp.clear();
+    tmp.resize(n, 0);
+    for (b, c) in counts.iter().enumerate() {
+        if c.iter().any(|&k| k as usize == n) {
+            continue;
+        }
+        let mut start = [0u32; 256];
+        let mut at = 0u32;
+        for (s, &k) in start.iter_mut().zip(c.iter()) {
+            *s = at;
+            at += k;
+        }
+        let shift = 32 + 8 * b;
+        for &x in v.iter() {
+            let d = ((x >> shift) & 0xff) as usize;
+            tmp[start[d] as usize] = x;
+            start[d] += 1;
+        }
+        std::mem::swap(v, tmp);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -313,6 +347,28 @@ mod tests {
             let (b2, r2) = select(&keys, &[1, 700, 701, 2048], &[p]);
             assert_eq!(below_set(&keys, &b1[0], &r1), want, "p={p}");
             assert_eq!(below_set(&keys, &b2[0], &r2), want, "p={p} cut");
+        }
+    }
+
+    #[test]
+    fn radix_sort_matches_sort_unstable() {
+        let s = super::super::rng::Stream::new(3, 4, 5);
+        let mut tmp = Vec::new();
+        for (n, spread) in [
+            (0usize, 1u64),
+            (1, 1),
+            (5000, 7),
+            (5000, 1 << 20),
+            (3000, 1 << 32),
+        ] {
+            // keys with many ties (a small spread) or few, in position order
+            let mut v: Vec<u64> = (0..n as u64)
+                .map(|i| ((s.u64(i) % spread) << 32) | i)
+                .collect();
+            let mut want = v.clone();
+            want.sort_unstable();
+            radix_sort_high32(&mut v, &mut tmp);
+            assert_eq!(v, want, "n={n} spread={spread}");
         }
     }
 
