@@ -14,7 +14,7 @@ use shardmerge_proto as pb;
 use shardmerge_worker::exec::tensor_ctx;
 use shardmerge_worker::kernels::{self, Reduced, Stats};
 use shardmerge_worker::pull::WorkSource;
-use shardmerge_worker::storage::{Location, Receipt, Resolver, Upload};
+use shardmerge_worker::storage::{Location, Receipt, Resolver, Storage, Upload};
 use tokio::sync::watch;
 
 use crate::commit;
@@ -209,6 +209,19 @@ fn parse_task_key(k: &str) -> Option<(Item, u32)> {
         },
         pass.parse().ok()?,
     ))
+}
+
+/// Aborts a job's uploads in flight and removes its files already completed: a job that ends
+/// without succeeding leaves nothing that looks like part of a finished checkpoint.
+async fn remove_outputs(store: &Arc<dyn Storage>, uploads: &[Upload]) {
+    for u in uploads {
+        if let Err(e) = store.abort_upload(u).await {
+            tracing::warn!("aborting {}: {e}", u.path);
+        }
+        if let Err(e) = store.delete(&u.path).await {
+            tracing::warn!("removing {}: {e}", u.path);
+        }
+    }
 }
 
 /// The output uploads a job record names.
@@ -525,10 +538,7 @@ impl JobManager {
                     }
                     lock(&self.history).insert(id, status);
                     if let Ok(loc) = self.resolver.resolve(&out, std::path::Path::new("/")) {
-                        for up in &uploads {
-                            let _ = loc.store.abort_upload(up).await;
-                            let _ = loc.store.delete(&up.path).await;
-                        }
+                        remove_outputs(&loc.store, &uploads).await;
                     }
                 }
             }
@@ -955,16 +965,7 @@ impl JobManager {
         };
         // Recorded before the cleanup: a restart must not resume a job that was ending.
         self.journal_end(&status).await;
-        // Abort what is in flight and remove files already completed: a failed job leaves
-        // nothing that looks like part of a finished checkpoint.
-        for u in &uploads {
-            if let Err(e) = store.abort_upload(u).await {
-                tracing::warn!("aborting {}: {e}", u.path);
-            }
-            if let Err(e) = store.delete(&u.path).await {
-                tracing::warn!("removing {}: {e}", u.path);
-            }
-        }
+        remove_outputs(&store, &uploads).await;
     }
 
     async fn journal_end(&self, status: &pb::JobStatus) {
