@@ -969,11 +969,20 @@ impl JobManager {
     }
 
     async fn journal_end(&self, status: &pb::JobStatus) {
-        if let Some(journal) = &self.journal {
-            if let Err(e) = journal.job_ended(status).await {
-                tracing::warn!(job = %status.job_id, "journal: {e}");
-            }
+        let Some(journal) = &self.journal else { return };
+        if let Err(e) = journal.job_ended(status).await {
+            tracing::warn!(job = %status.job_id, "journal: {e}");
+            return;
         }
+        // Its task records are no longer needed: removed in the background (one delete per
+        // task; whoever reported the last task need not wait for them).
+        let (journal, id) = (journal.clone(), status.job_id.clone());
+        tokio::spawn(async move {
+            match journal.forget_tasks(&id).await {
+                Ok(n) => tracing::debug!(job = %id, "journal: removed {n} task records"),
+                Err(e) => tracing::warn!(job = %id, "journal: removing task records: {e}"),
+            }
+        });
     }
 
     async fn finish_file(&self, jid: &str, fi: usize) {

@@ -104,6 +104,22 @@ impl Journal {
         self.put(loc, rec.encode_to_vec()).await
     }
 
+    /// Removes the task and file records of a job that has ended (its `.end` record says all a
+    /// restart needs); returns how many there were.
+    pub async fn forget_tasks(&self, job: &str) -> Result<usize> {
+        let folder = self.dir.join(job);
+        let records = match folder.store.list(&folder.path).await {
+            Ok(r) => r,
+            Err(e) if e.not_found => return Ok(0),
+            Err(e) => return Err(e.into()),
+        };
+        for r in &records {
+            let loc = folder.join(r);
+            loc.store.delete(&loc.path).await?;
+        }
+        Ok(records.len())
+    }
+
     /// Reads the whole journal.
     pub async fn load(&self) -> Result<Contents> {
         let names = self.dir.store.list(&self.dir.path).await?;

@@ -319,6 +319,13 @@ async fn restarted_job_manager_resumes_from_its_journal() {
     workers.await.unwrap();
     assert_eq!(st.state, pb::JobState::Succeeded as i32, "{}", st.error);
     assert_eq!(file_bytes(&clean), file_bytes(&out));
+    // an ended job's task records go (in the background); its .job and .end records stay
+    let records = || std::fs::read_dir(state.join(&id)).map_or(0, |d| d.count());
+    let start = std::time::Instant::now();
+    while records() > 0 && start.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(records(), 0, "task records left after the job ended");
 
     let (third, resumed) = manager_on(&state).await;
     assert!(resumed.is_empty());
