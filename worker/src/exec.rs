@@ -153,10 +153,6 @@ impl Scratch {
                 .unwrap_or_default(),
         )
     }
-
-    fn give_inputs(&mut self, inputs: Vec<Vec<f32>>) {
-        give_back(&mut self.inputs, inputs);
-    }
 }
 
 /// Puts buffers back into their places in `slots`.
@@ -169,27 +165,27 @@ fn give_back<T>(slots: &mut Vec<Vec<T>>, bufs: Vec<Vec<T>>) {
     }
 }
 
-/// `v` emptied, with room for `n` elements: a buffer too small is replaced rather than grown,
-/// which would copy its old contents.
-fn emptied<T>(mut v: Vec<T>, n: usize) -> Vec<T> {
-    v.clear();
+/// `v`, or an empty buffer in its place when it has no room for `n` elements: replaced rather
+/// than grown, which would copy its old contents, and dropped first, so both are never held.
+fn with_room<T>(v: Vec<T>, n: usize) -> Vec<T> {
     if v.capacity() < n {
-        // the old buffer goes first: both at once would raise the peak
         drop(v);
         return Vec::with_capacity(n);
     }
     v
 }
 
+/// `v` emptied, with room for `n` elements.
+fn emptied<T>(v: Vec<T>, n: usize) -> Vec<T> {
+    let mut v = with_room(v, n);
+    v.clear();
+    v
+}
+
 /// `v` holding `n` elements, for a caller that overwrites every one: what it held stays (no
 /// fill), only growth past its length is zeroed.
 fn sized<T: Copy + Default>(v: Vec<T>, n: usize) -> Vec<T> {
-    let mut v = if v.capacity() < n {
-        drop(v);
-        Vec::with_capacity(n)
-    } else {
-        v
-    };
+    let mut v = with_room(v, n);
     v.truncate(n);
     v.resize(n, T::default());
     v
@@ -361,7 +357,7 @@ impl Executor {
         })
         .await
         .map_err(|e| fatal(format!("kernel panicked: {e}")))?;
-        scratch.give_inputs(inputs);
+        give_back(&mut scratch.inputs, inputs);
         let partial = partial?;
         Ok(pb::TaskResult {
             bytes_read: io.bytes_read,
@@ -416,7 +412,7 @@ impl Executor {
         })
         .await
         .map_err(|e| fatal(format!("kernel panicked: {e}")))?;
-        scratch.give_inputs(inputs);
+        give_back(&mut scratch.inputs, inputs);
         res
     }
 
@@ -521,12 +517,15 @@ mod tests {
     #[test]
     fn scratch_keeps_buffers_up_to_its_limit() {
         let mut s = Scratch::new(1 << 20);
-        s.give_inputs(vec![Vec::with_capacity(1000), Vec::with_capacity(2000)]);
+        give_back(
+            &mut s.inputs,
+            vec![Vec::with_capacity(1000), Vec::with_capacity(2000)],
+        );
         s.trim();
         assert_eq!(s.held(), 12_000);
         let (v, piece) = s.input(1);
         assert_eq!((v.capacity(), piece.capacity()), (2000, 0));
-        s.give_inputs(vec![Vec::new(), Vec::with_capacity(1 << 20)]);
+        give_back(&mut s.inputs, vec![Vec::new(), Vec::with_capacity(1 << 20)]);
         s.trim();
         assert_eq!(s.held(), 0, "over the limit: everything let go");
     }
