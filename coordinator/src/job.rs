@@ -533,9 +533,7 @@ impl JobManager {
                         error: msg,
                         ..Default::default()
                     };
-                    if let Err(e) = journal.job_ended(&status).await {
-                        tracing::warn!(job = %id, "journal: {e}");
-                    }
+                    self.journal_end(&status).await;
                     lock(&self.history).insert(id, status);
                     if let Ok(loc) = self.resolver.resolve(&out, std::path::Path::new("/")) {
                         remove_outputs(&loc.store, &uploads).await;
@@ -598,11 +596,6 @@ impl JobManager {
                 }
             }
         }
-        let done_before: Vec<usize> = complete
-            .iter()
-            .copied()
-            .filter(|f| u.files_finished.contains(f))
-            .collect();
         tracing::info!(
             job = %id,
             "resumed from the journal: {} of {} tasks done",
@@ -611,7 +604,7 @@ impl JobManager {
         );
         lock(&self.jobs).insert(id.clone(), job);
         for f in complete {
-            if done_before.contains(&f) {
+            if u.files_finished.contains(&f) {
                 self.file_done(&id).await;
             } else {
                 self.finish_file_as(&id, f, true).await;
