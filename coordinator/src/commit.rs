@@ -2,11 +2,11 @@
 //! model card with the recipe, and `model.safetensors.index.json` last. A folder without the
 //! index is not a finished checkpoint.
 
+use bytes::Bytes;
 use serde_json::{json, Map, Value};
 use shardmerge_worker::storage::Location;
 
-use crate::error::Result;
-use crate::job::put;
+use crate::error::{Error, Result};
 use crate::plan::{Plan, TOKENIZER_FILES};
 
 /// The index manifest: every tensor's file, and the total size of the tensor data.
@@ -41,12 +41,7 @@ pub fn model_card(plan: &Plan) -> String {
 
 pub async fn write_checkpoint_files(plan: &Plan, out: &Location) -> Result<()> {
     if let Some(cfg) = &plan.config {
-        put(
-            out,
-            "config.json",
-            serde_json::to_vec_pretty(cfg).unwrap_or_default(),
-        )
-        .await?;
+        put(out, "config.json", to_json(cfg, "config.json")?).await?;
     }
     if let Some(src) = &plan.tokenizer_from {
         for name in TOKENIZER_FILES {
@@ -59,7 +54,21 @@ pub async fn write_checkpoint_files(plan: &Plan, out: &Location) -> Result<()> {
         }
     }
     put(out, "README.md", model_card(plan)).await?;
-    let idx = serde_json::to_vec_pretty(&index_json(plan)).unwrap_or_default();
+    let idx = to_json(&index_json(plan), "model.safetensors.index.json")?;
     put(out, "model.safetensors.index.json", idx).await?;
     Ok(())
+}
+
+/// Writes a small file into the output folder.
+pub async fn put(loc: &Location, name: &str, data: impl Into<Bytes>) -> Result<()> {
+    let l = loc.join(name);
+    l.store.put(&l.path, data.into()).await?;
+    Ok(())
+}
+
+/// `v` as pretty JSON; a value that cannot be written fails the commit rather than writing an
+/// empty `name`.
+fn to_json(v: &Value, name: &str) -> Result<Vec<u8>> {
+    serde_json::to_vec_pretty(v)
+        .map_err(|e| Error::Job(format!("commit: cannot write {name} as JSON: {e}")))
 }

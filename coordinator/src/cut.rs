@@ -2,9 +2,9 @@
 //! across several pieces whose method needs whole-tensor statistics becomes a *statistics unit*:
 //! its pieces run the statistics passes first, and the tasks writing them wait for it.
 
-use shardmerge_worker::exec::tensor_ctx;
 use shardmerge_worker::format::dtype::DType;
 use shardmerge_worker::kernels;
+use shardmerge_worker::tensor::tensor_ctx;
 
 use crate::plan::{rows_of, Plan};
 

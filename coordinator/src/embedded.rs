@@ -1,11 +1,9 @@
 //! Embedded mode: a coordinator and its workers in one process, on local files or S3. The same
 //! job manager, tasks and executor as the distributed mode; only the transport differs.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use indicatif::{ProgressBar, ProgressStyle};
 use shardmerge_proto as pb;
 use shardmerge_worker::exec::Executor;
 use shardmerge_worker::pull::{self, LoopOptions};
@@ -15,6 +13,9 @@ use tokio::sync::watch;
 use crate::error::{Error, Result};
 use crate::job::{JobManager, SubmitOptions};
 use crate::plan::Plan;
+// (re-exported where the CLI and the remote client have always found them)
+pub use crate::paths::cwd;
+pub use crate::progress::{progress_bar, terminal};
 
 #[derive(Clone, Debug)]
 pub struct RunOptions {
@@ -26,28 +27,6 @@ pub struct RunOptions {
 pub struct Summary {
     pub status: pb::JobStatus,
     pub plan: Arc<Plan>,
-}
-
-pub fn progress_bar(total: u64, quiet: bool) -> ProgressBar {
-    if quiet || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        return ProgressBar::hidden();
-    }
-    let pb = ProgressBar::new(total);
-    pb.set_style(
-        ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    pb.enable_steady_tick(Duration::from_millis(200));
-    pb
-}
-
-pub fn terminal(s: &pb::JobStatus) -> bool {
-    matches!(
-        pb::JobState::try_from(s.state),
-        Ok(pb::JobState::Succeeded | pb::JobState::Failed | pb::JobState::Cancelled)
-    )
 }
 
 /// Runs a merge in this process and waits for it.
@@ -107,11 +86,7 @@ pub async fn run(
     let _ = workers.await;
     match pb::JobState::try_from(status.state) {
         Ok(pb::JobState::Succeeded) => Ok(Summary { status, plan }),
+        Ok(pb::JobState::Cancelled) => Err(Error::Cancelled(status.error.clone())),
         _ => Err(Error::Job(status.error.clone())),
     }
-}
-
-/// The folder relative paths in a recipe resolve against: the working directory, as mergekit.
-pub fn cwd() -> PathBuf {
-    std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."))
 }

@@ -7,13 +7,13 @@ use std::path::Path;
 
 use serde_json::Value;
 use shardmerge_proto as pb;
-use shardmerge_worker::exec::view2d;
 use shardmerge_worker::format::dtype::DType;
 use shardmerge_worker::format::safetensors::{
     self as st, FileLayout, LayoutEntry, StDtype, TensorInfo,
 };
 use shardmerge_worker::kernels::{self, rng, BaseRule, Method};
 use shardmerge_worker::storage::{retry, Location, Resolver};
+use shardmerge_worker::tensor::view2d;
 
 use crate::error::{Error, Result};
 use crate::recipe::{self, Recipe, Slice, Source, TokenizerSource};
@@ -181,9 +181,7 @@ pub async fn load_model(resolver: &Resolver, base_dir: &Path, name: &str) -> Res
         None => {
             let single = loc.join("model.safetensors");
             if !single.store.exists(&single.path).await? {
-                let what = if loc.store.exists(&loc.path).await?
-                    || loc.store.scheme_root() != "file://"
-                {
+                let what = if loc.store.exists(&loc.path).await? || !loc.store.is_local() {
                     "has no model.safetensors or model.safetensors.index.json (is it a Hugging Face safetensors checkpoint?)"
                 } else {
                     "does not exist"
@@ -632,7 +630,7 @@ fn plan_tensor(
         rng: cx.rng as i32,
         work_dtype,
     };
-    let ctx = shardmerge_worker::exec::tensor_ctx(&job).map_err(|e| Error::Input(e.message))?;
+    let ctx = shardmerge_worker::tensor::tensor_ctx(&job).map_err(Error::Input)?;
     cx.method.check(&ctx).map_err(|e| {
         Error::Recipe(format!(
             "merge_method {}, tensor {out_name}: {e}",
@@ -659,8 +657,7 @@ fn lay_out_draws(method: &dyn Method, tensors: &mut [pb::TensorJob]) -> Result<(
     let mut at = 0u64;
     for (_, k) in order {
         let counts = {
-            let ctx = shardmerge_worker::exec::tensor_ctx(&tensors[k])
-                .map_err(|e| Error::Input(e.message))?;
+            let ctx = shardmerge_worker::tensor::tensor_ctx(&tensors[k]).map_err(Error::Input)?;
             method.draws(&ctx)
         };
         for (src, n) in tensors[k].inputs.iter_mut().zip(counts) {

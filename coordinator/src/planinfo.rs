@@ -56,7 +56,7 @@ pub async fn describe(
                         tensor, start, end, ..
                     } => {
                         let tj = &plan.tensors[*tensor];
-                        let (_, row) = shardmerge_worker::exec::view2d(&tj.shape);
+                        let (_, row) = shardmerge_worker::tensor::view2d(&tj.shape);
                         (end - start) * row * bytes_per_element(tj)
                     }
                 })

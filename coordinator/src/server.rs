@@ -17,8 +17,7 @@ use crate::embedded::terminal;
 use crate::error::Error;
 use crate::job::{JobManager, SubmitOptions};
 
-/// Largest gRPC message either side accepts (tasks carry header literals and statistics).
-pub const MAX_MESSAGE: usize = 256 << 20;
+pub use shardmerge_proto::MAX_MESSAGE;
 
 pub struct Service {
     mgr: Arc<JobManager>,
@@ -45,9 +44,14 @@ impl Service {
 fn status_of(e: Error) -> Status {
     match &e {
         Error::Recipe(_) | Error::Input(_) => Status::invalid_argument(e.to_string()),
+        Error::InputChanged(_) => Status::failed_precondition(e.to_string()),
+        Error::NotFound(_) => Status::not_found(e.to_string()),
+        Error::AlreadyExists(_) => Status::already_exists(e.to_string()),
         Error::Storage(s) if s.not_found => Status::not_found(e.to_string()),
         Error::Storage(s) if s.retryable => Status::unavailable(e.to_string()),
         Error::Storage(_) => Status::failed_precondition(e.to_string()),
+        Error::Journal(_) => Status::unavailable(e.to_string()),
+        Error::Cancelled(_) => Status::cancelled(e.to_string()),
         Error::Job(_) | Error::Other(_) => Status::internal(e.to_string()),
     }
 }

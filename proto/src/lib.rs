@@ -11,3 +11,6 @@ pub mod v1 {
 }
 
 pub use v1::*;
+
+/// Largest gRPC message either side accepts (tasks carry header literals and statistics).
+pub const MAX_MESSAGE: usize = 256 << 20;

@@ -8,6 +8,8 @@
 //! `family` is the synthetic model family generator behind `gen-family`, `examples/` and `bench/`.
 
 pub mod family;
+pub mod memory;
+pub mod storage_suite;
 
 use std::collections::BTreeMap;
 use std::io::Write;

@@ -15,8 +15,7 @@ use tonic::{Code, Status};
 
 use crate::pull::WorkSource;
 
-/// Largest gRPC message either side accepts (matches the coordinator).
-pub const MAX_MESSAGE: usize = 256 << 20;
+pub use shardmerge_proto::MAX_MESSAGE;
 
 /// Normalises a coordinator address: `host:port` becomes `http://host:port`.
 pub fn normalize_url(url: &str) -> String {

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use shardmerge_proto as pb;
 
 use crate::format::dtype::{self, DType};
-use crate::kernels::{self, rng, RowRange, Stats, TensorCtx};
+use crate::kernels::{self, RowRange, Stats, TensorCtx};
 use crate::storage::{retry, Resolver, Storage, StorageError, Upload};
 
 /// A task failure: retryable ones (I/O) are run again, the others fail the job.
@@ -43,50 +43,11 @@ fn fatal(msg: impl Into<String>) -> TaskError {
     }
 }
 
-/// The 2-D view of a shape: (rows, row length). A 1-D tensor is one row.
-pub fn view2d(shape: &[u64]) -> (u64, u64) {
-    match shape.len() {
-        0 => (1, 1),
-        1 => (1, shape[0]),
-        _ => (shape[0], shape[1..].iter().product()),
-    }
-}
+pub use crate::tensor::view2d;
 
-/// Builds the kernel's view of a tensor job.
+/// Builds the kernel's view of a tensor job (see [`crate::tensor::tensor_ctx`]).
 pub fn tensor_ctx(job: &pb::TensorJob) -> Result<TensorCtx<'_>, TaskError> {
-    static EMPTY: std::sync::OnceLock<std::collections::HashMap<String, f64>> =
-        std::sync::OnceLock::new();
-    let empty = EMPTY.get_or_init(Default::default);
-    let (rows, row_len) = view2d(&job.shape);
-    let row_len = usize::try_from(row_len).map_err(|_| fatal("tensor row too large"))?;
-    let params = job.params.as_ref().map(|p| &p.values).unwrap_or(empty);
-    let model_params = (0..job.inputs.len())
-        .map(|i| job.model_params.get(i).map(|p| &p.values).unwrap_or(empty))
-        .collect();
-    Ok(TensorCtx {
-        name: &job.name,
-        shape: &job.shape,
-        rows,
-        row_len,
-        params,
-        model_params,
-        base: job.base_index.map(|b| b as usize),
-        model_keys: job.inputs.iter().map(|s| s.model_key).collect(),
-        tensor_key: rng::key_of(&job.name),
-        seed: job.seed,
-        rng: match pb::Rng::try_from(job.rng) {
-            Ok(pb::Rng::Mergekit) => rng::Mode::Mergekit,
-            Ok(pb::Rng::Counter) => rng::Mode::Counter,
-            Err(_) => {
-                return Err(fatal(format!(
-                    "tensor {}: unknown rng kind {} (coordinator/worker version mismatch?)",
-                    job.name, job.rng
-                )))
-            }
-        },
-        rng_offsets: job.inputs.iter().map(|s| s.rng_offset).collect(),
-        work_bf16: job.work_dtype == pb::Dtype::Bf16 as i32,
-    })
+    crate::tensor::tensor_ctx(job).map_err(fatal)
 }
 
 /// Bytes of one input read at a time (then decoded before the next piece is read).

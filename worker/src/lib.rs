@@ -9,3 +9,4 @@ pub mod format;
 pub mod kernels;
 pub mod pull;
 pub mod storage;
+pub mod tensor;

@@ -78,6 +78,9 @@ impl Storage for FaultyStorage {
     fn scheme_root(&self) -> String {
         self.inner.scheme_root()
     }
+    fn is_local(&self) -> bool {
+        self.inner.is_local()
+    }
     fn min_part_size(&self) -> u64 {
         self.inner.min_part_size()
     }

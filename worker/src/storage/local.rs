@@ -112,6 +112,10 @@ impl Storage for LocalStorage {
         "file://".into()
     }
 
+    fn is_local(&self) -> bool {
+        true
+    }
+
     async fn size(&self, path: &str) -> SResult<u64> {
         let p = path.to_string();
         blocking(move || {

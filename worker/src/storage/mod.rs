@@ -75,6 +75,11 @@ pub struct Receipt {
 pub trait Storage: Send + Sync + fmt::Debug {
     /// `file://` or `s3://bucket`, for messages and URIs.
     fn scheme_root(&self) -> String;
+    /// Whether its paths are files of this machine's filesystem (workers then write output
+    /// parts into the file at their offset instead of uploading parts).
+    fn is_local(&self) -> bool {
+        false
+    }
     /// Smallest part a multi-part output accepts (except a file's last part).
     fn min_part_size(&self) -> u64 {
         0
@@ -127,8 +132,8 @@ pub struct Location {
 impl Location {
     pub fn uri(&self) -> String {
         let root = self.store.scheme_root();
-        if root == "file://" {
-            format!("file://{}", self.path)
+        if self.store.is_local() {
+            format!("{root}{}", self.path)
         } else {
             format!("{root}/{}", self.path)
         }
@@ -181,46 +186,24 @@ impl Resolver {
     }
 
     /// Resolves `uri`: `s3://bucket/key`, `file:///abs/path`, or a path (relative paths are
-    /// taken against `base_dir`).
+    /// taken against `base_dir`). The scheme picks the backend from `SCHEMES`.
     pub fn resolve(&self, uri: &str, base_dir: &Path) -> SResult<Location> {
-        if let Some(rest) = uri.strip_prefix("s3://") {
-            let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
-            if bucket.is_empty() {
-                return Err(StorageError::new(
-                    format!("{uri}: no bucket in S3 URI"),
-                    false,
-                ));
+        for s in SCHEMES {
+            if let Some(rest) = uri.strip_prefix(s.prefix) {
+                return (s.open)(self, uri, rest, base_dir);
             }
-            let store = self.store(&format!("s3://{bucket}"), || {
-                Ok(Arc::new(object::ObjectStorage::s3_from_env(bucket)?) as Arc<dyn Storage>)
-            })?;
-            return Ok(Location {
-                store,
-                path: key.trim_matches('/').to_string(),
-            });
         }
-        if uri.contains("://") && !uri.starts_with("file://") {
+        if uri.contains("://") {
+            let known: Vec<&str> = SCHEMES.iter().map(|s| s.prefix).collect();
             return Err(StorageError::new(
-                format!("{uri}: unsupported URI scheme (use a local path, file:// or s3://)"),
+                format!(
+                    "{uri}: unsupported URI scheme (use a local path or one of {})",
+                    known.join(", ")
+                ),
                 false,
             ));
         }
-        let p = uri.strip_prefix("file://").unwrap_or(uri);
-        let p = PathBuf::from(p);
-        let mut abs = if p.is_absolute() { p } else { base_dir.join(p) };
-        if !abs.is_absolute() {
-            if let Ok(cwd) = std::env::current_dir() {
-                abs = cwd.join(abs);
-            }
-        }
-        let abs = normalize(&abs);
-        let store = self.store("file://", || {
-            Ok(Arc::new(local::LocalStorage::new()) as Arc<dyn Storage>)
-        })?;
-        Ok(Location {
-            store,
-            path: abs.to_string_lossy().into_owned(),
-        })
+        open_local(self, uri, uri, base_dir)
     }
 
     fn store(
@@ -242,6 +225,63 @@ impl Resolver {
         stores.insert(key.to_string(), s.clone());
         Ok(s)
     }
+}
+
+/// A URI scheme and how a location under it is opened: `(resolver, whole uri, rest after the
+/// prefix, base folder for relative paths)`.
+struct Scheme {
+    prefix: &'static str,
+    open: fn(&Resolver, &str, &str, &Path) -> SResult<Location>,
+}
+
+/// The one scheme → backend table. To add a backend: a module implementing `Storage`, and a
+/// row here (a path without a scheme is local).
+const SCHEMES: &[Scheme] = &[
+    Scheme {
+        prefix: "s3://",
+        open: open_s3,
+    },
+    Scheme {
+        prefix: "file://",
+        open: open_local,
+    },
+];
+
+/// `s3://bucket/key`: one store per bucket, configured from the environment.
+fn open_s3(r: &Resolver, uri: &str, rest: &str, _base_dir: &Path) -> SResult<Location> {
+    let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
+    if bucket.is_empty() {
+        return Err(StorageError::new(
+            format!("{uri}: no bucket in S3 URI"),
+            false,
+        ));
+    }
+    let store = r.store(&format!("s3://{bucket}"), || {
+        Ok(Arc::new(object::ObjectStorage::s3_from_env(bucket)?) as Arc<dyn Storage>)
+    })?;
+    Ok(Location {
+        store,
+        path: key.trim_matches('/').to_string(),
+    })
+}
+
+/// A local path (`file:///abs/path`, or a path, relative to `base_dir`).
+fn open_local(r: &Resolver, _uri: &str, path: &str, base_dir: &Path) -> SResult<Location> {
+    let p = PathBuf::from(path);
+    let mut abs = if p.is_absolute() { p } else { base_dir.join(p) };
+    if !abs.is_absolute() {
+        if let Ok(cwd) = std::env::current_dir() {
+            abs = cwd.join(abs);
+        }
+    }
+    let abs = normalize(&abs);
+    let store = r.store("file://", || {
+        Ok(Arc::new(local::LocalStorage::new()) as Arc<dyn Storage>)
+    })?;
+    Ok(Location {
+        store,
+        path: abs.to_string_lossy().into_owned(),
+    })
 }
 
 /// Removes `.` and `..` components without touching the filesystem.

@@ -1,0 +1,655 @@
+//! Jobs: one `JobManager` serves in-process workers (embedded mode) and the gRPC service alike.
+//!
+//! Where each concern lives:
+//! - `state.rs`: the pure core of one job (`JobState`): task states, queue, statistics units,
+//!   receipts; synchronous, given the time, no I/O. Results are accepted in `JobState::record`.
+//! - `lease.rs`: the lease table (lease id → worker, job, task) and lease ids.
+//! - `tasks.rs`: building the `pb::Task` a worker runs from the plan.
+//! - `options.rs`: `SubmitOptions` and their `JobOptions` message.
+//! - this file: the async orchestration: planning a submitted job, journal writes, completing
+//!   output files, the commit, and ending jobs.
+//!
+//! State is in memory; with a journal (`--state`), every fact a restart needs is recorded
+//! before it is acted on, and `recover` resumes the journal's unfinished jobs.
+//!
+//! **Lock order**: `jobs`, then `leases` or `history`. `lease_ttl` and `last_expiry_scan` are
+//! taken alone (copied out, never held while taking another). No lock is held across an
+//! `.await`.
+
+pub mod lease;
+mod options;
+pub mod state;
+mod tasks;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use shardmerge_proto as pb;
+use shardmerge_worker::pull::WorkSource;
+use shardmerge_worker::storage::{Location, Resolver, Storage, Upload};
+use tokio::sync::watch;
+
+use crate::commit;
+use crate::cut::{self, Cut, CutOptions};
+use crate::error::{Error, Result};
+use crate::journal::{layout_crc, JobJournal, Journal, NoJournal, Unfinished};
+use crate::plan::{self, Plan, PlanOptions};
+use crate::recipe::Recipe;
+use lease::{Lease, LeaseTable};
+pub use options::{SubmitOptions, DEFAULT_SLOT_MEMORY, DEFAULT_TASK_SIZE};
+pub use state::MAX_ATTEMPTS;
+use state::{JobState, Recorded, TaskFailed};
+
+/// A job as the manager holds it: its state, where it writes, and who watches it.
+struct Job {
+    state: JobState,
+    out: Location,
+    uploads: Vec<Upload>,
+    started: Instant,
+    tx: watch::Sender<pb::JobStatus>,
+}
+
+impl Job {
+    fn new(state: JobState, out: Location, uploads: Vec<Upload>) -> Job {
+        let (tx, _) = watch::channel(state.status.clone());
+        Job {
+            state,
+            out,
+            uploads,
+            started: Instant::now(),
+            tx,
+        }
+    }
+
+    fn publish(&mut self) {
+        self.state.status.elapsed_seconds = self.started.elapsed().as_secs_f64();
+        self.state.status.leases_active = self.state.leases_active();
+        let _ = self.tx.send(self.state.status.clone());
+    }
+}
+
+/// Aborts a job's uploads in flight and removes its files already completed: a job that ends
+/// without succeeding leaves nothing that looks like part of a finished checkpoint.
+async fn remove_outputs(store: &Arc<dyn Storage>, uploads: &[Upload]) {
+    for u in uploads {
+        if let Err(e) = store.abort_upload(u).await {
+            tracing::warn!("aborting {}: {e}", u.path);
+        }
+        if let Err(e) = store.delete(&u.path).await {
+            tracing::warn!("removing {}: {e}", u.path);
+        }
+    }
+}
+
+/// The output uploads a job record names.
+fn uploads_of(rec: &pb::JournalJob) -> Vec<Upload> {
+    rec.uploads
+        .iter()
+        .map(|x| Upload {
+            path: x.path.clone(),
+            id: x.id.clone(),
+        })
+        .collect()
+}
+
+pub struct JobManager {
+    resolver: Resolver,
+    journal: Arc<dyn JobJournal>,
+    /// Jobs that ended before this coordinator started (from the journal), for `status`.
+    history: Mutex<HashMap<String, pb::JobStatus>>,
+    jobs: Mutex<HashMap<String, Job>>,
+    leases: Mutex<LeaseTable>,
+    next_id: std::sync::atomic::AtomicU64,
+    lease_ttl: Mutex<Duration>,
+    /// When leases were last checked for expiry: polls arrive far more often than leases
+    /// can expire, and a check walks every task.
+    last_expiry_scan: Mutex<Option<Instant>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl JobManager {
+    pub fn new(resolver: Resolver) -> Arc<Self> {
+        Self::build(resolver, Arc::new(NoJournal))
+    }
+
+    /// A job manager that records its jobs in `journal` (call `recover` to resume the ones
+    /// it holds).
+    pub fn with_journal(resolver: Resolver, journal: Journal) -> Arc<Self> {
+        Self::build(resolver, Arc::new(journal))
+    }
+
+    fn build(resolver: Resolver, journal: Arc<dyn JobJournal>) -> Arc<Self> {
+        Arc::new(JobManager {
+            resolver,
+            journal,
+            history: Mutex::new(HashMap::new()),
+            jobs: Mutex::new(HashMap::new()),
+            leases: Mutex::new(LeaseTable::default()),
+            next_id: std::sync::atomic::AtomicU64::new(1),
+            lease_ttl: Mutex::new(Duration::from_secs(30)),
+            last_expiry_scan: Mutex::new(None),
+        })
+    }
+
+    /// How long a lease lasts without renewal (also set by each submitted job's options).
+    pub fn set_lease_ttl(&self, ttl: Duration) {
+        *lock(&self.lease_ttl) = ttl;
+    }
+
+    fn ttl(&self) -> Duration {
+        *lock(&self.lease_ttl)
+    }
+
+    pub fn resolver(&self) -> &Resolver {
+        &self.resolver
+    }
+
+    /// Plans a job and cuts it into tasks (reads headers only).
+    async fn prepare(
+        &self,
+        recipe_text: &str,
+        output: &str,
+        o: &SubmitOptions,
+    ) -> Result<(Plan, Cut, Location)> {
+        let recipe = Recipe::parse(recipe_text)?;
+        let plan_options = PlanOptions {
+            out_shard_size: o.out_shard_size,
+            seed: o.seed,
+            rng: o.rng,
+        };
+        let plan = plan::plan(recipe, &self.resolver, &o.base_dir, &plan_options).await?;
+        let out = self.resolver.resolve(output, &o.base_dir)?;
+        let cut = cut::cut(
+            &plan,
+            &CutOptions {
+                task_size: o.task_size,
+                slot_memory: o.slot_memory,
+                min_part: out.store.min_part_size(),
+            },
+        );
+        Ok((plan, cut, out))
+    }
+
+    /// A job id no job of this coordinator or its journal has.
+    fn fresh_id(&self) -> String {
+        loop {
+            let id = format!(
+                "job-{}-{}",
+                std::process::id(),
+                self.next_id
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            );
+            if !lock(&self.jobs).contains_key(&id) && !lock(&self.history).contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// Plans a job, starts its output files, records it in the journal, and queues its tasks.
+    pub async fn submit(
+        &self,
+        recipe_text: &str,
+        output: &str,
+        o: &SubmitOptions,
+    ) -> Result<(String, Arc<Plan>)> {
+        let (plan, cut, out) = self.prepare(recipe_text, output, o).await?;
+        let index = out.join("model.safetensors.index.json");
+        if !o.overwrite && index.store.exists(&index.path).await? {
+            return Err(Error::AlreadyExists(format!(
+                "{} already holds a finished checkpoint; pick a new output or remove it",
+                out.uri()
+            )));
+        }
+        // A stale index from an earlier run must not make a half-written folder look finished.
+        index.store.delete(&index.path).await?;
+        let uploads = begin_uploads(&plan, &out).await?;
+        let id = self.fresh_id();
+        let rec = pb::JournalJob {
+            job_id: id.clone(),
+            recipe_yaml: recipe_text.to_string(),
+            output_uri: out.uri(),
+            options: Some(o.to_proto()),
+            uploads: uploads
+                .iter()
+                .map(|u| pb::JournalUpload {
+                    path: u.path.clone(),
+                    id: u.id.clone(),
+                })
+                .collect(),
+            layout_crc: layout_crc(&plan, &cut),
+        };
+        if let Err(e) = self.journal.job_started(&rec).await {
+            for u in &uploads {
+                let _ = out.store.abort_upload(u).await;
+            }
+            return Err(Error::Journal(format!(
+                "recording the job in the journal {}: {e}",
+                self.journal.uri()
+            )));
+        }
+        self.set_lease_ttl(o.lease_ttl);
+        let state = JobState::new(id.clone(), plan, cut, out.uri(), state::kernel_reduce);
+        let plan = state.plan.clone();
+        lock(&self.jobs).insert(id.clone(), Job::new(state, out, uploads));
+        Ok((id, plan))
+    }
+
+    /// Resumes the journal's unfinished jobs and remembers its ended ones; returns the ids
+    /// resumed. A job that cannot resume (its inputs are gone or changed) fails, with the
+    /// reason in its status.
+    pub async fn recover(&self) -> Result<Vec<String>> {
+        let contents = self.journal.load().await?;
+        {
+            let mut h = lock(&self.history);
+            for st in contents.ended {
+                h.insert(st.job_id.clone(), st);
+            }
+        }
+        let mut resumed = Vec::new();
+        for u in contents.unfinished {
+            let id = u.job.job_id.clone();
+            let out = u.job.output_uri.clone();
+            let uploads = uploads_of(&u.job);
+            match self.resume(u).await {
+                Ok(()) => resumed.push(id),
+                Err(e) => {
+                    let msg = format!("cannot resume after a coordinator restart: {e}");
+                    tracing::error!(job = %id, "{msg}");
+                    let status = pb::JobStatus {
+                        job_id: id.clone(),
+                        state: pb::JobState::Failed as i32,
+                        output_uri: out.clone(),
+                        error: msg,
+                        ..Default::default()
+                    };
+                    self.journal_end(&status).await;
+                    lock(&self.history).insert(id, status);
+                    if let Ok(loc) = self.resolver.resolve(&out, std::path::Path::new("/")) {
+                        remove_outputs(&loc.store, &uploads).await;
+                    }
+                }
+            }
+        }
+        Ok(resumed)
+    }
+
+    /// Rebuilds one job from its record, replays the task results it holds, and finishes what
+    /// they complete.
+    async fn resume(&self, u: Unfinished) -> Result<()> {
+        let o = SubmitOptions::from_proto(&u.job.options.clone().unwrap_or_default(), self.ttl());
+        let (plan, cut, out) = self
+            .prepare(&u.job.recipe_yaml, &u.job.output_uri, &o)
+            .await?;
+        if layout_crc(&plan, &cut) != u.job.layout_crc || u.job.uploads.len() != plan.files.len() {
+            return Err(Error::InputChanged(
+                "its inputs now plan to a different output than when it started (changed or \
+                 replaced?); submit it again"
+                    .into(),
+            ));
+        }
+        let uploads = uploads_of(&u.job);
+        let id = u.job.job_id.clone();
+        let mut state = JobState::new(id.clone(), plan, cut, out.uri(), state::kernel_reduce);
+        let complete = state.replay(u.tasks)?;
+        tracing::info!(
+            job = %id,
+            "resumed from the journal: {} of {} tasks done",
+            state.status.tasks_done,
+            state.status.tasks_total
+        );
+        lock(&self.jobs).insert(id.clone(), Job::new(state, out, uploads));
+        for f in complete {
+            if u.files_finished.contains(&f) {
+                self.file_done(&id).await;
+            } else {
+                self.finish_file_as(&id, f, true).await;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn status(&self, job: &str) -> Option<pb::JobStatus> {
+        let mut jobs = lock(&self.jobs);
+        let Some(j) = jobs.get_mut(job) else {
+            return lock(&self.history).get(job).cloned();
+        };
+        j.state.status.elapsed_seconds = j.started.elapsed().as_secs_f64();
+        Some(j.state.status.clone())
+    }
+
+    pub fn list(&self) -> Vec<pb::JobStatus> {
+        let mut all: Vec<pb::JobStatus> = lock(&self.history).values().cloned().collect();
+        all.extend(lock(&self.jobs).values().map(|j| j.state.status.clone()));
+        all
+    }
+
+    pub fn watch(&self, job: &str) -> Option<watch::Receiver<pb::JobStatus>> {
+        lock(&self.jobs).get(job).map(|j| j.tx.subscribe())
+    }
+
+    /// Re-queues work whose lease ran out.
+    fn expire(&self, now: Instant) {
+        let ttl = self.ttl();
+        {
+            let mut last = lock(&self.last_expiry_scan);
+            let every = (ttl / 20).min(Duration::from_millis(250));
+            if last.is_some_and(|t| now.duration_since(t) < every) {
+                return;
+            }
+            *last = Some(now);
+        }
+        let mut jobs = lock(&self.jobs);
+        let mut leases = lock(&self.leases);
+        for j in jobs.values_mut() {
+            let gone = j.state.expire(now);
+            for lease in &gone {
+                tracing::warn!(job = %j.state.id, "lease {lease} expired; the task runs again");
+                leases.take(lease);
+            }
+            if !gone.is_empty() {
+                j.publish();
+            }
+        }
+    }
+
+    pub fn poll(&self, req: &pb::PollWorkRequest) -> pb::PollWorkResponse {
+        let now = Instant::now();
+        self.expire(now);
+        let ttl = self.ttl();
+        let mut out = pb::PollWorkResponse {
+            leases: Vec::new(),
+            retry_after_ms: 20,
+        };
+        let mut jobs = lock(&self.jobs);
+        let mut leases = lock(&self.leases);
+        let want = req.free_slots.max(1) as usize;
+        for j in jobs.values_mut() {
+            if j.state.terminal() || out.leases.len() >= want {
+                continue;
+            }
+            let granted = j.state.lease_next(want - out.leases.len(), now, ttl);
+            for g in &granted {
+                leases.grant(Lease {
+                    id: g.lease.clone(),
+                    worker: req.worker_id.clone(),
+                    job: j.state.id.clone(),
+                    item: g.item,
+                    granted_at: now,
+                });
+                out.leases.push(pb::Lease {
+                    lease_id: g.lease.clone(),
+                    ttl_ms: ttl.as_millis() as u64,
+                    task: Some(tasks::build_task(
+                        &j.state, &j.out, &j.uploads, g.item, g.attempt,
+                    )),
+                });
+            }
+            if !granted.is_empty() {
+                j.publish();
+            }
+        }
+        out
+    }
+
+    pub fn renew(&self, req: &pb::RenewLeaseRequest) -> pb::RenewLeaseResponse {
+        let ttl = self.ttl();
+        let now = Instant::now();
+        let mut jobs = lock(&self.jobs);
+        let leases = lock(&self.leases);
+        let mut lost = Vec::new();
+        for l in &req.lease_ids {
+            let held = leases.get(l).is_some_and(|lease| {
+                jobs.get_mut(&lease.job)
+                    .is_some_and(|j| j.state.renew(lease.item, l, now, ttl))
+            });
+            if !held {
+                lost.push(l.clone());
+            }
+        }
+        pb::RenewLeaseResponse {
+            lost,
+            ttl_ms: ttl.as_millis() as u64,
+        }
+    }
+
+    /// Records a task's result. Returns false when the lease was no longer held (ignored).
+    pub async fn complete(&self, req: &pb::CompleteTaskRequest) -> bool {
+        let Some(lease) = lock(&self.leases).take(&req.lease_id) else {
+            return false;
+        };
+        let (jid, it) = (lease.job, lease.item);
+        let result = req.result.clone().unwrap_or_default();
+        let key = {
+            let jobs = lock(&self.jobs);
+            let Some(j) = jobs.get(&jid) else {
+                return false;
+            };
+            if !j.state.holds(it, &req.lease_id) || j.state.terminal() {
+                return false;
+            }
+            j.state.task_key(it)
+        };
+        // Journal first: what a restart finds recorded is what this coordinator acted on.
+        if let Err(e) = self.journal.task_done(&jid, &key, &result).await {
+            tracing::warn!(job = %jid, "journal: {e}; task {key} runs again");
+            if let Some(j) = lock(&self.jobs).get_mut(&jid) {
+                j.state.requeue(it, &req.lease_id);
+            }
+            return false;
+        }
+        // (the lease may have expired while the journal was written; the result stands)
+        let recorded = {
+            let mut jobs = lock(&self.jobs);
+            let Some(j) = jobs.get_mut(&jid) else {
+                return false;
+            };
+            let r = j.state.record(it, result);
+            if !matches!(r, Ok(Recorded::Ignored)) {
+                j.publish();
+            }
+            r
+        };
+        match recorded {
+            Ok(Recorded::Ignored) => return false,
+            Ok(Recorded::FileComplete(fi)) => self.finish_file(&jid, fi).await,
+            Ok(Recorded::Accepted) => {}
+            Err(e) => self.fail_job(&jid, &e.to_string()).await,
+        }
+        true
+    }
+
+    pub async fn fail(&self, req: &pb::FailTaskRequest) {
+        let Some(lease) = lock(&self.leases).take(&req.lease_id) else {
+            return;
+        };
+        let jid = lease.job;
+        let fatal = {
+            let mut jobs = lock(&self.jobs);
+            let Some(j) = jobs.get_mut(&jid) else { return };
+            match j
+                .state
+                .fail_task(lease.item, &req.lease_id, req.retryable, &req.error)
+            {
+                TaskFailed::Ignored => return,
+                TaskFailed::Retried(attempt) => {
+                    tracing::warn!(job = %jid, "task failed (attempt {attempt}), retrying: {}", req.error);
+                    j.publish();
+                    return;
+                }
+                TaskFailed::Fatal(msg) => msg,
+            }
+        };
+        self.fail_job(&jid, &fatal).await;
+    }
+
+    /// Fails a job: aborts its uploads so nothing looks finished.
+    pub async fn fail_job(&self, jid: &str, msg: &str) {
+        self.end_job(jid, pb::JobState::Failed, msg).await;
+    }
+
+    /// Cancels a job, unless it is already committing its checkpoint (every data file is
+    /// complete; removing them under the commit could leave an index without its files) or has
+    /// ended. Returns the job's status afterwards: CANCELLED, or the state that refused it.
+    pub async fn cancel(&self, jid: &str) -> Option<pb::JobStatus> {
+        self.end_job(jid, pb::JobState::Cancelled, "cancelled")
+            .await;
+        self.status(jid)
+    }
+
+    async fn end_job(&self, jid: &str, state: pb::JobState, msg: &str) {
+        let (store, uploads, status) = {
+            let mut jobs = lock(&self.jobs);
+            let Some(j) = jobs.get_mut(jid) else { return };
+            if !j.state.end(state, msg) {
+                return;
+            }
+            lock(&self.leases).forget_job(jid);
+            j.publish();
+            (
+                j.out.store.clone(),
+                j.uploads.clone(),
+                j.state.status.clone(),
+            )
+        };
+        // Recorded before the cleanup: a restart must not resume a job that was ending.
+        self.journal_end(&status).await;
+        remove_outputs(&store, &uploads).await;
+    }
+
+    async fn journal_end(&self, status: &pb::JobStatus) {
+        if let Err(e) = self.journal.job_ended(status).await {
+            tracing::warn!(job = %status.job_id, "journal: {e}");
+            return;
+        }
+        // Its task records are no longer needed: removed in the background (one delete per
+        // task; whoever reported the last task need not wait for them).
+        let (journal, id) = (self.journal.clone(), status.job_id.clone());
+        tokio::spawn(async move {
+            match journal.forget_tasks(&id).await {
+                Ok(n) => tracing::debug!(job = %id, "journal: removed {n} task records"),
+                Err(e) => tracing::warn!(job = %id, "journal: removing task records: {e}"),
+            }
+        });
+    }
+
+    async fn finish_file(&self, jid: &str, fi: usize) {
+        self.finish_file_as(jid, fi, false).await
+    }
+
+    /// Completes output file `fi`. `resumed`: the previous coordinator may have completed it
+    /// already without recording so; a file at its final path with its full size counts.
+    async fn finish_file_as(&self, jid: &str, fi: usize, resumed: bool) {
+        let (store, upload, receipts, size) = {
+            let jobs = lock(&self.jobs);
+            let Some(j) = jobs.get(jid) else { return };
+            let size = j.state.plan.files[fi].layout.total_size;
+            let receipts = j.state.receipts_of(fi);
+            (j.out.store.clone(), j.uploads[fi].clone(), receipts, size)
+        };
+        if let Err(e) = store.finish_upload(&upload, &receipts).await {
+            let already = resumed && store.size(&upload.path).await.is_ok_and(|n| n == size);
+            if !already {
+                self.fail_job(jid, &format!("completing {}: {e}", upload.path))
+                    .await;
+                return;
+            }
+        }
+        if let Err(e) = self.journal.file_finished(jid, fi).await {
+            tracing::warn!(job = %jid, "journal: {e}");
+        }
+        self.file_done(jid).await;
+    }
+
+    /// Counts a completed output file; the last one commits the checkpoint (whoever completes
+    /// it, so the index is written after every file exists).
+    async fn file_done(&self, jid: &str) {
+        let commit_now = {
+            let mut jobs = lock(&self.jobs);
+            let Some(j) = jobs.get_mut(jid) else { return };
+            let last = j.state.file_finished();
+            if last {
+                j.publish();
+            }
+            last
+        };
+        if commit_now {
+            self.commit(jid).await;
+        }
+    }
+
+    async fn commit(&self, jid: &str) {
+        let (plan, out) = {
+            let jobs = lock(&self.jobs);
+            let Some(j) = jobs.get(jid) else { return };
+            (j.state.plan.clone(), j.out.clone())
+        };
+        match commit::write_checkpoint_files(&plan, &out).await {
+            Ok(()) => {
+                let status = {
+                    let mut jobs = lock(&self.jobs);
+                    let Some(j) = jobs.get_mut(jid) else { return };
+                    j.state.succeed();
+                    j.publish();
+                    j.state.status.clone()
+                };
+                self.journal_end(&status).await;
+            }
+            Err(e) => self.fail_job(jid, &format!("commit: {e}")).await,
+        }
+    }
+}
+
+/// Starts the upload of every output file (aborting the ones started if one cannot start).
+async fn begin_uploads(plan: &Plan, out: &Location) -> Result<Vec<Upload>> {
+    let mut uploads = Vec::new();
+    for f in &plan.files {
+        let loc = out.join(&f.name);
+        match loc.store.begin_upload(&loc.path, f.layout.total_size).await {
+            Ok(u) => uploads.push(u),
+            Err(e) => {
+                for u in &uploads {
+                    let _ = out.store.abort_upload(u).await;
+                }
+                return Err(e.into());
+            }
+        }
+    }
+    Ok(uploads)
+}
+
+/// The job manager is itself a work source for in-process workers.
+#[async_trait]
+impl WorkSource for JobManager {
+    async fn poll(
+        &self,
+        req: pb::PollWorkRequest,
+    ) -> std::result::Result<pb::PollWorkResponse, String> {
+        Ok(JobManager::poll(self, &req))
+    }
+    async fn renew(
+        &self,
+        req: pb::RenewLeaseRequest,
+    ) -> std::result::Result<pb::RenewLeaseResponse, String> {
+        Ok(JobManager::renew(self, &req))
+    }
+    async fn complete(
+        &self,
+        req: pb::CompleteTaskRequest,
+    ) -> std::result::Result<pb::CompleteTaskResponse, String> {
+        Ok(pb::CompleteTaskResponse {
+            accepted: JobManager::complete(self, &req).await,
+        })
+    }
+    async fn fail(&self, req: pb::FailTaskRequest) -> std::result::Result<(), String> {
+        JobManager::fail(self, &req).await;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,460 @@
+//! The pure core of a job: its tasks' states, the queue, the statistics units and the write
+//! tasks waiting on them, the receipts of written parts, and the job's status. Synchronous and
+//! without I/O: every method takes the time it needs as an argument and returns what must
+//! follow (a lease to record, a file to complete, a message to fail the job with), which the
+//! `JobManager` then does. Results are accepted in one place, `JobState::record`.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use shardmerge_proto as pb;
+use shardmerge_worker::kernels::{self, Reduced, Stats};
+use shardmerge_worker::storage::Receipt;
+use shardmerge_worker::tensor::tensor_ctx;
+
+use super::lease;
+use crate::cut::Cut;
+use crate::error::{Error, Result};
+use crate::journal::{parse_task_key, task_key, Item};
+use crate::plan::Plan;
+
+/// How many times a task that fails with a retryable error runs before its job fails.
+pub const MAX_ATTEMPTS: u32 = 5;
+
+/// Folds one pass of a statistics unit: `(tensor, pass, state so far, partials)`.
+pub type Reducer = fn(&pb::TensorJob, u32, Stats, Vec<Stats>) -> Result<Reduced>;
+
+/// The reducer jobs use: the tensor's method from the kernel registry.
+pub fn kernel_reduce(
+    tensor: &pb::TensorJob,
+    pass: u32,
+    state: Stats,
+    partials: Vec<Stats>,
+) -> Result<Reduced> {
+    let m = kernels::method(&tensor.method)
+        .ok_or_else(|| Error::Job(format!("unknown method {}", tensor.method)))?;
+    let ctx = tensor_ctx(tensor).map_err(Error::Job)?;
+    m.reduce(&ctx, pass, state, partials)
+        .map_err(|e| Error::Job(format!("tensor {}: {e}", tensor.name)))
+}
+
+#[derive(Clone, Debug)]
+enum ItemState {
+    Blocked,
+    Queued,
+    Leased { lease: String, deadline: Instant },
+    Done,
+}
+
+struct ItemSlot {
+    state: ItemState,
+    attempts: u32,
+}
+
+struct UnitState {
+    pass: u32,
+    state: Stats,
+    partials: Vec<Option<Stats>>,
+    done: bool,
+}
+
+/// What a recorded result requires of the caller.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Recorded {
+    /// The task was not pending (already done, or the job ended): the result is ignored.
+    Ignored,
+    Accepted,
+    /// Accepted, and it was the last part of output file `.0`: complete that file.
+    FileComplete(usize),
+}
+
+/// A task handed out by `lease_next`.
+#[derive(Debug, Clone)]
+pub struct Granted {
+    pub lease: String,
+    pub item: Item,
+    pub attempt: u32,
+}
+
+/// What a failed task means for its job.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TaskFailed {
+    /// The lease was not (or no longer) held: nothing changes.
+    Ignored,
+    /// Queued again; this was attempt `.0`.
+    Retried(u32),
+    /// The job fails with this message.
+    Fatal(String),
+}
+
+pub struct JobState {
+    pub id: String,
+    pub plan: Arc<Plan>,
+    pub cut: Cut,
+    pub status: pb::JobStatus,
+    receipts: Vec<Vec<Option<Receipt>>>,
+    file_remaining: Vec<usize>,
+    items: HashMap<Item, ItemSlot>,
+    blocked_by: Vec<usize>,
+    units: Vec<UnitState>,
+    /// The statistics unit of a tensor, and the write tasks waiting on each unit (indexes, so
+    /// neither lookup scans a 70B job's tasks).
+    unit_of: HashMap<usize, usize>,
+    dependents: Vec<Vec<usize>>,
+    queue: VecDeque<Item>,
+    /// Output files whose upload is complete (renamed / multipart completed).
+    files_finished: usize,
+    committing: bool,
+    reduce: Reducer,
+}
+
+impl JobState {
+    /// A job with every task queued (or blocked on its statistics), writing to `output_uri`.
+    pub fn new(id: String, plan: Plan, cut: Cut, output_uri: String, reduce: Reducer) -> Self {
+        let mut items = HashMap::new();
+        let mut queue = VecDeque::new();
+        for (u, unit) in cut.units.iter().enumerate() {
+            for r in 0..unit.ranges.len() {
+                let it = Item::Stats { unit: u, range: r };
+                items.insert(it, slot(ItemState::Queued));
+                queue.push_back(it);
+            }
+        }
+        let mut blocked_by = Vec::new();
+        let mut dependents = vec![Vec::new(); cut.units.len()];
+        let mut file_remaining = vec![0usize; plan.files.len()];
+        for (i, t) in cut.tasks.iter().enumerate() {
+            let state = if t.deps.is_empty() {
+                queue.push_back(Item::Write(i));
+                ItemState::Queued
+            } else {
+                ItemState::Blocked
+            };
+            blocked_by.push(t.deps.len());
+            items.insert(Item::Write(i), slot(state));
+            for &u in &t.deps {
+                dependents[u].push(i);
+            }
+            file_remaining[t.file] += 1;
+        }
+        let unit_of = cut.units.iter().enumerate().map(|(u, s)| (s.tensor, u));
+        let unit_of = unit_of.collect();
+        let units = cut.units.iter().map(|u| UnitState {
+            pass: 0,
+            state: Stats::default(),
+            partials: vec![None; u.ranges.len()],
+            done: false,
+        });
+        let units = units.collect();
+        let status = pb::JobStatus {
+            job_id: id.clone(),
+            state: pb::JobState::Running as i32,
+            output_uri,
+            tasks_total: items.len() as u64,
+            bytes_total: plan.bytes_out(),
+            ..Default::default()
+        };
+        JobState {
+            id,
+            receipts: file_remaining.iter().map(|&n| vec![None; n]).collect(),
+            plan: Arc::new(plan),
+            cut,
+            status,
+            file_remaining,
+            items,
+            blocked_by,
+            units,
+            unit_of,
+            dependents,
+            queue,
+            files_finished: 0,
+            committing: false,
+            reduce,
+        }
+    }
+
+    pub fn terminal(&self) -> bool {
+        crate::progress::is_terminal(self.status.state)
+    }
+
+    pub fn leases_active(&self) -> u32 {
+        let leased = |s: &&ItemSlot| matches!(s.state, ItemState::Leased { .. });
+        self.items.values().filter(leased).count() as u32
+    }
+
+    /// The statistics state a task reading `tensor` carries (its unit's, if it has one), and
+    /// the pass a unit is in.
+    pub fn unit_stats(&self, tensor: usize) -> Option<&Stats> {
+        self.unit_of.get(&tensor).map(|&u| &self.units[u].state)
+    }
+
+    pub fn unit_pass(&self, unit: usize) -> u32 {
+        self.units[unit].pass
+    }
+
+    /// Leases up to `want` queued tasks until `now + ttl`.
+    pub fn lease_next(&mut self, want: usize, now: Instant, ttl: Duration) -> Vec<Granted> {
+        let mut out = Vec::new();
+        while out.len() < want {
+            let Some(it) = self.queue.pop_front() else {
+                break;
+            };
+            let Some(slot) = self.items.get_mut(&it) else {
+                continue;
+            };
+            if !matches!(slot.state, ItemState::Queued) {
+                continue;
+            }
+            slot.attempts += 1;
+            let lease = lease::lease_id(&self.id, it, slot.attempts);
+            slot.state = ItemState::Leased {
+                lease: lease.clone(),
+                deadline: now + ttl,
+            };
+            out.push(Granted {
+                lease,
+                item: it,
+                attempt: slot.attempts,
+            });
+        }
+        out
+    }
+
+    /// Whether `lease` holds task `it`.
+    pub fn holds(&self, it: Item, lease: &str) -> bool {
+        matches!(self.items.get(&it).map(|s| &s.state),
+            Some(ItemState::Leased { lease: l, .. }) if l == lease)
+    }
+
+    /// Extends `lease` on `it` to `now + ttl`; false when it is no longer held.
+    pub fn renew(&mut self, it: Item, lease: &str, now: Instant, ttl: Duration) -> bool {
+        if self.terminal() {
+            return false;
+        }
+        match self.items.get_mut(&it).map(|s| &mut s.state) {
+            Some(ItemState::Leased { lease: l, deadline }) if l == lease => {
+                *deadline = now + ttl;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Re-queues every task whose lease ran out by `now`; returns the leases that expired.
+    pub fn expire(&mut self, now: Instant) -> Vec<String> {
+        let mut gone = Vec::new();
+        for (it, slot) in self.items.iter_mut() {
+            if let ItemState::Leased { lease, deadline } = &slot.state {
+                if *deadline <= now {
+                    gone.push(lease.clone());
+                    slot.state = ItemState::Queued;
+                    self.queue.push_back(*it);
+                    self.status.retries += 1;
+                }
+            }
+        }
+        gone
+    }
+
+    /// The journal key of task `it` as it runs now.
+    pub fn task_key(&self, it: Item) -> String {
+        match it {
+            Item::Stats { unit, .. } => task_key(it, self.units[unit].pass),
+            Item::Write(_) => task_key(it, 0),
+        }
+    }
+
+    /// Queues `it` again (its result could not be recorded) if `lease` still holds it.
+    pub fn requeue(&mut self, it: Item, lease: &str) {
+        if self.holds(it, lease) {
+            if let Some(slot) = self.items.get_mut(&it) {
+                slot.state = ItemState::Queued;
+            }
+            self.queue.push_back(it);
+            self.status.retries += 1;
+        }
+    }
+
+    /// A task failed under `lease`: retried while attempts remain and the error allows it.
+    pub fn fail_task(&mut self, it: Item, lease: &str, retryable: bool, error: &str) -> TaskFailed {
+        if !self.holds(it, lease) {
+            return TaskFailed::Ignored;
+        }
+        let Some(slot) = self.items.get_mut(&it) else {
+            return TaskFailed::Ignored;
+        };
+        if retryable && slot.attempts < MAX_ATTEMPTS {
+            slot.state = ItemState::Queued;
+            self.queue.push_back(it);
+            self.status.retries += 1;
+            TaskFailed::Retried(slot.attempts)
+        } else if retryable {
+            TaskFailed::Fatal(format!("{error} (gave up after {MAX_ATTEMPTS} attempts)"))
+        } else {
+            TaskFailed::Fatal(error.to_string())
+        }
+    }
+
+    /// Accepts the result of task `it` if it is pending (leased, or queued again after its lease
+    /// expired: the result stands). The one place results are accepted.
+    pub fn record(&mut self, it: Item, result: pb::TaskResult) -> Result<Recorded> {
+        let pending = matches!(
+            self.items.get(&it).map(|s| &s.state),
+            Some(ItemState::Leased { .. } | ItemState::Queued)
+        );
+        if self.terminal() || !pending {
+            return Ok(Recorded::Ignored);
+        }
+        if let Some(slot) = self.items.get_mut(&it) {
+            slot.state = ItemState::Done;
+        }
+        self.status.tasks_done += 1;
+        match it {
+            Item::Write(i) => {
+                let t = &self.cut.tasks[i];
+                self.status.bytes_done += t.length;
+                let receipt = result.part.map(|p| Receipt {
+                    part_index: p.part_index,
+                    etag: p.etag,
+                    size: p.size,
+                });
+                self.receipts[t.file][t.part_index as usize] = receipt;
+                self.file_remaining[t.file] -= 1;
+                if self.file_remaining[t.file] == 0 {
+                    return Ok(Recorded::FileComplete(t.file));
+                }
+            }
+            Item::Stats { unit, range } => {
+                let stats = result.stats.as_ref().map(Stats::from_proto);
+                self.units[unit].partials[range] = Some(stats.unwrap_or_default());
+                if self.units[unit].partials.iter().all(Option::is_some) {
+                    self.reduce_unit(unit)?;
+                }
+            }
+        }
+        Ok(Recorded::Accepted)
+    }
+
+    /// Folds a statistics pass; queues the next pass or releases the tasks that wait.
+    fn reduce_unit(&mut self, unit: usize) -> Result<()> {
+        let tensor = &self.plan.tensors[self.cut.units[unit].tensor];
+        let u = &mut self.units[unit];
+        let partials = u.partials.iter_mut().map(|p| p.take().unwrap_or_default());
+        let state = std::mem::take(&mut u.state);
+        let (state, done) = match (self.reduce)(tensor, u.pass, state, partials.collect())? {
+            Reduced::More(s) => (s, u.pass + 1 >= self.cut.units[unit].passes),
+            Reduced::Done(s) => (s, true),
+        };
+        u.state = state;
+        if done {
+            u.done = true;
+            for k in 0..self.dependents[unit].len() {
+                let i = self.dependents[unit][k];
+                self.blocked_by[i] -= 1;
+                if self.blocked_by[i] == 0 {
+                    self.set_queued(Item::Write(i));
+                }
+            }
+        } else {
+            u.pass += 1;
+            let n = self.cut.units[unit].ranges.len();
+            u.partials = vec![None; n];
+            for range in 0..n {
+                self.set_queued(Item::Stats { unit, range });
+                self.status.tasks_total += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn set_queued(&mut self, it: Item) {
+        if let Some(s) = self.items.get_mut(&it) {
+            s.state = ItemState::Queued;
+        }
+        self.queue.push_back(it);
+    }
+
+    /// Ends the job as `state` with `msg`, unless it has ended already, or it is committing
+    /// and this is a cancel (every data file is complete; removing them under the commit could
+    /// leave an index without its files). Returns whether it ended now.
+    pub fn end(&mut self, state: pb::JobState, msg: &str) -> bool {
+        if self.terminal() || (self.committing && state == pb::JobState::Cancelled) {
+            return false;
+        }
+        self.status.state = state as i32;
+        self.status.error = msg.to_string();
+        self.queue.clear();
+        true
+    }
+
+    /// The receipts of output file `fi`'s parts.
+    pub fn receipts_of(&self, fi: usize) -> Vec<Receipt> {
+        self.receipts[fi].iter().flatten().cloned().collect()
+    }
+
+    /// Counts a completed output file. Files complete in any order (a slow multipart
+    /// completion may finish last): true when this was the last one, and the job now commits.
+    pub fn file_finished(&mut self) -> bool {
+        self.files_finished += 1;
+        let last = self.files_finished == self.plan.files.len();
+        if last && !self.committing && !self.terminal() {
+            self.committing = true;
+            self.status.state = pb::JobState::Committing as i32;
+            return true;
+        }
+        false
+    }
+
+    pub fn succeed(&mut self) {
+        self.status.state = pb::JobState::Succeeded as i32;
+    }
+
+    /// Replays the task results a journal holds for this job (by task key): statistics first,
+    /// pass by pass (a pass's results only count once the ones before it are folded), then
+    /// writes whose inputs are ready; anything else runs again. Returns the output files the
+    /// replayed results complete.
+    pub fn replay(&mut self, records: Vec<(String, pb::TaskResult)>) -> Result<Vec<usize>> {
+        let mut stats = Vec::new();
+        let mut writes = Vec::new();
+        for (k, r) in records {
+            match parse_task_key(&k) {
+                Some((Item::Write(i), _)) => writes.push((i, r)),
+                Some((Item::Stats { unit, range }, pass)) => stats.push(((unit, pass, range), r)),
+                None => tracing::warn!(job = %self.id, "journal: ignoring unknown record {k}"),
+            }
+        }
+        stats.sort_by_key(|(k, _)| *k);
+        for ((unit, pass, range), r) in stats {
+            let it = Item::Stats { unit, range };
+            let current = self
+                .units
+                .get(unit)
+                .is_some_and(|s| s.pass == pass && !s.done);
+            if current && self.is_queued(it) {
+                self.record(it, r)?;
+            }
+        }
+        let mut complete = Vec::new();
+        writes.sort_by_key(|(i, _)| *i);
+        for (i, r) in writes {
+            if self.is_queued(Item::Write(i)) {
+                if let Recorded::FileComplete(f) = self.record(Item::Write(i), r)? {
+                    complete.push(f);
+                }
+            }
+        }
+        Ok(complete)
+    }
+
+    fn is_queued(&self, it: Item) -> bool {
+        matches!(
+            self.items.get(&it).map(|s| &s.state),
+            Some(ItemState::Queued)
+        )
+    }
+}
+
+fn slot(state: ItemState) -> ItemSlot {
+    ItemSlot { state, attempts: 0 }
+}
