@@ -128,6 +128,8 @@ enum Cmd {
         /// resumes its unfinished jobs
         #[arg(long, default_value = "memory")]
         state: String,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// Pull tasks from a coordinator and run them until SIGINT/SIGTERM
     Worker {
@@ -275,13 +277,11 @@ async fn main_inner(cli: Cli) -> Result<()> {
             listen,
             lease_ttl,
             state,
+            limits,
         } => {
-            if !(lease_ttl.is_finite() && lease_ttl > 0.0) {
-                return Err(Error::Other(format!(
-                    "--lease-ttl {lease_ttl}: give a positive number of seconds"
-                )));
-            }
-            remote::coordinator(listen, Duration::from_secs_f64(lease_ttl), Some(&state)).await
+            let lease_ttl = seconds("--lease-ttl", lease_ttl)?;
+            let limits = limits.to_limits()?;
+            remote::coordinator(listen, lease_ttl, Some(&state), limits).await
         }
         Cmd::Worker {
             coordinator,
@@ -361,4 +361,63 @@ pub fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// The coordinator's limits (`shardmerge coordinator`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct LimitArgs {
+    /// Seconds a task may run under one lease, renewals included; past it, renewals are
+    /// refused, the lease expires and the task runs on another worker
+    #[arg(long, default_value_t = 3600.0)]
+    max_task_time: f64,
+    /// Leases one worker id may hold at once (and so receive from one poll)
+    #[arg(long, default_value_t = crate::job::limits::DEFAULT_MAX_SLOTS_PER_WORKER)]
+    max_slots_per_worker: u32,
+    /// Seconds an ended job stays in memory; then only its final status is kept (and the
+    /// journal's, with --state)
+    #[arg(long, default_value_t = 3600.0)]
+    job_retention: f64,
+    /// Jobs held in memory at once; a submission past it is refused (RESOURCE_EXHAUSTED)
+    /// unless an ended job can make room
+    #[arg(long, default_value_t = crate::job::limits::DEFAULT_MAX_JOBS)]
+    max_jobs: usize,
+    /// Largest recipe a submission may carry
+    #[arg(long, default_value = "1MiB", value_parser = size::parse)]
+    max_recipe_bytes: u64,
+}
+
+impl LimitArgs {
+    fn to_limits(&self) -> Result<crate::job::Limits> {
+        if self.max_slots_per_worker == 0 || self.max_jobs == 0 || self.max_recipe_bytes == 0 {
+            return Err(Error::Other(
+                "--max-slots-per-worker, --max-jobs and --max-recipe-bytes: give at least 1".into(),
+            ));
+        }
+        Ok(crate::job::Limits {
+            max_task_time: seconds("--max-task-time", self.max_task_time)?,
+            max_slots_per_worker: self.max_slots_per_worker,
+            job_retention: Duration::try_from_secs_f64(self.job_retention)
+                .ok()
+                .filter(|_| self.job_retention.is_finite())
+                .ok_or_else(|| {
+                    Error::Other(format!(
+                        "--job-retention {}: give a number of seconds (0 or more)",
+                        self.job_retention
+                    ))
+                })?,
+            max_jobs: self.max_jobs,
+            max_recipe_bytes: self.max_recipe_bytes,
+        })
+    }
+}
+
+/// A positive, finite number of seconds given to `flag`.
+fn seconds(flag: &str, v: f64) -> Result<Duration> {
+    if !(v.is_finite() && v > 0.0) {
+        return Err(Error::Other(format!(
+            "{flag} {v}: give a positive number of seconds"
+        )));
+    }
+    Duration::try_from_secs_f64(v)
+        .map_err(|_| Error::Other(format!("{flag} {v}: too large a number of seconds")))
 }

@@ -33,6 +33,9 @@ pub enum Error {
     /// The job failed.
     #[error("{0}")]
     Job(String),
+    /// A limit of the coordinator was reached (jobs held, recipe size).
+    #[error("{0}")]
+    Exhausted(String),
     /// Anything else (usage, RPC).
     #[error("{0}")]
     Other(String),

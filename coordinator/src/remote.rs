@@ -24,6 +24,7 @@ pub async fn coordinator(
     listen: SocketAddr,
     lease_ttl: Duration,
     state: Option<&str>,
+    limits: crate::job::Limits,
 ) -> Result<()> {
     let resolver = Resolver::new();
     let mgr = match state {
@@ -46,6 +47,7 @@ pub async fn coordinator(
             mgr
         }
     };
+    mgr.set_limits(limits);
     let listener = server::bind(listen).await?;
     let addr = listener.local_addr().unwrap_or(listen);
     eprintln!(

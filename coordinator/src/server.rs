@@ -52,6 +52,7 @@ fn status_of(e: Error) -> Status {
         Error::Storage(_) => Status::failed_precondition(e.to_string()),
         Error::Journal(_) => Status::unavailable(e.to_string()),
         Error::Cancelled(_) => Status::cancelled(e.to_string()),
+        Error::Exhausted(_) => Status::resource_exhausted(e.to_string()),
         Error::Job(_) | Error::Other(_) => Status::internal(e.to_string()),
     }
 }
@@ -82,6 +83,7 @@ impl Coordinator for Service {
             )));
         }
         let o = self.submit_options(&opts);
+        self.mgr.admit(r.recipe_yaml.len()).map_err(status_of)?;
         let (id, plan) = self
             .mgr
             .submit(&r.recipe_yaml, &r.output_uri, &o)

@@ -1,10 +1,14 @@
 //! Leases: which worker holds which task of which job, by lease id. A task's deadline lives
 //! with its state (`JobState`, which expires it given the time); this table finds the job and
-//! task a lease id names, and forgets leases when they end. Change the lease rules here and in
-//! `JobState::{lease_next, renew, expire}`.
+//! task a lease id names, counts what each worker holds, and forgets leases when they end.
+//! Change the lease rules here and in `JobState::{lease_next, renew, expire}`.
+//!
+//! Lease ids are 128 random bits from the operating system, in hex: a lease cannot be guessed
+//! from another one, and every use of it must come from the worker id that polled it.
 
 use std::collections::HashMap;
-use std::time::Instant;
+use std::io::Read;
+use std::time::{Duration, Instant};
 
 use crate::journal::Item;
 
@@ -19,33 +23,93 @@ pub struct Lease {
     pub granted_at: Instant,
 }
 
-/// The id of the lease on attempt `attempt` of task `item` of job `job`.
-pub fn lease_id(job: &str, item: Item, attempt: u32) -> String {
-    format!("{job}:{item:?}:{attempt}")
+/// The coordinator's rules for leases.
+#[derive(Clone, Copy, Debug)]
+pub struct LeaseRules {
+    /// How long a lease lasts without a renewal.
+    pub ttl: Duration,
+    /// How long a task may run under one lease, renewals included; past it, renewals are
+    /// refused and the lease expires, so the task runs elsewhere.
+    pub max_task_time: Duration,
+}
+
+/// A fresh lease id: 128 bits from the operating system's generator, in hex.
+pub fn fresh_lease_id() -> String {
+    let mut b = [0u8; 16];
+    if let Err(e) = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)) {
+        // Without the OS generator: keyed SipHash of a counter, under keys std draws from the
+        // OS at start (still unpredictable to a peer, though not from /dev/urandom).
+        tracing::warn!("lease ids: /dev/urandom: {e}; using std's seeded hasher instead");
+        b = fallback_bits();
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn fallback_bits() -> [u8; 16] {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let mut out = [0u8; 16];
+    for half in out.chunks_mut(8) {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(n);
+        half.copy_from_slice(&h.finish().to_le_bytes());
+    }
+    out
 }
 
 /// Every lease in force, by id.
 #[derive(Default)]
 pub struct LeaseTable {
     leases: HashMap<String, Lease>,
+    /// Leases held per worker id.
+    held: HashMap<String, usize>,
 }
 
 impl LeaseTable {
     pub fn grant(&mut self, lease: Lease) {
-        self.leases.insert(lease.id.clone(), lease);
+        *self.held.entry(lease.worker.clone()).or_default() += 1;
+        if let Some(old) = self.leases.insert(lease.id.clone(), lease) {
+            self.release(&old.worker);
+        }
     }
 
     pub fn get(&self, id: &str) -> Option<&Lease> {
         self.leases.get(id)
     }
 
+    /// How many leases worker `worker` holds.
+    pub fn held_by(&self, worker: &str) -> usize {
+        self.held.get(worker).copied().unwrap_or(0)
+    }
+
     /// Removes lease `id` (its task was reported, or it expired); returns it if it was held.
     pub fn take(&mut self, id: &str) -> Option<Lease> {
-        self.leases.remove(id)
+        let l = self.leases.remove(id)?;
+        self.release(&l.worker);
+        Some(l)
     }
 
     /// Forgets every lease of job `job` (it ended).
     pub fn forget_job(&mut self, job: &str) {
-        self.leases.retain(|_, l| l.job != job);
+        let ids: Vec<String> = self
+            .leases
+            .values()
+            .filter(|l| l.job == job)
+            .map(|l| l.id.clone())
+            .collect();
+        for id in ids {
+            self.take(&id);
+        }
+    }
+
+    fn release(&mut self, worker: &str) {
+        if let Some(n) = self.held.get_mut(worker) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.held.remove(worker);
+            }
+        }
     }
 }

@@ -3,7 +3,10 @@
 //! Where each concern lives:
 //! - `state.rs`: the pure core of one job (`JobState`): task states, queue, statistics units,
 //!   receipts; synchronous, given the time, no I/O. Results are accepted in `JobState::record`.
-//! - `lease.rs`: the lease table (lease id → worker, job, task) and lease ids.
+//! - `lease.rs`: the lease table (lease id → worker, job, task) and lease ids (random,
+//!   bound to the worker that polled them).
+//! - `limits.rs`: the coordinator's limits (task run time, slots per worker, jobs held, ended
+//!   jobs' retention, recipe size).
 //! - `tasks.rs`: building the `pb::Task` a worker runs from the plan.
 //! - `options.rs`: `SubmitOptions` and their `JobOptions` message.
 //! - this file: the async orchestration: planning a submitted job, journal writes, completing
@@ -12,11 +15,12 @@
 //! State is in memory; with a journal (`--state`), every fact a restart needs is recorded
 //! before it is acted on, and `recover` resumes the journal's unfinished jobs.
 //!
-//! **Lock order**: `jobs`, then `leases` or `history`. `lease_ttl` and `last_expiry_scan` are
-//! taken alone (copied out, never held while taking another). No lock is held across an
+//! **Lock order**: `jobs`, then `leases` or `history`. `lease_ttl`, `limits` and
+//! `last_expiry_scan` are taken alone (copied out, never held while taking another). No lock is held across an
 //! `.await`.
 
 pub mod lease;
+pub mod limits;
 mod options;
 pub mod state;
 mod tasks;
@@ -37,10 +41,11 @@ use crate::error::{Error, Result};
 use crate::journal::{layout_crc, JobJournal, Journal, NoJournal, Unfinished};
 use crate::plan::{self, Plan, PlanOptions};
 use crate::recipe::Recipe;
-use lease::{Lease, LeaseTable};
+use lease::{Lease, LeaseRules, LeaseTable};
+pub use limits::Limits;
 pub use options::{SubmitOptions, DEFAULT_SLOT_MEMORY, DEFAULT_TASK_SIZE};
 pub use state::MAX_ATTEMPTS;
-use state::{JobState, Recorded, TaskFailed};
+use state::{Holder, JobState, Recorded, Renewal, TaskFailed};
 
 /// A job as the manager holds it: its state, where it writes, and who watches it.
 struct Job {
@@ -48,6 +53,8 @@ struct Job {
     out: Location,
     uploads: Vec<Upload>,
     started: Instant,
+    /// When it was first seen ended (for its retention in memory).
+    ended: Option<Instant>,
     tx: watch::Sender<pb::JobStatus>,
 }
 
@@ -59,6 +66,7 @@ impl Job {
             out,
             uploads,
             started: Instant::now(),
+            ended: None,
             tx,
         }
     }
@@ -103,6 +111,7 @@ pub struct JobManager {
     leases: Mutex<LeaseTable>,
     next_id: std::sync::atomic::AtomicU64,
     lease_ttl: Mutex<Duration>,
+    limits: Mutex<Limits>,
     /// When leases were last checked for expiry: polls arrive far more often than leases
     /// can expire, and a check walks every task.
     last_expiry_scan: Mutex<Option<Instant>>,
@@ -132,6 +141,7 @@ impl JobManager {
             leases: Mutex::new(LeaseTable::default()),
             next_id: std::sync::atomic::AtomicU64::new(1),
             lease_ttl: Mutex::new(Duration::from_secs(30)),
+            limits: Mutex::new(Limits::default()),
             last_expiry_scan: Mutex::new(None),
         })
     }
@@ -143,6 +153,13 @@ impl JobManager {
 
     fn ttl(&self) -> Duration {
         *lock(&self.lease_ttl)
+    }
+
+    fn rules(&self) -> LeaseRules {
+        LeaseRules {
+            ttl: self.ttl(),
+            max_task_time: self.limits().max_task_time,
+        }
     }
 
     pub fn resolver(&self) -> &Resolver {
@@ -323,6 +340,7 @@ impl JobManager {
     }
 
     pub fn list(&self) -> Vec<pb::JobStatus> {
+        self.sweep(Instant::now());
         let mut all: Vec<pb::JobStatus> = lock(&self.history).values().cloned().collect();
         all.extend(lock(&self.jobs).values().map(|j| j.state.status.clone()));
         all
@@ -343,13 +361,18 @@ impl JobManager {
             }
             *last = Some(now);
         }
+        self.sweep(now);
         let mut jobs = lock(&self.jobs);
         let mut leases = lock(&self.leases);
         for j in jobs.values_mut() {
             let gone = j.state.expire(now);
-            for lease in &gone {
-                tracing::warn!(job = %j.state.id, "lease {lease} expired; the task runs again");
-                leases.take(lease);
+            for (item, lease) in &gone {
+                let worker = leases.take(lease).map(|l| l.worker).unwrap_or_default();
+                tracing::warn!(
+                    job = %j.state.id,
+                    "task {item:?}: the lease of worker {worker:?} expired (no renewal, or the \
+                     task ran past --max-task-time); the task runs again"
+                );
             }
             if !gone.is_empty() {
                 j.publish();
@@ -357,22 +380,36 @@ impl JobManager {
         }
     }
 
+    /// Hands `req.worker_id` queued tasks: as many as it has free slots, but no more than
+    /// `--max-slots-per-worker` leases held at once by that worker id.
     pub fn poll(&self, req: &pb::PollWorkRequest) -> pb::PollWorkResponse {
         let now = Instant::now();
         self.expire(now);
-        let ttl = self.ttl();
+        let rules = self.rules();
+        let ttl = rules.ttl;
+        let max_slots = self.limits().max_slots_per_worker.max(1) as usize;
         let mut out = pb::PollWorkResponse {
             leases: Vec::new(),
             retry_after_ms: 20,
         };
         let mut jobs = lock(&self.jobs);
         let mut leases = lock(&self.leases);
-        let want = req.free_slots.max(1) as usize;
+        let held = leases.held_by(&req.worker_id);
+        let want = (req.free_slots.max(1) as usize)
+            .min(max_slots)
+            .saturating_sub(held);
+        if want == 0 {
+            tracing::debug!(worker = %req.worker_id, "holds {held} leases, the most one worker may");
+            out.retry_after_ms = 250;
+            return out;
+        }
         for j in jobs.values_mut() {
             if j.state.terminal() || out.leases.len() >= want {
                 continue;
             }
-            let granted = j.state.lease_next(want - out.leases.len(), now, ttl);
+            let granted = j
+                .state
+                .lease_next(want - out.leases.len(), &req.worker_id, now, rules);
             for g in &granted {
                 leases.grant(Lease {
                     id: g.lease.clone(),
@@ -403,13 +440,29 @@ impl JobManager {
         let leases = lock(&self.leases);
         let mut lost = Vec::new();
         for l in &req.lease_ids {
-            let held = leases.get(l).is_some_and(|lease| {
-                jobs.get_mut(&lease.job)
-                    .is_some_and(|j| j.state.renew(lease.item, l, now, ttl))
-            });
-            if !held {
-                lost.push(l.clone());
+            let answer = match leases.get(l) {
+                Some(lease) => jobs.get_mut(&lease.job).map_or(Renewal::NotHeld, |j| {
+                    j.state.renew(lease.item, l, &req.worker_id, now, ttl)
+                }),
+                None => Renewal::NotHeld,
+            };
+            match answer {
+                Renewal::Renewed => continue,
+                Renewal::NotHeld => {}
+                Renewal::OtherWorker => refused_use("RenewLease", &req.worker_id),
+                Renewal::OverTime => {
+                    if let Some(lease) = leases.get(l) {
+                        tracing::warn!(
+                            job = %lease.job,
+                            "task {:?} of worker {:?} ran past --max-task-time: its lease is \
+                             no longer renewed and the task will run again",
+                            lease.item,
+                            req.worker_id
+                        );
+                    }
+                }
             }
+            lost.push(l.clone());
         }
         pb::RenewLeaseResponse {
             lost,
@@ -417,22 +470,50 @@ impl JobManager {
         }
     }
 
-    /// Records a task's result. Returns false when the lease was no longer held (ignored).
+    /// Records a task's result. Returns false when the lease was no longer held, is held by
+    /// another worker id, or the result does not check out against the plan (refused; the
+    /// task runs again and the refusal counts as one of its attempts).
     pub async fn complete(&self, req: &pb::CompleteTaskRequest) -> bool {
-        let Some(lease) = lock(&self.leases).take(&req.lease_id) else {
+        let Some(lease) = self.lease_of(&req.lease_id, &req.worker_id, "CompleteTask") else {
             return false;
         };
         let (jid, it) = (lease.job, lease.item);
         let result = req.result.clone().unwrap_or_default();
-        let key = {
-            let jobs = lock(&self.jobs);
-            let Some(j) = jobs.get(&jid) else {
+        let checked = {
+            let mut jobs = lock(&self.jobs);
+            let Some(j) = jobs.get_mut(&jid) else {
                 return false;
             };
-            if !j.state.holds(it, &req.lease_id) || j.state.terminal() {
+            if j.state.terminal()
+                || j.state.holder(it, &req.lease_id, &req.worker_id) != Holder::Held
+            {
                 return false;
             }
-            j.state.task_key(it)
+            let multipart = !j.out.store.is_local();
+            match j.state.check_result(it, &result, multipart) {
+                Ok(()) => Ok(j.state.task_key(it)),
+                Err(why) => {
+                    tracing::warn!(job = %jid, worker = %req.worker_id, "result refused: {why}; the task runs again");
+                    let failed = j.state.fail_task(
+                        it,
+                        &req.lease_id,
+                        &req.worker_id,
+                        true,
+                        &format!("result refused: {why}"),
+                    );
+                    j.publish();
+                    Err(failed)
+                }
+            }
+        };
+        lock(&self.leases).take(&req.lease_id);
+        let key = match checked {
+            Ok(key) => key,
+            Err(TaskFailed::Fatal(msg)) => {
+                self.fail_job(&jid, &msg).await;
+                return false;
+            }
+            Err(_) => return false,
         };
         // Journal first: what a restart finds recorded is what this coordinator acted on.
         if let Err(e) = self.journal.task_done(&jid, &key, &result).await {
@@ -464,18 +545,26 @@ impl JobManager {
     }
 
     pub async fn fail(&self, req: &pb::FailTaskRequest) {
-        let Some(lease) = lock(&self.leases).take(&req.lease_id) else {
+        let Some(lease) = self.lease_of(&req.lease_id, &req.worker_id, "FailTask") else {
             return;
         };
+        lock(&self.leases).take(&req.lease_id);
         let jid = lease.job;
         let fatal = {
             let mut jobs = lock(&self.jobs);
             let Some(j) = jobs.get_mut(&jid) else { return };
-            match j
-                .state
-                .fail_task(lease.item, &req.lease_id, req.retryable, &req.error)
-            {
+            match j.state.fail_task(
+                lease.item,
+                &req.lease_id,
+                &req.worker_id,
+                req.retryable,
+                &req.error,
+            ) {
                 TaskFailed::Ignored => return,
+                TaskFailed::OtherWorker => {
+                    refused_use("FailTask", &req.worker_id);
+                    return;
+                }
                 TaskFailed::Retried(attempt) => {
                     tracing::warn!(job = %jid, "task failed (attempt {attempt}), retrying: {}", req.error);
                     j.publish();
@@ -485,6 +574,18 @@ impl JobManager {
             }
         };
         self.fail_job(&jid, &fatal).await;
+    }
+
+    /// The lease `id` if it is in force and `worker` holds it; a use by another worker id is
+    /// refused (logged, without the lease id) and leaves the lease to its holder.
+    fn lease_of(&self, id: &str, worker: &str, rpc: &str) -> Option<Lease> {
+        let leases = lock(&self.leases);
+        let lease = leases.get(id)?;
+        if lease.worker != worker {
+            refused_use(rpc, worker);
+            return None;
+        }
+        Some(lease.clone())
     }
 
     /// Fails a job: aborts its uploads so nothing looks finished.
@@ -551,10 +652,43 @@ impl JobManager {
             let receipts = j.state.receipts_of(fi);
             (j.out.store.clone(), j.uploads[fi].clone(), receipts, size)
         };
-        if let Err(e) = store.finish_upload(&upload, &receipts).await {
+        // What storage holds must match the plan before the file is completed (local: the
+        // written length; backends that can list parts: each part's size).
+        let outcome = match store.check_upload(&upload, &receipts, size).await {
+            Err(e) => Err((true, e)),
+            Ok(()) => store
+                .finish_upload(&upload, &receipts)
+                .await
+                .map_err(|e| (false, e)),
+        };
+        if let Err((in_check, e)) = outcome {
+            // A resumed job: the previous coordinator may have completed the file already
+            // without recording so; the file at its final path with its full size counts.
             let already = resumed && store.size(&upload.path).await.is_ok_and(|n| n == size);
             if !already {
-                self.fail_job(jid, &format!("completing {}: {e}", upload.path))
+                if in_check {
+                    let msg = format!("checking {} before completing it: {e}", upload.path);
+                    self.fail_job(jid, &msg).await;
+                } else {
+                    self.redo_file(jid, fi, &upload.path, &e.to_string()).await;
+                }
+                return;
+            }
+        }
+        // Read back: the completed file has exactly the planned size.
+        match store.size(&upload.path).await {
+            Ok(n) if n == size => {}
+            Ok(n) => {
+                let msg = format!(
+                    "{}: completed with {n} bytes where the plan has {size}; a part was not \
+                     what its worker reported",
+                    upload.path
+                );
+                self.fail_job(jid, &msg).await;
+                return;
+            }
+            Err(e) => {
+                self.fail_job(jid, &format!("{} after completing it: {e}", upload.path))
                     .await;
                 return;
             }
@@ -563,6 +697,29 @@ impl JobManager {
             tracing::warn!(job = %jid, "journal: {e}");
         }
         self.file_done(jid).await;
+    }
+
+    /// An output file could not be completed from its parts (one missing, or not what its
+    /// receipt said): its write tasks run again, within their attempts.
+    async fn redo_file(&self, jid: &str, fi: usize, path: &str, why: &str) {
+        let reopened = {
+            let mut jobs = lock(&self.jobs);
+            let Some(j) = jobs.get_mut(jid) else { return };
+            let r = j.state.reopen_file(fi);
+            j.publish();
+            r
+        };
+        match reopened {
+            Ok(()) => tracing::warn!(
+                job = %jid,
+                "completing {path}: {why}; storage does not hold the parts its workers reported: \
+                 its tasks run again"
+            ),
+            Err(msg) => {
+                self.fail_job(jid, &format!("completing {path}: {why}; {msg}"))
+                    .await
+            }
+        }
     }
 
     /// Counts a completed output file; the last one commits the checkpoint (whoever completes
@@ -602,6 +759,16 @@ impl JobManager {
             Err(e) => self.fail_job(jid, &format!("commit: {e}")).await,
         }
     }
+}
+
+/// Logs a lease use refused because another worker id holds the lease (the lease id is not
+/// logged: it is the holder's secret).
+fn refused_use(rpc: &str, worker: &str) {
+    tracing::warn!(
+        worker = %worker,
+        "{rpc} refused: the lease is held by another worker id (a misconfigured worker, or a \
+         client using a lease it did not poll)"
+    );
 }
 
 /// Starts the upload of every output file (aborting the ones started if one cannot start).

@@ -13,7 +13,7 @@ use shardmerge_worker::kernels::{self, Reduced, Stats};
 use shardmerge_worker::storage::Receipt;
 use shardmerge_worker::tensor::tensor_ctx;
 
-use super::lease;
+use super::lease::{self, LeaseRules};
 use crate::cut::Cut;
 use crate::error::{Error, Result};
 use crate::journal::{parse_task_key, task_key, Item};
@@ -43,7 +43,14 @@ pub fn kernel_reduce(
 enum ItemState {
     Blocked,
     Queued,
-    Leased { lease: String, deadline: Instant },
+    Leased {
+        lease: String,
+        /// The worker id that polled it; only it may renew, complete or fail it.
+        worker: String,
+        deadline: Instant,
+        /// The end of the task's maximum run time: no renewal reaches past it.
+        until: Instant,
+    },
     Done,
 }
 
@@ -77,11 +84,34 @@ pub struct Granted {
     pub attempt: u32,
 }
 
+/// Who holds a lease, as a use of it by `worker` finds it.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub enum Holder {
+    /// `worker` holds it.
+    Held,
+    /// Not (or no longer) held by anyone.
+    NotHeld,
+    /// Held by another worker id: the use is refused, the holder keeps it.
+    OtherWorker,
+}
+
+/// The answer to a renewal.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub enum Renewal {
+    Renewed,
+    NotHeld,
+    OtherWorker,
+    /// The task has run its maximum time: the lease is left to expire.
+    OverTime,
+}
+
 /// What a failed task means for its job.
 #[derive(Debug, PartialEq, Eq)]
 pub enum TaskFailed {
     /// The lease was not (or no longer) held: nothing changes.
     Ignored,
+    /// Another worker id holds the lease: refused, nothing changes.
+    OtherWorker,
     /// Queued again; this was attempt `.0`.
     Retried(u32),
     /// The job fails with this message.
@@ -193,8 +223,15 @@ impl JobState {
         self.units[unit].pass
     }
 
-    /// Leases up to `want` queued tasks until `now + ttl`.
-    pub fn lease_next(&mut self, want: usize, now: Instant, ttl: Duration) -> Vec<Granted> {
+    /// Leases up to `want` queued tasks to `worker` until `now + rules.ttl`, each with a fresh
+    /// random lease id.
+    pub fn lease_next(
+        &mut self,
+        want: usize,
+        worker: &str,
+        now: Instant,
+        rules: LeaseRules,
+    ) -> Vec<Granted> {
         let mut out = Vec::new();
         while out.len() < want {
             let Some(it) = self.queue.pop_front() else {
@@ -207,10 +244,13 @@ impl JobState {
                 continue;
             }
             slot.attempts += 1;
-            let lease = lease::lease_id(&self.id, it, slot.attempts);
+            let lease = lease::fresh_lease_id();
+            let until = now + rules.max_task_time;
             slot.state = ItemState::Leased {
                 lease: lease.clone(),
-                deadline: now + ttl,
+                worker: worker.to_string(),
+                deadline: (now + rules.ttl).min(until),
+                until,
             };
             out.push(Granted {
                 lease,
@@ -227,27 +267,70 @@ impl JobState {
             Some(ItemState::Leased { lease: l, .. }) if l == lease)
     }
 
-    /// Extends `lease` on `it` to `now + ttl`; false when it is no longer held.
-    pub fn renew(&mut self, it: Item, lease: &str, now: Instant, ttl: Duration) -> bool {
-        if self.terminal() {
-            return false;
-        }
-        match self.items.get_mut(&it).map(|s| &mut s.state) {
-            Some(ItemState::Leased { lease: l, deadline }) if l == lease => {
-                *deadline = now + ttl;
-                true
+    /// Whether `lease` on `it` is held, and by `worker`.
+    pub fn holder(&self, it: Item, lease: &str, worker: &str) -> Holder {
+        match self.items.get(&it).map(|s| &s.state) {
+            Some(ItemState::Leased {
+                lease: l,
+                worker: w,
+                ..
+            }) if l == lease => {
+                if w == worker {
+                    Holder::Held
+                } else {
+                    Holder::OtherWorker
+                }
             }
-            _ => false,
+            _ => Holder::NotHeld,
         }
     }
 
-    /// Re-queues every task whose lease ran out by `now`; returns the leases that expired.
-    pub fn expire(&mut self, now: Instant) -> Vec<String> {
+    /// Extends `lease` on `it`, held by `worker`, to `now + ttl`, but never past the task's
+    /// maximum run time: a task past it is not renewed and its lease runs out.
+    pub fn renew(
+        &mut self,
+        it: Item,
+        lease: &str,
+        worker: &str,
+        now: Instant,
+        ttl: Duration,
+    ) -> Renewal {
+        if self.terminal() {
+            return Renewal::NotHeld;
+        }
+        match self.holder(it, lease, worker) {
+            Holder::Held => {}
+            Holder::NotHeld => return Renewal::NotHeld,
+            Holder::OtherWorker => return Renewal::OtherWorker,
+        }
+        match self.items.get_mut(&it).map(|s| &mut s.state) {
+            Some(ItemState::Leased {
+                deadline, until, ..
+            }) => {
+                if now >= *until {
+                    return Renewal::OverTime;
+                }
+                *deadline = (now + ttl).min(*until);
+                Renewal::Renewed
+            }
+            _ => Renewal::NotHeld,
+        }
+    }
+
+    /// Re-queues every task whose lease ran out by `now` (its last renewal, or its maximum
+    /// run time); returns the tasks and the leases that expired.
+    pub fn expire(&mut self, now: Instant) -> Vec<(Item, String)> {
         let mut gone = Vec::new();
         for (it, slot) in self.items.iter_mut() {
-            if let ItemState::Leased { lease, deadline } = &slot.state {
-                if *deadline <= now {
-                    gone.push(lease.clone());
+            if let ItemState::Leased {
+                lease,
+                deadline,
+                until,
+                ..
+            } = &slot.state
+            {
+                if *deadline <= now || *until <= now {
+                    gone.push((*it, lease.clone()));
                     slot.state = ItemState::Queued;
                     self.queue.push_back(*it);
                     self.status.retries += 1;
@@ -276,10 +359,21 @@ impl JobState {
         }
     }
 
-    /// A task failed under `lease`: retried while attempts remain and the error allows it.
-    pub fn fail_task(&mut self, it: Item, lease: &str, retryable: bool, error: &str) -> TaskFailed {
-        if !self.holds(it, lease) {
-            return TaskFailed::Ignored;
+    /// A task failed under `lease`, held by `worker`: retried while attempts remain and the
+    /// error allows it. (A result refused by `check_result` fails its task this way too, as
+    /// retryable: a worker that keeps sending bad results uses up the task's attempts.)
+    pub fn fail_task(
+        &mut self,
+        it: Item,
+        lease: &str,
+        worker: &str,
+        retryable: bool,
+        error: &str,
+    ) -> TaskFailed {
+        match self.holder(it, lease, worker) {
+            Holder::Held => {}
+            Holder::NotHeld => return TaskFailed::Ignored,
+            Holder::OtherWorker => return TaskFailed::OtherWorker,
         }
         let Some(slot) = self.items.get_mut(&it) else {
             return TaskFailed::Ignored;
@@ -294,6 +388,112 @@ impl JobState {
         } else {
             TaskFailed::Fatal(error.to_string())
         }
+    }
+
+    /// Checks a reported result of task `it` against the plan: a write task's receipt names
+    /// the task's part and exactly its byte length; a statistics task carries statistics and
+    /// no receipt. `multipart`: the output is written in numbered parts (a local file's
+    /// positioned writes carry no part number). `Err` says what was wrong (the result is
+    /// refused and the task runs again).
+    pub fn check_result(
+        &self,
+        it: Item,
+        result: &pb::TaskResult,
+        multipart: bool,
+    ) -> std::result::Result<(), String> {
+        match it {
+            Item::Write(i) => {
+                let Some(t) = self.cut.tasks.get(i) else {
+                    return Err(format!("write task {i} is not in the plan"));
+                };
+                let file = self.plan.files.get(t.file).map_or("?", |f| f.name.as_str());
+                let Some(p) = &result.part else {
+                    return Err(format!(
+                        "write task {i} ({file} bytes {}..{}): the result has no part receipt",
+                        t.offset,
+                        t.offset + t.length
+                    ));
+                };
+                if multipart && p.part_index != t.part_index {
+                    return Err(format!(
+                        "write task {i} ({file}): the receipt names part {}, the plan part {}",
+                        p.part_index, t.part_index
+                    ));
+                }
+                if p.size != t.length || result.bytes_written != t.length {
+                    return Err(format!(
+                        "write task {i} ({file} part {}): the result reports {} bytes (receipt) \
+                         and {} bytes (written), the plan {} bytes",
+                        t.part_index, p.size, result.bytes_written, t.length
+                    ));
+                }
+                if result.stats.is_some() {
+                    return Err(format!(
+                        "write task {i} ({file}): the result carries statistics"
+                    ));
+                }
+            }
+            Item::Stats { unit, range } => {
+                let Some(u) = self.cut.units.get(unit) else {
+                    return Err(format!("statistics unit {unit} is not in the plan"));
+                };
+                let tensor = self
+                    .plan
+                    .tensors
+                    .get(u.tensor)
+                    .map_or("?", |t| t.name.as_str());
+                if result.stats.is_none() {
+                    return Err(format!(
+                        "statistics task of tensor {tensor} (range {range}): the result carries \
+                         no statistics"
+                    ));
+                }
+                if result.part.is_some() {
+                    return Err(format!(
+                        "statistics task of tensor {tensor} (range {range}): the result carries \
+                         a part receipt"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs every write task of output file `fi` again: what storage holds for it did not
+    /// check out (a part missing or of the wrong size), so its parts are written again.
+    /// Counts an attempt on each; `Err` with a message when one has no attempts left (the
+    /// job fails).
+    pub fn reopen_file(&mut self, fi: usize) -> std::result::Result<(), String> {
+        let tasks: Vec<usize> = (0..self.cut.tasks.len())
+            .filter(|&i| self.cut.tasks[i].file == fi)
+            .collect();
+        for &i in &tasks {
+            let attempts = self.items.get(&Item::Write(i)).map_or(0, |s| s.attempts);
+            if attempts >= MAX_ATTEMPTS {
+                return Err(format!(
+                    "output file {} did not check out in storage after {MAX_ATTEMPTS} attempts",
+                    self.plan.files.get(fi).map_or("?", |f| f.name.as_str())
+                ));
+            }
+        }
+        for i in tasks {
+            let t = &self.cut.tasks[i];
+            let was_done = matches!(
+                self.items.get(&Item::Write(i)).map(|s| &s.state),
+                Some(ItemState::Done)
+            );
+            if was_done {
+                self.status.tasks_done = self.status.tasks_done.saturating_sub(1);
+                self.status.bytes_done = self.status.bytes_done.saturating_sub(t.length);
+                self.file_remaining[t.file] += 1;
+                if let Some(r) = self.receipts[t.file].get_mut(t.part_index as usize) {
+                    *r = None;
+                }
+                self.set_queued(Item::Write(i));
+                self.status.retries += 1;
+            }
+        }
+        Ok(())
     }
 
     /// Accepts the result of task `it` if it is pending (leased, or queued again after its lease

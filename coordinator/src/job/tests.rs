@@ -6,7 +6,8 @@ use shardmerge_proto as pb;
 use shardmerge_worker::format::safetensors::FileLayout;
 use shardmerge_worker::kernels::{Reduced, Stats};
 
-use super::state::{JobState, Recorded, TaskFailed, MAX_ATTEMPTS};
+use super::lease::LeaseRules;
+use super::state::{Holder, JobState, Recorded, Renewal, TaskFailed, MAX_ATTEMPTS};
 use crate::cut::{Cut, StatsUnit, TaskDef};
 use crate::error::Result;
 use crate::journal::Item;
@@ -14,6 +15,13 @@ use crate::plan::{OutFile, Plan};
 use crate::recipe::Recipe;
 
 const TTL: Duration = Duration::from_secs(10);
+const MAX_TIME: Duration = Duration::from_secs(60);
+const RULES: LeaseRules = LeaseRules {
+    ttl: TTL,
+    max_task_time: MAX_TIME,
+};
+/// The worker that polls in these tests.
+const W: &str = "w0/0";
 
 /// Two output files. Tensor 1 is a statistics unit of two ranges and two passes; file 0 has
 /// write task 0 (ready) and write task 1 (waits for the unit); file 1 has write task 2.
@@ -106,6 +114,7 @@ fn write_result(part: u32) -> pb::TaskResult {
             etag: format!("etag-{part}"),
             size: 8,
         }),
+        bytes_written: 8,
         ..Default::default()
     }
 }
@@ -121,13 +130,13 @@ const S1: Item = Item::Stats { unit: 0, range: 1 };
 fn a_new_job_queues_what_is_ready_and_blocks_what_waits() {
     let mut j = job();
     let now = Instant::now();
-    let g = j.lease_next(10, now, TTL);
+    let g = j.lease_next(10, W, now, RULES);
     assert_eq!(items(&g), [S0, S1, Item::Write(0), Item::Write(2)]);
     assert!(g.iter().all(|g| g.attempt == 1));
     assert_eq!(j.leases_active(), 4);
     assert_eq!(j.status.tasks_total, 5);
     assert!(
-        j.lease_next(10, now, TTL).is_empty(),
+        j.lease_next(10, W, now, RULES).is_empty(),
         "task 1 waits for its statistics"
     );
 }
@@ -136,23 +145,27 @@ fn a_new_job_queues_what_is_ready_and_blocks_what_waits() {
 fn an_expired_lease_is_queued_again_under_a_new_lease() {
     let mut j = job();
     let now = Instant::now();
-    let first = j.lease_next(1, now, TTL);
+    let first = j.lease_next(1, W, now, RULES);
     assert!(j.expire(now + TTL - Duration::from_millis(1)).is_empty());
-    assert!(j.renew(S0, &first[0].lease, now + Duration::from_secs(5), TTL));
+    assert_eq!(
+        j.renew(S0, &first[0].lease, W, now + Duration::from_secs(5), TTL),
+        Renewal::Renewed
+    );
     // renewed at +5 s: not expired at +10 s, expired at +15 s
     assert!(j.expire(now + TTL).is_empty());
     assert_eq!(
         j.expire(now + TTL + Duration::from_secs(5)),
-        [first[0].lease.clone()]
+        [(S0, first[0].lease.clone())]
     );
     assert_eq!(j.status.retries, 1);
     assert!(!j.holds(S0, &first[0].lease));
-    assert!(
-        !j.renew(S0, &first[0].lease, now, TTL),
+    assert_eq!(
+        j.renew(S0, &first[0].lease, W, now, TTL),
+        Renewal::NotHeld,
         "an expired lease cannot be renewed"
     );
     // S0 went to the back of the queue
-    let again = j.lease_next(10, now + TTL * 2, TTL);
+    let again = j.lease_next(10, W, now + TTL * 2, RULES);
     assert_eq!(items(&again), [S1, Item::Write(0), Item::Write(2), S0]);
     let s0 = &again[3];
     assert_eq!(s0.attempt, 2);
@@ -164,8 +177,8 @@ fn an_expired_lease_is_queued_again_under_a_new_lease() {
 fn a_late_result_after_expiry_stands_and_the_task_is_not_run_again() {
     let mut j = job();
     let now = Instant::now();
-    j.lease_next(3, now, TTL);
-    let w0 = j.lease_next(1, now, TTL);
+    j.lease_next(3, W, now, RULES);
+    let w0 = j.lease_next(1, W, now, RULES);
     assert_eq!(items(&w0), [Item::Write(2)]);
     assert_eq!(j.expire(now + TTL).len(), 4);
     assert_eq!(
@@ -174,7 +187,7 @@ fn a_late_result_after_expiry_stands_and_the_task_is_not_run_again() {
     );
     assert_eq!(j.receipts_of(1).len(), 1);
     // (expired leases are queued in no particular order)
-    let again = items(&j.lease_next(10, now + TTL, TTL));
+    let again = items(&j.lease_next(10, W, now + TTL, RULES));
     assert_eq!(again.len(), 3, "{again:?}");
     assert!(!again.contains(&Item::Write(2)), "task 2 is done");
 }
@@ -182,7 +195,7 @@ fn a_late_result_after_expiry_stands_and_the_task_is_not_run_again() {
 #[test]
 fn a_duplicate_completion_is_ignored() {
     let mut j = job();
-    let g = j.lease_next(4, Instant::now(), TTL);
+    let g = j.lease_next(4, W, Instant::now(), RULES);
     assert_eq!(g[2].item, Item::Write(0));
     assert_eq!(
         j.record(Item::Write(0), write_result(0)).ok(),
@@ -210,11 +223,11 @@ fn a_duplicate_completion_is_ignored() {
 fn statistics_passes_run_in_order_before_the_writes_that_wait() {
     let mut j = job();
     let now = Instant::now();
-    j.lease_next(10, now, TTL);
+    j.lease_next(10, W, now, RULES);
     assert_eq!(j.task_key(S0), "s0.0.0");
     assert_eq!(j.record(S1, stats_result(2)).ok(), Some(Recorded::Accepted));
     assert!(
-        j.lease_next(10, now, TTL).is_empty(),
+        j.lease_next(10, W, now, RULES).is_empty(),
         "pass 1 waits for all of pass 0"
     );
     assert_eq!(j.unit_pass(0), 0);
@@ -224,12 +237,12 @@ fn statistics_passes_run_in_order_before_the_writes_that_wait() {
     assert_eq!(j.unit_stats(1).map(|s| s.counts.clone()), Some(vec![5]));
     assert_eq!(j.unit_stats(0), None, "tensor 0 has no unit");
     assert_eq!(j.status.tasks_total, 7);
-    let pass1 = j.lease_next(10, now, TTL);
+    let pass1 = j.lease_next(10, W, now, RULES);
     assert_eq!(items(&pass1), [S0, S1]);
     assert_eq!(j.task_key(S1), "s0.1.1");
     assert_eq!(j.record(S0, stats_result(1)).ok(), Some(Recorded::Accepted));
     assert!(
-        j.lease_next(10, now, TTL).is_empty(),
+        j.lease_next(10, W, now, RULES).is_empty(),
         "task 1 waits for pass 1"
     );
     assert_eq!(j.record(S1, stats_result(1)).ok(), Some(Recorded::Accepted));
@@ -238,20 +251,20 @@ fn statistics_passes_run_in_order_before_the_writes_that_wait() {
         j.unit_stats(1).map(|s| s.counts.clone()),
         Some(vec![5, 102])
     );
-    assert_eq!(items(&j.lease_next(10, now, TTL)), [Item::Write(1)]);
+    assert_eq!(items(&j.lease_next(10, W, now, RULES)), [Item::Write(1)]);
 }
 
 #[test]
 fn cancel_mid_pass_stops_handing_out_and_ignores_results() {
     let mut j = job();
     let now = Instant::now();
-    let g = j.lease_next(2, now, TTL);
+    let g = j.lease_next(2, W, now, RULES);
     assert_eq!(j.record(S0, stats_result(1)).ok(), Some(Recorded::Accepted));
     assert!(j.end(pb::JobState::Cancelled, "cancelled"));
     assert_eq!(j.status.state, pb::JobState::Cancelled as i32);
     assert_eq!(j.status.error, "cancelled");
-    assert!(j.lease_next(10, now, TTL).is_empty());
-    assert!(!j.renew(S1, &g[1].lease, now, TTL));
+    assert!(j.lease_next(10, W, now, RULES).is_empty());
+    assert_eq!(j.renew(S1, &g[1].lease, W, now, TTL), Renewal::NotHeld);
     assert_eq!(j.record(S1, stats_result(1)).ok(), Some(Recorded::Ignored));
     assert_eq!(j.unit_pass(0), 0, "the pass was not folded");
     assert!(
@@ -265,15 +278,15 @@ fn cancel_mid_pass_stops_handing_out_and_ignores_results() {
 fn a_committing_job_refuses_cancel_but_not_failure() {
     let mut j = job();
     let now = Instant::now();
-    j.lease_next(10, now, TTL);
+    j.lease_next(10, W, now, RULES);
     for it in [S0, S1] {
         j.record(it, stats_result(1)).expect("pass 0");
     }
-    j.lease_next(10, now, TTL);
+    j.lease_next(10, W, now, RULES);
     for it in [S0, S1] {
         j.record(it, stats_result(1)).expect("pass 1");
     }
-    j.lease_next(10, now, TTL);
+    j.lease_next(10, W, now, RULES);
     let mut files = Vec::new();
     for (i, part) in [(0, 0), (1, 1), (2, 0)] {
         if let Ok(Recorded::FileComplete(f)) = j.record(Item::Write(i), write_result(part)) {
@@ -293,32 +306,32 @@ fn a_committing_job_refuses_cancel_but_not_failure() {
 fn a_failed_task_is_retried_until_its_attempts_run_out() {
     let mut j = job();
     let now = Instant::now();
-    let all = j.lease_next(10, now, TTL);
+    let all = j.lease_next(10, W, now, RULES);
     assert_eq!(items(&all), [S0, S1, Item::Write(0), Item::Write(2)]);
     let (mut lease, w2) = (all[2].clone(), all[3].clone());
     assert_eq!(
-        j.fail_task(Item::Write(0), "not-the-lease", true, "x"),
+        j.fail_task(Item::Write(0), "not-the-lease", W, true, "x"),
         TaskFailed::Ignored
     );
     for attempt in 1..MAX_ATTEMPTS {
         assert_eq!(
-            j.fail_task(Item::Write(0), &lease.lease, true, "read timed out"),
+            j.fail_task(Item::Write(0), &lease.lease, W, true, "read timed out"),
             TaskFailed::Retried(attempt)
         );
         lease = j
-            .lease_next(10, now, TTL)
+            .lease_next(10, W, now, RULES)
             .into_iter()
             .find(|g| g.item == Item::Write(0))
             .expect("queued again");
     }
     assert_eq!(
-        j.fail_task(Item::Write(0), &lease.lease, true, "read timed out"),
+        j.fail_task(Item::Write(0), &lease.lease, W, true, "read timed out"),
         TaskFailed::Fatal(format!(
             "read timed out (gave up after {MAX_ATTEMPTS} attempts)"
         ))
     );
     assert_eq!(
-        j.fail_task(Item::Write(2), &w2.lease, false, "bad dtype"),
+        j.fail_task(Item::Write(2), &w2.lease, W, false, "bad dtype"),
         TaskFailed::Fatal("bad dtype".into())
     );
 }
@@ -333,10 +346,10 @@ fn a_job_resumes_from_its_replayed_records() {
         records.push((j.task_key(it), r.clone()));
         j.record(it, r).expect("record")
     };
-    first.lease_next(10, now, TTL);
+    first.lease_next(10, W, now, RULES);
     accept(&mut first, S0, stats_result(2));
     accept(&mut first, S1, stats_result(3));
-    first.lease_next(10, now, TTL);
+    first.lease_next(10, W, now, RULES);
     accept(&mut first, S1, stats_result(7));
     assert_eq!(
         accept(&mut first, Item::Write(2), write_result(0)),
@@ -358,11 +371,206 @@ fn a_job_resumes_from_its_replayed_records() {
     );
     // what is left to run: pass 1 range 0 (its queue entry of pass 0 is reused), and task 0;
     // task 1 still waits
-    let left = resumed.lease_next(10, now, TTL);
+    let left = resumed.lease_next(10, W, now, RULES);
     assert_eq!(items(&left), [S0, Item::Write(0)]);
     assert_eq!(
         resumed.record(S0, stats_result(1)).ok(),
         Some(Recorded::Accepted)
     );
-    assert_eq!(items(&resumed.lease_next(10, now, TTL)), [Item::Write(1)]);
+    assert_eq!(
+        items(&resumed.lease_next(10, W, now, RULES)),
+        [Item::Write(1)]
+    );
+}
+
+#[test]
+fn lease_ids_are_random_128_bit_hex_and_never_repeat() {
+    let mut j = job();
+    let now = Instant::now();
+    let g = j.lease_next(10, W, now, RULES);
+    let mut seen = std::collections::HashSet::new();
+    for l in &g {
+        assert_eq!(l.lease.len(), 32, "{}", l.lease);
+        assert!(
+            l.lease.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{}",
+            l.lease
+        );
+        assert!(!l.lease.contains(&j.id), "the id says nothing of the job");
+        assert!(seen.insert(l.lease.clone()));
+    }
+    // a task leased again gets an unrelated id
+    j.expire(now + TTL);
+    for l in j.lease_next(10, W, now + TTL, RULES) {
+        assert!(seen.insert(l.lease.clone()), "lease id reused");
+    }
+}
+
+#[test]
+fn a_lease_used_by_another_worker_is_refused_and_stays_with_its_holder() {
+    let mut j = job();
+    let now = Instant::now();
+    let g = j.lease_next(4, W, now, RULES);
+    let w0 = g.iter().find(|g| g.item == Item::Write(0)).expect("task 0");
+    assert_eq!(j.holder(Item::Write(0), &w0.lease, W), Holder::Held);
+    assert_eq!(
+        j.holder(Item::Write(0), &w0.lease, "evil"),
+        Holder::OtherWorker
+    );
+    assert_eq!(j.holder(Item::Write(0), "guess", W), Holder::NotHeld);
+    assert_eq!(
+        j.renew(Item::Write(0), &w0.lease, "evil", now, TTL),
+        Renewal::OtherWorker
+    );
+    assert_eq!(
+        j.fail_task(Item::Write(0), &w0.lease, "evil", false, "x"),
+        TaskFailed::OtherWorker
+    );
+    assert_eq!(j.status.state, pb::JobState::Running as i32);
+    // the holder still holds it, renews it, and completes it
+    assert_eq!(
+        j.renew(
+            Item::Write(0),
+            &w0.lease,
+            W,
+            now + Duration::from_secs(5),
+            TTL
+        ),
+        Renewal::Renewed
+    );
+    let expired = j.expire(now + TTL);
+    assert!(
+        !expired.iter().any(|(it, _)| *it == Item::Write(0)),
+        "renewed by its holder"
+    );
+    assert_eq!(
+        j.check_result(Item::Write(0), &write_result(0), true),
+        Ok(())
+    );
+}
+
+#[test]
+fn a_task_past_its_maximum_run_time_is_not_renewed_and_expires() {
+    let mut j = job();
+    let now = Instant::now();
+    let rules = LeaseRules {
+        ttl: TTL,
+        max_task_time: Duration::from_secs(25),
+    };
+    let g = j.lease_next(1, W, now, rules);
+    let l = &g[0].lease;
+    // renewed every 8 s: the deadline never reaches past the 25 s run time
+    for t in [8, 16, 24] {
+        let at = now + Duration::from_secs(t);
+        assert_eq!(j.renew(S0, l, W, at, TTL), Renewal::Renewed, "at {t} s");
+        assert!(j.expire(at).is_empty());
+    }
+    let at = now + Duration::from_secs(25);
+    assert_eq!(j.renew(S0, l, W, at, TTL), Renewal::OverTime);
+    assert_eq!(
+        j.expire(at),
+        [(S0, l.clone())],
+        "expired at its maximum run time"
+    );
+    assert_eq!(j.renew(S0, l, W, at, TTL), Renewal::NotHeld);
+    let again = j.lease_next(10, "w1/0", at, rules);
+    assert_eq!(again[again.len() - 1].item, S0, "runs again elsewhere");
+    assert_eq!(again[again.len() - 1].attempt, 2);
+}
+
+#[test]
+fn a_result_that_does_not_match_the_plan_is_refused() {
+    let mut j = job();
+    let now = Instant::now();
+    let g = j.lease_next(4, W, now, RULES);
+    let bad = |f: &dyn Fn(&mut pb::TaskResult)| {
+        let mut r = write_result(0);
+        f(&mut r);
+        r
+    };
+    let checks: Vec<(pb::TaskResult, &str)> = vec![
+        (bad(&|r| r.part = None), "no part receipt"),
+        (
+            bad(&|r| r.part.as_mut().unwrap().part_index = 1),
+            "names part 1, the plan part 0",
+        ),
+        (
+            bad(&|r| r.part.as_mut().unwrap().size = 7),
+            "7 bytes (receipt)",
+        ),
+        (bad(&|r| r.bytes_written = 0), "0 bytes (written)"),
+        (
+            bad(&|r| r.stats = stats_result(1).stats),
+            "carries statistics",
+        ),
+    ];
+    for (r, want) in checks {
+        let e = j.check_result(Item::Write(0), &r, true).expect_err(want);
+        assert!(e.contains(want) && e.contains("a.safetensors"), "{e}");
+    }
+    // a local file's positioned writes carry no part number; their size is still checked
+    let other_part = bad(&|r| r.part.as_mut().unwrap().part_index = 1);
+    assert_eq!(j.check_result(Item::Write(0), &other_part, false), Ok(()));
+    let short = bad(&|r| r.part.as_mut().unwrap().size = 7);
+    assert!(j.check_result(Item::Write(0), &short, false).is_err());
+    assert_eq!(j.check_result(S0, &stats_result(1), true), Ok(()));
+    let e = j
+        .check_result(S0, &pb::TaskResult::default(), true)
+        .expect_err("no stats");
+    assert!(e.contains("no statistics") && e.contains("t1"), "{e}");
+    let both = pb::TaskResult {
+        stats: stats_result(1).stats,
+        ..write_result(0)
+    };
+    let e = j.check_result(S0, &both, true).expect_err("a receipt");
+    assert!(e.contains("part receipt"), "{e}");
+    // refused results count as attempts, as failures do
+    let w0 = g.iter().find(|g| g.item == Item::Write(0)).expect("task 0");
+    let mut lease = w0.lease.clone();
+    for attempt in 1..MAX_ATTEMPTS {
+        assert_eq!(
+            j.fail_task(Item::Write(0), &lease, W, true, "result refused"),
+            TaskFailed::Retried(attempt)
+        );
+        lease = j
+            .lease_next(10, W, now, RULES)
+            .into_iter()
+            .find(|g| g.item == Item::Write(0))
+            .expect("queued again")
+            .lease;
+    }
+    assert!(matches!(
+        j.fail_task(Item::Write(0), &lease, W, true, "result refused"),
+        TaskFailed::Fatal(_)
+    ));
+}
+
+#[test]
+fn a_file_storage_does_not_hold_is_written_again() {
+    let mut j = job();
+    let now = Instant::now();
+    j.lease_next(10, W, now, RULES);
+    assert_eq!(
+        j.record(Item::Write(2), write_result(0)).ok(),
+        Some(Recorded::FileComplete(1))
+    );
+    assert_eq!((j.status.tasks_done, j.status.bytes_done), (1, 8));
+    assert_eq!(j.reopen_file(1), Ok(()));
+    assert_eq!((j.status.tasks_done, j.status.bytes_done), (0, 0));
+    assert!(j.receipts_of(1).is_empty());
+    let again = j.lease_next(10, W, now, RULES);
+    assert_eq!(items(&again), [Item::Write(2)]);
+    assert_eq!(again[0].attempt, 2);
+    assert_eq!(
+        j.record(Item::Write(2), write_result(0)).ok(),
+        Some(Recorded::FileComplete(1))
+    );
+    // until its attempts run out
+    for _ in 2..MAX_ATTEMPTS {
+        j.reopen_file(1).expect("attempts left");
+        j.lease_next(10, W, now, RULES);
+        j.record(Item::Write(2), write_result(0)).expect("record");
+    }
+    let e = j.reopen_file(1).expect_err("no attempts left");
+    assert!(e.contains("b.safetensors"), "{e}");
 }

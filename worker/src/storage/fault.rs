@@ -168,6 +168,9 @@ impl Storage for FaultyStorage {
             .write_part(upload, part_index, offset, data)
             .await
     }
+    async fn check_upload(&self, upload: &Upload, parts: &[Receipt], size: u64) -> SResult<()> {
+        self.inner.check_upload(upload, parts, size).await
+    }
     async fn finish_upload(&self, upload: &Upload, parts: &[Receipt]) -> SResult<()> {
         if self.finishes.fetch_add(1, Ordering::SeqCst) == 0 && self.plan.delay_first_finish_ms > 0
         {

@@ -239,6 +239,35 @@ impl Storage for LocalStorage {
         .await
     }
 
+    /// The temporary file still has the length it was begun with (positioned writes past it
+    /// would have grown it; a truncation would have shrunk it), and every part's receipt fits
+    /// inside it.
+    async fn check_upload(&self, upload: &Upload, parts: &[Receipt], size: u64) -> SResult<()> {
+        let written: u64 = parts.iter().map(|p| p.size).sum();
+        if written > size {
+            return Err(StorageError::new(
+                format!(
+                    "{}: its parts' receipts add up to {written} bytes, more than the file's \
+                     {size}",
+                    upload.path
+                ),
+                false,
+            ));
+        }
+        let len = self.size(&upload.id).await?;
+        if len != size {
+            return Err(StorageError::new(
+                format!(
+                    "{}: holds {len} bytes where {size} were planned (changed by something \
+                     other than this job's workers?); submit the job again",
+                    upload.id
+                ),
+                false,
+            ));
+        }
+        Ok(())
+    }
+
     async fn finish_upload(&self, upload: &Upload, _parts: &[Receipt]) -> SResult<()> {
         let up = upload.clone();
         blocking(move || {

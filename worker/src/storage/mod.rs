@@ -117,6 +117,13 @@ pub trait Storage: Send + Sync + fmt::Debug {
         offset: u64,
         data: Bytes,
     ) -> SResult<Receipt>;
+    /// Checks, before the file is completed, that storage holds what `parts` say was written
+    /// for an output file of `size` bytes: each part at its size where the backend can list
+    /// an upload's parts, the written length for a local file. By default (a backend that can
+    /// do neither) it checks nothing; the caller then checks the completed file's size.
+    async fn check_upload(&self, _upload: &Upload, _parts: &[Receipt], _size: u64) -> SResult<()> {
+        Ok(())
+    }
     /// Makes the file visible under its final path; `parts` in ascending part order.
     async fn finish_upload(&self, upload: &Upload, parts: &[Receipt]) -> SResult<()>;
     async fn abort_upload(&self, upload: &Upload) -> SResult<()>;

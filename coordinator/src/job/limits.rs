@@ -1,0 +1,120 @@
+//! What one coordinator holds at most: lease rules (a task's maximum run time, the slots one
+//! worker may hold), jobs kept in memory, how long an ended job stays there, and the size of
+//! a submitted recipe. Ended jobs past their retention leave memory for `history` (their final
+//! status only; the journal keeps it across restarts).
+
+use std::time::{Duration, Instant};
+
+use super::{lock, JobManager};
+use crate::error::{Error, Result};
+
+pub const DEFAULT_MAX_TASK_TIME: Duration = Duration::from_secs(3600);
+pub const DEFAULT_MAX_SLOTS_PER_WORKER: u32 = 64;
+pub const DEFAULT_JOB_RETENTION: Duration = Duration::from_secs(3600);
+pub const DEFAULT_MAX_JOBS: usize = 100;
+pub const DEFAULT_MAX_RECIPE_BYTES: u64 = 1 << 20;
+
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// How long a task may run under one lease, renewals included.
+    pub max_task_time: Duration,
+    /// Leases one worker id may hold at once (and so get from one poll).
+    pub max_slots_per_worker: u32,
+    /// How long an ended job stays in memory with its plan.
+    pub job_retention: Duration,
+    /// Jobs held in memory at once; submissions past it are refused.
+    pub max_jobs: usize,
+    /// Largest recipe a submission may carry.
+    pub max_recipe_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_task_time: DEFAULT_MAX_TASK_TIME,
+            max_slots_per_worker: DEFAULT_MAX_SLOTS_PER_WORKER,
+            job_retention: DEFAULT_JOB_RETENTION,
+            max_jobs: DEFAULT_MAX_JOBS,
+            max_recipe_bytes: DEFAULT_MAX_RECIPE_BYTES,
+        }
+    }
+}
+
+impl JobManager {
+    pub fn set_limits(&self, limits: Limits) {
+        *lock(&self.limits) = limits;
+    }
+
+    pub fn limits(&self) -> Limits {
+        *lock(&self.limits)
+    }
+
+    /// Whether a new job of `recipe_bytes` may be submitted now: its recipe is within
+    /// `max_recipe_bytes`, and fewer than `max_jobs` jobs are held (ended jobs are dropped
+    /// first, oldest first, retention or not, to make room).
+    pub fn admit(&self, recipe_bytes: usize) -> Result<()> {
+        let l = self.limits();
+        if recipe_bytes as u64 > l.max_recipe_bytes {
+            return Err(Error::Exhausted(format!(
+                "the recipe is {recipe_bytes} bytes; this coordinator takes at most {} \
+                 (--max-recipe-bytes)",
+                l.max_recipe_bytes
+            )));
+        }
+        let now = Instant::now();
+        self.sweep(now);
+        let mut jobs = lock(&self.jobs);
+        if jobs.len() < l.max_jobs {
+            return Ok(());
+        }
+        let mut ended: Vec<(Instant, String)> = jobs
+            .iter()
+            .filter(|(_, j)| j.state.terminal())
+            .map(|(id, j)| (j.ended.unwrap_or(now), id.clone()))
+            .collect();
+        ended.sort();
+        let excess = jobs.len() + 1 - l.max_jobs;
+        let mut history = lock(&self.history);
+        for (_, id) in ended.into_iter().take(excess) {
+            if let Some(j) = jobs.remove(&id) {
+                history.insert(id, j.state.status.clone());
+            }
+        }
+        if jobs.len() < l.max_jobs {
+            return Ok(());
+        }
+        Err(Error::Exhausted(format!(
+            "this coordinator already runs {} jobs (--max-jobs {}); wait for one to end, or \
+             cancel one",
+            jobs.len(),
+            l.max_jobs
+        )))
+    }
+
+    /// Notes when each job ended, and moves the ones ended longer than the retention ago out
+    /// of memory into `history` (their status only).
+    pub(super) fn sweep(&self, now: Instant) {
+        let retention = self.limits().job_retention;
+        let mut jobs = lock(&self.jobs);
+        let mut gone = Vec::new();
+        for (id, j) in jobs.iter_mut() {
+            if !j.state.terminal() {
+                continue;
+            }
+            let ended = *j.ended.get_or_insert(now);
+            if now.duration_since(ended) >= retention {
+                gone.push(id.clone());
+            }
+        }
+        if gone.is_empty() {
+            return;
+        }
+        let mut history = lock(&self.history);
+        for id in gone {
+            if let Some(j) = jobs.remove(&id) {
+                tracing::debug!(job = %id, "ended job dropped from memory (its status stays)");
+                history.insert(id, j.state.status.clone());
+            }
+        }
+    }
+}
