@@ -574,3 +574,127 @@ fn a_file_storage_does_not_hold_is_written_again() {
     let e = j.reopen_file(1).expect_err("no attempts left");
     assert!(e.contains("b.safetensors"), "{e}");
 }
+
+/// A job manager holding `ids` (the made-up job, writing nowhere) under `limits`.
+fn manager(ids: &[&str], limits: super::Limits) -> std::sync::Arc<super::JobManager> {
+    let mgr = super::JobManager::new(shardmerge_worker::storage::Resolver::new());
+    mgr.set_limits(limits);
+    let out = mgr
+        .resolver()
+        .resolve("/nonexistent/out", std::path::Path::new("/"))
+        .expect("location");
+    for id in ids {
+        let (plan, cut) = plan_and_cut();
+        let st = JobState::new(id.to_string(), plan, cut, out.uri(), fake_reduce);
+        let uploads: Vec<_> = st
+            .plan
+            .files
+            .iter()
+            .map(|f| shardmerge_worker::storage::Upload {
+                path: out.join(&f.name).path,
+                id: "tmp".into(),
+            })
+            .collect();
+        let job = super::Job::new(st, out.clone(), uploads);
+        super::lock(&mgr.jobs).insert(id.to_string(), job);
+    }
+    mgr
+}
+
+fn end(mgr: &super::JobManager, id: &str) {
+    let mut jobs = super::lock(&mgr.jobs);
+    let j = jobs.get_mut(id).expect("job");
+    assert!(j.state.end(pb::JobState::Failed, "it failed"));
+}
+
+#[test]
+fn ended_jobs_leave_memory_after_their_retention_and_status_still_answers() {
+    let retention = Duration::from_secs(60);
+    let mgr = manager(
+        &["a", "b"],
+        super::Limits {
+            job_retention: retention,
+            ..Default::default()
+        },
+    );
+    let now = Instant::now();
+    end(&mgr, "a");
+    mgr.sweep(now);
+    assert_eq!(super::lock(&mgr.jobs).len(), 2, "within its retention");
+    mgr.sweep(now + retention);
+    assert!(!super::lock(&mgr.jobs).contains_key("a"), "dropped");
+    assert!(
+        super::lock(&mgr.jobs).contains_key("b"),
+        "running jobs stay"
+    );
+    let st = mgr.status("a").expect("status from history");
+    assert_eq!(st.state, pb::JobState::Failed as i32);
+    assert_eq!(st.error, "it failed");
+    assert_eq!(mgr.list().len(), 2);
+    assert!(mgr.watch("a").is_none());
+}
+
+#[test]
+fn submissions_past_max_jobs_or_max_recipe_bytes_are_refused() {
+    let mgr = manager(
+        &["a", "b"],
+        super::Limits {
+            max_jobs: 2,
+            max_recipe_bytes: 100,
+            ..Default::default()
+        },
+    );
+    let e = mgr.admit(101).expect_err("too large a recipe").to_string();
+    assert!(
+        e.contains("101 bytes") && e.contains("--max-recipe-bytes"),
+        "{e}"
+    );
+    let e = mgr.admit(10).expect_err("two jobs run").to_string();
+    assert!(e.contains("--max-jobs 2"), "{e}");
+    assert!(matches!(
+        mgr.admit(10),
+        Err(crate::error::Error::Exhausted(_))
+    ));
+    // an ended job makes room, retention or not; it still answers status
+    end(&mgr, "a");
+    mgr.admit(10).expect("room");
+    assert!(!super::lock(&mgr.jobs).contains_key("a"));
+    assert_eq!(
+        mgr.status("a").map(|s| s.state),
+        Some(pb::JobState::Failed as i32)
+    );
+}
+
+#[test]
+fn one_worker_holds_at_most_max_slots_per_worker_leases() {
+    let mgr = manager(
+        &["a"],
+        super::Limits {
+            max_slots_per_worker: 2,
+            ..Default::default()
+        },
+    );
+    let poll = |w: &str, n: u32| {
+        mgr.poll(&pb::PollWorkRequest {
+            worker_id: w.into(),
+            free_slots: n,
+            slot_memory: 0,
+        })
+        .leases
+    };
+    let first = poll("greedy", 100);
+    assert_eq!(first.len(), 2, "one poll is capped");
+    assert!(poll("greedy", 100).is_empty(), "so are the leases held");
+    assert_eq!(poll("other", 100).len(), 2, "another worker gets the rest");
+    // a lease reported done frees a slot of its holder
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    rt.block_on(mgr.fail(&pb::FailTaskRequest {
+        worker_id: "greedy".into(),
+        lease_id: first[0].lease_id.clone(),
+        error: "read timed out".into(),
+        retryable: true,
+    }));
+    assert_eq!(poll("greedy", 100).len(), 1);
+}
