@@ -477,9 +477,17 @@ fn spawn_coordinator(
     } else {
         format!("coordinator.{restart}.log")
     };
+    // jobs may use any path unless the test says otherwise (the coordinator's own default
+    // refuses every job without --allow)
+    let policy: &[&str] = if args.iter().any(|a| a.starts_with("--allow")) {
+        &[]
+    } else {
+        &["--allow-any"]
+    };
     cmd.args(["coordinator", "--listen", &format!("127.0.0.1:{port}")])
         .args(["--lease-ttl", &lease_ttl.to_string()])
         .args(args)
+        .args(policy)
         .envs(env.iter().cloned())
         .env("RUST_LOG", "shardmerge=info,warn")
         .stdout(Stdio::null())
