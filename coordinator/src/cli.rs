@@ -47,6 +47,18 @@ struct EngineArgs {
     /// with the same seed) or counter (a hash per element; no stream jumps)
     #[arg(long, value_enum, default_value_t = RngArg::Mergekit)]
     rng: RngArg,
+    #[command(flatten)]
+    merge: MergeArgs,
+}
+
+/// Options that change what a merge computes (run, plan and submit).
+#[derive(clap::Args, Clone, Copy, Debug, Default)]
+struct MergeArgs {
+    /// Merge models whose vocabularies differ in size by keeping only the embedding rows all
+    /// of them have (rows past the smallest vocabulary are dropped; without this such a
+    /// merge is refused)
+    #[arg(long)]
+    unsafe_truncate_embeddings: bool,
 }
 
 /// `--rng`: see `pb::Rng`.
@@ -80,6 +92,7 @@ impl EngineArgs {
             seed: self.random_seed,
             rng: self.rng.proto(),
             base_dir: embedded::cwd(),
+            unsafe_truncate_embeddings: self.merge.unsafe_truncate_embeddings,
             ..Default::default()
         }
     }
@@ -171,6 +184,8 @@ enum Cmd {
         /// Random draws of DARE/DELLA (see `run --help`)
         #[arg(long, value_enum, default_value_t = RngArg::Mergekit)]
         rng: RngArg,
+        #[command(flatten)]
+        merge: MergeArgs,
         /// No progress output
         #[arg(long, short)]
         quiet: bool,
@@ -308,6 +323,7 @@ async fn main_inner(cli: Cli) -> Result<()> {
             memory_limit,
             random_seed,
             rng,
+            merge,
             quiet,
         } => {
             let text = read_recipe(&recipe)?;
@@ -323,6 +339,7 @@ async fn main_inner(cli: Cli) -> Result<()> {
                     base_dir: embedded::cwd().to_string_lossy().into_owned(),
                     min_part_size: 0,
                     rng: rng.proto() as i32,
+                    unsafe_truncate_embeddings: merge.unsafe_truncate_embeddings,
                 },
                 wait,
                 quiet,

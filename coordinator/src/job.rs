@@ -290,6 +290,8 @@ pub struct SubmitOptions {
     pub lease_ttl: Duration,
     /// Refuse to write into a folder that already holds a checkpoint.
     pub overwrite: bool,
+    /// Merge embeddings of different vocabulary sizes by cropping them (`--unsafe-truncate-embeddings`).
+    pub unsafe_truncate_embeddings: bool,
 }
 
 impl Default for SubmitOptions {
@@ -303,6 +305,7 @@ impl Default for SubmitOptions {
             base_dir: PathBuf::from("."),
             lease_ttl: Duration::from_secs(30),
             overwrite: true,
+            unsafe_truncate_embeddings: false,
         }
     }
 }
@@ -318,6 +321,7 @@ impl SubmitOptions {
             base_dir: self.base_dir.to_string_lossy().into_owned(),
             min_part_size: 0,
             rng: self.rng as i32,
+            unsafe_truncate_embeddings: self.unsafe_truncate_embeddings,
         }
     }
 
@@ -337,6 +341,7 @@ impl SubmitOptions {
                 PathBuf::from(&o.base_dir)
             },
             lease_ttl,
+            unsafe_truncate_embeddings: o.unsafe_truncate_embeddings,
             ..Default::default()
         }
     }
@@ -409,6 +414,7 @@ impl JobManager {
                 out_shard_size: o.out_shard_size,
                 seed: o.seed,
                 rng: o.rng,
+                unsafe_truncate_embeddings: o.unsafe_truncate_embeddings,
             },
         )
         .await?;
