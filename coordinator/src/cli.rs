@@ -59,6 +59,16 @@ struct MergeArgs {
     /// merge is refused)
     #[arg(long)]
     unsafe_truncate_embeddings: bool,
+    /// Compute in float32 and round once, even when the recipe's `dtype` is bfloat16 or
+    /// float16 (by default every operation rounds to that dtype, as in mergekit)
+    #[arg(long, value_enum)]
+    compute_dtype: Option<ComputeDtype>,
+}
+
+/// `--compute-dtype`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum ComputeDtype {
+    Float32,
 }
 
 /// `--rng`: see `pb::Rng`.
@@ -93,6 +103,7 @@ impl EngineArgs {
             rng: self.rng.proto(),
             base_dir: embedded::cwd(),
             unsafe_truncate_embeddings: self.merge.unsafe_truncate_embeddings,
+            compute_float32: self.merge.compute_dtype == Some(ComputeDtype::Float32),
             ..Default::default()
         }
     }
@@ -340,6 +351,7 @@ async fn main_inner(cli: Cli) -> Result<()> {
                     min_part_size: 0,
                     rng: rng.proto() as i32,
                     unsafe_truncate_embeddings: merge.unsafe_truncate_embeddings,
+                    compute_float32: merge.compute_dtype == Some(ComputeDtype::Float32),
                 },
                 wait,
                 quiet,

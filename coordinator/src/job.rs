@@ -292,6 +292,8 @@ pub struct SubmitOptions {
     pub overwrite: bool,
     /// Merge embeddings of different vocabulary sizes by cropping them (`--unsafe-truncate-embeddings`).
     pub unsafe_truncate_embeddings: bool,
+    /// Compute in f32 whatever the recipe's `dtype` (`--compute-dtype float32`).
+    pub compute_float32: bool,
 }
 
 impl Default for SubmitOptions {
@@ -306,6 +308,7 @@ impl Default for SubmitOptions {
             lease_ttl: Duration::from_secs(30),
             overwrite: true,
             unsafe_truncate_embeddings: false,
+            compute_float32: false,
         }
     }
 }
@@ -322,6 +325,7 @@ impl SubmitOptions {
             min_part_size: 0,
             rng: self.rng as i32,
             unsafe_truncate_embeddings: self.unsafe_truncate_embeddings,
+            compute_float32: self.compute_float32,
         }
     }
 
@@ -342,6 +346,7 @@ impl SubmitOptions {
             },
             lease_ttl,
             unsafe_truncate_embeddings: o.unsafe_truncate_embeddings,
+            compute_float32: o.compute_float32,
             ..Default::default()
         }
     }
@@ -415,6 +420,7 @@ impl JobManager {
                 seed: o.seed,
                 rng: o.rng,
                 unsafe_truncate_embeddings: o.unsafe_truncate_embeddings,
+                compute_float32: o.compute_float32,
             },
         )
         .await?;

@@ -235,6 +235,8 @@ pub struct PlanOptions {
     pub rng: pb::Rng,
     /// Merge embeddings of different vocabulary sizes by keeping the rows all of them have.
     pub unsafe_truncate_embeddings: bool,
+    /// Compute in f32 even when the recipe's `dtype` is 16-bit.
+    pub compute_float32: bool,
 }
 
 struct Ctx<'a> {
@@ -246,6 +248,7 @@ struct Ctx<'a> {
     seed: u64,
     rng: pb::Rng,
     truncate_embeddings: bool,
+    compute_float32: bool,
 }
 
 /// Plans a merge.
@@ -315,6 +318,7 @@ pub async fn plan(
         seed,
         rng: opts.rng,
         truncate_embeddings: opts.unsafe_truncate_embeddings,
+        compute_float32: opts.compute_float32,
     };
     let slices = normalize_slices(&cx)?;
     for (i, s) in slices.iter().enumerate() {
@@ -730,6 +734,11 @@ fn plan_tensor(
         seed: cx.seed,
         rng: cx.rng as i32,
         work_dtype,
+        // mergekit's arithmetic: every op rounds to the recipe's 16-bit dtype
+        compute_dtype: match cx.recipe.dtype {
+            Some(d @ (DType::BF16 | DType::F16)) if !cx.compute_float32 => d.to_proto() as i32,
+            _ => 0,
+        },
     };
     let ctx = shardmerge_worker::exec::tensor_ctx(&job).map_err(|e| Error::Input(e.message))?;
     cx.method.check(&ctx).map_err(|e| {
@@ -782,6 +791,7 @@ fn copy_job(
         seed: cx.seed,
         rng: cx.rng as i32,
         work_dtype: 0,
+        compute_dtype: 0,
     })
 }
 

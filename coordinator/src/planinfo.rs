@@ -33,6 +33,7 @@ pub async fn describe(
             seed: o.seed,
             rng: o.rng,
             unsafe_truncate_embeddings: o.unsafe_truncate_embeddings,
+            compute_float32: o.compute_float32,
         },
     )
     .await?;

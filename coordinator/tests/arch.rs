@@ -520,3 +520,54 @@ async fn vocabulary_mismatch_is_refused_unless_truncating() {
         vec![VOCAB, H]
     );
 }
+
+/// With `dtype: bfloat16` every operation rounds to bfloat16, as mergekit's torch code does
+/// (inputs loaded in bf16, each product and the sum rounded); `compute_float32`
+/// (`--compute-dtype float32`) computes in f32 instead.
+#[tokio::test]
+async fn bf16_recipe_dtype_computes_op_by_op() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = json!({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                     "num_hidden_layers": 1});
+    model(&dir.path().join("a"), &cfg, &llama_names(1, true), 1);
+    model(&dir.path().join("b"), &cfg, &llama_names(1, true), 2);
+    let recipe = "merge_method: linear\ndtype: bfloat16\nout_dtype: float32\nmodels:\n- model: a\n  parameters: {weight: 0.3}\n- model: b\n  parameters: {weight: 0.7}\n";
+    let out = merge(dir.path(), recipe).await;
+    let (a, b, o) = (
+        load(&dir.path().join("a")),
+        load(&dir.path().join("b")),
+        load(&out),
+    );
+    let bf = |x: f32| {
+        let mut b = [0u8; 2];
+        dtype::encode(DType::BF16, &[x], &mut b);
+        let mut v = [0f32];
+        dtype::decode(DType::BF16, &b, &mut v);
+        v[0]
+    };
+    let (wa, wb) = (bf(0.3), bf(0.7));
+    for (name, t) in &o {
+        let want: Vec<f32> = a[name]
+            .values
+            .iter()
+            .zip(&b[name].values)
+            .map(|(&x, &y)| bf(bf(bf(wa * bf(x)) + bf(wb * bf(y))) / bf(wa + wb)))
+            .collect();
+        assert_eq!(t.values, want, "{name}");
+    }
+    let f32_out = dir.path().join("f32");
+    run_opts(
+        recipe,
+        &f32_out,
+        1,
+        shardmerge::job::SubmitOptions {
+            base_dir: dir.path().to_path_buf(),
+            compute_float32: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let f = load(&f32_out);
+    assert!(o.iter().any(|(n, t)| t.values != f[n].values));
+}

@@ -86,6 +86,11 @@ pub fn tensor_ctx(job: &pb::TensorJob) -> Result<TensorCtx<'_>, TaskError> {
         },
         rng_offsets: job.inputs.iter().map(|s| s.rng_offset).collect(),
         work_bf16: job.work_dtype == pb::Dtype::Bf16 as i32,
+        work: match pb::Dtype::try_from(job.compute_dtype) {
+            Ok(pb::Dtype::Bf16) => kernels::round::Work::BF16,
+            Ok(pb::Dtype::F16) => kernels::round::Work::F16,
+            _ => kernels::round::Work::F32,
+        },
     })
 }
 
