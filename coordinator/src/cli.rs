@@ -48,6 +48,28 @@ struct EngineArgs {
     /// with the same seed) or counter (a hash per element; no stream jumps)
     #[arg(long, value_enum, default_value_t = RngArg::Mergekit)]
     rng: RngArg,
+    #[command(flatten)]
+    merge: MergeArgs,
+}
+
+/// Options that change what a merge computes (run, plan and submit).
+#[derive(clap::Args, Clone, Copy, Debug, Default)]
+struct MergeArgs {
+    /// Merge models whose vocabularies differ in size by keeping only the embedding rows all
+    /// of them have (rows past the smallest vocabulary are dropped; without this such a
+    /// merge is refused)
+    #[arg(long)]
+    unsafe_truncate_embeddings: bool,
+    /// Compute in float32 and round once, even when the recipe's `dtype` is bfloat16 or
+    /// float16 (by default every operation rounds to that dtype, as in mergekit)
+    #[arg(long, value_enum)]
+    compute_dtype: Option<ComputeDtype>,
+}
+
+/// `--compute-dtype`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum ComputeDtype {
+    Float32,
 }
 
 /// `--rng`: see `pb::Rng`.
@@ -81,6 +103,8 @@ impl EngineArgs {
             seed: self.random_seed,
             rng: self.rng.proto(),
             base_dir: embedded::cwd(),
+            unsafe_truncate_embeddings: self.merge.unsafe_truncate_embeddings,
+            compute_float32: self.merge.compute_dtype == Some(ComputeDtype::Float32),
             ..Default::default()
         }
     }
@@ -261,6 +285,8 @@ enum Cmd {
         /// Random draws of DARE/DELLA (see `run --help`)
         #[arg(long, value_enum, default_value_t = RngArg::Mergekit)]
         rng: RngArg,
+        #[command(flatten)]
+        merge: MergeArgs,
         /// No progress output
         #[arg(long, short)]
         quiet: bool,
@@ -413,6 +439,7 @@ async fn main_inner(cli: Cli) -> Result<()> {
             memory_limit,
             random_seed,
             rng,
+            merge,
             quiet,
             security,
         } => {
@@ -430,6 +457,8 @@ async fn main_inner(cli: Cli) -> Result<()> {
                     base_dir: embedded::cwd().to_string_lossy().into_owned(),
                     min_part_size: 0,
                     rng: rng.proto() as i32,
+                    unsafe_truncate_embeddings: merge.unsafe_truncate_embeddings,
+                    compute_float32: merge.compute_dtype == Some(ComputeDtype::Float32),
                 },
                 wait,
                 quiet,

@@ -2,6 +2,7 @@
 //! the embedded runner. It schedules work and moves receipts; the arithmetic lives in the
 //! worker's kernels.
 
+pub mod arch;
 pub mod auth;
 pub mod cli;
 pub mod commit;

@@ -77,6 +77,7 @@ impl Setup {
                 .map(|i| (i + 1) * 50_000_000_000)
                 .collect(),
             work_bf16: false,
+            work: shardmerge_worker::kernels::round::Work::F32,
         }
     }
 }
