@@ -8,6 +8,7 @@ use std::path::Path;
 use serde_json::Value;
 use shardmerge_proto as pb;
 use shardmerge_worker::format::dtype::DType;
+use shardmerge_worker::format::index as st_index;
 use shardmerge_worker::format::safetensors::{
     self as st, FileLayout, LayoutEntry, StDtype, TensorInfo,
 };
@@ -127,45 +128,25 @@ async fn read_json(loc: &Location) -> Result<Option<Value>> {
     }
 }
 
+/// Reads and checks a model folder's `model.safetensors.index.json`, if it has one.
+async fn read_index(loc: &Location) -> Result<Option<st_index::Index>> {
+    let iloc = loc.join("model.safetensors.index.json");
+    match retry(|| iloc.store.read_all(&iloc.path)).await {
+        Ok(b) => st_index::parse_index(&b)
+            .map(Some)
+            .map_err(|e| Error::Input(format!("{}: {e}", iloc.uri()))),
+        Err(e) if e.not_found => Ok(None),
+        Err(e) => Err(Error::Input(format!("{}: {e}", iloc.uri()))),
+    }
+}
+
 /// Reads a model folder's config, index and headers (never the tensor data).
 pub async fn load_model(resolver: &Resolver, base_dir: &Path, name: &str) -> Result<ModelInfo> {
     let loc = resolver.resolve(name, base_dir)?;
     let config = read_json(&loc.join("config.json")).await?;
-    let index = read_json(&loc.join("model.safetensors.index.json")).await?;
+    let index = read_index(&loc).await?;
     let files: Vec<String> = match &index {
-        Some(idx) => {
-            let wm = idx
-                .get("weight_map")
-                .and_then(Value::as_object)
-                .ok_or_else(|| {
-                    Error::Input(format!(
-                        "{}: model.safetensors.index.json has no weight_map",
-                        loc.uri()
-                    ))
-                })?;
-            let mut f: Vec<String> = wm
-                .values()
-                .map(|v| {
-                    v.as_str().map(str::to_string).ok_or_else(|| {
-                        Error::Input(format!(
-                            "{}: weight_map values must be file names",
-                            loc.uri()
-                        ))
-                    })
-                })
-                .collect::<Result<_>>()?;
-            f.sort();
-            f.dedup();
-            for name in &f {
-                if name.contains('/') || name.contains("..") {
-                    return Err(Error::Input(format!(
-                        "{}: weight_map names a file outside the folder: {name}",
-                        loc.uri()
-                    )));
-                }
-            }
-            f
-        }
+        Some(idx) => idx.files.clone(),
         None => {
             let single = loc.join("model.safetensors");
             if !single.store.exists(&single.path).await? {
@@ -187,21 +168,31 @@ pub async fn load_model(resolver: &Resolver, base_dir: &Path, name: &str) -> Res
         bytes += h.tensors.values().map(|t| t.end - t.start).sum::<u64>();
         let uri = floc.uri();
         for (n, t) in h.tensors {
+            if let Some((other, _)) = tensors.get(&n) {
+                return Err(Error::Input(format!(
+                    "{}: tensor {n} is in two files, {other} and {uri}",
+                    loc.uri()
+                )));
+            }
             tensors.insert(n, (uri.clone(), t));
+        }
+        let max = st::max_tensors();
+        if tensors.len() > max {
+            return Err(Error::Input(format!(
+                "{}: more than {max} tensors in one checkpoint (set SHARDMERGE_MAX_TENSORS to raise the limit)",
+                loc.uri()
+            )));
         }
     }
     if let Some(idx) = &index {
-        if let Some(wm) = idx.get("weight_map").and_then(Value::as_object) {
-            for (tname, file) in wm {
-                let file = file.as_str().unwrap_or_default();
-                match tensors.get(tname) {
-                    Some((uri, _)) if uri.ends_with(&format!("/{file}")) => {}
-                    _ => {
-                        return Err(Error::Input(format!(
-                            "{}: the index puts tensor {tname} in {file}, but that file's header doesn't have it",
-                            loc.uri()
-                        )))
-                    }
+        for (tname, file) in &idx.weight_map {
+            match tensors.get(tname) {
+                Some((uri, _)) if uri.ends_with(&format!("/{file}")) => {}
+                _ => {
+                    return Err(Error::Input(format!(
+                        "{}: the index puts tensor {tname} in {file}, but that file's header doesn't have it",
+                        loc.uri()
+                    )))
                 }
             }
         }
@@ -216,6 +207,14 @@ pub async fn load_model(resolver: &Resolver, base_dir: &Path, name: &str) -> Res
         .config_layers(config.as_ref())
         .unwrap_or(from_names)
         .max(from_names);
+    // every layer is planned (and a config can claim any number): bounded like the tensors
+    if num_layers > st::max_tensors() as u64 {
+        return Err(Error::Input(format!(
+            "{}: config.json claims {num_layers} layers, more than the {} tensors a checkpoint may hold",
+            loc.uri(),
+            st::max_tensors()
+        )));
+    }
     Ok(ModelInfo {
         name: name.to_string(),
         loc,
@@ -341,12 +340,18 @@ pub async fn plan(
     let mut out_layer = 0u64;
     // (model, layer) each output layer comes from: its reference source's
     let mut origins: Vec<(&str, u64)> = Vec::new();
+    // each reference model's layer tensors by layer, found in one pass over its names (a scan
+    // of every name for every layer was quadratic: minutes for 200k tensors)
+    let mut by_layer: HashMap<&str, LayerNames> = HashMap::new();
     for s in &slices {
         let (a, b) = s.sources[0].layer_range.unwrap_or((0, 0));
         let n = b - a;
         let refi = reference_source(&cx, s);
         let rsrc = &s.sources[refi];
         let rmodel = &models[&rsrc.model];
+        let layers = by_layer
+            .entry(rsrc.model.as_str())
+            .or_insert_with(|| layer_names(rmodel, arch));
         for idx in 0..n {
             let t = if n > 1 {
                 idx as f64 / (n - 1) as f64
@@ -354,17 +359,8 @@ pub async fn plan(
                 1.0
             };
             let rlayer = rsrc.layer_range.map_or(0, |r| r.0) + idx;
-            let mut names: Vec<(&str, &str)> = rmodel
-                .tensors
-                .keys()
-                .filter_map(|k| {
-                    arch.split_layer(k)
-                        .filter(|(_, i, _)| *i == rlayer)
-                        .map(|(p, _, s)| (p, s))
-                })
-                .collect();
-            names.sort_by_key(|(_, s)| *s);
-            for (prefix, suffix) in names {
+            let names = layers.get(&rlayer).map(Vec::as_slice).unwrap_or_default();
+            for &(prefix, suffix) in names {
                 let out_name = format!("{prefix}{out_layer}.{suffix}");
                 let ins: Vec<String> = s
                     .sources
@@ -504,6 +500,23 @@ fn layer_config(
         c.insert((*key).into(), Value::Array(out));
     }
     Ok(())
+}
+
+/// A model's layer tensors: layer index → (prefix, suffix) of each name, sorted by suffix.
+type LayerNames<'a> = BTreeMap<u64, Vec<(&'a str, &'a str)>>;
+
+fn layer_names<'a>(m: &'a ModelInfo, arch: &Arch) -> LayerNames<'a> {
+    let mut out: LayerNames = BTreeMap::new();
+    for k in m.tensors.keys() {
+        if let Some((p, i, s)) = arch.split_layer(k) {
+            out.entry(i).or_default().push((p, s));
+        }
+    }
+    for v in out.values_mut() {
+        // stable, as the per-layer collect-and-sort was (names come in key order)
+        v.sort_by_key(|(_, s)| *s);
+    }
+    out
 }
 
 fn normalize_slices(cx: &Ctx) -> Result<Vec<Slice>> {

@@ -594,6 +594,24 @@ impl Cluster {
         }
     }
 
+    /// The process id of worker `i`, while it runs (to send it a signal).
+    pub fn worker_pid(&self, i: usize) -> Option<u32> {
+        self.workers.get(i)?.as_ref().map(Child::id)
+    }
+
+    /// Waits (at most `timeout`) for worker `i` to exit; its exit status, if it did.
+    pub fn wait_worker(&mut self, i: usize, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let c = self.workers.get_mut(i)?.as_mut()?;
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Ok(Some(st)) = c.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
     /// Runs `shardmerge ARGS` in `cwd` with the S3 environment; returns its output.
     pub fn cli(&self, cwd: &Path, args: &[&str]) -> Output {
         run_cli(&self.bin, &self.env, cwd, args)

@@ -180,6 +180,16 @@ fn bench_dtype(c: &mut Criterion) {
             black_box(&bytes);
         })
     });
+    g.bench_function("bf16_encode_finite", |b| {
+        b.iter(|| {
+            black_box(dtype::encode_finite(
+                DType::BF16,
+                black_box(&src),
+                &mut bytes,
+            ));
+            black_box(&bytes);
+        })
+    });
     g.finish();
 }
 

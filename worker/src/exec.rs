@@ -218,7 +218,12 @@ impl Executor {
                         .ok_or_else(|| fatal("segment overruns the task's output range"))?;
                     if odt.is_float() {
                         let values = self.compute_rows(r, &mut io, scratch).await?;
-                        dtype::encode(odt, &values, dst);
+                        let finite = dtype::encode_finite(odt, &values, dst);
+                        if !finite {
+                            // the inputs of this segment are still in the slot's buffers
+                            let n_in = job.inputs.len().min(scratch.inputs.len());
+                            non_finite(job, r, &values, odt, &scratch.inputs[..n_in])?;
+                        }
                         scratch.out = values;
                     } else {
                         self.copy_rows(r, odt, dst, &mut io).await?;
@@ -515,6 +520,41 @@ impl Executor {
         give_back(&mut scratch.pieces, pieces);
         Ok(out)
     }
+}
+
+/// An output segment with a NaN or infinity: a job failure naming the tensor when every input
+/// value was finite (the merge made it: a parameter or a degenerate input the method cannot
+/// handle), else a warning (non-finite values in, as mergekit passes them through).
+fn non_finite(
+    job: &pb::TensorJob,
+    r: &pb::TensorRows,
+    values: &[f32],
+    odt: DType,
+    inputs: &[Vec<f32>],
+) -> Result<(), TaskError> {
+    if inputs.iter().any(|v| v.iter().any(|x| !x.is_finite())) {
+        tracing::warn!(
+            "tensor {}: an input holds NaN or infinity; the output does too",
+            job.name
+        );
+        return Ok(());
+    }
+    let (_, row_len) = view2d(&job.shape);
+    // the first element that is not finite once in the output dtype
+    let mut one = [0u8; 4];
+    let k = values
+        .iter()
+        .position(|x| !dtype::encode_finite(odt, std::slice::from_ref(x), &mut one[..odt.size()]))
+        .unwrap_or(0);
+    let at = r.row_start * row_len + k as u64;
+    let v = values.get(k).copied().unwrap_or(f32::NAN);
+    Err(fatal(format!(
+        "tensor {}: merge method {} turned finite inputs into a non-finite output ({v} as {}, element {at}); check the recipe's parameters for this tensor (weights that cancel, a zero tolerance, values too large for {})",
+        job.name,
+        job.method,
+        odt.name(),
+        odt.name()
+    )))
 }
 
 fn method_of(job: &pb::TensorJob) -> Result<&'static dyn kernels::Method, TaskError> {

@@ -222,6 +222,41 @@ pub fn bf16_bits(x: f32) -> u16 {
     (if nan { (b >> 16) | 0x0040 } else { rounded }) as u16
 }
 
+/// [`encode`], also telling whether every encoded element is finite (no NaN, no infinity,
+/// including an f32 value too large for f16 or bf16). The check is folded into the encode loop
+/// (one OR per element), so the executor gets it for free on the pass it makes anyway.
+pub fn encode_finite(dtype: DType, src: &[f32], dst: &mut [u8]) -> bool {
+    debug_assert_eq!(dst.len(), src.len() * dtype.size());
+    // an element is not finite when its exponent bits are all ones
+    let mut bad = false;
+    match dtype {
+        DType::F32 => {
+            for (c, s) in dst.chunks_exact_mut(4).zip(src) {
+                let b = s.to_bits();
+                bad |= b & 0x7f80_0000 == 0x7f80_0000;
+                c.copy_from_slice(&b.to_le_bytes());
+            }
+        }
+        DType::BF16 => {
+            for (c, s) in dst.chunks_exact_mut(2).zip(src) {
+                let h = bf16_bits(*s);
+                bad |= h & 0x7f80 == 0x7f80;
+                c.copy_from_slice(&h.to_le_bytes());
+            }
+        }
+        DType::F16 => {
+            for (c, s) in dst.chunks_exact_mut(2).zip(src) {
+                let h = f16::from_f32(*s).to_bits();
+                bad |= h & 0x7c00 == 0x7c00;
+                c.copy_from_slice(&h.to_le_bytes());
+            }
+        }
+        // integer and boolean outputs are copies, never computed: nothing can turn non-finite
+        _ => encode(dtype, src, dst),
+    }
+    !bad
+}
+
 /// Encodes `src` as little-endian `dtype` into `dst` (round to nearest even, as torch does).
 pub fn encode(dtype: DType, src: &[f32], dst: &mut [u8]) {
     debug_assert_eq!(dst.len(), src.len() * dtype.size());
@@ -348,5 +383,24 @@ mod tests {
         let mut b = [0u8; 2];
         encode(DType::BF16, &[x], &mut b);
         assert_eq!(u16::from_le_bytes(b), 0x3f80);
+    }
+
+    #[test]
+    fn encode_finite_spots_non_finite_outputs() {
+        for dt in [DType::F32, DType::F16, DType::BF16] {
+            let mut b = vec![0u8; 3 * dt.size()];
+            assert!(encode_finite(dt, &[1.0, -2.5, 0.0], &mut b), "{dt:?}");
+            let mut plain = vec![0u8; 3 * dt.size()];
+            encode(dt, &[1.0, -2.5, 0.0], &mut plain);
+            assert_eq!(b, plain, "same bytes as encode");
+            for x in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                assert!(!encode_finite(dt, &[1.0, x, 0.0], &mut b), "{dt:?} {x}");
+            }
+        }
+        // finite in f32, infinite once rounded to f16 (bf16 has f32's range)
+        let mut b = vec![0u8; 2];
+        assert!(!encode_finite(DType::F16, &[1e6], &mut b));
+        assert!(encode_finite(DType::BF16, &[1e6], &mut b));
+        assert!(encode_finite(DType::F32, &[f32::MAX], &mut [0u8; 4]));
     }
 }

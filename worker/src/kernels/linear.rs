@@ -39,6 +39,18 @@ impl Method for Linear {
         &SPEC
     }
 
+    fn check(&self, ctx: &TensorCtx) -> KResult<()> {
+        if ctx.flag("normalize")? {
+            let total: f32 = (0..ctx.n_models())
+                .map(|i| ctx.model_param(i, "weight").map(|w| w as f32))
+                .sum::<KResult<f32>>()?;
+            if total == 0.0 {
+                return Err("linear: the weights sum to 0, and `normalize` divides by their sum; change the weights or set `normalize: false`".into());
+            }
+        }
+        Ok(())
+    }
+
     fn apply(
         &self,
         ctx: &TensorCtx,

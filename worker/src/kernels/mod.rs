@@ -24,6 +24,8 @@ pub mod select;
 pub mod stats;
 
 mod arcee_fusion;
+#[cfg(test)]
+mod degenerate;
 mod gta;
 mod karcher;
 mod linear;
