@@ -2,6 +2,8 @@
 //! the embedded runner. It schedules work and moves receipts; the arithmetic lives in the
 //! worker's kernels.
 
+pub mod arch;
+pub mod auth;
 pub mod cli;
 pub mod commit;
 pub mod cut;
@@ -12,9 +14,11 @@ pub mod journal;
 pub mod paths;
 pub mod plan;
 pub mod planinfo;
+pub mod policy;
 pub mod progress;
 pub mod recipe;
 pub mod remote;
 pub mod server;
 pub mod size;
+pub mod tls;
 pub mod verify;

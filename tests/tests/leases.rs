@@ -90,7 +90,7 @@ fn assert_same_checkpoint(cluster: &Cluster, work: &Path, local: &Path, bucket: 
     assert!(v.starts_with("ok:"), "{v}");
 }
 
-type Client = pb::coordinator_client::CoordinatorClient<tonic::transport::Channel>;
+use shardmerge_worker::client::Client;
 
 fn client(cluster: &Cluster) -> Client {
     // (its channel starts its connection task on the tests' runtime)

@@ -1,7 +1,8 @@
 //! What one coordinator holds at most: lease rules (a task's maximum run time, the slots one
-//! worker may hold), jobs kept in memory, how long an ended job stays there, and the size of
-//! a submitted recipe. Ended jobs past their retention leave memory for `history` (their final
-//! status only; the journal keeps it across restarts).
+//! worker may hold), jobs kept in memory, and how long an ended job stays there. (A recipe's
+//! size is capped where it is parsed: `recipe::max_recipe_bytes`.) Ended jobs past their
+//! retention leave memory for `history` (their final status only; the journal keeps it
+//! across restarts).
 
 use std::time::{Duration, Instant};
 
@@ -12,7 +13,6 @@ pub const DEFAULT_MAX_TASK_TIME: Duration = Duration::from_secs(3600);
 pub const DEFAULT_MAX_SLOTS_PER_WORKER: u32 = 64;
 pub const DEFAULT_JOB_RETENTION: Duration = Duration::from_secs(3600);
 pub const DEFAULT_MAX_JOBS: usize = 100;
-pub const DEFAULT_MAX_RECIPE_BYTES: u64 = 1 << 20;
 
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
@@ -24,8 +24,6 @@ pub struct Limits {
     pub job_retention: Duration,
     /// Jobs held in memory at once; submissions past it are refused.
     pub max_jobs: usize,
-    /// Largest recipe a submission may carry.
-    pub max_recipe_bytes: u64,
 }
 
 impl Default for Limits {
@@ -35,7 +33,6 @@ impl Default for Limits {
             max_slots_per_worker: DEFAULT_MAX_SLOTS_PER_WORKER,
             job_retention: DEFAULT_JOB_RETENTION,
             max_jobs: DEFAULT_MAX_JOBS,
-            max_recipe_bytes: DEFAULT_MAX_RECIPE_BYTES,
         }
     }
 }
@@ -49,18 +46,10 @@ impl JobManager {
         *lock(&self.limits)
     }
 
-    /// Whether a new job of `recipe_bytes` may be submitted now: its recipe is within
-    /// `max_recipe_bytes`, and fewer than `max_jobs` jobs are held (ended jobs are dropped
-    /// first, oldest first, retention or not, to make room).
-    pub fn admit(&self, recipe_bytes: usize) -> Result<()> {
+    /// Whether a new job may be submitted now: fewer than `max_jobs` jobs are held (ended
+    /// jobs are dropped first, oldest first, retention or not, to make room).
+    pub fn admit(&self) -> Result<()> {
         let l = self.limits();
-        if recipe_bytes as u64 > l.max_recipe_bytes {
-            return Err(Error::Exhausted(format!(
-                "the recipe is {recipe_bytes} bytes; this coordinator takes at most {} \
-                 (--max-recipe-bytes)",
-                l.max_recipe_bytes
-            )));
-        }
         let now = Instant::now();
         self.sweep(now);
         let mut jobs = lock(&self.jobs);

@@ -26,6 +26,10 @@ pub struct SubmitOptions {
     pub lease_ttl: Duration,
     /// Refuse to write into a folder that already holds a checkpoint.
     pub overwrite: bool,
+    /// Merge embeddings of different vocabulary sizes by cropping them (`--unsafe-truncate-embeddings`).
+    pub unsafe_truncate_embeddings: bool,
+    /// Compute in f32 whatever the recipe's `dtype` (`--compute-dtype float32`).
+    pub compute_float32: bool,
 }
 
 impl Default for SubmitOptions {
@@ -39,6 +43,8 @@ impl Default for SubmitOptions {
             base_dir: PathBuf::from("."),
             lease_ttl: Duration::from_secs(30),
             overwrite: true,
+            unsafe_truncate_embeddings: false,
+            compute_float32: false,
         }
     }
 }
@@ -54,6 +60,8 @@ impl SubmitOptions {
             base_dir: self.base_dir.to_string_lossy().into_owned(),
             min_part_size: 0,
             rng: self.rng as i32,
+            unsafe_truncate_embeddings: self.unsafe_truncate_embeddings,
+            compute_float32: self.compute_float32,
         }
     }
 
@@ -73,6 +81,8 @@ impl SubmitOptions {
                 PathBuf::from(&o.base_dir)
             },
             lease_ttl,
+            unsafe_truncate_embeddings: o.unsafe_truncate_embeddings,
+            compute_float32: o.compute_float32,
             ..Default::default()
         }
     }
