@@ -24,6 +24,24 @@ use shardmerge_worker::storage::Resolver;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Log lines as `human` text or `json` objects (one per line, for log collectors)
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human, env = "SHARDMERGE_LOG_FORMAT")]
+    log_format: LogFormat,
+}
+
+/// `--log-format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+/// Options of the long-running services (`coordinator`, `worker`) for running them operated.
+#[derive(clap::Args, Clone, Debug)]
+struct OpsArgs {
+    /// Serve Prometheus metrics on http://ADDR/metrics (and /ready, /healthz for probes)
+    #[arg(long, value_name = "ADDR", env = "SHARDMERGE_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(clap::Args, Clone, Debug)]
@@ -128,6 +146,8 @@ enum Cmd {
         /// resumes its unfinished jobs
         #[arg(long, default_value = "memory")]
         state: String,
+        #[command(flatten)]
+        ops: OpsArgs,
     },
     /// Pull tasks from a coordinator and run them until SIGINT/SIGTERM
     Worker {
@@ -143,6 +163,8 @@ enum Cmd {
         /// Name in logs and leases (default: hostname-pid)
         #[arg(long)]
         id: Option<String>,
+        #[command(flatten)]
+        ops: OpsArgs,
     },
     /// Submit a merge to a coordinator; relative model paths resolve against this directory
     Submit {
@@ -195,13 +217,16 @@ enum Cmd {
     },
 }
 
-fn init_tracing() {
+fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => fmt.init(),
+        LogFormat::Json => fmt.json().flatten_event(true).init(),
+    }
 }
 
 fn read_recipe(p: &PathBuf) -> Result<String> {
@@ -275,19 +300,27 @@ async fn main_inner(cli: Cli) -> Result<()> {
             listen,
             lease_ttl,
             state,
+            ops,
         } => {
             if !(lease_ttl.is_finite() && lease_ttl > 0.0) {
                 return Err(Error::Other(format!(
                     "--lease-ttl {lease_ttl}: give a positive number of seconds"
                 )));
             }
-            remote::coordinator(listen, Duration::from_secs_f64(lease_ttl), Some(&state)).await
+            remote::coordinator(
+                listen,
+                Duration::from_secs_f64(lease_ttl),
+                Some(&state),
+                ops.metrics_listen,
+            )
+            .await
         }
         Cmd::Worker {
             coordinator,
             threads,
             memory_limit,
             id,
+            ops,
         } => {
             remote::worker(WorkerOptions {
                 coordinator,
@@ -295,6 +328,7 @@ async fn main_inner(cli: Cli) -> Result<()> {
                     .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
                 memory_limit,
                 id,
+                metrics_listen: ops.metrics_listen,
             })
             .await
         }
@@ -343,7 +377,7 @@ async fn main_inner(cli: Cli) -> Result<()> {
 pub fn main() -> ExitCode {
     size::return_large_buffers_to_the_system();
     let cli = Cli::parse();
-    init_tracing();
+    init_tracing(cli.log_format);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use shardmerge_proto as pb;
 use shardmerge_worker::client::{self, RemoteSource};
 use shardmerge_worker::exec::Executor;
+use shardmerge_worker::metrics::{self, MeteredSource, WorkerMetrics};
 use shardmerge_worker::pull::{self, LoopOptions};
 use shardmerge_worker::storage::Resolver;
 use tokio::sync::watch;
@@ -16,14 +17,17 @@ use crate::embedded::{progress_bar, terminal};
 use crate::error::{Error, Result};
 use crate::job::JobManager;
 use crate::journal::Journal;
+use crate::ops;
 use crate::server;
 use crate::size;
 
-/// Runs a coordinator on `listen` until SIGINT/SIGTERM.
+/// Runs a coordinator on `listen` until SIGINT/SIGTERM; with `metrics_listen`, its Prometheus
+/// metrics there too.
 pub async fn coordinator(
     listen: SocketAddr,
     lease_ttl: Duration,
     state: Option<&str>,
+    metrics_listen: Option<SocketAddr>,
 ) -> Result<()> {
     let resolver = Resolver::new();
     let mgr = match state {
@@ -52,7 +56,14 @@ pub async fn coordinator(
         "shardmerge coordinator listening on http://{addr} (lease ttl {:.1}s)",
         lease_ttl.as_secs_f64()
     );
-    server::serve(listener, mgr, lease_ttl, server::shutdown_signal()).await?;
+    ops::serve(
+        listener,
+        mgr,
+        lease_ttl,
+        metrics_listen,
+        server::shutdown_signal(),
+    )
+    .await?;
     eprintln!("shardmerge coordinator: shutting down");
     Ok(())
 }
@@ -63,6 +74,8 @@ pub struct WorkerOptions {
     pub threads: usize,
     pub memory_limit: u64,
     pub id: Option<String>,
+    /// Where to serve `/metrics`, `/ready` and `/healthz`.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 fn default_worker_id() -> String {
@@ -83,6 +96,10 @@ fn default_worker_id() -> String {
 /// comes are dropped; their leases expire and they run elsewhere.
 pub async fn worker(o: WorkerOptions) -> Result<()> {
     let source = RemoteSource::new(&o.coordinator).map_err(Error::Other)?;
+    let metrics_listen = match o.metrics_listen {
+        Some(addr) => Some(metrics::bind(addr).await.map_err(Error::Other)?),
+        None => None,
+    };
     let resolver = Resolver::new();
     let threads = o.threads.max(1);
     let opts = LoopOptions {
@@ -97,9 +114,16 @@ pub async fn worker(o: WorkerOptions) -> Result<()> {
         client::normalize_url(&o.coordinator),
         size::human(opts.slot_memory)
     );
+    let meter = WorkerMetrics::new(threads, opts.slot_memory);
+    if let Some(l) = metrics_listen {
+        if let Ok(at) = l.local_addr() {
+            eprintln!("shardmerge worker: metrics on http://{at}/metrics, readiness on /ready");
+        }
+        tokio::spawn(metrics::serve(l, meter.clone()));
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     let run = tokio::spawn(pull::run(
-        Arc::new(source),
+        Arc::new(MeteredSource::new(source, meter)),
         Executor::new(resolver),
         opts,
         stop_rx,
