@@ -225,7 +225,10 @@ fn init_tracing(format: LogFormat) {
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => fmt.init(),
-        LogFormat::Json => fmt.json().flatten_event(true).init(),
+        LogFormat::Json => {
+            crate::ops::set_json_logs();
+            fmt.json().flatten_event(true).init()
+        }
     }
 }
 

@@ -28,6 +28,32 @@ use crate::error::Error;
 use crate::job::JobManager;
 use crate::server::{Service, MAX_MESSAGE};
 
+static JSON_LOGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes [`say`] write JSON objects (`--log-format json`).
+pub fn set_json_logs() {
+    JSON_LOGS.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// A service's lifecycle line (listening, resumed, shutting down) on stderr: plain text, or
+/// with `--log-format json` one JSON object like the log events', whatever `RUST_LOG` says.
+pub fn say(msg: String) {
+    if JSON_LOGS.load(std::sync::atomic::Ordering::Relaxed) {
+        let ts = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        let line = serde_json::json!({
+            "timestamp": ts,
+            "level": "INFO",
+            "target": "shardmerge",
+            "message": msg,
+        });
+        eprintln!("{line}");
+    } else {
+        eprintln!("{msg}");
+    }
+}
+
 /// The gRPC service name of the coordinator, as the health service reports it.
 pub const SERVICE_NAME: &str = "shardmerge.v1.Coordinator";
 
@@ -481,7 +507,9 @@ pub async fn serve(
     if let Some(addr) = metrics_listen {
         let l = wm::bind(addr).await.map_err(Error::Other)?;
         let at = l.local_addr().unwrap_or(addr);
-        eprintln!("shardmerge coordinator: metrics on http://{at}/metrics");
+        say(format!(
+            "shardmerge coordinator: metrics on http://{at}/metrics"
+        ));
         tokio::spawn(wm::serve(l, metrics.clone()));
     }
     let (health, health_service) = tonic_health::server::health_reporter();

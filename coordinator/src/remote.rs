@@ -38,7 +38,7 @@ pub async fn coordinator(
             let mgr = JobManager::with_journal(resolver, journal);
             mgr.set_lease_ttl(lease_ttl);
             let resumed = mgr.recover().await?;
-            eprintln!(
+            ops::say(format!(
                 "shardmerge coordinator: journal {at}: {} unfinished job(s) resumed{}",
                 resumed.len(),
                 if resumed.is_empty() {
@@ -46,16 +46,16 @@ pub async fn coordinator(
                 } else {
                     format!(" ({})", resumed.join(", "))
                 }
-            );
+            ));
             mgr
         }
     };
     let listener = server::bind(listen).await?;
     let addr = listener.local_addr().unwrap_or(listen);
-    eprintln!(
+    ops::say(format!(
         "shardmerge coordinator listening on http://{addr} (lease ttl {:.1}s)",
         lease_ttl.as_secs_f64()
-    );
+    ));
     ops::serve(
         listener,
         mgr,
@@ -64,7 +64,7 @@ pub async fn coordinator(
         server::shutdown_signal(),
     )
     .await?;
-    eprintln!("shardmerge coordinator: shutting down");
+    ops::say("shardmerge coordinator: shutting down".to_string());
     Ok(())
 }
 
@@ -108,16 +108,18 @@ pub async fn worker(o: WorkerOptions) -> Result<()> {
         slot_memory: (o.memory_limit / threads as u64).max(1 << 20),
         max_idle: Duration::from_millis(250),
     };
-    eprintln!(
+    ops::say(format!(
         "shardmerge worker {} pulling from {} with {threads} slot(s) of {} each",
         opts.worker_id,
         client::normalize_url(&o.coordinator),
         size::human(opts.slot_memory)
-    );
+    ));
     let meter = WorkerMetrics::new(threads, opts.slot_memory);
     if let Some(l) = metrics_listen {
         if let Ok(at) = l.local_addr() {
-            eprintln!("shardmerge worker: metrics on http://{at}/metrics, readiness on /ready");
+            ops::say(format!(
+                "shardmerge worker: metrics on http://{at}/metrics, readiness on /ready"
+            ));
         }
         tokio::spawn(metrics::serve(l, meter.clone()));
     }
