@@ -25,6 +25,24 @@ use shardmerge_worker::storage::Resolver;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Log lines as `human` text or `json` objects (one per line, for log collectors)
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human, env = "SHARDMERGE_LOG_FORMAT")]
+    log_format: LogFormat,
+}
+
+/// `--log-format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+/// Options of the long-running services (`coordinator`, `worker`) for running them operated.
+#[derive(clap::Args, Clone, Debug)]
+struct OpsArgs {
+    /// Serve Prometheus metrics on http://ADDR/metrics (and /ready, /healthz for probes)
+    #[arg(long, value_name = "ADDR", env = "SHARDMERGE_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(clap::Args, Clone, Debug)]
@@ -241,6 +259,8 @@ enum Cmd {
         #[command(flatten)]
         security: ServeSecurityArgs,
         #[command(flatten)]
+        ops: OpsArgs,
+        #[command(flatten)]
         limits: LimitArgs,
     },
     /// Pull tasks from a coordinator and run them until SIGINT/SIGTERM
@@ -259,6 +279,8 @@ enum Cmd {
         id: Option<String>,
         #[command(flatten)]
         security: ClientSecurityArgs,
+        #[command(flatten)]
+        ops: OpsArgs,
     },
     /// Submit a merge to a coordinator; relative model paths resolve against this directory
     Submit {
@@ -319,13 +341,19 @@ enum Cmd {
     },
 }
 
-fn init_tracing() {
+fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => fmt.init(),
+        LogFormat::Json => {
+            crate::ops::set_json_logs();
+            fmt.json().flatten_event(true).init()
+        }
+    }
 }
 
 fn read_recipe(p: &PathBuf) -> Result<String> {
@@ -400,6 +428,7 @@ async fn main_inner(cli: Cli) -> Result<()> {
             lease_ttl,
             state,
             security,
+            ops,
             limits,
         } => {
             let lease_ttl = seconds("--lease-ttl", lease_ttl)?;
@@ -409,6 +438,7 @@ async fn main_inner(cli: Cli) -> Result<()> {
                 lease_ttl,
                 Some(&state),
                 security.into_remote(),
+                ops.metrics_listen,
                 limits,
             )
             .await
@@ -419,6 +449,7 @@ async fn main_inner(cli: Cli) -> Result<()> {
             memory_limit,
             id,
             security,
+            ops,
         } => {
             remote::worker(WorkerOptions {
                 client: security.options()?,
@@ -427,6 +458,7 @@ async fn main_inner(cli: Cli) -> Result<()> {
                     .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
                 memory_limit,
                 id,
+                metrics_listen: ops.metrics_listen,
             })
             .await
         }
@@ -485,7 +517,7 @@ async fn main_inner(cli: Cli) -> Result<()> {
 pub fn main() -> ExitCode {
     size::return_large_buffers_to_the_system();
     let cli = Cli::parse();
-    init_tracing();
+    init_tracing(cli.log_format);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -11,6 +11,7 @@ pub mod embedded;
 pub mod error;
 pub mod job;
 pub mod journal;
+pub mod ops;
 pub mod paths;
 pub mod plan;
 pub mod planinfo;

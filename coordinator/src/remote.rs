@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use shardmerge_proto as pb;
 use shardmerge_worker::client::{self, Client, ClientOptions, RemoteSource, Token};
 use shardmerge_worker::exec::Executor;
+use shardmerge_worker::metrics::{self, MeteredSource, WorkerMetrics};
 use shardmerge_worker::pull::{self, LoopOptions};
 use shardmerge_worker::storage::Resolver;
 use tokio::sync::watch;
@@ -17,6 +18,7 @@ use crate::embedded::{progress_bar, terminal};
 use crate::error::{Error, Result};
 use crate::job::JobManager;
 use crate::journal::Journal;
+use crate::ops;
 use crate::policy::Policy;
 use crate::server::{self, Security};
 use crate::size;
@@ -82,12 +84,14 @@ impl ServeSecurity {
     }
 }
 
-/// Runs a coordinator on `listen` until SIGINT/SIGTERM.
+/// Runs a coordinator on `listen` until SIGINT/SIGTERM; with `metrics_listen`, its Prometheus
+/// metrics there too.
 pub async fn coordinator(
     listen: SocketAddr,
     lease_ttl: Duration,
     state: Option<&str>,
     security: ServeSecurity,
+    metrics_listen: Option<SocketAddr>,
     limits: crate::job::Limits,
 ) -> Result<()> {
     // refuse a bad security set-up before anything else happens
@@ -101,7 +105,7 @@ pub async fn coordinator(
             let mgr = JobManager::with_journal(resolver, journal);
             mgr.set_lease_ttl(lease_ttl);
             let resumed = mgr.recover().await?;
-            eprintln!(
+            ops::say(format!(
                 "shardmerge coordinator: journal {at}: {} unfinished job(s) resumed{}",
                 resumed.len(),
                 if resumed.is_empty() {
@@ -109,14 +113,14 @@ pub async fn coordinator(
                 } else {
                     format!(" ({})", resumed.join(", "))
                 }
-            );
+            ));
             mgr
         }
     };
     mgr.set_limits(limits);
     let listener = server::bind(listen).await?;
     let addr = listener.local_addr().unwrap_or(listen);
-    eprintln!(
+    ops::say(format!(
         "shardmerge coordinator listening on {}://{addr} (lease ttl {:.1}s; {notes})",
         if security.tls.is_some() {
             "https"
@@ -124,16 +128,17 @@ pub async fn coordinator(
             "http"
         },
         lease_ttl.as_secs_f64()
-    );
-    server::serve(
+    ));
+    ops::serve(
         listener,
         mgr,
         lease_ttl,
         security,
+        metrics_listen,
         server::shutdown_signal(),
     )
     .await?;
-    eprintln!("shardmerge coordinator: shutting down");
+    ops::say("shardmerge coordinator: shutting down".to_string());
     Ok(())
 }
 
@@ -144,6 +149,8 @@ pub struct WorkerOptions {
     pub threads: usize,
     pub memory_limit: u64,
     pub id: Option<String>,
+    /// Where to serve `/metrics`, `/ready` and `/healthz`.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 fn default_worker_id() -> String {
@@ -164,6 +171,10 @@ fn default_worker_id() -> String {
 /// comes are dropped; their leases expire and they run elsewhere.
 pub async fn worker(o: WorkerOptions) -> Result<()> {
     let source = RemoteSource::with_options(&o.coordinator, &o.client).map_err(Error::Other)?;
+    let metrics_listen = match o.metrics_listen {
+        Some(addr) => Some(metrics::bind(addr).await.map_err(Error::Other)?),
+        None => None,
+    };
     let resolver = Resolver::new();
     let threads = o.threads.max(1);
     let opts = LoopOptions {
@@ -172,15 +183,24 @@ pub async fn worker(o: WorkerOptions) -> Result<()> {
         slot_memory: (o.memory_limit / threads as u64).max(1 << 20),
         max_idle: Duration::from_millis(250),
     };
-    eprintln!(
+    ops::say(format!(
         "shardmerge worker {} pulling from {} with {threads} slot(s) of {} each",
         opts.worker_id,
         client::normalize_url(&o.coordinator),
         size::human(opts.slot_memory)
-    );
+    ));
+    let meter = WorkerMetrics::new(threads, opts.slot_memory);
+    if let Some(l) = metrics_listen {
+        if let Ok(at) = l.local_addr() {
+            ops::say(format!(
+                "shardmerge worker: metrics on http://{at}/metrics, readiness on /ready"
+            ));
+        }
+        tokio::spawn(metrics::serve(l, meter.clone()));
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     let run = tokio::spawn(pull::run(
-        Arc::new(source.clone()),
+        Arc::new(MeteredSource::new(source.clone(), meter)),
         Executor::new(resolver),
         opts,
         stop_rx,

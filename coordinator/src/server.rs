@@ -16,7 +16,7 @@ use shardmerge_proto as pb;
 use shardmerge_proto::coordinator_server::{Coordinator, CoordinatorServer};
 use tonic::{Request, Response, Status};
 
-use crate::auth::{Auth, Authed};
+use crate::auth::Auth;
 use crate::embedded::terminal;
 use crate::error::Error;
 use crate::job::{JobManager, SubmitOptions};
@@ -267,34 +267,8 @@ impl Security {
     }
 }
 
-/// Serves the coordinator on `listener` until `shutdown` resolves.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    mgr: Arc<JobManager>,
-    lease_ttl: Duration,
-    security: Security,
-    shutdown: impl std::future::Future<Output = ()> + Send,
-) -> Result<(), Error> {
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
-    if let Some(tls) = security.tls {
-        builder = builder.tls_config(tls).map_err(|e| {
-            Error::Other(format!(
-                "--tls-cert/--tls-key: {} (give a PEM certificate chain and its PEM private key)",
-                error_chain(&e)
-            ))
-        })?;
-    }
-    let service = Service::with_policy(mgr, lease_ttl, security.policy).into_server();
-    builder
-        .add_service(Authed::new(service, security.auth))
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
-        .map_err(|e| Error::Other(format!("coordinator server: {}", error_chain(&e))))
-}
-
 /// An error with its causes, one after the other.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(c) = src {
