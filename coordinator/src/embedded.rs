@@ -57,6 +57,7 @@ pub async fn run(
     let mut rx = mgr
         .watch(&jid)
         .ok_or_else(|| Error::Job("job vanished".into()))?;
+    // the bar counts all the work (statistics passes too), not only the output written
     let bar = progress_bar(plan.bytes_out(), o.quiet);
     // SIGINT and SIGTERM (what Kubernetes and `kill` send) both cancel the job, which removes
     // its partial output; listened for once, so a signal between two waits is not lost
@@ -65,7 +66,13 @@ pub async fn run(
     let mut interrupted = false;
     let status = loop {
         let st = rx.borrow_and_update().clone();
-        bar.set_position(st.bytes_done);
+        bar.set_length(st.work_total.max(1));
+        bar.set_position(st.work_done);
+        bar.set_message(format!(
+            "{}/{} written",
+            crate::size::human(st.bytes_done),
+            crate::size::human(st.bytes_total)
+        ));
         if terminal(&st) {
             break st;
         }

@@ -108,6 +108,8 @@ pub struct CoordinatorMetrics {
     retried: Gauge,
     planned_bytes: Gauge,
     job_written_bytes: Gauge,
+    work_planned: Gauge,
+    work_done: Gauge,
     workers: Gauge,
     worker_slots: Gauge,
     resident: Gauge,
@@ -222,6 +224,17 @@ impl CoordinatorMetrics {
             "shardmerge_job_written_bytes",
             "Output bytes written so far, summed over the jobs known",
         );
+        let work_planned = gauge(
+            &mut r,
+            "shardmerge_job_work_planned_bytes",
+            "All the work planned (bytes read and written by every pass, statistics passes \
+             included), summed over the jobs known",
+        );
+        let work_done = gauge(
+            &mut r,
+            "shardmerge_job_work_done_bytes",
+            "Work done so far (bytes read and written by every pass), summed over the jobs known",
+        );
         let workers = gauge(
             &mut r,
             "shardmerge_workers_live",
@@ -255,6 +268,8 @@ impl CoordinatorMetrics {
             retried,
             planned_bytes,
             job_written_bytes,
+            work_planned,
+            work_done,
             workers,
             worker_slots,
             resident,
@@ -352,11 +367,14 @@ impl CoordinatorMetrics {
         self.sweep(now);
         let mut by_state = HashMap::new();
         let (mut queued, mut leased, mut retried, mut planned, mut written) = (0u64, 0, 0, 0, 0);
+        let (mut work_planned, mut work_done) = (0u64, 0u64);
         for s in self.mgr.list() {
             *by_state.entry(s.state).or_insert(0i64) += 1;
             retried += u64::from(s.retries);
             planned += s.bytes_total;
             written += s.bytes_done;
+            work_planned += s.work_total;
+            work_done += s.work_done;
             let active = matches!(
                 pb::JobState::try_from(s.state),
                 Ok(pb::JobState::Queued | pb::JobState::Running)
@@ -377,6 +395,8 @@ impl CoordinatorMetrics {
         self.retried.set(as_i64(retried));
         self.planned_bytes.set(as_i64(planned));
         self.job_written_bytes.set(as_i64(written));
+        self.work_planned.set(as_i64(work_planned));
+        self.work_done.set(as_i64(work_done));
         let mut seen = lock(&self.seen);
         seen.retain(|_, at| now.duration_since(*at) <= self.lease_ttl);
         let processes: std::collections::HashSet<&str> = seen

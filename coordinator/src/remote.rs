@@ -243,8 +243,13 @@ fn state_name(s: i32) -> &'static str {
 
 /// One line describing a job.
 pub fn describe(s: &pb::JobStatus) -> String {
+    let pct = if s.work_total > 0 {
+        100.0 * s.work_done as f64 / s.work_total as f64
+    } else {
+        0.0
+    };
     let mut line = format!(
-        "{}  {:<10} tasks {}/{}  {}/{}  {:.1}s  leases {}  retries {}  -> {}",
+        "{}  {:<10} {pct:>5.1}%  tasks {}/{}  written {}/{}  {:.1}s  leases {}  retries {}  -> {}",
         s.job_id,
         state_name(s.state),
         s.tasks_done,
@@ -355,14 +360,18 @@ async fn follow(url: &str, c: &mut Client, id: &str, quiet: bool) -> Result<pb::
                 Ok(Some(st)) => {
                     lost_since = None;
                     if interactive && !quiet {
-                        let b = bar.get_or_insert_with(|| progress_bar(st.bytes_total, quiet));
-                        b.set_length(st.bytes_total);
-                        b.set_position(st.bytes_done);
+                        // all the work, statistics passes included, so the bar moves from
+                        // the start and its ETA holds
+                        let b = bar.get_or_insert_with(|| progress_bar(st.work_total, quiet));
+                        b.set_length(st.work_total.max(1));
+                        b.set_position(st.work_done);
                         b.set_message(format!(
-                            "{} {}/{} tasks",
+                            "{} {}/{} tasks, {}/{} written",
                             state_name(st.state),
                             st.tasks_done,
-                            st.tasks_total
+                            st.tasks_total,
+                            size::human(st.bytes_done),
+                            size::human(st.bytes_total)
                         ));
                     } else if !quiet
                         && (st.state != last_state || last_line.elapsed() > Duration::from_secs(2))

@@ -9,12 +9,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shardmerge_proto as pb;
+use shardmerge_worker::format::dtype::DType;
 use shardmerge_worker::kernels::{self, Reduced, Stats};
 use shardmerge_worker::storage::Receipt;
-use shardmerge_worker::tensor::tensor_ctx;
+use shardmerge_worker::tensor::{tensor_ctx, view2d};
 
 use super::lease::{self, LeaseRules};
-use crate::cut::Cut;
+use crate::cut::{Cut, SegDef, StatsUnit, TaskDef};
 use crate::error::{Error, Result};
 use crate::journal::{parse_task_key, task_key, Item};
 use crate::plan::Plan;
@@ -137,6 +138,40 @@ pub struct JobState {
     files_finished: usize,
     committing: bool,
     reduce: Reducer,
+    /// Work (bytes read and written) of one pass of each statistics unit.
+    unit_work: Vec<u64>,
+}
+
+/// Input bytes one row of `t` reads: its row length times the inputs' element sizes.
+fn input_row_bytes(t: &pb::TensorJob) -> u64 {
+    let (_, row_len) = view2d(&t.shape);
+    let elem: u64 = t
+        .inputs
+        .iter()
+        .map(|i| DType::from_proto(i.dtype).map_or(4, |d| d.size() as u64))
+        .sum();
+    row_len.saturating_mul(elem)
+}
+
+/// The work of write task `t`: the input bytes of its rows plus the bytes it writes.
+fn write_work(plan: &Plan, t: &TaskDef) -> u64 {
+    let reads: u64 = t
+        .segments
+        .iter()
+        .map(|s| match s {
+            SegDef::Rows {
+                tensor, start, end, ..
+            } => (end - start).saturating_mul(input_row_bytes(&plan.tensors[*tensor])),
+            SegDef::Literal(_) => 0,
+        })
+        .sum();
+    t.length + reads
+}
+
+/// The work of range `range` of statistics unit `u` (one pass over those rows).
+fn stats_work(plan: &Plan, u: &StatsUnit, range: usize) -> u64 {
+    let (a, b) = u.ranges[range];
+    (b - a).saturating_mul(input_row_bytes(&plan.tensors[u.tensor]))
 }
 
 impl JobState {
@@ -177,12 +212,25 @@ impl JobState {
             done: false,
         });
         let units = units.collect();
+        let unit_work: Vec<u64> = cut
+            .units
+            .iter()
+            .map(|u| (0..u.ranges.len()).map(|r| stats_work(&plan, u, r)).sum())
+            .collect();
+        let stats_total: u64 = cut
+            .units
+            .iter()
+            .zip(&unit_work)
+            .map(|(u, w)| w.saturating_mul(u.passes.max(1) as u64))
+            .sum();
+        let writes_total: u64 = cut.tasks.iter().map(|t| write_work(&plan, t)).sum();
         let status = pb::JobStatus {
             job_id: id.clone(),
             state: pb::JobState::Running as i32,
             output_uri,
             tasks_total: items.len() as u64,
             bytes_total: plan.bytes_out(),
+            work_total: stats_total + writes_total,
             ..Default::default()
         };
         JobState {
@@ -201,6 +249,7 @@ impl JobState {
             files_finished: 0,
             committing: false,
             reduce,
+            unit_work,
         }
     }
 
@@ -514,6 +563,7 @@ impl JobState {
             Item::Write(i) => {
                 let t = &self.cut.tasks[i];
                 self.status.bytes_done += t.length;
+                self.status.work_done += write_work(&self.plan, t);
                 let receipt = result.part.map(|p| Receipt {
                     part_index: p.part_index,
                     etag: p.etag,
@@ -526,6 +576,7 @@ impl JobState {
                 }
             }
             Item::Stats { unit, range } => {
+                self.status.work_done += stats_work(&self.plan, &self.cut.units[unit], range);
                 let stats = result.stats.as_ref().map(Stats::from_proto);
                 self.units[unit].partials[range] = Some(stats.unwrap_or_default());
                 if self.units[unit].partials.iter().all(Option::is_some) {
@@ -548,6 +599,10 @@ impl JobState {
         };
         u.state = state;
         if done {
+            // a method that needed fewer passes than planned: the passes left are not work
+            let left = self.cut.units[unit].passes.saturating_sub(u.pass + 1);
+            let unplanned = self.unit_work[unit].saturating_mul(left as u64);
+            self.status.work_total = self.status.work_total.saturating_sub(unplanned);
             u.done = true;
             for k in 0..self.dependents[unit].len() {
                 let i = self.dependents[unit][k];

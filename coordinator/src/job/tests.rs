@@ -35,10 +35,17 @@ fn plan_and_cut() -> (Plan, Cut) {
             total_size: 16,
         },
     };
+    // two f32 inputs: a row of 2 elements reads 16 bytes
+    let input = pb::TensorSource {
+        dtype: pb::Dtype::F32 as i32,
+        shape: vec![4, 2],
+        ..Default::default()
+    };
     let tensor = |name: &str| pb::TensorJob {
         name: name.into(),
         method: "made-up".into(),
         shape: vec![4, 2],
+        inputs: vec![input.clone(); 2],
         ..Default::default()
     };
     let plan = Plan {
@@ -692,4 +699,49 @@ fn one_worker_holds_at_most_max_slots_per_worker_leases() {
         retryable: true,
     }));
     assert_eq!(poll("greedy", 100).len(), 1);
+}
+
+#[test]
+fn progress_counts_statistics_passes_and_ends_at_the_total() {
+    let mut j = job();
+    let now = Instant::now();
+    // unit: 2 passes over 4 rows of 16 input bytes; writes: 8 bytes each, no row segments
+    assert_eq!(j.status.work_total, 2 * 4 * 16 + 3 * 8);
+    j.lease_next(10, W, now, RULES);
+    assert_eq!(j.record(S0, stats_result(1)).ok(), Some(Recorded::Accepted));
+    assert_eq!(j.status.work_done, 2 * 16, "a statistics task is work done");
+    assert_eq!(j.status.bytes_done, 0, "but writes nothing");
+    j.record(S1, stats_result(1)).ok();
+    j.lease_next(10, W, now, RULES);
+    j.record(S0, stats_result(1)).ok();
+    j.record(S1, stats_result(1)).ok();
+    for (w, part) in [(Item::Write(0), 0), (Item::Write(2), 0)] {
+        j.record(w, write_result(part)).ok();
+    }
+    j.lease_next(10, W, now, RULES);
+    j.record(Item::Write(1), write_result(1)).ok();
+    assert_eq!(j.status.work_done, j.status.work_total);
+}
+
+#[test]
+fn a_unit_done_early_takes_its_unrun_passes_off_the_total() {
+    let (plan, cut) = plan_and_cut();
+    let done_at_once = |_: &pb::TensorJob, _: u32, s: Stats, _: Vec<Stats>| Ok(Reduced::Done(s));
+    let mut j = JobState::new(
+        "job-1".into(),
+        plan,
+        cut,
+        "file:///out".into(),
+        done_at_once,
+    );
+    let now = Instant::now();
+    j.lease_next(10, W, now, RULES);
+    j.record(S0, stats_result(1)).ok();
+    j.record(S1, stats_result(1)).ok();
+    assert_eq!(
+        j.status.work_total,
+        4 * 16 + 3 * 8,
+        "the second pass never runs"
+    );
+    assert_eq!(j.status.work_done, 4 * 16);
 }
