@@ -10,44 +10,7 @@ pub(super) fn plan_tensor(
     t: f64,
 ) -> Result<pb::TensorJob> {
     let spec = cx.method.spec();
-    let mut inputs = Vec::new();
-    let mut infos: Vec<&TensorInfo> = Vec::new();
-    for (pos, (src, in_name)) in s.sources.iter().zip(in_names).enumerate() {
-        let m = &cx.models[&src.model];
-        // a model with tied embeddings reads its input-side twin
-        let in_name = match cx.arch.tied_to(in_name) {
-            Some(twin) if !m.tensors.contains_key(in_name) => twin,
-            _ => in_name.as_str(),
-        };
-        let (uri, info) = m.tensors.get(in_name).ok_or_else(|| {
-            Error::Input(format!(
-                "tensor {in_name} is missing from model {} ({}), but {out_name} needs it",
-                src.model,
-                m.loc.uri()
-            ))
-        })?;
-        let dt = match info.dtype {
-            StDtype::Float(dt) => dt,
-            StDtype::Other(n, _) => DType::from_st_name(n).ok_or_else(|| {
-                Error::Input(format!(
-                    "{uri}: tensor {in_name} has dtype {n}, which can't be merged or copied (F32, F16 and BF16 merge; BOOL and integer tensors are copied from the base model)"
-                ))
-            })?,
-        };
-        inputs.push(pb::TensorSource {
-            uri: uri.clone(),
-            data_offset: info.start,
-            dtype: dt.to_proto() as i32,
-            shape: info.shape.clone(),
-            model: src.model.clone(),
-            // keyed by the model's position among the inputs, not by where it is stored, so
-            // the same recipe over copies on S3 or local disk draws the same numbers
-            model_key: rng::key_of(&format!("input:{pos}")),
-            tensor: in_name.to_string(),
-            rng_offset: 0,
-        });
-        infos.push(info);
-    }
+    let (inputs, infos) = tensor_inputs(cx, s, out_name, in_names)?;
     let base = base_index(cx, s);
     if inputs
         .iter()
@@ -56,40 +19,7 @@ pub(super) fn plan_tensor(
         return copy_job(cx, out_name, inputs, reference_source(cx, s));
     }
     let shape = out_shape(cx, out_name, &s.sources, &infos)?;
-    let mut params = HashMap::new();
-    for p in spec.params {
-        let v = recipe::resolve(cx.recipe, s, p.name, None, out_name, t).or(p.default);
-        match v {
-            Some(v) => {
-                params.insert(p.name.to_string(), v);
-            }
-            None => {
-                return Err(Error::Recipe(format!(
-                    "merge_method {} requires parameter `{}` (set it under `parameters:`), missing for tensor {out_name}",
-                    spec.name, p.name
-                )))
-            }
-        }
-    }
-    let mut model_params = Vec::new();
-    for (i, (src, in_name)) in s.sources.iter().zip(in_names).enumerate() {
-        let mut mp = HashMap::new();
-        for p in spec.tensor_params {
-            match recipe::resolve(cx.recipe, s, p.name, Some(&src.model), in_name, t).or(p.default) {
-                Some(v) => {
-                    mp.insert(p.name.to_string(), v);
-                }
-                None if Some(i) == base => {}
-                None => {
-                    return Err(Error::Recipe(format!(
-                        "merge_method {} requires parameter `{}` for model {} (missing for tensor {in_name})",
-                        spec.name, p.name, src.model
-                    )))
-                }
-            }
-        }
-        model_params.push(pb::ParamMap { values: mp });
-    }
+    let (params, model_params) = job_params(cx, s, out_name, in_names, t, base)?;
     let out_dtype = cx
         .recipe
         .out_dtype
@@ -215,4 +145,100 @@ pub(super) fn out_shape(
         "shape mismatch for tensor {name}: {}",
         shapes.join(", ")
     )))
+}
+
+/// The inputs an output tensor reads, one per slice source (a tied embedding reads its
+/// twin), with their header entries.
+fn tensor_inputs<'a>(
+    cx: &Ctx<'a>,
+    s: &Slice,
+    out_name: &str,
+    in_names: &[String],
+) -> Result<(Vec<pb::TensorSource>, Vec<&'a TensorInfo>)> {
+    let mut inputs = Vec::new();
+    let mut infos: Vec<&TensorInfo> = Vec::new();
+    for (pos, (src, in_name)) in s.sources.iter().zip(in_names).enumerate() {
+        let m = &cx.models[&src.model];
+        // a model with tied embeddings reads its input-side twin
+        let in_name = match cx.arch.tied_to(in_name) {
+            Some(twin) if !m.tensors.contains_key(in_name) => twin,
+            _ => in_name.as_str(),
+        };
+        let (uri, info) = m.tensors.get(in_name).ok_or_else(|| {
+            Error::Input(format!(
+                "tensor {in_name} is missing from model {} ({}), but {out_name} needs it",
+                src.model,
+                m.loc.uri()
+            ))
+        })?;
+        let dt = match info.dtype {
+            StDtype::Float(dt) => dt,
+            StDtype::Other(n, _) => DType::from_st_name(n).ok_or_else(|| {
+                Error::Input(format!(
+                    "{uri}: tensor {in_name} has dtype {n}, which can't be merged or copied (F32, F16 and BF16 merge; BOOL and integer tensors are copied from the base model)"
+                ))
+            })?,
+        };
+        inputs.push(pb::TensorSource {
+            uri: uri.clone(),
+            data_offset: info.start,
+            dtype: dt.to_proto() as i32,
+            shape: info.shape.clone(),
+            model: src.model.clone(),
+            // keyed by the model's position among the inputs, not by where it is stored, so
+            // the same recipe over copies on S3 or local disk draws the same numbers
+            model_key: rng::key_of(&format!("input:{pos}")),
+            tensor: in_name.to_string(),
+            rng_offset: 0,
+        });
+        infos.push(info);
+    }
+    Ok((inputs, infos))
+}
+
+/// The method's parameters resolved for this tensor, and each input model's.
+fn job_params(
+    cx: &Ctx,
+    s: &Slice,
+    out_name: &str,
+    in_names: &[String],
+    t: f64,
+    base: Option<usize>,
+) -> Result<(HashMap<String, f64>, Vec<pb::ParamMap>)> {
+    let spec = cx.method.spec();
+    let mut params = HashMap::new();
+    for p in spec.params {
+        let v = recipe::resolve(cx.recipe, s, p.name, None, out_name, t).or(p.default);
+        match v {
+            Some(v) => {
+                params.insert(p.name.to_string(), v);
+            }
+            None => {
+                return Err(Error::Recipe(format!(
+                    "merge_method {} requires parameter `{}` (set it under `parameters:`), missing for tensor {out_name}",
+                    spec.name, p.name
+                )))
+            }
+        }
+    }
+    let mut model_params = Vec::new();
+    for (i, (src, in_name)) in s.sources.iter().zip(in_names).enumerate() {
+        let mut mp = HashMap::new();
+        for p in spec.tensor_params {
+            match recipe::resolve(cx.recipe, s, p.name, Some(&src.model), in_name, t).or(p.default) {
+                Some(v) => {
+                    mp.insert(p.name.to_string(), v);
+                }
+                None if Some(i) == base => {}
+                None => {
+                    return Err(Error::Recipe(format!(
+                        "merge_method {} requires parameter `{}` for model {} (missing for tensor {in_name})",
+                        spec.name, p.name, src.model
+                    )))
+                }
+            }
+        }
+        model_params.push(pb::ParamMap { values: mp });
+    }
+    Ok((params, model_params))
 }
