@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use shardmerge_tests::{block_on, generate_family, ok, pb, shardmerge_bin, Cluster};
+use shardmerge_tests::{block_on, family_and_linear_recipe, ok, pb, shardmerge_bin, Cluster};
 
 fn poll(url: &str, worker: &str) -> pb::PollWorkResponse {
     let url = url.to_string();
@@ -24,12 +24,7 @@ fn poll(url: &str, worker: &str) -> pb::PollWorkResponse {
 }
 
 fn submit(cluster: &Cluster, dir: &Path) -> String {
-    generate_family(dir, 2, 2, 64);
-    std::fs::write(
-        dir.join("r.yml"),
-        "merge_method: linear\nmodels:\n- model: m0\n  parameters:\n    weight: 0.5\n- model: m1\n  parameters:\n    weight: 0.5\n",
-    )
-    .expect("recipe");
+    family_and_linear_recipe(dir, 2, 64);
     let out = dir.join("out");
     ok(
         &cluster.cli(
