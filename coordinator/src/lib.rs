@@ -2,24 +2,24 @@
 //! the embedded runner. It schedules work and moves receipts; the arithmetic lives in the
 //! worker's kernels.
 
-pub mod arch;
+pub(crate) mod arch;
 pub mod auth;
 pub mod cli;
-pub mod commit;
-pub mod cut;
+pub(crate) mod commit;
+pub(crate) mod cut;
 pub mod embedded;
 pub mod error;
 pub mod job;
 pub mod journal;
-pub mod ops;
-pub mod paths;
+pub(crate) mod ops;
+pub(crate) mod paths;
 pub mod plan;
 pub mod planinfo;
-pub mod policy;
-pub mod progress;
+pub(crate) mod policy;
+pub(crate) mod progress;
 pub mod recipe;
-pub mod remote;
+pub(crate) mod remote;
 pub mod server;
-pub mod size;
-pub mod tls;
-pub mod verify;
+pub(crate) mod size;
+pub(crate) mod tls;
+pub(crate) mod verify;

@@ -98,11 +98,17 @@ pub async fn coordinator(
     let (security, notes) = security.load(listen, state)?;
     let resolver = Resolver::new();
     let mgr = match state {
-        None | Some("" | "memory" | "memory://") => JobManager::new(resolver),
+        None | Some("" | "memory" | "memory://") => {
+            let mgr = JobManager::new(resolver);
+            // the one lease TTL, with or without a journal
+            mgr.set_lease_ttl(lease_ttl);
+            mgr
+        }
         Some(uri) => {
             let journal = Journal::open(uri, &resolver).await?;
             let at = journal.uri();
             let mgr = JobManager::with_journal(resolver, journal);
+            // before `recover`: resumed jobs' leases get the coordinator's TTL too
             mgr.set_lease_ttl(lease_ttl);
             let resumed = mgr.recover().await?;
             ops::say(format!(

@@ -143,13 +143,14 @@ async fn lost_worker_lease_expires_and_late_result_is_ignored() {
         task_size: 8192,
         slot_memory: 64 << 10,
         base_dir: golden(),
-        lease_ttl: Duration::from_millis(300),
         ..Default::default()
     };
     let (jid, _) = mgr
         .submit(&recipe(), out.to_str().unwrap(), &so)
         .await
         .unwrap();
+    // the lease TTL is the coordinator's one setting, not a job's
+    mgr.set_lease_ttl(Duration::from_millis(300));
     // a worker takes a task and vanishes
     let lost = mgr.poll(&pb::PollWorkRequest {
         worker_id: "ghost".into(),

@@ -745,6 +745,17 @@ pub fn write_safetensors(path: &Path, tensors: &[(&str, Vec<u64>)], seed: u64) {
     f.flush().expect("flush");
 }
 
+/// Two models of [`generate_family`] (`dir/m0`, `dir/m1`) and `dir/r.yml`, a linear recipe
+/// averaging them.
+pub fn family_and_linear_recipe(dir: &Path, layers: usize, hidden: u64) {
+    generate_family(dir, 2, layers, hidden);
+    std::fs::write(
+        dir.join("r.yml"),
+        "merge_method: linear\nmodels:\n- model: m0\n  parameters:\n    weight: 0.5\n- model: m1\n  parameters:\n    weight: 0.5\n",
+    )
+    .expect("recipe");
+}
+
 /// A family of `n` models of `layers` Llama-style layers, `mib` MiB each, under `dir/m{i}`.
 pub fn generate_family(dir: &Path, n: usize, layers: usize, hidden: u64) -> Vec<PathBuf> {
     let mut names = Vec::new();

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use shardmerge_tests::{generate_family, ok, pb, shardmerge_bin, Cluster};
+use shardmerge_tests::{family_and_linear_recipe, ok, pb, shardmerge_bin, Cluster};
 
 fn signal(pid: u32, sig: &str) {
     let st = Command::new("kill")
@@ -16,16 +16,6 @@ fn signal(pid: u32, sig: &str) {
         .status()
         .expect("kill");
     assert!(st.success(), "kill -{sig} {pid}");
-}
-
-/// Two generated models and a linear recipe over them in `dir`.
-fn family_and_recipe(dir: &Path, layers: usize, hidden: u64) {
-    generate_family(dir, 2, layers, hidden);
-    std::fs::write(
-        dir.join("r.yml"),
-        "merge_method: linear\nmodels:\n- model: m0\n  parameters:\n    weight: 0.5\n- model: m1\n  parameters:\n    weight: 0.5\n",
-    )
-    .expect("recipe");
 }
 
 fn names_in(dir: &Path) -> Vec<String> {
@@ -42,7 +32,7 @@ fn run_interrupted(sig: &str) {
     let work = tempfile::tempdir().expect("tempdir");
     let dir = work.path();
     // 2 × 16 layers of 4 × 512² f32: 64 MiB per model, one task of 1 MiB at a time
-    family_and_recipe(dir, 16, 512);
+    family_and_linear_recipe(dir, 16, 512);
     let out = dir.join("out");
     let mut child = Command::new(shardmerge_bin!())
         .args([
@@ -112,7 +102,7 @@ fn worker_on_sigterm_hands_its_lease_back() {
     let bin = shardmerge_bin!();
     let work = tempfile::tempdir().expect("tempdir");
     let dir = work.path();
-    family_and_recipe(dir, 8, 512);
+    family_and_linear_recipe(dir, 8, 512);
     let lease_ttl = 120.0;
     let mut cluster = Cluster::start(&bin, Vec::new(), lease_ttl, 0);
     let out = dir.join("out");

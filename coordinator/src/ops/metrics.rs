@@ -1,62 +1,7 @@
-//! The coordinator as operated: the standard gRPC health service (`grpc.health.v1`) next to
-//! the `Coordinator` service, and its Prometheus metrics.
-//!
-//! The metrics come from two places, neither of them the job code:
-//! - the gRPC service layer ([`Metered`] wraps the `Coordinator` service): leases handed out by
-//!   PollWork, results accepted or rejected by CompleteTask, FailTask reports, renewals that
-//!   find their lease lost, leases that run out without a report, workers seen;
-//! - the job manager's status snapshots (`JobManager::list`) at scrape time: jobs by state,
-//!   tasks queued and leased, bytes planned and written.
+//! The coordinator's Prometheus metrics: what the gRPC layer observes ([`Metered`]) and the
+//! job manager's status snapshots at scrape time.
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::Registry;
-use shardmerge_proto as pb;
-use shardmerge_proto::coordinator_server::{Coordinator, CoordinatorServer};
-use shardmerge_worker::metrics::{self as wm, Endpoint};
-use tonic::{Request, Response, Status};
-
-use crate::auth::Authed;
-use crate::error::Error;
-use crate::job::JobManager;
-use crate::server::{error_chain, Security, Service, MAX_MESSAGE};
-
-static JSON_LOGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Makes [`say`] write JSON objects (`--log-format json`).
-pub fn set_json_logs() {
-    JSON_LOGS.store(true, std::sync::atomic::Ordering::Relaxed);
-}
-
-/// A service's lifecycle line (listening, resumed, shutting down) on stderr: plain text, or
-/// with `--log-format json` one JSON object like the log events', whatever `RUST_LOG` says.
-pub fn say(msg: String) {
-    if JSON_LOGS.load(std::sync::atomic::Ordering::Relaxed) {
-        let ts = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0.0, |d| d.as_secs_f64());
-        let line = serde_json::json!({
-            "timestamp": ts,
-            "level": "INFO",
-            "target": "shardmerge",
-            "message": msg,
-        });
-        eprintln!("{line}");
-    } else {
-        eprintln!("{msg}");
-    }
-}
-
-/// The gRPC service name of the coordinator, as the health service reports it.
-pub const SERVICE_NAME: &str = "shardmerge.v1.Coordinator";
+use super::*;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
@@ -424,8 +369,8 @@ impl Endpoint for CoordinatorMetrics {
 
 /// The `Coordinator` service with its calls observed for the metrics.
 pub struct Metered {
-    inner: Service,
-    metrics: Arc<CoordinatorMetrics>,
+    pub(super) inner: Service,
+    pub(super) metrics: Arc<CoordinatorMetrics>,
 }
 
 #[tonic::async_trait]
@@ -513,52 +458,4 @@ impl Coordinator for Metered {
         self.metrics.failed(req.get_ref());
         self.inner.fail_task(req).await
     }
-}
-
-/// Serves the coordinator, its health service and (with `metrics_listen`) its metrics on
-/// `listener` until `shutdown` resolves.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    mgr: Arc<JobManager>,
-    lease_ttl: Duration,
-    security: Security,
-    metrics_listen: Option<SocketAddr>,
-    shutdown: impl std::future::Future<Output = ()> + Send,
-) -> Result<(), Error> {
-    let metrics = CoordinatorMetrics::new(mgr.clone(), lease_ttl);
-    if let Some(addr) = metrics_listen {
-        let l = wm::bind(addr).await.map_err(Error::Other)?;
-        let at = l.local_addr().unwrap_or(addr);
-        say(format!(
-            "shardmerge coordinator: metrics on http://{at}/metrics"
-        ));
-        tokio::spawn(wm::serve(l, metrics.clone()));
-    }
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_service_status(SERVICE_NAME, tonic_health::ServingStatus::Serving)
-        .await;
-    let svc = CoordinatorServer::new(Metered {
-        inner: Service::with_policy(mgr, lease_ttl, security.policy),
-        metrics,
-    })
-    .max_decoding_message_size(MAX_MESSAGE)
-    .max_encoding_message_size(MAX_MESSAGE);
-    let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
-    if let Some(tls) = security.tls {
-        builder = builder.tls_config(tls).map_err(|e| {
-            Error::Other(format!(
-                "--tls-cert/--tls-key: {} (give a PEM certificate chain and its PEM private key)",
-                error_chain(&e)
-            ))
-        })?;
-    }
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    // the health service stays open for probes; every Coordinator RPC passes the token check
-    builder
-        .add_service(health_service)
-        .add_service(Authed::new(svc, security.auth))
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
-        .map_err(|e| Error::Other(format!("coordinator server: {}", error_chain(&e))))
 }

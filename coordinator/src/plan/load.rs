@@ -1,0 +1,130 @@
+//! Reading a model from its config, index and safetensors headers (range reads only).
+
+use super::*;
+
+pub(super) async fn read_header(loc: &Location) -> Result<st::Header> {
+    let uri = loc.uri();
+    let size = retry(|| loc.store.size(&loc.path)).await.map_err(|e| {
+        if e.not_found {
+            Error::Input(format!("{uri}: file not found"))
+        } else {
+            Error::Input(format!("{uri}: {e}"))
+        }
+    })?;
+    let prefix = retry(|| loc.store.read_range(&loc.path, 0..size.min(8)))
+        .await
+        .map_err(|e| Error::Input(format!("{uri}: {e}")))?;
+    let n = st::header_len(&prefix, size).map_err(|e| Error::Input(format!("{uri}: {e}")))?;
+    let json = retry(|| loc.store.read_range(&loc.path, 8..8 + n))
+        .await
+        .map_err(|e| Error::Input(format!("{uri}: {e}")))?;
+    st::parse_header(&json, size).map_err(|e| Error::Input(format!("{uri}: {e}")))
+}
+
+pub(super) async fn read_json(loc: &Location) -> Result<Option<Value>> {
+    match retry(|| loc.store.read_all(&loc.path)).await {
+        Ok(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| Error::Input(format!("{}: not valid JSON: {e}", loc.uri()))),
+        Err(e) if e.not_found => Ok(None),
+        Err(e) => Err(Error::Input(format!("{}: {e}", loc.uri()))),
+    }
+}
+
+/// Reads and checks a model folder's `model.safetensors.index.json`, if it has one.
+pub(super) async fn read_index(loc: &Location) -> Result<Option<st_index::Index>> {
+    let iloc = loc.join("model.safetensors.index.json");
+    match retry(|| iloc.store.read_all(&iloc.path)).await {
+        Ok(b) => st_index::parse_index(&b)
+            .map(Some)
+            .map_err(|e| Error::Input(format!("{}: {e}", iloc.uri()))),
+        Err(e) if e.not_found => Ok(None),
+        Err(e) => Err(Error::Input(format!("{}: {e}", iloc.uri()))),
+    }
+}
+
+/// Reads a model folder's config, index and headers (never the tensor data).
+pub async fn load_model(resolver: &Resolver, base_dir: &Path, name: &str) -> Result<ModelInfo> {
+    let loc = resolver.resolve(name, base_dir)?;
+    let config = read_json(&loc.join("config.json")).await?;
+    let index = read_index(&loc).await?;
+    let files: Vec<String> = match &index {
+        Some(idx) => idx.files.clone(),
+        None => {
+            let single = loc.join("model.safetensors");
+            if !single.store.exists(&single.path).await? {
+                let what = if loc.store.exists(&loc.path).await? || !loc.store.is_local() {
+                    "has no model.safetensors or model.safetensors.index.json (is it a Hugging Face safetensors checkpoint?)"
+                } else {
+                    "does not exist"
+                };
+                return Err(Error::Input(format!("model folder {} {what}", loc.uri())));
+            }
+            vec!["model.safetensors".into()]
+        }
+    };
+    let mut tensors = BTreeMap::new();
+    let mut bytes = 0;
+    for f in &files {
+        let floc = loc.join(f);
+        let h = read_header(&floc).await?;
+        bytes += h.tensors.values().map(|t| t.end - t.start).sum::<u64>();
+        let uri = floc.uri();
+        for (n, t) in h.tensors {
+            if let Some((other, _)) = tensors.get(&n) {
+                return Err(Error::Input(format!(
+                    "{}: tensor {n} is in two files, {other} and {uri}",
+                    loc.uri()
+                )));
+            }
+            tensors.insert(n, (uri.clone(), t));
+        }
+        let max = st::max_tensors();
+        if tensors.len() > max {
+            return Err(Error::Input(format!(
+                "{}: more than {max} tensors in one checkpoint (set SHARDMERGE_MAX_TENSORS to raise the limit)",
+                loc.uri()
+            )));
+        }
+    }
+    if let Some(idx) = &index {
+        for (tname, file) in &idx.weight_map {
+            match tensors.get(tname) {
+                Some((uri, _)) if uri.ends_with(&format!("/{file}")) => {}
+                _ => {
+                    return Err(Error::Input(format!(
+                        "{}: the index puts tensor {tname} in {file}, but that file's header doesn't have it",
+                        loc.uri()
+                    )))
+                }
+            }
+        }
+    }
+    let arch = arch::of_config(config.as_ref());
+    let from_names = tensors
+        .keys()
+        .filter_map(|n| arch.split_layer(n).map(|(_, i, _)| i + 1))
+        .max()
+        .unwrap_or(0);
+    let num_layers = arch
+        .config_layers(config.as_ref())
+        .unwrap_or(from_names)
+        .max(from_names);
+    // every layer is planned (and a config can claim any number): bounded like the tensors
+    if num_layers > st::max_tensors() as u64 {
+        return Err(Error::Input(format!(
+            "{}: config.json claims {num_layers} layers, more than the {} tensors a checkpoint may hold",
+            loc.uri(),
+            st::max_tensors()
+        )));
+    }
+    Ok(ModelInfo {
+        name: name.to_string(),
+        loc,
+        config,
+        tensors,
+        arch,
+        num_layers,
+        bytes,
+    })
+}

@@ -1,0 +1,244 @@
+//! One output tensor's job: its inputs, shape, parameters, or a plain copy for non-float tensors.
+
+use super::*;
+
+pub(super) fn plan_tensor(
+    cx: &Ctx,
+    s: &Slice,
+    out_name: &str,
+    in_names: &[String],
+    t: f64,
+) -> Result<pb::TensorJob> {
+    let spec = cx.method.spec();
+    let (inputs, infos) = tensor_inputs(cx, s, out_name, in_names)?;
+    let base = base_index(cx, s);
+    if inputs
+        .iter()
+        .any(|i| DType::from_proto(i.dtype).is_some_and(|d| !d.is_float()))
+    {
+        return copy_job(cx, out_name, inputs, reference_source(cx, s));
+    }
+    let shape = out_shape(cx, out_name, &s.sources, &infos)?;
+    let (params, model_params) = job_params(cx, s, out_name, in_names, t, base)?;
+    let out_dtype = cx
+        .recipe
+        .out_dtype
+        .or(cx.recipe.dtype)
+        .or_else(|| DType::from_proto(inputs[base.unwrap_or(0)].dtype))
+        .unwrap_or(DType::F32);
+    // mergekit loads every input in the recipe's dtype, else casts to the base's
+    let work_dtype = cx
+        .recipe
+        .dtype
+        .map(|d| d.to_proto() as i32)
+        .unwrap_or(inputs[base.unwrap_or(0)].dtype);
+    let job = pb::TensorJob {
+        name: out_name.to_string(),
+        shape,
+        out_dtype: out_dtype.to_proto() as i32,
+        method: spec.name.to_string(),
+        params: Some(pb::ParamMap { values: params }),
+        inputs,
+        model_params,
+        base_index: base.map(|b| b as u32),
+        seed: cx.seed,
+        rng: cx.rng as i32,
+        work_dtype,
+        // mergekit's arithmetic: every op rounds to the recipe's 16-bit dtype
+        compute_dtype: match cx.recipe.dtype {
+            Some(d @ (DType::BF16 | DType::F16)) if !cx.compute_float32 => d.to_proto() as i32,
+            _ => 0,
+        },
+    };
+    let ctx = shardmerge_worker::tensor::tensor_ctx(&job).map_err(Error::Input)?;
+    cx.method.check(&ctx).map_err(|e| {
+        Error::Recipe(format!(
+            "merge_method {}, tensor {out_name}: {e}",
+            spec.name
+        ))
+    })?;
+    Ok(job)
+}
+
+/// The job of a non-float tensor (a BOOL mask, integer ids): not merged, but copied from the
+/// base model (else the first), as mergekit carries them through. Every input must have its
+/// dtype and shape; the worker checks that they hold the same bytes too.
+pub(super) fn copy_job(
+    cx: &Ctx,
+    out_name: &str,
+    mut inputs: Vec<pb::TensorSource>,
+    from: usize,
+) -> Result<pb::TensorJob> {
+    let first = &inputs[from];
+    if inputs
+        .iter()
+        .any(|i| i.dtype != first.dtype || i.shape != first.shape)
+    {
+        let what: Vec<String> = inputs
+            .iter()
+            .map(|i| {
+                let dt = DType::from_proto(i.dtype).map_or("?", DType::name);
+                format!("{} has {dt} {:?}", i.model, i.shape)
+            })
+            .collect();
+        return Err(Error::Input(format!(
+            "tensor {out_name}: non-float tensors are copied from the base model, not merged, so every model must have it with one dtype and shape, but {}",
+            what.join(", ")
+        )));
+    }
+    // the model it is copied from first: the worker copies the first and compares the rest
+    let src = inputs.remove(from);
+    inputs.insert(0, src);
+    Ok(pb::TensorJob {
+        name: out_name.to_string(),
+        shape: inputs[0].shape.clone(),
+        out_dtype: inputs[0].dtype,
+        method: COPY_METHOD.to_string(),
+        params: Some(pb::ParamMap::default()),
+        model_params: vec![pb::ParamMap::default(); inputs.len()],
+        inputs,
+        base_index: None,
+        seed: cx.seed,
+        rng: cx.rng as i32,
+        work_dtype: 0,
+        compute_dtype: 0,
+    })
+}
+
+/// The method a copied (non-float) tensor's job names: it has no statistics passes and no
+/// random draws.
+pub const COPY_METHOD: &str = "passthrough";
+
+/// Whether a tensor job copies a non-float tensor rather than merging.
+pub fn is_copy(t: &pb::TensorJob) -> bool {
+    DType::from_proto(t.out_dtype).is_some_and(|d| !d.is_float())
+}
+
+pub(super) fn out_shape(
+    cx: &Ctx,
+    name: &str,
+    sources: &[Source],
+    infos: &[&TensorInfo],
+) -> Result<Vec<u64>> {
+    let first = &infos[0].shape;
+    if infos.iter().all(|i| &i.shape == first) {
+        return Ok(first.clone());
+    }
+    let shapes: Vec<String> = sources
+        .iter()
+        .zip(infos)
+        .map(|(s, i)| format!("{} has {:?}", s.model, i.shape))
+        .collect();
+    if cx.arch.is_embedding(name) && infos.iter().all(|i| i.shape.len() == 2) {
+        // the largest common submatrix, as mergekit takes when told to truncate
+        let rows = infos.iter().map(|i| i.shape[0]).min().unwrap_or(0);
+        let cols = infos.iter().map(|i| i.shape[1]).min().unwrap_or(0);
+        if cx.truncate_embeddings {
+            return Ok(vec![rows, cols]);
+        }
+        return Err(Error::Input(format!(
+            "tensor {name}: the models' vocabularies differ ({}): merging their rows as they are would mix up tokens. Align the vocabulary axes with the tokenizer configuration first (one tokenizer for all models; mergekit's `tokenizer_source`/`tokenizer:` are not supported by shardmerge yet), or pass --unsafe-truncate-embeddings to keep only the first {rows} rows of every model",
+            shapes.join(", ")
+        )));
+    }
+    Err(Error::Input(format!(
+        "shape mismatch for tensor {name}: {}",
+        shapes.join(", ")
+    )))
+}
+
+/// The inputs an output tensor reads, one per slice source (a tied embedding reads its
+/// twin), with their header entries.
+fn tensor_inputs<'a>(
+    cx: &Ctx<'a>,
+    s: &Slice,
+    out_name: &str,
+    in_names: &[String],
+) -> Result<(Vec<pb::TensorSource>, Vec<&'a TensorInfo>)> {
+    let mut inputs = Vec::new();
+    let mut infos: Vec<&TensorInfo> = Vec::new();
+    for (pos, (src, in_name)) in s.sources.iter().zip(in_names).enumerate() {
+        let m = &cx.models[&src.model];
+        // a model with tied embeddings reads its input-side twin
+        let in_name = match cx.arch.tied_to(in_name) {
+            Some(twin) if !m.tensors.contains_key(in_name) => twin,
+            _ => in_name.as_str(),
+        };
+        let (uri, info) = m.tensors.get(in_name).ok_or_else(|| {
+            Error::Input(format!(
+                "tensor {in_name} is missing from model {} ({}), but {out_name} needs it",
+                src.model,
+                m.loc.uri()
+            ))
+        })?;
+        let dt = match info.dtype {
+            StDtype::Float(dt) => dt,
+            StDtype::Other(n, _) => DType::from_st_name(n).ok_or_else(|| {
+                Error::Input(format!(
+                    "{uri}: tensor {in_name} has dtype {n}, which can't be merged or copied (F32, F16 and BF16 merge; BOOL and integer tensors are copied from the base model)"
+                ))
+            })?,
+        };
+        inputs.push(pb::TensorSource {
+            uri: uri.clone(),
+            data_offset: info.start,
+            dtype: dt.to_proto() as i32,
+            shape: info.shape.clone(),
+            model: src.model.clone(),
+            // keyed by the model's position among the inputs, not by where it is stored, so
+            // the same recipe over copies on S3 or local disk draws the same numbers
+            model_key: rng::key_of(&format!("input:{pos}")),
+            tensor: in_name.to_string(),
+            rng_offset: 0,
+        });
+        infos.push(info);
+    }
+    Ok((inputs, infos))
+}
+
+/// The method's parameters resolved for this tensor, and each input model's.
+fn job_params(
+    cx: &Ctx,
+    s: &Slice,
+    out_name: &str,
+    in_names: &[String],
+    t: f64,
+    base: Option<usize>,
+) -> Result<(HashMap<String, f64>, Vec<pb::ParamMap>)> {
+    let spec = cx.method.spec();
+    let mut params = HashMap::new();
+    for p in spec.params {
+        let v = recipe::resolve(cx.recipe, s, p.name, None, out_name, t).or(p.default);
+        match v {
+            Some(v) => {
+                params.insert(p.name.to_string(), v);
+            }
+            None => {
+                return Err(Error::Recipe(format!(
+                    "merge_method {} requires parameter `{}` (set it under `parameters:`), missing for tensor {out_name}",
+                    spec.name, p.name
+                )))
+            }
+        }
+    }
+    let mut model_params = Vec::new();
+    for (i, (src, in_name)) in s.sources.iter().zip(in_names).enumerate() {
+        let mut mp = HashMap::new();
+        for p in spec.tensor_params {
+            match recipe::resolve(cx.recipe, s, p.name, Some(&src.model), in_name, t).or(p.default) {
+                Some(v) => {
+                    mp.insert(p.name.to_string(), v);
+                }
+                None if Some(i) == base => {}
+                None => {
+                    return Err(Error::Recipe(format!(
+                        "merge_method {} requires parameter `{}` for model {} (missing for tensor {in_name})",
+                        spec.name, p.name, src.model
+                    )))
+                }
+            }
+        }
+        model_params.push(pb::ParamMap { values: mp });
+    }
+    Ok((params, model_params))
+}
