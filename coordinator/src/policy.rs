@@ -13,10 +13,18 @@
 //! Refusals name the reference as the submitter wrote it and the allowed prefixes, never
 //! anything about what exists outside them: a path outside is refused without looking at it.
 //!
+//! A model that is neither an existing local path nor a URI is a Hugging Face repository id
+//! (`org/name[@rev]`, read as `hf://org/name@rev`, see `shardmerge_worker::storage::hub`):
+//! it is allowed only by `--allow hf://org/` (every repository of `org`) or
+//! `--allow hf://org/name` (that repository, any revision), and refused by default like any
+//! other reference.
+//!
 //! The journal (`--state`) is the operator's choice and is not policed; neither is the
 //! embedded `shardmerge run`, which works on any path its user can reach.
 
 use std::path::{Component, Path, PathBuf};
+
+use shardmerge_worker::storage::hub;
 
 use crate::error::Error;
 use crate::recipe::Recipe;
@@ -28,6 +36,9 @@ pub enum Prefix {
     Local { given: PathBuf, canonical: PathBuf },
     /// `s3://bucket/key...`; an empty key allows the whole bucket.
     S3 { bucket: String, key: Vec<String> },
+    /// `hf://org/` (every repository of `org`) or `hf://org/name` (that repository, any
+    /// revision).
+    Hub { org: String, name: Option<String> },
 }
 
 /// Which prefixes jobs may use.
@@ -61,6 +72,7 @@ pub enum Refusal {
 enum Target {
     Local(PathBuf),
     S3 { bucket: String, key: Vec<String> },
+    Hub { org: String, name: String },
 }
 
 /// Removes `.` and `..` without touching the filesystem (`..` at the root stays at the root,
@@ -118,9 +130,17 @@ fn target(uri: &str, base_dir: &Path) -> Result<Target, String> {
         let (bucket, key) = s3_key(uri, rest)?;
         return Ok(Target::S3 { bucket, key });
     }
+    if let Some(rest) = uri.strip_prefix(hub::PREFIX) {
+        let (id, _) = hub::RepoId::parse_uri(rest)
+            .ok_or_else(|| format!("`{uri}`: not a Hugging Face repository (hf://ORG/NAME)"))?;
+        return Ok(Target::Hub {
+            org: id.org,
+            name: id.name,
+        });
+    }
     if uri.contains("://") && !uri.starts_with("file://") {
         return Err(format!(
-            "`{uri}`: unsupported URI scheme (use a local path, file:// or s3://)"
+            "`{uri}`: unsupported URI scheme (use a local path, file://, s3:// or hf://)"
         ));
     }
     let p = Path::new(uri.strip_prefix("file://").unwrap_or(uri));
@@ -142,8 +162,29 @@ impl Policy {
         let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
         let mut out = Vec::new();
         for a in allow {
+            if let Some(org) = a
+                .strip_prefix(hub::PREFIX)
+                .and_then(|r| r.strip_suffix('/'))
+                .filter(|o| !o.contains('/'))
+            {
+                // `hf://org/`: every repository of the organisation
+                if hub::RepoId::parse(&format!("{org}/x")).is_none() {
+                    return Err(Error::Other(format!(
+                        "--allow {a}: not a Hugging Face organisation (hf://ORG/ or hf://ORG/NAME)"
+                    )));
+                }
+                out.push(Prefix::Hub {
+                    org: org.to_string(),
+                    name: None,
+                });
+                continue;
+            }
             let p = match target(a, &cwd).map_err(|e| Error::Other(format!("--allow {e}")))? {
                 Target::S3 { bucket, key } => Prefix::S3 { bucket, key },
+                Target::Hub { org, name } => Prefix::Hub {
+                    org,
+                    name: Some(name),
+                },
                 Target::Local(given) => {
                     let canonical = std::fs::canonicalize(&given).map_err(|e| {
                         Error::Other(format!(
@@ -175,6 +216,11 @@ impl Policy {
         let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
         let p = match target(uri, &cwd).map_err(|e| Error::Other(format!("--state {e}")))? {
             Target::S3 { bucket, key } => Prefix::S3 { bucket, key },
+            Target::Hub { .. } => {
+                return Err(Error::Other(format!(
+                    "--state {uri}: a Hugging Face repository is read-only; keep the journal in a local folder or s3://"
+                )))
+            }
             Target::Local(given) => {
                 let canonical = real_path(&given, Path::new("/")).unwrap_or_else(|| given.clone());
                 Prefix::Local { given, canonical }
@@ -247,7 +293,15 @@ impl Policy {
         if self.allow == Allow::Any && self.protected.is_empty() {
             return Ok(());
         }
-        let t = target(r, base_dir).map_err(|e| Refusal::Outside(format!("{what} {e}")))?;
+        // a model that is neither an existing local path nor a URI is a Hub repository id,
+        // as the planner reads it
+        let reference = if what == "model" {
+            hub::model_reference(r, base_dir)
+        } else {
+            r.to_string()
+        };
+        let t =
+            target(&reference, base_dir).map_err(|e| Refusal::Outside(format!("{what} {e}")))?;
         if self.is_protected(&t) {
             return Err(Refusal::Outside(format!(
                 "{what} `{r}` is inside the coordinator's journal (--state); pick another location"
@@ -261,7 +315,20 @@ impl Policy {
             Target::S3 { bucket, key } => {
                 let inside = prefixes.iter().any(|p| match p {
                     Prefix::S3 { bucket: b, key: k } => *b == bucket && key.starts_with(k),
-                    Prefix::Local { .. } => false,
+                    _ => false,
+                });
+                if inside {
+                    Ok(())
+                } else {
+                    Err(self.outside(what, r))
+                }
+            }
+            Target::Hub { org, name } => {
+                let inside = prefixes.iter().any(|p| match p {
+                    Prefix::Hub { org: o, name: n } => {
+                        *o == org && n.as_ref().is_none_or(|n| *n == name)
+                    }
+                    _ => false,
                 });
                 if inside {
                     Ok(())
@@ -274,7 +341,7 @@ impl Policy {
                     .iter()
                     .filter_map(|p| match p {
                         Prefix::Local { given, canonical } => Some((given, canonical)),
-                        Prefix::S3 { .. } => None,
+                        _ => None,
                     })
                     .collect();
                 // lexically first: a path outside is refused without looking at it
@@ -349,12 +416,34 @@ fn show(p: &Prefix) -> String {
         Prefix::Local { given, .. } => given.display().to_string(),
         Prefix::S3 { bucket, key } if key.is_empty() => format!("s3://{bucket}/"),
         Prefix::S3 { bucket, key } => format!("s3://{bucket}/{}/", key.join("/")),
+        Prefix::Hub { org, name: None } => format!("hf://{org}/"),
+        Prefix::Hub { org, name: Some(n) } => format!("hf://{org}/{n}"),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn hub_ids_need_an_hf_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let recipe = "merge_method: linear\nmodels:\n  - model: org/name@v1\n    parameters: {weight: 1.0}\n";
+        let out = dir.path().join("out").to_string_lossy().into_owned();
+        let local = dir.path().to_string_lossy().into_owned();
+        let p = Policy::new(std::slice::from_ref(&local), false).unwrap();
+        // not a local path under the allowed folder: a Hub repository, refused
+        assert!(p.check_job(recipe, &out, dir.path()).await.is_err());
+        let p = Policy::new(&[local.clone(), "hf://org/".into()], false).unwrap();
+        assert!(p.check_job(recipe, &out, dir.path()).await.is_ok());
+        let p = Policy::new(&[local.clone(), "hf://org/name".into()], false).unwrap();
+        assert!(p.check_job(recipe, &out, dir.path()).await.is_ok());
+        let p = Policy::new(&[local.clone(), "hf://org/other".into()], false).unwrap();
+        assert!(p.check_job(recipe, &out, dir.path()).await.is_err());
+        let p = Policy::new(&[local, "hf://other/".into()], false).unwrap();
+        assert!(p.check_job(recipe, &out, dir.path()).await.is_err());
+        assert!(Policy::new(&["hf://a b/".into()], false).is_err());
+    }
 
     fn allow(a: &[&str]) -> Policy {
         Policy::new(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>(), false).expect("policy")

@@ -45,7 +45,9 @@ pub(super) async fn read_index(loc: &Location) -> Result<Option<st_index::Index>
 
 /// Reads a model folder's config, index and headers (never the tensor data).
 pub async fn load_model(resolver: &Resolver, base_dir: &Path, name: &str) -> Result<ModelInfo> {
-    let loc = resolver.resolve(name, base_dir)?;
+    // `org/name[@rev]` that is no local path is a Hugging Face repository (`hf://`)
+    let reference = shardmerge_worker::storage::hub::model_reference(name, base_dir);
+    let loc = resolver.resolve(&reference, base_dir)?;
     let config = read_json(&loc.join("config.json")).await?;
     let index = read_index(&loc).await?;
     let files: Vec<String> = match &index {

@@ -13,6 +13,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 pub mod fault;
+pub mod hub;
 pub mod local;
 pub mod object;
 
@@ -192,7 +193,7 @@ impl Resolver {
         }
     }
 
-    /// Resolves `uri`: `s3://bucket/key`, `file:///abs/path`, or a path (relative paths are
+    /// Resolves `uri`: `s3://bucket/key`, `file:///abs/path`, `hf://org/name@rev/file`, or a path (relative paths are
     /// taken against `base_dir`). The scheme picks the backend from `SCHEMES`.
     pub fn resolve(&self, uri: &str, base_dir: &Path) -> SResult<Location> {
         for s in SCHEMES {
@@ -252,7 +253,26 @@ const SCHEMES: &[Scheme] = &[
         prefix: "file://",
         open: open_local,
     },
+    Scheme {
+        prefix: hub::PREFIX,
+        open: open_hub,
+    },
 ];
+
+/// `hf://ORG/NAME@REVISION/FILE`: a Hugging Face Hub repository (read-only), one store per
+/// repository and revision, configured from the environment (see `hub`).
+fn open_hub(r: &Resolver, uri: &str, rest: &str, _base_dir: &Path) -> SResult<Location> {
+    let (id, file) = hub::RepoId::parse_uri(rest).ok_or_else(|| {
+        StorageError::new(
+            format!("{uri}: not a Hugging Face repository (write hf://ORG/NAME@REVISION, with letters, digits, `-`, `_` and `.`)"),
+            false,
+        )
+    })?;
+    let store = r.store(&id.uri(), || {
+        Ok(Arc::new(hub::HubStorage::from_env(id.clone())?) as Arc<dyn Storage>)
+    })?;
+    Ok(Location { store, path: file })
+}
 
 /// `s3://bucket/key`: one store per bucket, configured from the environment.
 fn open_s3(r: &Resolver, uri: &str, rest: &str, _base_dir: &Path) -> SResult<Location> {
