@@ -9,7 +9,6 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::Stream;
 use shardmerge_proto as pb;
@@ -26,21 +25,19 @@ pub use shardmerge_proto::MAX_MESSAGE;
 
 pub struct Service {
     mgr: Arc<JobManager>,
-    lease_ttl: Duration,
     policy: Arc<Policy>,
 }
 
 impl Service {
     /// A service that accepts jobs on any path (`Policy::any()`); see [`Service::with_policy`].
-    pub fn new(mgr: Arc<JobManager>, lease_ttl: Duration) -> Self {
-        Self::with_policy(mgr, lease_ttl, Policy::any())
+    pub fn new(mgr: Arc<JobManager>) -> Self {
+        Self::with_policy(mgr, Policy::any())
     }
 
     /// A service that refuses jobs whose inputs or output lie outside `policy`.
-    pub fn with_policy(mgr: Arc<JobManager>, lease_ttl: Duration, policy: Policy) -> Self {
+    pub fn with_policy(mgr: Arc<JobManager>, policy: Policy) -> Self {
         Service {
             mgr,
-            lease_ttl,
             policy: Arc::new(policy),
         }
     }
@@ -53,7 +50,7 @@ impl Service {
 
     /// The job manager's options for a submitted job: 0 means the default.
     pub fn submit_options(&self, o: &pb::JobOptions) -> SubmitOptions {
-        SubmitOptions::from_proto(o, self.lease_ttl)
+        SubmitOptions::from_proto(o)
     }
 }
 

@@ -146,7 +146,8 @@ impl JobManager {
         })
     }
 
-    /// How long a lease lasts without renewal (also set by each submitted job's options).
+    /// How long a lease lasts without renewal: the coordinator's one setting (`--lease-ttl`),
+    /// set once before any job; jobs carry no TTL of their own.
     pub fn set_lease_ttl(&self, ttl: Duration) {
         *lock(&self.lease_ttl) = ttl;
     }
@@ -251,7 +252,6 @@ impl JobManager {
                 self.journal.uri()
             )));
         }
-        self.set_lease_ttl(o.lease_ttl);
         let state = JobState::new(id.clone(), plan, cut, out.uri(), state::kernel_reduce);
         let plan = state.plan.clone();
         lock(&self.jobs).insert(id.clone(), Job::new(state, out, uploads));
@@ -300,7 +300,7 @@ impl JobManager {
     /// Rebuilds one job from its record, replays the task results it holds, and finishes what
     /// they complete.
     async fn resume(&self, u: Unfinished) -> Result<()> {
-        let o = SubmitOptions::from_proto(&u.job.options.clone().unwrap_or_default(), self.ttl());
+        let o = SubmitOptions::from_proto(&u.job.options.clone().unwrap_or_default());
         let (plan, cut, out) = self
             .prepare(&u.job.recipe_yaml, &u.job.output_uri, &o)
             .await?;

@@ -1,7 +1,6 @@
 //! What a submitter chooses about a job, and its `JobOptions` message.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use shardmerge_proto as pb;
 
@@ -23,7 +22,6 @@ pub struct SubmitOptions {
     /// How randomised methods draw.
     pub rng: pb::Rng,
     pub base_dir: PathBuf,
-    pub lease_ttl: Duration,
     /// Refuse to write into a folder that already holds a checkpoint.
     pub overwrite: bool,
     /// Merge embeddings of different vocabulary sizes by cropping them (`--unsafe-truncate-embeddings`).
@@ -41,7 +39,6 @@ impl Default for SubmitOptions {
             seed: None,
             rng: pb::Rng::Mergekit,
             base_dir: PathBuf::from("."),
-            lease_ttl: Duration::from_secs(30),
             overwrite: true,
             unsafe_truncate_embeddings: false,
             compute_float32: false,
@@ -67,7 +64,7 @@ impl SubmitOptions {
 
     /// Options from their message; 0 or empty means the default, and relative model paths
     /// resolve against the coordinator's working directory when `base_dir` is empty.
-    pub fn from_proto(o: &pb::JobOptions, lease_ttl: Duration) -> Self {
+    pub fn from_proto(o: &pb::JobOptions) -> Self {
         let or = |v: u64, d: u64| if v == 0 { d } else { v };
         SubmitOptions {
             out_shard_size: or(o.out_shard_size, plan::DEFAULT_SHARD_SIZE),
@@ -80,7 +77,6 @@ impl SubmitOptions {
             } else {
                 PathBuf::from(&o.base_dir)
             },
-            lease_ttl,
             unsafe_truncate_embeddings: o.unsafe_truncate_embeddings,
             compute_float32: o.compute_float32,
             ..Default::default()

@@ -86,7 +86,7 @@ pub async fn serve(
         .set_service_status(SERVICE_NAME, tonic_health::ServingStatus::Serving)
         .await;
     let svc = CoordinatorServer::new(Metered {
-        inner: Service::with_policy(mgr, lease_ttl, security.policy),
+        inner: Service::with_policy(mgr, security.policy),
         metrics,
     })
     .max_decoding_message_size(MAX_MESSAGE)
