@@ -95,6 +95,11 @@ enum Cmd {
         out: String,
         #[command(flatten)]
         engine: EngineArgs,
+        /// Replace what OUT holds. Without it an OUT that holds files is refused. The old
+        /// checkpoint stays complete until the new one is committed; then the old files the
+        /// new checkpoint does not have are removed
+        #[arg(long)]
+        overwrite: bool,
         /// No progress bar or summary
         #[arg(long, short)]
         quiet: bool,
@@ -113,6 +118,10 @@ enum Cmd {
     Verify {
         /// Checkpoint folder: a local path, file:// or s3://bucket/prefix
         checkpoint: String,
+        /// Also re-read every data file and check it against the checksums the commit
+        /// recorded (shardmerge.checksums.json); reads the whole checkpoint
+        #[arg(long)]
+        data: bool,
     },
     /// Serve jobs to workers over gRPC until SIGINT/SIGTERM
     Coordinator {
@@ -171,6 +180,10 @@ enum Cmd {
         /// Random draws of DARE/DELLA (see `run --help`)
         #[arg(long, value_enum, default_value_t = RngArg::Mergekit)]
         rng: RngArg,
+        /// Replace what OUT holds (see `run --help`); without it an OUT that holds files is
+        /// refused
+        #[arg(long)]
+        overwrite: bool,
         /// No progress output
         #[arg(long, short)]
         quiet: bool,
@@ -216,12 +229,16 @@ async fn main_inner(cli: Cli) -> Result<()> {
             recipe,
             out,
             engine,
+            overwrite,
             quiet,
         } => {
             let text = read_recipe(&recipe)?;
             let o = RunOptions {
                 workers: engine.workers(),
-                submit: engine.submit_options(),
+                submit: SubmitOptions {
+                    overwrite,
+                    ..engine.submit_options()
+                },
                 quiet,
             };
             let s = embedded::run(&text, &out, &o, resolver).await?;
@@ -261,8 +278,16 @@ async fn main_inner(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Verify { checkpoint } => {
+        Cmd::Verify { checkpoint, data } => {
             let r = verify::verify(&resolver, &checkpoint).await?;
+            if data {
+                let d = verify::verify_data(&resolver, &checkpoint).await?;
+                println!(
+                    "data ok: {} file(s), {} match their recorded CRC-32C",
+                    d.files,
+                    size::human(d.bytes)
+                );
+            }
             println!(
                 "ok: {} tensors in {} file(s), {} of tensor data",
                 r.tensors,
@@ -308,6 +333,7 @@ async fn main_inner(cli: Cli) -> Result<()> {
             memory_limit,
             random_seed,
             rng,
+            overwrite,
             quiet,
         } => {
             let text = read_recipe(&recipe)?;
@@ -323,6 +349,7 @@ async fn main_inner(cli: Cli) -> Result<()> {
                     base_dir: embedded::cwd().to_string_lossy().into_owned(),
                     min_part_size: 0,
                     rng: rng.proto() as i32,
+                    overwrite,
                 },
                 wait,
                 quiet,

@@ -9,6 +9,7 @@ pub mod embedded;
 pub mod error;
 pub mod job;
 pub mod journal;
+pub mod output;
 pub mod paths;
 pub mod plan;
 pub mod planinfo;

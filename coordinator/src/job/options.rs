@@ -24,7 +24,9 @@ pub struct SubmitOptions {
     pub rng: pb::Rng,
     pub base_dir: PathBuf,
     pub lease_ttl: Duration,
-    /// Refuse to write into a folder that already holds a checkpoint.
+    /// Replace an output that already holds files (without it, such an output is refused).
+    /// The new data files complete only at the commit: the old checkpoint stays whole until
+    /// then (see `crate::output`).
     pub overwrite: bool,
 }
 
@@ -38,7 +40,7 @@ impl Default for SubmitOptions {
             rng: pb::Rng::Mergekit,
             base_dir: PathBuf::from("."),
             lease_ttl: Duration::from_secs(30),
-            overwrite: true,
+            overwrite: false,
         }
     }
 }
@@ -54,6 +56,7 @@ impl SubmitOptions {
             base_dir: self.base_dir.to_string_lossy().into_owned(),
             min_part_size: 0,
             rng: self.rng as i32,
+            overwrite: self.overwrite,
         }
     }
 
@@ -73,7 +76,7 @@ impl SubmitOptions {
                 PathBuf::from(&o.base_dir)
             },
             lease_ttl,
-            ..Default::default()
+            overwrite: o.overwrite,
         }
     }
 }

@@ -105,6 +105,7 @@ fn write_result(part: u32) -> pb::TaskResult {
             part_index: part,
             etag: format!("etag-{part}"),
             size: 8,
+            ..Default::default()
         }),
         ..Default::default()
     }
