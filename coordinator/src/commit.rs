@@ -45,10 +45,10 @@ pub fn model_card(plan: &Plan) -> String {
 pub const CHECKSUMS: &str = "shardmerge.checksums.json";
 const INDEX: &str = "model.safetensors.index.json";
 
-/// The checksum manifest of the plan's output files, from their parts' receipts (`receipts[fi]`
-/// in part order): each file's CRC-32C combined from its parts' (no data is read again).
-pub fn checksums_json(plan: &Plan, receipts: &[Vec<Receipt>]) -> Result<Value> {
-    let mut files = Map::new();
+/// Each output file's (size, CRC-32C), from its parts' receipts (`receipts[fi]` in part
+/// order), combined without reading any data again.
+pub fn file_sums(plan: &Plan, receipts: &[Vec<Receipt>]) -> Result<Vec<(u64, u32)>> {
+    let mut sums = Vec::with_capacity(plan.files.len());
     for (fi, f) in plan.files.iter().enumerate() {
         let parts = receipts.get(fi).map_or(&[][..], Vec::as_slice);
         let mut crc = 0u32;
@@ -70,12 +70,21 @@ pub fn checksums_json(plan: &Plan, receipts: &[Vec<Receipt>]) -> Result<Value> {
                 f.name, f.layout.total_size
             )));
         }
+        sums.push((size, crc));
+    }
+    Ok(sums)
+}
+
+/// The checksum manifest (`shardmerge.checksums.json`) of the plan's output files.
+pub fn checksums_json(plan: &Plan, sums: &[(u64, u32)]) -> Value {
+    let mut files = Map::new();
+    for (f, (size, crc)) in plan.files.iter().zip(sums) {
         files.insert(
             f.name.clone(),
             json!({ "size": size, "crc32c": format!("{crc:08x}") }),
         );
     }
-    Ok(json!({ "algorithm": "crc32c", "files": Value::Object(files) }))
+    json!({ "algorithm": "crc32c", "files": Value::Object(files) })
 }
 
 /// Writes `config.json`, the tokenizer files, the model card, the checksum manifest, and the
@@ -121,7 +130,9 @@ pub async fn write_checkpoint_files(
 /// whole, until now. Here the old index (and checksum manifest) go first, then the new data
 /// files complete at their final names (a local rename; S3 completes the multipart upload at
 /// the final key: no copy of the data), the small files and the index follow, and only then are
-/// the files of the old checkpoint that the new one does not have removed.
+/// the files of the old checkpoint that the new one does not have removed. Run again after an
+/// interruption (a restarted coordinator resuming the job), it completes what is left: a file
+/// already completed is recognised by its size and CRC-32C.
 pub async fn commit_checkpoint(
     plan: &Plan,
     out: &Location,
@@ -129,7 +140,8 @@ pub async fn commit_checkpoint(
     replace: bool,
 ) -> Result<()> {
     let receipts: Vec<Vec<Receipt>> = files.iter().map(|(_, r)| r.clone()).collect();
-    let checksums = checksums_json(plan, &receipts)?;
+    let sums = file_sums(plan, &receipts)?;
+    let checksums = checksums_json(plan, &sums);
     let before = if replace {
         match out.store.list(&out.path).await {
             Ok(names) => names,
@@ -144,11 +156,23 @@ pub async fn commit_checkpoint(
             let l = out.join(name);
             l.store.delete(&l.path).await?;
         }
-        for (upload, parts) in files {
-            out.store
-                .finish_upload(upload, parts)
-                .await
-                .map_err(|e| Error::Job(format!("completing {}: {e}", upload.path)))?;
+        for ((upload, parts), &(size, crc)) in files.iter().zip(&sums) {
+            if let Err(e) = out.store.finish_upload(upload, parts).await {
+                // A coordinator restarted during this commit: the previous one may have
+                // completed the file already. Only the new file's exact bytes count (the old
+                // checkpoint's file of the same name may well have the same size).
+                let done = Location {
+                    store: out.store.clone(),
+                    path: upload.path.clone(),
+                };
+                let same = out.store.size(&upload.path).await.is_ok_and(|n| n == size)
+                    && crate::verify::file_crc(&done, size, Vec::new())
+                        .await
+                        .is_ok_and(|(c, _)| c == crc);
+                if !same {
+                    return Err(Error::Job(format!("completing {}: {e}", upload.path)));
+                }
+            }
         }
     }
     let mut names = write_checkpoint_files(plan, out, &checksums).await?;

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde_json::Value;
-use shardmerge_worker::storage::Resolver;
+use shardmerge_worker::storage::{Location, Resolver};
 
 use crate::commit::CHECKSUMS;
 use crate::error::{Error, Result};
@@ -148,14 +148,8 @@ pub async fn verify_data(resolver: &Resolver, uri: &str) -> Result<DataReport> {
                 loc.uri()
             )));
         }
-        let mut crc = 0u32;
-        let mut at = 0u64;
-        while at < size {
-            let end = (at + DATA_CHUNK).min(size);
-            buf = loc.store.read_range_into(&loc.path, at..end, buf).await?;
-            crc = crc32c::crc32c_append(crc, &buf);
-            at = end;
-        }
+        let crc;
+        (crc, buf) = file_crc(&loc, size, buf).await?;
         if crc != want_crc {
             return Err(Error::Input(format!(
                 "{}: data checksum mismatch (CRC-32C {crc:08x}, the manifest says \
@@ -170,4 +164,18 @@ pub async fn verify_data(resolver: &Resolver, uri: &str) -> Result<DataReport> {
         files: listed.len(),
         bytes,
     })
+}
+
+/// The CRC-32C of the first `size` bytes of `loc`, read `DATA_CHUNK` bytes at a time into
+/// `buf` (handed back for reuse).
+pub async fn file_crc(loc: &Location, size: u64, mut buf: Vec<u8>) -> Result<(u32, Vec<u8>)> {
+    let mut crc = 0u32;
+    let mut at = 0u64;
+    while at < size {
+        let end = (at + DATA_CHUNK).min(size);
+        buf = loc.store.read_range_into(&loc.path, at..end, buf).await?;
+        crc = crc32c::crc32c_append(crc, &buf);
+        at = end;
+    }
+    Ok((crc, buf))
 }
