@@ -9,10 +9,11 @@ use std::time::Duration;
 use crate::embedded::{self, RunOptions};
 use crate::error::{Error, Result};
 use crate::job::SubmitOptions;
-use crate::remote::{self, SubmitArgs, WorkerOptions};
+use crate::remote::{self, ServeSecurity, SubmitArgs, WorkerOptions};
 use crate::{planinfo, size, verify};
 use clap::{Parser, Subcommand};
 use shardmerge_proto as pb;
+use shardmerge_worker::client::ClientOptions;
 use shardmerge_worker::storage::Resolver;
 
 #[derive(Parser)]
@@ -24,6 +25,24 @@ use shardmerge_worker::storage::Resolver;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Log lines as `human` text or `json` objects (one per line, for log collectors)
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human, env = "SHARDMERGE_LOG_FORMAT")]
+    log_format: LogFormat,
+}
+
+/// `--log-format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+/// Options of the long-running services (`coordinator`, `worker`) for running them operated.
+#[derive(clap::Args, Clone, Debug)]
+struct OpsArgs {
+    /// Serve Prometheus metrics on http://ADDR/metrics (and /ready, /healthz for probes)
+    #[arg(long, value_name = "ADDR", env = "SHARDMERGE_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(clap::Args, Clone, Debug)]
@@ -47,6 +66,28 @@ struct EngineArgs {
     /// with the same seed) or counter (a hash per element; no stream jumps)
     #[arg(long, value_enum, default_value_t = RngArg::Mergekit)]
     rng: RngArg,
+    #[command(flatten)]
+    merge: MergeArgs,
+}
+
+/// Options that change what a merge computes (run, plan and submit).
+#[derive(clap::Args, Clone, Copy, Debug, Default)]
+struct MergeArgs {
+    /// Merge models whose vocabularies differ in size by keeping only the embedding rows all
+    /// of them have (rows past the smallest vocabulary are dropped; without this such a
+    /// merge is refused)
+    #[arg(long)]
+    unsafe_truncate_embeddings: bool,
+    /// Compute in float32 and round once, even when the recipe's `dtype` is bfloat16 or
+    /// float16 (by default every operation rounds to that dtype, as in mergekit)
+    #[arg(long, value_enum)]
+    compute_dtype: Option<ComputeDtype>,
+}
+
+/// `--compute-dtype`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum ComputeDtype {
+    Float32,
 }
 
 /// `--rng`: see `pb::Rng`.
@@ -80,8 +121,95 @@ impl EngineArgs {
             seed: self.random_seed,
             rng: self.rng.proto(),
             base_dir: embedded::cwd(),
+            unsafe_truncate_embeddings: self.merge.unsafe_truncate_embeddings,
+            compute_float32: self.merge.compute_dtype == Some(ComputeDtype::Float32),
             ..Default::default()
         }
+    }
+}
+
+/// Access control and TLS of `shardmerge coordinator` (see docs/security.md).
+#[derive(clap::Args, Clone, Debug)]
+struct ServeSecurityArgs {
+    /// File holding the token every call must carry (`authorization: Bearer TOKEN`); it grants
+    /// every RPC. Without it the coordinator answers anyone, and refuses to start on a
+    /// non-loopback address unless --insecure-no-auth is given
+    #[arg(long, help_heading = "Security")]
+    token_file: Option<PathBuf>,
+    /// File holding a second token that grants only the worker RPCs (poll, renew, complete,
+    /// fail): a worker's credential cannot submit, list or cancel jobs. Needs --token-file
+    #[arg(long, help_heading = "Security")]
+    worker_token_file: Option<PathBuf>,
+    /// Serve without a token on a non-loopback address (anyone who reaches the port may
+    /// submit, read and cancel jobs): only behind another access control
+    #[arg(long, help_heading = "Security")]
+    insecure_no_auth: bool,
+    /// PEM certificate (chain) to serve TLS with; clients then use https:// URLs
+    #[arg(long, requires = "tls_key", help_heading = "Security")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert
+    #[arg(long, requires = "tls_cert", help_heading = "Security")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s): clients must present a certificate it signed (mutual TLS)
+    #[arg(long, requires = "tls_cert", help_heading = "Security")]
+    tls_client_ca: Option<PathBuf>,
+    /// Storage prefix submitted jobs may read and write (repeatable): a local folder,
+    /// file://PATH or s3://bucket/prefix. Jobs with an input or output outside every prefix
+    /// are refused. Without --allow (or --allow-any) every job is refused
+    #[arg(long = "allow", value_name = "PREFIX", help_heading = "Security")]
+    allow: Vec<String>,
+    /// Let jobs read and write anything the coordinator's credentials reach (single-user
+    /// setups)
+    #[arg(long, conflicts_with = "allow", help_heading = "Security")]
+    allow_any: bool,
+}
+
+impl ServeSecurityArgs {
+    fn into_remote(self) -> ServeSecurity {
+        ServeSecurity {
+            token_file: self.token_file,
+            worker_token_file: self.worker_token_file,
+            insecure_no_auth: self.insecure_no_auth,
+            tls: crate::tls::ServerTls {
+                cert: self.tls_cert,
+                key: self.tls_key,
+                client_ca: self.tls_client_ca,
+            },
+            allow: self.allow,
+            allow_any: self.allow_any,
+        }
+    }
+}
+
+/// How a client (worker, submit, status, cancel) authenticates to the coordinator and
+/// verifies it (see docs/security.md).
+#[derive(clap::Args, Clone, Debug)]
+struct ClientSecurityArgs {
+    /// File holding the coordinator's token (a worker: its worker token); else the token in
+    /// SHARDMERGE_TOKEN, if set
+    #[arg(long, env = "SHARDMERGE_TOKEN_FILE", help_heading = "Security")]
+    token_file: Option<PathBuf>,
+    /// PEM CA certificate(s) to verify an https:// coordinator with (default: the system's
+    /// roots)
+    #[arg(long, env = "SHARDMERGE_TLS_CA", help_heading = "Security")]
+    tls_ca: Option<PathBuf>,
+    /// PEM client certificate, for a coordinator that requires mutual TLS
+    #[arg(long, requires = "tls_client_key", help_heading = "Security")]
+    tls_client_cert: Option<PathBuf>,
+    /// PEM private key of --tls-client-cert
+    #[arg(long, requires = "tls_client_cert", help_heading = "Security")]
+    tls_client_key: Option<PathBuf>,
+}
+
+impl ClientSecurityArgs {
+    fn options(&self) -> Result<ClientOptions> {
+        ClientOptions::load(
+            self.token_file.as_deref(),
+            self.tls_ca.as_deref(),
+            self.tls_client_cert.as_deref(),
+            self.tls_client_key.as_deref(),
+        )
+        .map_err(Error::Other)
     }
 }
 
@@ -137,6 +265,10 @@ enum Cmd {
         /// resumes its unfinished jobs
         #[arg(long, default_value = "memory")]
         state: String,
+        #[command(flatten)]
+        security: ServeSecurityArgs,
+        #[command(flatten)]
+        ops: OpsArgs,
     },
     /// Pull tasks from a coordinator and run them until SIGINT/SIGTERM
     Worker {
@@ -152,6 +284,10 @@ enum Cmd {
         /// Name in logs and leases (default: hostname-pid)
         #[arg(long)]
         id: Option<String>,
+        #[command(flatten)]
+        security: ClientSecurityArgs,
+        #[command(flatten)]
+        ops: OpsArgs,
     },
     /// Submit a merge to a coordinator; relative model paths resolve against this directory
     Submit {
@@ -184,9 +320,13 @@ enum Cmd {
         /// refused
         #[arg(long)]
         overwrite: bool,
+        #[command(flatten)]
+        merge: MergeArgs,
         /// No progress output
         #[arg(long, short)]
         quiet: bool,
+        #[command(flatten)]
+        security: ClientSecurityArgs,
     },
     /// Show one job, or every job the coordinator knows
     Status {
@@ -199,22 +339,32 @@ enum Cmd {
         /// With --wait: no progress output
         #[arg(long, short, requires = "wait")]
         quiet: bool,
+        #[command(flatten)]
+        security: ClientSecurityArgs,
     },
     /// Cancel a job: drop its tasks, revoke its leases, abort its uploads
     Cancel {
         job: String,
         #[arg(long, env = "SHARDMERGE_COORDINATOR")]
         coordinator: String,
+        #[command(flatten)]
+        security: ClientSecurityArgs,
     },
 }
 
-fn init_tracing() {
+fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => fmt.init(),
+        LogFormat::Json => {
+            crate::ops::set_json_logs();
+            fmt.json().flatten_event(true).init()
+        }
+    }
 }
 
 fn read_recipe(p: &PathBuf) -> Result<String> {
@@ -300,26 +450,39 @@ async fn main_inner(cli: Cli) -> Result<()> {
             listen,
             lease_ttl,
             state,
+            security,
+            ops,
         } => {
             if !(lease_ttl.is_finite() && lease_ttl > 0.0) {
                 return Err(Error::Other(format!(
                     "--lease-ttl {lease_ttl}: give a positive number of seconds"
                 )));
             }
-            remote::coordinator(listen, Duration::from_secs_f64(lease_ttl), Some(&state)).await
+            remote::coordinator(
+                listen,
+                Duration::from_secs_f64(lease_ttl),
+                Some(&state),
+                security.into_remote(),
+                ops.metrics_listen,
+            )
+            .await
         }
         Cmd::Worker {
             coordinator,
             threads,
             memory_limit,
             id,
+            security,
+            ops,
         } => {
             remote::worker(WorkerOptions {
+                client: security.options()?,
                 coordinator,
                 threads: threads
                     .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
                 memory_limit,
                 id,
+                metrics_listen: ops.metrics_listen,
             })
             .await
         }
@@ -334,10 +497,13 @@ async fn main_inner(cli: Cli) -> Result<()> {
             random_seed,
             rng,
             overwrite,
+            merge,
             quiet,
+            security,
         } => {
             let text = read_recipe(&recipe)?;
             remote::submit(SubmitArgs {
+                client: security.options()?,
                 coordinator,
                 recipe_yaml: text,
                 output: out,
@@ -350,6 +516,8 @@ async fn main_inner(cli: Cli) -> Result<()> {
                     min_part_size: 0,
                     rng: rng.proto() as i32,
                     overwrite,
+                    unsafe_truncate_embeddings: merge.unsafe_truncate_embeddings,
+                    compute_float32: merge.compute_dtype == Some(ComputeDtype::Float32),
                 },
                 wait,
                 quiet,
@@ -361,8 +529,13 @@ async fn main_inner(cli: Cli) -> Result<()> {
             coordinator,
             wait,
             quiet,
-        } => remote::status(&coordinator, job, wait, quiet).await,
-        Cmd::Cancel { job, coordinator } => remote::cancel(&coordinator, job).await,
+            security,
+        } => remote::status(&coordinator, &security.options()?, job, wait, quiet).await,
+        Cmd::Cancel {
+            job,
+            coordinator,
+            security,
+        } => remote::cancel(&coordinator, &security.options()?, job).await,
     }
 }
 
@@ -370,7 +543,7 @@ async fn main_inner(cli: Cli) -> Result<()> {
 pub fn main() -> ExitCode {
     size::return_large_buffers_to_the_system();
     let cli = Cli::parse();
-    init_tracing();
+    init_tracing(cli.log_format);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -58,6 +58,11 @@ pub async fn run(
         .watch(&jid)
         .ok_or_else(|| Error::Job("job vanished".into()))?;
     let bar = progress_bar(plan.bytes_out(), o.quiet);
+    // SIGINT and SIGTERM (what Kubernetes and `kill` send) both cancel the job, which removes
+    // its partial output; listened for once, so a signal between two waits is not lost
+    let signal = crate::server::shutdown_signal();
+    tokio::pin!(signal);
+    let mut interrupted = false;
     let status = loop {
         let st = rx.borrow_and_update().clone();
         bar.set_position(st.bytes_done);
@@ -70,7 +75,8 @@ pub async fn run(
                     break mgr.status(&jid).unwrap_or(st);
                 }
             }
-            _ = tokio::signal::ctrl_c() => {
+            _ = &mut signal, if !interrupted => {
+                interrupted = true;
                 let st = mgr.cancel(&jid).await;
                 if st.is_some_and(|s| s.state == pb::JobState::Committing as i32) {
                     // every data file is written: the commit runs to the end

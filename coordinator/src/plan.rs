@@ -8,6 +8,7 @@ use std::path::Path;
 use serde_json::Value;
 use shardmerge_proto as pb;
 use shardmerge_worker::format::dtype::DType;
+use shardmerge_worker::format::index as st_index;
 use shardmerge_worker::format::safetensors::{
     self as st, FileLayout, LayoutEntry, StDtype, TensorInfo,
 };
@@ -15,6 +16,7 @@ use shardmerge_worker::kernels::{self, rng, BaseRule, Method};
 use shardmerge_worker::storage::{retry, Location, Resolver};
 use shardmerge_worker::tensor::view2d;
 
+use crate::arch::{self, Arch, Place};
 use crate::error::{Error, Result};
 use crate::recipe::{self, Recipe, Slice, Source, TokenizerSource};
 
@@ -42,6 +44,8 @@ pub struct ModelInfo {
     pub config: Option<Value>,
     /// Tensor name → (file URI, header entry).
     pub tensors: BTreeMap<String, (String, TensorInfo)>,
+    /// Its architecture's definition, from `config.json`.
+    pub arch: &'static Arch,
     pub num_layers: u64,
     /// Bytes of all its safetensors files.
     pub bytes: u64,
@@ -67,6 +71,8 @@ pub struct Plan {
     pub tokenizer_from: Option<Location>,
     pub seed: u64,
     pub out_layers: u64,
+    /// The architecture definition the plan followed (the donor model's).
+    pub arch: &'static Arch,
 }
 
 impl Plan {
@@ -87,27 +93,10 @@ impl Plan {
     }
 }
 
-/// Splits `model.layers.12.mlp.up_proj.weight` into (`model.layers.`, 12, `mlp.up_proj.weight`).
+/// Splits `model.layers.12.mlp.up_proj.weight` into (`model.layers.`, 12, `mlp.up_proj.weight`)
+/// by the name-pattern rule that models of unknown architecture follow.
 pub fn split_layer(name: &str) -> Option<(&str, u64, &str)> {
-    let mut search = 0;
-    while let Some(pos) = name[search..].find("layers.") {
-        let at = search + pos;
-        if at == 0 || name.as_bytes()[at - 1] == b'.' {
-            let rest = &name[at + 7..];
-            let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-            if digits > 0 && rest.as_bytes().get(digits) == Some(&b'.') {
-                if let Ok(n) = rest[..digits].parse() {
-                    return Some((&name[..at + 7], n, &rest[digits + 1..]));
-                }
-            }
-        }
-        search = at + 7;
-    }
-    None
-}
-
-fn is_embed(name: &str) -> bool {
-    name.contains("embed_tokens") || name.starts_with("lm_head") || name.contains("wte")
+    arch::split_layer_anywhere(name)
 }
 
 async fn read_header(loc: &Location) -> Result<st::Header> {
@@ -139,45 +128,25 @@ async fn read_json(loc: &Location) -> Result<Option<Value>> {
     }
 }
 
+/// Reads and checks a model folder's `model.safetensors.index.json`, if it has one.
+async fn read_index(loc: &Location) -> Result<Option<st_index::Index>> {
+    let iloc = loc.join("model.safetensors.index.json");
+    match retry(|| iloc.store.read_all(&iloc.path)).await {
+        Ok(b) => st_index::parse_index(&b)
+            .map(Some)
+            .map_err(|e| Error::Input(format!("{}: {e}", iloc.uri()))),
+        Err(e) if e.not_found => Ok(None),
+        Err(e) => Err(Error::Input(format!("{}: {e}", iloc.uri()))),
+    }
+}
+
 /// Reads a model folder's config, index and headers (never the tensor data).
 pub async fn load_model(resolver: &Resolver, base_dir: &Path, name: &str) -> Result<ModelInfo> {
     let loc = resolver.resolve(name, base_dir)?;
     let config = read_json(&loc.join("config.json")).await?;
-    let index = read_json(&loc.join("model.safetensors.index.json")).await?;
+    let index = read_index(&loc).await?;
     let files: Vec<String> = match &index {
-        Some(idx) => {
-            let wm = idx
-                .get("weight_map")
-                .and_then(Value::as_object)
-                .ok_or_else(|| {
-                    Error::Input(format!(
-                        "{}: model.safetensors.index.json has no weight_map",
-                        loc.uri()
-                    ))
-                })?;
-            let mut f: Vec<String> = wm
-                .values()
-                .map(|v| {
-                    v.as_str().map(str::to_string).ok_or_else(|| {
-                        Error::Input(format!(
-                            "{}: weight_map values must be file names",
-                            loc.uri()
-                        ))
-                    })
-                })
-                .collect::<Result<_>>()?;
-            f.sort();
-            f.dedup();
-            for name in &f {
-                if name.contains('/') || name.contains("..") {
-                    return Err(Error::Input(format!(
-                        "{}: weight_map names a file outside the folder: {name}",
-                        loc.uri()
-                    )));
-                }
-            }
-            f
-        }
+        Some(idx) => idx.files.clone(),
         None => {
             let single = loc.join("model.safetensors");
             if !single.store.exists(&single.path).await? {
@@ -199,41 +168,59 @@ pub async fn load_model(resolver: &Resolver, base_dir: &Path, name: &str) -> Res
         bytes += h.tensors.values().map(|t| t.end - t.start).sum::<u64>();
         let uri = floc.uri();
         for (n, t) in h.tensors {
+            if let Some((other, _)) = tensors.get(&n) {
+                return Err(Error::Input(format!(
+                    "{}: tensor {n} is in two files, {other} and {uri}",
+                    loc.uri()
+                )));
+            }
             tensors.insert(n, (uri.clone(), t));
+        }
+        let max = st::max_tensors();
+        if tensors.len() > max {
+            return Err(Error::Input(format!(
+                "{}: more than {max} tensors in one checkpoint (set SHARDMERGE_MAX_TENSORS to raise the limit)",
+                loc.uri()
+            )));
         }
     }
     if let Some(idx) = &index {
-        if let Some(wm) = idx.get("weight_map").and_then(Value::as_object) {
-            for (tname, file) in wm {
-                let file = file.as_str().unwrap_or_default();
-                match tensors.get(tname) {
-                    Some((uri, _)) if uri.ends_with(&format!("/{file}")) => {}
-                    _ => {
-                        return Err(Error::Input(format!(
-                            "{}: the index puts tensor {tname} in {file}, but that file's header doesn't have it",
-                            loc.uri()
-                        )))
-                    }
+        for (tname, file) in &idx.weight_map {
+            match tensors.get(tname) {
+                Some((uri, _)) if uri.ends_with(&format!("/{file}")) => {}
+                _ => {
+                    return Err(Error::Input(format!(
+                        "{}: the index puts tensor {tname} in {file}, but that file's header doesn't have it",
+                        loc.uri()
+                    )))
                 }
             }
         }
     }
+    let arch = arch::of_config(config.as_ref());
     let from_names = tensors
         .keys()
-        .filter_map(|n| split_layer(n).map(|(_, i, _)| i + 1))
+        .filter_map(|n| arch.split_layer(n).map(|(_, i, _)| i + 1))
         .max()
         .unwrap_or(0);
-    let num_layers = config
-        .as_ref()
-        .and_then(|c| c.get("num_hidden_layers"))
-        .and_then(Value::as_u64)
+    let num_layers = arch
+        .config_layers(config.as_ref())
         .unwrap_or(from_names)
         .max(from_names);
+    // every layer is planned (and a config can claim any number): bounded like the tensors
+    if num_layers > st::max_tensors() as u64 {
+        return Err(Error::Input(format!(
+            "{}: config.json claims {num_layers} layers, more than the {} tensors a checkpoint may hold",
+            loc.uri(),
+            st::max_tensors()
+        )));
+    }
     Ok(ModelInfo {
         name: name.to_string(),
         loc,
         config,
         tensors,
+        arch,
         num_layers,
         bytes,
     })
@@ -243,14 +230,22 @@ pub struct PlanOptions {
     pub out_shard_size: u64,
     pub seed: Option<u64>,
     pub rng: pb::Rng,
+    /// Merge embeddings of different vocabulary sizes by keeping the rows all of them have.
+    pub unsafe_truncate_embeddings: bool,
+    /// Compute in f32 even when the recipe's `dtype` is 16-bit.
+    pub compute_float32: bool,
 }
 
 struct Ctx<'a> {
     recipe: &'a Recipe,
+    /// The architecture of the model whose config the output takes.
+    arch: &'static Arch,
     method: &'static dyn Method,
     models: &'a HashMap<String, ModelInfo>,
     seed: u64,
     rng: pb::Rng,
+    truncate_embeddings: bool,
+    compute_float32: bool,
 }
 
 /// Plans a merge.
@@ -301,12 +296,26 @@ pub async fn plan(
         models.insert(name, m);
     }
     let seed = opts.seed.or(recipe.random_seed).unwrap_or(0);
+    let donor = donor_model(&recipe)?;
+    let arch = models[&donor].arch;
+    for m in &order {
+        let both_known = !m.arch.is_fallback() && !arch.is_fallback();
+        if both_known && m.arch.layer_prefixes != arch.layer_prefixes {
+            return Err(Error::Recipe(format!(
+                "model {} is a {} model and {donor} a {}: their tensors are named differently, so they can't be merged (use models of one architecture)",
+                m.name, m.arch.name, arch.name
+            )));
+        }
+    }
     let cx = Ctx {
         recipe: &recipe,
+        arch,
         method,
         models: &models,
         seed,
         rng: opts.rng,
+        truncate_embeddings: opts.unsafe_truncate_embeddings,
+        compute_float32: opts.compute_float32,
     };
     let slices = normalize_slices(&cx)?;
     for (i, s) in slices.iter().enumerate() {
@@ -329,12 +338,20 @@ pub async fn plan(
         )?);
     }
     let mut out_layer = 0u64;
+    // (model, layer) each output layer comes from: its reference source's
+    let mut origins: Vec<(&str, u64)> = Vec::new();
+    // each reference model's layer tensors by layer, found in one pass over its names (a scan
+    // of every name for every layer was quadratic: minutes for 200k tensors)
+    let mut by_layer: HashMap<&str, LayerNames> = HashMap::new();
     for s in &slices {
         let (a, b) = s.sources[0].layer_range.unwrap_or((0, 0));
         let n = b - a;
         let refi = reference_source(&cx, s);
         let rsrc = &s.sources[refi];
         let rmodel = &models[&rsrc.model];
+        let layers = by_layer
+            .entry(rsrc.model.as_str())
+            .or_insert_with(|| layer_names(rmodel, arch));
         for idx in 0..n {
             let t = if n > 1 {
                 idx as f64 / (n - 1) as f64
@@ -342,17 +359,8 @@ pub async fn plan(
                 1.0
             };
             let rlayer = rsrc.layer_range.map_or(0, |r| r.0) + idx;
-            let mut names: Vec<(&str, &str)> = rmodel
-                .tensors
-                .keys()
-                .filter_map(|k| {
-                    split_layer(k)
-                        .filter(|(_, i, _)| *i == rlayer)
-                        .map(|(p, _, s)| (p, s))
-                })
-                .collect();
-            names.sort_by_key(|(_, s)| *s);
-            for (prefix, suffix) in names {
+            let names = layers.get(&rlayer).map(Vec::as_slice).unwrap_or_default();
+            for &(prefix, suffix) in names {
                 let out_name = format!("{prefix}{out_layer}.{suffix}");
                 let ins: Vec<String> = s
                     .sources
@@ -366,6 +374,7 @@ pub async fn plan(
                     .collect();
                 tensors.push(plan_tensor(&cx, s, &out_name, &ins, t)?);
             }
+            origins.push((rsrc.model.as_str(), rlayer));
             out_layer += 1;
         }
     }
@@ -387,18 +396,18 @@ pub async fn plan(
     }
 
     let files = layout_files(&tensors, opts.out_shard_size);
-    let donor = recipe
-        .base_model
-        .clone()
-        .unwrap_or_else(|| first.sources[0].model.clone());
     let mut config = models[&donor].config.clone();
     if let Some(Value::Object(c)) = config.as_mut() {
         if let Some(dt) = recipe.out_dtype.or(recipe.dtype) {
-            c.insert("torch_dtype".into(), Value::String(dt.torch_name().into()));
+            // transformers 5 reads `dtype`, older releases `torch_dtype`: a config that has
+            // either gets both, so every release loads the output in its dtype
+            let name = Value::String(dt.torch_name().into());
+            if c.contains_key("dtype") || c.contains_key("torch_dtype") {
+                c.insert("dtype".into(), name.clone());
+            }
+            c.insert("torch_dtype".into(), name);
         }
-        if c.contains_key("num_hidden_layers") || out_layer > 0 {
-            c.insert("num_hidden_layers".into(), Value::from(out_layer));
-        }
+        layer_config(c, arch, &models, &origins)?;
     }
     let tok_model = match &recipe.tokenizer_source {
         Some(TokenizerSource::Model(m)) => m.clone(),
@@ -414,7 +423,100 @@ pub async fn plan(
         tokenizer_from,
         seed,
         out_layers: out_layer,
+        arch,
     })
+}
+
+/// The model whose config the output takes: the base model, else the first one named.
+fn donor_model(recipe: &Recipe) -> Result<String> {
+    recipe
+        .base_model
+        .clone()
+        .or_else(|| recipe.models.as_ref()?.first().map(|m| m.model.clone()))
+        .or_else(|| {
+            let s = recipe.slices.as_ref()?.first()?;
+            s.sources.first().map(|x| x.model.clone())
+        })
+        .ok_or_else(|| Error::Recipe("the recipe names no models".into()))
+}
+
+/// Writes the layer-indexed fields of the output config: the layer count under the
+/// architecture's key, each per-layer array rebuilt from the entries of the layers the output's
+/// layers come from, each layer-index list renumbered.
+fn layer_config(
+    c: &mut serde_json::Map<String, Value>,
+    arch: &Arch,
+    models: &HashMap<String, ModelInfo>,
+    origins: &[(&str, u64)],
+) -> Result<()> {
+    let n = origins.len() as u64;
+    if c.contains_key(arch.layers_key) || n > 0 {
+        c.insert(arch.layers_key.into(), Value::from(n));
+    }
+    for key in arch.layer_arrays {
+        if !c.get(*key).is_some_and(Value::is_array) {
+            continue;
+        }
+        let mut out = Vec::with_capacity(origins.len());
+        for (model, layer) in origins {
+            let m = &models[*model];
+            let entries = m
+                .config
+                .as_ref()
+                .and_then(|c| c.get(*key))
+                .and_then(Value::as_array);
+            let entry = match entries {
+                Some(a) if a.len() as u64 == m.num_layers => a.get(*layer as usize),
+                _ => None,
+            };
+            let Some(entry) = entry else {
+                return Err(Error::Input(format!(
+                    "{}/config.json: `{key}` must list one entry for each of its {} layers (the output's `{key}` is built from it)",
+                    m.loc.uri(),
+                    m.num_layers
+                )));
+            };
+            out.push(entry.clone());
+        }
+        c.insert((*key).into(), Value::Array(out));
+    }
+    for key in arch.layer_index_lists {
+        if !c.get(*key).is_some_and(Value::is_array) {
+            continue;
+        }
+        let mut out = Vec::new();
+        for (j, (model, layer)) in origins.iter().enumerate() {
+            let m = &models[*model];
+            let listed = m
+                .config
+                .as_ref()
+                .and_then(|c| c.get(*key))
+                .and_then(Value::as_array)
+                .is_some_and(|a| a.iter().any(|v| v.as_u64() == Some(*layer)));
+            if listed {
+                out.push(Value::from(j as u64));
+            }
+        }
+        c.insert((*key).into(), Value::Array(out));
+    }
+    Ok(())
+}
+
+/// A model's layer tensors: layer index → (prefix, suffix) of each name, sorted by suffix.
+type LayerNames<'a> = BTreeMap<u64, Vec<(&'a str, &'a str)>>;
+
+fn layer_names<'a>(m: &'a ModelInfo, arch: &Arch) -> LayerNames<'a> {
+    let mut out: LayerNames = BTreeMap::new();
+    for k in m.tensors.keys() {
+        if let Some((p, i, s)) = arch.split_layer(k) {
+            out.entry(i).or_default().push((p, s));
+        }
+    }
+    for v in out.values_mut() {
+        // stable, as the per-layer collect-and-sort was (names come in key order)
+        v.sort_by_key(|(_, s)| *s);
+    }
+    out
 }
 
 fn normalize_slices(cx: &Ctx) -> Result<Vec<Slice>> {
@@ -520,10 +622,11 @@ fn check_slice(cx: &Ctx, i: usize, s: &Slice) -> Result<()> {
 
 fn non_layer_names(cx: &Ctx, s: &Slice, pre: bool) -> Vec<String> {
     let m = &cx.models[&s.sources[reference_source(cx, s)].model];
+    let want = if pre { Place::Pre } else { Place::Post };
     let mut v: Vec<String> = m
         .tensors
         .keys()
-        .filter(|n| split_layer(n).is_none() && n.contains("embed") == pre)
+        .filter(|n| cx.arch.place(n) == want)
         .cloned()
         .collect();
     v.sort();
@@ -542,6 +645,11 @@ fn plan_tensor(
     let mut infos: Vec<&TensorInfo> = Vec::new();
     for (pos, (src, in_name)) in s.sources.iter().zip(in_names).enumerate() {
         let m = &cx.models[&src.model];
+        // a model with tied embeddings reads its input-side twin
+        let in_name = match cx.arch.tied_to(in_name) {
+            Some(twin) if !m.tensors.contains_key(in_name) => twin,
+            _ => in_name.as_str(),
+        };
         let (uri, info) = m.tensors.get(in_name).ok_or_else(|| {
             Error::Input(format!(
                 "tensor {in_name} is missing from model {} ({}), but {out_name} needs it",
@@ -549,11 +657,13 @@ fn plan_tensor(
                 m.loc.uri()
             ))
         })?;
-        let StDtype::Float(dt) = info.dtype else {
-            return Err(Error::Input(format!(
-                "{uri}: tensor {in_name} has dtype {}, which can't be merged (F32, F16 and BF16 can)",
-                info.dtype.name()
-            )));
+        let dt = match info.dtype {
+            StDtype::Float(dt) => dt,
+            StDtype::Other(n, _) => DType::from_st_name(n).ok_or_else(|| {
+                Error::Input(format!(
+                    "{uri}: tensor {in_name} has dtype {n}, which can't be merged or copied (F32, F16 and BF16 merge; BOOL and integer tensors are copied from the base model)"
+                ))
+            })?,
         };
         inputs.push(pb::TensorSource {
             uri: uri.clone(),
@@ -564,13 +674,19 @@ fn plan_tensor(
             // keyed by the model's position among the inputs, not by where it is stored, so
             // the same recipe over copies on S3 or local disk draws the same numbers
             model_key: rng::key_of(&format!("input:{pos}")),
-            tensor: in_name.clone(),
+            tensor: in_name.to_string(),
             rng_offset: 0,
         });
         infos.push(info);
     }
-    let shape = out_shape(out_name, &s.sources, &infos)?;
     let base = base_index(cx, s);
+    if inputs
+        .iter()
+        .any(|i| DType::from_proto(i.dtype).is_some_and(|d| !d.is_float()))
+    {
+        return copy_job(cx, out_name, inputs, reference_source(cx, s));
+    }
+    let shape = out_shape(cx, out_name, &s.sources, &infos)?;
     let mut params = HashMap::new();
     for p in spec.params {
         let v = recipe::resolve(cx.recipe, s, p.name, None, out_name, t).or(p.default);
@@ -629,6 +745,11 @@ fn plan_tensor(
         seed: cx.seed,
         rng: cx.rng as i32,
         work_dtype,
+        // mergekit's arithmetic: every op rounds to the recipe's 16-bit dtype
+        compute_dtype: match cx.recipe.dtype {
+            Some(d @ (DType::BF16 | DType::F16)) if !cx.compute_float32 => d.to_proto() as i32,
+            _ => 0,
+        },
     };
     let ctx = shardmerge_worker::tensor::tensor_ctx(&job).map_err(Error::Input)?;
     cx.method.check(&ctx).map_err(|e| {
@@ -638,6 +759,60 @@ fn plan_tensor(
         ))
     })?;
     Ok(job)
+}
+
+/// The job of a non-float tensor (a BOOL mask, integer ids): not merged, but copied from the
+/// base model (else the first), as mergekit carries them through. Every input must have its
+/// dtype and shape; the worker checks that they hold the same bytes too.
+fn copy_job(
+    cx: &Ctx,
+    out_name: &str,
+    mut inputs: Vec<pb::TensorSource>,
+    from: usize,
+) -> Result<pb::TensorJob> {
+    let first = &inputs[from];
+    if inputs
+        .iter()
+        .any(|i| i.dtype != first.dtype || i.shape != first.shape)
+    {
+        let what: Vec<String> = inputs
+            .iter()
+            .map(|i| {
+                let dt = DType::from_proto(i.dtype).map_or("?", DType::name);
+                format!("{} has {dt} {:?}", i.model, i.shape)
+            })
+            .collect();
+        return Err(Error::Input(format!(
+            "tensor {out_name}: non-float tensors are copied from the base model, not merged, so every model must have it with one dtype and shape, but {}",
+            what.join(", ")
+        )));
+    }
+    // the model it is copied from first: the worker copies the first and compares the rest
+    let src = inputs.remove(from);
+    inputs.insert(0, src);
+    Ok(pb::TensorJob {
+        name: out_name.to_string(),
+        shape: inputs[0].shape.clone(),
+        out_dtype: inputs[0].dtype,
+        method: COPY_METHOD.to_string(),
+        params: Some(pb::ParamMap::default()),
+        model_params: vec![pb::ParamMap::default(); inputs.len()],
+        inputs,
+        base_index: None,
+        seed: cx.seed,
+        rng: cx.rng as i32,
+        work_dtype: 0,
+        compute_dtype: 0,
+    })
+}
+
+/// The method a copied (non-float) tensor's job names: it has no statistics passes and no
+/// random draws.
+pub const COPY_METHOD: &str = "passthrough";
+
+/// Whether a tensor job copies a non-float tensor rather than merging.
+pub fn is_copy(t: &pb::TensorJob) -> bool {
+    DType::from_proto(t.out_dtype).is_some_and(|d| !d.is_float())
 }
 
 /// Gives every randomised (tensor, input) its place in mergekit's draw stream. mergekit runs
@@ -656,6 +831,9 @@ fn lay_out_draws(method: &dyn Method, tensors: &mut [pb::TensorJob]) -> Result<(
     order.sort();
     let mut at = 0u64;
     for (_, k) in order {
+        if is_copy(&tensors[k]) {
+            continue;
+        }
         let counts = {
             let ctx = shardmerge_worker::tensor::tensor_ctx(&tensors[k]).map_err(Error::Input)?;
             method.draws(&ctx)
@@ -670,22 +848,28 @@ fn lay_out_draws(method: &dyn Method, tensors: &mut [pb::TensorJob]) -> Result<(
     Ok(())
 }
 
-fn out_shape(name: &str, sources: &[Source], infos: &[&TensorInfo]) -> Result<Vec<u64>> {
+fn out_shape(cx: &Ctx, name: &str, sources: &[Source], infos: &[&TensorInfo]) -> Result<Vec<u64>> {
     let first = &infos[0].shape;
     if infos.iter().all(|i| &i.shape == first) {
         return Ok(first.clone());
-    }
-    if is_embed(name) && infos.iter().all(|i| i.shape.len() == 2) {
-        // mergekit takes the largest common submatrix of embeddings of different vocab sizes
-        let rows = infos.iter().map(|i| i.shape[0]).min().unwrap_or(0);
-        let cols = infos.iter().map(|i| i.shape[1]).min().unwrap_or(0);
-        return Ok(vec![rows, cols]);
     }
     let shapes: Vec<String> = sources
         .iter()
         .zip(infos)
         .map(|(s, i)| format!("{} has {:?}", s.model, i.shape))
         .collect();
+    if cx.arch.is_embedding(name) && infos.iter().all(|i| i.shape.len() == 2) {
+        // the largest common submatrix, as mergekit takes when told to truncate
+        let rows = infos.iter().map(|i| i.shape[0]).min().unwrap_or(0);
+        let cols = infos.iter().map(|i| i.shape[1]).min().unwrap_or(0);
+        if cx.truncate_embeddings {
+            return Ok(vec![rows, cols]);
+        }
+        return Err(Error::Input(format!(
+            "tensor {name}: the models' vocabularies differ ({}): merging their rows as they are would mix up tokens. Align the vocabulary axes with the tokenizer configuration first (one tokenizer for all models; mergekit's `tokenizer_source`/`tokenizer:` are not supported by shardmerge yet), or pass --unsafe-truncate-embeddings to keep only the first {rows} rows of every model",
+            shapes.join(", ")
+        )));
+    }
     Err(Error::Input(format!(
         "shape mismatch for tensor {name}: {}",
         shapes.join(", ")

@@ -32,6 +32,8 @@ pub async fn describe(
             out_shard_size: o.out_shard_size,
             seed: o.seed,
             rng: o.rng,
+            unsafe_truncate_embeddings: o.unsafe_truncate_embeddings,
+            compute_float32: o.compute_float32,
         },
     )
     .await?;
@@ -79,6 +81,7 @@ impl PlanInfo {
         let p = &self.plan;
         json!({
             "method": p.recipe.merge_method,
+            "architecture": p.arch.name,
             "models": p.models.iter().map(|m| json!({"name": m.name, "uri": m.loc.uri(), "tensors": m.tensors.len(), "bytes": m.bytes})).collect::<Vec<_>>(),
             "tensors": p.tensors.iter().map(|t| json!({"name": t.name, "shape": t.shape, "inputs": t.inputs.len()})).collect::<Vec<_>>(),
             "files": p.files.iter().map(|f| json!({"name": f.name, "tensors": f.tensors.len(), "bytes": f.layout.total_size})).collect::<Vec<_>>(),
@@ -89,6 +92,7 @@ impl PlanInfo {
             "workers": self.workers,
             "peak_memory_per_worker": self.peak_per_slot,
             "output_layers": p.out_layers,
+            "copied": p.tensors.iter().filter(|t| plan::is_copy(t)).map(|t| &t.name).collect::<Vec<_>>(),
             "seed": p.seed,
         })
     }
@@ -97,6 +101,7 @@ impl PlanInfo {
         let p = &self.plan;
         let mut s = String::new();
         s += &format!("method       {}\n", p.recipe.merge_method);
+        s += &format!("architecture {}\n", p.arch.name);
         for m in &p.models {
             s += &format!(
                 "input        {} ({} tensors, {})\n",
@@ -110,6 +115,19 @@ impl PlanInfo {
             p.tensors.len(),
             p.out_layers
         );
+        let copied: Vec<&str> = p
+            .tensors
+            .iter()
+            .filter(|t| plan::is_copy(t))
+            .map(|t| t.name.as_str())
+            .collect();
+        if !copied.is_empty() {
+            s += &format!(
+                "copied       {} non-float tensors from the base model, not merged (e.g. {})\n",
+                copied.len(),
+                copied[0]
+            );
+        }
         for f in &p.files {
             s += &format!(
                 "file         {} ({} tensors, {})\n",

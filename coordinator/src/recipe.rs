@@ -123,14 +123,79 @@ fn string(v: &Value, path: &str) -> Result<String> {
 }
 
 fn number(v: &Value, path: &str) -> Result<f64> {
-    match v {
-        Value::Number(n) => n.as_f64().ok_or_else(|| bad(path, "not a number")),
-        Value::Bool(b) => Ok(if *b { 1.0 } else { 0.0 }),
-        _ => Err(bad(
-            path,
-            format!("expected a number or boolean, got {}", kind(v)),
-        )),
+    let x = match v {
+        Value::Number(n) => n.as_f64().ok_or_else(|| bad(path, "not a number"))?,
+        Value::Bool(b) => return Ok(if *b { 1.0 } else { 0.0 }),
+        _ => {
+            return Err(bad(
+                path,
+                format!("expected a number or boolean, got {}", kind(v)),
+            ))
+        }
+    };
+    finite_f32(x).map_err(|why| bad(path, why))
+}
+
+/// A parameter value as the kernels will use it: finite and within f32's range (every kernel
+/// computes in f32; a larger value would turn into infinity there).
+fn finite_f32(x: f64) -> std::result::Result<f64, String> {
+    if x.is_nan() {
+        return Err("`.nan` is not a usable value: give a finite number".into());
     }
+    if x.is_infinite() {
+        return Err(format!(
+            "`{}` is not a usable value: give a finite number",
+            if x > 0.0 { ".inf" } else { "-.inf" }
+        ));
+    }
+    if x.abs() > f32::MAX as f64 {
+        return Err(format!(
+            "{x:e} is beyond the range of a 32-bit float (at most {:e} in magnitude)",
+            f32::MAX
+        ));
+    }
+    Ok(x)
+}
+
+/// The line (from 1) of the first YAML alias (`*name` where a value starts), outside quotes and
+/// comments. Aliases are refused: each one replays its anchor's whole content, so a chain of
+/// them grows exponentially (a 2 KB recipe parsed into hundreds of megabytes).
+fn alias_line(text: &str) -> Option<usize> {
+    for (n, line) in text.lines().enumerate() {
+        let b = line.as_bytes();
+        let mut quote: Option<u8> = None;
+        for i in 0..b.len() {
+            let c = b[i];
+            match quote {
+                Some(q) if c == q => quote = None,
+                Some(_) => {}
+                None => {
+                    let starts = i == 0 || b" \t[{,:-".contains(&b[i - 1]);
+                    if c == b'#' && starts {
+                        break;
+                    }
+                    if (c == b'"' || c == b'\'') && starts {
+                        quote = Some(c);
+                    } else if c == b'*'
+                        && starts
+                        && b.get(i + 1).is_some_and(|x| !b" \t,]}".contains(x))
+                    {
+                        return Some(n + 1);
+                    }
+                }
+            }
+        }
+    }
+    None
+}
+
+/// The largest recipe accepted, in bytes (`SHARDMERGE_MAX_RECIPE_BYTES`; default 1 MiB, far
+/// above any real recipe: the largest frankenmerge recipes are tens of kilobytes).
+pub fn max_recipe_bytes() -> usize {
+    std::env::var("SHARDMERGE_MAX_RECIPE_BYTES")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(1 << 20)
 }
 
 fn kind(v: &Value) -> &'static str {
@@ -250,15 +315,33 @@ fn source(v: &Value, path: &str, with_range: bool) -> Result<Source> {
     } else {
         None
     };
+    // a bad value names the model it is for, not only its place in the list
+    let params =
+        params(m.get("parameters"), &format!("{path}.parameters")).map_err(|e| match e {
+            Error::Recipe(msg) => Error::Recipe(format!("{msg} (model {model})")),
+            e => e,
+        })?;
     Ok(Source {
         model,
         layer_range,
-        params: params(m.get("parameters"), &format!("{path}.parameters"))?,
+        params,
     })
 }
 
 impl Recipe {
     pub fn parse(text: &str) -> Result<Recipe> {
+        let max = max_recipe_bytes();
+        if text.len() > max {
+            return Err(Error::Recipe(format!(
+                "the recipe is {} bytes, more than the {max} accepted (set SHARDMERGE_MAX_RECIPE_BYTES to raise the limit)",
+                text.len()
+            )));
+        }
+        if let Some(line) = alias_line(text) {
+            return Err(Error::Recipe(format!(
+                "line {line}: YAML aliases (`*name`) are not accepted in recipes: a few of them can expand a small recipe into gigabytes; write the value out"
+            )));
+        }
         let doc: Value = serde_yaml::from_str(text)
             .map_err(|e| Error::Recipe(format!("not valid YAML: {e}")))?;
         let top = keys(
@@ -511,5 +594,81 @@ mod tests {
                 .unwrap_err()
                 .to_string();
         assert!(e.contains("not supported yet"), "{e}");
+    }
+
+    #[test]
+    fn bad_numbers_are_refused_with_key_and_model() {
+        let cases = [
+            // (recipe, what the error must contain)
+            (
+                "merge_method: linear\nmodels:\n- model: a\n  parameters:\n    weight: .nan\n",
+                &["models[0].parameters.weight", "model a", ".nan"][..],
+            ),
+            (
+                "merge_method: linear\nmodels:\n- model: a\n  parameters:\n    weight: .inf\n",
+                &["models[0].parameters.weight", "model a", ".inf"],
+            ),
+            (
+                "merge_method: linear\nmodels:\n- model: a\n  parameters:\n    weight: -.inf\n",
+                &["weight", "-.inf"],
+            ),
+            (
+                "merge_method: linear\nmodels:\n- model: a\n  parameters:\n    weight: 1e39\n",
+                &["models[0].parameters.weight", "model a", "1e39", "32-bit float"],
+            ),
+            (
+                "merge_method: linear\nparameters:\n  weight: [0.1, .nan, 0.3]\nmodels:\n- model: a\n",
+                &["parameters.weight[1]", ".nan"],
+            ),
+            (
+                "merge_method: linear\nparameters:\n  weight:\n  - filter: mlp\n    value: -1e40\n  - value: 1\nmodels:\n- model: a\n",
+                &["parameters.weight[0].value", "-1e40"],
+            ),
+            (
+                "merge_method: slerp\nbase_model: a\nslices:\n- sources:\n  - model: a\n    layer_range: [0, 2]\n  - model: b\n    layer_range: [0, 2]\n    parameters:\n      t: [0, .inf]\n",
+                &["slices[0].sources[1].parameters.t[1]", "model b", ".inf"],
+            ),
+            (
+                "merge_method: slerp\nslices:\n- sources:\n  - model: a\n    layer_range: [0, 2]\n  parameters:\n    t: .NaN\n",
+                &["slices[0].parameters.t", ".nan"],
+            ),
+        ];
+        for (text, want) in cases {
+            let e = Recipe::parse(text).unwrap_err().to_string();
+            for w in want {
+                assert!(e.contains(w), "{w:?} missing from: {e}");
+            }
+        }
+        // the largest f32 and booleans are fine
+        Recipe::parse("merge_method: linear\nmodels:\n- model: a\n  parameters:\n    weight: 3.4e38\n    normalize: true\n").unwrap();
+    }
+
+    #[test]
+    fn aliases_are_refused_anchors_and_stars_in_text_are_not() {
+        let bomb = "merge_method: linear\na: &a [x, x]\nb: &b [*a, *a]\nmodels:\n- model: m\n";
+        let e = Recipe::parse(bomb).unwrap_err().to_string();
+        assert!(e.contains("line 3") && e.contains("aliases"), "{e}");
+        assert_eq!(alias_line("x: *a"), Some(1));
+        assert_eq!(alias_line("- *a"), Some(1));
+        for ok in [
+            "x: a*b",
+            "x: '*a'",
+            "x: \"*a\"",
+            "x: 1 # *a",
+            "filter: \"*\"",
+            "x: 2 * 3",
+        ] {
+            assert_eq!(alias_line(ok), None, "{ok}");
+        }
+    }
+
+    #[test]
+    fn oversized_recipe_is_refused() {
+        let text = format!(
+            "# {}\nmerge_method: linear\nmodels:\n- model: a\n",
+            "x".repeat(max_recipe_bytes())
+        );
+        let e = Recipe::parse(&text).unwrap_err().to_string();
+        assert!(e.contains("SHARDMERGE_MAX_RECIPE_BYTES"), "{e}");
     }
 }

@@ -6,25 +6,95 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shardmerge_proto as pb;
-use shardmerge_worker::client::{self, RemoteSource};
+use shardmerge_worker::client::{self, Client, ClientOptions, RemoteSource, Token};
 use shardmerge_worker::exec::Executor;
+use shardmerge_worker::metrics::{self, MeteredSource, WorkerMetrics};
 use shardmerge_worker::pull::{self, LoopOptions};
 use shardmerge_worker::storage::Resolver;
 use tokio::sync::watch;
 
+use crate::auth::Auth;
 use crate::embedded::{progress_bar, terminal};
 use crate::error::{Error, Result};
 use crate::job::JobManager;
 use crate::journal::Journal;
-use crate::server;
+use crate::ops;
+use crate::policy::Policy;
+use crate::server::{self, Security};
 use crate::size;
+use crate::tls::ServerTls;
 
-/// Runs a coordinator on `listen` until SIGINT/SIGTERM.
+/// The coordinator's security options, as given on the command line.
+#[derive(Clone, Debug, Default)]
+pub struct ServeSecurity {
+    pub token_file: Option<std::path::PathBuf>,
+    pub worker_token_file: Option<std::path::PathBuf>,
+    pub insecure_no_auth: bool,
+    pub tls: ServerTls,
+    pub allow: Vec<String>,
+    pub allow_any: bool,
+}
+
+impl ServeSecurity {
+    /// Reads the tokens and certificates and checks the combination for `listen`: without a
+    /// token the coordinator only serves on loopback, unless told `--insecure-no-auth`.
+    pub fn load(&self, listen: SocketAddr, state: Option<&str>) -> Result<(Security, String)> {
+        let read = |p: &Option<std::path::PathBuf>| {
+            p.as_deref()
+                .map(Token::from_file)
+                .transpose()
+                .map_err(Error::Other)
+        };
+        let auth = Auth::new(read(&self.token_file)?, read(&self.worker_token_file)?)
+            .map_err(Error::Other)?;
+        if !auth.enabled() && !listen.ip().is_loopback() && !self.insecure_no_auth {
+            return Err(Error::Other(format!(
+                "refusing to serve {listen} without a token: anyone who reaches it could submit,                  read and cancel jobs. Give --token-file FILE (e.g. `openssl rand -hex 32 > FILE`;                  clients take --token-file too), listen on 127.0.0.1, or pass --insecure-no-auth                  if another layer controls access"
+            )));
+        }
+        let tls = self.tls.config()?;
+        let mut policy = Policy::new(&self.allow, self.allow_any)?;
+        if let Some(journal) = state.filter(|s| !matches!(*s, "" | "memory" | "memory://")) {
+            policy = policy.protect(journal)?;
+        }
+        let mut notes = vec![format!(
+            "auth: {}",
+            match (auth.enabled(), self.worker_token_file.is_some()) {
+                (false, _) => "none (no --token-file)",
+                (true, false) => "token",
+                (true, true) => "token, worker token",
+            }
+        )];
+        notes.push(format!(
+            "tls: {}",
+            match (&tls, &self.tls.client_ca) {
+                (None, _) => "off",
+                (Some(_), None) => "on",
+                (Some(_), Some(_)) => "on, client certificates required",
+            }
+        ));
+        notes.push(format!("jobs may use: {}", policy.describe()));
+        if auth.enabled() && tls.is_none() && !listen.ip().is_loopback() {
+            tracing::warn!(
+                "tokens travel in plain text to {listen}: serve TLS (--tls-cert/--tls-key) unless \
+                 the network between clients and coordinator is trusted"
+            );
+        }
+        Ok((Security { auth, tls, policy }, notes.join("; ")))
+    }
+}
+
+/// Runs a coordinator on `listen` until SIGINT/SIGTERM; with `metrics_listen`, its Prometheus
+/// metrics there too.
 pub async fn coordinator(
     listen: SocketAddr,
     lease_ttl: Duration,
     state: Option<&str>,
+    security: ServeSecurity,
+    metrics_listen: Option<SocketAddr>,
 ) -> Result<()> {
+    // refuse a bad security set-up before anything else happens
+    let (security, notes) = security.load(listen, state)?;
     let resolver = Resolver::new();
     let mgr = match state {
         None | Some("" | "memory" | "memory://") => JobManager::new(resolver),
@@ -34,7 +104,7 @@ pub async fn coordinator(
             let mgr = JobManager::with_journal(resolver, journal);
             mgr.set_lease_ttl(lease_ttl);
             let resumed = mgr.recover().await?;
-            eprintln!(
+            ops::say(format!(
                 "shardmerge coordinator: journal {at}: {} unfinished job(s) resumed{}",
                 resumed.len(),
                 if resumed.is_empty() {
@@ -42,27 +112,43 @@ pub async fn coordinator(
                 } else {
                     format!(" ({})", resumed.join(", "))
                 }
-            );
+            ));
             mgr
         }
     };
     let listener = server::bind(listen).await?;
     let addr = listener.local_addr().unwrap_or(listen);
-    eprintln!(
-        "shardmerge coordinator listening on http://{addr} (lease ttl {:.1}s)",
+    ops::say(format!(
+        "shardmerge coordinator listening on {}://{addr} (lease ttl {:.1}s; {notes})",
+        if security.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        },
         lease_ttl.as_secs_f64()
-    );
-    server::serve(listener, mgr, lease_ttl, server::shutdown_signal()).await?;
-    eprintln!("shardmerge coordinator: shutting down");
+    ));
+    ops::serve(
+        listener,
+        mgr,
+        lease_ttl,
+        security,
+        metrics_listen,
+        server::shutdown_signal(),
+    )
+    .await?;
+    ops::say("shardmerge coordinator: shutting down".to_string());
     Ok(())
 }
 
 /// Options of `shardmerge worker`.
 pub struct WorkerOptions {
     pub coordinator: String,
+    pub client: ClientOptions,
     pub threads: usize,
     pub memory_limit: u64,
     pub id: Option<String>,
+    /// Where to serve `/metrics`, `/ready` and `/healthz`.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 fn default_worker_id() -> String {
@@ -82,7 +168,11 @@ fn default_worker_id() -> String {
 /// Runs a worker against a coordinator until SIGINT/SIGTERM. Tasks in flight when the signal
 /// comes are dropped; their leases expire and they run elsewhere.
 pub async fn worker(o: WorkerOptions) -> Result<()> {
-    let source = RemoteSource::new(&o.coordinator).map_err(Error::Other)?;
+    let source = RemoteSource::with_options(&o.coordinator, &o.client).map_err(Error::Other)?;
+    let metrics_listen = match o.metrics_listen {
+        Some(addr) => Some(metrics::bind(addr).await.map_err(Error::Other)?),
+        None => None,
+    };
     let resolver = Resolver::new();
     let threads = o.threads.max(1);
     let opts = LoopOptions {
@@ -91,34 +181,50 @@ pub async fn worker(o: WorkerOptions) -> Result<()> {
         slot_memory: (o.memory_limit / threads as u64).max(1 << 20),
         max_idle: Duration::from_millis(250),
     };
-    eprintln!(
+    ops::say(format!(
         "shardmerge worker {} pulling from {} with {threads} slot(s) of {} each",
         opts.worker_id,
         client::normalize_url(&o.coordinator),
         size::human(opts.slot_memory)
-    );
+    ));
+    let meter = WorkerMetrics::new(threads, opts.slot_memory);
+    if let Some(l) = metrics_listen {
+        if let Ok(at) = l.local_addr() {
+            ops::say(format!(
+                "shardmerge worker: metrics on http://{at}/metrics, readiness on /ready"
+            ));
+        }
+        tokio::spawn(metrics::serve(l, meter.clone()));
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     let run = tokio::spawn(pull::run(
-        Arc::new(source),
+        Arc::new(MeteredSource::new(source.clone(), meter)),
         Executor::new(resolver),
         opts,
         stop_rx,
     ));
-    server::shutdown_signal().await;
+    // a worker whose credentials the coordinator refuses cannot do anything: stop and say why
+    let refused = tokio::select! {
+        _ = server::shutdown_signal() => None,
+        why = source.refused() => Some(why),
+    };
     let _ = stop_tx.send(true);
     // Give running tasks a moment to report; then leave (leases expire for the rest).
     let _ = tokio::time::timeout(Duration::from_secs(2), run).await;
-    Ok(())
+    match refused {
+        None => Ok(()),
+        Some(why) => Err(Error::Other(format!(
+            "the coordinator refused this worker: {why}"
+        ))),
+    }
 }
 
 fn rpc_err(url: &str, what: &str, s: tonic::Status) -> Error {
     Error::Other(format!("{what}: {}", client::describe(url, &s)))
 }
 
-fn connect(
-    url: &str,
-) -> Result<pb::coordinator_client::CoordinatorClient<tonic::transport::Channel>> {
-    client::client(url).map_err(Error::Other)
+fn connect(url: &str, o: &ClientOptions) -> Result<Client> {
+    client::connect(url, o).map_err(Error::Other)
 }
 
 fn state_name(s: i32) -> &'static str {
@@ -159,6 +265,7 @@ pub fn describe(s: &pb::JobStatus) -> String {
 /// Options of `shardmerge submit`.
 pub struct SubmitArgs {
     pub coordinator: String,
+    pub client: ClientOptions,
     pub recipe_yaml: String,
     pub output: String,
     pub options: pb::JobOptions,
@@ -169,7 +276,7 @@ pub struct SubmitArgs {
 /// Submits a job; with `wait`, follows it to the end and fails unless it succeeded.
 pub async fn submit(a: SubmitArgs) -> Result<()> {
     let url = &a.coordinator;
-    let mut c = connect(url)?;
+    let mut c = connect(url, &a.client)?;
     let r = c
         .submit_job(pb::SubmitJobRequest {
             recipe_yaml: a.recipe_yaml,
@@ -190,12 +297,7 @@ pub async fn submit(a: SubmitArgs) -> Result<()> {
 
 /// Follows job `id` to its end: Ok (the id printed on stdout) when it succeeded, the job's
 /// error otherwise.
-async fn wait_for_end(
-    url: &str,
-    c: &mut pb::coordinator_client::CoordinatorClient<tonic::transport::Channel>,
-    id: &str,
-    quiet: bool,
-) -> Result<()> {
+async fn wait_for_end(url: &str, c: &mut Client, id: &str, quiet: bool) -> Result<()> {
     let status = follow(url, c, id, quiet).await?;
     match pb::JobState::try_from(status.state) {
         Ok(pb::JobState::Succeeded) => {
@@ -222,12 +324,7 @@ async fn wait_for_end(
 }
 
 /// Follows WatchJob until a terminal state, re-watching after transport errors for a while.
-async fn follow(
-    url: &str,
-    c: &mut pb::coordinator_client::CoordinatorClient<tonic::transport::Channel>,
-    id: &str,
-    quiet: bool,
-) -> Result<pb::JobStatus> {
+async fn follow(url: &str, c: &mut Client, id: &str, quiet: bool) -> Result<pb::JobStatus> {
     let interactive = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut bar = None;
     let mut last_line = Instant::now() - Duration::from_secs(60);
@@ -297,8 +394,14 @@ async fn follow(
 }
 
 /// Prints one job, or every job the coordinator knows.
-pub async fn status(url: &str, job: Option<String>, wait: bool, quiet: bool) -> Result<()> {
-    let mut c = connect(url)?;
+pub async fn status(
+    url: &str,
+    client: &ClientOptions,
+    job: Option<String>,
+    wait: bool,
+    quiet: bool,
+) -> Result<()> {
+    let mut c = connect(url, client)?;
     match job {
         Some(id) if wait => wait_for_end(url, &mut c, &id, quiet).await?,
         Some(id) => {
@@ -328,8 +431,8 @@ pub async fn status(url: &str, job: Option<String>, wait: bool, quiet: bool) -> 
 }
 
 /// Cancels a job.
-pub async fn cancel(url: &str, id: String) -> Result<()> {
-    let mut c = connect(url)?;
+pub async fn cancel(url: &str, client: &ClientOptions, id: String) -> Result<()> {
+    let mut c = connect(url, client)?;
     let s = c
         .cancel_job(pb::CancelJobRequest { job_id: id })
         .await

@@ -2,6 +2,9 @@
 //!
 //! Every RPC delegates to the job manager that embedded mode uses in-process; this module only
 //! translates messages and errors. No planning or arithmetic happens here.
+//!
+//! Around it: the token check (`auth`), TLS (`tls`) and, for submitted jobs, the path policy
+//! (`policy`), which runs before the job manager touches storage.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -13,20 +16,33 @@ use shardmerge_proto as pb;
 use shardmerge_proto::coordinator_server::{Coordinator, CoordinatorServer};
 use tonic::{Request, Response, Status};
 
+use crate::auth::Auth;
 use crate::embedded::terminal;
 use crate::error::Error;
 use crate::job::{JobManager, SubmitOptions};
+use crate::policy::{Policy, Refusal};
 
 pub use shardmerge_proto::MAX_MESSAGE;
 
 pub struct Service {
     mgr: Arc<JobManager>,
     lease_ttl: Duration,
+    policy: Arc<Policy>,
 }
 
 impl Service {
+    /// A service that accepts jobs on any path (`Policy::any()`); see [`Service::with_policy`].
     pub fn new(mgr: Arc<JobManager>, lease_ttl: Duration) -> Self {
-        Service { mgr, lease_ttl }
+        Self::with_policy(mgr, lease_ttl, Policy::any())
+    }
+
+    /// A service that refuses jobs whose inputs or output lie outside `policy`.
+    pub fn with_policy(mgr: Arc<JobManager>, lease_ttl: Duration, policy: Policy) -> Self {
+        Service {
+            mgr,
+            lease_ttl,
+            policy: Arc::new(policy),
+        }
     }
 
     pub fn into_server(self) -> CoordinatorServer<Service> {
@@ -82,6 +98,19 @@ impl Coordinator for Service {
             )));
         }
         let o = self.submit_options(&opts);
+        // the path policy first: nothing outside the allowed prefixes is looked at
+        match self
+            .policy
+            .check_job(&r.recipe_yaml, &r.output_uri, &o.base_dir)
+            .await
+        {
+            Ok(()) => {}
+            Err(Refusal::Recipe(e)) => return Err(status_of(e)),
+            Err(Refusal::Outside(msg)) => {
+                tracing::warn!("refused a job: {msg}");
+                return Err(Status::permission_denied(msg));
+            }
+        }
         let (id, plan) = self
             .mgr
             .submit(&r.recipe_yaml, &r.output_uri, &o)
@@ -217,20 +246,35 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Serves the coordinator on `listener` until `shutdown` resolves.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    mgr: Arc<JobManager>,
-    lease_ttl: Duration,
-    shutdown: impl std::future::Future<Output = ()> + Send,
-) -> Result<(), Error> {
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        .add_service(Service::new(mgr, lease_ttl).into_server())
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
-        .map_err(|e| Error::Other(format!("coordinator server: {e}")))
+/// Who may call the coordinator, over what, and which storage its jobs may use.
+#[derive(Clone, Debug)]
+pub struct Security {
+    pub auth: Auth,
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
+    pub policy: Policy,
+}
+
+impl Security {
+    /// No token, no TLS, any path: for tests and single-user setups on loopback.
+    pub fn open() -> Security {
+        Security {
+            auth: Auth::none(),
+            tls: None,
+            policy: Policy::any(),
+        }
+    }
+}
+
+/// An error with its causes, one after the other.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
 }
 
 /// Binds `addr` with a message that says what to do when it is taken.

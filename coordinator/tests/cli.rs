@@ -482,3 +482,111 @@ fn verify_data_catches_a_flipped_byte() {
     assert_eq!(v.code, 1);
     assert!(v.stderr.contains("no checksum manifest"), "{}", v.stderr);
 }
+
+/// Non-finite and out-of-f32 parameter values are refused before anything is read, at every
+/// level a parameter can be set (model, global, gradient, filter list, slice source), with the
+/// key and the model named.
+#[test]
+fn bad_numbers_are_refused_with_key_and_model() {
+    let (_t, d) = scratch();
+    let cases: Vec<(String, Vec<&str>)> = vec![
+        (
+            "merge_method: linear\nmodels:\n- model: models/base\n  parameters:\n    weight: .nan\n- model: models/instruct\n  parameters:\n    weight: 1\n".into(),
+            vec!["models[0].parameters.weight", "models/base", ".nan"],
+        ),
+        (
+            "merge_method: linear\nmodels:\n- model: models/base\n  parameters:\n    weight: 1\n- model: models/instruct\n  parameters:\n    weight: .inf\n".into(),
+            vec!["models[1].parameters.weight", "models/instruct", ".inf"],
+        ),
+        (
+            TA.replace("weight: 0.5", "weight: 1e39"),
+            vec!["models[1].parameters.weight", "models/lang_eu", "1e39", "32-bit float"],
+        ),
+        (
+            TA.replace("models:\n", "parameters:\n  weight: [0.1, -.inf]\nmodels:\n"),
+            vec!["parameters.weight[1]", "-.inf"],
+        ),
+        (
+            TA.replace("weight: 0.5", "weight:\n    - filter: mlp\n      value: .nan\n    - value: 0.5"),
+            vec!["models[1].parameters.weight[0].value", "models/lang_eu", ".nan"],
+        ),
+        (
+            "merge_method: slerp\nbase_model: models/base\nslices:\n- sources:\n  - model: models/base\n    layer_range: [0, 2]\n  - model: models/instruct\n    layer_range: [0, 2]\n    parameters:\n      t: -1e300\n".into(),
+            vec!["slices[0].sources[1].parameters.t", "models/instruct", "32-bit float"],
+        ),
+        (
+            "merge_method: karcher\nparameters:\n  tol: .nan\nmodels:\n- model: models/base\n- model: models/instruct\n".into(),
+            vec!["parameters.tol", ".nan"],
+        ),
+    ];
+    for (recipe, want) in cases {
+        let e = fails(&d, &recipe);
+        for w in want {
+            assert!(e.contains(w), "{w:?} missing from: {e}");
+        }
+    }
+}
+
+/// karcher with `tol: 0` over equal and parallel inputs (mergekit divides 0 by 0 there) gives
+/// finite output, and the expected one: the mean of equal inputs is the input.
+#[test]
+fn karcher_tol_zero_stays_finite_on_degenerate_inputs() {
+    let (_t, d) = scratch();
+    let base = d.join("models/base");
+    let twin = d.join("models/twin");
+    std::fs::create_dir_all(&twin).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(base.join(f), twin.join(f)).unwrap();
+    }
+    for (i, tol) in ["0", "0.0", "1e-5"].iter().enumerate() {
+        let r = format!(
+            "merge_method: karcher\nparameters:\n  tol: {tol}\n  max_iter: 50\nmodels:\n- model: models/base\n- model: models/twin\n- model: models/base\n"
+        );
+        std::fs::write(d.join("k.yml"), r).unwrap();
+        let out = format!("kout{i}");
+        let o = run_in(&d, &["run", "k.yml", &out, "--quiet"]);
+        assert_eq!(o.code, 0, "tol {tol}: {}", o.stderr);
+        let got = common::load(&d.join(&out));
+        let want = common::load(&base);
+        for (name, t) in &got {
+            assert!(
+                t.values.iter().all(|v| v.is_finite()),
+                "tol {tol}: {name} is not finite"
+            );
+            let w = &want[name];
+            let worst = t
+                .values
+                .iter()
+                .zip(&w.values)
+                .map(|(a, b)| (a - b).abs() / b.abs().max(1e-3))
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-2, "tol {tol}: {name} differs by {worst}");
+        }
+    }
+}
+
+/// linear weights that cancel cannot be normalised: refused at plan time, naming the method.
+#[test]
+fn linear_weights_summing_to_zero_are_refused() {
+    let (_t, d) = scratch();
+    let e = fails(
+        &d,
+        "merge_method: linear\nmodels:\n- model: models/base\n  parameters:\n    weight: 0.5\n- model: models/instruct\n  parameters:\n    weight: -0.5\n",
+    );
+    assert!(e.contains("linear") && e.contains("sum to 0"), "{e}");
+}
+
+/// Finite inputs and parameters whose result does not fit the output dtype (here float16,
+/// whose largest value is 65504): the job fails naming the tensor instead of writing inf.
+#[test]
+fn output_turning_non_finite_fails_naming_the_tensor() {
+    let (_t, d) = scratch();
+    let e = fails(
+        &d,
+        "merge_method: linear\nout_dtype: float16\nparameters:\n  normalize: false\nmodels:\n- model: models/base\n  parameters:\n    weight: 1e30\n",
+    );
+    assert!(
+        e.contains("tensor ") && e.contains("non-finite output") && e.contains("linear"),
+        "{e}"
+    );
+}

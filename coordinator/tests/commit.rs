@@ -36,6 +36,8 @@ async fn an_interrupted_overwrite_commit_completes_when_run_again() {
         out_shard_size: 300_000,
         seed: None,
         rng: pb::Rng::Mergekit,
+        unsafe_truncate_embeddings: false,
+        compute_float32: false,
     };
     let plan = plan::plan(Recipe::parse(TA).unwrap(), &resolver, &golden(), &opts)
         .await

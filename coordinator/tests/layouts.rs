@@ -207,8 +207,9 @@ fn odd_family(o: &Path) {
     });
 }
 
-/// Odd shapes and a model with a larger vocabulary (its embeddings are cropped to the common
-/// submatrix): every method gives the same bytes whole and cut into tiny tasks.
+/// Odd shapes and a model with a larger vocabulary (with --unsafe-truncate-embeddings its
+/// embeddings are cropped to the common submatrix): every method gives the same bytes whole
+/// and cut into tiny tasks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn odd_shapes_and_vocab_split_invariant() {
     let tmp = tempfile::tempdir().unwrap();
@@ -220,10 +221,10 @@ async fn odd_shapes_and_vocab_split_invariant() {
             tmp.path().join(format!("{c}-a")),
             tmp.path().join(format!("{c}-b")),
         );
-        run(&r, &o, &oa, 1, 64 << 20, 512 << 20)
+        run_truncating(&r, &o, &oa, 1, 64 << 20, 512 << 20)
             .await
             .unwrap_or_else(|e| panic!("{c}: {e}"));
-        run(&r, &o, &ob, 3, 1000, 24 << 10)
+        run_truncating(&r, &o, &ob, 3, 1000, 24 << 10)
             .await
             .unwrap_or_else(|e| panic!("{c}: {e}"));
         assert_eq!(
@@ -332,7 +333,7 @@ fn recipe_for(spec: &MethodSpec, extra: &[(&str, f64)]) -> String {
 /// Every registered method (and the variants no golden case covers: nuslerp row- and
 /// column-wise, model_stock filter-wise) on bf16, sharded, odd-shaped inputs with mismatched
 /// vocabularies: the same bytes whole and cut into tiny tasks, bf16 output, the embeddings
-/// cropped to the common submatrix.
+/// cropped to the common submatrix (--unsafe-truncate-embeddings).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_method_on_odd_bf16_sharded_inputs_is_split_invariant() {
     let tmp = tempfile::tempdir().unwrap();
@@ -363,10 +364,10 @@ async fn every_method_on_odd_bf16_sharded_inputs_is_split_invariant() {
             tmp.path().join(format!("{label}-a")),
             tmp.path().join(format!("{label}-b")),
         );
-        run(r, &o, &oa, 1, 64 << 20, 512 << 20)
+        run_truncating(r, &o, &oa, 1, 64 << 20, 512 << 20)
             .await
             .unwrap_or_else(|e| panic!("{label}: {e}\n{r}"));
-        run(r, &o, &ob, 3, 1000, 24 << 10)
+        run_truncating(r, &o, &ob, 3, 1000, 24 << 10)
             .await
             .unwrap_or_else(|e| panic!("{label}: {e}\n{r}"));
         assert_eq!(

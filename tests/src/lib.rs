@@ -477,9 +477,17 @@ fn spawn_coordinator(
     } else {
         format!("coordinator.{restart}.log")
     };
+    // jobs may use any path unless the test says otherwise (the coordinator's own default
+    // refuses every job without --allow)
+    let policy: &[&str] = if args.iter().any(|a| a.starts_with("--allow")) {
+        &[]
+    } else {
+        &["--allow-any"]
+    };
     cmd.args(["coordinator", "--listen", &format!("127.0.0.1:{port}")])
         .args(["--lease-ttl", &lease_ttl.to_string()])
         .args(args)
+        .args(policy)
         .envs(env.iter().cloned())
         .env("RUST_LOG", "shardmerge=info,warn")
         .stdout(Stdio::null())
@@ -584,6 +592,24 @@ impl Cluster {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// The process id of worker `i`, while it runs (to send it a signal).
+    pub fn worker_pid(&self, i: usize) -> Option<u32> {
+        self.workers.get(i)?.as_ref().map(Child::id)
+    }
+
+    /// Waits (at most `timeout`) for worker `i` to exit; its exit status, if it did.
+    pub fn wait_worker(&mut self, i: usize, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let c = self.workers.get_mut(i)?.as_mut()?;
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Ok(Some(st)) = c.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     /// Runs `shardmerge ARGS` in `cwd` with the S3 environment; returns its output.

@@ -77,6 +77,7 @@ impl Setup {
                 .map(|i| (i + 1) * 50_000_000_000)
                 .collect(),
             work_bf16: false,
+            work: shardmerge_worker::kernels::round::Work::F32,
         }
     }
 }
@@ -176,6 +177,16 @@ fn bench_dtype(c: &mut Criterion) {
     g.bench_function("bf16_encode", |b| {
         b.iter(|| {
             dtype::encode(DType::BF16, black_box(&src), &mut bytes);
+            black_box(&bytes);
+        })
+    });
+    g.bench_function("bf16_encode_finite", |b| {
+        b.iter(|| {
+            black_box(dtype::encode_finite(
+                DType::BF16,
+                black_box(&src),
+                &mut bytes,
+            ));
             black_box(&bytes);
         })
     });

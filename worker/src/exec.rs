@@ -216,9 +216,18 @@ impl Executor {
                     let dst = buf
                         .get_mut(at..end)
                         .ok_or_else(|| fatal("segment overruns the task's output range"))?;
-                    let values = self.compute_rows(r, &mut io, scratch).await?;
-                    dtype::encode(odt, &values, dst);
-                    scratch.out = values;
+                    if odt.is_float() {
+                        let values = self.compute_rows(r, &mut io, scratch).await?;
+                        let finite = dtype::encode_finite(odt, &values, dst);
+                        if !finite {
+                            // the inputs of this segment are still in the slot's buffers
+                            let n_in = job.inputs.len().min(scratch.inputs.len());
+                            non_finite(job, r, &values, odt, &scratch.inputs[..n_in])?;
+                        }
+                        scratch.out = values;
+                    } else {
+                        self.copy_rows(r, odt, dst, &mut io).await?;
+                    }
                     at = end;
                 }
                 None => return Err(fatal("empty segment")),
@@ -330,6 +339,68 @@ impl Executor {
 
     /// Reads a row range of every input and computes the output rows in f32, in the slot's
     /// output buffer (give it back to `scratch.out` when done with the values).
+    /// Copies rows of a non-float tensor (never merged) from its first input, checking that
+    /// every other input holds the same bytes there.
+    async fn copy_rows(
+        &self,
+        r: &pb::TensorRows,
+        odt: DType,
+        dst: &mut [u8],
+        io: &mut Io,
+    ) -> Result<(), TaskError> {
+        let job = r
+            .tensor
+            .as_ref()
+            .ok_or_else(|| fatal("segment without tensor"))?;
+        let (_, row_len) = view2d(&job.shape);
+        let row_bytes = row_len * odt.size() as u64;
+        let mut first: Option<&str> = None;
+        for src in &job.inputs {
+            if src.dtype != job.out_dtype || src.shape != job.shape {
+                return Err(fatal(format!(
+                    "{}: tensor {} of {} is not a {} tensor of shape {:?} (plan error)",
+                    src.uri,
+                    src.tensor,
+                    src.model,
+                    odt.name(),
+                    job.shape
+                )));
+            }
+            let from = src.data_offset + r.row_start * row_bytes;
+            let to = src.data_offset + r.row_end * row_bytes;
+            let loc = self.resolver.resolve(&src.uri, Path::new("/"))?;
+            let data = retry(|| loc.store.read_range(&loc.path, from..to)).await?;
+            io.bytes_read += to - from;
+            if data.len() != dst.len() {
+                return Err(fatal(format!(
+                    "{}: read {} bytes of tensor {}, expected {}",
+                    src.uri,
+                    data.len(),
+                    src.tensor,
+                    dst.len()
+                )));
+            }
+            match first {
+                None => {
+                    dst.copy_from_slice(&data);
+                    first = Some(&src.model);
+                }
+                Some(m) if data[..] != dst[..] => {
+                    return Err(fatal(format!(
+                        "tensor {}: its {} values differ between models {m} and {}; {} tensors are not merged but copied from the base model, so every model must hold the same values (merge models whose {} buffers agree)",
+                        job.name,
+                        odt.name(),
+                        src.model,
+                        odt.name(),
+                        job.name
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
     async fn compute_rows(
         &self,
         r: &pb::TensorRows,
@@ -450,6 +521,41 @@ impl Executor {
         give_back(&mut scratch.pieces, pieces);
         Ok(out)
     }
+}
+
+/// An output segment with a NaN or infinity: a job failure naming the tensor when every input
+/// value was finite (the merge made it: a parameter or a degenerate input the method cannot
+/// handle), else a warning (non-finite values in, as mergekit passes them through).
+fn non_finite(
+    job: &pb::TensorJob,
+    r: &pb::TensorRows,
+    values: &[f32],
+    odt: DType,
+    inputs: &[Vec<f32>],
+) -> Result<(), TaskError> {
+    if inputs.iter().any(|v| v.iter().any(|x| !x.is_finite())) {
+        tracing::warn!(
+            "tensor {}: an input holds NaN or infinity; the output does too",
+            job.name
+        );
+        return Ok(());
+    }
+    let (_, row_len) = view2d(&job.shape);
+    // the first element that is not finite once in the output dtype
+    let mut one = [0u8; 4];
+    let k = values
+        .iter()
+        .position(|x| !dtype::encode_finite(odt, std::slice::from_ref(x), &mut one[..odt.size()]))
+        .unwrap_or(0);
+    let at = r.row_start * row_len + k as u64;
+    let v = values.get(k).copied().unwrap_or(f32::NAN);
+    Err(fatal(format!(
+        "tensor {}: merge method {} turned finite inputs into a non-finite output ({v} as {}, element {at}); check the recipe's parameters for this tensor (weights that cancel, a zero tolerance, values too large for {})",
+        job.name,
+        job.method,
+        odt.name(),
+        odt.name()
+    )))
 }
 
 fn method_of(job: &pb::TensorJob) -> Result<&'static dyn kernels::Method, TaskError> {

@@ -7,6 +7,7 @@ pub mod client;
 pub mod exec;
 pub mod format;
 pub mod kernels;
+pub mod metrics;
 pub mod pull;
 pub mod storage;
 pub mod tensor;

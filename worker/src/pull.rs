@@ -94,8 +94,15 @@ async fn slot_loop(
             }
         };
         for lease in leases {
-            run_one(&source, &exec, &worker_id, lease, &mut scratch).await;
+            run_one(&source, &exec, &worker_id, lease, &mut scratch, &mut stop).await;
         }
+    }
+}
+
+/// Resolves when `stop` turns true (never, if its sender is gone without saying so).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    if stop.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 
@@ -105,6 +112,7 @@ async fn run_one(
     worker_id: &str,
     lease: pb::Lease,
     scratch: &mut Scratch,
+    stop: &mut watch::Receiver<bool>,
 ) {
     let Some(task) = lease.task else { return };
     // Renew the lease at a third of its lifetime while the task runs.
@@ -129,8 +137,29 @@ async fn run_one(
             }
         })
     };
-    let result = exec.run(&task, scratch).await;
+    // A stop (SIGTERM, SIGINT) drops the task where it is and hands the lease back as a
+    // retryable failure, so the task runs again at once elsewhere instead of waiting for the
+    // lease to expire. A task is pure: what it wrote so far is written again, the same.
+    let result = tokio::select! {
+        r = exec.run(&task, scratch) => Some(r),
+        _ = stopped(stop) => None,
+    };
     renewer.abort();
+    let Some(result) = result else {
+        tracing::info!(worker = %worker_id, "stopping: handing task {} back", task.task_id);
+        if let Err(e) = source
+            .fail(pb::FailTaskRequest {
+                worker_id: worker_id.to_string(),
+                lease_id: lease.lease_id.clone(),
+                error: format!("worker {worker_id} stopped; task handed back"),
+                retryable: true,
+            })
+            .await
+        {
+            tracing::warn!("handing task {} back failed: {e}", task.task_id);
+        }
+        return;
+    };
     match result {
         Ok(result) => {
             let r = source

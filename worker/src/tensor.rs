@@ -49,5 +49,10 @@ pub fn tensor_ctx(job: &pb::TensorJob) -> Result<TensorCtx<'_>, String> {
         },
         rng_offsets: job.inputs.iter().map(|s| s.rng_offset).collect(),
         work_bf16: job.work_dtype == pb::Dtype::Bf16 as i32,
+        work: match pb::Dtype::try_from(job.compute_dtype) {
+            Ok(pb::Dtype::Bf16) => crate::kernels::round::Work::BF16,
+            Ok(pb::Dtype::F16) => crate::kernels::round::Work::F16,
+            _ => crate::kernels::round::Work::F32,
+        },
     })
 }

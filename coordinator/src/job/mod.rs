@@ -170,6 +170,8 @@ impl JobManager {
             out_shard_size: o.out_shard_size,
             seed: o.seed,
             rng: o.rng,
+            unsafe_truncate_embeddings: o.unsafe_truncate_embeddings,
+            compute_float32: o.compute_float32,
         };
         let plan = plan::plan(recipe, &self.resolver, &o.base_dir, &plan_options).await?;
         let out = self.resolver.resolve(output, &o.base_dir)?;

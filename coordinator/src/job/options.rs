@@ -28,6 +28,10 @@ pub struct SubmitOptions {
     /// The new data files complete only at the commit: the old checkpoint stays whole until
     /// then (see `crate::output`).
     pub overwrite: bool,
+    /// Merge embeddings of different vocabulary sizes by cropping them (`--unsafe-truncate-embeddings`).
+    pub unsafe_truncate_embeddings: bool,
+    /// Compute in f32 whatever the recipe's `dtype` (`--compute-dtype float32`).
+    pub compute_float32: bool,
 }
 
 impl Default for SubmitOptions {
@@ -41,6 +45,8 @@ impl Default for SubmitOptions {
             base_dir: PathBuf::from("."),
             lease_ttl: Duration::from_secs(30),
             overwrite: false,
+            unsafe_truncate_embeddings: false,
+            compute_float32: false,
         }
     }
 }
@@ -57,6 +63,8 @@ impl SubmitOptions {
             min_part_size: 0,
             rng: self.rng as i32,
             overwrite: self.overwrite,
+            unsafe_truncate_embeddings: self.unsafe_truncate_embeddings,
+            compute_float32: self.compute_float32,
         }
     }
 
@@ -77,6 +85,8 @@ impl SubmitOptions {
             },
             lease_ttl,
             overwrite: o.overwrite,
+            unsafe_truncate_embeddings: o.unsafe_truncate_embeddings,
+            compute_float32: o.compute_float32,
         }
     }
 }

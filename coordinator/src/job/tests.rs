@@ -46,6 +46,7 @@ fn plan_and_cut() -> (Plan, Cut) {
         tokenizer_from: None,
         seed: 0,
         out_layers: 0,
+        arch: &crate::arch::FALLBACK,
     };
     let task = |file: usize, part_index: u32, deps: Vec<usize>| TaskDef {
         file,

@@ -49,8 +49,9 @@ pub fn load(dir: &Path) -> BTreeMap<String, Tensor> {
         let n = st::header_len(&bytes, bytes.len() as u64).unwrap();
         let h = st::parse_header(&bytes[8..8 + n as usize], bytes.len() as u64).unwrap();
         for (name, t) in h.tensors {
-            let StDtype::Float(dt) = t.dtype else {
-                panic!("non-float tensor")
+            let dt = match t.dtype {
+                StDtype::Float(dt) => dt,
+                StDtype::Other(n, _) => DType::from_st_name(n).expect("known dtype"),
             };
             let raw = bytes[t.start as usize..t.end as usize].to_vec();
             let mut values = vec![0f32; t.numel() as usize];
@@ -164,15 +165,56 @@ pub async fn run_with(
     slot_memory: u64,
     rng: pb::Rng,
 ) -> Result<(), String> {
-    let o = RunOptions {
+    run_opts(
+        recipe,
+        out,
         workers,
-        submit: SubmitOptions {
+        SubmitOptions {
             task_size,
             slot_memory,
             base_dir: base_dir.to_path_buf(),
             rng,
             ..Default::default()
         },
+    )
+    .await
+}
+
+/// [`run`] with `--unsafe-truncate-embeddings`: models of different vocabulary sizes merge
+/// their common rows.
+pub async fn run_truncating(
+    recipe: &str,
+    base_dir: &Path,
+    out: &Path,
+    workers: usize,
+    task_size: u64,
+    slot_memory: u64,
+) -> Result<(), String> {
+    run_opts(
+        recipe,
+        out,
+        workers,
+        SubmitOptions {
+            task_size,
+            slot_memory,
+            base_dir: base_dir.to_path_buf(),
+            unsafe_truncate_embeddings: true,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+/// Runs a recipe in-process with these options.
+pub async fn run_opts(
+    recipe: &str,
+    out: &Path,
+    workers: usize,
+    submit: SubmitOptions,
+) -> Result<(), String> {
+    let o = RunOptions {
+        workers,
+        submit,
         quiet: true,
     };
     embedded::run(recipe, out.to_str().unwrap(), &o, Resolver::new())

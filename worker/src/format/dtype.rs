@@ -1,4 +1,8 @@
-//! The float element types a merge reads and writes, and conversion to and from f32.
+//! The element types a merge reads and writes, and conversion to and from f32.
+//!
+//! Merges compute on the float types. The others (booleans and integers: buffers such as
+//! GPT-NeoX's causal mask) are never merged: their bytes are copied from the base model, so
+//! their f32 conversions here only serve tests and tools.
 
 use half::f16;
 
@@ -7,14 +11,46 @@ pub enum DType {
     F32,
     F16,
     BF16,
+    Bool,
+    U8,
+    I8,
+    U16,
+    I16,
+    U32,
+    I32,
+    U64,
+    I64,
 }
+
+/// Every element type, floats first.
+pub const ALL: [DType; 12] = [
+    DType::F32,
+    DType::F16,
+    DType::BF16,
+    DType::Bool,
+    DType::U8,
+    DType::I8,
+    DType::U16,
+    DType::I16,
+    DType::U32,
+    DType::I32,
+    DType::U64,
+    DType::I64,
+];
 
 impl DType {
     pub fn size(self) -> usize {
         match self {
-            DType::F32 => 4,
-            DType::F16 | DType::BF16 => 2,
+            DType::Bool | DType::U8 | DType::I8 => 1,
+            DType::F16 | DType::BF16 | DType::U16 | DType::I16 => 2,
+            DType::F32 | DType::U32 | DType::I32 => 4,
+            DType::U64 | DType::I64 => 8,
         }
+    }
+
+    /// Whether merges compute on it (the others are copied).
+    pub fn is_float(self) -> bool {
+        matches!(self, DType::F32 | DType::F16 | DType::BF16)
     }
 
     /// The name in a safetensors header.
@@ -23,7 +59,21 @@ impl DType {
             DType::F32 => "F32",
             DType::F16 => "F16",
             DType::BF16 => "BF16",
+            DType::Bool => "BOOL",
+            DType::U8 => "U8",
+            DType::I8 => "I8",
+            DType::U16 => "U16",
+            DType::I16 => "I16",
+            DType::U32 => "U32",
+            DType::I32 => "I32",
+            DType::U64 => "U64",
+            DType::I64 => "I64",
         }
+    }
+
+    /// Parses a safetensors header's dtype name (those of this type; not F64 or 8-bit floats).
+    pub fn from_st_name(s: &str) -> Option<DType> {
+        ALL.into_iter().find(|d| d.name() == s)
     }
 
     /// The name in a recipe or config.json (`torch_dtype`).
@@ -32,6 +82,15 @@ impl DType {
             DType::F32 => "float32",
             DType::F16 => "float16",
             DType::BF16 => "bfloat16",
+            DType::Bool => "bool",
+            DType::U8 => "uint8",
+            DType::I8 => "int8",
+            DType::U16 => "uint16",
+            DType::I16 => "int16",
+            DType::U32 => "uint32",
+            DType::I32 => "int32",
+            DType::U64 => "uint64",
+            DType::I64 => "int64",
         }
     }
 
@@ -46,21 +105,61 @@ impl DType {
     }
 
     pub fn to_proto(self) -> shardmerge_proto::Dtype {
+        use shardmerge_proto::Dtype as P;
         match self {
-            DType::F32 => shardmerge_proto::Dtype::F32,
-            DType::F16 => shardmerge_proto::Dtype::F16,
-            DType::BF16 => shardmerge_proto::Dtype::Bf16,
+            DType::F32 => P::F32,
+            DType::F16 => P::F16,
+            DType::BF16 => P::Bf16,
+            DType::Bool => P::Bool,
+            DType::U8 => P::U8,
+            DType::I8 => P::I8,
+            DType::U16 => P::U16,
+            DType::I16 => P::I16,
+            DType::U32 => P::U32,
+            DType::I32 => P::I32,
+            DType::U64 => P::U64,
+            DType::I64 => P::I64,
         }
     }
 
     pub fn from_proto(v: i32) -> Option<DType> {
-        match shardmerge_proto::Dtype::try_from(v).ok()? {
-            shardmerge_proto::Dtype::F32 => Some(DType::F32),
-            shardmerge_proto::Dtype::F16 => Some(DType::F16),
-            shardmerge_proto::Dtype::Bf16 => Some(DType::BF16),
-            shardmerge_proto::Dtype::Unspecified => None,
-        }
+        let p = shardmerge_proto::Dtype::try_from(v).ok()?;
+        ALL.into_iter().find(|d| d.to_proto() == p)
     }
+}
+
+/// Decodes one little-endian element of a non-float type as f32 (rounded for wide integers).
+fn int_to_f32(dtype: DType, c: &[u8]) -> f32 {
+    let mut b = [0u8; 8];
+    b[..c.len()].copy_from_slice(c);
+    let u = u64::from_le_bytes(b);
+    match dtype {
+        DType::Bool => (u != 0) as u8 as f32,
+        DType::U8 | DType::U16 | DType::U32 | DType::U64 => u as f32,
+        DType::I8 => c[0] as i8 as f32,
+        DType::I16 => u as u16 as i16 as f32,
+        DType::I32 => u as u32 as i32 as f32,
+        DType::I64 => u as i64 as f32,
+        DType::F32 | DType::F16 | DType::BF16 => f32::NAN,
+    }
+}
+
+/// Encodes `x` as one little-endian element of a non-float type (saturating; NaN gives 0).
+fn f32_to_int(dtype: DType, x: f32, c: &mut [u8]) {
+    let v: u64 = match dtype {
+        DType::Bool => (x != 0.0 && !x.is_nan()) as u64,
+        DType::U8 => x as u8 as u64,
+        DType::U16 => x as u16 as u64,
+        DType::U32 => x as u32 as u64,
+        DType::U64 => x as u64,
+        DType::I8 => x as i8 as u8 as u64,
+        DType::I16 => x as i16 as u16 as u64,
+        DType::I32 => x as i32 as u32 as u64,
+        DType::I64 => x as i64 as u64,
+        DType::F32 | DType::F16 | DType::BF16 => 0,
+    };
+    let n = c.len();
+    c.copy_from_slice(&v.to_le_bytes()[..n]);
 }
 
 /// Decodes little-endian elements of `dtype` from `src` into `dst` (`dst.len()` elements).
@@ -82,6 +181,11 @@ pub fn decode(dtype: DType, src: &[u8], dst: &mut [f32]) {
                 *d = f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
             }
         }
+        _ => {
+            for (d, c) in dst.iter_mut().zip(src.chunks_exact(dtype.size())) {
+                *d = int_to_f32(dtype, c);
+            }
+        }
     }
 }
 
@@ -101,6 +205,7 @@ pub fn decode_extend(dtype: DType, src: &[u8], dst: &mut Vec<f32>) {
             src.chunks_exact(2)
                 .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()),
         ),
+        _ => dst.extend(src.chunks_exact(dtype.size()).map(|c| int_to_f32(dtype, c))),
     }
 }
 
@@ -115,6 +220,41 @@ pub fn bf16_bits(x: f32) -> u16 {
     let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
     let nan = (b & 0x7fff_ffff) > 0x7f80_0000;
     (if nan { (b >> 16) | 0x0040 } else { rounded }) as u16
+}
+
+/// [`encode`], also telling whether every encoded element is finite (no NaN, no infinity,
+/// including an f32 value too large for f16 or bf16). The check is folded into the encode loop
+/// (one OR per element), so the executor gets it for free on the pass it makes anyway.
+pub fn encode_finite(dtype: DType, src: &[f32], dst: &mut [u8]) -> bool {
+    debug_assert_eq!(dst.len(), src.len() * dtype.size());
+    // an element is not finite when its exponent bits are all ones
+    let mut bad = false;
+    match dtype {
+        DType::F32 => {
+            for (c, s) in dst.chunks_exact_mut(4).zip(src) {
+                let b = s.to_bits();
+                bad |= b & 0x7f80_0000 == 0x7f80_0000;
+                c.copy_from_slice(&b.to_le_bytes());
+            }
+        }
+        DType::BF16 => {
+            for (c, s) in dst.chunks_exact_mut(2).zip(src) {
+                let h = bf16_bits(*s);
+                bad |= h & 0x7f80 == 0x7f80;
+                c.copy_from_slice(&h.to_le_bytes());
+            }
+        }
+        DType::F16 => {
+            for (c, s) in dst.chunks_exact_mut(2).zip(src) {
+                let h = f16::from_f32(*s).to_bits();
+                bad |= h & 0x7c00 == 0x7c00;
+                c.copy_from_slice(&h.to_le_bytes());
+            }
+        }
+        // integer and boolean outputs are copies, never computed: nothing can turn non-finite
+        _ => encode(dtype, src, dst),
+    }
+    !bad
 }
 
 /// Encodes `src` as little-endian `dtype` into `dst` (round to nearest even, as torch does).
@@ -134,6 +274,11 @@ pub fn encode(dtype: DType, src: &[f32], dst: &mut [u8]) {
         DType::F16 => {
             for (c, s) in dst.chunks_exact_mut(2).zip(src) {
                 c.copy_from_slice(&f16::from_f32(*s).to_bits().to_le_bytes());
+            }
+        }
+        _ => {
+            for (c, s) in dst.chunks_exact_mut(dtype.size()).zip(src) {
+                f32_to_int(dtype, *s, c);
             }
         }
     }
@@ -204,11 +349,58 @@ mod tests {
     }
 
     #[test]
+    fn non_float_types() {
+        for dt in ALL {
+            assert_eq!(DType::from_st_name(dt.name()), Some(dt));
+            assert_eq!(DType::from_proto(dt.to_proto() as i32), Some(dt));
+        }
+        assert_eq!(DType::from_st_name("F64"), None);
+        assert!(!DType::Bool.is_float() && DType::BF16.is_float());
+        // small integers go through f32 exactly, both ways
+        let v = [0.0f32, 1.0, -3.0, 100.0, -128.0];
+        for dt in [DType::I8, DType::I16, DType::I32, DType::I64] {
+            let mut b = vec![0u8; v.len() * dt.size()];
+            encode(dt, &v, &mut b);
+            let mut back = vec![0f32; v.len()];
+            decode(dt, &b, &mut back);
+            assert_eq!(back, v, "{dt:?}");
+        }
+        let mut b = [0u8; 3];
+        encode(DType::Bool, &[0.0, 2.0, f32::NAN], &mut b);
+        assert_eq!(b, [0, 1, 0]);
+        let mut back = Vec::new();
+        decode_extend(DType::Bool, &[0, 1, 7], &mut back);
+        assert_eq!(back, [0.0, 1.0, 1.0]);
+        let mut b = [0u8; 2];
+        encode(DType::I16, &[-2.0], &mut b);
+        assert_eq!(i16::from_le_bytes(b), -2);
+    }
+
+    #[test]
     fn bf16_rounds_to_nearest_even() {
         // 1 + 2^-8 is halfway between two bf16 values; ties go to the even mantissa (1.0)
         let x = 1.0f32 + 2f32.powi(-8);
         let mut b = [0u8; 2];
         encode(DType::BF16, &[x], &mut b);
         assert_eq!(u16::from_le_bytes(b), 0x3f80);
+    }
+
+    #[test]
+    fn encode_finite_spots_non_finite_outputs() {
+        for dt in [DType::F32, DType::F16, DType::BF16] {
+            let mut b = vec![0u8; 3 * dt.size()];
+            assert!(encode_finite(dt, &[1.0, -2.5, 0.0], &mut b), "{dt:?}");
+            let mut plain = vec![0u8; 3 * dt.size()];
+            encode(dt, &[1.0, -2.5, 0.0], &mut plain);
+            assert_eq!(b, plain, "same bytes as encode");
+            for x in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                assert!(!encode_finite(dt, &[1.0, x, 0.0], &mut b), "{dt:?} {x}");
+            }
+        }
+        // finite in f32, infinite once rounded to f16 (bf16 has f32's range)
+        let mut b = vec![0u8; 2];
+        assert!(!encode_finite(DType::F16, &[1e6], &mut b));
+        assert!(encode_finite(DType::BF16, &[1e6], &mut b));
+        assert!(encode_finite(DType::F32, &[f32::MAX], &mut [0u8; 4]));
     }
 }

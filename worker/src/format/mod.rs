@@ -1,3 +1,4 @@
-//! Checkpoint formats: safetensors headers and element types.
+//! Checkpoint formats: safetensors headers, sharded-checkpoint indexes and element types.
 pub mod dtype;
+pub mod index;
 pub mod safetensors;

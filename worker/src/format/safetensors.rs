@@ -125,33 +125,117 @@ pub fn header_len(prefix: &[u8], file_size: u64) -> Result<u64, HeaderError> {
     Ok(n)
 }
 
+/// Most tensors one checkpoint may hold, all its files together (`SHARDMERGE_MAX_TENSORS`;
+/// default one million: real checkpoints hold hundreds to a few tens of thousands).
+pub fn max_tensors() -> usize {
+    std::env::var("SHARDMERGE_MAX_TENSORS")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(1_000_000)
+}
+
 /// Parses the JSON header (the bytes after the length prefix) of a file of `file_size` bytes.
+///
+/// The JSON is read entry by entry (never as one document tree, which takes several times
+/// the header's size), each entry checked as it comes; a name given twice is refused (JSON
+/// parsers differ on which one wins, so a duplicate could hide a tensor from one of them).
 pub fn parse_header(json: &[u8], file_size: u64) -> Result<Header, HeaderError> {
     let data_start = 8 + json.len() as u64;
     if data_start > file_size {
         return err("header runs past the end of the file");
     }
     let data_len = file_size - data_start;
-    let text = std::str::from_utf8(json).map_err(|_| HeaderError("header is not UTF-8".into()))?;
-    let value: Value = serde_json::from_str(text.trim_end_matches(' '))
-        .map_err(|e| HeaderError(format!("header is not valid JSON: {e}")))?;
-    let Value::Object(obj) = value else {
-        return err("header is not a JSON object");
+    let text = std::str::from_utf8(json).map_err(|e| {
+        HeaderError(format!(
+            "header is not UTF-8 (invalid byte at offset {})",
+            8 + e.valid_up_to()
+        ))
+    })?;
+    let mut visitor = HeaderVisitor {
+        header: Header {
+            data_start,
+            ..Default::default()
+        },
+        data_len,
+        max_tensors: max_tensors(),
+        failed: None,
     };
-    let mut header = Header {
-        data_start,
-        ..Default::default()
-    };
-    for (name, entry) in obj {
-        if name == "__metadata__" {
-            header.metadata = parse_metadata(&entry)?;
-            continue;
-        }
-        let info = parse_entry(&name, &entry, data_start, data_len)?;
-        header.tensors.insert(name, info);
+    let mut de = serde_json::Deserializer::from_str(text.trim_end_matches(' '));
+    let parsed =
+        serde::Deserializer::deserialize_any(&mut de, &mut visitor).and_then(|()| de.end());
+    if let Some(e) = visitor.failed.take() {
+        return Err(e);
     }
+    if let Err(e) = parsed {
+        return err(if e.is_data() {
+            format!("header is not a JSON object: {e}")
+        } else {
+            format!("header is not valid JSON: {e}")
+        });
+    }
+    let header = visitor.header;
     check_overlaps(&header)?;
     Ok(header)
+}
+
+/// Builds a [`Header`] from the top-level JSON object, one entry at a time. A check that
+/// fails leaves its error in `failed` (the JSON error that stops the parse is then moot).
+struct HeaderVisitor {
+    header: Header,
+    data_len: u64,
+    max_tensors: usize,
+    failed: Option<HeaderError>,
+}
+
+impl HeaderVisitor {
+    fn fail<E: serde::de::Error>(&mut self, e: HeaderError) -> E {
+        self.failed = Some(e);
+        E::custom("header check failed")
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for &mut HeaderVisitor {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object of tensor entries")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut seen_meta = false;
+        while let Some(name) = map.next_key::<String>()? {
+            // one entry's JSON tree at a time: small, and the checks below name what is wrong
+            let entry: Value = map.next_value()?;
+            if name == "__metadata__" {
+                if seen_meta {
+                    return Err(self.fail(HeaderError("__metadata__ is given twice".into())));
+                }
+                seen_meta = true;
+                match parse_metadata(&entry) {
+                    Ok(m) => self.header.metadata = m,
+                    Err(e) => return Err(self.fail(e)),
+                }
+                continue;
+            }
+            if self.header.tensors.len() >= self.max_tensors {
+                let e = HeaderError(format!(
+                    "more than {} tensors in one file (set SHARDMERGE_MAX_TENSORS to raise the limit)",
+                    self.max_tensors
+                ));
+                return Err(self.fail(e));
+            }
+            let info = match parse_entry(&name, &entry, self.header.data_start, self.data_len) {
+                Ok(i) => i,
+                Err(e) => return Err(self.fail(e)),
+            };
+            if self.header.tensors.contains_key(&name) {
+                let e = HeaderError(format!("tensor {name} is given twice in the header"));
+                return Err(self.fail(e));
+            }
+            self.header.tensors.insert(name, info);
+        }
+        Ok(())
+    }
 }
 
 fn parse_metadata(v: &Value) -> Result<BTreeMap<String, String>, HeaderError> {

@@ -19,12 +19,20 @@
 //! The eight methods differ only in their [`Config`]: which sparsification and whether there
 //! is a sign consensus (plus default values of `normalize` and `rescale`).
 //!
+//! In a 16-bit working dtype ([`Work`]: the recipe's `dtype` bfloat16/float16) every step
+//! rounds as mergekit's torch ops do: inputs, weights, each delta and weighted delta, each sum
+//! over the models (accumulated in f32, rounded once), the divisor, the quotient, the `lambda`
+//! product (an f32 scalar) and the final addition. The selection keys are the rounded deltas'
+//! magnitudes. The rescale factor's L1 sums are exact, then rounded (torch's summation order
+//! over a whole tensor is not reproduced).
+//!
 //! Statistics passes: magnitude selections (ties, breadcrumbs*) find their exact rank
 //! boundaries in two radix-selection passes; with `rescale`, one more pass sums |δ| before and
 //! after masking (exactly) per model. Element indices of the whole tensor key every random draw
 //! and every tie-break, so cutting the tensor into row ranges never changes a bit.
 
 use super::exact::F32Sum;
+use super::round::{rk, Work};
 use super::select;
 use super::stats::merge_sums;
 use super::{
@@ -208,6 +216,8 @@ struct Plan {
     normalize: bool,
     rescale: bool,
     lambda: f32,
+    /// The dtype every step rounds to.
+    work: Work,
     /// Statistics passes: selection (0 or 2), then L1 sums (0 or 1).
     sel_passes: u32,
     l1_passes: u32,
@@ -276,7 +286,10 @@ impl Gta {
         let mut keep = Vec::with_capacity(others.len());
         let mut ranks = Vec::new();
         for &i in &others {
-            weights.push(finite("weight", ctx.model_param(i, "weight")?)? as f32);
+            weights.push(
+                ctx.work
+                    .r(finite("weight", ctx.model_param(i, "weight")?)? as f32),
+            );
             let k = match self.cfg.sparsify {
                 Sparsify::None => Keep::All,
                 sp => {
@@ -377,6 +390,7 @@ impl Gta {
             normalize: ctx.flag("normalize")?,
             rescale,
             lambda,
+            work: ctx.work,
             sel_passes,
             l1_passes,
         })
@@ -469,10 +483,8 @@ impl Sparse {
     /// `x` and `b` are the model's and the base's values there. Chunks must come in order,
     /// from the range's first element (the window counts ties and the draws advance as they
     /// go).
-    fn fill(&mut self, x: &[f32], b: &[f32], at: usize, d: &mut [f32]) {
-        for ((d, &x), &b) in d.iter_mut().zip(x).zip(b) {
-            *d = x - b;
-        }
+    fn fill(&mut self, work: Work, x: &[f32], b: &[f32], at: usize, d: &mut [f32]) {
+        work.sub_into(x, b, d);
         match self {
             Sparse::All => {}
             Sparse::Nothing => d.iter_mut().for_each(|v| *v = 0.0),
@@ -545,7 +557,8 @@ fn della_delta(
 ) -> KResult<Vec<f32>> {
     let x = inputs[plan.others[j]];
     let b = inputs[plan.base];
-    let mut d: Vec<f32> = x.iter().zip(b.iter()).map(|(&x, &b)| x - b).collect();
+    let mut d = vec![0f32; x.len().min(b.len())];
+    plan.work.sub_into(x, b, &mut d);
     let first = rows.first_element(ctx);
     let (m, inner) = della_axis(ctx)?;
     // the range's draws in element order, a row at a time (kept in cache); ranks decide each
@@ -622,10 +635,19 @@ fn for_each_key_chunk(plan: &Plan, inputs: &[&[f32]], j: usize, f: &mut dyn FnMu
     };
     let (x, b) = (inputs[i], inputs[plan.base]);
     let mut keys = [0u32; CHUNK];
+    let mut d = [0f32; CHUNK];
     for (xc, bc) in x.chunks(CHUNK).zip(b.chunks(CHUNK)) {
         let ks = &mut keys[..xc.len()];
-        for ((k, &x), &b) in ks.iter_mut().zip(xc).zip(bc) {
-            *k = select::key(x - b);
+        if plan.work.rounds() {
+            let d = &mut d[..xc.len()];
+            plan.work.sub_into(xc, bc, d);
+            for (k, &d) in ks.iter_mut().zip(d.iter()) {
+                *k = select::key(d);
+            }
+        } else {
+            for ((k, &x), &b) in ks.iter_mut().zip(xc).zip(bc) {
+                *k = select::key(x - b);
+            }
         }
         f(ks);
     }
@@ -699,13 +721,18 @@ impl Method for Gta {
             if plan.keep[j].rescalable() {
                 let x = inputs[plan.others[j]];
                 let b = inputs[plan.base];
-                before.add_all(x.iter().zip(b.iter()).map(|(&x, &b)| (x - b).abs()));
+                let w = plan.work;
+                before.add_all(
+                    x.iter()
+                        .zip(b.iter())
+                        .map(|(&x, &b)| w.r(w.r(x) - w.r(b)).abs()),
+                );
                 let mut sp = Sparse::new(&plan, ctx, state.child(0), rows, inputs, j)?;
                 let mut d = [0f32; CHUNK];
                 for at in (0..len).step_by(CHUNK) {
                     let end = (at + CHUNK).min(len);
                     let dc = &mut d[..end - at];
-                    sp.fill(&x[at..end], &b[at..end], at, dc);
+                    sp.fill(plan.work, &x[at..end], &b[at..end], at, dc);
                     after.add_all(dc.iter().map(|v| v.abs()));
                 }
             }
@@ -738,13 +765,14 @@ impl Method for Gta {
         let mut out = state;
         out.values = (0..plan.others.len())
             .map(|j| {
-                let before = sums.get(2 * j).map_or(0.0, |s| s.value()) as f32;
-                let after = sums.get(2 * j + 1).map_or(0.0, |s| s.value()) as f32;
+                let w = plan.work;
+                let before = w.r(sums.get(2 * j).map_or(0.0, |s| s.value()) as f32);
+                let after = w.r(sums.get(2 * j + 1).map_or(0.0, |s| s.value()) as f32);
                 let eps = 1e-7f32;
                 if !plan.keep[j].rescalable() || before < eps || after < eps {
                     f64::NAN
                 } else {
-                    (before / after) as f64
+                    w.r(before / after) as f64
                 }
             })
             .collect();
@@ -803,10 +831,19 @@ impl Method for Gta {
             let bc = &base[at..end];
             for (j, sp) in sparse.iter_mut().enumerate() {
                 let d = &mut deltas[j * CHUNK..j * CHUNK + len];
-                sp.fill(&inputs[plan.others[j]][at..end], bc, at, d);
+                sp.fill(plan.work, &inputs[plan.others[j]][at..end], bc, at, d);
                 if let Some(s) = scales[j] {
-                    d.iter_mut().for_each(|v| *v *= s);
+                    let w = plan.work;
+                    d.iter_mut().for_each(|v| *v = w.r(*v * s));
                 }
+            }
+            if plan.work.rounds() {
+                let (o, cons) = (&mut out[at..end], self.cfg.consensus);
+                match plan.work {
+                    Work::BF16 => mix_rounded::<1>(&plan, cons, &deltas, bc, o),
+                    _ => mix_rounded::<2>(&plan, cons, &deltas, bc, o),
+                }
+                continue;
             }
             let (sum, mixed, div) = (&mut sum[..len], &mut mixed[..len], &mut div[..len]);
             mixed.iter_mut().for_each(|m| *m = 0.0);
@@ -863,10 +900,135 @@ impl Method for Gta {
     }
 }
 
+/// The mix of one chunk in working dtype `K` ([`rk`]), op by op as mergekit's torch code:
+/// weighted deltas rounded; the sign consensus from their rounded sum; the sum of the agreeing
+/// (or all) weighted deltas and of their weights, each accumulated in f32 and rounded (a zero
+/// divisor becomes 1, a plain one below 1e-8 too); then the quotient, the `lambda` product and
+/// the sum with the base, each rounded. `deltas` holds each model's chunk at `j * CHUNK`.
+fn mix_rounded<const K: u8>(
+    plan: &Plan,
+    consensus: bool,
+    deltas: &[f32],
+    base: &[f32],
+    out: &mut [f32],
+) {
+    let len = out.len();
+    let w = &plan.weights;
+    let mut mixed = [0f32; CHUNK];
+    let mut div = [0f32; CHUNK];
+    let (mixed, div) = (&mut mixed[..len], &mut div[..len]);
+    if consensus {
+        let mut sign = [0f32; CHUNK];
+        let sign = &mut sign[..len];
+        for (j, &wj) in w.iter().enumerate() {
+            let d = &deltas[j * CHUNK..j * CHUNK + len];
+            for (s, &d) in sign.iter_mut().zip(d) {
+                *s += rk::<K>(d * wj);
+            }
+        }
+        sign.iter_mut().for_each(|s| *s = rk::<K>(*s));
+        for (j, &wj) in w.iter().enumerate() {
+            let d = &deltas[j * CHUNK..j * CHUNK + len];
+            for (((m, dv), &s), &d) in mixed.iter_mut().zip(div.iter_mut()).zip(&*sign).zip(d) {
+                let wd = rk::<K>(d * wj);
+                // torch: sign(wd) == (sum >= 0 ? 1 : -1); a -0.0 sum counts as >= 0
+                let agree = if s >= 0.0 { wd > 0.0 } else { wd < 0.0 };
+                *m += if agree { wd } else { 0.0 };
+                *dv += if agree { wj } else { 0.0 };
+            }
+        }
+        for (m, dv) in mixed.iter_mut().zip(div.iter_mut()) {
+            *m = rk::<K>(*m);
+            *dv = rk::<K>(*dv);
+            if *dv == 0.0 {
+                *dv = 1.0;
+            }
+        }
+    } else {
+        for (j, &wj) in w.iter().enumerate() {
+            let d = &deltas[j * CHUNK..j * CHUNK + len];
+            for (m, &d) in mixed.iter_mut().zip(d) {
+                *m += rk::<K>(d * wj);
+            }
+        }
+        let t = rk::<K>(w.iter().sum());
+        let t = if t.abs() < 1e-8 { 1.0 } else { t };
+        for (m, dv) in mixed.iter_mut().zip(div.iter_mut()) {
+            *m = rk::<K>(*m);
+            *dv = t;
+        }
+    }
+    if plan.normalize {
+        for (m, &dv) in mixed.iter_mut().zip(&*div) {
+            *m = rk::<K>(*m / dv);
+        }
+    }
+    if plan.lambda != 1.0 {
+        mixed
+            .iter_mut()
+            .for_each(|m| *m = rk::<K>(*m * plan.lambda));
+    }
+    for ((o, &b), &m) in out.iter_mut().zip(base).zip(&*mixed) {
+        *o = rk::<K>(rk::<K>(b) + m);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::testutil::*;
     use super::*;
+
+    /// bf16 op by op, as torch: a hand-computed reference of mergekit's steps for
+    /// task_arithmetic (lambda, no normalize) and ties' consensus at density 1.
+    #[test]
+    fn bf16_op_by_op() {
+        let bf = |x: f32| half::bf16::from_f32(x).to_f32();
+        let base = [1.0f32, -0.5, 0.25, 3.0, 0.0078125, -7.5];
+        let m1 = [1.0234375f32, -0.49609375, 0.26953125, 2.90625, 0.0, -7.25];
+        let m2 = [
+            0.98828125f32,
+            -0.515625,
+            0.2421875,
+            3.0625,
+            0.01171875,
+            -7.75,
+        ];
+        let (w1, w2, lambda) = (0.3f64, 0.9f64, 0.7f64);
+        for method in [&TASK_ARITHMETIC, &TIES] {
+            let mut c = Case::new(&[6], 3).with_defaults(method);
+            c.base = Some(0);
+            c.model_params[1].insert("weight".into(), w1);
+            c.model_params[2].insert("weight".into(), w2);
+            c.params.insert("lambda".into(), lambda);
+            c.work = Work::BF16;
+            let out = run(method, &c, &[base.to_vec(), m1.to_vec(), m2.to_vec()]);
+            let (w1, w2, l) = (bf(w1 as f32), bf(w2 as f32), lambda as f32);
+            let want: Vec<f32> = (0..6)
+                .map(|e| {
+                    let d1 = bf(m1[e] - base[e]);
+                    let d2 = bf(m2[e] - base[e]);
+                    let (wd1, wd2) = (bf(d1 * w1), bf(d2 * w2));
+                    let mixed = if std::ptr::eq(method, &TIES) {
+                        let pos = bf(wd1 + wd2) >= 0.0;
+                        let agree = |wd: f32| if pos { wd > 0.0 } else { wd < 0.0 };
+                        let (mut m, mut dv) = (0f32, 0f32);
+                        for (wd, w) in [(wd1, w1), (wd2, w2)] {
+                            if agree(wd) {
+                                m += wd;
+                                dv += w;
+                            }
+                        }
+                        let dv = if bf(dv) == 0.0 { 1.0 } else { bf(dv) };
+                        bf(bf(m) / dv) // ties normalizes
+                    } else {
+                        bf(wd1 + wd2)
+                    };
+                    bf(base[e] + bf(mixed * l))
+                })
+                .collect();
+            assert_eq!(out, want, "{}", method.spec.name);
+        }
+    }
 
     #[test]
     fn window_blocks_agree_with_the_walk_in_order() {

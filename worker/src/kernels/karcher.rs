@@ -33,6 +33,9 @@ fn tri(n: usize, i: usize, j: usize) -> usize {
     i * n - i * (i + 1) / 2 + j
 }
 
+/// Below this sin θ the direction from u towards an input is rounding noise (see `iterate`).
+const SIN_FLOOR: f64 = 1e-7;
+
 /// The Karcher iteration on coefficients over the valid unit vectors; `m` is their Gram matrix.
 fn iterate(m: &[Vec<f64>], a: &[f64], max_iter: u64, tol: f64) -> Vec<f64> {
     let k = a.len();
@@ -46,8 +49,10 @@ fn iterate(m: &[Vec<f64>], a: &[f64], max_iter: u64, tol: f64) -> Vec<f64> {
         s.max(0.0).sqrt()
     };
     let mut beta = a.to_vec();
+    // mergekit compares with `tol` only; with `tol: 0` an exact zero would divide by zero
+    // (NaN in mergekit too), so an exact zero counts as below any tolerance
     let nu = quad(&beta);
-    if nu < tol {
+    if nu < tol || nu == 0.0 {
         beta = vec![0.0; k];
         beta[0] = 1.0;
     } else {
@@ -61,17 +66,23 @@ fn iterate(m: &[Vec<f64>], a: &[f64], max_iter: u64, tol: f64) -> Vec<f64> {
                 .sum::<f64>()
                 .clamp(-1.0, 1.0);
             let theta = dot.acos();
-            if theta < tol {
+            // The step towards uᵢ is θ/sin θ · (uᵢ - cos θ·u), a vector of length θ whose
+            // direction is (uᵢ - cos θ·u)/sin θ. When sin θ is at rounding level that direction
+            // is noise: at θ ≈ 0 the step is ~0 anyway (mergekit skips it under any `tol` above
+            // 1e-7), at θ ≈ π (an antipodal input) mergekit's uᵢ - cos θ·u is exactly zero, and
+            // with `tol: 0` its θ/sin θ is 0/0 = NaN at θ = 0. Either way the input adds nothing.
+            let sin = theta.sin();
+            if theta < tol || sin < SIN_FLOOR {
                 continue;
             }
-            let f = a[i] * theta / theta.sin();
+            let f = a[i] * theta / sin;
             for j in 0..k {
                 tau[j] -= f * dot * beta[j];
             }
             tau[i] += f;
         }
         let nt = quad(&tau);
-        if nt < tol {
+        if nt < tol || nt == 0.0 {
             break;
         }
         let (c, s) = (nt.cos(), nt.sin());
@@ -161,6 +172,15 @@ impl Method for Karcher {
             let scale: f64 = norms.iter().map(|x| x / n as f64).sum();
             for (&i, b) in valid.iter().zip(&beta) {
                 coefs[i] = scale * b / norms[i];
+                // only with `tol` near zero: an input of tiny norm next to large ones needs a
+                // coefficient past f32, and the output would be ±inf or NaN
+                if !(coefs[i] as f32).is_finite() {
+                    return Err(format!(
+                        "karcher: input {i} has norm {:e}, too small next to the others to rescale in 32-bit floats; raise `tol` above it to leave it out of the mean",
+                        norms[i]
+                    )
+                    .into());
+                }
             }
         }
         Ok(Reduced::Done(Stats {
@@ -269,5 +289,64 @@ mod tests {
             .unwrap_err()
             .0
             .contains("karcher: parameter tol"));
+    }
+
+    /// `tol: 0` (and the default) on degenerate inputs: equal, parallel, antipodal, zero,
+    /// all zero. The output is finite and the expected mean.
+    #[test]
+    fn degenerate_inputs_stay_finite() {
+        for tol in [0.0, 1e-5] {
+            let mut c = case(&[4], 2);
+            c.params.insert("tol".into(), tol);
+            let x = vec![1.0f32, -2.0, 3.0, 0.5];
+            let x2: Vec<f32> = x.iter().map(|v| v * 2.0).collect();
+            let neg: Vec<f32> = x.iter().map(|v| -v).collect();
+            let zero = vec![0f32; 4];
+            // equal: the mean is the input
+            let out = run(&Karcher, &c, &[x.clone(), x.clone()]);
+            assert!(
+                out.iter().zip(&x).all(|(a, b)| (a - b).abs() < 1e-5),
+                "tol {tol}: {out:?}"
+            );
+            // parallel: direction of x, scale (1 + 2)/2
+            let out = run(&Karcher, &c, &[x.clone(), x2]);
+            assert!(
+                out.iter().zip(&x).all(|(a, b)| (a - 1.5 * b).abs() < 1e-5),
+                "tol {tol}: {out:?}"
+            );
+            // antipodal, a zero input, all zero: finite
+            for ins in [
+                vec![x.clone(), neg],
+                vec![x.clone(), zero.clone()],
+                vec![zero.clone(), zero.clone()],
+            ] {
+                let out = run(&Karcher, &c, &ins);
+                assert!(
+                    out.iter().all(|v| v.is_finite()),
+                    "tol {tol}: {ins:?} -> {out:?}"
+                );
+            }
+            let mut c3 = case(&[4], 3);
+            c3.params.insert("tol".into(), tol);
+            let out = run(&Karcher, &c3, &[x.clone(), x.clone(), x.clone()]);
+            assert!(
+                out.iter().zip(&x).all(|(a, b)| (a - b).abs() < 1e-5),
+                "tol {tol}: {out:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn tiny_norm_next_to_large_is_refused_with_tol_zero() {
+        let mut c = case(&[2], 2);
+        c.params.insert("tol".into(), 0.0);
+        let ctx = c.ctx();
+        let refs: [&[f32]; 2] = [&[1e30, 0.0], &[0.0, 1e-44]];
+        let mut out = vec![0f32; 2];
+        let e = crate::kernels::run_whole(&Karcher, &ctx, &refs, &mut out).unwrap_err();
+        assert!(
+            e.0.contains("karcher: input 1") && e.0.contains("raise `tol`"),
+            "{e}"
+        );
     }
 }

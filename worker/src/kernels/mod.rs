@@ -19,10 +19,13 @@ use std::fmt;
 pub mod exact;
 pub mod mt;
 pub mod rng;
+pub mod round;
 pub mod select;
 pub mod stats;
 
 mod arcee_fusion;
+#[cfg(test)]
+mod degenerate;
 mod gta;
 mod karcher;
 mod linear;
@@ -134,6 +137,9 @@ pub struct TensorCtx<'a> {
     pub rng_offsets: Vec<u64>,
     /// mergekit would compute this tensor in bfloat16 (its keep probabilities are rounded).
     pub work_bf16: bool,
+    /// The dtype the arithmetic rounds to after every operation (the recipe's `dtype` unless
+    /// f32 compute was asked for); see [`round`].
+    pub work: round::Work,
 }
 
 impl TensorCtx<'_> {
@@ -386,6 +392,7 @@ pub(crate) mod testutil {
         pub seed: u64,
         pub rng: rng::Mode,
         pub work_bf16: bool,
+        pub work: round::Work,
     }
 
     impl Case {
@@ -399,6 +406,7 @@ pub(crate) mod testutil {
                 seed: 0,
                 rng: rng::Mode::default(),
                 work_bf16: false,
+                work: round::Work::F32,
             }
         }
 
@@ -447,6 +455,7 @@ pub(crate) mod testutil {
                     .map(|i| i * rows * row_len as u64)
                     .collect(),
                 work_bf16: self.work_bf16,
+                work: self.work,
             }
         }
     }

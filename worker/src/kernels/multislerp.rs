@@ -106,8 +106,16 @@ fn plan(ctx: &TensorCtx, inp: &Inputs, gram: &[f64]) -> KResult<Plan> {
     }
     let norms_eps: Vec<f32> = norms.iter().map(|&x| x + eps).collect();
     // ‖Σ wᵢ xᵢ/(‖xᵢ‖+eps)‖²
+    // a zero input is a zero unit vector: x/(0 + eps) for any eps > 0 (with `eps: 0`,
+    // mergekit's 0/0 would make the whole output NaN)
     let c: Vec<f64> = (0..n)
-        .map(|i| inp.weights[i] as f64 / norms_eps[i] as f64)
+        .map(|i| {
+            if norms_eps[i] > 0.0 {
+                inp.weights[i] as f64 / norms_eps[i] as f64
+            } else {
+                0.0
+            }
+        })
         .collect();
     let mut mm = 0f64;
     for i in 0..n {
@@ -116,7 +124,8 @@ fn plan(ctx: &TensorCtx, inp: &Inputs, gram: &[f64]) -> KResult<Plan> {
         }
     }
     let mean_norm = mm.max(0.0).sqrt() as f32;
-    if mean_norm < eps {
+    // an exact zero counts as below any eps (`eps: 0` would divide by it)
+    if mean_norm < eps || mean_norm == 0.0 || !mean_norm.is_finite() {
         if n == 2 {
             return Ok(Plan::Linear);
         }
@@ -229,7 +238,9 @@ impl Method for MultiSlerp {
                 for (e, o) in out.iter_mut().enumerate() {
                     let mut m = 0f32;
                     for (i, (&ne, &w)) in norms_eps.iter().zip(&inp.weights).enumerate() {
-                        m += inp.x(i, e) / ne * w;
+                        if ne > 0.0 {
+                            m += inp.x(i, e) / ne * w;
+                        }
                     }
                     *o = inp.finish(e, m / mean_norm * avg_norm);
                 }

@@ -213,7 +213,13 @@ impl Method for RamPlusTl {
             .map(|i| {
                 let shared = state.counts.get(2 * i).copied().unwrap_or(0) as f64;
                 let unique = state.counts.get(2 * i + 1).copied().unwrap_or(0) as f64;
-                let rho = shared / unique.max(eps);
+                // no shared and no unique elements: 0, as 0/max(0, eps) is for any eps > 0
+                // (mergekit's 0/0 with `epsilon: 0` is NaN)
+                let rho = if shared == 0.0 {
+                    0.0
+                } else {
+                    shared / unique.max(eps)
+                };
                 // clamp(min=0, max=alpha) as torch does it: max first, then min
                 let rho = if rho.is_nan() {
                     rho

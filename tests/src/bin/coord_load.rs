@@ -1,0 +1,231 @@
+//! `coord-load`: the coordinator's own cost under a fleet, without the fleet. Submits a recipe
+//! to a running coordinator, then N simulated worker slots poll, renew once and complete every
+//! task as fast as the coordinator hands them out, without reading or writing any data. Prints
+//! the time per RPC (p50, p99, max) and, given the coordinator's pid, its resident memory.
+//!
+//! The fake completions are well formed: a write task reports the byte count of its range
+//! (`bytes_written` = the range's length) and a CRC-32 of that many zero bytes, the bytes a
+//! sparse (zero) output range holds. Statistics tasks cannot be faked (their partials feed
+//! the merge), so use a recipe without statistics passes (task_arithmetic, linear).
+//!
+//!   coord-load --coordinator http://127.0.0.1:50051 --recipe bench/70b/task_arithmetic.yml \
+//!       --out /tmp/l70b-out --slots 64 [--pid PID]
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use shardmerge_proto as pb;
+use shardmerge_worker::client;
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long)]
+    coordinator: String,
+    #[arg(long)]
+    recipe: std::path::PathBuf,
+    #[arg(long)]
+    out: String,
+    #[arg(long, default_value_t = 64)]
+    slots: usize,
+    /// The coordinator's process id, to report its memory
+    #[arg(long)]
+    pid: Option<u32>,
+}
+
+#[derive(Default)]
+struct Times {
+    poll: Vec<f64>,
+    renew: Vec<f64>,
+    complete: Vec<f64>,
+}
+
+fn status_kb(pid: u32, key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with(key))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// CRC-32 of `n` zero bytes.
+fn zero_crc(n: u64) -> u32 {
+    let zeros = [0u8; 1 << 16];
+    let mut h = crc32fast::Hasher::new();
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(zeros.len() as u64) as usize;
+        h.update(&zeros[..k]);
+        left -= k as u64;
+    }
+    h.finalize()
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() - 1) as f64 * p).round() as usize] * 1e3
+}
+
+#[tokio::main]
+async fn main() -> Result<(), String> {
+    let a = Args::parse();
+    let recipe = std::fs::read_to_string(&a.recipe)
+        .map_err(|e| format!("{}: cannot read recipe: {e}", a.recipe.display()))?;
+    let mut c = client::client(&a.coordinator)?;
+    let t0 = Instant::now();
+    let job = c
+        .submit_job(pb::SubmitJobRequest {
+            recipe_yaml: recipe,
+            output_uri: a.out.clone(),
+            options: Some(pb::JobOptions {
+                base_dir: std::env::current_dir()
+                    .map_err(|e| e.to_string())?
+                    .to_string_lossy()
+                    .into_owned(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .map_err(|s| format!("submit: {}", s.message()))?
+        .into_inner();
+    let submit_s = t0.elapsed().as_secs_f64();
+    let total = job.status.as_ref().map_or(0, |s| s.tasks_total);
+    eprintln!(
+        "submitted {} in {submit_s:.2}s: {total} tasks; {} slots",
+        job.job_id, a.slots
+    );
+    if let Some(pid) = a.pid {
+        eprintln!(
+            "coordinator after planning: VmRSS {} MiB",
+            status_kb(pid, "VmRSS:").unwrap_or(0) / 1024
+        );
+    }
+    let times = Arc::new(Mutex::new(Times::default()));
+    let start = Instant::now();
+    let mut handles = Vec::new();
+    for slot in 0..a.slots {
+        let mut c = c.clone();
+        let times = times.clone();
+        handles.push(tokio::spawn(async move {
+            let wid = format!("load-{}/{slot}", slot / 8);
+            let mut idle = 0;
+            loop {
+                let t = Instant::now();
+                let r = c
+                    .poll_work(pb::PollWorkRequest {
+                        worker_id: wid.clone(),
+                        free_slots: 1,
+                        slot_memory: 1 << 30,
+                    })
+                    .await;
+                let dt = t.elapsed().as_secs_f64();
+                let Ok(r) = r else { break };
+                let r = r.into_inner();
+                times
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .poll
+                    .push(dt);
+                if r.leases.is_empty() {
+                    idle += 1;
+                    if idle > 20 {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(r.retry_after_ms.max(5) as u64)).await;
+                    continue;
+                }
+                idle = 0;
+                for lease in r.leases {
+                    let t = Instant::now();
+                    let _ = c
+                        .renew_lease(pb::RenewLeaseRequest {
+                            worker_id: wid.clone(),
+                            lease_ids: vec![lease.lease_id.clone()],
+                        })
+                        .await;
+                    let renew = t.elapsed().as_secs_f64();
+                    let length = match lease.task.as_ref().and_then(|t| t.kind.as_ref()) {
+                        Some(pb::task::Kind::Write(w)) => w.output.as_ref().map_or(0, |o| o.length),
+                        _ => 0,
+                    };
+                    let t = Instant::now();
+                    let _ = c
+                        .complete_task(pb::CompleteTaskRequest {
+                            worker_id: wid.clone(),
+                            lease_id: lease.lease_id,
+                            result: Some(pb::TaskResult {
+                                bytes_read: 0,
+                                bytes_written: length,
+                                checksum: zero_crc(length),
+                                part: None,
+                                stats: None,
+                            }),
+                        })
+                        .await;
+                    let complete = t.elapsed().as_secs_f64();
+                    let mut tm = times.lock().unwrap_or_else(|p| p.into_inner());
+                    tm.renew.push(renew);
+                    tm.complete.push(complete);
+                }
+            }
+        }));
+    }
+    let mut peak_rss = 0;
+    let mut sampler = tokio::time::interval(Duration::from_millis(200));
+    while !handles.iter().all(|h| h.is_finished()) {
+        sampler.tick().await;
+        if let Some(pid) = a.pid {
+            peak_rss = peak_rss.max(status_kb(pid, "VmRSS:").unwrap_or(0));
+        }
+    }
+    let wall = start.elapsed().as_secs_f64();
+    let st = c
+        .get_job(pb::GetJobRequest {
+            job_id: job.job_id.clone(),
+        })
+        .await
+        .map_err(|s| s.message().to_string())?
+        .into_inner();
+    let mut guard = times.lock().unwrap_or_else(|p| p.into_inner());
+    let Times {
+        poll,
+        renew,
+        complete,
+    } = &mut *guard;
+    let n = complete.len();
+    println!(
+        "job {}: state {} tasks {}/{} in {wall:.1}s ({:.0} tasks/s) with {} slots",
+        st.job_id,
+        st.state,
+        st.tasks_done,
+        st.tasks_total,
+        n as f64 / wall.max(1e-9),
+        a.slots
+    );
+    for (name, v) in [
+        ("PollWork", poll),
+        ("RenewLease", renew),
+        ("CompleteTask", complete),
+    ] {
+        println!(
+            "{name:<13} n={:<6} p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+            v.len(),
+            pct(v, 0.5),
+            pct(v, 0.99),
+            pct(v, 1.0)
+        );
+    }
+    if let Some(pid) = a.pid {
+        println!(
+            "coordinator memory: peak RSS sampled {} MiB, VmHWM {} MiB",
+            peak_rss / 1024,
+            status_kb(pid, "VmHWM:").unwrap_or(0) / 1024
+        );
+    }
+    Ok(())
+}
