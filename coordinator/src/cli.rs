@@ -223,6 +223,11 @@ enum Cmd {
         out: String,
         #[command(flatten)]
         engine: EngineArgs,
+        /// Replace what OUT holds. Without it an OUT that holds files is refused. The old
+        /// checkpoint stays complete until the new one is committed; then the old files the
+        /// new checkpoint does not have are removed
+        #[arg(long)]
+        overwrite: bool,
         /// No progress bar or summary
         #[arg(long, short)]
         quiet: bool,
@@ -241,6 +246,10 @@ enum Cmd {
     Verify {
         /// Checkpoint folder: a local path, file:// or s3://bucket/prefix
         checkpoint: String,
+        /// Also re-read every data file and check it against the checksums the commit
+        /// recorded (shardmerge.checksums.json); reads the whole checkpoint
+        #[arg(long)]
+        data: bool,
     },
     /// Serve jobs to workers over gRPC until SIGINT/SIGTERM
     Coordinator {
@@ -309,6 +318,10 @@ enum Cmd {
         /// Random draws of DARE/DELLA (see `run --help`)
         #[arg(long, value_enum, default_value_t = RngArg::Mergekit)]
         rng: RngArg,
+        /// Replace what OUT holds (see `run --help`); without it an OUT that holds files is
+        /// refused
+        #[arg(long)]
+        overwrite: bool,
         #[command(flatten)]
         merge: MergeArgs,
         /// No progress output
@@ -368,12 +381,16 @@ async fn main_inner(cli: Cli) -> Result<()> {
             recipe,
             out,
             engine,
+            overwrite,
             quiet,
         } => {
             let text = read_recipe(&recipe)?;
             let o = RunOptions {
                 workers: engine.workers(),
-                submit: engine.submit_options(),
+                submit: SubmitOptions {
+                    overwrite,
+                    ..engine.submit_options()
+                },
                 quiet,
             };
             let s = embedded::run(&text, &out, &o, resolver).await?;
@@ -413,8 +430,16 @@ async fn main_inner(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Verify { checkpoint } => {
+        Cmd::Verify { checkpoint, data } => {
             let r = verify::verify(&resolver, &checkpoint).await?;
+            if data {
+                let d = verify::verify_data(&resolver, &checkpoint).await?;
+                println!(
+                    "data ok: {} file(s), {} match their recorded CRC-32C",
+                    d.files,
+                    size::human(d.bytes)
+                );
+            }
             println!(
                 "ok: {} tensors in {} file(s), {} of tensor data",
                 r.tensors,
@@ -472,6 +497,7 @@ async fn main_inner(cli: Cli) -> Result<()> {
             memory_limit,
             random_seed,
             rng,
+            overwrite,
             merge,
             quiet,
             security,
@@ -490,6 +516,7 @@ async fn main_inner(cli: Cli) -> Result<()> {
                     base_dir: embedded::cwd().to_string_lossy().into_owned(),
                     min_part_size: 0,
                     rng: rng.proto() as i32,
+                    overwrite,
                     unsafe_truncate_embeddings: merge.unsafe_truncate_embeddings,
                     compute_float32: merge.compute_dtype == Some(ComputeDtype::Float32),
                 },

@@ -5,13 +5,14 @@
 pub(crate) mod arch;
 pub mod auth;
 pub mod cli;
-pub(crate) mod commit;
+pub mod commit;
 pub(crate) mod cut;
 pub mod embedded;
 pub mod error;
 pub mod job;
 pub mod journal;
 pub(crate) mod ops;
+pub(crate) mod output;
 pub(crate) mod paths;
 pub mod plan;
 pub mod planinfo;

@@ -331,6 +331,158 @@ fn tokenizer_and_config_come_from_the_right_model() {
     }
 }
 
+/// Every file directly in `dir`, by name.
+fn files_in(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut m = std::collections::BTreeMap::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        if e.file_type().unwrap().is_file() {
+            m.insert(
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            );
+        }
+    }
+    m
+}
+
+/// An output that is, contains or sits inside an input model's folder is refused (even with
+/// --overwrite, through a symlink or `..`), and the input is untouched.
+#[test]
+fn output_overlapping_an_input_is_refused() {
+    let (_t, d) = scratch();
+    std::fs::write(d.join("r.yml"), TA).unwrap();
+    std::os::unix::fs::symlink(d.join("models/lang_eu"), d.join("link")).unwrap();
+    let before = files_in(&d.join("models/instruct"));
+    let cases = [
+        ("models/instruct", "is the folder"),
+        ("models/instruct/merged", "is inside the folder"),
+        ("models/base/../instruct/", "is the folder"),
+        ("models", "contains the folder"),
+        ("link", "is the folder"),
+        ("link/out", "is inside the folder"),
+    ];
+    for (out, rel) in cases {
+        for extra in [&[][..], &["--overwrite"][..]] {
+            let o = run_in(&d, &[&["run", "r.yml", out, "--quiet"][..], extra].concat());
+            assert_eq!(o.code, 1, "{out} {extra:?}: {}", o.stderr);
+            assert!(
+                o.stderr.contains(rel) && o.stderr.contains("input model"),
+                "{out}: {}",
+                o.stderr
+            );
+        }
+    }
+    assert_eq!(files_in(&d.join("models/instruct")), before);
+    assert!(!d.join("models/instruct/merged").exists());
+    assert!(!d.join("models/lang_eu/out").exists());
+    for m in ["base", "lang_eu"] {
+        let names: Vec<String> = files_in(&d.join("models").join(m)).into_keys().collect();
+        assert_eq!(names, ["config.json", "model.safetensors"], "{m}");
+    }
+}
+
+/// An output that holds files (a finished checkpoint, or anything else) is refused without
+/// --overwrite, and stays as it was.
+#[test]
+fn non_empty_output_needs_overwrite() {
+    let (_t, d) = scratch();
+    std::fs::write(d.join("r.yml"), TA).unwrap();
+    assert_eq!(run_in(&d, &["run", "r.yml", "out", "--quiet"]).code, 0);
+    let before = files_in(&d.join("out"));
+    let o = run_in(&d, &["run", "r.yml", "out", "--quiet"]);
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert!(
+        o.stderr.contains("already holds") && o.stderr.contains("--overwrite"),
+        "{}",
+        o.stderr
+    );
+    assert_eq!(files_in(&d.join("out")), before);
+    // any file counts, not only a checkpoint; an empty folder is fine
+    std::fs::create_dir(d.join("notes")).unwrap();
+    std::fs::write(d.join("notes/todo.txt"), "keep me").unwrap();
+    let o = run_in(&d, &["run", "r.yml", "notes", "--quiet"]);
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert!(o.stderr.contains("todo.txt"), "{}", o.stderr);
+    assert_eq!(std::fs::read(d.join("notes/todo.txt")).unwrap(), b"keep me");
+    std::fs::create_dir(d.join("empty")).unwrap();
+    assert_eq!(run_in(&d, &["run", "r.yml", "empty", "--quiet"]).code, 0);
+}
+
+/// `--overwrite` leaves exactly the new checkpoint: an old run sharded into several files,
+/// replaced by one file, leaves no stale shard; the bytes equal a run into a fresh folder, and
+/// `verify --data` accepts them.
+#[test]
+fn overwrite_leaves_exactly_the_new_checkpoint() {
+    let (_t, d) = scratch();
+    std::fs::write(d.join("r.yml"), TA).unwrap();
+    let sharded = ["run", "r.yml", "out", "--quiet", "--out-shard-size", "300K"];
+    assert_eq!(run_in(&d, &sharded).code, 0);
+    assert!(d.join("out/model-00001-of-00003.safetensors").exists());
+    let other = TA.replace("weight: 0.5", "weight: 0.25");
+    std::fs::write(d.join("r2.yml"), &other).unwrap();
+    let args = ["run", "r2.yml", "out", "--quiet", "--task-size", "64K"];
+    let o = run_in(&d, &[&args[..], &["--overwrite"]].concat());
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let o = run_in(
+        &d,
+        &["run", "r2.yml", "fresh", "--quiet", "--task-size", "64K"],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let got = files_in(&d.join("out"));
+    let want = files_in(&d.join("fresh"));
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>()
+    );
+    assert!(
+        got == want,
+        "overwritten checkpoint differs from a fresh run"
+    );
+    assert!(got.contains_key("shardmerge.checksums.json"));
+    let v = run_in(&d, &["verify", "--data", "out"]);
+    assert_eq!(v.code, 0, "{}", v.stderr);
+    assert!(v.stdout.contains("data ok: 1 file(s)"), "{}", v.stdout);
+    // and back to three shards: the one-file checkpoint's model.safetensors goes
+    let o = run_in(&d, &[&sharded[..], &["--overwrite"]].concat());
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(!d.join("out/model.safetensors").exists());
+    assert_eq!(run_in(&d, &["verify", "--data", "out"]).code, 0);
+}
+
+/// `verify --data` re-reads the data: one flipped byte in a tensor (which plain `verify`,
+/// reading headers only, cannot see) fails it, naming the file; so does a checkpoint without
+/// a checksum manifest.
+#[test]
+fn verify_data_catches_a_flipped_byte() {
+    let (_t, d) = scratch();
+    std::fs::write(d.join("r.yml"), TA).unwrap();
+    let o = run_in(
+        &d,
+        &["run", "r.yml", "out", "--quiet", "--task-size", "100K"],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let v = run_in(&d, &["verify", "--data", "out"]);
+    assert_eq!(v.code, 0, "{}", v.stderr);
+    let f = d.join("out/model.safetensors");
+    let mut b = std::fs::read(&f).unwrap();
+    let at = b.len() - 1000;
+    b[at] ^= 0x10;
+    std::fs::write(&f, &b).unwrap();
+    assert_eq!(run_in(&d, &["verify", "out"]).code, 0);
+    let v = run_in(&d, &["verify", "--data", "out"]);
+    assert_eq!(v.code, 1, "{}", v.stdout);
+    assert!(
+        v.stderr
+            .contains("model.safetensors: data checksum mismatch"),
+        "{}",
+        v.stderr
+    );
+    std::fs::remove_file(d.join("out/shardmerge.checksums.json")).unwrap();
+    let v = run_in(&d, &["verify", "--data", "out"]);
+    assert_eq!(v.code, 1);
+    assert!(v.stderr.contains("no checksum manifest"), "{}", v.stderr);
+}
+
 /// Non-finite and out-of-f32 parameter values are refused before anything is read, at every
 /// level a parameter can be set (model, global, gradient, filter list, slice source), with the
 /// key and the model named.

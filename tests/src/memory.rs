@@ -109,11 +109,13 @@ impl Storage for MemoryStorage {
             StorageError::not_found(format!("{}: no upload {}", upload.path, upload.id))
         })?;
         let size = data.len() as u64;
+        let crc32c = crc32c::crc32c(&data);
         parts.insert(part_index, data);
         Ok(Receipt {
             part_index,
             etag: format!("{part_index}"),
             size,
+            crc32c,
         })
     }
 

@@ -123,6 +123,11 @@ pub async fn conformance(store: Arc<dyn Storage>, root: &str) {
             .await
             .unwrap();
         assert_eq!((r.part_index, r.size), (i as u32, sizes[i] as u64), "{at}");
+        assert_eq!(
+            r.crc32c,
+            crc32c::crc32c(&parts[i]),
+            "{at}: the receipt's CRC-32C is not the part's"
+        );
         receipts[i] = Some(r);
     }
     assert!(

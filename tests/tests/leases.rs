@@ -151,6 +151,7 @@ fn forged_result(lease: &pb::Lease, size_delta: i64) -> pb::TaskResult {
             part_index: m.part_index,
             etag: "\"0123456789abcdef0123456789abcdef\"".into(),
             size,
+            crc32c: 0,
         }),
         ..Default::default()
     }

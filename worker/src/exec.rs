@@ -256,6 +256,7 @@ impl Executor {
                 part_index: receipt.part_index,
                 etag: receipt.etag,
                 size: receipt.size,
+                crc32c: receipt.crc32c,
             }),
             stats: None,
         })

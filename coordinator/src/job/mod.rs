@@ -52,6 +52,9 @@ struct Job {
     state: JobState,
     out: Location,
     uploads: Vec<Upload>,
+    /// An `--overwrite` job: its data files complete only at the commit (see
+    /// `commit::commit_checkpoint`), so the output's old checkpoint stays whole until then.
+    replace: bool,
     started: Instant,
     /// When it was first seen ended (for its retention in memory).
     ended: Option<Instant>,
@@ -59,12 +62,13 @@ struct Job {
 }
 
 impl Job {
-    fn new(state: JobState, out: Location, uploads: Vec<Upload>) -> Job {
+    fn new(state: JobState, out: Location, uploads: Vec<Upload>, replace: bool) -> Job {
         let (tx, _) = watch::channel(state.status.clone());
         Job {
             state,
             out,
             uploads,
+            replace,
             started: Instant::now(),
             ended: None,
             tx,
@@ -79,11 +83,16 @@ impl Job {
 }
 
 /// Aborts a job's uploads in flight and removes its files already completed: a job that ends
-/// without succeeding leaves nothing that looks like part of a finished checkpoint.
-async fn remove_outputs(store: &Arc<dyn Storage>, uploads: &[Upload]) {
+/// without succeeding leaves nothing that looks like part of a finished checkpoint. `replace`
+/// (an `--overwrite` job): its files complete only at the commit, and a file at a final path
+/// belongs to the checkpoint it replaces: those stay.
+async fn remove_outputs(store: &Arc<dyn Storage>, uploads: &[Upload], replace: bool) {
     for u in uploads {
         if let Err(e) = store.abort_upload(u).await {
             tracing::warn!("aborting {}: {e}", u.path);
+        }
+        if replace {
+            continue;
         }
         if let Err(e) = store.delete(&u.path).await {
             tracing::warn!("removing {}: {e}", u.path);
@@ -218,15 +227,9 @@ impl JobManager {
         o: &SubmitOptions,
     ) -> Result<(String, Arc<Plan>)> {
         let (plan, cut, out) = self.prepare(recipe_text, output, o).await?;
-        let index = out.join("model.safetensors.index.json");
-        if !o.overwrite && index.store.exists(&index.path).await? {
-            return Err(Error::AlreadyExists(format!(
-                "{} already holds a finished checkpoint; pick a new output or remove it",
-                out.uri()
-            )));
-        }
-        // A stale index from an earlier run must not make a half-written folder look finished.
-        index.store.delete(&index.path).await?;
+        // Refuses an output that overlaps an input, or holds files without --overwrite. With
+        // --overwrite nothing in it changes until the commit.
+        crate::output::check(&plan, &out, o.overwrite).await?;
         let uploads = begin_uploads(&plan, &out).await?;
         let id = self.fresh_id();
         let rec = pb::JournalJob {
@@ -254,7 +257,7 @@ impl JobManager {
         }
         let state = JobState::new(id.clone(), plan, cut, out.uri(), state::kernel_reduce);
         let plan = state.plan.clone();
-        lock(&self.jobs).insert(id.clone(), Job::new(state, out, uploads));
+        lock(&self.jobs).insert(id.clone(), Job::new(state, out, uploads, o.overwrite));
         Ok((id, plan))
     }
 
@@ -274,6 +277,7 @@ impl JobManager {
             let id = u.job.job_id.clone();
             let out = u.job.output_uri.clone();
             let uploads = uploads_of(&u.job);
+            let replace = u.job.options.as_ref().is_some_and(|o| o.overwrite);
             match self.resume(u).await {
                 Ok(()) => resumed.push(id),
                 Err(e) => {
@@ -289,7 +293,7 @@ impl JobManager {
                     self.journal_end(&status).await;
                     lock(&self.history).insert(id, status);
                     if let Ok(loc) = self.resolver.resolve(&out, std::path::Path::new("/")) {
-                        remove_outputs(&loc.store, &uploads).await;
+                        remove_outputs(&loc.store, &uploads, replace).await;
                     }
                 }
             }
@@ -321,7 +325,7 @@ impl JobManager {
             state.status.tasks_done,
             state.status.tasks_total
         );
-        lock(&self.jobs).insert(id.clone(), Job::new(state, out, uploads));
+        lock(&self.jobs).insert(id.clone(), Job::new(state, out, uploads, o.overwrite));
         for f in complete {
             if u.files_finished.contains(&f) {
                 self.file_done(&id).await;
@@ -605,7 +609,7 @@ impl JobManager {
     }
 
     async fn end_job(&self, jid: &str, state: pb::JobState, msg: &str) {
-        let (store, uploads, status) = {
+        let (store, uploads, replace, status) = {
             let mut jobs = lock(&self.jobs);
             let Some(j) = jobs.get_mut(jid) else { return };
             if !j.state.end(state, msg) {
@@ -616,12 +620,13 @@ impl JobManager {
             (
                 j.out.store.clone(),
                 j.uploads.clone(),
+                j.replace,
                 j.state.status.clone(),
             )
         };
         // Recorded before the cleanup: a restart must not resume a job that was ending.
         self.journal_end(&status).await;
-        remove_outputs(&store, &uploads).await;
+        remove_outputs(&store, &uploads, replace).await;
     }
 
     async fn journal_end(&self, status: &pb::JobStatus) {
@@ -647,17 +652,25 @@ impl JobManager {
     /// Completes output file `fi`. `resumed`: the previous coordinator may have completed it
     /// already without recording so; a file at its final path with its full size counts.
     async fn finish_file_as(&self, jid: &str, fi: usize, resumed: bool) {
-        let (store, upload, receipts, size) = {
+        let (store, upload, receipts, size, replace) = {
             let jobs = lock(&self.jobs);
             let Some(j) = jobs.get(jid) else { return };
             let size = j.state.plan.files[fi].layout.total_size;
             let receipts = j.state.receipts_of(fi);
-            (j.out.store.clone(), j.uploads[fi].clone(), receipts, size)
+            (
+                j.out.store.clone(),
+                j.uploads[fi].clone(),
+                receipts,
+                size,
+                j.replace,
+            )
         };
         // What storage holds must match the plan before the file is completed (local: the
-        // written length; backends that can list parts: each part's size).
+        // written length; backends that can list parts: each part's size). An --overwrite job
+        // completes its files at the commit, so the old checkpoint stays whole until then.
         let outcome = match store.check_upload(&upload, &receipts, size).await {
             Err(e) => Err((true, e)),
+            Ok(()) if replace => Ok(()),
             Ok(()) => store
                 .finish_upload(&upload, &receipts)
                 .await
@@ -677,8 +690,10 @@ impl JobManager {
                 return;
             }
         }
-        // Read back: the completed file has exactly the planned size.
+        // Read back: the completed file has exactly the planned size (an --overwrite job's
+        // file is completed, and checked by size and CRC-32C, at the commit).
         match store.size(&upload.path).await {
+            _ if replace => {}
             Ok(n) if n == size => {}
             Ok(n) => {
                 let msg = format!(
@@ -742,12 +757,18 @@ impl JobManager {
     }
 
     async fn commit(&self, jid: &str) {
-        let (plan, out) = {
+        let (plan, out, files, replace) = {
             let jobs = lock(&self.jobs);
             let Some(j) = jobs.get(jid) else { return };
-            (j.state.plan.clone(), j.out.clone())
+            let files: Vec<(Upload, Vec<shardmerge_worker::storage::Receipt>)> = j
+                .uploads
+                .iter()
+                .enumerate()
+                .map(|(fi, u)| (u.clone(), j.state.receipts_of(fi)))
+                .collect();
+            (j.state.plan.clone(), j.out.clone(), files, j.replace)
         };
-        match commit::write_checkpoint_files(&plan, &out).await {
+        match commit::commit_checkpoint(&plan, &out, &files, replace).await {
             Ok(()) => {
                 let status = {
                     let mut jobs = lock(&self.jobs);

@@ -22,7 +22,9 @@ pub struct SubmitOptions {
     /// How randomised methods draw.
     pub rng: pb::Rng,
     pub base_dir: PathBuf,
-    /// Refuse to write into a folder that already holds a checkpoint.
+    /// Replace an output that already holds files (without it, such an output is refused).
+    /// The new data files complete only at the commit: the old checkpoint stays whole until
+    /// then (see `crate::output`).
     pub overwrite: bool,
     /// Merge embeddings of different vocabulary sizes by cropping them (`--unsafe-truncate-embeddings`).
     pub unsafe_truncate_embeddings: bool,
@@ -39,7 +41,7 @@ impl Default for SubmitOptions {
             seed: None,
             rng: pb::Rng::Mergekit,
             base_dir: PathBuf::from("."),
-            overwrite: true,
+            overwrite: false,
             unsafe_truncate_embeddings: false,
             compute_float32: false,
         }
@@ -57,6 +59,7 @@ impl SubmitOptions {
             base_dir: self.base_dir.to_string_lossy().into_owned(),
             min_part_size: 0,
             rng: self.rng as i32,
+            overwrite: self.overwrite,
             unsafe_truncate_embeddings: self.unsafe_truncate_embeddings,
             compute_float32: self.compute_float32,
         }
@@ -77,9 +80,9 @@ impl SubmitOptions {
             } else {
                 PathBuf::from(&o.base_dir)
             },
+            overwrite: o.overwrite,
             unsafe_truncate_embeddings: o.unsafe_truncate_embeddings,
             compute_float32: o.compute_float32,
-            ..Default::default()
         }
     }
 }

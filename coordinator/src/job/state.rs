@@ -568,6 +568,7 @@ impl JobState {
                     part_index: p.part_index,
                     etag: p.etag,
                     size: p.size,
+                    crc32c: p.crc32c,
                 });
                 self.receipts[t.file][t.part_index as usize] = receipt;
                 self.file_remaining[t.file] -= 1;

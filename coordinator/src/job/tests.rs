@@ -121,6 +121,7 @@ fn write_result(part: u32) -> pb::TaskResult {
             part_index: part,
             etag: format!("etag-{part}"),
             size: 8,
+            ..Default::default()
         }),
         bytes_written: 8,
         ..Default::default()
@@ -603,7 +604,7 @@ fn manager(ids: &[&str], limits: super::Limits) -> std::sync::Arc<super::JobMana
                 id: "tmp".into(),
             })
             .collect();
-        let job = super::Job::new(st, out.clone(), uploads);
+        let job = super::Job::new(st, out.clone(), uploads, false);
         super::lock(&mgr.jobs).insert(id.to_string(), job);
     }
     mgr

@@ -234,6 +234,7 @@ impl Storage for LocalStorage {
                 part_index,
                 etag: String::new(),
                 size: data.len() as u64,
+                crc32c: crc32c::crc32c(&data),
             })
         })
         .await

@@ -69,6 +69,8 @@ pub struct Receipt {
     pub part_index: u32,
     pub etag: String,
     pub size: u64,
+    /// CRC-32C of the part's bytes, as the writer computed them before writing.
+    pub crc32c: u32,
 }
 
 /// A store of files addressed by path (a local absolute path, or an object key).

@@ -189,6 +189,7 @@ impl Storage for ObjectStorage {
         data: Bytes,
     ) -> SResult<Receipt> {
         let size = data.len() as u64;
+        let crc32c = crc32c::crc32c(&data);
         let part = self
             .multipart
             .put_part(
@@ -208,6 +209,7 @@ impl Storage for ObjectStorage {
             part_index,
             etag: part.content_id,
             size,
+            crc32c,
         })
     }
 
