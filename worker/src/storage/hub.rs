@@ -107,8 +107,9 @@ fn is_commit(rev: &str) -> bool {
 
 /// What a recipe's model reference names. Precedence, as in mergekit: an existing local path
 /// wins; then a URI (`s3://`, `file://`, `hf://`) or an absolute or `./`/`../` path stays as it
-/// is; then `ORG/NAME[@REVISION]` is a Hub repository (`hf://ORG/NAME@REVISION`); anything
-/// else is left as a (missing) local path, so its error says the folder does not exist.
+/// is; then `ORG/NAME[@REVISION]` is a Hub repository (`hf://ORG/NAME@REVISION`) unless a local
+/// folder `ORG` exists (then it is a missing local path); anything else is left as a (missing)
+/// local path, so its error says the folder does not exist.
 pub fn model_reference(reference: &str, base_dir: &Path) -> String {
     if reference.contains("://")
         || reference.starts_with('/')
@@ -119,6 +120,13 @@ pub fn model_reference(reference: &str, base_dir: &Path) -> String {
     }
     // relative to the folder references resolve against, as the storage resolver does
     if base_dir.join(reference).exists() {
+        return reference.to_string();
+    }
+    // `models/lang_xx` where a local folder `models/` exists is a local path with a typo, not
+    // a repository of an organisation that happens to share the folder's name: its error
+    // should say the folder is missing rather than come back from the network
+    let first = reference.split('/').next().unwrap_or_default();
+    if !first.is_empty() && base_dir.join(first).is_dir() {
         return reference.to_string();
     }
     match RepoId::parse(reference) {
@@ -647,9 +655,11 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(t.path().join("org/name")).unwrap();
         assert_eq!(model_reference("org/name", t.path()), "org/name");
+        // a missing folder under an existing local folder is a local path (a typo), not a repo
+        assert_eq!(model_reference("org/other", t.path()), "org/other");
         assert_eq!(
-            model_reference("org/other", t.path()),
-            "hf://org/other@main"
+            model_reference("acme/other", t.path()),
+            "hf://acme/other@main"
         );
         assert_eq!(model_reference("./org/other", t.path()), "./org/other");
         assert_eq!(model_reference("s3://b/k", t.path()), "s3://b/k");
