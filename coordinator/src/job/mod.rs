@@ -78,7 +78,10 @@ impl Job {
     fn publish(&mut self) {
         self.state.status.elapsed_seconds = self.started.elapsed().as_secs_f64();
         self.state.status.leases_active = self.state.leases_active();
-        let _ = self.tx.send(self.state.status.clone());
+        // send_replace, not send: with no watcher subscribed at this moment, `send` would drop
+        // the status, and a client that starts watching afterwards would wait forever on the
+        // last one it was given (seen: `submit --wait` of a job that ended within a poll)
+        self.tx.send_replace(self.state.status.clone());
     }
 }
 

@@ -746,3 +746,17 @@ fn a_unit_done_early_takes_its_unrun_passes_off_the_total() {
     );
     assert_eq!(j.status.work_done, 4 * 16);
 }
+
+#[test]
+fn a_status_published_with_no_watcher_is_what_a_later_watcher_sees() {
+    let mgr = manager(&["a"], super::Limits::default());
+    {
+        let mut jobs = super::lock(&mgr.jobs);
+        let j = jobs.get_mut("a").expect("job");
+        assert!(j.state.end(pb::JobState::Failed, "it failed"));
+        // nobody watches the job at this moment
+        j.publish();
+    }
+    let rx = mgr.watch("a").expect("watch");
+    assert_eq!(rx.borrow().state, pb::JobState::Failed as i32);
+}
