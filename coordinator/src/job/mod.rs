@@ -9,8 +9,11 @@
 //!   jobs' retention, recipe size).
 //! - `tasks.rs`: building the `pb::Task` a worker runs from the plan.
 //! - `options.rs`: `SubmitOptions` and their `JobOptions` message.
-//! - this file: the async orchestration: planning a submitted job, journal writes, completing
-//!   output files, the commit, and ending jobs.
+//! - `resume.rs`: `recover`/`resume`, rebuilding the journal's unfinished jobs after a restart.
+//! - `finish.rs`: completing output files, the commit, and ending jobs (removing the outputs of
+//!   a job that does not succeed).
+//! - this file: the async orchestration: planning a submitted job, leases, results, journal
+//!   writes.
 //!
 //! State is in memory; with a journal (`--state`), every fact a restart needs is recorded
 //! before it is acted on, and `recover` resumes the journal's unfinished jobs.
@@ -19,9 +22,11 @@
 //! `last_expiry_scan` are taken alone (copied out, never held while taking another). No lock is held across an
 //! `.await`.
 
+mod finish;
 pub mod lease;
 pub mod limits;
 mod options;
+mod resume;
 pub mod state;
 mod tasks;
 
@@ -32,13 +37,12 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use shardmerge_proto as pb;
 use shardmerge_worker::pull::WorkSource;
-use shardmerge_worker::storage::{Location, Resolver, Storage, Upload};
+use shardmerge_worker::storage::{Location, Resolver, Upload};
 use tokio::sync::watch;
 
-use crate::commit;
 use crate::cut::{self, Cut, CutOptions};
 use crate::error::{Error, Result};
-use crate::journal::{layout_crc, JobJournal, Journal, NoJournal, Unfinished};
+use crate::journal::{layout_crc, JobJournal, Journal, NoJournal};
 use crate::plan::{self, Plan, PlanOptions};
 use crate::recipe::Recipe;
 use lease::{Lease, LeaseRules, LeaseTable};
@@ -80,35 +84,6 @@ impl Job {
         self.state.status.leases_active = self.state.leases_active();
         let _ = self.tx.send(self.state.status.clone());
     }
-}
-
-/// Aborts a job's uploads in flight and removes its files already completed: a job that ends
-/// without succeeding leaves nothing that looks like part of a finished checkpoint. `replace`
-/// (an `--overwrite` job): its files complete only at the commit, and a file at a final path
-/// belongs to the checkpoint it replaces: those stay.
-async fn remove_outputs(store: &Arc<dyn Storage>, uploads: &[Upload], replace: bool) {
-    for u in uploads {
-        if let Err(e) = store.abort_upload(u).await {
-            tracing::warn!("aborting {}: {e}", u.path);
-        }
-        if replace {
-            continue;
-        }
-        if let Err(e) = store.delete(&u.path).await {
-            tracing::warn!("removing {}: {e}", u.path);
-        }
-    }
-}
-
-/// The output uploads a job record names.
-fn uploads_of(rec: &pb::JournalJob) -> Vec<Upload> {
-    rec.uploads
-        .iter()
-        .map(|x| Upload {
-            path: x.path.clone(),
-            id: x.id.clone(),
-        })
-        .collect()
 }
 
 pub struct JobManager {
@@ -259,81 +234,6 @@ impl JobManager {
         let plan = state.plan.clone();
         lock(&self.jobs).insert(id.clone(), Job::new(state, out, uploads, o.overwrite));
         Ok((id, plan))
-    }
-
-    /// Resumes the journal's unfinished jobs and remembers its ended ones; returns the ids
-    /// resumed. A job that cannot resume (its inputs are gone or changed) fails, with the
-    /// reason in its status.
-    pub async fn recover(&self) -> Result<Vec<String>> {
-        let contents = self.journal.load().await?;
-        {
-            let mut h = lock(&self.history);
-            for st in contents.ended {
-                h.insert(st.job_id.clone(), st);
-            }
-        }
-        let mut resumed = Vec::new();
-        for u in contents.unfinished {
-            let id = u.job.job_id.clone();
-            let out = u.job.output_uri.clone();
-            let uploads = uploads_of(&u.job);
-            let replace = u.job.options.as_ref().is_some_and(|o| o.overwrite);
-            match self.resume(u).await {
-                Ok(()) => resumed.push(id),
-                Err(e) => {
-                    let msg = format!("cannot resume after a coordinator restart: {e}");
-                    tracing::error!(job = %id, "{msg}");
-                    let status = pb::JobStatus {
-                        job_id: id.clone(),
-                        state: pb::JobState::Failed as i32,
-                        output_uri: out.clone(),
-                        error: msg,
-                        ..Default::default()
-                    };
-                    self.journal_end(&status).await;
-                    lock(&self.history).insert(id, status);
-                    if let Ok(loc) = self.resolver.resolve(&out, std::path::Path::new("/")) {
-                        remove_outputs(&loc.store, &uploads, replace).await;
-                    }
-                }
-            }
-        }
-        Ok(resumed)
-    }
-
-    /// Rebuilds one job from its record, replays the task results it holds, and finishes what
-    /// they complete.
-    async fn resume(&self, u: Unfinished) -> Result<()> {
-        let o = SubmitOptions::from_proto(&u.job.options.clone().unwrap_or_default());
-        let (plan, cut, out) = self
-            .prepare(&u.job.recipe_yaml, &u.job.output_uri, &o)
-            .await?;
-        if layout_crc(&plan, &cut) != u.job.layout_crc || u.job.uploads.len() != plan.files.len() {
-            return Err(Error::InputChanged(
-                "its inputs now plan to a different output than when it started (changed or \
-                 replaced?); submit it again"
-                    .into(),
-            ));
-        }
-        let uploads = uploads_of(&u.job);
-        let id = u.job.job_id.clone();
-        let mut state = JobState::new(id.clone(), plan, cut, out.uri(), state::kernel_reduce);
-        let complete = state.replay(u.tasks)?;
-        tracing::info!(
-            job = %id,
-            "resumed from the journal: {} of {} tasks done",
-            state.status.tasks_done,
-            state.status.tasks_total
-        );
-        lock(&self.jobs).insert(id.clone(), Job::new(state, out, uploads, o.overwrite));
-        for f in complete {
-            if u.files_finished.contains(&f) {
-                self.file_done(&id).await;
-            } else {
-                self.finish_file_as(&id, f, true).await;
-            }
-        }
-        Ok(())
     }
 
     pub fn status(&self, job: &str) -> Option<pb::JobStatus> {
@@ -606,181 +506,6 @@ impl JobManager {
         self.end_job(jid, pb::JobState::Cancelled, "cancelled")
             .await;
         self.status(jid)
-    }
-
-    async fn end_job(&self, jid: &str, state: pb::JobState, msg: &str) {
-        let (store, uploads, replace, status) = {
-            let mut jobs = lock(&self.jobs);
-            let Some(j) = jobs.get_mut(jid) else { return };
-            if !j.state.end(state, msg) {
-                return;
-            }
-            lock(&self.leases).forget_job(jid);
-            j.publish();
-            (
-                j.out.store.clone(),
-                j.uploads.clone(),
-                j.replace,
-                j.state.status.clone(),
-            )
-        };
-        // Recorded before the cleanup: a restart must not resume a job that was ending.
-        self.journal_end(&status).await;
-        remove_outputs(&store, &uploads, replace).await;
-    }
-
-    async fn journal_end(&self, status: &pb::JobStatus) {
-        if let Err(e) = self.journal.job_ended(status).await {
-            tracing::warn!(job = %status.job_id, "journal: {e}");
-            return;
-        }
-        // Its task records are no longer needed: removed in the background (one delete per
-        // task; whoever reported the last task need not wait for them).
-        let (journal, id) = (self.journal.clone(), status.job_id.clone());
-        tokio::spawn(async move {
-            match journal.forget_tasks(&id).await {
-                Ok(n) => tracing::debug!(job = %id, "journal: removed {n} task records"),
-                Err(e) => tracing::warn!(job = %id, "journal: removing task records: {e}"),
-            }
-        });
-    }
-
-    async fn finish_file(&self, jid: &str, fi: usize) {
-        self.finish_file_as(jid, fi, false).await
-    }
-
-    /// Completes output file `fi`. `resumed`: the previous coordinator may have completed it
-    /// already without recording so; a file at its final path with its full size counts.
-    async fn finish_file_as(&self, jid: &str, fi: usize, resumed: bool) {
-        let (store, upload, receipts, size, replace) = {
-            let jobs = lock(&self.jobs);
-            let Some(j) = jobs.get(jid) else { return };
-            let size = j.state.plan.files[fi].layout.total_size;
-            let receipts = j.state.receipts_of(fi);
-            (
-                j.out.store.clone(),
-                j.uploads[fi].clone(),
-                receipts,
-                size,
-                j.replace,
-            )
-        };
-        // What storage holds must match the plan before the file is completed (local: the
-        // written length; backends that can list parts: each part's size). An --overwrite job
-        // completes its files at the commit, so the old checkpoint stays whole until then.
-        let outcome = match store.check_upload(&upload, &receipts, size).await {
-            Err(e) => Err((true, e)),
-            Ok(()) if replace => Ok(()),
-            Ok(()) => store
-                .finish_upload(&upload, &receipts)
-                .await
-                .map_err(|e| (false, e)),
-        };
-        if let Err((in_check, e)) = outcome {
-            // A resumed job: the previous coordinator may have completed the file already
-            // without recording so; the file at its final path with its full size counts.
-            let already = resumed && store.size(&upload.path).await.is_ok_and(|n| n == size);
-            if !already {
-                if in_check {
-                    let msg = format!("checking {} before completing it: {e}", upload.path);
-                    self.fail_job(jid, &msg).await;
-                } else {
-                    self.redo_file(jid, fi, &upload.path, &e.to_string()).await;
-                }
-                return;
-            }
-        }
-        // Read back: the completed file has exactly the planned size (an --overwrite job's
-        // file is completed, and checked by size and CRC-32C, at the commit).
-        match store.size(&upload.path).await {
-            _ if replace => {}
-            Ok(n) if n == size => {}
-            Ok(n) => {
-                let msg = format!(
-                    "{}: completed with {n} bytes where the plan has {size}; a part was not \
-                     what its worker reported",
-                    upload.path
-                );
-                self.fail_job(jid, &msg).await;
-                return;
-            }
-            Err(e) => {
-                self.fail_job(jid, &format!("{} after completing it: {e}", upload.path))
-                    .await;
-                return;
-            }
-        }
-        if let Err(e) = self.journal.file_finished(jid, fi).await {
-            tracing::warn!(job = %jid, "journal: {e}");
-        }
-        self.file_done(jid).await;
-    }
-
-    /// An output file could not be completed from its parts (one missing, or not what its
-    /// receipt said): its write tasks run again, within their attempts.
-    async fn redo_file(&self, jid: &str, fi: usize, path: &str, why: &str) {
-        let reopened = {
-            let mut jobs = lock(&self.jobs);
-            let Some(j) = jobs.get_mut(jid) else { return };
-            let r = j.state.reopen_file(fi);
-            j.publish();
-            r
-        };
-        match reopened {
-            Ok(()) => tracing::warn!(
-                job = %jid,
-                "completing {path}: {why}; storage does not hold the parts its workers reported: \
-                 its tasks run again"
-            ),
-            Err(msg) => {
-                self.fail_job(jid, &format!("completing {path}: {why}; {msg}"))
-                    .await
-            }
-        }
-    }
-
-    /// Counts a completed output file; the last one commits the checkpoint (whoever completes
-    /// it, so the index is written after every file exists).
-    async fn file_done(&self, jid: &str) {
-        let commit_now = {
-            let mut jobs = lock(&self.jobs);
-            let Some(j) = jobs.get_mut(jid) else { return };
-            let last = j.state.file_finished();
-            if last {
-                j.publish();
-            }
-            last
-        };
-        if commit_now {
-            self.commit(jid).await;
-        }
-    }
-
-    async fn commit(&self, jid: &str) {
-        let (plan, out, files, replace) = {
-            let jobs = lock(&self.jobs);
-            let Some(j) = jobs.get(jid) else { return };
-            let files: Vec<(Upload, Vec<shardmerge_worker::storage::Receipt>)> = j
-                .uploads
-                .iter()
-                .enumerate()
-                .map(|(fi, u)| (u.clone(), j.state.receipts_of(fi)))
-                .collect();
-            (j.state.plan.clone(), j.out.clone(), files, j.replace)
-        };
-        match commit::commit_checkpoint(&plan, &out, &files, replace).await {
-            Ok(()) => {
-                let status = {
-                    let mut jobs = lock(&self.jobs);
-                    let Some(j) = jobs.get_mut(jid) else { return };
-                    j.state.succeed();
-                    j.publish();
-                    j.state.status.clone()
-                };
-                self.journal_end(&status).await;
-            }
-            Err(e) => self.fail_job(jid, &format!("commit: {e}")).await,
-        }
     }
 }
 
