@@ -219,19 +219,7 @@ async fn main_inner(cli: Cli) -> Result<()> {
             security,
             ops,
             limits,
-        } => {
-            let lease_ttl = seconds("--lease-ttl", lease_ttl)?;
-            let limits = limits.to_limits()?;
-            remote::coordinator(
-                listen,
-                lease_ttl,
-                Some(&state),
-                security.into_remote(),
-                ops.metrics_listen,
-                limits,
-            )
-            .await
-        }
+        } => coordinator(listen, lease_ttl, &state, security, ops, limits).await,
         Cmd::Worker {
             coordinator,
             threads,
@@ -239,18 +227,7 @@ async fn main_inner(cli: Cli) -> Result<()> {
             id,
             security,
             ops,
-        } => {
-            remote::worker(WorkerOptions {
-                client: security.options()?,
-                coordinator,
-                threads: threads
-                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
-                memory_limit,
-                id,
-                metrics_listen: ops.metrics_listen,
-            })
-            .await
-        }
+        } => worker(coordinator, threads, memory_limit, id, security, ops).await,
         Cmd::Submit {
             recipe,
             out,
@@ -299,6 +276,49 @@ async fn main_inner(cli: Cli) -> Result<()> {
             security,
         } => remote::cancel(&coordinator, &security.options()?, job).await,
     }
+}
+
+/// `shardmerge coordinator`: serves jobs to workers.
+async fn coordinator(
+    listen: SocketAddr,
+    lease_ttl: f64,
+    state: &str,
+    security: ServeSecurityArgs,
+    ops: OpsArgs,
+    limits: LimitArgs,
+) -> Result<()> {
+    let lease_ttl = seconds("--lease-ttl", lease_ttl)?;
+    let limits = limits.to_limits()?;
+    remote::coordinator(
+        listen,
+        lease_ttl,
+        Some(state),
+        security.into_remote(),
+        ops.metrics_listen,
+        limits,
+    )
+    .await
+}
+
+/// `shardmerge worker`: runs tasks for a coordinator.
+async fn worker(
+    coordinator: String,
+    threads: Option<usize>,
+    memory_limit: u64,
+    id: Option<String>,
+    security: ClientSecurityArgs,
+    ops: OpsArgs,
+) -> Result<()> {
+    remote::worker(WorkerOptions {
+        client: security.options()?,
+        coordinator,
+        threads: threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+        memory_limit,
+        id,
+        metrics_listen: ops.metrics_listen,
+    })
+    .await
 }
 
 /// `shardmerge run`: the embedded merge.
