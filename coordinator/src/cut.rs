@@ -120,7 +120,13 @@ pub fn cut(plan: &Plan, o: &CutOptions) -> Cut {
         }
         out.tasks.extend(file_tasks);
     }
-    // Number the pieces of each tensor and make statistics units of cut tensors that need them.
+    number_pieces(plan, &pieces, &mut out);
+    out
+}
+
+/// Numbers the pieces of each tensor, makes statistics units of cut tensors that need them,
+/// and makes each task depend on the units of the tensors it writes.
+fn number_pieces(plan: &Plan, pieces: &[Vec<(u64, u64, usize)>], out: &mut Cut) {
     let mut unit_of = vec![None; plan.tensors.len()];
     for (ti, ps) in pieces.iter().enumerate() {
         if ps.len() <= 1 {
@@ -159,5 +165,4 @@ pub fn cut(plan: &Plan, o: &CutOptions) -> Cut {
             }
         }
     }
-    out
 }

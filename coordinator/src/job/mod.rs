@@ -9,8 +9,12 @@
 //!   jobs' retention, recipe size).
 //! - `tasks.rs`: building the `pb::Task` a worker runs from the plan.
 //! - `options.rs`: `SubmitOptions` and their `JobOptions` message.
-//! - this file: the async orchestration: planning a submitted job, journal writes, completing
-//!   output files, the commit, and ending jobs.
+//! - `resume.rs`: `recover`/`resume`, rebuilding the journal's unfinished jobs after a restart.
+//! - `finish.rs`: completing output files, the commit, and ending jobs (removing the outputs of
+//!   a job that does not succeed).
+//! - `workers.rs`: the worker RPCs (poll, renew, complete, fail), lease expiry, and the
+//!   `WorkSource` in-process workers use.
+//! - this file: the async orchestration: planning and submitting a job, its status.
 //!
 //! State is in memory; with a journal (`--state`), every fact a restart needs is recorded
 //! before it is acted on, and `recover` resumes the journal's unfinished jobs.
@@ -19,33 +23,33 @@
 //! `last_expiry_scan` are taken alone (copied out, never held while taking another). No lock is held across an
 //! `.await`.
 
+mod finish;
 pub mod lease;
 pub mod limits;
 mod options;
+mod resume;
 pub mod state;
 mod tasks;
+mod workers;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use shardmerge_proto as pb;
-use shardmerge_worker::pull::WorkSource;
-use shardmerge_worker::storage::{Location, Resolver, Storage, Upload};
+use shardmerge_worker::storage::{Location, Resolver, Upload};
 use tokio::sync::watch;
 
-use crate::commit;
 use crate::cut::{self, Cut, CutOptions};
 use crate::error::{Error, Result};
-use crate::journal::{layout_crc, JobJournal, Journal, NoJournal, Unfinished};
+use crate::journal::{layout_crc, JobJournal, Journal, NoJournal};
 use crate::plan::{self, Plan, PlanOptions};
 use crate::recipe::Recipe;
-use lease::{Lease, LeaseRules, LeaseTable};
+use lease::{LeaseRules, LeaseTable};
 pub use limits::Limits;
 pub use options::{SubmitOptions, DEFAULT_SLOT_MEMORY, DEFAULT_TASK_SIZE};
+use state::JobState;
 pub use state::MAX_ATTEMPTS;
-use state::{Holder, JobState, Recorded, Renewal, TaskFailed};
 
 /// A job as the manager holds it: its state, where it writes, and who watches it.
 struct Job {
@@ -83,35 +87,6 @@ impl Job {
         // last one it was given (seen: `submit --wait` of a job that ended within a poll)
         self.tx.send_replace(self.state.status.clone());
     }
-}
-
-/// Aborts a job's uploads in flight and removes its files already completed: a job that ends
-/// without succeeding leaves nothing that looks like part of a finished checkpoint. `replace`
-/// (an `--overwrite` job): its files complete only at the commit, and a file at a final path
-/// belongs to the checkpoint it replaces: those stay.
-async fn remove_outputs(store: &Arc<dyn Storage>, uploads: &[Upload], replace: bool) {
-    for u in uploads {
-        if let Err(e) = store.abort_upload(u).await {
-            tracing::warn!("aborting {}: {e}", u.path);
-        }
-        if replace {
-            continue;
-        }
-        if let Err(e) = store.delete(&u.path).await {
-            tracing::warn!("removing {}: {e}", u.path);
-        }
-    }
-}
-
-/// The output uploads a job record names.
-fn uploads_of(rec: &pb::JournalJob) -> Vec<Upload> {
-    rec.uploads
-        .iter()
-        .map(|x| Upload {
-            path: x.path.clone(),
-            id: x.id.clone(),
-        })
-        .collect()
 }
 
 pub struct JobManager {
@@ -264,81 +239,6 @@ impl JobManager {
         Ok((id, plan))
     }
 
-    /// Resumes the journal's unfinished jobs and remembers its ended ones; returns the ids
-    /// resumed. A job that cannot resume (its inputs are gone or changed) fails, with the
-    /// reason in its status.
-    pub async fn recover(&self) -> Result<Vec<String>> {
-        let contents = self.journal.load().await?;
-        {
-            let mut h = lock(&self.history);
-            for st in contents.ended {
-                h.insert(st.job_id.clone(), st);
-            }
-        }
-        let mut resumed = Vec::new();
-        for u in contents.unfinished {
-            let id = u.job.job_id.clone();
-            let out = u.job.output_uri.clone();
-            let uploads = uploads_of(&u.job);
-            let replace = u.job.options.as_ref().is_some_and(|o| o.overwrite);
-            match self.resume(u).await {
-                Ok(()) => resumed.push(id),
-                Err(e) => {
-                    let msg = format!("cannot resume after a coordinator restart: {e}");
-                    tracing::error!(job = %id, "{msg}");
-                    let status = pb::JobStatus {
-                        job_id: id.clone(),
-                        state: pb::JobState::Failed as i32,
-                        output_uri: out.clone(),
-                        error: msg,
-                        ..Default::default()
-                    };
-                    self.journal_end(&status).await;
-                    lock(&self.history).insert(id, status);
-                    if let Ok(loc) = self.resolver.resolve(&out, std::path::Path::new("/")) {
-                        remove_outputs(&loc.store, &uploads, replace).await;
-                    }
-                }
-            }
-        }
-        Ok(resumed)
-    }
-
-    /// Rebuilds one job from its record, replays the task results it holds, and finishes what
-    /// they complete.
-    async fn resume(&self, u: Unfinished) -> Result<()> {
-        let o = SubmitOptions::from_proto(&u.job.options.clone().unwrap_or_default());
-        let (plan, cut, out) = self
-            .prepare(&u.job.recipe_yaml, &u.job.output_uri, &o)
-            .await?;
-        if layout_crc(&plan, &cut) != u.job.layout_crc || u.job.uploads.len() != plan.files.len() {
-            return Err(Error::InputChanged(
-                "its inputs now plan to a different output than when it started (changed or \
-                 replaced?); submit it again"
-                    .into(),
-            ));
-        }
-        let uploads = uploads_of(&u.job);
-        let id = u.job.job_id.clone();
-        let mut state = JobState::new(id.clone(), plan, cut, out.uri(), state::kernel_reduce);
-        let complete = state.replay(u.tasks)?;
-        tracing::info!(
-            job = %id,
-            "resumed from the journal: {} of {} tasks done",
-            state.status.tasks_done,
-            state.status.tasks_total
-        );
-        lock(&self.jobs).insert(id.clone(), Job::new(state, out, uploads, o.overwrite));
-        for f in complete {
-            if u.files_finished.contains(&f) {
-                self.file_done(&id).await;
-            } else {
-                self.finish_file_as(&id, f, true).await;
-            }
-        }
-        Ok(())
-    }
-
     pub fn status(&self, job: &str) -> Option<pb::JobStatus> {
         let mut jobs = lock(&self.jobs);
         let Some(j) = jobs.get_mut(job) else {
@@ -359,244 +259,6 @@ impl JobManager {
         lock(&self.jobs).get(job).map(|j| j.tx.subscribe())
     }
 
-    /// Re-queues work whose lease ran out.
-    fn expire(&self, now: Instant) {
-        let ttl = self.ttl();
-        {
-            let mut last = lock(&self.last_expiry_scan);
-            let every = (ttl / 20).min(Duration::from_millis(250));
-            if last.is_some_and(|t| now.duration_since(t) < every) {
-                return;
-            }
-            *last = Some(now);
-        }
-        self.sweep(now);
-        let mut jobs = lock(&self.jobs);
-        let mut leases = lock(&self.leases);
-        for j in jobs.values_mut() {
-            let gone = j.state.expire(now);
-            for (item, lease) in &gone {
-                let worker = leases.take(lease).map(|l| l.worker).unwrap_or_default();
-                tracing::warn!(
-                    job = %j.state.id,
-                    "task {item:?}: the lease of worker {worker:?} expired (no renewal, or the \
-                     task ran past --max-task-time); the task runs again"
-                );
-            }
-            if !gone.is_empty() {
-                j.publish();
-            }
-        }
-    }
-
-    /// Hands `req.worker_id` queued tasks: as many as it has free slots, but no more than
-    /// `--max-slots-per-worker` leases held at once by that worker id.
-    pub fn poll(&self, req: &pb::PollWorkRequest) -> pb::PollWorkResponse {
-        let now = Instant::now();
-        self.expire(now);
-        let rules = self.rules();
-        let ttl = rules.ttl;
-        let max_slots = self.limits().max_slots_per_worker.max(1) as usize;
-        let mut out = pb::PollWorkResponse {
-            leases: Vec::new(),
-            retry_after_ms: 20,
-        };
-        let mut jobs = lock(&self.jobs);
-        let mut leases = lock(&self.leases);
-        let held = leases.held_by(&req.worker_id);
-        let want = (req.free_slots.max(1) as usize)
-            .min(max_slots)
-            .saturating_sub(held);
-        if want == 0 {
-            tracing::debug!(worker = %req.worker_id, "holds {held} leases, the most one worker may");
-            out.retry_after_ms = 250;
-            return out;
-        }
-        for j in jobs.values_mut() {
-            if j.state.terminal() || out.leases.len() >= want {
-                continue;
-            }
-            let granted = j
-                .state
-                .lease_next(want - out.leases.len(), &req.worker_id, now, rules);
-            for g in &granted {
-                leases.grant(Lease {
-                    id: g.lease.clone(),
-                    worker: req.worker_id.clone(),
-                    job: j.state.id.clone(),
-                    item: g.item,
-                    granted_at: now,
-                });
-                out.leases.push(pb::Lease {
-                    lease_id: g.lease.clone(),
-                    ttl_ms: ttl.as_millis() as u64,
-                    task: Some(tasks::build_task(
-                        &j.state, &j.out, &j.uploads, g.item, g.attempt,
-                    )),
-                });
-            }
-            if !granted.is_empty() {
-                j.publish();
-            }
-        }
-        out
-    }
-
-    pub fn renew(&self, req: &pb::RenewLeaseRequest) -> pb::RenewLeaseResponse {
-        let ttl = self.ttl();
-        let now = Instant::now();
-        let mut jobs = lock(&self.jobs);
-        let leases = lock(&self.leases);
-        let mut lost = Vec::new();
-        for l in &req.lease_ids {
-            let answer = match leases.get(l) {
-                Some(lease) => jobs.get_mut(&lease.job).map_or(Renewal::NotHeld, |j| {
-                    j.state.renew(lease.item, l, &req.worker_id, now, ttl)
-                }),
-                None => Renewal::NotHeld,
-            };
-            match answer {
-                Renewal::Renewed => continue,
-                Renewal::NotHeld => {}
-                Renewal::OtherWorker => refused_use("RenewLease", &req.worker_id),
-                Renewal::OverTime => {
-                    if let Some(lease) = leases.get(l) {
-                        tracing::warn!(
-                            job = %lease.job,
-                            "task {:?} of worker {:?} ran past --max-task-time: its lease is \
-                             no longer renewed and the task will run again",
-                            lease.item,
-                            req.worker_id
-                        );
-                    }
-                }
-            }
-            lost.push(l.clone());
-        }
-        pb::RenewLeaseResponse {
-            lost,
-            ttl_ms: ttl.as_millis() as u64,
-        }
-    }
-
-    /// Records a task's result. Returns false when the lease was no longer held, is held by
-    /// another worker id, or the result does not check out against the plan (refused; the
-    /// task runs again and the refusal counts as one of its attempts).
-    pub async fn complete(&self, req: &pb::CompleteTaskRequest) -> bool {
-        let Some(lease) = self.lease_of(&req.lease_id, &req.worker_id, "CompleteTask") else {
-            return false;
-        };
-        let (jid, it) = (lease.job, lease.item);
-        let result = req.result.clone().unwrap_or_default();
-        let checked = {
-            let mut jobs = lock(&self.jobs);
-            let Some(j) = jobs.get_mut(&jid) else {
-                return false;
-            };
-            if j.state.terminal()
-                || j.state.holder(it, &req.lease_id, &req.worker_id) != Holder::Held
-            {
-                return false;
-            }
-            let multipart = !j.out.store.is_local();
-            match j.state.check_result(it, &result, multipart) {
-                Ok(()) => Ok(j.state.task_key(it)),
-                Err(why) => {
-                    tracing::warn!(job = %jid, worker = %req.worker_id, "result refused: {why}; the task runs again");
-                    let failed = j.state.fail_task(
-                        it,
-                        &req.lease_id,
-                        &req.worker_id,
-                        true,
-                        &format!("result refused: {why}"),
-                    );
-                    j.publish();
-                    Err(failed)
-                }
-            }
-        };
-        lock(&self.leases).take(&req.lease_id);
-        let key = match checked {
-            Ok(key) => key,
-            Err(TaskFailed::Fatal(msg)) => {
-                self.fail_job(&jid, &msg).await;
-                return false;
-            }
-            Err(_) => return false,
-        };
-        // Journal first: what a restart finds recorded is what this coordinator acted on.
-        if let Err(e) = self.journal.task_done(&jid, &key, &result).await {
-            tracing::warn!(job = %jid, "journal: {e}; task {key} runs again");
-            if let Some(j) = lock(&self.jobs).get_mut(&jid) {
-                j.state.requeue(it, &req.lease_id);
-            }
-            return false;
-        }
-        // (the lease may have expired while the journal was written; the result stands)
-        let recorded = {
-            let mut jobs = lock(&self.jobs);
-            let Some(j) = jobs.get_mut(&jid) else {
-                return false;
-            };
-            let r = j.state.record(it, result);
-            if !matches!(r, Ok(Recorded::Ignored)) {
-                j.publish();
-            }
-            r
-        };
-        match recorded {
-            Ok(Recorded::Ignored) => return false,
-            Ok(Recorded::FileComplete(fi)) => self.finish_file(&jid, fi).await,
-            Ok(Recorded::Accepted) => {}
-            Err(e) => self.fail_job(&jid, &e.to_string()).await,
-        }
-        true
-    }
-
-    pub async fn fail(&self, req: &pb::FailTaskRequest) {
-        let Some(lease) = self.lease_of(&req.lease_id, &req.worker_id, "FailTask") else {
-            return;
-        };
-        lock(&self.leases).take(&req.lease_id);
-        let jid = lease.job;
-        let fatal = {
-            let mut jobs = lock(&self.jobs);
-            let Some(j) = jobs.get_mut(&jid) else { return };
-            match j.state.fail_task(
-                lease.item,
-                &req.lease_id,
-                &req.worker_id,
-                req.retryable,
-                &req.error,
-            ) {
-                TaskFailed::Ignored => return,
-                TaskFailed::OtherWorker => {
-                    refused_use("FailTask", &req.worker_id);
-                    return;
-                }
-                TaskFailed::Retried(attempt) => {
-                    tracing::warn!(job = %jid, "task failed (attempt {attempt}), retrying: {}", req.error);
-                    j.publish();
-                    return;
-                }
-                TaskFailed::Fatal(msg) => msg,
-            }
-        };
-        self.fail_job(&jid, &fatal).await;
-    }
-
-    /// The lease `id` if it is in force and `worker` holds it; a use by another worker id is
-    /// refused (logged, without the lease id) and leaves the lease to its holder.
-    fn lease_of(&self, id: &str, worker: &str, rpc: &str) -> Option<Lease> {
-        let leases = lock(&self.leases);
-        let lease = leases.get(id)?;
-        if lease.worker != worker {
-            refused_use(rpc, worker);
-            return None;
-        }
-        Some(lease.clone())
-    }
-
     /// Fails a job: aborts its uploads so nothing looks finished.
     pub async fn fail_job(&self, jid: &str, msg: &str) {
         self.end_job(jid, pb::JobState::Failed, msg).await;
@@ -610,191 +272,6 @@ impl JobManager {
             .await;
         self.status(jid)
     }
-
-    async fn end_job(&self, jid: &str, state: pb::JobState, msg: &str) {
-        let (store, uploads, replace, status) = {
-            let mut jobs = lock(&self.jobs);
-            let Some(j) = jobs.get_mut(jid) else { return };
-            if !j.state.end(state, msg) {
-                return;
-            }
-            lock(&self.leases).forget_job(jid);
-            j.publish();
-            (
-                j.out.store.clone(),
-                j.uploads.clone(),
-                j.replace,
-                j.state.status.clone(),
-            )
-        };
-        // Recorded before the cleanup: a restart must not resume a job that was ending.
-        self.journal_end(&status).await;
-        remove_outputs(&store, &uploads, replace).await;
-    }
-
-    async fn journal_end(&self, status: &pb::JobStatus) {
-        if let Err(e) = self.journal.job_ended(status).await {
-            tracing::warn!(job = %status.job_id, "journal: {e}");
-            return;
-        }
-        // Its task records are no longer needed: removed in the background (one delete per
-        // task; whoever reported the last task need not wait for them).
-        let (journal, id) = (self.journal.clone(), status.job_id.clone());
-        tokio::spawn(async move {
-            match journal.forget_tasks(&id).await {
-                Ok(n) => tracing::debug!(job = %id, "journal: removed {n} task records"),
-                Err(e) => tracing::warn!(job = %id, "journal: removing task records: {e}"),
-            }
-        });
-    }
-
-    async fn finish_file(&self, jid: &str, fi: usize) {
-        self.finish_file_as(jid, fi, false).await
-    }
-
-    /// Completes output file `fi`. `resumed`: the previous coordinator may have completed it
-    /// already without recording so; a file at its final path with its full size counts.
-    async fn finish_file_as(&self, jid: &str, fi: usize, resumed: bool) {
-        let (store, upload, receipts, size, replace) = {
-            let jobs = lock(&self.jobs);
-            let Some(j) = jobs.get(jid) else { return };
-            let size = j.state.plan.files[fi].layout.total_size;
-            let receipts = j.state.receipts_of(fi);
-            (
-                j.out.store.clone(),
-                j.uploads[fi].clone(),
-                receipts,
-                size,
-                j.replace,
-            )
-        };
-        // What storage holds must match the plan before the file is completed (local: the
-        // written length; backends that can list parts: each part's size). An --overwrite job
-        // completes its files at the commit, so the old checkpoint stays whole until then.
-        let outcome = match store.check_upload(&upload, &receipts, size).await {
-            Err(e) => Err((true, e)),
-            Ok(()) if replace => Ok(()),
-            Ok(()) => store
-                .finish_upload(&upload, &receipts)
-                .await
-                .map_err(|e| (false, e)),
-        };
-        if let Err((in_check, e)) = outcome {
-            // A resumed job: the previous coordinator may have completed the file already
-            // without recording so; the file at its final path with its full size counts.
-            let already = resumed && store.size(&upload.path).await.is_ok_and(|n| n == size);
-            if !already {
-                if in_check {
-                    let msg = format!("checking {} before completing it: {e}", upload.path);
-                    self.fail_job(jid, &msg).await;
-                } else {
-                    self.redo_file(jid, fi, &upload.path, &e.to_string()).await;
-                }
-                return;
-            }
-        }
-        // Read back: the completed file has exactly the planned size (an --overwrite job's
-        // file is completed, and checked by size and CRC-32C, at the commit).
-        match store.size(&upload.path).await {
-            _ if replace => {}
-            Ok(n) if n == size => {}
-            Ok(n) => {
-                let msg = format!(
-                    "{}: completed with {n} bytes where the plan has {size}; a part was not \
-                     what its worker reported",
-                    upload.path
-                );
-                self.fail_job(jid, &msg).await;
-                return;
-            }
-            Err(e) => {
-                self.fail_job(jid, &format!("{} after completing it: {e}", upload.path))
-                    .await;
-                return;
-            }
-        }
-        if let Err(e) = self.journal.file_finished(jid, fi).await {
-            tracing::warn!(job = %jid, "journal: {e}");
-        }
-        self.file_done(jid).await;
-    }
-
-    /// An output file could not be completed from its parts (one missing, or not what its
-    /// receipt said): its write tasks run again, within their attempts.
-    async fn redo_file(&self, jid: &str, fi: usize, path: &str, why: &str) {
-        let reopened = {
-            let mut jobs = lock(&self.jobs);
-            let Some(j) = jobs.get_mut(jid) else { return };
-            let r = j.state.reopen_file(fi);
-            j.publish();
-            r
-        };
-        match reopened {
-            Ok(()) => tracing::warn!(
-                job = %jid,
-                "completing {path}: {why}; storage does not hold the parts its workers reported: \
-                 its tasks run again"
-            ),
-            Err(msg) => {
-                self.fail_job(jid, &format!("completing {path}: {why}; {msg}"))
-                    .await
-            }
-        }
-    }
-
-    /// Counts a completed output file; the last one commits the checkpoint (whoever completes
-    /// it, so the index is written after every file exists).
-    async fn file_done(&self, jid: &str) {
-        let commit_now = {
-            let mut jobs = lock(&self.jobs);
-            let Some(j) = jobs.get_mut(jid) else { return };
-            let last = j.state.file_finished();
-            if last {
-                j.publish();
-            }
-            last
-        };
-        if commit_now {
-            self.commit(jid).await;
-        }
-    }
-
-    async fn commit(&self, jid: &str) {
-        let (plan, out, files, replace) = {
-            let jobs = lock(&self.jobs);
-            let Some(j) = jobs.get(jid) else { return };
-            let files: Vec<(Upload, Vec<shardmerge_worker::storage::Receipt>)> = j
-                .uploads
-                .iter()
-                .enumerate()
-                .map(|(fi, u)| (u.clone(), j.state.receipts_of(fi)))
-                .collect();
-            (j.state.plan.clone(), j.out.clone(), files, j.replace)
-        };
-        match commit::commit_checkpoint(&plan, &out, &files, replace).await {
-            Ok(()) => {
-                let status = {
-                    let mut jobs = lock(&self.jobs);
-                    let Some(j) = jobs.get_mut(jid) else { return };
-                    j.state.succeed();
-                    j.publish();
-                    j.state.status.clone()
-                };
-                self.journal_end(&status).await;
-            }
-            Err(e) => self.fail_job(jid, &format!("commit: {e}")).await,
-        }
-    }
-}
-
-/// Logs a lease use refused because another worker id holds the lease (the lease id is not
-/// logged: it is the holder's secret).
-fn refused_use(rpc: &str, worker: &str) {
-    tracing::warn!(
-        worker = %worker,
-        "{rpc} refused: the lease is held by another worker id (a misconfigured worker, or a \
-         client using a lease it did not poll)"
-    );
 }
 
 /// Starts the upload of every output file (aborting the ones started if one cannot start).
@@ -813,35 +290,6 @@ async fn begin_uploads(plan: &Plan, out: &Location) -> Result<Vec<Upload>> {
         }
     }
     Ok(uploads)
-}
-
-/// The job manager is itself a work source for in-process workers.
-#[async_trait]
-impl WorkSource for JobManager {
-    async fn poll(
-        &self,
-        req: pb::PollWorkRequest,
-    ) -> std::result::Result<pb::PollWorkResponse, String> {
-        Ok(JobManager::poll(self, &req))
-    }
-    async fn renew(
-        &self,
-        req: pb::RenewLeaseRequest,
-    ) -> std::result::Result<pb::RenewLeaseResponse, String> {
-        Ok(JobManager::renew(self, &req))
-    }
-    async fn complete(
-        &self,
-        req: pb::CompleteTaskRequest,
-    ) -> std::result::Result<pb::CompleteTaskResponse, String> {
-        Ok(pb::CompleteTaskResponse {
-            accepted: JobManager::complete(self, &req).await,
-        })
-    }
-    async fn fail(&self, req: pb::FailTaskRequest) -> std::result::Result<(), String> {
-        JobManager::fail(self, &req).await;
-        Ok(())
-    }
 }
 
 #[cfg(test)]

@@ -3,22 +3,29 @@
 //! without I/O: every method takes the time it needs as an argument and returns what must
 //! follow (a lease to record, a file to complete, a message to fail the job with), which the
 //! `JobManager` then does. Results are accepted in one place, `JobState::record`.
+//!
+//! `state/results.rs` checks results and folds statistics passes, `state/work.rs` counts
+//! work (bytes read and written), `state/replay.rs` replays a journal's results.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shardmerge_proto as pb;
-use shardmerge_worker::format::dtype::DType;
 use shardmerge_worker::kernels::{self, Reduced, Stats};
 use shardmerge_worker::storage::Receipt;
-use shardmerge_worker::tensor::{tensor_ctx, view2d};
+use shardmerge_worker::tensor::tensor_ctx;
+
+mod replay;
+mod results;
+mod work;
 
 use super::lease::{self, LeaseRules};
-use crate::cut::{Cut, SegDef, StatsUnit, TaskDef};
+use crate::cut::Cut;
 use crate::error::{Error, Result};
-use crate::journal::{parse_task_key, task_key, Item};
+use crate::journal::{task_key, Item};
 use crate::plan::Plan;
+use work::{stats_work, write_work};
 
 /// How many times a task that fails with a retryable error runs before its job fails.
 pub const MAX_ATTEMPTS: u32 = 5;
@@ -140,38 +147,6 @@ pub struct JobState {
     reduce: Reducer,
     /// Work (bytes read and written) of one pass of each statistics unit.
     unit_work: Vec<u64>,
-}
-
-/// Input bytes one row of `t` reads: its row length times the inputs' element sizes.
-fn input_row_bytes(t: &pb::TensorJob) -> u64 {
-    let (_, row_len) = view2d(&t.shape);
-    let elem: u64 = t
-        .inputs
-        .iter()
-        .map(|i| DType::from_proto(i.dtype).map_or(4, |d| d.size() as u64))
-        .sum();
-    row_len.saturating_mul(elem)
-}
-
-/// The work of write task `t`: the input bytes of its rows plus the bytes it writes.
-fn write_work(plan: &Plan, t: &TaskDef) -> u64 {
-    let reads: u64 = t
-        .segments
-        .iter()
-        .map(|s| match s {
-            SegDef::Rows {
-                tensor, start, end, ..
-            } => (end - start).saturating_mul(input_row_bytes(&plan.tensors[*tensor])),
-            SegDef::Literal(_) => 0,
-        })
-        .sum();
-    t.length + reads
-}
-
-/// The work of range `range` of statistics unit `u` (one pass over those rows).
-fn stats_work(plan: &Plan, u: &StatsUnit, range: usize) -> u64 {
-    let (a, b) = u.ranges[range];
-    (b - a).saturating_mul(input_row_bytes(&plan.tensors[u.tensor]))
 }
 
 impl JobState {
@@ -439,112 +414,6 @@ impl JobState {
         }
     }
 
-    /// Checks a reported result of task `it` against the plan: a write task's receipt names
-    /// the task's part and exactly its byte length; a statistics task carries statistics and
-    /// no receipt. `multipart`: the output is written in numbered parts (a local file's
-    /// positioned writes carry no part number). `Err` says what was wrong (the result is
-    /// refused and the task runs again).
-    pub fn check_result(
-        &self,
-        it: Item,
-        result: &pb::TaskResult,
-        multipart: bool,
-    ) -> std::result::Result<(), String> {
-        match it {
-            Item::Write(i) => {
-                let Some(t) = self.cut.tasks.get(i) else {
-                    return Err(format!("write task {i} is not in the plan"));
-                };
-                let file = self.plan.files.get(t.file).map_or("?", |f| f.name.as_str());
-                let Some(p) = &result.part else {
-                    return Err(format!(
-                        "write task {i} ({file} bytes {}..{}): the result has no part receipt",
-                        t.offset,
-                        t.offset + t.length
-                    ));
-                };
-                if multipart && p.part_index != t.part_index {
-                    return Err(format!(
-                        "write task {i} ({file}): the receipt names part {}, the plan part {}",
-                        p.part_index, t.part_index
-                    ));
-                }
-                if p.size != t.length || result.bytes_written != t.length {
-                    return Err(format!(
-                        "write task {i} ({file} part {}): the result reports {} bytes (receipt) \
-                         and {} bytes (written), the plan {} bytes",
-                        t.part_index, p.size, result.bytes_written, t.length
-                    ));
-                }
-                if result.stats.is_some() {
-                    return Err(format!(
-                        "write task {i} ({file}): the result carries statistics"
-                    ));
-                }
-            }
-            Item::Stats { unit, range } => {
-                let Some(u) = self.cut.units.get(unit) else {
-                    return Err(format!("statistics unit {unit} is not in the plan"));
-                };
-                let tensor = self
-                    .plan
-                    .tensors
-                    .get(u.tensor)
-                    .map_or("?", |t| t.name.as_str());
-                if result.stats.is_none() {
-                    return Err(format!(
-                        "statistics task of tensor {tensor} (range {range}): the result carries \
-                         no statistics"
-                    ));
-                }
-                if result.part.is_some() {
-                    return Err(format!(
-                        "statistics task of tensor {tensor} (range {range}): the result carries \
-                         a part receipt"
-                    ));
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Runs every write task of output file `fi` again: what storage holds for it did not
-    /// check out (a part missing or of the wrong size), so its parts are written again.
-    /// Counts an attempt on each; `Err` with a message when one has no attempts left (the
-    /// job fails).
-    pub fn reopen_file(&mut self, fi: usize) -> std::result::Result<(), String> {
-        let tasks: Vec<usize> = (0..self.cut.tasks.len())
-            .filter(|&i| self.cut.tasks[i].file == fi)
-            .collect();
-        for &i in &tasks {
-            let attempts = self.items.get(&Item::Write(i)).map_or(0, |s| s.attempts);
-            if attempts >= MAX_ATTEMPTS {
-                return Err(format!(
-                    "output file {} did not check out in storage after {MAX_ATTEMPTS} attempts",
-                    self.plan.files.get(fi).map_or("?", |f| f.name.as_str())
-                ));
-            }
-        }
-        for i in tasks {
-            let t = &self.cut.tasks[i];
-            let was_done = matches!(
-                self.items.get(&Item::Write(i)).map(|s| &s.state),
-                Some(ItemState::Done)
-            );
-            if was_done {
-                self.status.tasks_done = self.status.tasks_done.saturating_sub(1);
-                self.status.bytes_done = self.status.bytes_done.saturating_sub(t.length);
-                self.file_remaining[t.file] += 1;
-                if let Some(r) = self.receipts[t.file].get_mut(t.part_index as usize) {
-                    *r = None;
-                }
-                self.set_queued(Item::Write(i));
-                self.status.retries += 1;
-            }
-        }
-        Ok(())
-    }
-
     /// Accepts the result of task `it` if it is pending (leased, or queued again after its lease
     /// expired: the result stands). The one place results are accepted.
     pub fn record(&mut self, it: Item, result: pb::TaskResult) -> Result<Recorded> {
@@ -588,42 +457,6 @@ impl JobState {
         Ok(Recorded::Accepted)
     }
 
-    /// Folds a statistics pass; queues the next pass or releases the tasks that wait.
-    fn reduce_unit(&mut self, unit: usize) -> Result<()> {
-        let tensor = &self.plan.tensors[self.cut.units[unit].tensor];
-        let u = &mut self.units[unit];
-        let partials = u.partials.iter_mut().map(|p| p.take().unwrap_or_default());
-        let state = std::mem::take(&mut u.state);
-        let (state, done) = match (self.reduce)(tensor, u.pass, state, partials.collect())? {
-            Reduced::More(s) => (s, u.pass + 1 >= self.cut.units[unit].passes),
-            Reduced::Done(s) => (s, true),
-        };
-        u.state = state;
-        if done {
-            // a method that needed fewer passes than planned: the passes left are not work
-            let left = self.cut.units[unit].passes.saturating_sub(u.pass + 1);
-            let unplanned = self.unit_work[unit].saturating_mul(left as u64);
-            self.status.work_total = self.status.work_total.saturating_sub(unplanned);
-            u.done = true;
-            for k in 0..self.dependents[unit].len() {
-                let i = self.dependents[unit][k];
-                self.blocked_by[i] -= 1;
-                if self.blocked_by[i] == 0 {
-                    self.set_queued(Item::Write(i));
-                }
-            }
-        } else {
-            u.pass += 1;
-            let n = self.cut.units[unit].ranges.len();
-            u.partials = vec![None; n];
-            for range in 0..n {
-                self.set_queued(Item::Stats { unit, range });
-                self.status.tasks_total += 1;
-            }
-        }
-        Ok(())
-    }
-
     fn set_queued(&mut self, it: Item) {
         if let Some(s) = self.items.get_mut(&it) {
             s.state = ItemState::Queued;
@@ -664,50 +497,6 @@ impl JobState {
 
     pub fn succeed(&mut self) {
         self.status.state = pb::JobState::Succeeded as i32;
-    }
-
-    /// Replays the task results a journal holds for this job (by task key): statistics first,
-    /// pass by pass (a pass's results only count once the ones before it are folded), then
-    /// writes whose inputs are ready; anything else runs again. Returns the output files the
-    /// replayed results complete.
-    pub fn replay(&mut self, records: Vec<(String, pb::TaskResult)>) -> Result<Vec<usize>> {
-        let mut stats = Vec::new();
-        let mut writes = Vec::new();
-        for (k, r) in records {
-            match parse_task_key(&k) {
-                Some((Item::Write(i), _)) => writes.push((i, r)),
-                Some((Item::Stats { unit, range }, pass)) => stats.push(((unit, pass, range), r)),
-                None => tracing::warn!(job = %self.id, "journal: ignoring unknown record {k}"),
-            }
-        }
-        stats.sort_by_key(|(k, _)| *k);
-        for ((unit, pass, range), r) in stats {
-            let it = Item::Stats { unit, range };
-            let current = self
-                .units
-                .get(unit)
-                .is_some_and(|s| s.pass == pass && !s.done);
-            if current && self.is_queued(it) {
-                self.record(it, r)?;
-            }
-        }
-        let mut complete = Vec::new();
-        writes.sort_by_key(|(i, _)| *i);
-        for (i, r) in writes {
-            if self.is_queued(Item::Write(i)) {
-                if let Recorded::FileComplete(f) = self.record(Item::Write(i), r)? {
-                    complete.push(f);
-                }
-            }
-        }
-        Ok(complete)
-    }
-
-    fn is_queued(&self, it: Item) -> bool {
-        matches!(
-            self.items.get(&it).map(|s| &s.state),
-            Some(ItemState::Queued)
-        )
     }
 }
 

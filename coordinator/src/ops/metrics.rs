@@ -80,6 +80,61 @@ fn as_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
+/// The gauges set from snapshots at scrape time, in registration order: name and help.
+const GAUGES: [(&str, &str); 10] = [
+    // queued
+    (
+        "shardmerge_tasks_queued",
+        "Tasks of unfinished jobs waiting for a worker (what the worker pool scales on)",
+    ),
+    // leased
+    (
+        "shardmerge_tasks_leased",
+        "Tasks of unfinished jobs running on a worker now",
+    ),
+    // retried
+    (
+        "shardmerge_tasks_retried",
+        "Task retries (expired leases, retryable failures) summed over the jobs known",
+    ),
+    // planned_bytes
+    (
+        "shardmerge_job_planned_bytes",
+        "Output bytes planned, summed over the jobs known",
+    ),
+    // job_written_bytes
+    (
+        "shardmerge_job_written_bytes",
+        "Output bytes written so far, summed over the jobs known",
+    ),
+    // work_planned
+    (
+        "shardmerge_job_work_planned_bytes",
+        "All the work planned (bytes read and written by every pass, statistics passes \
+             included), summed over the jobs known",
+    ),
+    // work_done
+    (
+        "shardmerge_job_work_done_bytes",
+        "Work done so far (bytes read and written by every pass), summed over the jobs known",
+    ),
+    // workers
+    (
+        "shardmerge_workers_live",
+        "Worker processes that called within the lease ttl",
+    ),
+    // worker_slots
+    (
+        "shardmerge_worker_slots_live",
+        "Worker task slots that called within the lease ttl",
+    ),
+    // resident
+    (
+        "shardmerge_coordinator_resident_memory_bytes",
+        "Resident memory of the coordinator process",
+    ),
+];
+
 impl CoordinatorMetrics {
     pub fn new(mgr: Arc<JobManager>, lease_ttl: Duration) -> Arc<Self> {
         let mut r = Registry::default();
@@ -139,62 +194,12 @@ impl CoordinatorMetrics {
             "Jobs this coordinator knows, by state",
             jobs.clone(),
         );
-        let gauge = |r: &mut Registry, name: &str, help: &str| {
-            let g = Gauge::default();
-            r.register(name, help, g.clone());
-            g
-        };
-        let queued = gauge(
-            &mut r,
-            "shardmerge_tasks_queued",
-            "Tasks of unfinished jobs waiting for a worker (what the worker pool scales on)",
-        );
-        let leased = gauge(
-            &mut r,
-            "shardmerge_tasks_leased",
-            "Tasks of unfinished jobs running on a worker now",
-        );
-        let retried = gauge(
-            &mut r,
-            "shardmerge_tasks_retried",
-            "Task retries (expired leases, retryable failures) summed over the jobs known",
-        );
-        let planned_bytes = gauge(
-            &mut r,
-            "shardmerge_job_planned_bytes",
-            "Output bytes planned, summed over the jobs known",
-        );
-        let job_written_bytes = gauge(
-            &mut r,
-            "shardmerge_job_written_bytes",
-            "Output bytes written so far, summed over the jobs known",
-        );
-        let work_planned = gauge(
-            &mut r,
-            "shardmerge_job_work_planned_bytes",
-            "All the work planned (bytes read and written by every pass, statistics passes \
-             included), summed over the jobs known",
-        );
-        let work_done = gauge(
-            &mut r,
-            "shardmerge_job_work_done_bytes",
-            "Work done so far (bytes read and written by every pass), summed over the jobs known",
-        );
-        let workers = gauge(
-            &mut r,
-            "shardmerge_workers_live",
-            "Worker processes that called within the lease ttl",
-        );
-        let worker_slots = gauge(
-            &mut r,
-            "shardmerge_worker_slots_live",
-            "Worker task slots that called within the lease ttl",
-        );
-        let resident = gauge(
-            &mut r,
-            "shardmerge_coordinator_resident_memory_bytes",
-            "Resident memory of the coordinator process",
-        );
+        let [queued, leased, retried, planned_bytes, job_written_bytes, work_planned, work_done, workers, worker_slots, resident] =
+            GAUGES.map(|(name, help)| {
+                let g = Gauge::default();
+                r.register(name, help, g.clone());
+                g
+            });
         Arc::new(CoordinatorMetrics {
             registry: r,
             mgr,

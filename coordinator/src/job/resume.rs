@@ -1,0 +1,98 @@
+//! Resuming after a coordinator restart: the journal's unfinished jobs are rebuilt from their
+//! records and their recorded task results replayed.
+
+use shardmerge_proto as pb;
+use shardmerge_worker::storage::Upload;
+
+use super::finish::remove_outputs;
+use super::{lock, state, Job, JobManager, JobState, SubmitOptions};
+use crate::error::{Error, Result};
+use crate::journal::{layout_crc, Unfinished};
+
+/// The output uploads a job record names.
+fn uploads_of(rec: &pb::JournalJob) -> Vec<Upload> {
+    rec.uploads
+        .iter()
+        .map(|x| Upload {
+            path: x.path.clone(),
+            id: x.id.clone(),
+        })
+        .collect()
+}
+
+impl JobManager {
+    /// Resumes the journal's unfinished jobs and remembers its ended ones; returns the ids
+    /// resumed. A job that cannot resume (its inputs are gone or changed) fails, with the
+    /// reason in its status.
+    pub async fn recover(&self) -> Result<Vec<String>> {
+        let contents = self.journal.load().await?;
+        {
+            let mut h = lock(&self.history);
+            for st in contents.ended {
+                h.insert(st.job_id.clone(), st);
+            }
+        }
+        let mut resumed = Vec::new();
+        for u in contents.unfinished {
+            let id = u.job.job_id.clone();
+            let out = u.job.output_uri.clone();
+            let uploads = uploads_of(&u.job);
+            let replace = u.job.options.as_ref().is_some_and(|o| o.overwrite);
+            match self.resume(u).await {
+                Ok(()) => resumed.push(id),
+                Err(e) => {
+                    let msg = format!("cannot resume after a coordinator restart: {e}");
+                    tracing::error!(job = %id, "{msg}");
+                    let status = pb::JobStatus {
+                        job_id: id.clone(),
+                        state: pb::JobState::Failed as i32,
+                        output_uri: out.clone(),
+                        error: msg,
+                        ..Default::default()
+                    };
+                    self.journal_end(&status).await;
+                    lock(&self.history).insert(id, status);
+                    if let Ok(loc) = self.resolver.resolve(&out, std::path::Path::new("/")) {
+                        remove_outputs(&loc.store, &uploads, replace).await;
+                    }
+                }
+            }
+        }
+        Ok(resumed)
+    }
+
+    /// Rebuilds one job from its record, replays the task results it holds, and finishes what
+    /// they complete.
+    async fn resume(&self, u: Unfinished) -> Result<()> {
+        let o = SubmitOptions::from_proto(&u.job.options.clone().unwrap_or_default());
+        let (plan, cut, out) = self
+            .prepare(&u.job.recipe_yaml, &u.job.output_uri, &o)
+            .await?;
+        if layout_crc(&plan, &cut) != u.job.layout_crc || u.job.uploads.len() != plan.files.len() {
+            return Err(Error::InputChanged(
+                "its inputs now plan to a different output than when it started (changed or \
+                 replaced?); submit it again"
+                    .into(),
+            ));
+        }
+        let uploads = uploads_of(&u.job);
+        let id = u.job.job_id.clone();
+        let mut state = JobState::new(id.clone(), plan, cut, out.uri(), state::kernel_reduce);
+        let complete = state.replay(u.tasks)?;
+        tracing::info!(
+            job = %id,
+            "resumed from the journal: {} of {} tasks done",
+            state.status.tasks_done,
+            state.status.tasks_total
+        );
+        lock(&self.jobs).insert(id.clone(), Job::new(state, out, uploads, o.overwrite));
+        for f in complete {
+            if u.files_finished.contains(&f) {
+                self.file_done(&id).await;
+            } else {
+                self.finish_file_as(&id, f, true).await;
+            }
+        }
+        Ok(())
+    }
+}

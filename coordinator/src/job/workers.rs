@@ -1,0 +1,292 @@
+//! The worker-facing side of the manager: polling for tasks, renewing leases, completing and
+//! failing tasks (the gRPC service's and the in-process workers' `WorkSource`), and expiring
+//! leases that ran out.
+
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use shardmerge_proto as pb;
+use shardmerge_worker::pull::WorkSource;
+
+use super::lease::Lease;
+use super::state::{Holder, Recorded, Renewal, TaskFailed};
+use super::{lock, tasks, JobManager};
+
+impl JobManager {
+    /// Re-queues work whose lease ran out.
+    fn expire(&self, now: Instant) {
+        let ttl = self.ttl();
+        {
+            let mut last = lock(&self.last_expiry_scan);
+            let every = (ttl / 20).min(Duration::from_millis(250));
+            if last.is_some_and(|t| now.duration_since(t) < every) {
+                return;
+            }
+            *last = Some(now);
+        }
+        self.sweep(now);
+        let mut jobs = lock(&self.jobs);
+        let mut leases = lock(&self.leases);
+        for j in jobs.values_mut() {
+            let gone = j.state.expire(now);
+            for (item, lease) in &gone {
+                let worker = leases.take(lease).map(|l| l.worker).unwrap_or_default();
+                tracing::warn!(
+                    job = %j.state.id,
+                    "task {item:?}: the lease of worker {worker:?} expired (no renewal, or the \
+                     task ran past --max-task-time); the task runs again"
+                );
+            }
+            if !gone.is_empty() {
+                j.publish();
+            }
+        }
+    }
+
+    /// Hands `req.worker_id` queued tasks: as many as it has free slots, but no more than
+    /// `--max-slots-per-worker` leases held at once by that worker id.
+    pub fn poll(&self, req: &pb::PollWorkRequest) -> pb::PollWorkResponse {
+        let now = Instant::now();
+        self.expire(now);
+        let rules = self.rules();
+        let ttl = rules.ttl;
+        let max_slots = self.limits().max_slots_per_worker.max(1) as usize;
+        let mut out = pb::PollWorkResponse {
+            leases: Vec::new(),
+            retry_after_ms: 20,
+        };
+        let mut jobs = lock(&self.jobs);
+        let mut leases = lock(&self.leases);
+        let held = leases.held_by(&req.worker_id);
+        let want = (req.free_slots.max(1) as usize)
+            .min(max_slots)
+            .saturating_sub(held);
+        if want == 0 {
+            tracing::debug!(worker = %req.worker_id, "holds {held} leases, the most one worker may");
+            out.retry_after_ms = 250;
+            return out;
+        }
+        for j in jobs.values_mut() {
+            if j.state.terminal() || out.leases.len() >= want {
+                continue;
+            }
+            let granted = j
+                .state
+                .lease_next(want - out.leases.len(), &req.worker_id, now, rules);
+            for g in &granted {
+                leases.grant(Lease {
+                    id: g.lease.clone(),
+                    worker: req.worker_id.clone(),
+                    job: j.state.id.clone(),
+                    item: g.item,
+                    granted_at: now,
+                });
+                out.leases.push(pb::Lease {
+                    lease_id: g.lease.clone(),
+                    ttl_ms: ttl.as_millis() as u64,
+                    task: Some(tasks::build_task(
+                        &j.state, &j.out, &j.uploads, g.item, g.attempt,
+                    )),
+                });
+            }
+            if !granted.is_empty() {
+                j.publish();
+            }
+        }
+        out
+    }
+
+    pub fn renew(&self, req: &pb::RenewLeaseRequest) -> pb::RenewLeaseResponse {
+        let ttl = self.ttl();
+        let now = Instant::now();
+        let mut jobs = lock(&self.jobs);
+        let leases = lock(&self.leases);
+        let mut lost = Vec::new();
+        for l in &req.lease_ids {
+            let answer = match leases.get(l) {
+                Some(lease) => jobs.get_mut(&lease.job).map_or(Renewal::NotHeld, |j| {
+                    j.state.renew(lease.item, l, &req.worker_id, now, ttl)
+                }),
+                None => Renewal::NotHeld,
+            };
+            match answer {
+                Renewal::Renewed => continue,
+                Renewal::NotHeld => {}
+                Renewal::OtherWorker => refused_use("RenewLease", &req.worker_id),
+                Renewal::OverTime => {
+                    if let Some(lease) = leases.get(l) {
+                        tracing::warn!(
+                            job = %lease.job,
+                            "task {:?} of worker {:?} ran past --max-task-time: its lease is \
+                             no longer renewed and the task will run again",
+                            lease.item,
+                            req.worker_id
+                        );
+                    }
+                }
+            }
+            lost.push(l.clone());
+        }
+        pb::RenewLeaseResponse {
+            lost,
+            ttl_ms: ttl.as_millis() as u64,
+        }
+    }
+
+    /// Records a task's result. Returns false when the lease was no longer held, is held by
+    /// another worker id, or the result does not check out against the plan (refused; the
+    /// task runs again and the refusal counts as one of its attempts).
+    pub async fn complete(&self, req: &pb::CompleteTaskRequest) -> bool {
+        let Some(lease) = self.lease_of(&req.lease_id, &req.worker_id, "CompleteTask") else {
+            return false;
+        };
+        let (jid, it) = (lease.job, lease.item);
+        let result = req.result.clone().unwrap_or_default();
+        let checked = {
+            let mut jobs = lock(&self.jobs);
+            let Some(j) = jobs.get_mut(&jid) else {
+                return false;
+            };
+            if j.state.terminal()
+                || j.state.holder(it, &req.lease_id, &req.worker_id) != Holder::Held
+            {
+                return false;
+            }
+            let multipart = !j.out.store.is_local();
+            match j.state.check_result(it, &result, multipart) {
+                Ok(()) => Ok(j.state.task_key(it)),
+                Err(why) => {
+                    tracing::warn!(job = %jid, worker = %req.worker_id, "result refused: {why}; the task runs again");
+                    let failed = j.state.fail_task(
+                        it,
+                        &req.lease_id,
+                        &req.worker_id,
+                        true,
+                        &format!("result refused: {why}"),
+                    );
+                    j.publish();
+                    Err(failed)
+                }
+            }
+        };
+        lock(&self.leases).take(&req.lease_id);
+        let key = match checked {
+            Ok(key) => key,
+            Err(TaskFailed::Fatal(msg)) => {
+                self.fail_job(&jid, &msg).await;
+                return false;
+            }
+            Err(_) => return false,
+        };
+        // Journal first: what a restart finds recorded is what this coordinator acted on.
+        if let Err(e) = self.journal.task_done(&jid, &key, &result).await {
+            tracing::warn!(job = %jid, "journal: {e}; task {key} runs again");
+            if let Some(j) = lock(&self.jobs).get_mut(&jid) {
+                j.state.requeue(it, &req.lease_id);
+            }
+            return false;
+        }
+        // (the lease may have expired while the journal was written; the result stands)
+        let recorded = {
+            let mut jobs = lock(&self.jobs);
+            let Some(j) = jobs.get_mut(&jid) else {
+                return false;
+            };
+            let r = j.state.record(it, result);
+            if !matches!(r, Ok(Recorded::Ignored)) {
+                j.publish();
+            }
+            r
+        };
+        match recorded {
+            Ok(Recorded::Ignored) => return false,
+            Ok(Recorded::FileComplete(fi)) => self.finish_file(&jid, fi).await,
+            Ok(Recorded::Accepted) => {}
+            Err(e) => self.fail_job(&jid, &e.to_string()).await,
+        }
+        true
+    }
+
+    pub async fn fail(&self, req: &pb::FailTaskRequest) {
+        let Some(lease) = self.lease_of(&req.lease_id, &req.worker_id, "FailTask") else {
+            return;
+        };
+        lock(&self.leases).take(&req.lease_id);
+        let jid = lease.job;
+        let fatal = {
+            let mut jobs = lock(&self.jobs);
+            let Some(j) = jobs.get_mut(&jid) else { return };
+            match j.state.fail_task(
+                lease.item,
+                &req.lease_id,
+                &req.worker_id,
+                req.retryable,
+                &req.error,
+            ) {
+                TaskFailed::Ignored => return,
+                TaskFailed::OtherWorker => {
+                    refused_use("FailTask", &req.worker_id);
+                    return;
+                }
+                TaskFailed::Retried(attempt) => {
+                    tracing::warn!(job = %jid, "task failed (attempt {attempt}), retrying: {}", req.error);
+                    j.publish();
+                    return;
+                }
+                TaskFailed::Fatal(msg) => msg,
+            }
+        };
+        self.fail_job(&jid, &fatal).await;
+    }
+
+    /// The lease `id` if it is in force and `worker` holds it; a use by another worker id is
+    /// refused (logged, without the lease id) and leaves the lease to its holder.
+    fn lease_of(&self, id: &str, worker: &str, rpc: &str) -> Option<Lease> {
+        let leases = lock(&self.leases);
+        let lease = leases.get(id)?;
+        if lease.worker != worker {
+            refused_use(rpc, worker);
+            return None;
+        }
+        Some(lease.clone())
+    }
+}
+
+/// Logs a lease use refused because another worker id holds the lease (the lease id is not
+/// logged: it is the holder's secret).
+fn refused_use(rpc: &str, worker: &str) {
+    tracing::warn!(
+        worker = %worker,
+        "{rpc} refused: the lease is held by another worker id (a misconfigured worker, or a \
+         client using a lease it did not poll)"
+    );
+}
+
+/// The job manager is itself a work source for in-process workers.
+#[async_trait]
+impl WorkSource for JobManager {
+    async fn poll(
+        &self,
+        req: pb::PollWorkRequest,
+    ) -> std::result::Result<pb::PollWorkResponse, String> {
+        Ok(JobManager::poll(self, &req))
+    }
+    async fn renew(
+        &self,
+        req: pb::RenewLeaseRequest,
+    ) -> std::result::Result<pb::RenewLeaseResponse, String> {
+        Ok(JobManager::renew(self, &req))
+    }
+    async fn complete(
+        &self,
+        req: pb::CompleteTaskRequest,
+    ) -> std::result::Result<pb::CompleteTaskResponse, String> {
+        Ok(pb::CompleteTaskResponse {
+            accepted: JobManager::complete(self, &req).await,
+        })
+    }
+    async fn fail(&self, req: pb::FailTaskRequest) -> std::result::Result<(), String> {
+        JobManager::fail(self, &req).await;
+        Ok(())
+    }
+}
