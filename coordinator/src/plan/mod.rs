@@ -250,6 +250,21 @@ fn check_architectures(order: &[ModelInfo], donor: &str, arch: &Arch) -> Result<
 /// The (model, layer) each output layer comes from.
 type Origins<'a> = Vec<(&'a str, u64)>;
 
+/// Plans the tensors of `s` outside the layers: those before them (`pre`) or after them, each
+/// read under its own name from every source.
+fn outside_layers(
+    cx: &Ctx<'_>,
+    s: &Slice,
+    pre: bool,
+    tensors: &mut Vec<pb::TensorJob>,
+) -> Result<()> {
+    for n in non_layer_names(cx, s, pre) {
+        let ins = vec![n.clone(); s.sources.len()];
+        tensors.push(plan_tensor(cx, s, &n, &ins, 0.0)?);
+    }
+    Ok(())
+}
+
 /// Every output tensor's job, in output order, and the (model, layer) each output layer
 /// comes from.
 fn plan_tensors<'a>(
@@ -261,16 +276,7 @@ fn plan_tensors<'a>(
     // (from the last slice), as mergekit's pre/post weights.
     let first = &slices[0];
     let last = &slices[slices.len() - 1];
-    let pre = non_layer_names(cx, first, true);
-    for n in pre {
-        tensors.push(plan_tensor(
-            cx,
-            first,
-            &n,
-            &vec![n.clone(); first.sources.len()],
-            0.0,
-        )?);
-    }
+    outside_layers(cx, first, true, &mut tensors)?;
     let mut out_layer = 0u64;
     // (model, layer) each output layer comes from: its reference source's
     let mut origins: Vec<(&str, u64)> = Vec::new();
@@ -312,16 +318,7 @@ fn plan_tensors<'a>(
             out_layer += 1;
         }
     }
-    let post = non_layer_names(cx, last, false);
-    for n in post {
-        tensors.push(plan_tensor(
-            cx,
-            last,
-            &n,
-            &vec![n.clone(); last.sources.len()],
-            0.0,
-        )?);
-    }
+    outside_layers(cx, last, false, &mut tensors)?;
     Ok((tensors, origins))
 }
 
