@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: unit tests, the engine suites (parity with mergekit, split
 # invariance, layouts, faults, CLI, memory) and the multi-process suites (coordinator + workers
-# + a real S3 server on loopback).
+# + a real S3 server on loopback), then tests/archs.sh: every architecture fixture merged,
+# loaded in transformers and compared with mergekit (its first run makes a Python venv with
+# torch, transformers and mergekit from PyPI). SHARDMERGE_SKIP_ARCHS=1 leaves that out.
 #
 # The S3 suites use MinIO when a `minio` binary is on PATH, otherwise Garage; when neither is
 # installed, this installs Garage from crates.io first (a one-time build of about 10 minutes on
@@ -25,4 +27,8 @@ status=0
 cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
 awk '/^test result:/ { p += $4; f += $6; i += $8 }
      END { printf "%d passed, %d failed, %d skipped\n", p, f, i }' "$log"
+if [[ -z ${SHARDMERGE_SKIP_ARCHS:-} ]]; then
+    echo "== tests/archs.sh (transformers + mergekit)"
+    tests/archs.sh || status=$?
+fi
 exit "$status"

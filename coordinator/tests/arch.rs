@@ -521,8 +521,9 @@ async fn vocabulary_mismatch_is_refused_unless_truncating() {
     );
 }
 
-/// With `dtype: bfloat16` every operation rounds to bfloat16, as mergekit's torch code does
-/// (inputs loaded in bf16, each product and the sum rounded); `compute_float32`
+/// With `dtype: bfloat16` every task-arithmetic operation rounds to bfloat16, as mergekit's
+/// torch code does (inputs loaded in bf16, the delta, the weighted delta and the sum rounded);
+/// `compute_float32`
 /// (`--compute-dtype float32`) computes in f32 instead.
 #[tokio::test]
 async fn bf16_recipe_dtype_computes_op_by_op() {
@@ -531,7 +532,7 @@ async fn bf16_recipe_dtype_computes_op_by_op() {
                      "num_hidden_layers": 1});
     model(&dir.path().join("a"), &cfg, &llama_names(1, true), 1);
     model(&dir.path().join("b"), &cfg, &llama_names(1, true), 2);
-    let recipe = "merge_method: linear\ndtype: bfloat16\nout_dtype: float32\nmodels:\n- model: a\n  parameters: {weight: 0.3}\n- model: b\n  parameters: {weight: 0.7}\n";
+    let recipe = "merge_method: task_arithmetic\nbase_model: a\ndtype: bfloat16\nout_dtype: float32\nmodels:\n- model: b\n  parameters: {weight: 0.7}\n";
     let out = merge(dir.path(), recipe).await;
     let (a, b, o) = (
         load(&dir.path().join("a")),
@@ -545,13 +546,13 @@ async fn bf16_recipe_dtype_computes_op_by_op() {
         dtype::decode(DType::BF16, &b, &mut v);
         v[0]
     };
-    let (wa, wb) = (bf(0.3), bf(0.7));
+    let wb = bf(0.7);
     for (name, t) in &o {
         let want: Vec<f32> = a[name]
             .values
             .iter()
             .zip(&b[name].values)
-            .map(|(&x, &y)| bf(bf(bf(wa * bf(x)) + bf(wb * bf(y))) / bf(wa + wb)))
+            .map(|(&x, &y)| bf(bf(x) + bf(bf(bf(y) - bf(x)) * wb)))
             .collect();
         assert_eq!(t.values, want, "{name}");
     }

@@ -2,24 +2,42 @@
 //!
 //! out = Σ wᵢ·xᵢ, divided by Σ wᵢ when `normalize` (default true).
 //!
-//! In a 16-bit working dtype ([`Work`]), as mergekit's torch code: the weights and inputs in
-//! that dtype, each product rounded, the sum over the models accumulated in f32 and rounded,
-//! the weights' sum rounded, the quotient rounded.
+//! As mergekit 0.1.5 computes it, whatever the recipe's dtype: inputs in the recipe's dtype
+//! (f32 inputs of a bfloat16 recipe are rounded to bfloat16 first), then in f32 an accumulator
+//! starting at 0 takes each model in order as one fused multiply-add (torch's `addcmul_`:
+//! `acc = fma(xᵢ, wᵢ, acc)`, one rounding per model), is divided by the f32 sum of the weights,
+//! and is rounded once to the recipe's dtype. A 16-bit working dtype ([`Work`]) therefore
+//! rounds only the inputs and the result, not each product.
 
-use super::round::{rk, Work};
+use super::round::Work;
 use super::{BaseRule, KResult, Method, MethodSpec, ParamDef, RowRange, Stats, TensorCtx};
 
-/// The weighted sum in working dtype `K` (see [`rk`]), then the division by `total`.
-fn rounded<const K: u8>(inputs: &[&[f32]], weights: &[f32], total: Option<f32>, out: &mut [f32]) {
+/// `out = Σ fma(xᵢ, wᵢ, ·)` in model order, divided by `total`, with inputs and result rounded
+/// to `work`.
+fn weighted_sum(
+    work: Work,
+    inputs: &[&[f32]],
+    weights: &[f32],
+    total: Option<f32>,
+    out: &mut [f32],
+) {
     out.iter_mut().for_each(|o| *o = 0.0);
     for (x, &w) in inputs.iter().zip(weights) {
-        for (o, &v) in out.iter_mut().zip(x.iter()) {
-            *o += rk::<K>(w * rk::<K>(v));
+        if work.rounds() {
+            for (o, &v) in out.iter_mut().zip(x.iter()) {
+                *o = work.r(v).mul_add(w, *o);
+            }
+        } else {
+            for (o, &v) in out.iter_mut().zip(x.iter()) {
+                *o = v.mul_add(w, *o);
+            }
         }
     }
-    match total {
-        Some(t) => out.iter_mut().for_each(|o| *o = rk::<K>(rk::<K>(*o) / t)),
-        None => out.iter_mut().for_each(|o| *o = rk::<K>(*o)),
+    if let Some(t) = total {
+        out.iter_mut().for_each(|o| *o /= t);
+    }
+    if work.rounds() {
+        out.iter_mut().for_each(|o| *o = work.r(*o));
     }
 }
 
@@ -62,35 +80,8 @@ impl Method for Linear {
         let weights: Vec<f32> = (0..inputs.len())
             .map(|i| ctx.model_param(i, "weight").map(|w| w as f32))
             .collect::<KResult<_>>()?;
-        if ctx.work.rounds() {
-            let w: Vec<f32> = weights.iter().map(|&x| ctx.work.r(x)).collect();
-            let total = ctx.work.r(w.iter().sum());
-            let total = ctx.flag("normalize")?.then_some(total);
-            match ctx.work {
-                Work::BF16 => rounded::<1>(inputs, &w, total, out),
-                _ => rounded::<2>(inputs, &w, total, out),
-            }
-            return Ok(());
-        }
-        let total: f32 = weights.iter().sum();
-        let scale = if ctx.flag("normalize")? {
-            1.0 / total
-        } else {
-            1.0
-        };
-        out.iter_mut().for_each(|o| *o = 0.0);
-        for (x, &w) in inputs.iter().zip(&weights) {
-            for (o, &v) in out.iter_mut().zip(x.iter()) {
-                *o += w * v;
-            }
-        }
-        if scale != 1.0 {
-            if ctx.flag("normalize")? {
-                out.iter_mut().for_each(|o| *o /= total);
-            } else {
-                out.iter_mut().for_each(|o| *o *= scale);
-            }
-        }
+        let total = ctx.flag("normalize")?.then(|| weights.iter().sum::<f32>());
+        weighted_sum(ctx.work, inputs, &weights, total, out);
         Ok(())
     }
 }
@@ -112,11 +103,19 @@ mod tests {
         assert_eq!(out, vec![8.0; 6]);
     }
 
-    /// bf16 op by op, as torch: weights 0.3 and 0.7 become 0.30078125 and 0.69921875; each
-    /// product rounds to bf16, the sum of products accumulates in f32 and rounds, the weights'
-    /// sum (1.0) rounds, the quotient rounds.
+    /// mergekit 0.1.5: f32 fused multiply-adds in model order, one division, one rounding to
+    /// bf16 at the end; f32 inputs are rounded to bf16 first. The second fma is where plain
+    /// multiply-then-add differs: 0.6·-0.2080078125 + 0.4·-0.1865234375 is -0.19941407 with
+    /// two roundings and -0.19941406 with mergekit's fma.
     #[test]
-    fn bf16_op_by_op() {
+    fn fused_multiply_add_then_one_rounding() {
+        let mut c = Case::new(&[1], 2).with_defaults(&Linear);
+        c.model_params[0].insert("weight".into(), 0.6);
+        c.model_params[1].insert("weight".into(), 0.4);
+        let out = run(&Linear, &c, &[vec![-0.208_007_81], vec![-0.186_523_44]]);
+        assert_eq!(out, vec![-0.19941406]);
+        assert_ne!(0.6f32 * -0.208_007_81 + 0.4f32 * -0.186_523_44, -0.19941406);
+
         let bf = |x: f32| half::bf16::from_f32(x).to_f32();
         let a = [1.0f32, 0.0078125, 3.140625, -2.5, 100.5];
         let b = [1.0078125f32, -0.33203125, 2.71875, 7.0, -99.0];
@@ -124,26 +123,14 @@ mod tests {
         c.model_params[0].insert("weight".into(), 0.3);
         c.model_params[1].insert("weight".into(), 0.7);
         c.work = Work::BF16;
-        let out = run(&Linear, &c, &[a.to_vec(), b.to_vec()]);
-        let (wa, wb) = (bf(0.3), bf(0.7));
-        assert_eq!((wa, wb), (0.30078125, 0.69921875));
         let want: Vec<f32> = a
             .iter()
             .zip(&b)
-            .map(|(&x, &y)| bf(bf(bf(wa * x) + bf(wb * y)) / bf(wa + wb)))
+            .map(|(&x, &y)| bf(y.mul_add(0.7, x.mul_add(0.3, 0.0)) / (0.3f32 + 0.7)))
             .collect();
-        assert_eq!(out, want);
-        // rounding once from f32 differs on some of these
-        c.work = Work::F32;
-        let once: Vec<f32> = run(&Linear, &c, &[a.to_vec(), b.to_vec()])
-            .iter()
-            .map(|&x| bf(x))
-            .collect();
-        assert_ne!(once, want);
+        assert_eq!(run(&Linear, &c, &[a.to_vec(), b.to_vec()]), want);
         // f32 inputs are first rounded to bf16, as mergekit loads them in the recipe's dtype
-        c.work = Work::BF16;
         let wide: Vec<f32> = a.iter().map(|x| x * (1.0 + 2f32.powi(-12))).collect();
-        let out2 = run(&Linear, &c, &[wide, b.to_vec()]);
-        assert_eq!(out2, want);
+        assert_eq!(run(&Linear, &c, &[wide, b.to_vec()]), want);
     }
 }
