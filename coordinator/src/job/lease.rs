@@ -1,7 +1,8 @@
 //! Leases: which worker holds which task of which job, by lease id. A task's deadline lives
 //! with its state (`JobState`, which expires it given the time); this table finds the job and
 //! task a lease id names, counts what each worker holds, and forgets leases when they end.
-//! Change the lease rules here and in `JobState::{lease_next, renew, expire}`.
+//! Change the lease rules here and in `JobState::{lease_next, renew, expire}`
+//! (`job/state/leased.rs`).
 //!
 //! Lease ids are 128 random bits from the operating system, in hex: a lease cannot be guessed
 //! from another one, and every use of it must come from the worker id that polled it.
