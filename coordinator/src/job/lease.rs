@@ -26,7 +26,7 @@ pub struct Lease {
 
 /// The coordinator's rules for leases.
 #[derive(Clone, Copy, Debug)]
-pub struct LeaseRules {
+pub(crate) struct LeaseRules {
     /// How long a lease lasts without a renewal.
     pub ttl: Duration,
     /// How long a task may run under one lease, renewals included; past it, renewals are
@@ -35,7 +35,7 @@ pub struct LeaseRules {
 }
 
 /// A fresh lease id: 128 bits from the operating system's generator, in hex.
-pub fn fresh_lease_id() -> String {
+pub(crate) fn fresh_lease_id() -> String {
     let mut b = [0u8; 16];
     if let Err(e) = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)) {
         // Without the OS generator: keyed SipHash of a counter, under keys std draws from the
@@ -62,7 +62,7 @@ fn fallback_bits() -> [u8; 16] {
 
 /// Every lease in force, by id.
 #[derive(Default)]
-pub struct LeaseTable {
+pub(crate) struct LeaseTable {
     leases: HashMap<String, Lease>,
     /// Leases held per worker id.
     held: HashMap<String, usize>,

@@ -36,7 +36,7 @@ pub const MAX_ATTEMPTS: u32 = 5;
 pub type Reducer = fn(&pb::TensorJob, u32, Stats, Vec<Stats>) -> Result<Reduced>;
 
 /// The reducer jobs use: the tensor's method from the kernel registry.
-pub fn kernel_reduce(
+pub(crate) fn kernel_reduce(
     tensor: &pb::TensorJob,
     pass: u32,
     state: Stats,
@@ -78,7 +78,7 @@ struct UnitState {
 
 /// What a recorded result requires of the caller.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Recorded {
+pub(crate) enum Recorded {
     /// The task was not pending (already done, or the job ended): the result is ignored.
     Ignored,
     Accepted,
@@ -199,16 +199,16 @@ impl JobState {
 
     /// The statistics state a task reading `tensor` carries (its unit's, if it has one), and
     /// the pass a unit is in.
-    pub fn unit_stats(&self, tensor: usize) -> Option<&Stats> {
+    pub(crate) fn unit_stats(&self, tensor: usize) -> Option<&Stats> {
         self.unit_of.get(&tensor).map(|&u| &self.units[u].state)
     }
 
-    pub fn unit_pass(&self, unit: usize) -> u32 {
+    pub(crate) fn unit_pass(&self, unit: usize) -> u32 {
         self.units[unit].pass
     }
 
     /// The journal key of task `it` as it runs now.
-    pub fn task_key(&self, it: Item) -> String {
+    pub(crate) fn task_key(&self, it: Item) -> String {
         match it {
             Item::Stats { unit, .. } => task_key(it, self.units[unit].pass),
             Item::Write(_) => task_key(it, 0),
@@ -217,7 +217,7 @@ impl JobState {
 
     /// Accepts the result of task `it` if it is pending (leased, or queued again after its lease
     /// expired: the result stands). The one place results are accepted.
-    pub fn record(&mut self, it: Item, result: pb::TaskResult) -> Result<Recorded> {
+    pub(crate) fn record(&mut self, it: Item, result: pb::TaskResult) -> Result<Recorded> {
         let pending = matches!(
             self.items.get(&it).map(|s| &s.state),
             Some(ItemState::Leased { .. } | ItemState::Queued)
@@ -279,13 +279,13 @@ impl JobState {
     }
 
     /// The receipts of output file `fi`'s parts.
-    pub fn receipts_of(&self, fi: usize) -> Vec<Receipt> {
+    pub(crate) fn receipts_of(&self, fi: usize) -> Vec<Receipt> {
         self.receipts[fi].iter().flatten().cloned().collect()
     }
 
     /// Counts a completed output file. Files complete in any order (a slow multipart
     /// completion may finish last): true when this was the last one, and the job now commits.
-    pub fn file_finished(&mut self) -> bool {
+    pub(crate) fn file_finished(&mut self) -> bool {
         self.files_finished += 1;
         let last = self.files_finished == self.plan.files.len();
         if last && !self.committing && !self.terminal() {

@@ -53,7 +53,7 @@ pub enum TaskFailed {
 impl JobState {
     /// Leases up to `want` queued tasks to `worker` until `now + rules.ttl`, each with a fresh
     /// random lease id.
-    pub fn lease_next(
+    pub(crate) fn lease_next(
         &mut self,
         want: usize,
         worker: &str,
@@ -169,7 +169,7 @@ impl JobState {
     }
 
     /// Queues `it` again (its result could not be recorded) if `lease` still holds it.
-    pub fn requeue(&mut self, it: Item, lease: &str) {
+    pub(crate) fn requeue(&mut self, it: Item, lease: &str) {
         if self.holds(it, lease) {
             if let Some(slot) = self.items.get_mut(&it) {
                 slot.state = ItemState::Queued;
