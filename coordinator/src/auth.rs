@@ -63,7 +63,7 @@ impl Auth {
     }
 
     /// Whether calls must carry a token.
-    pub fn enabled(&self) -> bool {
+    pub(crate) fn enabled(&self) -> bool {
         self.main.is_some()
     }
 

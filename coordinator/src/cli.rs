@@ -13,12 +13,10 @@ use crate::job::SubmitOptions;
 use crate::remote::{self, SubmitArgs, WorkerOptions};
 use crate::{planinfo, size, verify};
 use args::{
-    seconds, ClientSecurityArgs, ComputeDtype, EngineArgs, LogFormat, MergeArgs, OpsArgs,
-    ServeSecurityArgs,
+    seconds, ClientSecurityArgs, EngineArgs, LogFormat, OpsArgs, ServeSecurityArgs, SubmitJobArgs,
 };
 pub use args::{LimitArgs, RngArg};
 use clap::{Parser, Subcommand};
-use shardmerge_proto as pb;
 use shardmerge_worker::storage::Resolver;
 
 #[derive(Parser)]
@@ -124,28 +122,8 @@ enum Cmd {
         /// Follow the job; exit 0 only when it succeeded
         #[arg(long)]
         wait: bool,
-        /// Largest output shard (mergekit syntax: 5B = 5e9 bytes; also 500M, 2GiB, ...)
-        #[arg(long, default_value = "5B", value_parser = size::parse)]
-        out_shard_size: u64,
-        /// Target output bytes per task
-        #[arg(long, default_value = "4MiB", value_parser = size::parse)]
-        task_size: u64,
-        /// Memory one worker thread may use for a task (the workers' --memory-limit divided by
-        /// their --threads); tasks are cut to fit
-        #[arg(long, default_value = "512MiB", value_parser = size::parse)]
-        memory_limit: u64,
-        /// Seed for randomised methods (overrides the recipe's random_seed)
-        #[arg(long)]
-        random_seed: Option<u64>,
-        /// Random draws of DARE/DELLA (see `run --help`)
-        #[arg(long, value_enum, default_value_t = RngArg::Mergekit)]
-        rng: RngArg,
-        /// Replace what OUT holds (see `run --help`); without it an OUT that holds files is
-        /// refused
-        #[arg(long)]
-        overwrite: bool,
         #[command(flatten)]
-        merge: MergeArgs,
+        job: SubmitJobArgs,
         /// No progress output
         #[arg(long, short)]
         quiet: bool,
@@ -233,31 +211,17 @@ async fn main_inner(cli: Cli) -> Result<()> {
             out,
             coordinator,
             wait,
-            out_shard_size,
-            task_size,
-            memory_limit,
-            random_seed,
-            rng,
-            overwrite,
-            merge,
+            job,
             quiet,
             security,
         } => {
-            let text = read_recipe(&recipe)?;
+            let recipe_yaml = read_recipe(&recipe)?;
             remote::submit(SubmitArgs {
                 client: security.options()?,
                 coordinator,
-                recipe_yaml: text,
+                recipe_yaml,
                 output: out,
-                options: job_options(
-                    out_shard_size,
-                    task_size,
-                    memory_limit,
-                    random_seed,
-                    rng,
-                    overwrite,
-                    merge,
-                ),
+                options: job.options(),
                 wait,
                 quiet,
             })
@@ -397,30 +361,6 @@ async fn verify(checkpoint: &str, data: bool, resolver: &Resolver) -> Result<()>
         size::human(r.bytes)
     );
     Ok(())
-}
-
-/// The `JobOptions` of `shardmerge submit`.
-fn job_options(
-    out_shard_size: u64,
-    task_size: u64,
-    memory_limit: u64,
-    random_seed: Option<u64>,
-    rng: RngArg,
-    overwrite: bool,
-    merge: MergeArgs,
-) -> pb::JobOptions {
-    pb::JobOptions {
-        out_shard_size,
-        task_size: task_size.max(1),
-        slot_memory: memory_limit.max(1 << 20),
-        seed: random_seed,
-        base_dir: embedded::cwd().to_string_lossy().into_owned(),
-        min_part_size: 0,
-        rng: rng.proto() as i32,
-        overwrite,
-        unsafe_truncate_embeddings: merge.unsafe_truncate_embeddings,
-        compute_float32: merge.compute_dtype == Some(ComputeDtype::Float32),
-    }
 }
 
 /// Parses the command line and runs it: the whole `shardmerge` program.

@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::plan::{Plan, TOKENIZER_FILES};
 
 /// The index manifest: every tensor's file, and the total size of the tensor data.
-pub fn index_json(plan: &Plan) -> Value {
+pub(crate) fn index_json(plan: &Plan) -> Value {
     let mut wm = Map::new();
     let mut total = 0u64;
     for f in &plan.files {
@@ -25,7 +25,7 @@ pub fn index_json(plan: &Plan) -> Value {
     json!({ "metadata": { "total_size": total }, "weight_map": Value::Object(wm) })
 }
 
-pub fn model_card(plan: &Plan) -> String {
+pub(crate) fn model_card(plan: &Plan) -> String {
     let models: Vec<String> = plan
         .models
         .iter()
@@ -42,12 +42,12 @@ pub fn model_card(plan: &Plan) -> String {
 }
 
 /// The checksum manifest written next to the index: every data file's size and CRC-32C.
-pub const CHECKSUMS: &str = "shardmerge.checksums.json";
+pub(crate) const CHECKSUMS: &str = "shardmerge.checksums.json";
 const INDEX: &str = "model.safetensors.index.json";
 
 /// Each output file's (size, CRC-32C), from its parts' receipts (`receipts[fi]` in part
 /// order), combined without reading any data again.
-pub fn file_sums(plan: &Plan, receipts: &[Vec<Receipt>]) -> Result<Vec<(u64, u32)>> {
+pub(crate) fn file_sums(plan: &Plan, receipts: &[Vec<Receipt>]) -> Result<Vec<(u64, u32)>> {
     let mut sums = Vec::with_capacity(plan.files.len());
     for (fi, f) in plan.files.iter().enumerate() {
         let parts = receipts.get(fi).map_or(&[][..], Vec::as_slice);
@@ -76,7 +76,7 @@ pub fn file_sums(plan: &Plan, receipts: &[Vec<Receipt>]) -> Result<Vec<(u64, u32
 }
 
 /// The checksum manifest (`shardmerge.checksums.json`) of the plan's output files.
-pub fn checksums_json(plan: &Plan, sums: &[(u64, u32)]) -> Value {
+pub(crate) fn checksums_json(plan: &Plan, sums: &[(u64, u32)]) -> Value {
     let mut files = Map::new();
     for (f, (size, crc)) in plan.files.iter().zip(sums) {
         files.insert(
@@ -89,7 +89,7 @@ pub fn checksums_json(plan: &Plan, sums: &[(u64, u32)]) -> Value {
 
 /// Writes `config.json`, the tokenizer files, the model card, the checksum manifest, and the
 /// index last. Returns the names written.
-pub async fn write_checkpoint_files(
+pub(crate) async fn write_checkpoint_files(
     plan: &Plan,
     out: &Location,
     checksums: &Value,

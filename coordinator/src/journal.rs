@@ -26,7 +26,7 @@ pub enum Item {
 
 /// The journal's name of a task: `w<task>`, or `s<unit>.<pass>.<range>` for a statistics task
 /// (a unit's ranges run once per pass).
-pub fn task_key(it: Item, pass: u32) -> String {
+pub(crate) fn task_key(it: Item, pass: u32) -> String {
     match it {
         Item::Write(i) => format!("w{i}"),
         Item::Stats { unit, range } => format!("s{unit}.{pass}.{range}"),
@@ -34,7 +34,7 @@ pub fn task_key(it: Item, pass: u32) -> String {
 }
 
 /// The task (and pass) a journal key names; None for a key this version does not write.
-pub fn parse_task_key(k: &str) -> Option<(Item, u32)> {
+pub(crate) fn parse_task_key(k: &str) -> Option<(Item, u32)> {
     if let Some(i) = k.strip_prefix('w') {
         return Some((Item::Write(i.parse().ok()?), 0));
     }
@@ -56,7 +56,7 @@ pub fn parse_task_key(k: &str) -> Option<(Item, u32)> {
 /// offset, dtype, shape), the output files' headers and every task's place. A job is resumed
 /// only when its inputs still plan to exactly this. (An input replaced by another checkpoint
 /// of the very same layout is not noticed.)
-pub fn layout_crc(plan: &Plan, cut: &Cut) -> u32 {
+pub(crate) fn layout_crc(plan: &Plan, cut: &Cut) -> u32 {
     let mut h = crc32fast::Hasher::new();
     fn num(h: &mut crc32fast::Hasher, v: u64) {
         h.update(&v.to_le_bytes());
@@ -92,7 +92,7 @@ pub fn layout_crc(plan: &Plan, cut: &Cut) -> u32 {
 /// Where the job manager records what a restart needs. Each call returns once the fact is
 /// durable (or fails, and the caller acts as if it had not happened).
 #[async_trait]
-pub trait JobJournal: Send + Sync {
+pub(crate) trait JobJournal: Send + Sync {
     /// Where the records go, for messages.
     fn uri(&self) -> String;
     async fn job_started(&self, rec: &pb::JournalJob) -> Result<()>;
@@ -108,7 +108,7 @@ pub trait JobJournal: Send + Sync {
 
 /// No journal (`--state memory`): records nothing and finds nothing to resume.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct NoJournal;
+pub(crate) struct NoJournal;
 
 #[async_trait]
 impl JobJournal for NoJournal {
@@ -147,7 +147,7 @@ pub struct Journal {
 
 /// A job the journal says was started and not ended.
 #[derive(Debug)]
-pub struct Unfinished {
+pub(crate) struct Unfinished {
     pub job: pb::JournalJob,
     /// The task results the coordinator accepted, by task key (see `JobManager`).
     pub tasks: Vec<(String, pb::TaskResult)>,
@@ -157,7 +157,7 @@ pub struct Unfinished {
 
 /// Everything in a journal.
 #[derive(Debug, Default)]
-pub struct Contents {
+pub(crate) struct Contents {
     pub unfinished: Vec<Unfinished>,
     /// The last status of each job that ended.
     pub ended: Vec<pb::JobStatus>,

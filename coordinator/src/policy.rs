@@ -311,73 +311,70 @@ impl Policy {
             Allow::Any => return Ok(()),
             Allow::Prefixes(p) => p,
         };
-        match t {
-            Target::S3 { bucket, key } => {
-                let inside = prefixes.iter().any(|p| match p {
-                    Prefix::S3 { bucket: b, key: k } => *b == bucket && key.starts_with(k),
-                    _ => false,
-                });
-                if inside {
-                    Ok(())
-                } else {
-                    Err(self.outside(what, r))
+        let inside = match t {
+            Target::S3 { bucket, key } => prefixes.iter().any(|p| match p {
+                Prefix::S3 { bucket: b, key: k } => *b == bucket && key.starts_with(k),
+                _ => false,
+            }),
+            Target::Hub { org, name } => prefixes.iter().any(|p| match p {
+                Prefix::Hub { org: o, name: n } => {
+                    *o == org && n.as_ref().is_none_or(|n| *n == name)
                 }
-            }
-            Target::Hub { org, name } => {
-                let inside = prefixes.iter().any(|p| match p {
-                    Prefix::Hub { org: o, name: n } => {
-                        *o == org && n.as_ref().is_none_or(|n| *n == name)
-                    }
-                    _ => false,
-                });
-                if inside {
-                    Ok(())
-                } else {
-                    Err(self.outside(what, r))
+                _ => false,
+            }),
+            Target::Local(path) => local_inside(prefixes, &path),
+        };
+        if inside {
+            Ok(())
+        } else {
+            Err(self.outside(what, r))
+        }
+    }
+}
+
+/// Whether a local path is under one of the allowed local prefixes, and stays there once its
+/// symlinks (and those of the files directly in it) are followed.
+fn local_inside(prefixes: &[Prefix], path: &Path) -> bool {
+    let locals: Vec<(&PathBuf, &PathBuf)> = prefixes
+        .iter()
+        .filter_map(|p| match p {
+            Prefix::Local { given, canonical } => Some((given, canonical)),
+            _ => None,
+        })
+        .collect();
+    // lexically first: a path outside is refused without looking at it
+    let Some(&(given, canonical)) = locals
+        .iter()
+        .find(|(g, c)| path.starts_with(g) || path.starts_with(c))
+    else {
+        return false;
+    };
+    let under = |p: &Path| locals.iter().any(|(_, c)| p.starts_with(c));
+    let root = if path.starts_with(given) {
+        given
+    } else {
+        canonical
+    };
+    let Some(real) = real_path(path, root) else {
+        return false;
+    };
+    if !under(&real) {
+        return false;
+    }
+    // the files the job reads or writes sit directly in the folder: no symlink there may
+    // lead out
+    if let Ok(entries) = std::fs::read_dir(&real) {
+        for e in entries.flatten() {
+            let is_link = e.file_type().is_ok_and(|t| t.is_symlink());
+            if is_link {
+                match std::fs::canonicalize(e.path()) {
+                    Ok(t) if under(&t) => {}
+                    _ => return false,
                 }
-            }
-            Target::Local(path) => {
-                let locals: Vec<(&PathBuf, &PathBuf)> = prefixes
-                    .iter()
-                    .filter_map(|p| match p {
-                        Prefix::Local { given, canonical } => Some((given, canonical)),
-                        _ => None,
-                    })
-                    .collect();
-                // lexically first: a path outside is refused without looking at it
-                let Some(&(given, canonical)) = locals
-                    .iter()
-                    .find(|(g, c)| path.starts_with(g) || path.starts_with(c))
-                else {
-                    return Err(self.outside(what, r));
-                };
-                let under = |p: &Path| locals.iter().any(|(_, c)| p.starts_with(c));
-                let root = if path.starts_with(given) {
-                    given
-                } else {
-                    canonical
-                };
-                let real = real_path(&path, root).ok_or_else(|| self.outside(what, r))?;
-                if !under(&real) {
-                    return Err(self.outside(what, r));
-                }
-                // the files the job reads or writes sit directly in the folder: no symlink
-                // there may lead out
-                if let Ok(entries) = std::fs::read_dir(&real) {
-                    for e in entries.flatten() {
-                        let is_link = e.file_type().is_ok_and(|t| t.is_symlink());
-                        if is_link {
-                            match std::fs::canonicalize(e.path()) {
-                                Ok(t) if under(&t) => {}
-                                _ => return Err(self.outside(what, r)),
-                            }
-                        }
-                    }
-                }
-                Ok(())
             }
         }
     }
+    true
 }
 
 impl Policy {

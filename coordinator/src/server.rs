@@ -35,7 +35,7 @@ impl Service {
     }
 
     /// A service that refuses jobs whose inputs or output lie outside `policy`.
-    pub fn with_policy(mgr: Arc<JobManager>, policy: Policy) -> Self {
+    pub(crate) fn with_policy(mgr: Arc<JobManager>, policy: Policy) -> Self {
         Service {
             mgr,
             policy: Arc::new(policy),
@@ -49,7 +49,7 @@ impl Service {
     }
 
     /// The job manager's options for a submitted job: 0 means the default.
-    pub fn submit_options(&self, o: &pb::JobOptions) -> SubmitOptions {
+    pub(crate) fn submit_options(&self, o: &pb::JobOptions) -> SubmitOptions {
         SubmitOptions::from_proto(o)
     }
 }
@@ -223,7 +223,7 @@ impl Coordinator for Service {
 }
 
 /// Resolves when the process gets SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
@@ -265,7 +265,7 @@ impl Security {
 }
 
 /// An error with its causes, one after the other.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(c) = src {

@@ -10,7 +10,7 @@ use std::path::Path;
 use common::*;
 use serde_json::{json, Value};
 use shardmerge_worker::format::dtype::{self, DType};
-use shardmerge_worker::format::safetensors::{self as st, LayoutEntry};
+use shardmerge_worker::format::safetensors::LayoutEntry;
 
 const H: u64 = 8;
 const VOCAB: u64 = 16;
@@ -41,22 +41,18 @@ fn model(dir: &Path, config: &Value, names: &[(String, Vec<u64>)], seed: u64) {
     std::fs::write(dir.join("config.json"), serde_json::to_vec(config).unwrap()).unwrap();
 }
 
-/// Writes one safetensors file of tensors given as (dtype, shape, raw bytes).
-fn write_raw(path: &Path, tensors: &BTreeMap<String, (DType, Vec<u64>, Vec<u8>)>) {
+/// Writes a checkpoint of tensors given as (dtype, shape, raw bytes) into `dir`.
+fn write_raw(dir: &Path, tensors: &BTreeMap<String, (DType, Vec<u64>, Vec<u8>)>) {
     let entries: Vec<LayoutEntry> = tensors
         .iter()
-        .map(|(n, (dt, shape, _))| LayoutEntry {
-            name: n.clone(),
-            dtype: *dt,
-            shape: shape.clone(),
-        })
+        .map(|(n, (dt, shape, _))| writer::entry(n, *dt, shape))
         .collect();
-    let l = st::layout_file(&entries, &BTreeMap::new());
-    let mut file = l.header.clone();
-    for (_, _, b) in tensors.values() {
-        file.extend_from_slice(b);
-    }
-    std::fs::write(path, file).unwrap();
+    let raw: Vec<&[u8]> = tensors.values().map(|(_, _, b)| b.as_slice()).collect();
+    writer::write_checkpoint(dir, &entries, None, &mut |i, start, out| {
+        let at = start as usize * entries[i].dtype.size();
+        out.copy_from_slice(&raw[i][at..at + out.len()]);
+    })
+    .unwrap();
 }
 
 /// A Pythia-style GPT-NeoX model: f32 weights plus, in every layer, a BOOL causal mask
@@ -86,7 +82,7 @@ fn neox_with_buffers(dir: &Path, seed: u64, mask_seed: u8, ids: DType) {
             (ids, vec![6], b),
         );
     }
-    write_raw(&dir.join("model.safetensors"), &t);
+    write_raw(dir, &t);
     let cfg = json!({"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox",
                      "num_hidden_layers": 2, "torch_dtype": "float32"});
     std::fs::write(dir.join("config.json"), serde_json::to_vec(&cfg).unwrap()).unwrap();

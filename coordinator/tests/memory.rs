@@ -5,51 +5,27 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 
-use common::{write, Tensor};
+use common::family::{write_model, FamilySpec};
 use shardmerge_worker::format::dtype::DType;
-use shardmerge_worker::kernels::rng::Stream;
 
+/// Three models (`base`, `instruct`, `lang_eu`) of the suites' Llama-layout family.
 fn family(dir: &Path, hidden: u64, inter: u64, vocab: u64, layers: u64) {
-    let mut shapes: Vec<(String, Vec<u64>)> = vec![
-        ("model.embed_tokens.weight".into(), vec![vocab, hidden]),
-        ("lm_head.weight".into(), vec![vocab, hidden]),
-        ("model.norm.weight".into(), vec![hidden]),
-    ];
-    for l in 0..layers {
-        for (n, s) in [
-            ("self_attn.q_proj.weight", vec![hidden, hidden]),
-            ("self_attn.o_proj.weight", vec![hidden, hidden]),
-            ("mlp.up_proj.weight", vec![inter, hidden]),
-            ("mlp.down_proj.weight", vec![hidden, inter]),
-            ("input_layernorm.weight", vec![hidden]),
-        ] {
-            shapes.push((format!("model.layers.{l}.{n}"), s));
-        }
-    }
-    for (k, m) in ["base", "instruct", "lang_eu"].iter().enumerate() {
-        let mut t = BTreeMap::new();
-        for (i, (name, shape)) in shapes.iter().enumerate() {
-            let n: u64 = shape.iter().product();
-            let s = Stream::new(k as u64, i as u64, 1);
-            let values = (0..n).map(|j| s.uniform(j) as f32 - 0.5).collect();
-            t.insert(
-                name.clone(),
-                Tensor {
-                    dtype: DType::BF16,
-                    shape: shape.clone(),
-                    values,
-                    raw: vec![],
-                },
-            );
-        }
-        let d = dir.join(m);
-        write(&d, &t, DType::BF16, None, None);
-        let cfg = serde_json::json!({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": layers, "hidden_size": hidden});
-        std::fs::write(d.join("config.json"), cfg.to_string()).unwrap();
+    let spec = FamilySpec {
+        hidden,
+        intermediate: inter,
+        layers,
+        heads: 8,
+        kv_heads: 8,
+        vocab,
+        dtype: DType::BF16,
+        seed: 1,
+        rms_norm_eps: 1e-5,
+    };
+    for m in ["base", "instruct", "lang_eu"] {
+        write_model(&spec, m, vocab, &dir.join(m), None, 1).unwrap();
     }
 }
 

@@ -10,14 +10,16 @@
 //! sparsification, about 1/16 of each delta's elements are exactly zero, and
 //! `model.layers.0.input_layernorm.weight` is identical to the base in every model.
 
-use std::collections::BTreeMap;
-use std::fs::{self, File};
-use std::io::{self, BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::fs;
+use std::io;
+use std::path::Path;
 
 use serde_json::{json, Value};
 use shardmerge_worker::format::dtype::{encode, DType};
-use shardmerge_worker::format::safetensors::{layout_file, LayoutEntry};
+use shardmerge_worker::format::safetensors::LayoutEntry;
+
+use super::writer::{write_checkpoint, CHUNK};
+pub use super::writer::{write_json, ModelStats};
 
 /// The name of the model every other model is derived from.
 pub const BASE: &str = "base";
@@ -27,8 +29,6 @@ pub const IDENTICAL_TENSOR: &str = "model.layers.0.input_layernorm.weight";
 pub const DELTA_SCALE: f32 = 0.1;
 const WEIGHT_STD: f32 = 0.02;
 const NORM_SPREAD: f32 = 0.05;
-/// Elements generated per chunk (per thread-split), 4 Mi.
-const CHUNK: usize = 1 << 22;
 
 /// Shapes and element type of a family.
 #[derive(Clone, Debug)]
@@ -209,42 +209,6 @@ impl TensorGen {
     }
 }
 
-/// What `write_model` wrote.
-#[derive(Debug, Default)]
-pub struct ModelStats {
-    pub files: Vec<PathBuf>,
-    pub params: u64,
-    pub tensor_bytes: u64,
-    pub file_bytes: u64,
-}
-
-/// Splits tensors into shards the way huggingface_hub does: a tensor starts a new shard when it
-/// would push the current one past `max`; a tensor bigger than `max` gets a shard of its own.
-pub fn split_shards(sizes: &[u64], max: Option<u64>) -> Vec<Vec<usize>> {
-    let Some(max) = max else {
-        return vec![(0..sizes.len()).collect()];
-    };
-    let mut shards: Vec<Vec<usize>> = Vec::new();
-    let mut cur: Vec<usize> = Vec::new();
-    let mut cur_size = 0u64;
-    for (i, &s) in sizes.iter().enumerate() {
-        if s > max {
-            shards.push(vec![i]);
-            continue;
-        }
-        if cur_size + s > max && !cur.is_empty() {
-            shards.push(std::mem::take(&mut cur));
-            cur_size = 0;
-        }
-        cur.push(i);
-        cur_size += s;
-    }
-    if !cur.is_empty() {
-        shards.push(cur);
-    }
-    shards
-}
-
 /// Writes one model's safetensors file(s) (and the index when sharded) into `dir`.
 pub fn write_weights(
     spec: &FamilySpec,
@@ -254,85 +218,38 @@ pub fn write_weights(
     shard_size: Option<u64>,
     threads: usize,
 ) -> io::Result<ModelStats> {
-    fs::create_dir_all(dir)?;
-    let ts = tensors(spec, vocab);
-    let esize = spec.dtype.size() as u64;
-    let sizes: Vec<u64> = ts.iter().map(|t| t.numel() * esize).collect();
-    let shards = split_shards(&sizes, shard_size);
-    let n = shards.len();
-    let mut stats = ModelStats::default();
-    let mut weight_map = BTreeMap::new();
-    let mut meta = BTreeMap::new();
-    meta.insert("format".to_string(), "pt".to_string());
+    write_tensors(spec, model, &tensors(spec, vocab), dir, shard_size, threads)
+}
+
+/// Writes `model`'s values of the tensors `ts` (any layout; of `spec` only the seed and dtype
+/// count) into `dir`, in that order.
+pub fn write_tensors(
+    spec: &FamilySpec,
+    model: &str,
+    ts: &[TensorSpec],
+    dir: &Path,
+    shard_size: Option<u64>,
+    threads: usize,
+) -> io::Result<ModelStats> {
+    let entries: Vec<LayoutEntry> = ts
+        .iter()
+        .map(|t| LayoutEntry {
+            name: t.name.clone(),
+            dtype: spec.dtype,
+            shape: t.shape.clone(),
+        })
+        .collect();
     let mut fbuf = vec![0f32; CHUNK];
-    let mut bbuf = vec![0u8; CHUNK * spec.dtype.size()];
-    for (k, shard) in shards.iter().enumerate() {
-        let fname = if n == 1 {
-            "model.safetensors".to_string()
-        } else {
-            format!("model-{:05}-of-{:05}.safetensors", k + 1, n)
-        };
-        let entries: Vec<LayoutEntry> = shard
-            .iter()
-            .map(|&i| LayoutEntry {
-                name: ts[i].name.clone(),
-                dtype: spec.dtype,
-                shape: ts[i].shape.clone(),
-            })
-            .collect();
-        let layout = layout_file(&entries, &meta);
-        let path = dir.join(&fname);
-        let partial = dir.join(format!("{fname}.partial"));
-        let mut w = BufWriter::with_capacity(8 << 20, File::create(&partial)?);
-        w.write_all(&layout.header)?;
-        for &i in shard {
-            let t = &ts[i];
-            let g = TensorGen::new(spec, model, t);
-            let numel = t.numel();
-            let mut start = 0u64;
-            while start < numel {
-                let len = (numel - start).min(CHUNK as u64) as usize;
-                fill_encode(
-                    &g,
-                    spec.dtype,
-                    start,
-                    &mut fbuf[..len],
-                    &mut bbuf[..len * spec.dtype.size()],
-                    threads,
-                );
-                w.write_all(&bbuf[..len * spec.dtype.size()])?;
-                start += len as u64;
-            }
-            weight_map.insert(t.name.clone(), fname.clone());
-            stats.params += numel;
-            stats.tensor_bytes += numel * esize;
+    let mut current: Option<(usize, TensorGen)> = None;
+    write_checkpoint(dir, &entries, shard_size, &mut |i, start, out| {
+        if current.as_ref().is_none_or(|(c, _)| *c != i) {
+            current = Some((i, TensorGen::new(spec, model, &ts[i])));
         }
-        let f = w.into_inner().map_err(|e| e.into_error())?;
-        f.sync_all()?;
-        drop(f);
-        fs::rename(&partial, &path)?;
-        stats.file_bytes += layout.total_size;
-        stats.files.push(path);
-    }
-    let index = dir.join("model.safetensors.index.json");
-    if n > 1 {
-        let v = json!({
-            "metadata": {"total_size": stats.tensor_bytes},
-            "weight_map": weight_map,
-        });
-        write_json(&index, &v)?;
-    } else if index.exists() {
-        fs::remove_file(&index)?;
-    }
-    // stale shards of an earlier run with another sharding
-    for e in fs::read_dir(dir)? {
-        let p = e?.path();
-        let name = p.file_name().and_then(|s| s.to_str()).unwrap_or("");
-        if name.ends_with(".safetensors") && !stats.files.contains(&p) {
-            fs::remove_file(&p)?;
+        if let Some((_, g)) = &current {
+            let len = out.len() / spec.dtype.size();
+            fill_encode(g, spec.dtype, start, &mut fbuf[..len], out, threads);
         }
-    }
-    Ok(stats)
+    })
 }
 
 fn fill_encode(
@@ -359,13 +276,6 @@ fn fill_encode(
             });
         }
     });
-}
-
-/// Writes `v` as transformers does: two-space indent, trailing newline.
-pub fn write_json(path: &Path, v: &Value) -> io::Result<()> {
-    let mut s = serde_json::to_string_pretty(v).map_err(io::Error::other)?;
-    s.push('\n');
-    fs::write(path, s)
 }
 
 /// `config.json` for a LlamaForCausalLM of this spec.
@@ -483,139 +393,4 @@ pub fn write_model(
     write_support_files(model, vocab, dir)?;
     write_json(&cfg, &config_json(spec, vocab))?;
     Ok(stats)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use shardmerge_worker::format::dtype::decode;
-    use shardmerge_worker::format::safetensors::{header_len, parse_header, Header};
-
-    fn spec(dtype: DType) -> FamilySpec {
-        FamilySpec {
-            hidden: 32,
-            intermediate: 48,
-            layers: 2,
-            heads: 4,
-            kv_heads: 2,
-            vocab: 40,
-            dtype,
-            seed: 7,
-            rms_norm_eps: 1e-5,
-        }
-    }
-
-    fn read(path: &Path) -> (Header, Vec<u8>) {
-        let b = fs::read(path).unwrap();
-        let n = header_len(&b, b.len() as u64).unwrap();
-        (
-            parse_header(&b[8..8 + n as usize], b.len() as u64).unwrap(),
-            b,
-        )
-    }
-
-    fn tensor(path: &Path, name: &str, dtype: DType) -> Vec<f32> {
-        let (h, b) = read(path);
-        let t = &h.tensors[name];
-        let raw = &b[t.start as usize..t.end as usize];
-        let mut out = vec![0f32; raw.len() / dtype.size()];
-        decode(dtype, raw, &mut out);
-        out
-    }
-
-    #[test]
-    fn values_have_the_intended_statistics() {
-        let s = spec(DType::F32);
-        let t = TensorSpec {
-            name: "x".into(),
-            shape: vec![200_000],
-            kind: Kind::Weight,
-        };
-        let mut v = vec![0f32; 200_000];
-        TensorGen::new(&s, BASE, &t).fill(0, &mut v);
-        let mean = v.iter().sum::<f32>() / v.len() as f32;
-        let var = v.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / v.len() as f32;
-        assert!(mean.abs() < 5e-4, "{mean}");
-        assert!((var.sqrt() - 0.02).abs() < 5e-4, "{}", var.sqrt());
-        let mut d = vec![0f32; 200_000];
-        TensorGen::new(&s, "instruct", &t).fill(0, &mut d);
-        let deltas: Vec<f32> = d.iter().zip(&v).map(|(a, b)| a - b).collect();
-        let zeros = deltas.iter().filter(|x| **x == 0.0).count();
-        assert!((10_000..15_000).contains(&zeros), "{zeros}");
-        let dvar = deltas.iter().map(|x| x * x).sum::<f32>() / deltas.len() as f32;
-        assert!((dvar.sqrt() - 0.002).abs() < 2e-4, "{}", dvar.sqrt());
-        // a chunk started in the middle gives the same values
-        let mut part = vec![0f32; 1000];
-        TensorGen::new(&s, "instruct", &t).fill(5000, &mut part);
-        assert_eq!(&part[..], &d[5000..6000]);
-    }
-
-    #[test]
-    fn shards_like_huggingface() {
-        assert_eq!(split_shards(&[4, 4, 4], None), vec![vec![0, 1, 2]]);
-        assert_eq!(split_shards(&[4, 4, 4], Some(8)), vec![vec![0, 1], vec![2]]);
-        assert_eq!(
-            split_shards(&[4, 20, 4, 4], Some(8)),
-            vec![vec![1], vec![0, 2], vec![3]]
-        );
-    }
-
-    #[test]
-    fn writes_a_valid_sharded_family() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = spec(DType::BF16);
-        let base = write_model(&s, BASE, 40, &dir.path().join("base"), None, 1).unwrap();
-        assert_eq!(base.files.len(), 1);
-        let ca_dir = dir.path().join("lang_ca");
-        let ca = write_model(&s, "lang_ca", 44, &ca_dir, Some(8192), 2).unwrap();
-        assert!(ca.files.len() >= 2, "{:?}", ca.files);
-        let idx: Value =
-            serde_json::from_slice(&fs::read(ca_dir.join("model.safetensors.index.json")).unwrap())
-                .unwrap();
-        assert_eq!(idx["metadata"]["total_size"], json!(ca.tensor_bytes));
-        let wm = idx["weight_map"].as_object().unwrap();
-        assert_eq!(wm.len(), tensors(&s, 44).len());
-        let mut sum = 0;
-        for (name, file) in wm {
-            let (h, _) = read(&ca_dir.join(file.as_str().unwrap()));
-            let t = &h.tensors[name];
-            sum += t.end - t.start;
-            if name == "lm_head.weight" {
-                assert_eq!(t.shape, vec![44, 32]);
-            }
-        }
-        assert_eq!(sum, ca.tensor_bytes);
-        let cfg: Value =
-            serde_json::from_slice(&fs::read(ca_dir.join("config.json")).unwrap()).unwrap();
-        assert_eq!(cfg["vocab_size"], json!(44));
-        assert_eq!(cfg["torch_dtype"], json!("bfloat16"));
-        let tok: Value =
-            serde_json::from_slice(&fs::read(ca_dir.join("tokenizer.json")).unwrap()).unwrap();
-        assert_eq!(tok["model"]["vocab"].as_object().unwrap().len(), 44);
-
-        // identical tensor, derived tensors differ, shared vocab rows line up
-        let bpath = &base.files[0];
-        let file_of = |n: &str| ca_dir.join(wm[n].as_str().unwrap());
-        let same = IDENTICAL_TENSOR;
-        assert_eq!(
-            tensor(bpath, same, s.dtype),
-            tensor(&file_of(same), same, s.dtype)
-        );
-        let q = "model.layers.1.self_attn.q_proj.weight";
-        let (bq, cq) = (tensor(bpath, q, s.dtype), tensor(&file_of(q), q, s.dtype));
-        let eq = bq.iter().zip(&cq).filter(|(a, b)| a == b).count();
-        assert!(eq > 0 && eq < bq.len() / 4, "{eq} of {}", bq.len());
-        let e = "model.embed_tokens.weight";
-        let (be, ce) = (tensor(bpath, e, s.dtype), tensor(&file_of(e), e, s.dtype));
-        let diff: f32 = be.iter().zip(&ce).map(|(a, b)| (a - b).abs()).sum::<f32>() / 1280.0;
-        assert!(diff < 0.01, "{diff}");
-
-        // deterministic: a second run writes the same bytes
-        let again = dir.path().join("again");
-        write_model(&s, BASE, 40, &again, None, 3).unwrap();
-        assert_eq!(
-            fs::read(bpath).unwrap(),
-            fs::read(again.join("model.safetensors")).unwrap()
-        );
-    }
 }

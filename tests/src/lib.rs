@@ -5,14 +5,17 @@
 //! When neither `minio` nor `garage` is installed the S3 suites fail with instructions: they
 //! never pass without having run.
 //!
-//! `family` is the synthetic model family generator behind `gen-family`, `examples/` and `bench/`.
+//! `family` is the synthetic model family generator behind `gen-family`, `examples/`, `bench/`
+//! and every suite's test models; `writer` is the one safetensors writer of the suites.
 
 pub mod family;
+#[cfg(test)]
+mod family_tests;
 pub mod memory;
 pub mod storage_suite;
+pub mod writer;
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -24,6 +27,7 @@ use object_store::path::Path as OPath;
 use object_store::{ObjectStore, PutPayload};
 
 pub use shardmerge_proto as pb;
+use shardmerge_worker::format::dtype::DType;
 use shardmerge_worker::storage::object::ObjectStorage;
 use shardmerge_worker::storage::Storage;
 
@@ -712,39 +716,6 @@ pub fn is_checkpoint_file(name: &str) -> bool {
         || name == "config.json"
 }
 
-/// Writes a safetensors file of float32 tensors with pseudo-random values from `seed`.
-pub fn write_safetensors(path: &Path, tensors: &[(&str, Vec<u64>)], seed: u64) {
-    let mut header = String::from("{\"__metadata__\":{\"format\":\"pt\"}");
-    let mut offset = 0u64;
-    for (name, shape) in tensors {
-        let n: u64 = shape.iter().product::<u64>() * 4;
-        let dims: Vec<String> = shape.iter().map(u64::to_string).collect();
-        header.push_str(&format!(
-            ",\"{name}\":{{\"dtype\":\"F32\",\"shape\":[{}],\"data_offsets\":[{offset},{}]}}",
-            dims.join(","),
-            offset + n
-        ));
-        offset += n;
-    }
-    header.push('}');
-    while header.len() % 8 != 0 {
-        header.push(' ');
-    }
-    let mut f = std::io::BufWriter::new(std::fs::File::create(path).expect("create model"));
-    f.write_all(&(header.len() as u64).to_le_bytes())
-        .expect("write");
-    f.write_all(header.as_bytes()).expect("write");
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    for _ in 0..offset / 4 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let v = ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
-        f.write_all(&v.to_le_bytes()).expect("write");
-    }
-    f.flush().expect("flush");
-}
-
 /// Two models of [`generate_family`] (`dir/m0`, `dir/m1`) and `dir/r.yml`, a linear recipe
 /// averaging them.
 pub fn family_and_linear_recipe(dir: &Path, layers: usize, hidden: u64) {
@@ -756,9 +727,12 @@ pub fn family_and_linear_recipe(dir: &Path, layers: usize, hidden: u64) {
     .expect("recipe");
 }
 
-/// A family of `n` models of `layers` Llama-style layers, `mib` MiB each, under `dir/m{i}`.
+/// A family of `n` models of `layers` Llama-style layers (four `hidden`-square projections
+/// each, then a norm), float32, under `dir/m{i}`: the values of [`family`]'s generator for
+/// models named `m{i}`.
 pub fn generate_family(dir: &Path, n: usize, layers: usize, hidden: u64) -> Vec<PathBuf> {
-    let mut names = Vec::new();
+    use family::{Kind, TensorSpec};
+    let mut tensors = Vec::new();
     for l in 0..layers {
         for p in [
             "self_attn.q_proj",
@@ -766,17 +740,34 @@ pub fn generate_family(dir: &Path, n: usize, layers: usize, hidden: u64) -> Vec<
             "mlp.up_proj",
             "mlp.down_proj",
         ] {
-            names.push((format!("model.layers.{l}.{p}.weight"), vec![hidden, hidden]));
+            tensors.push(TensorSpec {
+                name: format!("model.layers.{l}.{p}.weight"),
+                shape: vec![hidden, hidden],
+                kind: Kind::Weight,
+            });
         }
     }
-    names.push(("model.norm.weight".to_string(), vec![hidden]));
-    let tensors: Vec<(&str, Vec<u64>)> =
-        names.iter().map(|(n, s)| (n.as_str(), s.clone())).collect();
+    tensors.push(TensorSpec {
+        name: "model.norm.weight".into(),
+        shape: vec![hidden],
+        kind: Kind::Norm,
+    });
+    let spec = family::FamilySpec {
+        hidden,
+        intermediate: hidden,
+        layers: layers as u64,
+        heads: 1,
+        kv_heads: 1,
+        vocab: 0,
+        dtype: DType::F32,
+        seed: 1,
+        rms_norm_eps: 1e-5,
+    };
     (0..n)
         .map(|i| {
             let d = dir.join(format!("m{i}"));
-            std::fs::create_dir_all(&d).expect("mkdir");
-            write_safetensors(&d.join("model.safetensors"), &tensors, i as u64 + 1);
+            family::write_tensors(&spec, &format!("m{i}"), &tensors, &d, None, 1)
+                .expect("write model");
             d
         })
         .collect()

@@ -84,7 +84,7 @@ impl Token {
 
 /// Constant-time equality: the time taken depends on the lengths only, never on where the
 /// bytes first differ.
-pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     let n = a.len().max(b.len());
     let mut diff = (a.len() ^ b.len()) as u64;
     for i in 0..n {
@@ -179,7 +179,7 @@ impl tonic::service::Interceptor for Bearer {
 pub type Client = CoordinatorClient<InterceptedService<Channel, Bearer>>;
 
 /// A lazily connected channel to `url` (the first call connects): TLS for `https://`.
-pub fn channel_with(url: &str, o: &ClientOptions) -> Result<Channel, String> {
+pub(crate) fn channel_with(url: &str, o: &ClientOptions) -> Result<Channel, String> {
     let url = normalize_url(url);
     let https = url.starts_with("https://");
     if !https && !url.starts_with("http://") {
@@ -243,7 +243,7 @@ pub fn is_transport(s: &Status) -> bool {
 
 /// Whether a failed call was refused for who the caller is (no token, a wrong token, a token
 /// without the right): trying again cannot help.
-pub fn is_refusal(s: &Status) -> bool {
+pub(crate) fn is_refusal(s: &Status) -> bool {
     matches!(s.code(), Code::Unauthenticated | Code::PermissionDenied)
 }
 

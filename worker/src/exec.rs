@@ -45,6 +45,10 @@ fn fatal(msg: impl Into<String>) -> TaskError {
 
 pub use crate::tensor::view2d;
 
+mod scratch;
+pub use scratch::Scratch;
+use scratch::{emptied, give_back, sized};
+
 /// Builds the kernel's view of a tensor job (see [`crate::tensor::tensor_ctx`]).
 pub fn tensor_ctx(job: &pb::TensorJob) -> Result<TensorCtx<'_>, TaskError> {
     crate::tensor::tensor_ctx(job).map_err(fatal)
@@ -57,99 +61,6 @@ const READ_PIECE: u64 = 4 << 20;
 #[derive(Clone, Debug, Default)]
 pub struct Executor {
     pub resolver: Resolver,
-}
-
-/// The large buffers of one task slot, reused from one task to the next: the inputs decoded to
-/// f32, the computed rows and the encoded output bytes.
-///
-/// Allocating them afresh for every task costs a page fault per 4 KiB when the allocator maps
-/// them from the system, and when it keeps freed memory instead, glibc's per-thread arenas each
-/// keep their own, so a worker's resident memory grew with the number of tasks it had run.
-/// Reused, they stay within what one task needs: the planner cuts tasks to the slot's memory,
-/// and buffers over `keep` bytes in all are let go after a task.
-#[derive(Debug, Default)]
-pub struct Scratch {
-    inputs: Vec<Vec<f32>>,
-    /// Raw bytes of each input's current read piece.
-    pieces: Vec<Vec<u8>>,
-    out: Vec<f32>,
-    bytes: Vec<u8>,
-    keep: u64,
-}
-
-impl Scratch {
-    /// Buffers for a slot that keeps at most `keep` bytes between tasks.
-    pub fn new(keep: u64) -> Self {
-        Scratch {
-            keep,
-            ..Default::default()
-        }
-    }
-
-    /// Bytes held now.
-    pub fn held(&self) -> u64 {
-        let f = std::mem::size_of::<f32>();
-        let inputs: usize = self.inputs.iter().map(|v| v.capacity() * f).sum();
-        let pieces: usize = self.pieces.iter().map(Vec::capacity).sum();
-        (inputs + pieces + self.out.capacity() * f + self.bytes.capacity()) as u64
-    }
-
-    /// Lets everything go when more than `keep` bytes are held.
-    fn trim(&mut self) {
-        if self.held() > self.keep {
-            *self = Scratch::new(self.keep);
-        }
-    }
-
-    /// Input buffer `i` and its read buffer, for the caller to fill.
-    fn input(&mut self, i: usize) -> (Vec<f32>, Vec<u8>) {
-        (
-            self.inputs
-                .get_mut(i)
-                .map(std::mem::take)
-                .unwrap_or_default(),
-            self.pieces
-                .get_mut(i)
-                .map(std::mem::take)
-                .unwrap_or_default(),
-        )
-    }
-}
-
-/// Puts buffers back into their places in `slots`.
-fn give_back<T>(slots: &mut Vec<Vec<T>>, bufs: Vec<Vec<T>>) {
-    if slots.len() < bufs.len() {
-        slots.resize_with(bufs.len(), Vec::new);
-    }
-    for (slot, v) in slots.iter_mut().zip(bufs) {
-        *slot = v;
-    }
-}
-
-/// `v`, or an empty buffer in its place when it has no room for `n` elements: replaced rather
-/// than grown, which would copy its old contents, and dropped first, so both are never held.
-fn with_room<T>(v: Vec<T>, n: usize) -> Vec<T> {
-    if v.capacity() < n {
-        drop(v);
-        return Vec::with_capacity(n);
-    }
-    v
-}
-
-/// `v` emptied, with room for `n` elements.
-fn emptied<T>(v: Vec<T>, n: usize) -> Vec<T> {
-    let mut v = with_room(v, n);
-    v.clear();
-    v
-}
-
-/// `v` holding `n` elements, for a caller that overwrites every one: what it held stays (no
-/// fill), only growth past its length is zeroed.
-fn sized<T: Copy + Default>(v: Vec<T>, n: usize) -> Vec<T> {
-    let mut v = with_room(v, n);
-    v.truncate(n);
-    v.resize(n, T::default());
-    v
 }
 
 /// What a task did, for the result message.
@@ -204,31 +115,7 @@ impl Executor {
                     at = end;
                 }
                 Some(pb::segment::Kind::Rows(r)) => {
-                    let job = r
-                        .tensor
-                        .as_ref()
-                        .ok_or_else(|| fatal("segment without tensor"))?;
-                    let odt = DType::from_proto(job.out_dtype)
-                        .ok_or_else(|| fatal(format!("tensor {}: no output dtype", job.name)))?;
-                    let (_, row_len) = view2d(&job.shape);
-                    let n = ((r.row_end - r.row_start) * row_len) as usize;
-                    let end = at + n * odt.size();
-                    let dst = buf
-                        .get_mut(at..end)
-                        .ok_or_else(|| fatal("segment overruns the task's output range"))?;
-                    if odt.is_float() {
-                        let values = self.compute_rows(r, &mut io, scratch).await?;
-                        let finite = dtype::encode_finite(odt, &values, dst);
-                        if !finite {
-                            // the inputs of this segment are still in the slot's buffers
-                            let n_in = job.inputs.len().min(scratch.inputs.len());
-                            non_finite(job, r, &values, odt, &scratch.inputs[..n_in])?;
-                        }
-                        scratch.out = values;
-                    } else {
-                        self.copy_rows(r, odt, dst, &mut io).await?;
-                    }
-                    at = end;
+                    at = self.write_rows(r, &mut buf, at, &mut io, scratch).await?;
                 }
                 None => return Err(fatal("empty segment")),
             }
@@ -260,6 +147,43 @@ impl Executor {
             }),
             stats: None,
         })
+    }
+
+    /// Computes the rows of `r` (or copies them, for a tensor that is not floating point) into
+    /// `buf` from byte `at` on, in the tensor's output dtype; returns where they end.
+    async fn write_rows(
+        &self,
+        r: &pb::TensorRows,
+        buf: &mut [u8],
+        at: usize,
+        io: &mut Io,
+        scratch: &mut Scratch,
+    ) -> Result<usize, TaskError> {
+        let job = r
+            .tensor
+            .as_ref()
+            .ok_or_else(|| fatal("segment without tensor"))?;
+        let odt = DType::from_proto(job.out_dtype)
+            .ok_or_else(|| fatal(format!("tensor {}: no output dtype", job.name)))?;
+        let (_, row_len) = view2d(&job.shape);
+        let n = ((r.row_end - r.row_start) * row_len) as usize;
+        let end = at + n * odt.size();
+        let dst = buf
+            .get_mut(at..end)
+            .ok_or_else(|| fatal("segment overruns the task's output range"))?;
+        if odt.is_float() {
+            let values = self.compute_rows(r, io, scratch).await?;
+            let finite = dtype::encode_finite(odt, &values, dst);
+            if !finite {
+                // the inputs of this segment are still in the slot's buffers
+                let n_in = job.inputs.len().min(scratch.inputs.len());
+                non_finite(job, r, &values, odt, &scratch.inputs[..n_in])?;
+            }
+            scratch.out = values;
+        } else {
+            self.copy_rows(r, odt, dst, io).await?;
+        }
+        Ok(end)
     }
 
     fn sink(&self, out: &pb::OutputTarget) -> Result<(Arc<dyn Storage>, Upload, u32), TaskError> {
@@ -337,8 +261,6 @@ impl Executor {
         })
     }
 
-    /// Reads a row range of every input and computes the output rows in f32, in the slot's
-    /// output buffer (give it back to `scratch.out` when done with the values).
     /// Copies rows of a non-float tensor (never merged) from its first input, checking that
     /// every other input holds the same bytes there.
     async fn copy_rows(
@@ -401,6 +323,8 @@ impl Executor {
         Ok(())
     }
 
+    /// Reads a row range of every input and computes the output rows in f32, in the slot's
+    /// output buffer (give it back to `scratch.out` when done with the values).
     async fn compute_rows(
         &self,
         r: &pb::TensorRows,
@@ -580,42 +504,5 @@ mod tests {
         let back: Vec<u8> = data.try_into_mut().expect("unique again").into();
         assert_eq!(back.as_ptr(), ptr);
         assert_eq!(back.len(), 1 << 20);
-    }
-
-    #[test]
-    fn scratch_keeps_buffers_up_to_its_limit() {
-        let mut s = Scratch::new(1 << 20);
-        give_back(
-            &mut s.inputs,
-            vec![Vec::with_capacity(1000), Vec::with_capacity(2000)],
-        );
-        s.trim();
-        assert_eq!(s.held(), 12_000);
-        let (v, piece) = s.input(1);
-        assert_eq!((v.capacity(), piece.capacity()), (2000, 0));
-        give_back(&mut s.inputs, vec![Vec::new(), Vec::with_capacity(1 << 20)]);
-        s.trim();
-        assert_eq!(s.held(), 0, "over the limit: everything let go");
-    }
-
-    #[test]
-    fn emptied_reuses_or_replaces() {
-        let v = emptied(vec![1u8, 2, 3], 2);
-        assert!(v.is_empty() && v.capacity() >= 3);
-        let v = emptied(v, 100);
-        assert!(v.is_empty() && v.capacity() >= 100);
-    }
-
-    #[test]
-    fn sized_keeps_contents_and_zeroes_growth() {
-        let mut v = Vec::with_capacity(10);
-        v.extend_from_slice(&[7u8, 8, 9]);
-        let p = v.as_ptr();
-        let v = sized(v, 2);
-        assert_eq!(v, [7, 8]);
-        let v = sized(v, 5);
-        assert_eq!((v.as_slice(), v.as_ptr()), (&[7u8, 8, 0, 0, 0][..], p));
-        let v = sized(v, 64);
-        assert_eq!(v, vec![0u8; 64]);
     }
 }

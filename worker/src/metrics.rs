@@ -204,7 +204,7 @@ pub struct KindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct OutcomeLabels {
+pub(crate) struct OutcomeLabels {
     pub kind: String,
     pub outcome: String,
 }
@@ -227,7 +227,7 @@ pub struct WorkerMetrics {
 }
 
 /// How long after its last successful call to the coordinator a worker still reports ready.
-pub const READY_WINDOW: Duration = Duration::from_secs(30);
+pub(crate) const READY_WINDOW: Duration = Duration::from_secs(30);
 
 impl WorkerMetrics {
     /// Metrics for a worker with `slots` task slots of `slot_memory` bytes each.

@@ -52,6 +52,51 @@ pub(super) struct EngineArgs {
     pub(super) merge: MergeArgs,
 }
 
+/// The job options of `shardmerge submit` (the workers' own limits are theirs to set).
+#[derive(clap::Args, Clone, Debug)]
+pub(super) struct SubmitJobArgs {
+    /// Largest output shard (mergekit syntax: 5B = 5e9 bytes; also 500M, 2GiB, ...)
+    #[arg(long, default_value = "5B", value_parser = size::parse)]
+    out_shard_size: u64,
+    /// Target output bytes per task
+    #[arg(long, default_value = "4MiB", value_parser = size::parse)]
+    task_size: u64,
+    /// Memory one worker thread may use for a task (the workers' --memory-limit divided by
+    /// their --threads); tasks are cut to fit
+    #[arg(long, default_value = "512MiB", value_parser = size::parse)]
+    memory_limit: u64,
+    /// Seed for randomised methods (overrides the recipe's random_seed)
+    #[arg(long)]
+    random_seed: Option<u64>,
+    /// Random draws of DARE/DELLA (see `run --help`)
+    #[arg(long, value_enum, default_value_t = RngArg::Mergekit)]
+    rng: RngArg,
+    /// Replace what OUT holds (see `run --help`); without it an OUT that holds files is
+    /// refused
+    #[arg(long)]
+    overwrite: bool,
+    #[command(flatten)]
+    merge: MergeArgs,
+}
+
+impl SubmitJobArgs {
+    /// The `JobOptions` sent with the job.
+    pub(super) fn options(&self) -> pb::JobOptions {
+        pb::JobOptions {
+            out_shard_size: self.out_shard_size,
+            task_size: self.task_size.max(1),
+            slot_memory: self.memory_limit.max(1 << 20),
+            seed: self.random_seed,
+            base_dir: embedded::cwd().to_string_lossy().into_owned(),
+            min_part_size: 0,
+            rng: self.rng.proto() as i32,
+            overwrite: self.overwrite,
+            unsafe_truncate_embeddings: self.merge.unsafe_truncate_embeddings,
+            compute_float32: self.merge.compute_dtype == Some(ComputeDtype::Float32),
+        }
+    }
+}
+
 /// Options that change what a merge computes (run, plan and submit).
 #[derive(clap::Args, Clone, Copy, Debug, Default)]
 pub(super) struct MergeArgs {

@@ -1,7 +1,8 @@
 //! Leases: which worker holds which task of which job, by lease id. A task's deadline lives
 //! with its state (`JobState`, which expires it given the time); this table finds the job and
 //! task a lease id names, counts what each worker holds, and forgets leases when they end.
-//! Change the lease rules here and in `JobState::{lease_next, renew, expire}`.
+//! Change the lease rules here and in `JobState::{lease_next, renew, expire}`
+//! (`job/state/leased.rs`).
 //!
 //! Lease ids are 128 random bits from the operating system, in hex: a lease cannot be guessed
 //! from another one, and every use of it must come from the worker id that polled it.
@@ -25,7 +26,7 @@ pub struct Lease {
 
 /// The coordinator's rules for leases.
 #[derive(Clone, Copy, Debug)]
-pub struct LeaseRules {
+pub(crate) struct LeaseRules {
     /// How long a lease lasts without a renewal.
     pub ttl: Duration,
     /// How long a task may run under one lease, renewals included; past it, renewals are
@@ -34,7 +35,7 @@ pub struct LeaseRules {
 }
 
 /// A fresh lease id: 128 bits from the operating system's generator, in hex.
-pub fn fresh_lease_id() -> String {
+pub(crate) fn fresh_lease_id() -> String {
     let mut b = [0u8; 16];
     if let Err(e) = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)) {
         // Without the OS generator: keyed SipHash of a counter, under keys std draws from the
@@ -61,7 +62,7 @@ fn fallback_bits() -> [u8; 16] {
 
 /// Every lease in force, by id.
 #[derive(Default)]
-pub struct LeaseTable {
+pub(crate) struct LeaseTable {
     leases: HashMap<String, Lease>,
     /// Leases held per worker id.
     held: HashMap<String, usize>,

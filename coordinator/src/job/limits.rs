@@ -38,17 +38,17 @@ impl Default for Limits {
 }
 
 impl JobManager {
-    pub fn set_limits(&self, limits: Limits) {
+    pub(crate) fn set_limits(&self, limits: Limits) {
         *lock(&self.limits) = limits;
     }
 
-    pub fn limits(&self) -> Limits {
+    pub(crate) fn limits(&self) -> Limits {
         *lock(&self.limits)
     }
 
     /// Whether a new job may be submitted now: fewer than `max_jobs` jobs are held (ended
     /// jobs are dropped first, oldest first, retention or not, to make room).
-    pub fn admit(&self) -> Result<()> {
+    pub(crate) fn admit(&self) -> Result<()> {
         let l = self.limits();
         let now = Instant::now();
         self.sweep(now);

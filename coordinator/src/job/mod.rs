@@ -25,7 +25,7 @@
 
 mod finish;
 pub mod lease;
-pub mod limits;
+pub(crate) mod limits;
 mod options;
 mod resume;
 pub mod state;
@@ -46,10 +46,9 @@ use crate::journal::{layout_crc, JobJournal, Journal, NoJournal};
 use crate::plan::{self, Plan, PlanOptions};
 use crate::recipe::Recipe;
 use lease::{LeaseRules, LeaseTable};
-pub use limits::Limits;
-pub use options::{SubmitOptions, DEFAULT_SLOT_MEMORY, DEFAULT_TASK_SIZE};
+pub(crate) use limits::Limits;
+pub use options::SubmitOptions;
 use state::JobState;
-pub use state::MAX_ATTEMPTS;
 
 /// A job as the manager holds it: its state, where it writes, and who watches it.
 struct Job {
@@ -260,7 +259,7 @@ impl JobManager {
     }
 
     /// Fails a job: aborts its uploads so nothing looks finished.
-    pub async fn fail_job(&self, jid: &str, msg: &str) {
+    pub(crate) async fn fail_job(&self, jid: &str, msg: &str) {
         self.end_job(jid, pb::JobState::Failed, msg).await;
     }
 

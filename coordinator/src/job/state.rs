@@ -4,27 +4,29 @@
 //! follow (a lease to record, a file to complete, a message to fail the job with), which the
 //! `JobManager` then does. Results are accepted in one place, `JobState::record`.
 //!
+//! `state/leased.rs` hands tasks out and keeps their leases (renewal, expiry, failure),
 //! `state/results.rs` checks results and folds statistics passes, `state/work.rs` counts
 //! work (bytes read and written), `state/replay.rs` replays a journal's results.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use shardmerge_proto as pb;
 use shardmerge_worker::kernels::{self, Reduced, Stats};
 use shardmerge_worker::storage::Receipt;
 use shardmerge_worker::tensor::tensor_ctx;
 
+mod leased;
 mod replay;
 mod results;
 mod work;
 
-use super::lease::{self, LeaseRules};
 use crate::cut::Cut;
 use crate::error::{Error, Result};
 use crate::journal::{task_key, Item};
 use crate::plan::Plan;
+pub use leased::{Granted, Holder, Renewal, TaskFailed};
 use work::{stats_work, write_work};
 
 /// How many times a task that fails with a retryable error runs before its job fails.
@@ -34,7 +36,7 @@ pub const MAX_ATTEMPTS: u32 = 5;
 pub type Reducer = fn(&pb::TensorJob, u32, Stats, Vec<Stats>) -> Result<Reduced>;
 
 /// The reducer jobs use: the tensor's method from the kernel registry.
-pub fn kernel_reduce(
+pub(crate) fn kernel_reduce(
     tensor: &pb::TensorJob,
     pass: u32,
     state: Stats,
@@ -76,54 +78,12 @@ struct UnitState {
 
 /// What a recorded result requires of the caller.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Recorded {
+pub(crate) enum Recorded {
     /// The task was not pending (already done, or the job ended): the result is ignored.
     Ignored,
     Accepted,
     /// Accepted, and it was the last part of output file `.0`: complete that file.
     FileComplete(usize),
-}
-
-/// A task handed out by `lease_next`.
-#[derive(Debug, Clone)]
-pub struct Granted {
-    pub lease: String,
-    pub item: Item,
-    pub attempt: u32,
-}
-
-/// Who holds a lease, as a use of it by `worker` finds it.
-#[derive(Debug, PartialEq, Eq, Clone, Copy)]
-pub enum Holder {
-    /// `worker` holds it.
-    Held,
-    /// Not (or no longer) held by anyone.
-    NotHeld,
-    /// Held by another worker id: the use is refused, the holder keeps it.
-    OtherWorker,
-}
-
-/// The answer to a renewal.
-#[derive(Debug, PartialEq, Eq, Clone, Copy)]
-pub enum Renewal {
-    Renewed,
-    NotHeld,
-    OtherWorker,
-    /// The task has run its maximum time: the lease is left to expire.
-    OverTime,
-}
-
-/// What a failed task means for its job.
-#[derive(Debug, PartialEq, Eq)]
-pub enum TaskFailed {
-    /// The lease was not (or no longer) held: nothing changes.
-    Ignored,
-    /// Another worker id holds the lease: refused, nothing changes.
-    OtherWorker,
-    /// Queued again; this was attempt `.0`.
-    Retried(u32),
-    /// The job fails with this message.
-    Fatal(String),
 }
 
 pub struct JobState {
@@ -239,184 +199,25 @@ impl JobState {
 
     /// The statistics state a task reading `tensor` carries (its unit's, if it has one), and
     /// the pass a unit is in.
-    pub fn unit_stats(&self, tensor: usize) -> Option<&Stats> {
+    pub(crate) fn unit_stats(&self, tensor: usize) -> Option<&Stats> {
         self.unit_of.get(&tensor).map(|&u| &self.units[u].state)
     }
 
-    pub fn unit_pass(&self, unit: usize) -> u32 {
+    pub(crate) fn unit_pass(&self, unit: usize) -> u32 {
         self.units[unit].pass
     }
 
-    /// Leases up to `want` queued tasks to `worker` until `now + rules.ttl`, each with a fresh
-    /// random lease id.
-    pub fn lease_next(
-        &mut self,
-        want: usize,
-        worker: &str,
-        now: Instant,
-        rules: LeaseRules,
-    ) -> Vec<Granted> {
-        let mut out = Vec::new();
-        while out.len() < want {
-            let Some(it) = self.queue.pop_front() else {
-                break;
-            };
-            let Some(slot) = self.items.get_mut(&it) else {
-                continue;
-            };
-            if !matches!(slot.state, ItemState::Queued) {
-                continue;
-            }
-            slot.attempts += 1;
-            let lease = lease::fresh_lease_id();
-            let until = now + rules.max_task_time;
-            slot.state = ItemState::Leased {
-                lease: lease.clone(),
-                worker: worker.to_string(),
-                deadline: (now + rules.ttl).min(until),
-                until,
-            };
-            out.push(Granted {
-                lease,
-                item: it,
-                attempt: slot.attempts,
-            });
-        }
-        out
-    }
-
-    /// Whether `lease` holds task `it`.
-    pub fn holds(&self, it: Item, lease: &str) -> bool {
-        matches!(self.items.get(&it).map(|s| &s.state),
-            Some(ItemState::Leased { lease: l, .. }) if l == lease)
-    }
-
-    /// Whether `lease` on `it` is held, and by `worker`.
-    pub fn holder(&self, it: Item, lease: &str, worker: &str) -> Holder {
-        match self.items.get(&it).map(|s| &s.state) {
-            Some(ItemState::Leased {
-                lease: l,
-                worker: w,
-                ..
-            }) if l == lease => {
-                if w == worker {
-                    Holder::Held
-                } else {
-                    Holder::OtherWorker
-                }
-            }
-            _ => Holder::NotHeld,
-        }
-    }
-
-    /// Extends `lease` on `it`, held by `worker`, to `now + ttl`, but never past the task's
-    /// maximum run time: a task past it is not renewed and its lease runs out.
-    pub fn renew(
-        &mut self,
-        it: Item,
-        lease: &str,
-        worker: &str,
-        now: Instant,
-        ttl: Duration,
-    ) -> Renewal {
-        if self.terminal() {
-            return Renewal::NotHeld;
-        }
-        match self.holder(it, lease, worker) {
-            Holder::Held => {}
-            Holder::NotHeld => return Renewal::NotHeld,
-            Holder::OtherWorker => return Renewal::OtherWorker,
-        }
-        match self.items.get_mut(&it).map(|s| &mut s.state) {
-            Some(ItemState::Leased {
-                deadline, until, ..
-            }) => {
-                if now >= *until {
-                    return Renewal::OverTime;
-                }
-                *deadline = (now + ttl).min(*until);
-                Renewal::Renewed
-            }
-            _ => Renewal::NotHeld,
-        }
-    }
-
-    /// Re-queues every task whose lease ran out by `now` (its last renewal, or its maximum
-    /// run time); returns the tasks and the leases that expired.
-    pub fn expire(&mut self, now: Instant) -> Vec<(Item, String)> {
-        let mut gone = Vec::new();
-        for (it, slot) in self.items.iter_mut() {
-            if let ItemState::Leased {
-                lease,
-                deadline,
-                until,
-                ..
-            } = &slot.state
-            {
-                if *deadline <= now || *until <= now {
-                    gone.push((*it, lease.clone()));
-                    slot.state = ItemState::Queued;
-                    self.queue.push_back(*it);
-                    self.status.retries += 1;
-                }
-            }
-        }
-        gone
-    }
-
     /// The journal key of task `it` as it runs now.
-    pub fn task_key(&self, it: Item) -> String {
+    pub(crate) fn task_key(&self, it: Item) -> String {
         match it {
             Item::Stats { unit, .. } => task_key(it, self.units[unit].pass),
             Item::Write(_) => task_key(it, 0),
         }
     }
 
-    /// Queues `it` again (its result could not be recorded) if `lease` still holds it.
-    pub fn requeue(&mut self, it: Item, lease: &str) {
-        if self.holds(it, lease) {
-            if let Some(slot) = self.items.get_mut(&it) {
-                slot.state = ItemState::Queued;
-            }
-            self.queue.push_back(it);
-            self.status.retries += 1;
-        }
-    }
-
-    /// A task failed under `lease`, held by `worker`: retried while attempts remain and the
-    /// error allows it. (A result refused by `check_result` fails its task this way too, as
-    /// retryable: a worker that keeps sending bad results uses up the task's attempts.)
-    pub fn fail_task(
-        &mut self,
-        it: Item,
-        lease: &str,
-        worker: &str,
-        retryable: bool,
-        error: &str,
-    ) -> TaskFailed {
-        match self.holder(it, lease, worker) {
-            Holder::Held => {}
-            Holder::NotHeld => return TaskFailed::Ignored,
-            Holder::OtherWorker => return TaskFailed::OtherWorker,
-        }
-        let Some(slot) = self.items.get_mut(&it) else {
-            return TaskFailed::Ignored;
-        };
-        if retryable && slot.attempts < MAX_ATTEMPTS {
-            slot.state = ItemState::Queued;
-            self.queue.push_back(it);
-            self.status.retries += 1;
-            TaskFailed::Retried(slot.attempts)
-        } else if retryable {
-            TaskFailed::Fatal(format!("{error} (gave up after {MAX_ATTEMPTS} attempts)"))
-        } else {
-            TaskFailed::Fatal(error.to_string())
-        }
-    }
-
     /// Accepts the result of task `it` if it is pending (leased, or queued again after its lease
     /// expired: the result stands). The one place results are accepted.
-    pub fn record(&mut self, it: Item, result: pb::TaskResult) -> Result<Recorded> {
+    pub(crate) fn record(&mut self, it: Item, result: pb::TaskResult) -> Result<Recorded> {
         let pending = matches!(
             self.items.get(&it).map(|s| &s.state),
             Some(ItemState::Leased { .. } | ItemState::Queued)
@@ -478,13 +279,13 @@ impl JobState {
     }
 
     /// The receipts of output file `fi`'s parts.
-    pub fn receipts_of(&self, fi: usize) -> Vec<Receipt> {
+    pub(crate) fn receipts_of(&self, fi: usize) -> Vec<Receipt> {
         self.receipts[fi].iter().flatten().cloned().collect()
     }
 
     /// Counts a completed output file. Files complete in any order (a slow multipart
     /// completion may finish last): true when this was the last one, and the job now commits.
-    pub fn file_finished(&mut self) -> bool {
+    pub(crate) fn file_finished(&mut self) -> bool {
         self.files_finished += 1;
         let last = self.files_finished == self.plan.files.len();
         if last && !self.committing && !self.terminal() {

@@ -1,5 +1,5 @@
-//! The coordinator's Prometheus metrics: what the gRPC layer observes ([`Metered`]) and the
-//! job manager's status snapshots at scrape time.
+//! The coordinator's Prometheus metrics: what the gRPC layer observes (through [`Metered`], in
+//! `metered.rs`) and the job manager's status snapshots at scrape time.
 
 use super::*;
 
@@ -37,7 +37,15 @@ pub struct CoordinatorMetrics {
     registry: Registry,
     mgr: Arc<JobManager>,
     lease_ttl: Duration,
-    // counters, from the service layer
+    counters: ServiceCounters,
+    gauges: SnapshotGauges,
+    open: Mutex<HashMap<String, Open>>,
+    /// Worker slot ids and when each last called.
+    seen: Mutex<HashMap<String, Instant>>,
+}
+
+/// Counters the service layer moves as calls pass ([`Metered`]).
+struct ServiceCounters {
     leases: Family<KindLabels, Counter>,
     done: Family<KindLabels, Counter>,
     rejected: Counter,
@@ -46,7 +54,10 @@ pub struct CoordinatorMetrics {
     read_bytes: Counter,
     written_bytes: Counter,
     task_seconds: Family<MethodLabels, Histogram>,
-    // gauges, from snapshots at scrape time
+}
+
+/// Gauges set from the job manager's status snapshots at scrape time.
+struct SnapshotGauges {
     jobs: Family<StateLabels, Gauge>,
     queued: Gauge,
     leased: Gauge,
@@ -58,9 +69,6 @@ pub struct CoordinatorMetrics {
     workers: Gauge,
     worker_slots: Gauge,
     resident: Gauge,
-    open: Mutex<HashMap<String, Open>>,
-    /// Worker slot ids and when each last called.
-    seen: Mutex<HashMap<String, Instant>>,
 }
 
 const JOB_STATES: [(pb::JobState, &str); 6] = [
@@ -135,9 +143,8 @@ const GAUGES: [(&str, &str); 10] = [
     ),
 ];
 
-impl CoordinatorMetrics {
-    pub fn new(mgr: Arc<JobManager>, lease_ttl: Duration) -> Arc<Self> {
-        let mut r = Registry::default();
+impl ServiceCounters {
+    fn register(r: &mut Registry) -> Self {
         let leases = Family::<KindLabels, Counter>::default();
         r.register(
             "shardmerge_leases_granted",
@@ -188,6 +195,21 @@ impl CoordinatorMetrics {
             "Time from lease to accepted result, by merge method (header: a file header alone)",
             task_seconds.clone(),
         );
+        ServiceCounters {
+            leases,
+            done,
+            rejected,
+            failed,
+            expired,
+            read_bytes,
+            written_bytes,
+            task_seconds,
+        }
+    }
+}
+
+impl SnapshotGauges {
+    fn register(r: &mut Registry) -> Self {
         let jobs = Family::<StateLabels, Gauge>::default();
         r.register(
             "shardmerge_jobs",
@@ -200,18 +222,7 @@ impl CoordinatorMetrics {
                 r.register(name, help, g.clone());
                 g
             });
-        Arc::new(CoordinatorMetrics {
-            registry: r,
-            mgr,
-            lease_ttl,
-            leases,
-            done,
-            rejected,
-            failed,
-            expired,
-            read_bytes,
-            written_bytes,
-            task_seconds,
+        SnapshotGauges {
             jobs,
             queued,
             leased,
@@ -223,19 +234,36 @@ impl CoordinatorMetrics {
             workers,
             worker_slots,
             resident,
+        }
+    }
+}
+
+impl CoordinatorMetrics {
+    pub fn new(mgr: Arc<JobManager>, lease_ttl: Duration) -> Arc<Self> {
+        let mut r = Registry::default();
+        // registration order is the order of the scrape
+        let counters = ServiceCounters::register(&mut r);
+        let gauges = SnapshotGauges::register(&mut r);
+        Arc::new(CoordinatorMetrics {
+            registry: r,
+            mgr,
+            lease_ttl,
+            counters,
+            gauges,
             open: Mutex::new(HashMap::new()),
             seen: Mutex::new(HashMap::new()),
         })
     }
 
-    fn saw_worker(&self, id: &str) {
+    pub(super) fn saw_worker(&self, id: &str) {
         lock(&self.seen).insert(id.to_string(), Instant::now());
     }
 
-    fn granted(&self, lease: &pb::Lease) {
+    pub(super) fn granted(&self, lease: &pb::Lease) {
         let Some(task) = &lease.task else { return };
         let kind = wm::task_kind(task);
-        self.leases
+        self.counters
+            .leases
             .get_or_create(&KindLabels { kind: kind.into() })
             .inc();
         let now = Instant::now();
@@ -250,13 +278,13 @@ impl CoordinatorMetrics {
         );
     }
 
-    fn renewed(&self, req: &pb::RenewLeaseRequest, resp: &pb::RenewLeaseResponse) {
+    pub(super) fn renewed(&self, req: &pb::RenewLeaseRequest, resp: &pb::RenewLeaseResponse) {
         let now = Instant::now();
         let mut open = lock(&self.open);
         for id in &req.lease_ids {
             if resp.lost.contains(id) {
                 if open.remove(id).is_some() {
-                    self.expired.inc();
+                    self.counters.expired.inc();
                 }
             } else if let Some(o) = open.get_mut(id) {
                 o.seen = now;
@@ -266,13 +294,19 @@ impl CoordinatorMetrics {
 
     /// A CompleteTask call: `bytes` (read, written) of its result; `stats`: it carried
     /// statistics.
-    fn completed(&self, lease_id: &str, bytes: Option<(u64, u64)>, stats: bool, accepted: bool) {
+    pub(super) fn completed(
+        &self,
+        lease_id: &str,
+        bytes: Option<(u64, u64)>,
+        stats: bool,
+        accepted: bool,
+    ) {
         let open = lock(&self.open).remove(lease_id);
         if !accepted {
-            self.rejected.inc();
+            self.counters.rejected.inc();
             if open.is_some() {
                 // the lease had run out before the report came
-                self.expired.inc();
+                self.counters.expired.inc();
             }
             return;
         }
@@ -281,23 +315,26 @@ impl CoordinatorMetrics {
             None if stats => "stats",
             None => "write",
         };
-        self.done
+        self.counters
+            .done
             .get_or_create(&KindLabels { kind: kind.into() })
             .inc();
         if let Some((read, written)) = bytes {
-            self.read_bytes.inc_by(read);
-            self.written_bytes.inc_by(written);
+            self.counters.read_bytes.inc_by(read);
+            self.counters.written_bytes.inc_by(written);
         }
         if let Some(o) = open {
-            self.task_seconds
+            self.counters
+                .task_seconds
                 .get_or_create(&MethodLabels { method: o.method })
                 .observe(o.granted.elapsed().as_secs_f64());
         }
     }
 
-    fn failed(&self, req: &pb::FailTaskRequest) {
+    pub(super) fn failed(&self, req: &pb::FailTaskRequest) {
         lock(&self.open).remove(&req.lease_id);
-        self.failed
+        self.counters
+            .failed
             .get_or_create(&FailLabels {
                 retryable: req.retryable.to_string(),
             })
@@ -309,7 +346,7 @@ impl CoordinatorMetrics {
         let mut open = lock(&self.open);
         let before = open.len();
         open.retain(|_, o| now.duration_since(o.seen) <= self.lease_ttl);
-        self.expired.inc_by((before - open.len()) as u64);
+        self.counters.expired.inc_by((before - open.len()) as u64);
     }
 
     fn snapshot(&self) {
@@ -336,27 +373,28 @@ impl CoordinatorMetrics {
             }
         }
         for (state, name) in JOB_STATES {
-            self.jobs
+            self.gauges
+                .jobs
                 .get_or_create(&StateLabels { state: name.into() })
                 .set(by_state.get(&(state as i32)).copied().unwrap_or(0));
         }
-        self.queued.set(as_i64(queued));
-        self.leased.set(as_i64(leased));
-        self.retried.set(as_i64(retried));
-        self.planned_bytes.set(as_i64(planned));
-        self.job_written_bytes.set(as_i64(written));
-        self.work_planned.set(as_i64(work_planned));
-        self.work_done.set(as_i64(work_done));
+        self.gauges.queued.set(as_i64(queued));
+        self.gauges.leased.set(as_i64(leased));
+        self.gauges.retried.set(as_i64(retried));
+        self.gauges.planned_bytes.set(as_i64(planned));
+        self.gauges.job_written_bytes.set(as_i64(written));
+        self.gauges.work_planned.set(as_i64(work_planned));
+        self.gauges.work_done.set(as_i64(work_done));
         let mut seen = lock(&self.seen);
         seen.retain(|_, at| now.duration_since(*at) <= self.lease_ttl);
         let processes: std::collections::HashSet<&str> = seen
             .keys()
             .map(|id| id.rsplit_once('/').map_or(id.as_str(), |(p, _)| p))
             .collect();
-        self.workers.set(processes.len() as i64);
-        self.worker_slots.set(seen.len() as i64);
+        self.gauges.workers.set(processes.len() as i64);
+        self.gauges.worker_slots.set(seen.len() as i64);
         if let Some(b) = wm::resident_bytes() {
-            self.resident.set(as_i64(b));
+            self.gauges.resident.set(as_i64(b));
         }
     }
 }
@@ -369,98 +407,5 @@ impl Endpoint for CoordinatorMetrics {
 
     fn ready(&self) -> bool {
         true
-    }
-}
-
-/// The `Coordinator` service with its calls observed for the metrics.
-pub struct Metered {
-    pub(super) inner: Service,
-    pub(super) metrics: Arc<CoordinatorMetrics>,
-}
-
-#[tonic::async_trait]
-impl Coordinator for Metered {
-    async fn submit_job(
-        &self,
-        req: Request<pb::SubmitJobRequest>,
-    ) -> Result<Response<pb::SubmitJobResponse>, Status> {
-        self.inner.submit_job(req).await
-    }
-
-    async fn get_job(
-        &self,
-        req: Request<pb::GetJobRequest>,
-    ) -> Result<Response<pb::JobStatus>, Status> {
-        self.inner.get_job(req).await
-    }
-
-    async fn list_jobs(
-        &self,
-        req: Request<pb::ListJobsRequest>,
-    ) -> Result<Response<pb::ListJobsResponse>, Status> {
-        self.inner.list_jobs(req).await
-    }
-
-    type WatchJobStream = <Service as Coordinator>::WatchJobStream;
-
-    async fn watch_job(
-        &self,
-        req: Request<pb::GetJobRequest>,
-    ) -> Result<Response<Self::WatchJobStream>, Status> {
-        self.inner.watch_job(req).await
-    }
-
-    async fn cancel_job(
-        &self,
-        req: Request<pb::CancelJobRequest>,
-    ) -> Result<Response<pb::JobStatus>, Status> {
-        self.inner.cancel_job(req).await
-    }
-
-    async fn poll_work(
-        &self,
-        req: Request<pb::PollWorkRequest>,
-    ) -> Result<Response<pb::PollWorkResponse>, Status> {
-        self.metrics.saw_worker(&req.get_ref().worker_id);
-        let resp = self.inner.poll_work(req).await?;
-        for lease in &resp.get_ref().leases {
-            self.metrics.granted(lease);
-        }
-        Ok(resp)
-    }
-
-    async fn renew_lease(
-        &self,
-        req: Request<pb::RenewLeaseRequest>,
-    ) -> Result<Response<pb::RenewLeaseResponse>, Status> {
-        self.metrics.saw_worker(&req.get_ref().worker_id);
-        let r = req.get_ref().clone();
-        let resp = self.inner.renew_lease(req).await?;
-        self.metrics.renewed(&r, resp.get_ref());
-        Ok(resp)
-    }
-
-    async fn complete_task(
-        &self,
-        req: Request<pb::CompleteTaskRequest>,
-    ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
-        self.metrics.saw_worker(&req.get_ref().worker_id);
-        let lease_id = req.get_ref().lease_id.clone();
-        let result = req.get_ref().result.as_ref();
-        let bytes = result.map(|r| (r.bytes_read, r.bytes_written));
-        let stats = result.is_some_and(|r| r.stats.is_some());
-        let resp = self.inner.complete_task(req).await?;
-        self.metrics
-            .completed(&lease_id, bytes, stats, resp.get_ref().accepted);
-        Ok(resp)
-    }
-
-    async fn fail_task(
-        &self,
-        req: Request<pb::FailTaskRequest>,
-    ) -> Result<Response<pb::FailTaskResponse>, Status> {
-        self.metrics.saw_worker(&req.get_ref().worker_id);
-        self.metrics.failed(req.get_ref());
-        self.inner.fail_task(req).await
     }
 }

@@ -29,9 +29,11 @@ use crate::error::Error;
 use crate::job::JobManager;
 use crate::server::{error_chain, Security, Service, MAX_MESSAGE};
 
+mod metered;
 mod metrics;
 
-pub use metrics::{CoordinatorMetrics, Metered};
+pub use metered::Metered;
+pub use metrics::CoordinatorMetrics;
 
 static JSON_LOGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 

@@ -80,7 +80,7 @@ pub(super) fn layout_files(tensors: &[pb::TensorJob], max: u64) -> Vec<OutFile> 
 }
 
 /// Number of rows in a tensor's 2-D view and bytes per output row.
-pub fn rows_of(t: &pb::TensorJob) -> (u64, u64) {
+pub(crate) fn rows_of(t: &pb::TensorJob) -> (u64, u64) {
     let (rows, row_len) = view2d(&t.shape);
     let es = DType::from_proto(t.out_dtype).map_or(4, |d| d.size()) as u64;
     (rows, row_len * es)

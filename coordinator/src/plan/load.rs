@@ -52,18 +52,7 @@ pub async fn load_model(resolver: &Resolver, base_dir: &Path, name: &str) -> Res
     let index = read_index(&loc).await?;
     let files: Vec<String> = match &index {
         Some(idx) => idx.files.clone(),
-        None => {
-            let single = loc.join("model.safetensors");
-            if !single.store.exists(&single.path).await? {
-                let what = if loc.store.exists(&loc.path).await? || !loc.store.is_local() {
-                    "has no model.safetensors or model.safetensors.index.json (is it a Hugging Face safetensors checkpoint?)"
-                } else {
-                    "does not exist"
-                };
-                return Err(Error::Input(format!("model folder {} {what}", loc.uri())));
-            }
-            vec!["model.safetensors".into()]
-        }
+        None => vec![single_file(&loc).await?],
     };
     let mut tensors = BTreeMap::new();
     let mut bytes = 0;
@@ -90,26 +79,69 @@ pub async fn load_model(resolver: &Resolver, base_dir: &Path, name: &str) -> Res
         }
     }
     if let Some(idx) = &index {
-        for (tname, file) in &idx.weight_map {
-            match tensors.get(tname) {
-                Some((uri, _)) if uri.ends_with(&format!("/{file}")) => {}
-                _ => {
-                    return Err(Error::Input(format!(
-                        "{}: the index puts tensor {tname} in {file}, but that file's header doesn't have it",
-                        loc.uri()
-                    )))
-                }
+        check_index(&loc, idx, &tensors)?;
+    }
+    let arch = arch::of_config(config.as_ref());
+    let num_layers = count_layers(&loc, arch, config.as_ref(), &tensors)?;
+    Ok(ModelInfo {
+        name: name.to_string(),
+        loc,
+        config,
+        tensors,
+        arch,
+        num_layers,
+        bytes,
+    })
+}
+
+/// The one data file of a model folder without an index, or why the folder is no checkpoint.
+async fn single_file(loc: &Location) -> Result<String> {
+    let single = loc.join("model.safetensors");
+    if !single.store.exists(&single.path).await? {
+        let what = if loc.store.exists(&loc.path).await? || !loc.store.is_local() {
+            "has no model.safetensors or model.safetensors.index.json (is it a Hugging Face safetensors checkpoint?)"
+        } else {
+            "does not exist"
+        };
+        return Err(Error::Input(format!("model folder {} {what}", loc.uri())));
+    }
+    Ok("model.safetensors".into())
+}
+
+/// Every tensor the index places is in the header of the file it names.
+fn check_index(
+    loc: &Location,
+    idx: &st_index::Index,
+    tensors: &BTreeMap<String, (String, TensorInfo)>,
+) -> Result<()> {
+    for (tname, file) in &idx.weight_map {
+        match tensors.get(tname) {
+            Some((uri, _)) if uri.ends_with(&format!("/{file}")) => {}
+            _ => {
+                return Err(Error::Input(format!(
+                    "{}: the index puts tensor {tname} in {file}, but that file's header doesn't have it",
+                    loc.uri()
+                )))
             }
         }
     }
-    let arch = arch::of_config(config.as_ref());
+    Ok(())
+}
+
+/// The model's layer count: what its config says, or more if its tensor names say so.
+fn count_layers(
+    loc: &Location,
+    arch: &Arch,
+    config: Option<&Value>,
+    tensors: &BTreeMap<String, (String, TensorInfo)>,
+) -> Result<u64> {
     let from_names = tensors
         .keys()
         .filter_map(|n| arch.split_layer(n).map(|(_, i, _)| i + 1))
         .max()
         .unwrap_or(0);
     let num_layers = arch
-        .config_layers(config.as_ref())
+        .config_layers(config)
         .unwrap_or(from_names)
         .max(from_names);
     // every layer is planned (and a config can claim any number): bounded like the tensors
@@ -120,13 +152,5 @@ pub async fn load_model(resolver: &Resolver, base_dir: &Path, name: &str) -> Res
             st::max_tensors()
         )));
     }
-    Ok(ModelInfo {
-        name: name.to_string(),
-        loc,
-        config,
-        tensors,
-        arch,
-        num_layers,
-        bytes,
-    })
+    Ok(num_layers)
 }

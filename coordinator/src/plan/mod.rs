@@ -25,7 +25,7 @@ mod load;
 mod slices;
 mod tensor;
 
-pub use layout::rows_of;
+pub(crate) use layout::rows_of;
 use layout::{lay_out_draws, layout_files};
 pub use load::load_model;
 use slices::*;
@@ -36,7 +36,7 @@ pub use tensor::{is_copy, COPY_METHOD};
 pub const DEFAULT_SHARD_SIZE: u64 = 5_000_000_000;
 
 /// Files copied from the tokenizer source, when present.
-pub const TOKENIZER_FILES: &[&str] = &[
+pub(crate) const TOKENIZER_FILES: &[&str] = &[
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -88,12 +88,12 @@ pub struct Plan {
 }
 
 impl Plan {
-    pub fn bytes_out(&self) -> u64 {
+    pub(crate) fn bytes_out(&self) -> u64 {
         self.files.iter().map(|f| f.layout.total_size).sum()
     }
 
     /// Input bytes the merge reads (each input tensor byte once).
-    pub fn bytes_in(&self) -> u64 {
+    pub(crate) fn bytes_in(&self) -> u64 {
         self.tensors
             .iter()
             .flat_map(|t| t.inputs.iter())

@@ -23,7 +23,7 @@ pub enum DType {
 }
 
 /// Every element type, floats first.
-pub const ALL: [DType; 12] = [
+pub(crate) const ALL: [DType; 12] = [
     DType::F32,
     DType::F16,
     DType::BF16,
@@ -191,7 +191,7 @@ pub fn decode(dtype: DType, src: &[u8], dst: &mut [f32]) {
 
 /// Decodes little-endian elements of `dtype` from `src` onto the end of `dst`, without
 /// first zero-filling the space (the buffers are large; the fill costs as much as the decode).
-pub fn decode_extend(dtype: DType, src: &[u8], dst: &mut Vec<f32>) {
+pub(crate) fn decode_extend(dtype: DType, src: &[u8], dst: &mut Vec<f32>) {
     match dtype {
         DType::F32 => dst.extend(
             src.chunks_exact(4)
@@ -213,7 +213,7 @@ pub fn decode_extend(dtype: DType, src: &[u8], dst: &mut Vec<f32>) {
 /// gives (NaN keeps its sign and high payload with the quiet bit set), without branches, so
 /// the encode loop vectorises.
 #[inline(always)]
-pub fn bf16_bits(x: f32) -> u16 {
+pub(crate) fn bf16_bits(x: f32) -> u16 {
     let b = x.to_bits();
     // adding 0x7fff plus the kept part's lowest bit carries into bit 16 exactly when the
     // dropped half is above the halfway point, or at it with an odd kept part

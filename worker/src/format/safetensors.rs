@@ -14,9 +14,9 @@ use serde_json::{Map, Value};
 use crate::format::dtype::DType;
 
 /// Largest header we accept (the reference implementation's cap as well).
-pub const MAX_HEADER_LEN: u64 = 100 * 1024 * 1024;
+pub(crate) const MAX_HEADER_LEN: u64 = 100 * 1024 * 1024;
 /// Most dimensions a tensor may have.
-pub const MAX_RANK: usize = 8;
+pub(crate) const MAX_RANK: usize = 8;
 
 /// Element type as written in the header. Only the float types can be merged; the others are
 /// parsed so that a checkpoint carrying them can still be verified and reported clearly.

@@ -69,12 +69,12 @@ impl LocalStorage {
 }
 
 /// Reads exactly `range` of an open file.
-pub fn read_exact_range(f: &File, path: &str, range: Range<u64>) -> SResult<Vec<u8>> {
+pub(crate) fn read_exact_range(f: &File, path: &str, range: Range<u64>) -> SResult<Vec<u8>> {
     read_exact_range_into(f, path, range, Vec::new())
 }
 
 /// `read_exact_range` into `buf`, replacing its contents.
-pub fn read_exact_range_into(
+pub(crate) fn read_exact_range_into(
     f: &File,
     path: &str,
     range: Range<u64>,

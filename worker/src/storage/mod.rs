@@ -164,7 +164,7 @@ impl Location {
 }
 
 /// Wraps every store a resolver hands out (e.g. in fault injection).
-pub type StoreWrapper = Arc<dyn Fn(Arc<dyn Storage>) -> Arc<dyn Storage> + Send + Sync>;
+pub(crate) type StoreWrapper = Arc<dyn Fn(Arc<dyn Storage>) -> Arc<dyn Storage> + Send + Sync>;
 
 /// Resolves URIs to stores, keeping one store per bucket. A wrapper (e.g. fault injection)
 /// can be applied to every store it hands out.

@@ -14,7 +14,7 @@ use object_store::{ObjectStore, PutPayload};
 use super::{Receipt, SResult, Storage, StorageError, Upload};
 
 /// S3's smallest part, except a file's last.
-pub const S3_MIN_PART: u64 = 5 * 1024 * 1024;
+pub(crate) const S3_MIN_PART: u64 = 5 * 1024 * 1024;
 
 pub struct ObjectStorage {
     root: String,
@@ -45,7 +45,7 @@ impl ObjectStorage {
     /// An S3 bucket configured from the usual environment: `AWS_ENDPOINT_URL` (or
     /// `AWS_ENDPOINT`), `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`,
     /// `AWS_ALLOW_HTTP`.
-    pub fn s3_from_env(bucket: &str) -> SResult<Self> {
+    pub(crate) fn s3_from_env(bucket: &str) -> SResult<Self> {
         let mut b = AmazonS3Builder::from_env();
         if let Ok(ep) = std::env::var("AWS_ENDPOINT_URL") {
             b = b.with_endpoint(ep);

@@ -14,7 +14,7 @@ impl JobState {
     /// no receipt. `multipart`: the output is written in numbered parts (a local file's
     /// positioned writes carry no part number). `Err` says what was wrong (the result is
     /// refused and the task runs again).
-    pub fn check_result(
+    pub(crate) fn check_result(
         &self,
         it: Item,
         result: &pb::TaskResult,
@@ -118,7 +118,7 @@ impl JobState {
     /// check out (a part missing or of the wrong size), so its parts are written again.
     /// Counts an attempt on each; `Err` with a message when one has no attempts left (the
     /// job fails).
-    pub fn reopen_file(&mut self, fi: usize) -> std::result::Result<(), String> {
+    pub(crate) fn reopen_file(&mut self, fi: usize) -> std::result::Result<(), String> {
         let tasks: Vec<usize> = (0..self.cut.tasks.len())
             .filter(|&i| self.cut.tasks[i].file == fi)
             .collect();

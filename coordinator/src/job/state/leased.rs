@@ -1,0 +1,212 @@
+//! Leased tasks: handing queued tasks out under fresh lease ids, who holds a lease, renewal
+//! up to the task's maximum run time, expiry, and what a failed task means for its job. The
+//! lease table (which job and task a lease id names) is `job/lease.rs`.
+
+use std::time::{Duration, Instant};
+
+use super::{ItemState, JobState, MAX_ATTEMPTS};
+use crate::job::lease::{self, LeaseRules};
+use crate::journal::Item;
+
+/// A task handed out by `lease_next`.
+#[derive(Debug, Clone)]
+pub struct Granted {
+    pub lease: String,
+    pub item: Item,
+    pub attempt: u32,
+}
+
+/// Who holds a lease, as a use of it by `worker` finds it.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub enum Holder {
+    /// `worker` holds it.
+    Held,
+    /// Not (or no longer) held by anyone.
+    NotHeld,
+    /// Held by another worker id: the use is refused, the holder keeps it.
+    OtherWorker,
+}
+
+/// The answer to a renewal.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub enum Renewal {
+    Renewed,
+    NotHeld,
+    OtherWorker,
+    /// The task has run its maximum time: the lease is left to expire.
+    OverTime,
+}
+
+/// What a failed task means for its job.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TaskFailed {
+    /// The lease was not (or no longer) held: nothing changes.
+    Ignored,
+    /// Another worker id holds the lease: refused, nothing changes.
+    OtherWorker,
+    /// Queued again; this was attempt `.0`.
+    Retried(u32),
+    /// The job fails with this message.
+    Fatal(String),
+}
+
+impl JobState {
+    /// Leases up to `want` queued tasks to `worker` until `now + rules.ttl`, each with a fresh
+    /// random lease id.
+    pub(crate) fn lease_next(
+        &mut self,
+        want: usize,
+        worker: &str,
+        now: Instant,
+        rules: LeaseRules,
+    ) -> Vec<Granted> {
+        let mut out = Vec::new();
+        while out.len() < want {
+            let Some(it) = self.queue.pop_front() else {
+                break;
+            };
+            let Some(slot) = self.items.get_mut(&it) else {
+                continue;
+            };
+            if !matches!(slot.state, ItemState::Queued) {
+                continue;
+            }
+            slot.attempts += 1;
+            let lease = lease::fresh_lease_id();
+            let until = now + rules.max_task_time;
+            slot.state = ItemState::Leased {
+                lease: lease.clone(),
+                worker: worker.to_string(),
+                deadline: (now + rules.ttl).min(until),
+                until,
+            };
+            out.push(Granted {
+                lease,
+                item: it,
+                attempt: slot.attempts,
+            });
+        }
+        out
+    }
+
+    /// Whether `lease` holds task `it`.
+    pub fn holds(&self, it: Item, lease: &str) -> bool {
+        matches!(self.items.get(&it).map(|s| &s.state),
+            Some(ItemState::Leased { lease: l, .. }) if l == lease)
+    }
+
+    /// Whether `lease` on `it` is held, and by `worker`.
+    pub fn holder(&self, it: Item, lease: &str, worker: &str) -> Holder {
+        match self.items.get(&it).map(|s| &s.state) {
+            Some(ItemState::Leased {
+                lease: l,
+                worker: w,
+                ..
+            }) if l == lease => {
+                if w == worker {
+                    Holder::Held
+                } else {
+                    Holder::OtherWorker
+                }
+            }
+            _ => Holder::NotHeld,
+        }
+    }
+
+    /// Extends `lease` on `it`, held by `worker`, to `now + ttl`, but never past the task's
+    /// maximum run time: a task past it is not renewed and its lease runs out.
+    pub fn renew(
+        &mut self,
+        it: Item,
+        lease: &str,
+        worker: &str,
+        now: Instant,
+        ttl: Duration,
+    ) -> Renewal {
+        if self.terminal() {
+            return Renewal::NotHeld;
+        }
+        match self.holder(it, lease, worker) {
+            Holder::Held => {}
+            Holder::NotHeld => return Renewal::NotHeld,
+            Holder::OtherWorker => return Renewal::OtherWorker,
+        }
+        match self.items.get_mut(&it).map(|s| &mut s.state) {
+            Some(ItemState::Leased {
+                deadline, until, ..
+            }) => {
+                if now >= *until {
+                    return Renewal::OverTime;
+                }
+                *deadline = (now + ttl).min(*until);
+                Renewal::Renewed
+            }
+            _ => Renewal::NotHeld,
+        }
+    }
+
+    /// Re-queues every task whose lease ran out by `now` (its last renewal, or its maximum
+    /// run time); returns the tasks and the leases that expired.
+    pub fn expire(&mut self, now: Instant) -> Vec<(Item, String)> {
+        let mut gone = Vec::new();
+        for (it, slot) in self.items.iter_mut() {
+            if let ItemState::Leased {
+                lease,
+                deadline,
+                until,
+                ..
+            } = &slot.state
+            {
+                if *deadline <= now || *until <= now {
+                    gone.push((*it, lease.clone()));
+                    slot.state = ItemState::Queued;
+                    self.queue.push_back(*it);
+                    self.status.retries += 1;
+                }
+            }
+        }
+        gone
+    }
+
+    /// Queues `it` again (its result could not be recorded) if `lease` still holds it.
+    pub(crate) fn requeue(&mut self, it: Item, lease: &str) {
+        if self.holds(it, lease) {
+            if let Some(slot) = self.items.get_mut(&it) {
+                slot.state = ItemState::Queued;
+            }
+            self.queue.push_back(it);
+            self.status.retries += 1;
+        }
+    }
+
+    /// A task failed under `lease`, held by `worker`: retried while attempts remain and the
+    /// error allows it. (A result refused by `check_result` fails its task this way too, as
+    /// retryable: a worker that keeps sending bad results uses up the task's attempts.)
+    pub fn fail_task(
+        &mut self,
+        it: Item,
+        lease: &str,
+        worker: &str,
+        retryable: bool,
+        error: &str,
+    ) -> TaskFailed {
+        match self.holder(it, lease, worker) {
+            Holder::Held => {}
+            Holder::NotHeld => return TaskFailed::Ignored,
+            Holder::OtherWorker => return TaskFailed::OtherWorker,
+        }
+        let Some(slot) = self.items.get_mut(&it) else {
+            return TaskFailed::Ignored;
+        };
+        if retryable && slot.attempts < MAX_ATTEMPTS {
+            slot.state = ItemState::Queued;
+            self.queue.push_back(it);
+            self.status.retries += 1;
+            TaskFailed::Retried(slot.attempts)
+        } else if retryable {
+            TaskFailed::Fatal(format!("{error} (gave up after {MAX_ATTEMPTS} attempts)"))
+        } else {
+            TaskFailed::Fatal(error.to_string())
+        }
+    }
+}
