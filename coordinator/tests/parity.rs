@@ -79,6 +79,7 @@ const BIT_EXACT: &[&str] = &[
     "breadcrumbs_ties",
     "ram",
     "passthrough_frankenmerge",
+    "nearswap",
 ];
 
 macro_rules! cases {

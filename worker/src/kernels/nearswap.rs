@@ -2,7 +2,9 @@
 //!
 //! For each element, w = clamp(t / max(|base - other|, 1e-6), 0, 1) and
 //! out = w·other + (1 - w)·base: elements that differ by less than `t` are taken from the other
-//! model outright, larger differences are interpolated less and less.
+//! model outright, larger differences are interpolated less and less. As torch evaluates it
+//! (bit for bit with mergekit): `t / d` is `d.reciprocal() * t`, each product and the sum
+//! rounded.
 
 use super::{BaseRule, KResult, Method, MethodSpec, ParamDef, RowRange, Stats, TensorCtx};
 
@@ -64,7 +66,8 @@ impl Method for NearSwap {
         let t = ctx.param("t")? as f32;
         for ((o, &x), &y) in out.iter_mut().zip(a.iter()).zip(b.iter()) {
             let d = (x - y).abs().max(1e-6);
-            let w = (t / d).clamp(0.0, 1.0);
+            // torch evaluates `t / tensor` as `tensor.reciprocal() * t`: two roundings
+            let w = (d.recip() * t).clamp(0.0, 1.0);
             *o = w * y + (1.0 - w) * x;
         }
         Ok(())
