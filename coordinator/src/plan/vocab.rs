@@ -106,7 +106,9 @@ impl Tok {
                     Value::Array(p) => p.iter().filter_map(Value::as_str).collect(),
                     _ => Vec::new(),
                 };
-                !parts.iter().any(|p| gone.contains(p))
+                // mergekit drops merges of removed tokens; one making a removed token goes too
+                // (tokenizers refuses a merge whose result is not in the vocabulary)
+                !parts.iter().any(|p| gone.contains(p)) && !gone.contains(parts.concat().as_str())
             });
         }
         Tok::parse(j, uri)
@@ -568,6 +570,42 @@ pub fn for_rows(job: &pb::TensorJob, start: u64, end: u64) -> pb::TensorJob {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tokenizer_is_cut_to_the_rows_its_model_has() {
+        let j = json!({
+            "added_tokens": [
+                {"id": 0, "content": "<s>", "special": true},
+                {"id": 4, "content": "<extra>", "special": true}
+            ],
+            "model": {
+                "type": "BPE",
+                "vocab": {"<s>": 0, "a": 1, "b": 2, "ab": 3},
+                "merges": [["a", "b"], "b a"]
+            }
+        });
+        let t = Tok::parse(j, "x").unwrap();
+        assert_eq!(t.vocab.len(), 5);
+        let s = t.stripped(3, "x").unwrap();
+        let mut toks: Vec<&String> = s.vocab.keys().collect();
+        toks.sort();
+        assert_eq!(toks, ["<s>", "a", "b"]);
+        assert_eq!(s.json["model"]["merges"], json!(["b a"]));
+        assert_eq!(s.added.len(), 1);
+        // a new token goes after the last id, as an added token
+        let mut s = s;
+        add_token(&mut s, "ba", None);
+        assert_eq!(s.vocab["ba"], 3);
+        assert_eq!(s.json["added_tokens"][1]["content"], "ba");
+        assert_eq!(s.json["added_tokens"][1]["normalized"], true);
+        // a Unigram vocabulary is a list; its ids are positions
+        let u = Tok::parse(json!({"model": {"vocab": [["x", 0.0], ["y", -1.0]]}}), "u").unwrap();
+        assert_eq!(u.vocab["y"], 1);
+        assert!(Tok::parse(json!({"model": {}}), "bad.json")
+            .unwrap_err()
+            .to_string()
+            .contains("bad.json"));
+    }
 
     #[test]
     fn runs_coalesce_and_cut() {
