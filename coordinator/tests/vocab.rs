@@ -295,3 +295,40 @@ async fn mismatched_vocabularies_are_refused_by_default() {
         assert!(e.contains(want), "{want:?} missing from: {e}");
     }
 }
+
+/// A tokenizer whose ids reach past the model's embedding rows (a config `vocab_size` larger
+/// than the tensor): refused while planning, naming the model, token and tensor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_ids_past_the_rows_are_refused() {
+    let f = fixtures();
+    let tmp = tempfile::tempdir().unwrap();
+    for m in ["base", "lang"] {
+        let d = tmp.path().join(m);
+        std::fs::create_dir_all(&d).unwrap();
+        for e in std::fs::read_dir(f.join("models").join(m)).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), d.join(e.file_name())).unwrap();
+        }
+    }
+    let lang = tmp.path().join("lang");
+    let mut cfg = json(&lang.join("config.json"));
+    cfg["vocab_size"] = serde_json::json!(300);
+    std::fs::write(lang.join("config.json"), cfg.to_string()).unwrap();
+    let mut tok = json(&lang.join("tokenizer.json"));
+    tok["model"]["vocab"]["zzzz"] = serde_json::json!(290);
+    std::fs::write(lang.join("tokenizer.json"), tok.to_string()).unwrap();
+    let recipe = "merge_method: linear\ntokenizer_source: union\nmodels:\n  - model: base\n    parameters: {weight: 0.5}\n  - model: lang\n    parameters: {weight: 0.5}\n";
+    let e = run(
+        recipe,
+        tmp.path(),
+        &tmp.path().join("o"),
+        1,
+        1 << 20,
+        1 << 26,
+    )
+    .await
+    .unwrap_err();
+    for want in ["model lang", "\"zzzz\"", "290", "288 rows"] {
+        assert!(e.contains(want), "{want:?} missing from: {e}");
+    }
+}

@@ -388,6 +388,12 @@ impl Vocab {
             let mut lacking = force;
             for (i, p) in perms.iter().enumerate() {
                 match p[j as usize] {
+                    Some(src) if src >= in_rows[i] => {
+                        return Err(Error::Input(format!(
+                            "model {}: its tokenizer gives token {tok:?} id {src}, but its {tensor} has {} rows (its config's vocab_size is larger than the tensor: fix the config)",
+                            inputs[i], in_rows[i]
+                        )))
+                    }
                     Some(src) if !force => push_run(&mut runs[i], j, src),
                     _ => lacking = true,
                 }
