@@ -24,6 +24,8 @@ struct Tok {
     vocab: HashMap<String, u64>,
     /// The added tokens in id order: (id, entry as written).
     added: Vec<(u64, Value)>,
+    /// The id a new token gets: one past the largest.
+    next_id: u64,
 }
 
 impl Tok {
@@ -68,7 +70,13 @@ impl Tok {
             }
         }
         added.sort_by_key(|(id, _)| *id);
-        Ok(Tok { json, vocab, added })
+        let next_id = vocab.values().max().map_or(0, |m| m + 1);
+        Ok(Tok {
+            json,
+            vocab,
+            added,
+            next_id,
+        })
     }
 
     /// The tokenizer without the tokens whose ids are `vocab_size` or more (rows the model's
@@ -288,7 +296,8 @@ fn add_token(t: &mut Tok, token: &str, entry: Option<&Value>) {
     if t.vocab.contains_key(token) {
         return;
     }
-    let id = t.vocab.values().max().map_or(0, |m| m + 1);
+    let id = t.next_id;
+    t.next_id += 1;
     let mut e = entry.cloned().unwrap_or_else(|| {
         json!({"content": token, "single_word": false, "lstrip": false, "rstrip": false,
                "normalized": true, "special": false})
