@@ -9,6 +9,6 @@ pub mod format;
 pub mod kernels;
 pub mod metrics;
 pub mod pull;
-pub mod rowmap;
+pub(crate) mod rowmap;
 pub mod storage;
 pub mod tensor;

@@ -24,7 +24,7 @@ mod layout;
 mod load;
 mod slices;
 mod tensor;
-pub mod vocab;
+pub(crate) mod vocab;
 
 pub(crate) use layout::rows_of;
 use layout::{lay_out_draws, layout_files};
