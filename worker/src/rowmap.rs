@@ -76,9 +76,9 @@ pub fn assemble(
         let mut filled = vec![false; n];
         for run in &ir.runs {
             let lo = run.out_start.max(a);
-            let hi = (run.out_start + run.count).min(b);
+            let hi = run.out_start.saturating_add(run.count).min(b);
             for r in lo..hi {
-                let src = run.src_start + (r - run.out_start);
+                let src = run.src_start.saturating_add(r - run.out_start);
                 let row = fetched[i]
                     .row(src)
                     .ok_or_else(|| format!("input {i}: source row {src} was not read"))?;
@@ -154,16 +154,16 @@ fn needed(map: &pb::RowMap, i: usize, a: u64, b: u64) -> Vec<(u64, u64)> {
     let mut spans: Vec<(u64, u64)> = Vec::new();
     for run in &map.inputs[i].runs {
         let lo = run.out_start.max(a);
-        let hi = (run.out_start + run.count).min(b);
+        let hi = run.out_start.saturating_add(run.count).min(b);
         if lo < hi {
-            let s = run.src_start + (lo - run.out_start);
-            spans.push((s, s + (hi - lo)));
+            let s = run.src_start.saturating_add(lo - run.out_start);
+            spans.push((s, s.saturating_add(hi - lo)));
         }
     }
     for d in &map.defaults {
         if d.out_row >= a && d.out_row < b {
             for s in d.from.iter().filter(|s| s.input as usize == i) {
-                spans.push((s.row, s.row + 1));
+                spans.push((s.row, s.row.saturating_add(1)));
             }
         }
     }
