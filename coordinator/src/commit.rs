@@ -101,6 +101,9 @@ pub(crate) async fn write_checkpoint_files(
     }
     if let Some(src) = &plan.tokenizer_from {
         for name in TOKENIZER_FILES {
+            if crate::plan::vocab::made_for_output(plan, name) {
+                continue;
+            }
             let l = src.join(name);
             match shardmerge_worker::storage::retry(|| l.store.read_all(&l.path)).await {
                 Ok(b) => {
@@ -111,6 +114,10 @@ pub(crate) async fn write_checkpoint_files(
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+    for (name, bytes) in &plan.tokenizer_files {
+        put(out, name, bytes.clone()).await?;
+        names.push(name.clone());
     }
     put(out, "README.md", model_card(plan)).await?;
     names.push("README.md".to_string());

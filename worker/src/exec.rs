@@ -383,6 +383,11 @@ impl Executor {
         io: &mut Io,
         scratch: &mut Scratch,
     ) -> Result<Vec<Vec<f32>>, TaskError> {
+        if let Some(map) = &job.row_map {
+            let (v, n) = crate::rowmap::read_inputs(&self.resolver, job, map, start, end).await?;
+            io.bytes_read += n;
+            return Ok(v);
+        }
         let (_, out_row) = view2d(&job.shape);
         let bufs: Vec<_> = (0..job.inputs.len()).map(|i| scratch.input(i)).collect();
         let reads = job.inputs.iter().zip(bufs).map(|(src, (buf, mut piece))| {

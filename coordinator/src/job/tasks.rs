@@ -47,7 +47,11 @@ pub fn build_task(
 
 fn rows(st: &JobState, tensor: usize, start: u64, end: u64, range_index: u32) -> pb::TensorRows {
     pb::TensorRows {
-        tensor: Some(st.plan.tensors[tensor].clone()),
+        tensor: Some(crate::plan::vocab::for_rows(
+            &st.plan.tensors[tensor],
+            start,
+            end,
+        )),
         row_start: start,
         row_end: end,
         range_index,

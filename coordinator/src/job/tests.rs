@@ -59,6 +59,7 @@ fn plan_and_cut() -> (Plan, Cut) {
         ],
         config: None,
         tokenizer_from: None,
+        tokenizer_files: Vec::new(),
         seed: 0,
         out_layers: 0,
         arch: &crate::arch::FALLBACK,

@@ -24,6 +24,7 @@ mod layout;
 mod load;
 mod slices;
 mod tensor;
+pub(crate) mod vocab;
 
 pub(crate) use layout::rows_of;
 use layout::{lay_out_draws, layout_files};
@@ -81,6 +82,9 @@ pub struct Plan {
     pub config: Option<Value>,
     /// Where tokenizer files come from.
     pub tokenizer_from: Option<Location>,
+    /// Tokenizer files made for the output vocabulary (`tokenizer_source`, `tokenizer:`):
+    /// written instead of the copies.
+    pub tokenizer_files: Vec<(String, Vec<u8>)>,
     pub seed: u64,
     pub out_layers: u64,
     /// The architecture definition the plan followed (the donor model's).
@@ -131,6 +135,8 @@ struct Ctx<'a> {
     rng: pb::Rng,
     truncate_embeddings: bool,
     compute_float32: bool,
+    /// The output vocabulary, when the recipe re-maps embeddings by token.
+    vocab: Option<&'a vocab::Vocab>,
 }
 
 /// Plans a merge.
@@ -152,6 +158,7 @@ pub async fn plan(
     let donor = donor_model(&recipe)?;
     let arch = models[&donor].arch;
     check_architectures(&order, &donor, arch)?;
+    let vocab = vocab::build(&recipe, &models, &donor).await?;
     let cx = Ctx {
         recipe: &recipe,
         arch,
@@ -161,6 +168,7 @@ pub async fn plan(
         rng: opts.rng,
         truncate_embeddings: opts.unsafe_truncate_embeddings,
         compute_float32: opts.compute_float32,
+        vocab: vocab.as_ref(),
     };
     let slices = normalize_slices(&cx)?;
     for (i, s) in slices.iter().enumerate() {
@@ -175,8 +183,11 @@ pub async fn plan(
     }
 
     let files = layout_files(&tensors, opts.out_shard_size);
-    let config = output_config(&recipe, &donor, arch, &models, &origins)?;
-    let tok_model = match &recipe.tokenizer_source {
+    let mut config = output_config(&recipe, &donor, arch, &models, &origins)?;
+    if let (Some(v), Some(Value::Object(c))) = (&vocab, config.as_mut()) {
+        c.insert("vocab_size".into(), Value::from(v.rows));
+    }
+    let tok_model = match recipe.vocab_source() {
         Some(TokenizerSource::Model(m)) => m.clone(),
         _ => donor.clone(),
     };
@@ -189,6 +200,7 @@ pub async fn plan(
         files,
         config,
         tokenizer_from,
+        tokenizer_files: vocab.map(|v| v.files).unwrap_or_default(),
         seed,
         out_layers,
         arch,

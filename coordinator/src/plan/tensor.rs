@@ -18,7 +18,13 @@ pub(super) fn plan_tensor(
     {
         return copy_job(cx, out_name, inputs, reference_source(cx, s));
     }
-    let shape = out_shape(cx, out_name, &s.sources, &infos)?;
+    let remap = cx
+        .vocab
+        .filter(|_| cx.arch.is_embedding(out_name) && infos.iter().all(|i| i.shape.len() == 2));
+    let shape = match remap {
+        Some(v) => vocab_shape(out_name, v.rows, &s.sources, &infos)?,
+        None => out_shape(cx, out_name, &s.sources, &infos)?,
+    };
     let (params, model_params) = job_params(cx, s, out_name, in_names, t, base)?;
     let out_dtype = cx
         .recipe
@@ -32,7 +38,7 @@ pub(super) fn plan_tensor(
         .dtype
         .map(|d| d.to_proto() as i32)
         .unwrap_or(inputs[base.unwrap_or(0)].dtype);
-    let job = pb::TensorJob {
+    let mut job = pb::TensorJob {
         name: out_name.to_string(),
         shape,
         out_dtype: out_dtype.to_proto() as i32,
@@ -49,7 +55,13 @@ pub(super) fn plan_tensor(
             Some(d @ (DType::BF16 | DType::F16)) if !cx.compute_float32 => d.to_proto() as i32,
             _ => 0,
         },
+        row_map: None,
     };
+    if let Some(v) = remap {
+        let models: Vec<&str> = s.sources.iter().map(|x| x.model.as_str()).collect();
+        let rows: Vec<u64> = infos.iter().map(|i| i.shape[0]).collect();
+        job.row_map = Some(v.row_map(out_name, &models, &rows, base)?);
+    }
     let ctx = shardmerge_worker::tensor::tensor_ctx(&job).map_err(Error::Input)?;
     cx.method.check(&ctx).map_err(|e| {
         Error::Recipe(format!(
@@ -102,6 +114,7 @@ pub(super) fn copy_job(
         rng: cx.rng as i32,
         work_dtype: 0,
         compute_dtype: 0,
+        row_map: None,
     })
 }
 
@@ -112,6 +125,29 @@ pub const COPY_METHOD: &str = "passthrough";
 /// Whether a tensor job copies a non-float tensor rather than merging.
 pub fn is_copy(t: &pb::TensorJob) -> bool {
     DType::from_proto(t.out_dtype).is_some_and(|d| !d.is_float())
+}
+
+/// The shape of an embedding re-mapped into the output vocabulary: its `rows`, and the
+/// models' common row length (rows of different lengths can't be merged).
+fn vocab_shape(
+    name: &str,
+    rows: u64,
+    sources: &[Source],
+    infos: &[&TensorInfo],
+) -> Result<Vec<u64>> {
+    let cols = infos[0].shape[1];
+    if infos.iter().any(|i| i.shape[1] != cols) {
+        let shapes: Vec<String> = sources
+            .iter()
+            .zip(infos)
+            .map(|(s, i)| format!("{} has {:?}", s.model, i.shape))
+            .collect();
+        return Err(Error::Input(format!(
+            "tensor {name}: the models' embedding widths differ ({}); rows of different hidden sizes can't be merged",
+            shapes.join(", ")
+        )));
+    }
+    Ok(vec![rows, cols])
 }
 
 pub(super) fn out_shape(
@@ -137,7 +173,7 @@ pub(super) fn out_shape(
             return Ok(vec![rows, cols]);
         }
         return Err(Error::Input(format!(
-            "tensor {name}: the models' vocabularies differ ({}): merging their rows as they are would mix up tokens. Align the vocabulary axes with the tokenizer configuration first (one tokenizer for all models; mergekit's `tokenizer_source`/`tokenizer:` are not supported by shardmerge yet), or pass --unsafe-truncate-embeddings to keep only the first {rows} rows of every model",
+            "tensor {name}: the models' vocabularies differ ({}): merging their rows as they are would mix up tokens. Align the vocabulary axes with the tokenizer configuration: set `tokenizer_source: union` (every model's tokens, each model's rows for its own tokens), `tokenizer_source: base` or a model, or a `tokenizer:` section (docs/tokenizers.md); or pass --unsafe-truncate-embeddings to keep only the first {rows} rows of every model",
             shapes.join(", ")
         )));
     }

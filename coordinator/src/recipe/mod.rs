@@ -9,6 +9,7 @@ use shardmerge_worker::format::dtype::DType;
 use crate::error::{Error, Result};
 
 mod parse;
+mod tokens;
 
 pub use parse::max_recipe_bytes;
 
@@ -65,10 +66,47 @@ pub struct Slice {
     pub params: Params,
 }
 
+/// Where the output vocabulary comes from (`tokenizer_source:` or `tokenizer.source`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TokenizerSource {
+    /// The base model's tokenizer, without tokens past its embedding rows.
     Base,
+    /// Every model's tokens: the base's, then the others' new ones appended.
+    Union,
+    /// That model's tokenizer.
     Model(String),
+}
+
+/// Where one token's embedding comes from (`tokenizer.tokens.TOKEN.source`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TokenSource {
+    /// `{kind: zero}`: a row of zeros.
+    Zero,
+    /// A model's row for this same token.
+    Model(String),
+    /// `{kind: model_token, model, token_id | token}`: a model's row for another token.
+    ModelToken {
+        model: String,
+        token_id: Option<u64>,
+        token: Option<String>,
+    },
+}
+
+/// One entry of `tokenizer.tokens`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenConfig {
+    pub source: Option<TokenSource>,
+    /// Every model takes the source's row, even one that has the token.
+    pub force: bool,
+}
+
+/// The `tokenizer:` section.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenizerConfig {
+    pub source: TokenizerSource,
+    /// Tokens in the order written (added to the output vocabulary when new).
+    pub tokens: Vec<(String, TokenConfig)>,
+    pub pad_to_multiple_of: Option<u64>,
 }
 
 #[derive(Clone, Debug)]
@@ -81,6 +119,8 @@ pub struct Recipe {
     pub dtype: Option<DType>,
     pub out_dtype: Option<DType>,
     pub tokenizer_source: Option<TokenizerSource>,
+    /// The `tokenizer:` section (never together with `tokenizer_source`).
+    pub tokenizer: Option<TokenizerConfig>,
     pub random_seed: Option<u64>,
     /// The recipe as written, for the model card.
     pub text: String,
@@ -109,10 +149,18 @@ impl Recipe {
         if let Some(b) = &self.base_model {
             add(b);
         }
-        if let Some(TokenizerSource::Model(m)) = &self.tokenizer_source {
+        if let Some(TokenizerSource::Model(m)) = self.vocab_source() {
             add(m);
         }
         out
+    }
+
+    /// The output vocabulary's source, from `tokenizer_source` or `tokenizer.source`.
+    pub fn vocab_source(&self) -> Option<&TokenizerSource> {
+        self.tokenizer
+            .as_ref()
+            .map(|t| &t.source)
+            .or(self.tokenizer_source.as_ref())
     }
 
     /// Every place a parameter is set: (where, name), for unknown-parameter errors.
@@ -202,10 +250,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("dtype") && e.contains("int8"), "{e}");
-        let e =
-            Recipe::parse("merge_method: linear\ntokenizer_source: union\nmodels:\n- model: a\n")
-                .unwrap_err()
-                .to_string();
+        let e = Recipe::parse("merge_method: linear\nchat_template: x\nmodels:\n- model: a\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not supported yet"), "{e}");
     }
 

@@ -288,11 +288,11 @@ impl Recipe {
         let doc: Value = serde_yaml::from_str(text)
             .map_err(|e| Error::Recipe(format!("not valid YAML: {e}")))?;
         let top = keys(as_map(&doc, "recipe")?, "recipe", TOP_KEYS)?;
-        for unsupported in ["modules", "tokenizer", "chat_template"] {
+        for unsupported in ["modules", "chat_template"] {
             if top.contains_key(unsupported) {
                 return Err(bad(
                     unsupported,
-                    "not supported yet (supported: models, slices, base_model, parameters, dtype, out_dtype, tokenizer_source, random_seed)",
+                    "not supported yet (supported: models, slices, base_model, parameters, dtype, out_dtype, tokenizer_source, tokenizer, random_seed)",
                 ));
             }
         }
@@ -320,8 +320,19 @@ impl Recipe {
         let tokenizer_source = top
             .get("tokenizer_source")
             .filter(|v| !v.is_null())
-            .map(|v| tokenizer_source(v))
+            .map(|v| tokenizer_source(v, "tokenizer_source"))
             .transpose()?;
+        let tokenizer = top
+            .get("tokenizer")
+            .filter(|v| !v.is_null())
+            .map(|v| super::tokens::tokenizer_section(v))
+            .transpose()?;
+        if tokenizer.is_some() && tokenizer_source.is_some() {
+            return Err(bad(
+                "tokenizer",
+                "give either `tokenizer_source` or a `tokenizer:` section, not both (put the source under `tokenizer.source`)",
+            ));
+        }
         let random_seed = top
             .get("random_seed")
             .map(|v| {
@@ -341,6 +352,7 @@ impl Recipe {
                 .map(|v| dtype(v, "out_dtype"))
                 .transpose()?,
             tokenizer_source,
+            tokenizer,
             random_seed,
             text: text.to_string(),
         })
@@ -391,15 +403,12 @@ fn slice(s: &Value, i: usize) -> Result<Slice> {
     })
 }
 
-/// `tokenizer_source:`: `base` or a model of the recipe (`union` is refused).
-fn tokenizer_source(v: &Value) -> Result<TokenizerSource> {
-    let s = string(v, "tokenizer_source")?;
-    match s.as_str() {
-        "base" => Ok(TokenizerSource::Base),
-        "union" => Err(bad(
-            "tokenizer_source",
-            "`union` is not supported yet (use `base` or a model from the recipe)",
-        )),
-        _ => Ok(TokenizerSource::Model(s)),
-    }
+/// `tokenizer_source:` (or `tokenizer.source`): `base`, `union` or a model.
+pub(super) fn tokenizer_source(v: &Value, path: &str) -> Result<TokenizerSource> {
+    let s = string(v, path)?;
+    Ok(match s.as_str() {
+        "base" => TokenizerSource::Base,
+        "union" => TokenizerSource::Union,
+        _ => TokenizerSource::Model(model_ref(v, path)?),
+    })
 }
