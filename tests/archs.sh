@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Real architectures, checked as a user would: merges every case of tests/fixtures/archs with
 # shardmerge, loads each output in transformers and compares logits (and, where the Rust suite
-# cannot compare bit for bit, every tensor) with mergekit's. See tests/fixtures/archs/README.md.
+# cannot compare bit for bit, every tensor) with mergekit's, then does the same for the
+# vocabulary cases (tests/fixtures/vocab: tokens and logits). See tests/fixtures/archs/README.md.
 #
 # usage: tests/archs.sh [CASE ...]
 #
@@ -11,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
-VENV=${ARCHS_VENV:-.venv-archs}
+VENV=$(realpath -m "${ARCHS_VENV:-.venv-archs}")
 REQ=tests/fixtures/archs/requirements.txt
 
 if ! "$VENV/bin/python" -c 'import torch, transformers, mergekit' 2>/dev/null; then
@@ -23,4 +24,10 @@ fi
 cargo build --quiet -p shardmerge --bin shardmerge
 # transformers' and mergekit's progress bars and notices are not what this checks
 export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error TQDM_DISABLE=1
-exec "$VENV/bin/python" tests/fixtures/archs/check.py target/debug/shardmerge "$@"
+status=0
+"$VENV/bin/python" tests/fixtures/archs/check.py target/debug/shardmerge "$@" || status=$?
+if [[ $# -eq 0 ]]; then
+    echo "== tests/fixtures/vocab/check.sh (tokenizers and logits against mergekit)"
+    ARCHS_VENV=$VENV tests/fixtures/vocab/check.sh "$PWD/target/debug/shardmerge" || status=$?
+fi
+exit "$status"
