@@ -5,7 +5,9 @@ use super::*;
 /// Gives every randomised (tensor, input) its place in mergekit's draw stream. mergekit runs
 /// its merge tasks in order of their group label (the largest input tensor name, compared as
 /// Python compares strings: by code point, which is UTF-8 byte order), and each task draws
-/// once per element for each input in recipe order. Ties keep output order.
+/// once per element for each input in recipe order. Ties keep output order. A non-float tensor
+/// (copied, not merged, here) takes the draws mergekit spends on it: mergekit casts it to the
+/// recipe's dtype and merges it like the others, so later tensors' draws come after its own.
 pub(super) fn lay_out_draws(method: &dyn Method, tensors: &mut [pb::TensorJob]) -> Result<()> {
     let mut order: Vec<(String, usize)> = tensors
         .iter()
@@ -18,15 +20,13 @@ pub(super) fn lay_out_draws(method: &dyn Method, tensors: &mut [pb::TensorJob]) 
     order.sort();
     let mut at = 0u64;
     for (_, k) in order {
-        if is_copy(&tensors[k]) {
-            continue;
-        }
+        let copy = is_copy(&tensors[k]);
         let counts = {
             let ctx = shardmerge_worker::tensor::tensor_ctx(&tensors[k]).map_err(Error::Input)?;
             method.draws(&ctx)
         };
         for (src, n) in tensors[k].inputs.iter_mut().zip(counts) {
-            src.rng_offset = at;
+            src.rng_offset = if copy { 0 } else { at };
             at = at.checked_add(n).ok_or_else(|| {
                 Error::Input("more random draws than a 64-bit stream position holds".into())
             })?;

@@ -16,7 +16,16 @@ pub(super) fn plan_tensor(
         .iter()
         .any(|i| DType::from_proto(i.dtype).is_some_and(|d| !d.is_float()))
     {
-        return copy_job(cx, out_name, inputs, reference_source(cx, s));
+        let (params, model_params) = job_params(cx, s, out_name, in_names, t, base)?;
+        let mut job = copy_job(cx, out_name, inputs, reference_source(cx, s))?;
+        keep_params(
+            &mut job,
+            params,
+            model_params,
+            base,
+            reference_source(cx, s),
+        );
+        return Ok(job);
     }
     let remap = cx
         .vocab
@@ -116,6 +125,30 @@ pub(super) fn copy_job(
         compute_dtype: 0,
         row_map: None,
     })
+}
+
+/// Gives a copy job the recipe's parameters for the tensor, in the copy's input order (the
+/// source `from` first): the worker ignores them, `lay_out_draws` counts the random draws
+/// mergekit spends merging such a tensor as floats.
+fn keep_params(
+    job: &mut pb::TensorJob,
+    params: HashMap<String, f64>,
+    model_params: Vec<pb::ParamMap>,
+    base: Option<usize>,
+    from: usize,
+) {
+    let order = |i: usize| match i {
+        i if i == from => 0,
+        i if i < from => i + 1,
+        i => i,
+    };
+    let mut mp = vec![pb::ParamMap::default(); model_params.len()];
+    for (i, p) in model_params.into_iter().enumerate() {
+        mp[order(i)] = p;
+    }
+    job.params = Some(pb::ParamMap { values: params });
+    job.model_params = mp;
+    job.base_index = base.map(|b| order(b) as u32);
 }
 
 /// The method a copied (non-float) tensor's job names: it has no statistics passes and no
