@@ -11,6 +11,11 @@
 #   BENCH_BIN=DIR       where the binaries are (default target/release)
 #   BENCH_GEN_ARGS=...  gen-family shape options instead of the 0.75B defaults (for trying the
 #                       script out at a small size, with BENCH_DATA elsewhere)
+#   BENCH_COMPUTE=MODE  recipe (default): the recipes as written (dtype: bfloat16, so every
+#                       operation rounds to bf16 as in mergekit); f32: with --compute-dtype
+#                       float32; both: each merge both ways in the same run, with the ratio
+#   BENCH_SHA256=1      print the sha256 of each merge's output files (to show that a change
+#                       left the output byte-identical: compare two runs)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -60,7 +65,7 @@ OUT_BYTES=$(bytes_of $(files_of base))   # a merge writes a model shaped like th
 
 # --- timing ---------------------------------------------------------------------------------
 mkdir -p "$DATA/out"
-declare -A WALL RSS STATUS
+declare -A WALL RSS STATUS SHA
 timed() { # key cmd... -> WALL[key] seconds, RSS[key] MB, STATUS[key]
     local key=$1; shift
     local tf rc=0
@@ -79,14 +84,44 @@ floor() { # key files...
     timed "$key" "$REL/io-floor" --out "$DATA/out/floor.bin" --bytes "$OUT_BYTES" "$@"
     rm -f "$DATA/out/floor.bin"
 }
-merge() { # key recipe
+# the recipes name bench-data/...: point them at $DATA
+recipe_for() { # name -> path of the recipe reading $DATA
+    local r=$DATA/out/$1.yml
+    sed "s#bench-data/#$DATA/#g" "bench/$1.yml" >"$r"
+    echo "$r"
+}
+merge() { # key recipe [shardmerge options...]
     local key=$1 recipe=$2 out=$DATA/out/$1
+    shift 2
     rm -rf "$out"
-    local extra=()
-    [[ -n ${BENCH_WORKERS:-} ]] && extra=(--workers "$BENCH_WORKERS")
+    local extra=("$@")
+    [[ -n ${BENCH_WORKERS:-} ]] && extra+=(--workers "$BENCH_WORKERS")
     timed "$key" "$REL/shardmerge" run "$recipe" "$out" --quiet "${extra[@]}"
-    [[ ${STATUS[$key]} == ok ]] && OUTSIZE[$key]=$(du -sb "$out" | cut -f1)
+    if [[ ${STATUS[$key]} == ok ]]; then
+        OUTSIZE[$key]=$(du -sb "$out" | cut -f1)
+        if [[ -n ${BENCH_SHA256:-} ]]; then
+            SHA[$key]=$(cd "$out" && sha256sum ./*.safetensors | sha256sum | cut -c1-16)
+        fi
+    fi
     rm -rf "$out"
+}
+COMPUTE=${BENCH_COMPUTE:-recipe}
+case $COMPUTE in
+    recipe | f32 | both) ;;
+    *)
+        echo "bench: BENCH_COMPUTE=$COMPUTE: expected recipe, f32 or both" >&2
+        exit 2
+        ;;
+esac
+merges() { # the merges, each way BENCH_COMPUTE asks for
+    local name
+    for name in task_arithmetic ties; do
+        local recipe
+        recipe=$(recipe_for "$name")
+        [[ $COMPUTE != f32 ]] && merge "$name" "$recipe"
+        [[ $COMPUTE != recipe ]] && merge "${name}_f32" "$recipe" --compute-dtype float32
+    done
+    return 0
 }
 declare -A OUTSIZE
 
@@ -94,8 +129,7 @@ sync   # flush the generator's (or an earlier run's) dirty pages before timing a
 floor floor_ta_first "${TA_IN[@]}"
 floor floor_ties_first "${TIES_IN[@]}"
 if [[ ${BENCH_ONLY:-} != floor ]]; then
-    merge task_arithmetic bench/task_arithmetic.yml
-    merge ties bench/ties.yml
+    merges
 fi
 floor floor_ta_last "${TA_IN[@]}"
 floor floor_ties_last "${TIES_IN[@]}"
@@ -109,15 +143,19 @@ echo
 echo "shardmerge benchmark  ($(nproc) cores; warm page cache; output $(gb "$OUT_BYTES") GB)"
 echo "inputs: task_arithmetic $(gb "$(bytes_of "${TA_IN[@]}")") GB, ties $(gb "$(bytes_of "${TIES_IN[@]}")") GB"
 echo
-printf '%-22s %10s %12s  %s\n' run wall_s peak_rss_MB status
-for k in floor_ta_first floor_ties_first task_arithmetic ties floor_ta_last floor_ties_last; do
+printf '%-22s %10s %12s  %-8s %s\n' run wall_s peak_rss_MB status sha256
+for k in floor_ta_first floor_ties_first task_arithmetic task_arithmetic_f32 ties ties_f32 \
+    floor_ta_last floor_ties_last; do
     [[ -n ${WALL[$k]:-} ]] || continue
-    printf '%-22s %10s %12s  %s\n' "$k" "${WALL[$k]}" "${RSS[$k]}" "${STATUS[$k]}"
+    printf '%-22s %10s %12s  %-8s %s\n' "$k" "${WALL[$k]}" "${RSS[$k]}" "${STATUS[$k]}" "${SHA[$k]:-}"
 done
 echo
 fail=0
-for pair in "task_arithmetic ta $MK_TA_S $MK_TA_MB" "ties ties $MK_TIES_S $MK_TIES_MB"; do
+for pair in "task_arithmetic ta $MK_TA_S $MK_TA_MB" "task_arithmetic_f32 ta $MK_TA_S $MK_TA_MB" \
+    "ties ties $MK_TIES_S $MK_TIES_MB" "ties_f32 ties $MK_TIES_S $MK_TIES_MB"; do
     read -r k f mks mkmb <<<"$pair"
+    [[ $k == *_f32 && -z ${WALL[$k]:-} ]] && continue
+    [[ $k != *_f32 && $COMPUTE == f32 ]] && continue
     fl=$(min "${WALL[floor_${f}_first]}" "${WALL[floor_${f}_last]}")
     if [[ -z ${WALL[$k]:-} ]]; then
         echo "$k: I/O floor ${fl} s (first ${WALL[floor_${f}_first]} s, last ${WALL[floor_${f}_last]} s); merge not run"
@@ -129,6 +167,15 @@ for pair in "task_arithmetic ta $MK_TA_S $MK_TA_MB" "ties ties $MK_TIES_S $MK_TI
         continue
     fi
     echo "$k: ${WALL[$k]} s = $(ratio "${WALL[$k]}" "$fl")x the I/O floor (${fl} s; first ${WALL[floor_${f}_first]}, last ${WALL[floor_${f}_last]}), peak RSS ${RSS[$k]} MB, output $(gb "${OUTSIZE[$k]}") GB"
+    # mergekit's figures are for the default (0.75B) size only
+    [[ -n ${BENCH_GEN_ARGS:-} ]] && continue
     echo "$(printf '%*s' ${#k} '')  mergekit 0.1.5: ${mks} s / ${mkmb} MB -> $(ratio "$mks" "${WALL[$k]}")x faster, $(ratio "$mkmb" "${RSS[$k]}")x less memory"
 done
+if [[ $COMPUTE == both ]]; then
+    echo
+    for k in task_arithmetic ties; do
+        [[ ${STATUS[$k]:-} == ok && ${STATUS[${k}_f32]:-} == ok ]] || continue
+        echo "$k: bf16 op by op ${WALL[$k]} s / f32 compute ${WALL[${k}_f32]} s = $(ratio "${WALL[$k]}" "${WALL[${k}_f32]}")x"
+    done
+fi
 exit $fail
