@@ -480,11 +480,21 @@ impl Sparse {
     }
 
     /// Writes the sparsified delta of elements `[at, at + d.len())` of the range into `d`;
-    /// `x` and `b` are the model's and the base's values there. Chunks must come in order,
-    /// from the range's first element (the window counts ties and the draws advance as they
-    /// go).
+    /// `x` and `b` are the model's and the base's values there, already in the working dtype
+    /// ([`Work::rounded`]). Chunks must come in order, from the range's first element (the
+    /// window counts ties and the draws advance as they go).
     fn fill(&mut self, work: Work, x: &[f32], b: &[f32], at: usize, d: &mut [f32]) {
-        work.sub_into(x, b, d);
+        if matches!(
+            self,
+            Sparse::All | Sparse::Window { .. } | Sparse::Random { .. }
+        ) {
+            work.sub_rounded_into(x, b, d);
+        }
+        self.sparsify(at, d);
+    }
+
+    /// [`Sparse::fill`] for a chunk `d` that already holds the unsparsified delta.
+    fn sparsify(&mut self, at: usize, d: &mut [f32]) {
         match self {
             Sparse::All => {}
             Sparse::Nothing => d.iter_mut().for_each(|v| *v = 0.0),
@@ -636,11 +646,13 @@ fn for_each_key_chunk(plan: &Plan, inputs: &[&[f32]], j: usize, f: &mut dyn FnMu
     let (x, b) = (inputs[i], inputs[plan.base]);
     let mut keys = [0u32; CHUNK];
     let mut d = [0f32; CHUNK];
+    let (mut xbuf, mut bbuf) = ([0f32; CHUNK], [0f32; CHUNK]);
     for (xc, bc) in x.chunks(CHUNK).zip(b.chunks(CHUNK)) {
         let ks = &mut keys[..xc.len()];
         if plan.work.rounds() {
             let d = &mut d[..xc.len()];
-            plan.work.sub_into(xc, bc, d);
+            let w = plan.work;
+            w.sub_rounded_into(w.rounded(xc, &mut xbuf), w.rounded(bc, &mut bbuf), d);
             for (k, &d) in ks.iter_mut().zip(d.iter()) {
                 *k = select::key(d);
             }
@@ -721,18 +733,21 @@ impl Method for Gta {
             if plan.keep[j].rescalable() {
                 let x = inputs[plan.others[j]];
                 let b = inputs[plan.base];
-                let w = plan.work;
-                before.add_all(
-                    x.iter()
-                        .zip(b.iter())
-                        .map(|(&x, &b)| w.r(w.r(x) - w.r(b)).abs()),
-                );
                 let mut sp = Sparse::new(&plan, ctx, state.child(0), rows, inputs, j)?;
                 let mut d = [0f32; CHUNK];
+                let (mut xbuf, mut bbuf) = ([0f32; CHUNK], [0f32; CHUNK]);
+                let w = plan.work;
                 for at in (0..len).step_by(CHUNK) {
                     let end = (at + CHUNK).min(len);
                     let dc = &mut d[..end - at];
-                    sp.fill(plan.work, &x[at..end], &b[at..end], at, dc);
+                    // the sums are exact, so summing chunk by chunk changes no bit
+                    let (xr, br) = (
+                        w.rounded(&x[at..end], &mut xbuf),
+                        w.rounded(&b[at..end], &mut bbuf),
+                    );
+                    w.sub_rounded_into(xr, br, dc);
+                    before.add_all(dc.iter().map(|v| v.abs()));
+                    sp.sparsify(at, dc);
                     after.add_all(dc.iter().map(|v| v.abs()));
                 }
             }
@@ -825,23 +840,26 @@ impl Method for Gta {
         let mut sum = [0f32; CHUNK];
         let mut mixed = [0f32; CHUNK];
         let mut div = [0f32; CHUNK];
+        let (mut xbuf, mut bbuf) = ([0f32; CHUNK], [0f32; CHUNK]);
+        let work = plan.work;
         for at in (0..n).step_by(CHUNK) {
             let end = (at + CHUNK).min(n);
             let len = end - at;
-            let bc = &base[at..end];
+            // inputs in the working dtype once per chunk (usually as read: no copy)
+            let bc = work.rounded(&base[at..end], &mut bbuf);
             for (j, sp) in sparse.iter_mut().enumerate() {
                 let d = &mut deltas[j * CHUNK..j * CHUNK + len];
-                sp.fill(plan.work, &inputs[plan.others[j]][at..end], bc, at, d);
+                let xc = work.rounded(&inputs[plan.others[j]][at..end], &mut xbuf);
+                sp.fill(work, xc, bc, at, d);
                 if let Some(s) = scales[j] {
-                    let w = plan.work;
-                    d.iter_mut().for_each(|v| *v = w.r(*v * s));
+                    work.scale(d, s);
                 }
             }
-            if plan.work.rounds() {
+            if work.rounds() {
                 let (o, cons) = (&mut out[at..end], self.cfg.consensus);
-                match plan.work {
-                    Work::BF16 => mix_rounded::<1>(&plan, cons, &deltas, bc, o),
-                    _ => mix_rounded::<2>(&plan, cons, &deltas, bc, o),
+                match work {
+                    Work::BF16 => mix_rounded::<1>(&plan, cons, &mut deltas, bc, o),
+                    _ => mix_rounded::<2>(&plan, cons, &mut deltas, bc, o),
                 }
                 continue;
             }
@@ -904,33 +922,43 @@ impl Method for Gta {
 /// weighted deltas rounded; the sign consensus from their rounded sum; the sum of the agreeing
 /// (or all) weighted deltas and of their weights, each accumulated in f32 and rounded (a zero
 /// divisor becomes 1, a plain one below 1e-8 too); then the quotient, the `lambda` product and
-/// the sum with the base, each rounded. `deltas` holds each model's chunk at `j * CHUNK`.
+/// the sum with the base, each rounded. `deltas` holds each model's chunk at `j * CHUNK`, in
+/// the working dtype, and is overwritten with the weighted deltas; `base` is in the working
+/// dtype too ([`Work::rounded`]).
 fn mix_rounded<const K: u8>(
     plan: &Plan,
     consensus: bool,
-    deltas: &[f32],
+    deltas: &mut [f32],
     base: &[f32],
     out: &mut [f32],
 ) {
     let len = out.len();
     let w = &plan.weights;
+    // each weighted delta once (the consensus reads it twice). A weight of 1 changes no bit:
+    // d · 1 is d, and d is already in the working dtype, so rounding it again is d too.
+    for (j, &wj) in w.iter().enumerate() {
+        if wj != 1.0 {
+            let d = &mut deltas[j * CHUNK..j * CHUNK + len];
+            d.iter_mut().for_each(|d| *d = rk::<K>(*d * wj));
+        }
+    }
+    let deltas = &*deltas;
     let mut mixed = [0f32; CHUNK];
     let mut div = [0f32; CHUNK];
     let (mixed, div) = (&mut mixed[..len], &mut div[..len]);
     if consensus {
         let mut sign = [0f32; CHUNK];
         let sign = &mut sign[..len];
-        for (j, &wj) in w.iter().enumerate() {
-            let d = &deltas[j * CHUNK..j * CHUNK + len];
-            for (s, &d) in sign.iter_mut().zip(d) {
-                *s += rk::<K>(d * wj);
+        for j in 0..w.len() {
+            let wd = &deltas[j * CHUNK..j * CHUNK + len];
+            for (s, &wd) in sign.iter_mut().zip(wd) {
+                *s += wd;
             }
         }
         sign.iter_mut().for_each(|s| *s = rk::<K>(*s));
         for (j, &wj) in w.iter().enumerate() {
-            let d = &deltas[j * CHUNK..j * CHUNK + len];
-            for (((m, dv), &s), &d) in mixed.iter_mut().zip(div.iter_mut()).zip(&*sign).zip(d) {
-                let wd = rk::<K>(d * wj);
+            let wd = &deltas[j * CHUNK..j * CHUNK + len];
+            for (((m, dv), &s), &wd) in mixed.iter_mut().zip(div.iter_mut()).zip(&*sign).zip(wd) {
                 // torch: sign(wd) == (sum >= 0 ? 1 : -1); a -0.0 sum counts as >= 0
                 let agree = if s >= 0.0 { wd > 0.0 } else { wd < 0.0 };
                 *m += if agree { wd } else { 0.0 };
@@ -945,10 +973,10 @@ fn mix_rounded<const K: u8>(
             }
         }
     } else {
-        for (j, &wj) in w.iter().enumerate() {
-            let d = &deltas[j * CHUNK..j * CHUNK + len];
-            for (m, &d) in mixed.iter_mut().zip(d) {
-                *m += rk::<K>(d * wj);
+        for j in 0..w.len() {
+            let wd = &deltas[j * CHUNK..j * CHUNK + len];
+            for (m, &wd) in mixed.iter_mut().zip(wd) {
+                *m += wd;
             }
         }
         let t = rk::<K>(w.iter().sum());
@@ -969,7 +997,7 @@ fn mix_rounded<const K: u8>(
             .for_each(|m| *m = rk::<K>(*m * plan.lambda));
     }
     for ((o, &b), &m) in out.iter_mut().zip(base).zip(&*mixed) {
-        *o = rk::<K>(rk::<K>(b) + m);
+        *o = rk::<K>(b + m);
     }
 }
 

@@ -7,10 +7,6 @@
 //! follow the same steps on f32 values, rounding with [`Work::r`] where torch rounds; with
 //! [`Work::F32`] that is the identity, so the f32 path is the plain arithmetic.
 
-use half::f16;
-
-use crate::format::dtype::bf16_bits;
-
 /// The dtype every operation's result is rounded to.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Work {
@@ -27,8 +23,8 @@ impl Work {
     pub fn r(self, x: f32) -> f32 {
         match self {
             Work::F32 => x,
-            Work::BF16 => f32::from_bits((bf16_bits(x) as u32) << 16),
-            Work::F16 => f16::from_f32(x).to_f32(),
+            Work::BF16 => rk::<1>(x),
+            Work::F16 => rk::<2>(x),
         }
     }
 
@@ -40,29 +36,149 @@ impl Work {
     #[inline]
     pub fn sub_into(self, x: &[f32], b: &[f32], d: &mut [f32]) {
         match self {
-            Work::F32 => {
-                for ((d, &x), &b) in d.iter_mut().zip(x).zip(b) {
-                    *d = x - b;
-                }
-            }
-            w => {
-                for ((d, &x), &b) in d.iter_mut().zip(x).zip(b) {
-                    *d = w.r(w.r(x) - w.r(b));
-                }
-            }
+            Work::F32 => sub_into_k::<0>(x, b, d),
+            Work::BF16 => sub_into_k::<1>(x, b, d),
+            Work::F16 => sub_into_k::<2>(x, b, d),
+        }
+    }
+
+    /// `xs` in the working dtype: `xs` itself when rounding would change no bit of it (as for
+    /// inputs read from a checkpoint in that dtype, the usual case), else rounded into `buf`
+    /// (at least as long as `xs`). Rounding is idempotent, so a kernel that rounds its inputs
+    /// once this way and then skips [`Work::r`] on them gives the same bits.
+    #[inline]
+    pub(crate) fn rounded<'a>(self, xs: &'a [f32], buf: &'a mut [f32]) -> &'a [f32] {
+        let buf = &mut buf[..xs.len()];
+        match self {
+            Work::F32 => return xs,
+            Work::BF16 if is_bf16(xs) => return xs,
+            Work::BF16 => map_k::<1>(xs, buf),
+            Work::F16 => map_k::<2>(xs, buf),
+        }
+        buf
+    }
+
+    /// `d = r(x - b)` elementwise, for `x` and `b` already in the working dtype (see
+    /// [`Work::rounded`]): [`Work::sub_into`] without rounding the inputs again.
+    #[inline]
+    pub(crate) fn sub_rounded_into(self, x: &[f32], b: &[f32], d: &mut [f32]) {
+        match self {
+            Work::F32 => sub_rounded_k::<0>(x, b, d),
+            Work::BF16 => sub_rounded_k::<1>(x, b, d),
+            Work::F16 => sub_rounded_k::<2>(x, b, d),
+        }
+    }
+
+    /// `v = r(v · s)` elementwise (`s` an f32 scalar, as torch keeps a Python float).
+    #[inline]
+    pub(crate) fn scale(self, v: &mut [f32], s: f32) {
+        match self {
+            Work::F32 => scale_k::<0>(v, s),
+            Work::BF16 => scale_k::<1>(v, s),
+            Work::F16 => scale_k::<2>(v, s),
         }
     }
 }
 
+/// [`Work::sub_into`] with the dtype fixed at compile time: one loop without a branch on the
+/// dtype, which vectorises.
+fn sub_into_k<const K: u8>(x: &[f32], b: &[f32], d: &mut [f32]) {
+    for ((d, &x), &b) in d.iter_mut().zip(x).zip(b) {
+        *d = rk::<K>(rk::<K>(x) - rk::<K>(b));
+    }
+}
+
+fn sub_rounded_k<const K: u8>(x: &[f32], b: &[f32], d: &mut [f32]) {
+    for ((d, &x), &b) in d.iter_mut().zip(x).zip(b) {
+        *d = rk::<K>(x - b);
+    }
+}
+
+fn map_k<const K: u8>(xs: &[f32], out: &mut [f32]) {
+    for (o, &x) in out.iter_mut().zip(xs) {
+        *o = rk::<K>(x);
+    }
+}
+
+/// Whether every element of `xs` is a bfloat16 value that [`rk`] leaves alone: its low 16 bits
+/// are zero and it is not a NaN (rounding makes a NaN quiet). One pass of ORs, which vectorises.
+fn is_bf16(xs: &[f32]) -> bool {
+    let mut bad = 0u32;
+    for &x in xs {
+        let b = x.to_bits();
+        bad |= (b & 0xffff) | u32::from((b & 0x7fff_ffff) > 0x7f80_0000);
+    }
+    bad == 0
+}
+
+fn scale_k<const K: u8>(v: &mut [f32], s: f32) {
+    v.iter_mut().for_each(|v| *v = rk::<K>(*v * s));
+}
+
 /// [`Work::r`] with the dtype fixed at compile time (0: f32, 1: bfloat16, 2: float16), so
 /// that loops over it vectorise.
+///
+/// Both roundings are integer arithmetic on the f32 bits without a branch (the NaN and range
+/// cases are selects), bit for bit what `half`'s `from_f32(x).to_f32()` gives for every f32
+/// (the tests compare them on every edge class, and over all 2^32 values when asked).
 #[inline(always)]
 pub fn rk<const K: u8>(x: f32) -> f32 {
     match K {
-        1 => f32::from_bits((bf16_bits(x) as u32) << 16),
-        2 => f16::from_f32(x).to_f32(),
+        1 => round_bf16(x),
+        2 => round_f16(x),
         _ => x,
     }
+}
+
+/// `x` rounded to the nearest bfloat16 (ties to even), as an f32.
+#[inline(always)]
+fn round_bf16(x: f32) -> f32 {
+    let b = x.to_bits();
+    // adding 0x7fff plus the kept half's lowest bit carries into bit 16 exactly when the
+    // dropped half is above the halfway point, or at it with an odd kept half; a finite value
+    // rounding past the largest bfloat16 carries into the exponent and becomes infinity
+    let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) & 0xffff_0000;
+    // a NaN keeps its sign and top payload bits and is made quiet
+    let nan = (b | 0x0040_0000) & 0xffff_0000;
+    f32::from_bits(if (b & 0x7fff_ffff) > 0x7f80_0000 {
+        nan
+    } else {
+        rounded
+    })
+}
+
+/// The largest finite float16 (65504), as f32 bits.
+const F16_MAX_BITS: u32 = 0x477f_e000;
+/// The smallest normal float16 (2^-14), as f32 bits.
+const F16_MIN_NORMAL_BITS: u32 = 0x3880_0000;
+
+/// `x` rounded to the nearest float16 (ties to even), as an f32.
+#[inline(always)]
+fn round_f16(x: f32) -> f32 {
+    let b = x.to_bits();
+    let sign = b & 0x8000_0000;
+    let a = b & 0x7fff_ffff;
+    // normal range: keep 10 of the 23 fraction bits, as for bfloat16 above; past 65504 (from
+    // 65520 on, infinity included) the result is infinity
+    let normal = a.wrapping_add(0xfff + ((a >> 13) & 1)) & 0xffff_e000;
+    let normal = if normal > F16_MAX_BITS {
+        0x7f80_0000
+    } else {
+        normal
+    };
+    // below 2^-14 float16 is subnormal: multiples of 2^-24. Adding 0.5 gives a sum whose ulp
+    // is 2^-24, so the addition itself rounds |x| to nearest even; subtracting 0.5 is exact.
+    let tiny = ((f32::from_bits(a) + 0.5) - 0.5).to_bits();
+    // a NaN keeps its top payload bits and is made quiet
+    let nan = (a & 0xffff_e000) | 0x0040_0000;
+    let m = if a > 0x7f80_0000 {
+        nan
+    } else if a < F16_MIN_NORMAL_BITS {
+        tiny
+    } else {
+        normal
+    };
+    f32::from_bits(sign | m)
 }
 
 impl Work {
@@ -96,5 +212,159 @@ mod tests {
         );
         // the input is rounded first (1 + 2^-9 -> 1), then the difference
         assert_eq!(d, [1.0, 2.0 - 2f32.powi(-7)]);
+    }
+
+    /// The reference roundings: through `half`'s 16-bit types and back.
+    fn half_bf16(x: f32) -> f32 {
+        half::bf16::from_f32(x).to_f32()
+    }
+    fn half_f16(x: f32) -> f32 {
+        half::f16::from_f32(x).to_f32()
+    }
+
+    /// Calls `f` with f32 bit patterns covering every edge class of both roundings: for both
+    /// signs and every exponent (zero and subnormals, the f16 subnormal range, the largest
+    /// finite values that round to infinity, infinity, NaNs), fractions at each possible
+    /// rounding position: exact ties with an even and an odd kept part, one ulp either side, and
+    /// the same with every higher fraction bit set (the carry into the exponent); then an
+    /// odd-stride sweep of all 2^32 patterns (every low-bit residue turns up).
+    fn edge_patterns(mut f: impl FnMut(u32)) {
+        for sign in [0u32, 0x8000_0000] {
+            for e in 0..=255u32 {
+                let top = sign | e << 23;
+                f(top);
+                f(top | 0x7f_ffff);
+                for q in 0..23 {
+                    let h = 1u32 << q; // the highest dropped bit when q + 1 bits are dropped
+                    let high = 0x7f_ffff & !((h << 2) - 1);
+                    for frac in [h, h - 1, h + 1, 3 * h, 3 * h - 1, 3 * h + 1] {
+                        f(top | (frac & 0x7f_ffff));
+                        f(top | ((frac | high) & 0x7f_ffff));
+                    }
+                }
+            }
+        }
+        let mut b = 0u32;
+        loop {
+            f(b);
+            match b.checked_add(251) {
+                Some(n) => b = n,
+                None => break,
+            }
+        }
+    }
+
+    fn check_against_half(b: u32) {
+        let x = f32::from_bits(b);
+        assert_eq!(
+            rk::<1>(x).to_bits(),
+            half_bf16(x).to_bits(),
+            "bf16 of {b:#010x}"
+        );
+        assert_eq!(
+            rk::<2>(x).to_bits(),
+            half_f16(x).to_bits(),
+            "f16 of {b:#010x}"
+        );
+    }
+
+    #[test]
+    fn fast_rounding_is_halfs_on_every_edge_class() {
+        edge_patterns(check_against_half);
+        // a few named float16 cases, spelled out
+        let cases = [
+            (65519.0, 65504.0),                     // below halfway to 65536: the max
+            (65520.0, f32::INFINITY),               // a tie past the max: infinity
+            (2f32.powi(-25), 0.0),                  // subnormal tie to even: zero
+            (3.0 * 2f32.powi(-25), 2f32.powi(-23)), // subnormal tie to even: up
+            (2f32.powi(-14) - 2f32.powi(-30), 2f32.powi(-14)), // up to the smallest normal
+            (1.0 + 2f32.powi(-11), 1.0),            // normal tie to even
+        ];
+        for (x, want) in cases {
+            assert_eq!(rk::<2>(x), want, "{x}");
+            assert_eq!(rk::<2>(-x), -want, "{x}");
+        }
+        assert_eq!(rk::<1>(f32::MAX), f32::INFINITY);
+        assert_eq!(rk::<2>(-0.0).to_bits(), (-0.0f32).to_bits());
+        assert!(rk::<1>(f32::NAN).is_nan() && rk::<2>(f32::NAN).is_nan());
+    }
+
+    /// Values already in bfloat16 are used as they are; a signalling NaN among them is not
+    /// (rounding makes it quiet), nor is a value with low bits set.
+    #[test]
+    fn rounded_borrows_only_what_rounding_leaves_alone() {
+        let xs = [
+            1.0f32,
+            -0.0,
+            f32::INFINITY,
+            -3.0e38,
+            f32::from_bits(0x0001_0000),
+            0.5,
+        ];
+        let xs: Vec<f32> = xs.iter().map(|&x| half_bf16(x)).collect();
+        let mut buf = [0f32; 8];
+        assert!(std::ptr::eq(Work::BF16.rounded(&xs, &mut buf), &xs[..]));
+        assert!(std::ptr::eq(Work::F32.rounded(&xs, &mut buf), &xs[..]));
+        for odd in [f32::from_bits(0x7f81_0000), f32::NAN, 1.0 + 2f32.powi(-10)] {
+            let mut ys = xs.clone();
+            ys[2] = odd;
+            let got = Work::BF16.rounded(&ys, &mut buf).to_vec();
+            let want: Vec<u32> = ys.iter().map(|&y| half_bf16(y).to_bits()).collect();
+            assert_eq!(got.iter().map(|g| g.to_bits()).collect::<Vec<_>>(), want);
+        }
+    }
+
+    /// Every one of the 2^32 f32 patterns (about a minute in a release build):
+    /// `cargo test --release -p shardmerge-worker --lib round -- --ignored`.
+    #[test]
+    #[ignore]
+    fn fast_rounding_is_halfs_for_every_f32() {
+        for b in 0..=u32::MAX {
+            check_against_half(b);
+        }
+    }
+
+    /// The slice helpers and [`Work::r`] for each dtype against the reference rounding applied
+    /// step by step.
+    #[test]
+    fn slice_helpers_round_every_step() {
+        let mut xs = Vec::new();
+        let mut i = 0u32;
+        edge_patterns(|b| {
+            i += 1;
+            if i.is_multiple_of(5) {
+                xs.push(f32::from_bits(b));
+            }
+        });
+        let bs: Vec<f32> = xs.iter().rev().copied().collect();
+        type Reference = fn(f32) -> f32;
+        let refs: [(Work, Reference); 3] = [
+            (Work::F32, |x| x),
+            (Work::BF16, half_bf16),
+            (Work::F16, half_f16),
+        ];
+        for (w, r) in refs {
+            let mut d = vec![0f32; xs.len()];
+            w.sub_into(&xs, &bs, &mut d);
+            for ((&d, &x), &b) in d.iter().zip(&xs).zip(&bs) {
+                assert_eq!(d.to_bits(), r(r(x) - r(b)).to_bits(), "{w:?}: {x} - {b}");
+                assert_eq!(w.r(x).to_bits(), r(x).to_bits(), "{w:?}: {x}");
+            }
+            let mut buf = vec![0f32; xs.len()];
+            let rx: Vec<f32> = w.rounded(&xs, &mut buf).to_vec();
+            let rb: Vec<f32> = w.rounded(&bs, &mut buf).to_vec();
+            let mut d2 = vec![0f32; xs.len()];
+            w.sub_rounded_into(&rx, &rb, &mut d2);
+            for ((&rx, &x), (&d, &d2)) in rx.iter().zip(&xs).zip(d.iter().zip(&d2)) {
+                assert_eq!(rx.to_bits(), r(x).to_bits(), "{w:?}: {x}");
+                assert_eq!(d.to_bits(), d2.to_bits(), "{w:?}: {x}");
+            }
+            let s = 1.0 + 2f32.powi(-10);
+            let mut v = xs.clone();
+            w.scale(&mut v, s);
+            for (&v, &x) in v.iter().zip(&xs) {
+                assert_eq!(v.to_bits(), r(x * s).to_bits(), "{w:?}: {x} * {s}");
+            }
+        }
     }
 }
