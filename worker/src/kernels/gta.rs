@@ -480,15 +480,15 @@ impl Sparse {
     }
 
     /// Writes the sparsified delta of elements `[at, at + d.len())` of the range into `d`;
-    /// `x` and `b` are the model's and the base's values there, already in the working dtype
-    /// ([`Work::rounded`]). Chunks must come in order, from the range's first element (the
-    /// window counts ties and the draws advance as they go).
+    /// `x` and `b` are the model's and the base's values there. Chunks must come in order,
+    /// from the range's first element (the window counts ties and the draws advance as they
+    /// go).
     fn fill(&mut self, work: Work, x: &[f32], b: &[f32], at: usize, d: &mut [f32]) {
         if matches!(
             self,
             Sparse::All | Sparse::Window { .. } | Sparse::Random { .. }
         ) {
-            work.sub_rounded_into(x, b, d);
+            work.sub_into(x, b, d);
         }
         self.sparsify(at, d);
     }
@@ -646,13 +646,11 @@ fn for_each_key_chunk(plan: &Plan, inputs: &[&[f32]], j: usize, f: &mut dyn FnMu
     let (x, b) = (inputs[i], inputs[plan.base]);
     let mut keys = [0u32; CHUNK];
     let mut d = [0f32; CHUNK];
-    let (mut xbuf, mut bbuf) = ([0f32; CHUNK], [0f32; CHUNK]);
     for (xc, bc) in x.chunks(CHUNK).zip(b.chunks(CHUNK)) {
         let ks = &mut keys[..xc.len()];
         if plan.work.rounds() {
             let d = &mut d[..xc.len()];
-            let w = plan.work;
-            w.sub_rounded_into(w.rounded(xc, &mut xbuf), w.rounded(bc, &mut bbuf), d);
+            plan.work.sub_into(xc, bc, d);
             for (k, &d) in ks.iter_mut().zip(d.iter()) {
                 *k = select::key(d);
             }
@@ -735,17 +733,11 @@ impl Method for Gta {
                 let b = inputs[plan.base];
                 let mut sp = Sparse::new(&plan, ctx, state.child(0), rows, inputs, j)?;
                 let mut d = [0f32; CHUNK];
-                let (mut xbuf, mut bbuf) = ([0f32; CHUNK], [0f32; CHUNK]);
-                let w = plan.work;
                 for at in (0..len).step_by(CHUNK) {
                     let end = (at + CHUNK).min(len);
                     let dc = &mut d[..end - at];
                     // the sums are exact, so summing chunk by chunk changes no bit
-                    let (xr, br) = (
-                        w.rounded(&x[at..end], &mut xbuf),
-                        w.rounded(&b[at..end], &mut bbuf),
-                    );
-                    w.sub_rounded_into(xr, br, dc);
+                    plan.work.sub_into(&x[at..end], &b[at..end], dc);
                     before.add_all(dc.iter().map(|v| v.abs()));
                     sp.sparsify(at, dc);
                     after.add_all(dc.iter().map(|v| v.abs()));
@@ -840,22 +832,22 @@ impl Method for Gta {
         let mut sum = [0f32; CHUNK];
         let mut mixed = [0f32; CHUNK];
         let mut div = [0f32; CHUNK];
-        let (mut xbuf, mut bbuf) = ([0f32; CHUNK], [0f32; CHUNK]);
+        let mut bbuf = [0f32; CHUNK];
         let work = plan.work;
         for at in (0..n).step_by(CHUNK) {
             let end = (at + CHUNK).min(n);
             let len = end - at;
-            // inputs in the working dtype once per chunk (usually as read: no copy)
-            let bc = work.rounded(&base[at..end], &mut bbuf);
+            let bc = &base[at..end];
             for (j, sp) in sparse.iter_mut().enumerate() {
                 let d = &mut deltas[j * CHUNK..j * CHUNK + len];
-                let xc = work.rounded(&inputs[plan.others[j]][at..end], &mut xbuf);
-                sp.fill(work, xc, bc, at, d);
+                sp.fill(work, &inputs[plan.others[j]][at..end], bc, at, d);
                 if let Some(s) = scales[j] {
                     work.scale(d, s);
                 }
             }
             if work.rounds() {
+                // the base in the working dtype once (usually as read: only checked)
+                let bc = work.rounded(bc, &mut bbuf);
                 let (o, cons) = (&mut out[at..end], self.cfg.consensus);
                 match work {
                     Work::BF16 => mix_rounded::<1>(&plan, cons, &mut deltas, bc, o),
