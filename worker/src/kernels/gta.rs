@@ -850,6 +850,10 @@ impl Method for Gta {
                 let bc = work.rounded(bc, &mut bbuf);
                 let (o, cons) = (&mut out[at..end], self.cfg.consensus);
                 match work {
+                    Work::BF16 if super::round::has_avx2() => {
+                        // SAFETY: the CPU has AVX2 (checked at run time just above)
+                        unsafe { mix_rounded_avx2::<1>(&plan, cons, &mut deltas, bc, o) }
+                    }
                     Work::BF16 => mix_rounded::<1>(&plan, cons, &mut deltas, bc, o),
                     _ => mix_rounded::<2>(&plan, cons, &mut deltas, bc, o),
                 }
@@ -917,6 +921,10 @@ impl Method for Gta {
 /// the sum with the base, each rounded. `deltas` holds each model's chunk at `j * CHUNK`, in
 /// the working dtype, and is overwritten with the weighted deltas; `base` is in the working
 /// dtype too ([`Work::rounded`]).
+///
+/// Inlined into [`mix_rounded_avx2`], its build with AVX2 (same bits: see
+/// [`super::round::has_avx2`]).
+#[inline(always)]
 fn mix_rounded<const K: u8>(
     plan: &Plan,
     consensus: bool,
@@ -993,6 +1001,34 @@ fn mix_rounded<const K: u8>(
     }
 }
 
+/// [`mix_rounded`] built with AVX2.
+///
+/// # Safety
+/// The CPU must support AVX2 ([`super::round::has_avx2`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn mix_rounded_avx2<const K: u8>(
+    plan: &Plan,
+    consensus: bool,
+    deltas: &mut [f32],
+    base: &[f32],
+    out: &mut [f32],
+) {
+    mix_rounded::<K>(plan, consensus, deltas, base, out)
+}
+
+/// Never called: `has_avx2` is false off x86-64.
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn mix_rounded_avx2<const K: u8>(
+    plan: &Plan,
+    consensus: bool,
+    deltas: &mut [f32],
+    base: &[f32],
+    out: &mut [f32],
+) {
+    mix_rounded::<K>(plan, consensus, deltas, base, out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::testutil::*;
@@ -1000,6 +1036,54 @@ mod tests {
 
     /// bf16 op by op, as torch: a hand-computed reference of mergekit's steps for
     /// task_arithmetic (lambda, no normalize) and ties' consensus at density 1.
+    /// The AVX2 build of the bf16 mix gives the baseline build's bits (weights of 1 and not,
+    /// with and without consensus, normalize and lambda; deltas with ties, zeros of both
+    /// signs, infinities and NaN).
+    #[test]
+    fn mix_builds_agree() {
+        if !super::super::round::has_avx2() {
+            return;
+        }
+        let bf = |x: f32| half::bf16::from_f32(x).to_f32();
+        let len = CHUNK - 3;
+        let val = |i: usize, salt: usize| -> f32 {
+            let h = (i * 2654435761 + salt * 40503) % 1000;
+            match h {
+                0 => f32::NAN,
+                1 => f32::INFINITY,
+                2 => -0.0,
+                3..=50 => 0.0,
+                _ => bf((h as f32 - 500.0) * 1e-3),
+            }
+        };
+        let base: Vec<f32> = (0..len).map(|i| val(i, 7)).collect();
+        for method in [&TASK_ARITHMETIC, &TIES] {
+            for (w, lambda, normalize) in [(1.0, 1.0, 0.0), (0.3, 0.7, 1.0), (1.0, 2.0, 1.0)] {
+                let mut c = case(method, &[len as u64], 4);
+                c.model_params[2].insert("weight".into(), w);
+                c.params.insert("lambda".into(), lambda);
+                c.params.insert("normalize".into(), normalize);
+                c.work = Work::BF16;
+                let ctx = c.ctx();
+                let plan = method.plan(&ctx).unwrap();
+                let mut deltas = vec![0f32; 3 * CHUNK];
+                for j in 0..3 {
+                    for i in 0..len {
+                        deltas[j * CHUNK + i] = val(i, j);
+                    }
+                }
+                let (mut d2, mut a, mut b) = (deltas.clone(), vec![0f32; len], vec![0f32; len]);
+                mix_rounded::<1>(&plan, method.cfg.consensus, &mut deltas, &base, &mut a);
+                // SAFETY: the CPU has AVX2 (checked at the top)
+                unsafe {
+                    mix_rounded_avx2::<1>(&plan, method.cfg.consensus, &mut d2, &base, &mut b)
+                };
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&a), bits(&b), "{} w {w}", method.spec.name);
+            }
+        }
+    }
+
     #[test]
     fn bf16_op_by_op() {
         let bf = |x: f32| half::bf16::from_f32(x).to_f32();

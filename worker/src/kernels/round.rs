@@ -42,7 +42,13 @@ impl Work {
         match self {
             Work::F32 => sub_rounded_k::<0>(x, b, d),
             Work::BF16 => {
-                if !sub_bf16_checked(x, b, d) {
+                let fast = if has_avx2() {
+                    // SAFETY: the CPU has AVX2 (checked at run time just above)
+                    unsafe { sub_bf16_checked_avx2(x, b, d) }
+                } else {
+                    sub_bf16_checked(x, b, d)
+                };
+                if !fast {
                     sub_into_k::<1>(x, b, d);
                 }
             }
@@ -111,8 +117,41 @@ fn is_bf16(xs: &[f32]) -> bool {
     xs.iter().fold(0, |bad, &x| bad | off_bf16(x)) == 0
 }
 
+/// Whether the CPU runs AVX2, for the hot loops built twice: for baseline x86-64 (SSE2, four
+/// lanes) and with AVX2 enabled (eight). Integer operations and IEEE float `+ - * /` give the
+/// same bits at any vector width (Rust never fuses a multiply and an add on its own), so both
+/// builds compute the same results; the tests run each.
+#[inline]
+pub(crate) fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// [`sub_bf16_checked`] built with AVX2.
+///
+/// # Safety
+/// The CPU must support AVX2 ([`has_avx2`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn sub_bf16_checked_avx2(x: &[f32], b: &[f32], d: &mut [f32]) -> bool {
+    sub_bf16_checked(x, b, d)
+}
+
+/// Never called: [`has_avx2`] is false off x86-64.
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn sub_bf16_checked_avx2(x: &[f32], b: &[f32], d: &mut [f32]) -> bool {
+    sub_bf16_checked(x, b, d)
+}
+
 /// `d = r(x - b)` in bfloat16, and whether every `x` and `b` is a bfloat16 value that
 /// rounding leaves alone (then `d` is also `r(r(x) - r(b))`).
+#[inline(always)]
 fn sub_bf16_checked(x: &[f32], b: &[f32], d: &mut [f32]) -> bool {
     let mut bad = 0u32;
     for ((d, &x), &b) in d.iter_mut().zip(x).zip(b) {
@@ -298,6 +337,30 @@ mod tests {
         assert_eq!(rk::<1>(f32::MAX), f32::INFINITY);
         assert_eq!(rk::<2>(-0.0).to_bits(), (-0.0f32).to_bits());
         assert!(rk::<1>(f32::NAN).is_nan() && rk::<2>(f32::NAN).is_nan());
+    }
+
+    /// The AVX2 build of the one-pass bf16 subtraction gives the baseline build's bits and
+    /// verdict, on inputs in bf16 (the one-pass case) and not.
+    #[test]
+    fn sub_builds_agree() {
+        if !has_avx2() {
+            return;
+        }
+        let mut xs = Vec::new();
+        edge_patterns(|b| xs.push(f32::from_bits(b)));
+        let bs: Vec<f32> = xs.iter().rev().copied().collect();
+        let round = |v: &[f32]| v.iter().map(|&x| half_bf16(x)).collect::<Vec<_>>();
+        for (x, b) in [(xs.clone(), bs.clone()), (round(&xs), round(&bs))] {
+            for (xc, bc) in x.chunks(2048).zip(b.chunks(2048)) {
+                let (mut d1, mut d2) = (vec![0f32; xc.len()], vec![0f32; xc.len()]);
+                let v1 = sub_bf16_checked(xc, bc, &mut d1);
+                // SAFETY: the CPU has AVX2 (checked at the top)
+                let v2 = unsafe { sub_bf16_checked_avx2(xc, bc, &mut d2) };
+                assert_eq!(v1, v2);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&d1), bits(&d2));
+            }
+        }
     }
 
     /// Values already in bfloat16 are used as they are; a signalling NaN among them is not
