@@ -22,23 +22,18 @@ fn weighted_sum(
     out: &mut [f32],
 ) {
     out.iter_mut().for_each(|o| *o = 0.0);
+    // inputs already in the working dtype (read from a checkpoint in it) are only checked
     let mut rounded = Vec::new();
     for (x, &w) in inputs.iter().zip(weights) {
-        let x = if work.rounds() {
-            rounded.clear();
-            rounded.extend(x.iter().map(|&v| work.r(v)));
-            &rounded[..]
-        } else {
-            x
-        };
-        fma_into(out, x, w);
+        if work.rounds() && rounded.len() < x.len() {
+            rounded.resize(x.len(), 0.0);
+        }
+        fma_into(out, work.rounded(x, &mut rounded), w);
     }
     if let Some(t) = total {
         out.iter_mut().for_each(|o| *o /= t);
     }
-    if work.rounds() {
-        out.iter_mut().for_each(|o| *o = work.r(*o));
-    }
+    work.round_in_place(out);
 }
 
 /// `acc[i] = fma(x[i], w, acc[i])`, one rounding each. `f32::mul_add` is exact everywhere, but

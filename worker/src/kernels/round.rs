@@ -58,18 +58,31 @@ impl Work {
 
     /// `xs` in the working dtype: `xs` itself when rounding would change no bit of it (as for
     /// inputs read from a checkpoint in that dtype, the usual case), else rounded into `buf`
-    /// (at least as long as `xs`). Rounding is idempotent, so a kernel that rounds its inputs
-    /// once this way and then skips [`Work::r`] on them gives the same bits.
+    /// (which must then be at least as long as `xs`; f32 never touches it). Rounding is
+    /// idempotent, so a kernel that rounds its inputs once this way and then skips [`Work::r`]
+    /// on them gives the same bits.
     #[inline]
     pub(crate) fn rounded<'a>(self, xs: &'a [f32], buf: &'a mut [f32]) -> &'a [f32] {
-        let buf = &mut buf[..xs.len()];
-        match self {
+        let buf = match self {
             Work::F32 => return xs,
             Work::BF16 if is_bf16(xs) => return xs,
-            Work::BF16 => map_k::<1>(xs, buf),
+            _ => &mut buf[..xs.len()],
+        };
+        match self {
             Work::F16 => map_k::<2>(xs, buf),
+            _ => map_k::<1>(xs, buf),
         }
         buf
+    }
+
+    /// `v = r(v)` elementwise.
+    #[inline]
+    pub(crate) fn round_in_place(self, v: &mut [f32]) {
+        match self {
+            Work::F32 => {}
+            Work::BF16 => v.iter_mut().for_each(|v| *v = rk::<1>(*v)),
+            Work::F16 => v.iter_mut().for_each(|v| *v = rk::<2>(*v)),
+        }
     }
 
     /// `v = r(v · s)` elementwise (`s` an f32 scalar, as torch keeps a Python float).
@@ -447,6 +460,11 @@ mod tests {
                 }
             }
             let s = 1.0 + 2f32.powi(-10);
+            let mut v = xs.clone();
+            w.round_in_place(&mut v);
+            for (&v, &x) in v.iter().zip(&xs) {
+                assert_eq!(v.to_bits(), r(x).to_bits(), "{w:?}: {x}");
+            }
             let mut v = xs.clone();
             w.scale(&mut v, s);
             for (&v, &x) in v.iter().zip(&xs) {
