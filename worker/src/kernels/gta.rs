@@ -31,6 +31,12 @@
 //! after masking (exactly) per model. Element indices of the whole tensor key every random draw
 //! and every tie-break, so cutting the tensor into row ranges never changes a bit.
 
+mod mix;
+mod sparse;
+
+use mix::{mix_f32, mix_rounded, mix_rounded_avx2};
+use sparse::{for_each_key_chunk, Sparse, CHUNK};
+
 use super::exact::F32Sum;
 use super::round::{rk, Work};
 use super::select;
@@ -397,270 +403,21 @@ impl Gta {
     }
 }
 
-/// Elements per chunk of the streaming kernels: small enough that every model's chunk of
-/// deltas stays in L1/L2, large enough to amortise the per-chunk bookkeeping.
-const CHUNK: usize = 2048;
-
-/// One side of a rank window, walked in element order without branches on the data: an
-/// element with key `k` ranks below iff `k < key`, or `k == key` and fewer than `need` earlier
-/// ties (counted from `seen`, this range's prefix) did.
-#[derive(Clone, Copy)]
-struct Edge {
-    key: u32,
-    need: u64,
-    seen: u64,
-}
-
-impl Edge {
-    fn new(b: &select::Boundary, range_index: u32) -> Edge {
-        Edge {
-            key: b.key,
-            need: b.need,
-            seen: b.prefix.get(range_index as usize).copied().unwrap_or(0),
-        }
-    }
-
-    /// Same answer as [`select::Cursor::below`] (1 or 0), in integer arithmetic: the answer
-    /// is a coin flip near the median, so a branch on it would mispredict half the time.
-    #[inline(always)]
-    fn below(&mut self, k: u32) -> u32 {
-        let eq = u32::from(k == self.key);
-        let r = u32::from(k < self.key) | (eq & u32::from(self.seen < self.need));
-        self.seen += u64::from(eq);
-        r
-    }
-}
-
-/// Produces the sparsified (unscaled) delta of one model chunk by chunk, in element order.
-enum Sparse {
-    All,
-    Nothing,
-    Window {
-        lo: Edge,
-        hi: Edge,
-    },
-    Random {
-        d: super::rng::Draws,
-        p: f64,
-    },
-    /// DELLA ranks whole rows: materialised for the range up front.
-    Full(Vec<f32>),
-}
-
-impl Sparse {
-    fn new(
-        plan: &Plan,
-        ctx: &TensorCtx,
-        sel_state: &Stats,
-        rows: RowRange,
-        inputs: &[&[f32]],
-        j: usize,
-    ) -> KResult<Sparse> {
-        Ok(match plan.keep[j] {
-            Keep::All => Sparse::All,
-            Keep::Nothing => Sparse::Nothing,
-            Keep::Window { sel, .. } => {
-                let bs = select::boundaries(sel_state, sel);
-                let [lo, hi] = bs.as_slice() else {
-                    return Err("selection state is missing a boundary".into());
-                };
-                Sparse::Window {
-                    lo: Edge::new(lo, rows.index),
-                    hi: Edge::new(hi, rows.index),
-                }
+/// Each model's L1 rescale factor from the statistics passes (None: not rescaled).
+fn rescale_factors(plan: &Plan, state: &Stats) -> KResult<Vec<Option<f32>>> {
+    (0..plan.others.len())
+        .map(|j| {
+            if !(plan.rescale && plan.l1_passes > 0 && plan.keep[j].rescalable()) {
+                return Ok(None);
             }
-            Keep::Random { p } => Sparse::Random {
-                d: ctx.draws(plan.others[j], rows.first_element(ctx)),
-                p,
-            },
-            Keep::Della { density, epsilon } => {
-                Sparse::Full(della_delta(plan, ctx, rows, inputs, j, density, epsilon)?)
-            }
+            let s = state
+                .values
+                .get(j)
+                .copied()
+                .ok_or_else(|| KernelError("rescale statistics are missing".into()))?;
+            Ok((!s.is_nan()).then_some(s as f32))
         })
-    }
-
-    /// Writes the sparsified delta of elements `[at, at + d.len())` of the range into `d`;
-    /// `x` and `b` are the model's and the base's values there. Chunks must come in order,
-    /// from the range's first element (the window counts ties and the draws advance as they
-    /// go).
-    fn fill(&mut self, work: Work, x: &[f32], b: &[f32], at: usize, d: &mut [f32]) {
-        if matches!(
-            self,
-            Sparse::All | Sparse::Window { .. } | Sparse::Random { .. }
-        ) {
-            work.sub_into(x, b, d);
-        }
-        self.sparsify(at, d);
-    }
-
-    /// [`Sparse::fill`] for a chunk `d` that already holds the unsparsified delta.
-    fn sparsify(&mut self, at: usize, d: &mut [f32]) {
-        match self {
-            Sparse::All => {}
-            Sparse::Nothing => d.iter_mut().for_each(|v| *v = 0.0),
-            Sparse::Window { lo, hi } => {
-                // walk with copies in registers: updating the counters through `self` on
-                // every element chains each one behind a store and a reload
-                let (mut l, mut h) = (*lo, *hi);
-                for block in d.chunks_mut(WINDOW_BLOCK) {
-                    window_block(&mut l, &mut h, block);
-                }
-                (*lo, *hi) = (l, h);
-            }
-            Sparse::Random { d: draws, p } => draws.mask(*p, d),
-            Sparse::Full(all) => d.copy_from_slice(&all[at..at + d.len()]),
-        }
-    }
-}
-
-/// Elements per block of [`window_block`].
-const WINDOW_BLOCK: usize = 64;
-
-/// Keeps the elements of `block` (deltas, in element order) that rank at or above `lo` and
-/// below `hi`; a dropped element becomes v · 0 (a zero of its sign). Multiplying by 1 or 0
-/// rather than selecting: a coin flip near the median must not become a branch (a float select
-/// is one on baseline x86-64).
-///
-/// A tie with an edge's key ranks below it while fewer than `need` earlier ties did. When
-/// that answer is the same for every tie in the block (they all fit under `need`, or none
-/// do; bf16 deltas tie by the thousand, but they cross `need` once per range), each verdict
-/// depends on the element's own key only and the loop vectorises. The block that straddles
-/// `need` is walked in order.
-#[inline]
-fn window_block(lo: &mut Edge, hi: &mut Edge, block: &mut [f32]) {
-    let mut keys = [0u32; WINDOW_BLOCK];
-    let keys = &mut keys[..block.len()];
-    let (mut nl, mut nh) = (0u64, 0u64);
-    for (k, v) in keys.iter_mut().zip(block.iter()) {
-        *k = select::key(*v);
-        nl += u64::from(*k == lo.key);
-        nh += u64::from(*k == hi.key);
-    }
-    let settled = |e: &Edge, n: u64| e.seen >= e.need || e.seen + n <= e.need;
-    if settled(lo, nl) && settled(hi, nh) {
-        let (kl, kh) = (lo.key, hi.key);
-        let (tl, th) = (u32::from(lo.seen < lo.need), u32::from(hi.seen < hi.need));
-        for (v, &k) in block.iter_mut().zip(keys.iter()) {
-            let below_lo = u32::from(k < kl) | (u32::from(k == kl) & tl);
-            let below_hi = u32::from(k < kh) | (u32::from(k == kh) & th);
-            *v *= ((1 ^ below_lo) & below_hi) as f32;
-        }
-        lo.seen += nl;
-        hi.seen += nh;
-    } else {
-        for (v, &k) in block.iter_mut().zip(keys.iter()) {
-            let kept = (1 ^ lo.below(k)) & hi.below(k);
-            *v *= kept as f32;
-        }
-    }
-}
-
-/// DELLA's sparsified (unscaled) delta of model `j` over one row range.
-fn della_delta(
-    plan: &Plan,
-    ctx: &TensorCtx,
-    rows: RowRange,
-    inputs: &[&[f32]],
-    j: usize,
-    density: f64,
-    epsilon: f64,
-) -> KResult<Vec<f32>> {
-    let x = inputs[plan.others[j]];
-    let b = inputs[plan.base];
-    let mut d = vec![0f32; x.len().min(b.len())];
-    plan.work.sub_into(x, b, &mut d);
-    let first = rows.first_element(ctx);
-    let (m, inner) = della_axis(ctx)?;
-    // the range's draws in element order, a row at a time (kept in cache); ranks decide each
-    // element's probability
-    let mut draws = ctx.draws(plan.others[j], first);
-    let mut u: Vec<u64> = Vec::with_capacity(ctx.row_len);
-    let lo = (density - epsilon) as f32;
-    let eps = epsilon as f32;
-    let denom = (m as f32) - 1.0;
-    // (|δ| key, position along the axis) packed in one integer: distinct, so an unstable
-    // sort gives the (key, index) order
-    // the keep probability of each rank along the axis (mergekit: ranks 1..=m, normalised by
-    // (rank - min) / (max - min)); the same for every row
-    // Held as bits: a draw u in [0, 1) is below p exactly when u's bits are below p's, for
-    // p >= 0 (a p below 0 or NaN keeps nothing, as 0 does). Compared as integers, the verdict
-    // (a coin flip) does not become a branch; compared as floats it did.
-    let p_of_rank: Vec<u64> = (0..m)
-        .map(|rank| {
-            let rn = (((rank + 1) as f32 - 1.0) / denom).clamp(0.0, 1.0);
-            let p = (lo + rn * 2.0 * eps) as f64;
-            if p > 0.0 {
-                p.to_bits()
-            } else {
-                0
-            }
-        })
-        .collect();
-    let mut order: Vec<u64> = Vec::with_capacity(m);
-    let mut sort_tmp: Vec<u64> = Vec::with_capacity(m);
-    // each position's probability, scattered from the sorted order: the draws are then read
-    // in element order (reading them in sorted order stalled on every load)
-    let mut p_at = vec![0u64; m];
-    for row in 0..d.len() / ctx.row_len.max(1) {
-        let r0 = row * ctx.row_len;
-        u.clear();
-        u.extend((0..ctx.row_len).map(|_| draws.uniform().to_bits()));
-        for c in 0..inner {
-            order.clear();
-            order.extend(
-                (0..m).map(|a| (u64::from(select::key(d[r0 + a * inner + c])) << 32) | a as u64),
-            );
-            select::radix_sort_high32(&mut order, &mut sort_tmp);
-            for (&ka, &p) in order.iter().zip(&p_of_rank) {
-                p_at[(ka & 0xffff_ffff) as usize] = p;
-            }
-            // dropped: v · 0, a zero of its sign (by multiplying: the verdict is a coin flip,
-            // a branch on it would mispredict)
-            if inner == 1 {
-                for ((v, &u), &p) in d[r0..r0 + m].iter_mut().zip(&u).zip(&p_at) {
-                    *v *= f32::from(u8::from(u < p));
-                }
-            } else {
-                for (a, &p) in p_at.iter().enumerate() {
-                    d[r0 + a * inner + c] *= f32::from(u8::from(u[a * inner + c] < p));
-                }
-            }
-        }
-    }
-    Ok(d)
-}
-
-/// Calls `f` with the selection keys (|δ|) of selection problem `j`, chunk by chunk in
-/// element order, without materialising them.
-fn for_each_key_chunk(plan: &Plan, inputs: &[&[f32]], j: usize, f: &mut dyn FnMut(&[u32])) {
-    let Some(i) = plan
-        .keep
-        .iter()
-        .zip(&plan.others)
-        .filter(|(k, _)| matches!(k, Keep::Window { .. }))
-        .map(|(_, &i)| i)
-        .nth(j)
-    else {
-        return;
-    };
-    let (x, b) = (inputs[i], inputs[plan.base]);
-    let mut keys = [0u32; CHUNK];
-    let mut d = [0f32; CHUNK];
-    for (xc, bc) in x.chunks(CHUNK).zip(b.chunks(CHUNK)) {
-        let ks = &mut keys[..xc.len()];
-        if plan.work.rounds() {
-            let d = &mut d[..xc.len()];
-            plan.work.sub_into(xc, bc, d);
-            for (k, &d) in ks.iter_mut().zip(d.iter()) {
-                *k = select::key(d);
-            }
-        } else {
-            for ((k, &x), &b) in ks.iter_mut().zip(xc).zip(bc) {
-                *k = select::key(x - b);
-            }
-        }
-        f(ks);
-    }
+        .collect()
 }
 
 fn check_inputs(ctx: &TensorCtx, inputs: &[&[f32]], len: usize) -> KResult<()> {
@@ -800,25 +557,12 @@ impl Method for Gta {
         let sel_state = state.child(0);
         let nj = plan.others.len();
         let mut sparse = Vec::with_capacity(nj);
-        let mut scales = Vec::with_capacity(nj);
+        let scales = rescale_factors(&plan, state)?;
         for j in 0..nj {
             sparse.push(Sparse::new(&plan, ctx, sel_state, rows, inputs, j)?);
-            let mut scale = None;
-            if plan.rescale && plan.l1_passes > 0 && plan.keep[j].rescalable() {
-                let s = state
-                    .values
-                    .get(j)
-                    .copied()
-                    .ok_or_else(|| KernelError("rescale statistics are missing".into()))?;
-                if !s.is_nan() {
-                    scale = Some(s as f32);
-                }
-            }
-            scales.push(scale);
         }
-        let w = &plan.weights;
         let total_w = {
-            let t: f32 = w.iter().sum();
+            let t: f32 = plan.weights.iter().sum();
             if t.abs() < 1e-8 {
                 1.0
             } else {
@@ -829,9 +573,6 @@ impl Method for Gta {
         // One chunk of every model's delta, then the mix over the chunk, loops ordered so
         // that each element sees exactly the scalar sequence of operations (bit-identical).
         let mut deltas = vec![0f32; nj * CHUNK];
-        let mut sum = [0f32; CHUNK];
-        let mut mixed = [0f32; CHUNK];
-        let mut div = [0f32; CHUNK];
         let mut bbuf = [0f32; CHUNK];
         let work = plan.work;
         for at in (0..n).step_by(CHUNK) {
@@ -859,174 +600,17 @@ impl Method for Gta {
                 }
                 continue;
             }
-            let (sum, mixed, div) = (&mut sum[..len], &mut mixed[..len], &mut div[..len]);
-            mixed.iter_mut().for_each(|m| *m = 0.0);
-            if self.cfg.consensus {
-                sum.iter_mut().for_each(|m| *m = 0.0);
-                for (j, &wj) in w.iter().enumerate() {
-                    let d = &deltas[j * CHUNK..j * CHUNK + len];
-                    for (s, &d) in sum.iter_mut().zip(d) {
-                        *s += d * wj;
-                    }
-                }
-                div.iter_mut().for_each(|m| *m = 0.0);
-                for (j, &wj) in w.iter().enumerate() {
-                    let d = &deltas[j * CHUNK..j * CHUNK + len];
-                    for (((m, dv), &s), &d) in
-                        mixed.iter_mut().zip(div.iter_mut()).zip(&*sum).zip(d)
-                    {
-                        let wd = d * wj;
-                        // torch.sign(0) == 0 matches neither majority. Adding +0.0 instead of
-                        // skipping is exact: `m` and `dv` start at +0.0 and only ever get
-                        // non-zero terms, so they are never -0.0 (the one value +0.0 changes).
-                        let agree = if s >= 0.0 { wd > 0.0 } else { wd < 0.0 };
-                        *m += if agree { wd } else { 0.0 };
-                        *dv += if agree { wj } else { 0.0 };
-                    }
-                }
-                for dv in div.iter_mut() {
-                    if *dv == 0.0 {
-                        *dv = 1.0;
-                    }
-                }
-            } else {
-                for (j, &wj) in w.iter().enumerate() {
-                    let d = &deltas[j * CHUNK..j * CHUNK + len];
-                    for (m, &d) in mixed.iter_mut().zip(d) {
-                        *m += d * wj;
-                    }
-                }
-                div.iter_mut().for_each(|m| *m = total_w);
-            }
-            if plan.normalize {
-                for (m, &dv) in mixed.iter_mut().zip(&*div) {
-                    *m /= dv;
-                }
-            }
-            if plan.lambda != 1.0 {
-                mixed.iter_mut().for_each(|m| *m *= plan.lambda);
-            }
-            for ((o, &b), &m) in out[at..end].iter_mut().zip(bc).zip(&*mixed) {
-                *o = b + m;
-            }
+            mix_f32(
+                &plan,
+                self.cfg.consensus,
+                total_w,
+                &deltas,
+                bc,
+                &mut out[at..end],
+            );
         }
         Ok(())
     }
-}
-
-/// The mix of one chunk in working dtype `K` ([`rk`]), op by op as mergekit's torch code:
-/// weighted deltas rounded; the sign consensus from their rounded sum; the sum of the agreeing
-/// (or all) weighted deltas and of their weights, each accumulated in f32 and rounded (a zero
-/// divisor becomes 1, a plain one below 1e-8 too); then the quotient, the `lambda` product and
-/// the sum with the base, each rounded. `deltas` holds each model's chunk at `j * CHUNK`, in
-/// the working dtype, and is overwritten with the weighted deltas; `base` is in the working
-/// dtype too ([`Work::rounded`]).
-///
-/// Inlined into [`mix_rounded_avx2`], its build with AVX2 (same bits: see
-/// [`super::round::has_avx2`]).
-#[inline(always)]
-fn mix_rounded<const K: u8>(
-    plan: &Plan,
-    consensus: bool,
-    deltas: &mut [f32],
-    base: &[f32],
-    out: &mut [f32],
-) {
-    let len = out.len();
-    let w = &plan.weights;
-    // each weighted delta once (the consensus reads it twice). A weight of 1 changes no bit:
-    // d · 1 is d, and d is already in the working dtype, so rounding it again is d too.
-    for (j, &wj) in w.iter().enumerate() {
-        if wj != 1.0 {
-            let d = &mut deltas[j * CHUNK..j * CHUNK + len];
-            d.iter_mut().for_each(|d| *d = rk::<K>(*d * wj));
-        }
-    }
-    let deltas = &*deltas;
-    let mut mixed = [0f32; CHUNK];
-    let mut div = [0f32; CHUNK];
-    let (mixed, div) = (&mut mixed[..len], &mut div[..len]);
-    if consensus {
-        let mut sign = [0f32; CHUNK];
-        let sign = &mut sign[..len];
-        for j in 0..w.len() {
-            let wd = &deltas[j * CHUNK..j * CHUNK + len];
-            for (s, &wd) in sign.iter_mut().zip(wd) {
-                *s += wd;
-            }
-        }
-        sign.iter_mut().for_each(|s| *s = rk::<K>(*s));
-        for (j, &wj) in w.iter().enumerate() {
-            let wd = &deltas[j * CHUNK..j * CHUNK + len];
-            for (((m, dv), &s), &wd) in mixed.iter_mut().zip(div.iter_mut()).zip(&*sign).zip(wd) {
-                // torch: sign(wd) == (sum >= 0 ? 1 : -1); a -0.0 sum counts as >= 0
-                let agree = if s >= 0.0 { wd > 0.0 } else { wd < 0.0 };
-                *m += if agree { wd } else { 0.0 };
-                *dv += if agree { wj } else { 0.0 };
-            }
-        }
-        for (m, dv) in mixed.iter_mut().zip(div.iter_mut()) {
-            *m = rk::<K>(*m);
-            *dv = rk::<K>(*dv);
-            if *dv == 0.0 {
-                *dv = 1.0;
-            }
-        }
-    } else {
-        for j in 0..w.len() {
-            let wd = &deltas[j * CHUNK..j * CHUNK + len];
-            for (m, &wd) in mixed.iter_mut().zip(wd) {
-                *m += wd;
-            }
-        }
-        let t = rk::<K>(w.iter().sum());
-        let t = if t.abs() < 1e-8 { 1.0 } else { t };
-        for (m, dv) in mixed.iter_mut().zip(div.iter_mut()) {
-            *m = rk::<K>(*m);
-            *dv = t;
-        }
-    }
-    if plan.normalize {
-        for (m, &dv) in mixed.iter_mut().zip(&*div) {
-            *m = rk::<K>(*m / dv);
-        }
-    }
-    if plan.lambda != 1.0 {
-        mixed
-            .iter_mut()
-            .for_each(|m| *m = rk::<K>(*m * plan.lambda));
-    }
-    for ((o, &b), &m) in out.iter_mut().zip(base).zip(&*mixed) {
-        *o = rk::<K>(b + m);
-    }
-}
-
-/// [`mix_rounded`] built with AVX2.
-///
-/// # Safety
-/// The CPU must support AVX2 ([`super::round::has_avx2`]).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn mix_rounded_avx2<const K: u8>(
-    plan: &Plan,
-    consensus: bool,
-    deltas: &mut [f32],
-    base: &[f32],
-    out: &mut [f32],
-) {
-    mix_rounded::<K>(plan, consensus, deltas, base, out)
-}
-
-/// Never called: `has_avx2` is false off x86-64.
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn mix_rounded_avx2<const K: u8>(
-    plan: &Plan,
-    consensus: bool,
-    deltas: &mut [f32],
-    base: &[f32],
-    out: &mut [f32],
-) {
-    mix_rounded::<K>(plan, consensus, deltas, base, out)
 }
 
 #[cfg(test)]
@@ -1131,52 +715,6 @@ mod tests {
                 })
                 .collect();
             assert_eq!(out, want, "{}", method.spec.name);
-        }
-    }
-
-    #[test]
-    fn window_blocks_agree_with_the_walk_in_order() {
-        // few distinct values (ties by the hundred, as bf16 deltas have), edges that fall
-        // inside, before and after the ties of their key, blocks cut at odd places
-        let s = super::super::rng::Stream::new(5, 6, 7);
-        let vals: Vec<f32> = (0..5000u64)
-            .map(|i| ((s.uniform(i) * 9.0).floor() as f32 - 4.0) * 0.25)
-            .collect();
-        for (lk, lneed, lseen, hk, hneed, hseen) in [
-            (0.5f32, 300, 0, 0.75f32, 100, 0),
-            (0.0, 0, 0, 1.0, 10_000, 0),
-            (0.25, 1000, 990, 1.0, 5, 3),
-            (0.0, 560, 17, 0.5, 2, 50),
-        ] {
-            let edge = |k: f32, need, seen| Edge {
-                key: select::key(k),
-                need,
-                seen,
-            };
-            let (mut l, mut h) = (edge(lk, lneed, lseen), edge(hk, hneed, hseen));
-            let want: Vec<f32> = vals
-                .iter()
-                .map(|&v| {
-                    let k = select::key(v);
-                    v * ((1 ^ l.below(k)) & h.below(k)) as f32
-                })
-                .collect();
-            let (mut l2, mut h2) = (edge(lk, lneed, lseen), edge(hk, hneed, hseen));
-            let mut got = vals.clone();
-            let mut at = 0;
-            for len in [1, 63, 64, 65, 200, 7, 5000].iter().cycle() {
-                if at == got.len() {
-                    break;
-                }
-                let end = (at + len).min(got.len());
-                for block in got[at..end].chunks_mut(WINDOW_BLOCK) {
-                    window_block(&mut l2, &mut h2, block);
-                }
-                at = end;
-            }
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&got), bits(&want));
-            assert_eq!((l2.seen, h2.seen), (l.seen, h.seen));
         }
     }
 

@@ -1,0 +1,185 @@
+//! The mix step of generalized task arithmetic over one chunk: in f32, and op by op in a
+//! 16-bit working dtype (with an AVX2 build of the latter).
+
+use super::*;
+
+/// The mix of one chunk in f32: the weighted sum of the (agreeing, with `consensus`) deltas,
+/// divided by the sum of their weights (or `total_w`) when `normalize`, times `lambda`, plus
+/// the base. Loops ordered so that each element sees exactly the scalar sequence of
+/// operations (bit-identical however the tensor is cut). `deltas` holds each model's chunk at
+/// `j * CHUNK`.
+pub(super) fn mix_f32(
+    plan: &Plan,
+    consensus: bool,
+    total_w: f32,
+    deltas: &[f32],
+    bc: &[f32],
+    out: &mut [f32],
+) {
+    let len = out.len();
+    let w = &plan.weights;
+    let (mut sum, mut mixed, mut div) = ([0f32; CHUNK], [0f32; CHUNK], [0f32; CHUNK]);
+    let (sum, mixed, div) = (&mut sum[..len], &mut mixed[..len], &mut div[..len]);
+    mixed.iter_mut().for_each(|m| *m = 0.0);
+    if consensus {
+        sum.iter_mut().for_each(|m| *m = 0.0);
+        for (j, &wj) in w.iter().enumerate() {
+            let d = &deltas[j * CHUNK..j * CHUNK + len];
+            for (s, &d) in sum.iter_mut().zip(d) {
+                *s += d * wj;
+            }
+        }
+        div.iter_mut().for_each(|m| *m = 0.0);
+        for (j, &wj) in w.iter().enumerate() {
+            let d = &deltas[j * CHUNK..j * CHUNK + len];
+            for (((m, dv), &s), &d) in mixed.iter_mut().zip(div.iter_mut()).zip(&*sum).zip(d) {
+                let wd = d * wj;
+                // torch.sign(0) == 0 matches neither majority. Adding +0.0 instead of
+                // skipping is exact: `m` and `dv` start at +0.0 and only ever get
+                // non-zero terms, so they are never -0.0 (the one value +0.0 changes).
+                let agree = if s >= 0.0 { wd > 0.0 } else { wd < 0.0 };
+                *m += if agree { wd } else { 0.0 };
+                *dv += if agree { wj } else { 0.0 };
+            }
+        }
+        for dv in div.iter_mut() {
+            if *dv == 0.0 {
+                *dv = 1.0;
+            }
+        }
+    } else {
+        for (j, &wj) in w.iter().enumerate() {
+            let d = &deltas[j * CHUNK..j * CHUNK + len];
+            for (m, &d) in mixed.iter_mut().zip(d) {
+                *m += d * wj;
+            }
+        }
+        div.iter_mut().for_each(|m| *m = total_w);
+    }
+    if plan.normalize {
+        for (m, &dv) in mixed.iter_mut().zip(&*div) {
+            *m /= dv;
+        }
+    }
+    if plan.lambda != 1.0 {
+        mixed.iter_mut().for_each(|m| *m *= plan.lambda);
+    }
+    for ((o, &b), &m) in out.iter_mut().zip(bc).zip(&*mixed) {
+        *o = b + m;
+    }
+}
+
+/// The mix of one chunk in working dtype `K` ([`rk`]), op by op as mergekit's torch code:
+/// weighted deltas rounded; the sign consensus from their rounded sum; the sum of the agreeing
+/// (or all) weighted deltas and of their weights, each accumulated in f32 and rounded (a zero
+/// divisor becomes 1, a plain one below 1e-8 too); then the quotient, the `lambda` product and
+/// the sum with the base, each rounded. `deltas` holds each model's chunk at `j * CHUNK`, in
+/// the working dtype, and is overwritten with the weighted deltas; `base` is in the working
+/// dtype too ([`Work::rounded`]).
+///
+/// Inlined into [`mix_rounded_avx2`], its build with AVX2 (same bits: see
+/// [`crate::kernels::round::has_avx2`]).
+#[inline(always)]
+pub(super) fn mix_rounded<const K: u8>(
+    plan: &Plan,
+    consensus: bool,
+    deltas: &mut [f32],
+    base: &[f32],
+    out: &mut [f32],
+) {
+    let len = out.len();
+    let w = &plan.weights;
+    // each weighted delta once (the consensus reads it twice). A weight of 1 changes no bit:
+    // d · 1 is d, and d is already in the working dtype, so rounding it again is d too.
+    for (j, &wj) in w.iter().enumerate() {
+        if wj != 1.0 {
+            let d = &mut deltas[j * CHUNK..j * CHUNK + len];
+            d.iter_mut().for_each(|d| *d = rk::<K>(*d * wj));
+        }
+    }
+    let deltas = &*deltas;
+    let mut mixed = [0f32; CHUNK];
+    let mut div = [0f32; CHUNK];
+    let (mixed, div) = (&mut mixed[..len], &mut div[..len]);
+    if consensus {
+        let mut sign = [0f32; CHUNK];
+        let sign = &mut sign[..len];
+        for j in 0..w.len() {
+            let wd = &deltas[j * CHUNK..j * CHUNK + len];
+            for (s, &wd) in sign.iter_mut().zip(wd) {
+                *s += wd;
+            }
+        }
+        sign.iter_mut().for_each(|s| *s = rk::<K>(*s));
+        for (j, &wj) in w.iter().enumerate() {
+            let wd = &deltas[j * CHUNK..j * CHUNK + len];
+            for (((m, dv), &s), &wd) in mixed.iter_mut().zip(div.iter_mut()).zip(&*sign).zip(wd) {
+                // torch: sign(wd) == (sum >= 0 ? 1 : -1); a -0.0 sum counts as >= 0
+                let agree = if s >= 0.0 { wd > 0.0 } else { wd < 0.0 };
+                *m += if agree { wd } else { 0.0 };
+                *dv += if agree { wj } else { 0.0 };
+            }
+        }
+        for (m, dv) in mixed.iter_mut().zip(div.iter_mut()) {
+            *m = rk::<K>(*m);
+            *dv = rk::<K>(*dv);
+            if *dv == 0.0 {
+                *dv = 1.0;
+            }
+        }
+    } else {
+        for j in 0..w.len() {
+            let wd = &deltas[j * CHUNK..j * CHUNK + len];
+            for (m, &wd) in mixed.iter_mut().zip(wd) {
+                *m += wd;
+            }
+        }
+        let t = rk::<K>(w.iter().sum());
+        let t = if t.abs() < 1e-8 { 1.0 } else { t };
+        for (m, dv) in mixed.iter_mut().zip(div.iter_mut()) {
+            *m = rk::<K>(*m);
+            *dv = t;
+        }
+    }
+    if plan.normalize {
+        for (m, &dv) in mixed.iter_mut().zip(&*div) {
+            *m = rk::<K>(*m / dv);
+        }
+    }
+    if plan.lambda != 1.0 {
+        mixed
+            .iter_mut()
+            .for_each(|m| *m = rk::<K>(*m * plan.lambda));
+    }
+    for ((o, &b), &m) in out.iter_mut().zip(base).zip(&*mixed) {
+        *o = rk::<K>(b + m);
+    }
+}
+
+/// [`mix_rounded`] built with AVX2.
+///
+/// # Safety
+/// The CPU must support AVX2 ([`crate::kernels::round::has_avx2`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn mix_rounded_avx2<const K: u8>(
+    plan: &Plan,
+    consensus: bool,
+    deltas: &mut [f32],
+    base: &[f32],
+    out: &mut [f32],
+) {
+    mix_rounded::<K>(plan, consensus, deltas, base, out)
+}
+
+/// Never called: `has_avx2` is false off x86-64.
+#[cfg(not(target_arch = "x86_64"))]
+pub(super) unsafe fn mix_rounded_avx2<const K: u8>(
+    plan: &Plan,
+    consensus: bool,
+    deltas: &mut [f32],
+    base: &[f32],
+    out: &mut [f32],
+) {
+    mix_rounded::<K>(plan, consensus, deltas, base, out)
+}
