@@ -574,6 +574,7 @@ impl Method for Gta {
         // that each element sees exactly the scalar sequence of operations (bit-identical).
         let mut deltas = vec![0f32; nj * CHUNK];
         let mut bbuf = [0f32; CHUNK];
+        let mut scratch = [[0f32; CHUNK]; 3];
         let work = plan.work;
         for at in (0..n).step_by(CHUNK) {
             let end = (at + CHUNK).min(n);
@@ -607,6 +608,7 @@ impl Method for Gta {
                 &deltas,
                 bc,
                 &mut out[at..end],
+                &mut scratch,
             );
         }
         Ok(())

@@ -7,7 +7,7 @@ use super::*;
 /// divided by the sum of their weights (or `total_w`) when `normalize`, times `lambda`, plus
 /// the base. Loops ordered so that each element sees exactly the scalar sequence of
 /// operations (bit-identical however the tensor is cut). `deltas` holds each model's chunk at
-/// `j * CHUNK`.
+/// `j * CHUNK`; `scratch` is working space, reused across chunks.
 pub(super) fn mix_f32(
     plan: &Plan,
     consensus: bool,
@@ -15,10 +15,11 @@ pub(super) fn mix_f32(
     deltas: &[f32],
     bc: &[f32],
     out: &mut [f32],
+    scratch: &mut [[f32; CHUNK]; 3],
 ) {
     let len = out.len();
     let w = &plan.weights;
-    let (mut sum, mut mixed, mut div) = ([0f32; CHUNK], [0f32; CHUNK], [0f32; CHUNK]);
+    let [sum, mixed, div] = scratch;
     let (sum, mixed, div) = (&mut sum[..len], &mut mixed[..len], &mut div[..len]);
     mixed.iter_mut().for_each(|m| *m = 0.0);
     if consensus {
