@@ -573,8 +573,7 @@ impl Method for Gta {
         // One chunk of every model's delta, then the mix over the chunk, loops ordered so
         // that each element sees exactly the scalar sequence of operations (bit-identical).
         let mut deltas = vec![0f32; nj * CHUNK];
-        let mut bbuf = [0f32; CHUNK];
-        let mut scratch = [[0f32; CHUNK]; 3];
+        let (mut bbuf, mut scratch) = ([0f32; CHUNK], [[0f32; CHUNK]; 3]);
         let work = plan.work;
         for at in (0..n).step_by(CHUNK) {
             let end = (at + CHUNK).min(n);
@@ -601,15 +600,8 @@ impl Method for Gta {
                 }
                 continue;
             }
-            mix_f32(
-                &plan,
-                self.cfg.consensus,
-                total_w,
-                &deltas,
-                bc,
-                &mut out[at..end],
-                &mut scratch,
-            );
+            let (cons, o) = (self.cfg.consensus, &mut out[at..end]);
+            mix_f32(&plan, cons, total_w, &deltas, bc, o, &mut scratch);
         }
         Ok(())
     }
