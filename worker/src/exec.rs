@@ -36,11 +36,22 @@ impl From<StorageError> for TaskError {
     }
 }
 
-fn fatal(msg: impl Into<String>) -> TaskError {
+/// An error retrying cannot mend.
+pub(crate) fn fatal(msg: impl Into<String>) -> TaskError {
     TaskError {
         message: msg.into(),
         retryable: false,
     }
+}
+
+/// The stored dtype of one input of `job`.
+pub(crate) fn input_dtype(src: &pb::TensorSource, job: &pb::TensorJob) -> Result<DType, TaskError> {
+    DType::from_proto(src.dtype).ok_or_else(|| {
+        fatal(format!(
+            "{}: input of {} has no float dtype",
+            src.uri, job.name
+        ))
+    })
 }
 
 pub use crate::tensor::view2d;
@@ -393,12 +404,7 @@ impl Executor {
         let reads = job.inputs.iter().zip(bufs).map(|(src, (buf, mut piece))| {
             let resolver = self.resolver.clone();
             async move {
-                let dt = DType::from_proto(src.dtype).ok_or_else(|| {
-                    fatal(format!(
-                        "{}: input of {} has no float dtype",
-                        src.uri, job.name
-                    ))
-                })?;
+                let dt = input_dtype(src, job)?;
                 let (in_rows, in_row) = view2d(&src.shape);
                 if end > in_rows || in_row < out_row {
                     return Err(fatal(format!(

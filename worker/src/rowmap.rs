@@ -8,18 +8,11 @@ use std::path::Path;
 
 use shardmerge_proto as pb;
 
-use crate::exec::TaskError;
-use crate::format::dtype::{self, DType};
+use crate::exec::{fatal, input_dtype, TaskError};
+use crate::format::dtype;
 use crate::kernels::round::Work;
 use crate::storage::{retry, Resolver};
 use crate::tensor::view2d;
-
-fn fatal(msg: impl Into<String>) -> TaskError {
-    TaskError {
-        message: msg.into(),
-        retryable: false,
-    }
-}
 
 /// Rows of the padding mean gathered at a time.
 const MEAN_CHUNK_BYTES: u64 = 4 << 20;
@@ -190,12 +183,7 @@ async fn fetch(
     let mut all = Vec::with_capacity(job.inputs.len());
     let mut read = 0u64;
     for (i, src) in job.inputs.iter().enumerate() {
-        let dt = DType::from_proto(src.dtype).ok_or_else(|| {
-            fatal(format!(
-                "{}: input of {} has no float dtype",
-                src.uri, job.name
-            ))
-        })?;
+        let dt = input_dtype(src, job)?;
         let (in_rows, in_row) = view2d(&src.shape);
         if in_row < out_row {
             return Err(fatal(format!(
