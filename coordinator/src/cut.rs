@@ -2,11 +2,7 @@
 //! across several pieces whose method needs whole-tensor statistics becomes a *statistics unit*:
 //! its pieces run the statistics passes first, and the tasks writing them wait for it.
 
-use shardmerge_worker::format::dtype::DType;
-use shardmerge_worker::kernels;
-use shardmerge_worker::tensor::tensor_ctx;
-
-use crate::plan::{rows_of, Plan};
+use crate::plan::{Plan, TensorPlan};
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum SegDef {
@@ -57,9 +53,8 @@ pub struct CutOptions {
 /// Memory a task needs per output element of a tensor: the output bytes, f32 output, and per
 /// input its f32 copy (workers read and decode inputs a few MiB at a time, so the raw bytes
 /// are not held whole; kernels work in small chunks).
-pub fn bytes_per_element(t: &shardmerge_proto::TensorJob) -> u64 {
-    let out = DType::from_proto(t.out_dtype).map_or(4, |d| d.size()) as u64;
-    out + 4 + 4 * t.inputs.len() as u64
+pub fn bytes_per_element(t: &TensorPlan) -> u64 {
+    t.out_dtype.size() as u64 + 4 + 4 * t.inputs.len() as u64
 }
 
 pub fn cut(plan: &Plan, o: &CutOptions) -> Cut {
@@ -80,9 +75,8 @@ pub fn cut(plan: &Plan, o: &CutOptions) -> Cut {
         let mut file_tasks: Vec<TaskDef> = Vec::new();
         for &ti in &f.tensors {
             let t = &plan.tensors[ti];
-            let (rows, row_bytes) = rows_of(t);
-            let row_elems =
-                row_bytes / DType::from_proto(t.out_dtype).map_or(4, |d| d.size()) as u64;
+            let (rows, row_bytes) = t.rows();
+            let row_elems = row_bytes / t.out_dtype.size() as u64;
             let seg_cap_rows = (half / (bytes_per_element(t) * row_elems.max(1))).max(1);
             let mut r = 0;
             while r < rows {
@@ -132,11 +126,7 @@ fn number_pieces(plan: &Plan, pieces: &[Vec<(u64, u64, usize)>], out: &mut Cut) 
         if ps.len() <= 1 {
             continue;
         }
-        let t = &plan.tensors[ti];
-        let passes = match (kernels::method(&t.method), tensor_ctx(t)) {
-            (Some(m), Ok(ctx)) => m.passes(&ctx),
-            _ => 0,
-        };
+        let passes = plan.tensors[ti].passes;
         if passes > 0 {
             unit_of[ti] = Some(out.units.len());
             out.units.push(StatsUnit {

@@ -63,12 +63,12 @@ pub(crate) fn layout_crc(plan: &Plan, cut: &Cut) -> u32 {
     }
     for t in &plan.tensors {
         h.update(t.name.as_bytes());
-        h.update(t.method.as_bytes());
+        h.update(t.method_name().as_bytes());
         t.shape.iter().for_each(|&d| num(&mut h, d));
         for src in &t.inputs {
             h.update(src.uri.as_bytes());
             num(&mut h, src.data_offset);
-            num(&mut h, src.dtype as u64);
+            num(&mut h, src.dtype.to_proto() as u64);
             src.shape.iter().for_each(|&d| num(&mut h, d));
         }
     }

@@ -92,7 +92,7 @@ impl PlanInfo {
             "workers": self.workers,
             "peak_memory_per_worker": self.peak_per_slot,
             "output_layers": p.out_layers,
-            "copied": p.tensors.iter().filter(|t| plan::is_copy(t)).map(|t| &t.name).collect::<Vec<_>>(),
+            "copied": p.tensors.iter().filter(|t| t.is_copy()).map(|t| &t.name).collect::<Vec<_>>(),
             "seed": p.seed,
         })
     }
@@ -118,7 +118,7 @@ impl PlanInfo {
         let copied: Vec<&str> = p
             .tensors
             .iter()
-            .filter(|t| plan::is_copy(t))
+            .filter(|t| t.is_copy())
             .map(|t| t.name.as_str())
             .collect();
         if !copied.is_empty() {

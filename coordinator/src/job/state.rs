@@ -13,9 +13,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use shardmerge_proto as pb;
-use shardmerge_worker::kernels::{self, Reduced, Stats};
+use shardmerge_worker::kernels::{Reduced, Stats};
 use shardmerge_worker::storage::Receipt;
-use shardmerge_worker::tensor::tensor_ctx;
 
 mod leased;
 mod replay;
@@ -25,7 +24,7 @@ mod work;
 use crate::cut::Cut;
 use crate::error::{Error, Result};
 use crate::journal::{task_key, Item};
-use crate::plan::Plan;
+use crate::plan::{Plan, TensorPlan};
 pub use leased::{Granted, Holder, Renewal, TaskFailed};
 use work::{stats_work, write_work};
 
@@ -33,19 +32,19 @@ use work::{stats_work, write_work};
 pub const MAX_ATTEMPTS: u32 = 5;
 
 /// Folds one pass of a statistics unit: `(tensor, pass, state so far, partials)`.
-pub type Reducer = fn(&pb::TensorJob, u32, Stats, Vec<Stats>) -> Result<Reduced>;
+pub type Reducer = fn(&TensorPlan, u32, Stats, Vec<Stats>) -> Result<Reduced>;
 
 /// The reducer jobs use: the tensor's method from the kernel registry.
 pub(crate) fn kernel_reduce(
-    tensor: &pb::TensorJob,
+    tensor: &TensorPlan,
     pass: u32,
     state: Stats,
     partials: Vec<Stats>,
 ) -> Result<Reduced> {
-    let m = kernels::method(&tensor.method)
-        .ok_or_else(|| Error::Job(format!("unknown method {}", tensor.method)))?;
-    let ctx = tensor_ctx(tensor).map_err(Error::Job)?;
-    m.reduce(&ctx, pass, state, partials)
+    let ctx = tensor.ctx()?;
+    tensor
+        .method
+        .reduce(&ctx, pass, state, partials)
         .map_err(|e| Error::Job(format!("tensor {}: {e}", tensor.name)))
 }
 

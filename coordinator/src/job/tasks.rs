@@ -3,11 +3,13 @@
 //! goes (a local file at an offset, or one part of a multipart upload).
 
 use shardmerge_proto as pb;
+use shardmerge_worker::kernels::{rng, round::Work};
 use shardmerge_worker::storage::{Location, Upload};
 
 use super::state::JobState;
 use crate::cut::SegDef;
 use crate::journal::Item;
+use crate::plan::{vocab, InputPlan, TensorPlan};
 
 /// The wire id of a task: its index for a write task; bit 40 set, then unit and range, for a
 /// statistics task.
@@ -47,11 +49,7 @@ pub fn build_task(
 
 fn rows(st: &JobState, tensor: usize, start: u64, end: u64, range_index: u32) -> pb::TensorRows {
     pb::TensorRows {
-        tensor: Some(crate::plan::vocab::for_rows(
-            &st.plan.tensors[tensor],
-            start,
-            end,
-        )),
+        tensor: Some(tensor_job(&st.plan.tensors[tensor], start, end)),
         row_start: start,
         row_end: end,
         range_index,
@@ -94,5 +92,92 @@ fn write_task(st: &JobState, out: &Location, uploads: &[Upload], i: usize) -> pb
             sink: Some(sink),
         }),
         segments: t.segments.iter().map(segment).collect(),
+    }
+}
+
+/// The wire message of tensor `t` for a task over its rows `[start, end)` (its row map cut to
+/// those rows): the only place a plan becomes a `TensorJob`.
+pub(crate) fn tensor_job(t: &TensorPlan, start: u64, end: u64) -> pb::TensorJob {
+    let params = |p: &std::collections::HashMap<String, f64>| pb::ParamMap { values: p.clone() };
+    pb::TensorJob {
+        name: t.name.clone(),
+        shape: t.shape.clone(),
+        out_dtype: t.out_dtype.to_proto() as i32,
+        method: t.method_name().to_string(),
+        params: Some(params(&t.params)),
+        inputs: t.inputs.iter().map(source).collect(),
+        model_params: t.model_params.iter().map(params).collect(),
+        base_index: t.base.map(|b| b as u32),
+        seed: t.seed,
+        rng: match t.rng {
+            rng::Mode::Mergekit => pb::Rng::Mergekit,
+            rng::Mode::Counter => pb::Rng::Counter,
+        } as i32,
+        work_dtype: t.work_dtype.map_or(0, |d| d.to_proto() as i32),
+        compute_dtype: match t.compute {
+            Work::F32 => 0,
+            Work::BF16 => pb::Dtype::Bf16 as i32,
+            Work::F16 => pb::Dtype::F16 as i32,
+        },
+        row_map: t.row_map.as_ref().map(|m| vocab::for_rows(m, start, end)),
+    }
+}
+
+fn source(s: &InputPlan) -> pb::TensorSource {
+    pb::TensorSource {
+        uri: s.uri.clone(),
+        data_offset: s.data_offset,
+        dtype: s.dtype.to_proto() as i32,
+        shape: s.shape.clone(),
+        model: s.model.clone(),
+        model_key: s.model_key,
+        tensor: s.tensor.clone(),
+        rng_offset: s.rng_offset,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use shardmerge_worker::format::dtype::DType;
+    use shardmerge_worker::kernels::{rng, round::Work};
+
+    use super::tensor_job;
+    use crate::plan::test_tensor;
+
+    /// The worker's view of the wire message is the planner's view of the plan.
+    #[test]
+    fn the_worker_decodes_what_the_planner_planned() {
+        let mut t = test_tensor("model.layers.0.w", "dare_ties", &[3, 5], 3);
+        t.inputs[1].dtype = DType::BF16;
+        t.inputs[2].rng_offset = 42;
+        t.inputs[2].model_key = 7;
+        t.base = Some(0);
+        t.seed = 9;
+        t.rng = rng::Mode::Counter;
+        t.work_dtype = Some(DType::BF16);
+        t.compute = Work::F16;
+        t.model_params[1].insert("weight".into(), 0.5);
+        let job = tensor_job(&t, 0, 3);
+        let (a, b) = (
+            t.ctx().expect("plan ctx"),
+            shardmerge_worker::tensor::tensor_ctx(&job).expect("wire ctx"),
+        );
+        assert_eq!(
+            (a.name, a.shape, a.rows, a.row_len),
+            (b.name, b.shape, b.rows, b.row_len)
+        );
+        assert_eq!(a.params, b.params);
+        assert_eq!(a.model_params, b.model_params);
+        assert_eq!(
+            (a.base, &a.model_keys, a.tensor_key),
+            (b.base, &b.model_keys, b.tensor_key)
+        );
+        assert_eq!(
+            (a.seed, a.rng, &a.rng_offsets),
+            (b.seed, b.rng, &b.rng_offsets)
+        );
+        assert_eq!((a.work_bf16, a.work), (b.work_bf16, b.work));
+        assert_eq!(job.method, "dare_ties");
+        assert_eq!(job.inputs[1].dtype, DType::BF16.to_proto() as i32);
     }
 }

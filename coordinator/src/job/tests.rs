@@ -11,7 +11,7 @@ use super::state::{Holder, JobState, Recorded, Renewal, TaskFailed, MAX_ATTEMPTS
 use crate::cut::{Cut, StatsUnit, TaskDef};
 use crate::error::Result;
 use crate::journal::Item;
-use crate::plan::{OutFile, Plan};
+use crate::plan::{test_tensor, OutFile, Plan, TensorPlan};
 use crate::recipe::Recipe;
 
 const TTL: Duration = Duration::from_secs(10);
@@ -36,18 +36,7 @@ fn plan_and_cut() -> (Plan, Cut) {
         },
     };
     // two f32 inputs: a row of 2 elements reads 16 bytes
-    let input = pb::TensorSource {
-        dtype: pb::Dtype::F32 as i32,
-        shape: vec![4, 2],
-        ..Default::default()
-    };
-    let tensor = |name: &str| pb::TensorJob {
-        name: name.into(),
-        method: "made-up".into(),
-        shape: vec![4, 2],
-        inputs: vec![input.clone(); 2],
-        ..Default::default()
-    };
+    let tensor = |name: &str| test_tensor(name, "linear", &[4, 2], 2);
     let plan = Plan {
         recipe: Recipe::parse("merge_method: passthrough\nmodels:\n  - model: a\n")
             .expect("recipe"),
@@ -84,12 +73,7 @@ fn plan_and_cut() -> (Plan, Cut) {
 }
 
 /// Sums the partials' counts into the state, pass after pass.
-fn fake_reduce(
-    _: &pb::TensorJob,
-    pass: u32,
-    state: Stats,
-    partials: Vec<Stats>,
-) -> Result<Reduced> {
+fn fake_reduce(_: &TensorPlan, pass: u32, state: Stats, partials: Vec<Stats>) -> Result<Reduced> {
     let mut counts = state.counts;
     counts.push(partials.iter().flat_map(|p| &p.counts).sum::<u64>() + 100 * pass as u64);
     Ok(Reduced::More(Stats {
@@ -728,7 +712,7 @@ fn progress_counts_statistics_passes_and_ends_at_the_total() {
 #[test]
 fn a_unit_done_early_takes_its_unrun_passes_off_the_total() {
     let (plan, cut) = plan_and_cut();
-    let done_at_once = |_: &pb::TensorJob, _: u32, s: Stats, _: Vec<Stats>| Ok(Reduced::Done(s));
+    let done_at_once = |_: &TensorPlan, _: u32, s: Stats, _: Vec<Stats>| Ok(Reduced::Done(s));
     let mut j = JobState::new(
         "job-1".into(),
         plan,

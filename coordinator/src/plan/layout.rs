@@ -1,4 +1,4 @@
-//! Where things go: draws in mergekit's order, tensors into output files, rows of a tensor.
+//! Where things go: draws in mergekit's order, tensors into output files.
 
 use super::*;
 
@@ -8,7 +8,7 @@ use super::*;
 /// once per element for each input in recipe order. Ties keep output order. A non-float tensor
 /// (copied, not merged, here) takes the draws mergekit spends on it: mergekit casts it to the
 /// recipe's dtype and merges it like the others, so later tensors' draws come after its own.
-pub(super) fn lay_out_draws(method: &dyn Method, tensors: &mut [pb::TensorJob]) -> Result<()> {
+pub(super) fn lay_out_draws(method: &dyn Method, tensors: &mut [TensorPlan]) -> Result<()> {
     let mut order: Vec<(String, usize)> = tensors
         .iter()
         .enumerate()
@@ -20,11 +20,8 @@ pub(super) fn lay_out_draws(method: &dyn Method, tensors: &mut [pb::TensorJob]) 
     order.sort();
     let mut at = 0u64;
     for (_, k) in order {
-        let copy = is_copy(&tensors[k]);
-        let counts = {
-            let ctx = shardmerge_worker::tensor::tensor_ctx(&tensors[k]).map_err(Error::Input)?;
-            method.draws(&ctx)
-        };
+        let copy = tensors[k].is_copy();
+        let counts = method.draws(&tensors[k].ctx()?);
         for (src, n) in tensors[k].inputs.iter_mut().zip(counts) {
             src.rng_offset = if copy { 0 } else { at };
             at = at.checked_add(n).ok_or_else(|| {
@@ -36,12 +33,11 @@ pub(super) fn lay_out_draws(method: &dyn Method, tensors: &mut [pb::TensorJob]) 
 }
 
 /// Lays tensors into files of at most `max` bytes (a tensor larger than that gets its own).
-pub(super) fn layout_files(tensors: &[pb::TensorJob], max: u64) -> Vec<OutFile> {
+pub(super) fn layout_files(tensors: &[TensorPlan], max: u64) -> Vec<OutFile> {
     let mut groups: Vec<Vec<usize>> = vec![Vec::new()];
     let mut cur = 0u64;
     for (i, t) in tensors.iter().enumerate() {
-        let es = DType::from_proto(t.out_dtype).map_or(4, |d| d.size()) as u64;
-        let bytes = t.shape.iter().product::<u64>() * es;
+        let bytes = t.shape.iter().product::<u64>() * t.out_dtype.size() as u64;
         let last = groups.len() - 1;
         if !groups[last].is_empty() && max > 0 && cur + bytes > max {
             groups.push(Vec::new());
@@ -62,7 +58,7 @@ pub(super) fn layout_files(tensors: &[pb::TensorJob], max: u64) -> Vec<OutFile> 
                 .iter()
                 .map(|&i| LayoutEntry {
                     name: tensors[i].name.clone(),
-                    dtype: DType::from_proto(tensors[i].out_dtype).unwrap_or(DType::F32),
+                    dtype: tensors[i].out_dtype,
                     shape: tensors[i].shape.clone(),
                 })
                 .collect();
@@ -77,11 +73,4 @@ pub(super) fn layout_files(tensors: &[pb::TensorJob], max: u64) -> Vec<OutFile> 
             }
         })
         .collect()
-}
-
-/// Number of rows in a tensor's 2-D view and bytes per output row.
-pub(crate) fn rows_of(t: &pb::TensorJob) -> (u64, u64) {
-    let (rows, row_len) = view2d(&t.shape);
-    let es = DType::from_proto(t.out_dtype).map_or(4, |d| d.size()) as u64;
-    (rows, row_len * es)
 }

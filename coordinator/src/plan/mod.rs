@@ -14,7 +14,6 @@ use shardmerge_worker::format::safetensors::{
 };
 use shardmerge_worker::kernels::{self, rng, BaseRule, Method};
 use shardmerge_worker::storage::{retry, Location, Resolver};
-use shardmerge_worker::tensor::view2d;
 
 use crate::arch::{self, Arch, Place};
 use crate::error::{Error, Result};
@@ -24,14 +23,17 @@ mod layout;
 mod load;
 mod slices;
 mod tensor;
+mod typed;
 pub(crate) mod vocab;
 
-pub(crate) use layout::rows_of;
 use layout::{lay_out_draws, layout_files};
 pub use load::load_model;
 use slices::*;
+pub use tensor::COPY_METHOD;
 use tensor::*;
-pub use tensor::{is_copy, COPY_METHOD};
+#[cfg(test)]
+pub(crate) use typed::test_tensor;
+pub use typed::{InputPlan, Params, TensorPlan};
 
 /// mergekit's default `--out-shard-size` (bytes).
 pub const DEFAULT_SHARD_SIZE: u64 = 5_000_000_000;
@@ -76,7 +78,7 @@ pub struct OutFile {
 pub struct Plan {
     pub recipe: Recipe,
     pub models: Vec<ModelInfo>,
-    pub tensors: Vec<pb::TensorJob>,
+    pub tensors: Vec<TensorPlan>,
     pub files: Vec<OutFile>,
     /// The output `config.json`, if the donor model had one.
     pub config: Option<Value>,
@@ -98,14 +100,7 @@ impl Plan {
 
     /// Input bytes the merge reads (each input tensor byte once).
     pub(crate) fn bytes_in(&self) -> u64 {
-        self.tensors
-            .iter()
-            .flat_map(|t| t.inputs.iter())
-            .map(|s| {
-                let es = DType::from_proto(s.dtype).map_or(4, |d| d.size()) as u64;
-                s.shape.iter().product::<u64>() * es
-            })
-            .sum()
+        self.tensors.iter().map(TensorPlan::input_bytes).sum()
     }
 }
 
@@ -132,7 +127,7 @@ struct Ctx<'a> {
     method: &'static dyn Method,
     models: &'a HashMap<String, ModelInfo>,
     seed: u64,
-    rng: pb::Rng,
+    rng: rng::Mode,
     truncate_embeddings: bool,
     compute_float32: bool,
     /// The output vocabulary, when the recipe re-maps embeddings by token.
@@ -165,7 +160,10 @@ pub async fn plan(
         method,
         models: &models,
         seed,
-        rng: opts.rng,
+        rng: match opts.rng {
+            pb::Rng::Mergekit => rng::Mode::Mergekit,
+            pb::Rng::Counter => rng::Mode::Counter,
+        },
         truncate_embeddings: opts.unsafe_truncate_embeddings,
         compute_float32: opts.compute_float32,
         vocab: vocab.as_ref(),
@@ -180,6 +178,9 @@ pub async fn plan(
     }
     if opts.rng == pb::Rng::Mergekit {
         lay_out_draws(method, &mut tensors)?;
+    }
+    for t in &mut tensors {
+        t.passes = t.method.passes(&t.ctx()?);
     }
 
     let files = layout_files(&tensors, opts.out_shard_size);
@@ -264,12 +265,7 @@ type Origins<'a> = Vec<(&'a str, u64)>;
 
 /// Plans the tensors of `s` outside the layers: those before them (`pre`) or after them, each
 /// read under its own name from every source.
-fn outside_layers(
-    cx: &Ctx<'_>,
-    s: &Slice,
-    pre: bool,
-    tensors: &mut Vec<pb::TensorJob>,
-) -> Result<()> {
+fn outside_layers(cx: &Ctx<'_>, s: &Slice, pre: bool, tensors: &mut Vec<TensorPlan>) -> Result<()> {
     for n in non_layer_names(cx, s, pre) {
         let ins = vec![n.clone(); s.sources.len()];
         tensors.push(plan_tensor(cx, s, &n, &ins, 0.0)?);
@@ -279,10 +275,7 @@ fn outside_layers(
 
 /// Every output tensor's job, in output order, and the (model, layer) each output layer
 /// comes from.
-fn plan_tensors<'a>(
-    cx: &Ctx<'a>,
-    slices: &'a [Slice],
-) -> Result<(Vec<pb::TensorJob>, Origins<'a>)> {
+fn plan_tensors<'a>(cx: &Ctx<'a>, slices: &'a [Slice]) -> Result<(Vec<TensorPlan>, Origins<'a>)> {
     let mut tensors = Vec::new();
     // Tensors outside the layers: embeddings first (from the first slice), the rest last
     // (from the last slice), as mergekit's pre/post weights.
@@ -363,34 +356,17 @@ mod tests {
     use super::*;
 
     /// A dare_linear tensor job over base + two models, with `density` for both.
-    fn dare_job(out: &str, ins: &[&str; 3], shape: &[u64], density: f64) -> pb::TensorJob {
-        let m = kernels::method("dare_linear").expect("dare_linear");
-        let params = m
-            .spec()
-            .params
-            .iter()
-            .filter_map(|p| p.default.map(|d| (p.name.to_string(), d)))
-            .collect();
-        let mp = |w: f64| pb::ParamMap {
-            values: [("weight".to_string(), w), ("density".to_string(), density)].into(),
-        };
-        pb::TensorJob {
-            name: out.into(),
-            shape: shape.to_vec(),
-            method: "dare_linear".into(),
-            params: Some(pb::ParamMap { values: params }),
-            inputs: ins
-                .iter()
-                .map(|t| pb::TensorSource {
-                    tensor: t.to_string(),
-                    shape: shape.to_vec(),
-                    ..Default::default()
-                })
-                .collect(),
-            model_params: vec![pb::ParamMap::default(), mp(1.0), mp(1.0)],
-            base_index: Some(0),
-            ..Default::default()
+    fn dare_job(out: &str, ins: &[&str; 3], shape: &[u64], density: f64) -> TensorPlan {
+        let mut t = typed::test_tensor(out, "dare_linear", shape, 3);
+        for (input, name) in t.inputs.iter_mut().zip(ins) {
+            input.tensor = name.to_string();
         }
+        let mp = |w: f64| -> HashMap<String, f64> {
+            [("weight".to_string(), w), ("density".to_string(), density)].into()
+        };
+        t.model_params = vec![HashMap::new(), mp(1.0), mp(1.0)];
+        t.base = Some(0);
+        t
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! One output tensor's job: its inputs, shape, parameters, or a plain copy for non-float tensors.
 
+use shardmerge_worker::kernels::round::Work;
+
 use super::*;
 
 pub(super) fn plan_tensor(
@@ -8,14 +10,11 @@ pub(super) fn plan_tensor(
     out_name: &str,
     in_names: &[String],
     t: f64,
-) -> Result<pb::TensorJob> {
+) -> Result<TensorPlan> {
     let spec = cx.method.spec();
     let (inputs, infos) = tensor_inputs(cx, s, out_name, in_names)?;
     let base = base_index(cx, s);
-    if inputs
-        .iter()
-        .any(|i| DType::from_proto(i.dtype).is_some_and(|d| !d.is_float()))
-    {
+    if inputs.iter().any(|i| !i.dtype.is_float()) {
         let (params, model_params) = job_params(cx, s, out_name, in_names, t, base)?;
         let mut job = copy_job(cx, out_name, inputs, reference_source(cx, s))?;
         keep_params(
@@ -35,43 +34,40 @@ pub(super) fn plan_tensor(
         None => out_shape(cx, out_name, &s.sources, &infos)?,
     };
     let (params, model_params) = job_params(cx, s, out_name, in_names, t, base)?;
+    let base_dtype = inputs[base.unwrap_or(0)].dtype;
     let out_dtype = cx
         .recipe
         .out_dtype
         .or(cx.recipe.dtype)
-        .or_else(|| DType::from_proto(inputs[base.unwrap_or(0)].dtype))
-        .unwrap_or(DType::F32);
-    // mergekit loads every input in the recipe's dtype, else casts to the base's
-    let work_dtype = cx
-        .recipe
-        .dtype
-        .map(|d| d.to_proto() as i32)
-        .unwrap_or(inputs[base.unwrap_or(0)].dtype);
-    let mut job = pb::TensorJob {
+        .unwrap_or(base_dtype);
+    let mut job = TensorPlan {
         name: out_name.to_string(),
         shape,
-        out_dtype: out_dtype.to_proto() as i32,
-        method: spec.name.to_string(),
-        params: Some(pb::ParamMap { values: params }),
+        out_dtype,
+        method: cx.method,
+        params,
         inputs,
         model_params,
-        base_index: base.map(|b| b as u32),
+        base,
         seed: cx.seed,
-        rng: cx.rng as i32,
-        work_dtype,
+        rng: cx.rng,
+        // mergekit loads every input in the recipe's dtype, else casts to the base's
+        work_dtype: Some(cx.recipe.dtype.unwrap_or(base_dtype)),
         // mergekit's arithmetic: every op rounds to the recipe's 16-bit dtype
-        compute_dtype: match cx.recipe.dtype {
-            Some(d @ (DType::BF16 | DType::F16)) if !cx.compute_float32 => d.to_proto() as i32,
-            _ => 0,
+        compute: match cx.recipe.dtype {
+            Some(DType::BF16) if !cx.compute_float32 => Work::BF16,
+            Some(DType::F16) if !cx.compute_float32 => Work::F16,
+            _ => Work::F32,
         },
         row_map: None,
+        passes: 0,
     };
     if let Some(v) = remap {
         let models: Vec<&str> = s.sources.iter().map(|x| x.model.as_str()).collect();
         let rows: Vec<u64> = infos.iter().map(|i| i.shape[0]).collect();
         job.row_map = Some(v.row_map(out_name, &models, &rows, base)?);
     }
-    let ctx = shardmerge_worker::tensor::tensor_ctx(&job).map_err(Error::Input)?;
+    let ctx = job.ctx()?;
     cx.method.check(&ctx).map_err(|e| {
         Error::Recipe(format!(
             "merge_method {}, tensor {out_name}: {e}",
@@ -87,9 +83,9 @@ pub(super) fn plan_tensor(
 pub(super) fn copy_job(
     cx: &Ctx,
     out_name: &str,
-    mut inputs: Vec<pb::TensorSource>,
+    mut inputs: Vec<InputPlan>,
     from: usize,
-) -> Result<pb::TensorJob> {
+) -> Result<TensorPlan> {
     let first = &inputs[from];
     if inputs
         .iter()
@@ -97,10 +93,7 @@ pub(super) fn copy_job(
     {
         let what: Vec<String> = inputs
             .iter()
-            .map(|i| {
-                let dt = DType::from_proto(i.dtype).map_or("?", DType::name);
-                format!("{} has {dt} {:?}", i.model, i.shape)
-            })
+            .map(|i| format!("{} has {} {:?}", i.model, i.dtype.name(), i.shape))
             .collect();
         return Err(Error::Input(format!(
             "tensor {out_name}: non-float tensors are copied from the base model, not merged, so every model must have it with one dtype and shape, but {}",
@@ -110,30 +103,37 @@ pub(super) fn copy_job(
     // the model it is copied from first: the worker copies the first and compares the rest
     let src = inputs.remove(from);
     inputs.insert(0, src);
-    Ok(pb::TensorJob {
+    Ok(TensorPlan {
         name: out_name.to_string(),
         shape: inputs[0].shape.clone(),
         out_dtype: inputs[0].dtype,
-        method: COPY_METHOD.to_string(),
-        params: Some(pb::ParamMap::default()),
-        model_params: vec![pb::ParamMap::default(); inputs.len()],
+        method: copy_method()?,
+        params: HashMap::new(),
+        model_params: vec![HashMap::new(); inputs.len()],
         inputs,
-        base_index: None,
+        base: None,
         seed: cx.seed,
-        rng: cx.rng as i32,
-        work_dtype: 0,
-        compute_dtype: 0,
+        rng: cx.rng,
+        work_dtype: None,
+        compute: Work::F32,
         row_map: None,
+        passes: 0,
     })
+}
+
+/// The method copied tensors name.
+fn copy_method() -> Result<&'static dyn Method> {
+    kernels::method(COPY_METHOD)
+        .ok_or_else(|| Error::Input(format!("the copy method {COPY_METHOD} is not registered")))
 }
 
 /// Gives a copy job the recipe's parameters for the tensor, in the copy's input order (the
 /// source `from` first): the worker ignores them, `lay_out_draws` counts the random draws
 /// mergekit spends merging such a tensor as floats.
 fn keep_params(
-    job: &mut pb::TensorJob,
+    job: &mut TensorPlan,
     params: HashMap<String, f64>,
-    model_params: Vec<pb::ParamMap>,
+    model_params: Vec<HashMap<String, f64>>,
     base: Option<usize>,
     from: usize,
 ) {
@@ -142,23 +142,18 @@ fn keep_params(
         i if i < from => i + 1,
         i => i,
     };
-    let mut mp = vec![pb::ParamMap::default(); model_params.len()];
+    let mut mp = vec![HashMap::new(); model_params.len()];
     for (i, p) in model_params.into_iter().enumerate() {
         mp[order(i)] = p;
     }
-    job.params = Some(pb::ParamMap { values: params });
+    job.params = params;
     job.model_params = mp;
-    job.base_index = base.map(|b| order(b) as u32);
+    job.base = base.map(order);
 }
 
 /// The method a copied (non-float) tensor's job names: it has no statistics passes and no
 /// random draws.
 pub const COPY_METHOD: &str = "passthrough";
-
-/// Whether a tensor job copies a non-float tensor rather than merging.
-pub fn is_copy(t: &pb::TensorJob) -> bool {
-    DType::from_proto(t.out_dtype).is_some_and(|d| !d.is_float())
-}
 
 /// The shape of an embedding re-mapped into the output vocabulary: its `rows`, and the
 /// models' common row length (rows of different lengths can't be merged).
@@ -223,7 +218,7 @@ fn tensor_inputs<'a>(
     s: &Slice,
     out_name: &str,
     in_names: &[String],
-) -> Result<(Vec<pb::TensorSource>, Vec<&'a TensorInfo>)> {
+) -> Result<(Vec<InputPlan>, Vec<&'a TensorInfo>)> {
     let mut inputs = Vec::new();
     let mut infos: Vec<&TensorInfo> = Vec::new();
     for (pos, (src, in_name)) in s.sources.iter().zip(in_names).enumerate() {
@@ -248,10 +243,10 @@ fn tensor_inputs<'a>(
                 ))
             })?,
         };
-        inputs.push(pb::TensorSource {
+        inputs.push(InputPlan {
             uri: uri.clone(),
             data_offset: info.start,
-            dtype: dt.to_proto() as i32,
+            dtype: dt,
             shape: info.shape.clone(),
             model: src.model.clone(),
             // keyed by the model's position among the inputs, not by where it is stored, so
@@ -273,7 +268,7 @@ fn job_params(
     in_names: &[String],
     t: f64,
     base: Option<usize>,
-) -> Result<(HashMap<String, f64>, Vec<pb::ParamMap>)> {
+) -> Result<(Params, Vec<Params>)> {
     let spec = cx.method.spec();
     let mut params = HashMap::new();
     for p in spec.params {
@@ -307,7 +302,7 @@ fn job_params(
                 }
             }
         }
-        model_params.push(pb::ParamMap { values: mp });
+        model_params.push(mp);
     }
     Ok((params, model_params))
 }

@@ -285,24 +285,21 @@ mod tests {
             .map(|r| (r.out_start, r.count, r.src_start))
             .collect();
         assert_eq!(spans, [(0, 3, 0), (3, 2, 7), (6, 1, 9)]);
-        let job = pb::TensorJob {
-            row_map: Some(pb::RowMap {
-                inputs: vec![pb::InputRows { runs }],
-                defaults: vec![
-                    pb::DefaultRow {
-                        out_row: 5,
-                        from: vec![],
-                    },
-                    pb::DefaultRow {
-                        out_row: 1,
-                        from: vec![],
-                    },
-                ],
-                pad_from: 0,
-            }),
-            ..Default::default()
+        let map = pb::RowMap {
+            inputs: vec![pb::InputRows { runs }],
+            defaults: vec![
+                pb::DefaultRow {
+                    out_row: 5,
+                    from: vec![],
+                },
+                pb::DefaultRow {
+                    out_row: 1,
+                    from: vec![],
+                },
+            ],
+            pad_from: 0,
         };
-        let cut = for_rows(&job, 1, 4).row_map.unwrap();
+        let cut = for_rows(&map, 1, 4);
         let spans: Vec<(u64, u64, u64)> = cut.inputs[0]
             .runs
             .iter()

@@ -163,17 +163,14 @@ pub(super) fn push_run(runs: &mut Vec<pb::RowRun>, out: u64, src: u64) {
     });
 }
 
-/// `job` as a task over rows `[start, end)` needs it: its row map cut to the runs and default
+/// Row map `map` as a task over rows `[start, end)` needs it: cut to the runs and default
 /// rows of that range (whole when the range reaches padding rows, which are means over every
 /// real row).
-pub fn for_rows(job: &pb::TensorJob, start: u64, end: u64) -> pb::TensorJob {
-    let Some(map) = &job.row_map else {
-        return job.clone();
-    };
+pub fn for_rows(map: &pb::RowMap, start: u64, end: u64) -> pb::RowMap {
     if map.pad_from > 0 && end > map.pad_from {
-        return job.clone();
+        return map.clone();
     }
-    let cut = pb::RowMap {
+    pb::RowMap {
         inputs: map
             .inputs
             .iter()
@@ -200,9 +197,5 @@ pub fn for_rows(job: &pb::TensorJob, start: u64, end: u64) -> pb::TensorJob {
             .cloned()
             .collect(),
         pad_from: map.pad_from,
-    };
-    pb::TensorJob {
-        row_map: Some(cut),
-        ..job.clone()
     }
 }

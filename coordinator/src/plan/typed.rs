@@ -1,0 +1,171 @@
+//! The planner's own types: what one output tensor is made from, with its dtypes and method
+//! resolved. They never hold an unknown dtype or method; the wire message a worker receives
+//! is built from them only where tasks are built (`job/tasks.rs`).
+
+use std::collections::HashMap;
+use std::fmt;
+
+use shardmerge_proto as pb;
+use shardmerge_worker::format::dtype::DType;
+use shardmerge_worker::kernels::{rng, round::Work, Method, TensorCtx};
+use shardmerge_worker::tensor::view2d;
+
+use crate::error::{Error, Result};
+
+/// Parameters by name, resolved for one tensor (booleans as 0/1).
+pub type Params = HashMap<String, f64>;
+
+/// One input of a tensor: where its bytes lie and how they are stored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InputPlan {
+    /// The file holding it.
+    pub uri: String,
+    /// Where its data starts in that file.
+    pub data_offset: u64,
+    pub dtype: DType,
+    pub shape: Vec<u64>,
+    /// The recipe's name of its model.
+    pub model: String,
+    /// The model's random-stream key (by position among the inputs).
+    pub model_key: u64,
+    /// Its name in the model.
+    pub tensor: String,
+    /// Its first draw in mergekit's seeded stream.
+    pub rng_offset: u64,
+}
+
+/// One output tensor, planned: its inputs, method and parameters resolved for it, its dtypes,
+/// and the statistics passes its method runs over it.
+#[derive(Clone)]
+pub struct TensorPlan {
+    pub name: String,
+    pub shape: Vec<u64>,
+    pub out_dtype: DType,
+    /// The merge method, or the copy method for a non-float tensor ([`TensorPlan::is_copy`]).
+    pub method: &'static dyn Method,
+    /// Method-level parameters, resolved for this tensor.
+    pub params: HashMap<String, f64>,
+    /// Per-input parameters, in input order.
+    pub model_params: Vec<HashMap<String, f64>>,
+    pub inputs: Vec<InputPlan>,
+    /// Which input is the base model.
+    pub base: Option<usize>,
+    pub seed: u64,
+    pub rng: rng::Mode,
+    /// The dtype mergekit loads the inputs in (the recipe's, else the base's); none for a copy.
+    pub work_dtype: Option<DType>,
+    /// What every operation rounds to (the recipe's 16-bit dtype; f32 otherwise).
+    pub compute: Work,
+    /// Output rows re-mapped by token (a vocabulary-aligned embedding).
+    pub row_map: Option<pb::RowMap>,
+    /// Statistics passes the method runs over the whole tensor before writing it.
+    pub passes: u32,
+}
+
+impl fmt::Debug for TensorPlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TensorPlan")
+            .field("name", &self.name)
+            .field("shape", &self.shape)
+            .field("out_dtype", &self.out_dtype)
+            .field("method", &self.method.spec().name)
+            .field("inputs", &self.inputs)
+            .field("base", &self.base)
+            .field("passes", &self.passes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TensorPlan {
+    /// The method's name (mergekit's).
+    pub fn method_name(&self) -> &'static str {
+        self.method.spec().name
+    }
+
+    /// Whether this tensor is copied (a non-float tensor) rather than merged.
+    pub fn is_copy(&self) -> bool {
+        !self.out_dtype.is_float()
+    }
+
+    /// Rows of its 2-D view and bytes per output row.
+    pub fn rows(&self) -> (u64, u64) {
+        let (rows, row_len) = view2d(&self.shape);
+        (rows, row_len * self.out_dtype.size() as u64)
+    }
+
+    /// Input bytes one row reads: its row length times the inputs' element sizes.
+    pub fn input_row_bytes(&self) -> u64 {
+        let (_, row_len) = view2d(&self.shape);
+        let elem: u64 = self.inputs.iter().map(|i| i.dtype.size() as u64).sum();
+        row_len.saturating_mul(elem)
+    }
+
+    /// Input bytes of the whole tensor (each input byte once).
+    pub fn input_bytes(&self) -> u64 {
+        self.inputs
+            .iter()
+            .map(|s| s.shape.iter().product::<u64>() * s.dtype.size() as u64)
+            .sum()
+    }
+
+    /// The kernel's view of this tensor (as the worker builds it from the task).
+    pub fn ctx(&self) -> Result<TensorCtx<'_>> {
+        let (rows, row_len) = view2d(&self.shape);
+        let row_len = usize::try_from(row_len)
+            .map_err(|_| Error::Input(format!("tensor {}: row too large", self.name)))?;
+        Ok(TensorCtx {
+            name: &self.name,
+            shape: &self.shape,
+            rows,
+            row_len,
+            params: &self.params,
+            model_params: self.model_params.iter().collect(),
+            base: self.base,
+            model_keys: self.inputs.iter().map(|s| s.model_key).collect(),
+            tensor_key: rng::key_of(&self.name),
+            seed: self.seed,
+            rng: self.rng,
+            rng_offsets: self.inputs.iter().map(|s| s.rng_offset).collect(),
+            work_bf16: self.work_dtype == Some(DType::BF16),
+            work: self.compute,
+        })
+    }
+}
+
+/// A plan of tensor `name` for tests: method `method`, `n` f32 inputs of `shape` named as the
+/// output, defaults for the method's parameters, no base.
+#[cfg(test)]
+pub(crate) fn test_tensor(name: &str, method: &str, shape: &[u64], n: usize) -> TensorPlan {
+    let method = shardmerge_worker::kernels::method(method).expect("a registered method");
+    let input = InputPlan {
+        uri: String::new(),
+        data_offset: 0,
+        dtype: DType::F32,
+        shape: shape.to_vec(),
+        model: String::new(),
+        model_key: 0,
+        tensor: name.to_string(),
+        rng_offset: 0,
+    };
+    TensorPlan {
+        name: name.into(),
+        shape: shape.to_vec(),
+        out_dtype: DType::F32,
+        method,
+        params: method
+            .spec()
+            .params
+            .iter()
+            .filter_map(|p| p.default.map(|d| (p.name.to_string(), d)))
+            .collect(),
+        model_params: vec![HashMap::new(); n],
+        inputs: vec![input; n],
+        base: None,
+        seed: 0,
+        rng: rng::Mode::Mergekit,
+        work_dtype: Some(DType::F32),
+        compute: Work::F32,
+        row_map: None,
+        passes: 0,
+    }
+}
