@@ -16,6 +16,7 @@ use args::{
     seconds, ClientSecurityArgs, EngineArgs, LogFormat, OpsArgs, ServeSecurityArgs, SubmitJobArgs,
 };
 pub use args::{LimitArgs, RngArg};
+use clap::builder::NonEmptyStringValueParser;
 use clap::{Parser, Subcommand};
 use shardmerge_worker::storage::Resolver;
 
@@ -95,7 +96,7 @@ enum Cmd {
     /// Pull tasks from a coordinator and run them until SIGINT/SIGTERM
     Worker {
         /// The coordinator's URL (http://HOST:PORT)
-        #[arg(long, env = "SHARDMERGE_COORDINATOR")]
+        #[arg(long, env = "SHARDMERGE_COORDINATOR", value_parser = NonEmptyStringValueParser::new())]
         coordinator: String,
         /// Tasks run at once (default: the number of cores)
         #[arg(long)]
@@ -117,7 +118,7 @@ enum Cmd {
         /// Output checkpoint: s3://bucket/prefix (or a path every worker shares)
         out: String,
         /// The coordinator's URL (http://HOST:PORT)
-        #[arg(long, env = "SHARDMERGE_COORDINATOR")]
+        #[arg(long, env = "SHARDMERGE_COORDINATOR", value_parser = NonEmptyStringValueParser::new())]
         coordinator: String,
         /// Follow the job; exit 0 only when it succeeded
         #[arg(long)]
@@ -133,7 +134,7 @@ enum Cmd {
     /// Show one job, or every job the coordinator knows
     Status {
         job: Option<String>,
-        #[arg(long, env = "SHARDMERGE_COORDINATOR")]
+        #[arg(long, env = "SHARDMERGE_COORDINATOR", value_parser = NonEmptyStringValueParser::new())]
         coordinator: String,
         /// Follow JOB to its end, as `submit --wait` does (exit 0 only when it succeeded)
         #[arg(long, requires = "job")]
@@ -147,18 +148,27 @@ enum Cmd {
     /// Cancel a job: drop its tasks, revoke its leases, abort its uploads
     Cancel {
         job: String,
-        #[arg(long, env = "SHARDMERGE_COORDINATOR")]
+        #[arg(long, env = "SHARDMERGE_COORDINATOR", value_parser = NonEmptyStringValueParser::new())]
         coordinator: String,
         #[command(flatten)]
         security: ClientSecurityArgs,
     },
 }
 
-fn init_tracing(format: LogFormat) {
+/// Logs go to stderr, in colour only when it is a terminal (a redirected log holds no escape
+/// codes). `RUST_LOG` sets the level; without it, the services (`coordinator`, `worker`) log
+/// their own `info` lines (each task a worker runs, jobs submitted) and every command warnings.
+fn init_tracing(format: LogFormat, service: bool) {
+    let default = if service {
+        "warn,shardmerge=info,shardmerge_worker=info"
+    } else {
+        "warn"
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => fmt.init(),
@@ -305,17 +315,14 @@ async fn run(
     };
     let s = embedded::run(&text, out, &o, resolver).await?;
     if !quiet {
-        let secs = s.status.elapsed_seconds.max(1e-9);
         let peak = size::peak_rss().map_or(String::new(), |b| {
             format!(", peak memory {}", size::human(b))
         });
         eprintln!(
-            "merged {} tensors into {} file(s), {} in {:.1}s ({}/s{peak}) -> {}",
+            "merged {} tensors into {} file(s), {}{peak} -> {}",
             s.plan.tensors.len(),
             s.plan.files.len(),
-            size::human(s.plan.bytes_out()),
-            secs,
-            size::human((s.plan.bytes_out() as f64 / secs) as u64),
+            size::bytes_in(s.plan.bytes_out(), s.status.elapsed_seconds),
             s.status.output_uri
         );
     }
@@ -363,11 +370,46 @@ async fn verify(checkpoint: &str, data: bool, resolver: &Resolver) -> Result<()>
     Ok(())
 }
 
+/// Prints clap's error (help and version too) and exits as clap does. When an option's
+/// environment variable is set but empty, clap's message names only the option
+/// (`--token-file`): the variable is named too, since that is where the empty value came from.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::CommandFactory;
+    let _ = e.print();
+    if !e.use_stderr() {
+        return ExitCode::SUCCESS;
+    }
+    let mut empty = Vec::new();
+    let mut cmds = vec![Cli::command()];
+    while let Some(c) = cmds.pop() {
+        for a in c.get_arguments() {
+            let Some(var) = a.get_env() else { continue };
+            let name = var.to_string_lossy().into_owned();
+            if std::env::var_os(var).is_some_and(|v| v.is_empty()) && !empty.contains(&name) {
+                empty.push(name);
+            }
+        }
+        cmds.extend(c.get_subcommands().cloned());
+    }
+    if !empty.is_empty() {
+        eprintln!(
+            "note: set but empty in the environment: {} (each stands for its option; give it a \
+             value or unset it)",
+            empty.join(", ")
+        );
+    }
+    ExitCode::from(2)
+}
+
 /// Parses the command line and runs it: the whole `shardmerge` program.
 pub fn main() -> ExitCode {
     size::return_large_buffers_to_the_system();
-    let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
+    let service = matches!(cli.cmd, Cmd::Coordinator { .. } | Cmd::Worker { .. });
+    init_tracing(cli.log_format, service);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -68,11 +68,6 @@ pub async fn run(
         let st = rx.borrow_and_update().clone();
         bar.set_length(st.work_total.max(1));
         bar.set_position(st.work_done);
-        bar.set_message(format!(
-            "{}/{} written",
-            crate::size::human(st.bytes_done),
-            crate::size::human(st.bytes_total)
-        ));
         if terminal(&st) {
             break st;
         }

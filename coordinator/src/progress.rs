@@ -1,11 +1,31 @@
-//! What a client shows while it waits for a job: the progress bar and when to stop waiting.
+//! What a client shows of a job: its status line, the progress bar, when to stop waiting, and
+//! what a cancel came to.
 
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use shardmerge_proto as pb;
 
-/// A byte progress bar on stderr; hidden when `quiet` or stderr is not a terminal.
+use crate::error::{Error, Result};
+use crate::size;
+
+/// How far a job is, in percent (0 to 100): its work done over its work total, the one
+/// measure of progress. Work is every input byte a task reads plus every output byte it writes,
+/// statistics passes included (a pass reads its tensor's inputs and writes nothing), so it
+/// moves from the first pass on; the task count is no measure (statistics passes add their next pass's tasks as each one
+/// finishes). A succeeded job is at 100.
+pub fn percent(s: &pb::JobStatus) -> f64 {
+    if matches!(pb::JobState::try_from(s.state), Ok(pb::JobState::Succeeded)) {
+        return 100.0;
+    }
+    if s.work_total == 0 {
+        return 0.0;
+    }
+    (100.0 * s.work_done as f64 / s.work_total as f64).clamp(0.0, 100.0)
+}
+
+/// A byte progress bar on stderr; hidden when `quiet` or stderr is not a terminal. It counts
+/// work (see [`percent`]): input bytes read plus output bytes written.
 pub fn progress_bar(total: u64, quiet: bool) -> ProgressBar {
     if quiet || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         return ProgressBar::hidden();
@@ -13,7 +33,7 @@ pub fn progress_bar(total: u64, quiet: bool) -> ProgressBar {
     let pb = ProgressBar::new(total);
     pb.set_style(
         ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
+            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} read+written {binary_bytes_per_sec} ETA {eta} {msg}",
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
@@ -32,4 +52,96 @@ pub fn is_terminal(state: i32) -> bool {
 /// Whether the job `s` describes has ended.
 pub fn terminal(s: &pb::JobStatus) -> bool {
     is_terminal(s.state)
+}
+
+pub fn state_name(s: i32) -> &'static str {
+    match pb::JobState::try_from(s) {
+        Ok(pb::JobState::Queued) => "queued",
+        Ok(pb::JobState::Running) => "running",
+        Ok(pb::JobState::Committing) => "committing",
+        Ok(pb::JobState::Succeeded) => "succeeded",
+        Ok(pb::JobState::Failed) => "failed",
+        Ok(pb::JobState::Cancelled) => "cancelled",
+        _ => "unknown",
+    }
+}
+
+/// One line describing a job: its state, how far it is (one measure: the share of its work,
+/// input bytes read plus output bytes written, statistics passes included; see
+/// [`percent`]), its tasks done and running (no total: statistics passes add tasks as
+/// they go), its time (stopped at its end), retries and output; the error of a job that did
+/// not succeed on a second line.
+pub fn describe(s: &pb::JobStatus) -> String {
+    let running = if s.leases_active > 0 {
+        format!(", {} running", s.leases_active)
+    } else {
+        String::new()
+    };
+    let mut line = format!(
+        "{}  {:<10} {:>5.1}% of {} to read and write  tasks {} done{running}  {}  retries {}  -> {}",
+        s.job_id,
+        state_name(s.state),
+        percent(s),
+        size::human(s.work_total),
+        s.tasks_done,
+        size::duration(s.elapsed_seconds),
+        s.retries,
+        s.output_uri
+    );
+    if !s.error.is_empty()
+        && !matches!(pb::JobState::try_from(s.state), Ok(pb::JobState::Succeeded))
+    {
+        line.push_str(&format!("\n  error: {}", s.error));
+    }
+    line
+}
+
+/// What `cancel` reports for job `id`, given whether it had ended before the call and its
+/// status after it.
+pub fn cancel_outcome(id: &str, ended_before: bool, after: &pb::JobStatus) -> Result<()> {
+    let state = pb::JobState::try_from(after.state);
+    match (ended_before, state) {
+        (false, Ok(pb::JobState::Cancelled)) => {
+            eprintln!("{id} cancelled: its uploads are aborted");
+            Ok(())
+        }
+        (true, Ok(pb::JobState::Cancelled)) => {
+            eprintln!("{id} already ended: it was cancelled before");
+            Ok(())
+        }
+        (_, Ok(pb::JobState::Committing)) => Err(Error::Job(format!(
+            "{id} is committing (every data file is written): too late to cancel; it finishes"
+        ))),
+        (_, _) if terminal(after) => Err(Error::Job(format!(
+            "{id} already ended ({}): nothing to cancel",
+            state_name(after.state)
+        ))),
+        (_, _) => Err(Error::Job(format!(
+            "{id} is still {} after the cancel",
+            state_name(after.state)
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(state: pb::JobState, work_done: u64, work_total: u64) -> pb::JobStatus {
+        pb::JobStatus {
+            state: state as i32,
+            work_done,
+            work_total,
+            ..Default::default()
+        }
+    }
+
+    /// A failed job once showed 500.0%: its work done had counted five rewrites of one file.
+    #[test]
+    fn percent_stays_within_0_and_100() {
+        assert_eq!(percent(&status(pb::JobState::Failed, 500, 100)), 100.0);
+        assert_eq!(percent(&status(pb::JobState::Running, 25, 100)), 25.0);
+        assert_eq!(percent(&status(pb::JobState::Running, 0, 0)), 0.0);
+        assert_eq!(percent(&status(pb::JobState::Succeeded, 0, 0)), 100.0);
+    }
 }

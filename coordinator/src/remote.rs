@@ -20,6 +20,7 @@ use crate::job::JobManager;
 use crate::journal::Journal;
 use crate::ops;
 use crate::policy::Policy;
+use crate::progress::{cancel_outcome, describe, state_name};
 use crate::server::{self, Security};
 use crate::size;
 use crate::tls::ServerTls;
@@ -204,6 +205,7 @@ pub async fn worker(o: WorkerOptions) -> Result<()> {
         }
         tokio::spawn(metrics::serve(l, meter.clone()));
     }
+    let worker_id = opts.worker_id.clone();
     let (stop_tx, stop_rx) = watch::channel(false);
     let run = tokio::spawn(pull::run(
         Arc::new(MeteredSource::new(source.clone(), meter)),
@@ -216,11 +218,27 @@ pub async fn worker(o: WorkerOptions) -> Result<()> {
         _ = server::shutdown_signal() => None,
         why = source.refused() => Some(why),
     };
+    if refused.is_none() {
+        ops::say(format!(
+            "shardmerge worker {worker_id}: SIGTERM or SIGINT received: stopping; the tasks it \
+             runs are handed back to the coordinator"
+        ));
+    }
     let _ = stop_tx.send(true);
     // Give running tasks a moment to report; then leave (leases expire for the rest).
-    let _ = tokio::time::timeout(Duration::from_secs(2), run).await;
+    let handed_back = tokio::time::timeout(Duration::from_secs(2), run).await;
     match refused {
-        None => Ok(()),
+        None => {
+            ops::say(format!(
+                "shardmerge worker {worker_id} stopped{}",
+                if handed_back.is_ok() {
+                    ""
+                } else {
+                    " (tasks that did not report within 2 s run again when their leases expire)"
+                }
+            ));
+            Ok(())
+        }
         Some(why) => Err(Error::Other(format!(
             "the coordinator refused this worker: {why}"
         ))),
@@ -233,46 +251,6 @@ fn rpc_err(url: &str, what: &str, s: tonic::Status) -> Error {
 
 fn connect(url: &str, o: &ClientOptions) -> Result<Client> {
     client::connect(url, o).map_err(Error::Other)
-}
-
-fn state_name(s: i32) -> &'static str {
-    match pb::JobState::try_from(s) {
-        Ok(pb::JobState::Queued) => "queued",
-        Ok(pb::JobState::Running) => "running",
-        Ok(pb::JobState::Committing) => "committing",
-        Ok(pb::JobState::Succeeded) => "succeeded",
-        Ok(pb::JobState::Failed) => "failed",
-        Ok(pb::JobState::Cancelled) => "cancelled",
-        _ => "unknown",
-    }
-}
-
-/// One line describing a job.
-pub fn describe(s: &pb::JobStatus) -> String {
-    let pct = if s.work_total > 0 {
-        100.0 * s.work_done as f64 / s.work_total as f64
-    } else {
-        0.0
-    };
-    let mut line = format!(
-        "{}  {:<10} {pct:>5.1}%  tasks {}/{}  written {}/{}  {:.1}s  leases {}  retries {}  -> {}",
-        s.job_id,
-        state_name(s.state),
-        s.tasks_done,
-        s.tasks_total,
-        size::human(s.bytes_done),
-        size::human(s.bytes_total),
-        s.elapsed_seconds,
-        s.leases_active,
-        s.retries,
-        s.output_uri
-    );
-    if !s.error.is_empty()
-        && !matches!(pb::JobState::try_from(s.state), Ok(pb::JobState::Succeeded))
-    {
-        line.push_str(&format!("\n  error: {}", s.error));
-    }
-    line
 }
 
 /// Options of `shardmerge submit`.
@@ -315,12 +293,9 @@ async fn wait_for_end(url: &str, c: &mut Client, id: &str, quiet: bool) -> Resul
     match pb::JobState::try_from(status.state) {
         Ok(pb::JobState::Succeeded) => {
             if !quiet {
-                let secs = status.elapsed_seconds.max(1e-9);
                 eprintln!(
-                    "{id} succeeded: {} in {:.1}s ({}/s), {} retries -> {}",
-                    size::human(status.bytes_total),
-                    secs,
-                    size::human((status.bytes_total as f64 / secs) as u64),
+                    "{id} succeeded: {} written, {} retries -> {}",
+                    size::bytes_in(status.bytes_total, status.elapsed_seconds),
                     status.retries,
                     status.output_uri
                 );
@@ -371,14 +346,7 @@ async fn follow(url: &str, c: &mut Client, id: &str, quiet: bool) -> Result<pb::
                         let b = bar.get_or_insert_with(|| progress_bar(st.work_total, quiet));
                         b.set_length(st.work_total.max(1));
                         b.set_position(st.work_done);
-                        b.set_message(format!(
-                            "{} {}/{} tasks, {}/{} written",
-                            state_name(st.state),
-                            st.tasks_done,
-                            st.tasks_total,
-                            size::human(st.bytes_done),
-                            size::human(st.bytes_total)
-                        ));
+                        b.set_message(state_name(st.state));
                     } else if !quiet
                         && (st.state != last_state || last_line.elapsed() > Duration::from_secs(2))
                     {
@@ -447,14 +415,25 @@ pub async fn status(
     Ok(())
 }
 
-/// Cancels a job.
+/// Cancels a job and says what came of it: the job's status line on stdout, then on stderr
+/// that it was cancelled, or why not. Ok (exit 0) when the job is cancelled, now or by an
+/// earlier cancel; an error (exit 1) when nothing was cancelled: the job had already ended
+/// otherwise (succeeded or failed: "already ended"), or it is committing and will finish.
 pub async fn cancel(url: &str, client: &ClientOptions, id: String) -> Result<()> {
     let mut c = connect(url, client)?;
-    let s = c
-        .cancel_job(pb::CancelJobRequest { job_id: id })
+    let before = c
+        .get_job(pb::GetJobRequest { job_id: id.clone() })
         .await
         .map_err(|s| rpc_err(url, "cancel", s))?
         .into_inner();
+    let s = if terminal(&before) {
+        before.clone()
+    } else {
+        c.cancel_job(pb::CancelJobRequest { job_id: id.clone() })
+            .await
+            .map_err(|s| rpc_err(url, "cancel", s))?
+            .into_inner()
+    };
     println!("{}", describe(&s));
-    Ok(())
+    cancel_outcome(&id, terminal(&before), &s)
 }

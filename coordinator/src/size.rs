@@ -49,6 +49,35 @@ pub fn human(n: u64) -> String {
     }
 }
 
+/// A duration for people, with the digits it needs: `26 ms`, `3.2 s`, `2 min 5 s`.
+pub fn duration(secs: f64) -> String {
+    let secs = secs.max(0.0);
+    if secs < 0.001 {
+        "under 1 ms".into()
+    } else if secs < 1.0 {
+        format!("{:.0} ms", secs * 1000.0)
+    } else if secs < 60.0 {
+        format!("{secs:.1} s")
+    } else {
+        let whole = secs.round() as u64;
+        format!("{} min {} s", whole / 60, whole % 60)
+    }
+}
+
+/// `405.1 KiB in 26 ms (15.2 MiB/s)`: bytes moved in a time, and the rate from that same time
+/// (none under a millisecond, where it would mean nothing).
+pub fn bytes_in(bytes: u64, secs: f64) -> String {
+    if secs < 0.001 {
+        return format!("{} in {}", human(bytes), duration(secs));
+    }
+    format!(
+        "{} in {} ({}/s)",
+        human(bytes),
+        duration(secs),
+        human((bytes as f64 / secs) as u64)
+    )
+}
+
 /// This process's peak resident memory (Linux: VmHWM), if known.
 pub fn peak_rss() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -90,5 +119,15 @@ mod tests {
         assert!(parse("12 parsecs").is_err());
         assert!(parse("").is_err());
         assert_eq!(human(1536), "1.5 KiB");
+    }
+
+    /// The summary once said "405.1 KiB in 0.0s (15.0 MiB/s)": a time rounded to nothing next
+    /// to a rate from the unrounded one.
+    #[test]
+    fn a_short_time_keeps_its_digits_and_the_rate_agrees_with_it() {
+        assert_eq!(bytes_in(414_822, 0.0264), "405.1 KiB in 26 ms (15.0 MiB/s)");
+        assert_eq!(bytes_in(1 << 20, 2.0), "1.0 MiB in 2.0 s (512.0 KiB/s)");
+        assert_eq!(bytes_in(100, 0.0), "100 B in under 1 ms");
+        assert_eq!(duration(125.2), "2 min 5 s");
     }
 }

@@ -590,3 +590,43 @@ fn output_turning_non_finite_fails_naming_the_tensor() {
         "{e}"
     );
 }
+
+/// Logs once carried ANSI colour codes into redirected files; the summary once said
+/// "405.1 KiB in 0.0s (15.0 MiB/s)".
+#[test]
+fn logs_redirected_have_no_colour_and_the_summary_keeps_its_digits() {
+    let (_t, dir) = scratch();
+    std::fs::write(dir.join("r.yml"), TA).unwrap();
+    let o = bin()
+        .current_dir(&dir)
+        .args(["run", "r.yml", "out"])
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(stderr.contains("planned"), "an info log line: {stderr}");
+    assert!(!stderr.contains('\u{1b}'), "colour codes: {stderr:?}");
+    let summary = stderr.lines().find(|l| l.starts_with("merged")).unwrap();
+    assert!(
+        !summary.contains(" 0.0s") && !summary.contains(" 0.0 s"),
+        "{summary}"
+    );
+}
+
+/// `SHARDMERGE_TOKEN_FILE=` (empty) once gave clap's error about `--token-file` alone.
+#[test]
+fn an_empty_environment_variable_is_named_in_the_error() {
+    for (var, args) in [
+        (
+            "SHARDMERGE_TOKEN_FILE",
+            &["status", "--coordinator", "http://127.0.0.1:9"][..],
+        ),
+        ("SHARDMERGE_COORDINATOR", &["status"][..]),
+    ] {
+        let o = bin().args(args).env(var, "").output().unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{var}: {stderr}");
+        assert!(stderr.contains(var), "{var} not named: {stderr}");
+    }
+}

@@ -559,13 +559,22 @@ impl Cluster {
 
     /// Starts one more worker; returns its index.
     pub fn add_worker(&mut self) -> usize {
+        self.add_worker_logging(Some("warn"))
+    }
+
+    /// Starts one more worker with `RUST_LOG` set to `rust_log` (`None`: unset, the worker's
+    /// default levels); its log is `self.log(&format!("worker{i}.log"))`. Returns its index.
+    pub fn add_worker_logging(&mut self, rust_log: Option<&str>) -> usize {
         let i = self.workers.len();
         let mut cmd = Command::new(&self.bin);
         cmd.args(["worker", "--coordinator", &self.url, "--threads", "1"])
             .args(["--memory-limit", "256MiB", "--id", &format!("w{i}")])
-            .envs(self.env.iter().cloned())
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
+            .envs(self.env.iter().cloned());
+        match rust_log {
+            Some(l) => cmd.env("RUST_LOG", l),
+            None => cmd.env_remove("RUST_LOG"),
+        };
+        cmd.stdout(Stdio::null())
             .stderr(log_file(self.dir.path(), &format!("worker{i}.log")));
         self.workers
             .push(Some(spawn_tied(cmd).expect("start worker")));
@@ -619,6 +628,11 @@ impl Cluster {
     /// Runs `shardmerge ARGS` in `cwd` with the S3 environment; returns its output.
     pub fn cli(&self, cwd: &Path, args: &[&str]) -> Output {
         run_cli(&self.bin, &self.env, cwd, args)
+    }
+
+    /// The whole of log `name` (`coordinator.log`, `worker0.log`, ...).
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
     }
 
     /// The coordinator's and workers' logs, for failure messages.

@@ -140,6 +140,7 @@ async fn run_one(
     // A stop (SIGTERM, SIGINT) drops the task where it is and hands the lease back as a
     // retryable failure, so the task runs again at once elsewhere instead of waiting for the
     // lease to expire. A task is pure: what it wrote so far is written again, the same.
+    let started = std::time::Instant::now();
     let result = tokio::select! {
         r = exec.run(&task, scratch) => Some(r),
         _ = stopped(stop) => None,
@@ -162,6 +163,7 @@ async fn run_one(
     };
     match result {
         Ok(result) => {
+            let (read, written) = (result.bytes_read, result.bytes_written);
             let r = source
                 .complete(pb::CompleteTaskRequest {
                     worker_id: worker_id.to_string(),
@@ -169,12 +171,29 @@ async fn run_one(
                     result: Some(result),
                 })
                 .await;
-            if let Err(e) = r {
-                tracing::warn!("reporting task {} failed: {e}", task.task_id);
+            match r {
+                Ok(_) => tracing::info!(
+                    worker = %worker_id,
+                    task = %task.task_id,
+                    bytes_read = read,
+                    bytes_written = written,
+                    ms = started.elapsed().as_millis() as u64,
+                    "task {} done: {written} bytes written, {read} read in {:.3} s",
+                    task.task_id,
+                    started.elapsed().as_secs_f64()
+                ),
+                Err(e) => tracing::warn!("reporting task {} failed: {e}", task.task_id),
             }
         }
         Err(e) => {
-            tracing::debug!("task {} failed: {e}", task.task_id);
+            tracing::info!(
+                worker = %worker_id,
+                task = %task.task_id,
+                retryable = e.retryable,
+                "task {} failed after {:.3} s: {e}",
+                task.task_id,
+                started.elapsed().as_secs_f64()
+            );
             let _ = source
                 .fail(pb::FailTaskRequest {
                     worker_id: worker_id.to_string(),

@@ -59,7 +59,8 @@ struct Job {
     /// `commit::commit_checkpoint`), so the output's old checkpoint stays whole until then.
     replace: bool,
     started: Instant,
-    /// When it was first seen ended (for its retention in memory).
+    /// When it ended (set as its final status is published; its elapsed time stops there, and
+    /// its retention in memory counts from there).
     ended: Option<Instant>,
     tx: watch::Sender<pb::JobStatus>,
 }
@@ -78,9 +79,23 @@ impl Job {
         }
     }
 
+    /// The job's status as of `now`: its elapsed time stops when it ends, and an ended job
+    /// holds no leases (its lease table entries are dropped as it ends).
+    fn refresh(&mut self, now: Instant) {
+        if self.state.terminal() && self.ended.is_none() {
+            self.ended = Some(now);
+        }
+        let until = self.ended.unwrap_or(now);
+        self.state.status.elapsed_seconds = until.duration_since(self.started).as_secs_f64();
+        self.state.status.leases_active = if self.state.terminal() {
+            0
+        } else {
+            self.state.leases_active()
+        };
+    }
+
     fn publish(&mut self) {
-        self.state.status.elapsed_seconds = self.started.elapsed().as_secs_f64();
-        self.state.status.leases_active = self.state.leases_active();
+        self.refresh(Instant::now());
         // send_replace, not send: with no watcher subscribed at this moment, `send` would drop
         // the status, and a client that starts watching afterwards would wait forever on the
         // last one it was given (seen: `submit --wait` of a job that ended within a poll)
@@ -243,14 +258,18 @@ impl JobManager {
         let Some(j) = jobs.get_mut(job) else {
             return lock(&self.history).get(job).cloned();
         };
-        j.state.status.elapsed_seconds = j.started.elapsed().as_secs_f64();
+        j.refresh(Instant::now());
         Some(j.state.status.clone())
     }
 
     pub fn list(&self) -> Vec<pb::JobStatus> {
-        self.sweep(Instant::now());
+        let now = Instant::now();
+        self.sweep(now);
         let mut all: Vec<pb::JobStatus> = lock(&self.history).values().cloned().collect();
-        all.extend(lock(&self.jobs).values().map(|j| j.state.status.clone()));
+        all.extend(lock(&self.jobs).values_mut().map(|j| {
+            j.refresh(now);
+            j.state.status.clone()
+        }));
         all
     }
 

@@ -745,3 +745,60 @@ fn a_status_published_with_no_watcher_is_what_a_later_watcher_sees() {
     let rx = mgr.watch("a").expect("watch");
     assert_eq!(rx.borrow().state, pb::JobState::Failed as i32);
 }
+
+/// A failed job once showed 500.0%: each rewrite of a file that did not check out in storage
+/// counted the file's work again.
+#[test]
+fn a_file_written_again_does_not_count_its_work_twice() {
+    let mut j = job();
+    let now = Instant::now();
+    j.lease_next(10, W, now, RULES);
+    j.record(Item::Write(2), write_result(0)).expect("record");
+    let once = j.status.work_done;
+    for _ in 1..MAX_ATTEMPTS {
+        j.reopen_file(1).expect("attempts left");
+        assert_eq!(j.status.work_done, once - 8, "its work is to do again");
+        j.lease_next(10, W, now, RULES);
+        j.record(Item::Write(2), write_result(0)).expect("record");
+        assert_eq!(j.status.work_done, once);
+    }
+    assert!(j.status.work_done <= j.status.work_total);
+}
+
+/// `status` of an ended job once kept counting (2.1 s, 4.1 s, 6.1 s on successive calls) and
+/// showed the leases its tasks held when it ended (`leases 1` on a failed job).
+#[test]
+fn an_ended_job_stops_its_clock_and_holds_no_leases() {
+    let mgr = manager(&["a"], super::Limits::default());
+    let leases = mgr
+        .poll(&pb::PollWorkRequest {
+            worker_id: "w".into(),
+            free_slots: 2,
+            slot_memory: 0,
+        })
+        .leases;
+    assert!(!leases.is_empty());
+    assert_eq!(
+        mgr.status("a").expect("status").leases_active as usize,
+        leases.len()
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let ended = rt.block_on(mgr.cancel("a")).expect("status");
+    assert_eq!(ended.state, pb::JobState::Cancelled as i32);
+    assert_eq!(ended.leases_active, 0, "an ended job holds no leases");
+    std::thread::sleep(Duration::from_millis(30));
+    for later in [
+        mgr.status("a").expect("status"),
+        mgr.list().remove(0),
+        mgr.watch("a").expect("watch").borrow().clone(),
+    ] {
+        assert_eq!(
+            later.elapsed_seconds, ended.elapsed_seconds,
+            "the clock stopped"
+        );
+        assert_eq!(later.leases_active, 0);
+    }
+}

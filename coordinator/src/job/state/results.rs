@@ -140,6 +140,9 @@ impl JobState {
             if was_done {
                 self.status.tasks_done = self.status.tasks_done.saturating_sub(1);
                 self.status.bytes_done = self.status.bytes_done.saturating_sub(t.length);
+                // its work is to do again: progress goes back, and never passes its total
+                let work = super::write_work(&self.plan, t);
+                self.status.work_done = self.status.work_done.saturating_sub(work);
                 self.file_remaining[t.file] += 1;
                 if let Some(r) = self.receipts[t.file].get_mut(t.part_index as usize) {
                     *r = None;
