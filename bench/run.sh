@@ -5,10 +5,11 @@
 #
 # Environment:
 #   BENCH_WORKERS=N     pass --workers N to shardmerge
-#   BENCH_SKIP_BUILD=1  use the binaries already in target/release
+#   BENCH_SKIP_BUILD=1  use the release binaries already built (cargo's target directory:
+#                       CARGO_TARGET_DIR when set, else target/)
 #   BENCH_ONLY=floor    time only the I/O floor (no merges)
 #   BENCH_DATA=DIR      data folder (default bench-data; the recipes name bench-data/...)
-#   BENCH_BIN=DIR       where the binaries are (default target/release)
+#   BENCH_BIN=DIR       where the binaries are (default: release/ in cargo's target directory)
 #   BENCH_GEN_ARGS=...  gen-family shape options instead of the 0.75B defaults (for trying the
 #                       script out at a small size, with BENCH_DATA elsewhere)
 #   BENCH_COMPUTE=MODE  recipe (default): the recipes as written (dtype: bfloat16, so every
@@ -21,7 +22,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 DATA=${BENCH_DATA:-bench-data}
-REL=${BENCH_BIN:-target/release}
+REL=${BENCH_BIN:-$(cargo metadata --format-version 1 --no-deps |
+    sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')/release}
 TIME=/usr/bin/time
 
 # mergekit 0.1.5 on a 2-core machine, same recipes and sizes
