@@ -13,7 +13,8 @@ use crate::job::SubmitOptions;
 use crate::remote::{self, SubmitArgs, WorkerOptions};
 use crate::{planinfo, size, verify};
 use args::{
-    seconds, ClientSecurityArgs, EngineArgs, LogFormat, OpsArgs, ServeSecurityArgs, SubmitJobArgs,
+    seconds, ClientSecurityArgs, EngineArgs, LogFormat, OpsArgs, ScratchArgs, ServeSecurityArgs,
+    SubmitJobArgs,
 };
 pub use args::{LimitArgs, RngArg};
 use clap::builder::NonEmptyStringValueParser;
@@ -111,6 +112,8 @@ enum Cmd {
         security: ClientSecurityArgs,
         #[command(flatten)]
         ops: OpsArgs,
+        #[command(flatten)]
+        scratch: ScratchArgs,
     },
     /// Submit a merge to a coordinator; relative model paths resolve against this directory
     Submit {
@@ -215,7 +218,20 @@ async fn main_inner(cli: Cli) -> Result<()> {
             id,
             security,
             ops,
-        } => worker(coordinator, threads, memory_limit, id, security, ops).await,
+            scratch,
+        } => {
+            let o = WorkerOptions {
+                client: security.options()?,
+                coordinator,
+                threads: threads
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+                memory_limit,
+                id,
+                metrics_listen: ops.metrics_listen,
+                cache: scratch.cache()?,
+            };
+            remote::worker(o).await
+        }
         Cmd::Submit {
             recipe,
             out,
@@ -274,27 +290,6 @@ async fn coordinator(
     .await
 }
 
-/// `shardmerge worker`: runs tasks for a coordinator.
-async fn worker(
-    coordinator: String,
-    threads: Option<usize>,
-    memory_limit: u64,
-    id: Option<String>,
-    security: ClientSecurityArgs,
-    ops: OpsArgs,
-) -> Result<()> {
-    remote::worker(WorkerOptions {
-        client: security.options()?,
-        coordinator,
-        threads: threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
-        memory_limit,
-        id,
-        metrics_listen: ops.metrics_listen,
-    })
-    .await
-}
-
 /// `shardmerge run`: the embedded merge.
 async fn run(
     recipe: &PathBuf,
@@ -312,6 +307,7 @@ async fn run(
             ..engine.submit_options()
         },
         quiet,
+        cache: engine.scratch.cache()?,
     };
     let s = embedded::run(&text, out, &o, resolver).await?;
     if !quiet {
@@ -325,6 +321,10 @@ async fn run(
             size::bytes_in(s.plan.bytes_out(), s.status.elapsed_seconds),
             s.status.output_uri
         );
+        eprintln!(
+            "{}",
+            crate::progress::reads_line(&s.status, Some(s.plan.bytes_in()))
+        );
     }
     Ok(())
 }
@@ -337,8 +337,12 @@ async fn plan(
     resolver: &Resolver,
 ) -> Result<()> {
     let text = read_recipe(recipe)?;
-    let info =
+    let mut info =
         planinfo::describe(&text, &engine.submit_options(), engine.workers(), resolver).await?;
+    if engine.scratch.scratch_limit == 0 {
+        // no row cache: every statistics pass reads its rows from storage again
+        info.reads = crate::reads::planned_reads(&info.plan, &info.cut, true);
+    }
     if json {
         println!(
             "{}",

@@ -78,9 +78,15 @@ pub fn cut(plan: &Plan, o: &CutOptions) -> Cut {
             let (rows, row_bytes) = t.rows();
             let row_elems = row_bytes / t.out_dtype.size() as u64;
             let seg_cap_rows = (half / (bytes_per_element(t) * row_elems.max(1))).max(1);
+            // A tensor with statistics passes whose rows all fit the slot stays whole, in one
+            // task however large: its passes then run on the rows read once.
+            let whole = rows <= seg_cap_rows && t.passes > 0;
+            // (after what the task holds already, if both together would not fit the slot)
+            let mut flush = whole && cur.length + rows * row_bytes > half.max(target);
             let mut r = 0;
             while r < rows {
-                if cur.length >= target {
+                if cur.length >= target || (flush && cur.length >= o.min_part.max(1)) {
+                    flush = false;
                     let next_off = cur.offset + cur.length;
                     file_tasks.push(std::mem::replace(
                         &mut cur,
@@ -96,7 +102,11 @@ pub fn cut(plan: &Plan, o: &CutOptions) -> Cut {
                 }
                 let space = target - cur.length;
                 let fit = space.div_ceil(row_bytes.max(1)).max(1);
-                let take = fit.min(seg_cap_rows).min(rows - r);
+                let take = if whole {
+                    rows
+                } else {
+                    fit.min(seg_cap_rows).min(rows - r)
+                };
                 cur.segments.push(SegDef::Rows {
                     tensor: ti,
                     start: r,

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shardmerge_proto as pb;
-use shardmerge_worker::exec::Executor;
+use shardmerge_worker::exec::{Executor, RowCache};
 use shardmerge_worker::pull::{self, LoopOptions};
 use shardmerge_worker::storage::Resolver;
 use tokio::sync::watch;
@@ -22,6 +22,9 @@ pub struct RunOptions {
     pub workers: usize,
     pub submit: SubmitOptions,
     pub quiet: bool,
+    /// The row cache the workers keep statistics passes' rows in (none: every pass reads
+    /// storage again).
+    pub cache: Option<Arc<RowCache>>,
 }
 
 pub struct Summary {
@@ -46,7 +49,7 @@ pub async fn run(
         plan.bytes_out()
     );
     let (stop_tx, stop_rx) = watch::channel(false);
-    let exec = Executor::new(resolver);
+    let exec = Executor::new(resolver).with_cache(o.cache.clone());
     let opts = LoopOptions {
         worker_id: "embedded".into(),
         slots: o.workers.max(1),

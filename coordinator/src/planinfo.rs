@@ -15,6 +15,8 @@ pub struct PlanInfo {
     pub cut: cut::Cut,
     pub workers: usize,
     pub peak_per_slot: u64,
+    /// Input bytes the job will read from each of `plan.models`, every pass included.
+    pub reads: Vec<u64>,
 }
 
 pub async fn describe(
@@ -68,26 +70,39 @@ pub async fn describe(
         })
         .max()
         .unwrap_or(0);
+    let reads = crate::reads::planned_reads(&plan, &cut, false);
     Ok(PlanInfo {
         plan,
         cut,
         workers,
         peak_per_slot,
+        reads,
     })
 }
 
 impl PlanInfo {
+    /// Input bytes the job will read, all models together.
+    pub fn bytes_read(&self) -> u64 {
+        self.reads.iter().sum()
+    }
+
+    /// Bytes of the input tensors the merge reads (each once).
+    pub fn bytes_input(&self) -> u64 {
+        self.plan.bytes_in()
+    }
+
     pub fn to_json(&self) -> Value {
         let p = &self.plan;
         json!({
             "method": p.recipe.merge_method,
             "architecture": p.arch.name,
-            "models": p.models.iter().map(|m| json!({"name": m.name, "uri": m.loc.uri(), "tensors": m.tensors.len(), "bytes": m.bytes})).collect::<Vec<_>>(),
+            "models": p.models.iter().zip(&self.reads).map(|(m, r)| json!({"name": m.name, "uri": m.loc.uri(), "tensors": m.tensors.len(), "bytes": m.bytes, "bytes_read": r})).collect::<Vec<_>>(),
             "tensors": p.tensors.iter().map(|t| json!({"name": t.name, "shape": t.shape, "inputs": t.inputs.len()})).collect::<Vec<_>>(),
             "files": p.files.iter().map(|f| json!({"name": f.name, "tensors": f.tensors.len(), "bytes": f.layout.total_size})).collect::<Vec<_>>(),
             "tasks": self.cut.tasks.len(),
             "stats_units": self.cut.units.len(),
-            "bytes_read": p.bytes_in(),
+            "bytes_read": self.bytes_read(),
+            "bytes_input": p.bytes_in(),
             "bytes_written": p.bytes_out(),
             "workers": self.workers,
             "peak_memory_per_worker": self.peak_per_slot,
@@ -102,12 +117,13 @@ impl PlanInfo {
         let mut s = String::new();
         s += &format!("method       {}\n", p.recipe.merge_method);
         s += &format!("architecture {}\n", p.arch.name);
-        for m in &p.models {
+        for (m, r) in p.models.iter().zip(&self.reads) {
             s += &format!(
-                "input        {} ({} tensors, {})\n",
+                "input        {} ({} tensors, {}; reads {})\n",
                 m.loc.uri(),
                 m.tensors.len(),
-                human(m.bytes)
+                human(m.bytes),
+                human(*r)
             );
         }
         s += &format!(
@@ -141,7 +157,12 @@ impl PlanInfo {
             self.cut.tasks.len(),
             self.cut.units.len()
         );
-        s += &format!("read         {}\n", human(p.bytes_in()));
+        s += &format!(
+            "read         {} ({:.2}x the input tensors' {}, every pass included)\n",
+            human(self.bytes_read()),
+            self.bytes_read() as f64 / p.bytes_in().max(1) as f64,
+            human(p.bytes_in())
+        );
         s += &format!("write        {}\n", human(p.bytes_out()));
         s += &format!(
             "peak memory  {} per worker slot x {} slots\n",

@@ -78,11 +78,13 @@ pub fn describe(s: &pb::JobStatus) -> String {
         String::new()
     };
     let mut line = format!(
-        "{}  {:<10} {:>5.1}% of {} to read and write  tasks {} done{running}  {}  retries {}  -> {}",
+        "{}  {:<10} {:>5.1}% of {} to read and write  read {}/{}  tasks {} done{running}  {}  retries {}  -> {}",
         s.job_id,
         state_name(s.state),
         percent(s),
         size::human(s.work_total),
+        size::human(s.bytes_read),
+        size::human(s.bytes_read_total),
         s.tasks_done,
         size::duration(s.elapsed_seconds),
         s.retries,
@@ -121,6 +123,24 @@ pub fn cancel_outcome(id: &str, ended_before: bool, after: &pb::JobStatus) -> Re
             state_name(after.state)
         ))),
     }
+}
+
+/// What a finished job read: the input bytes it read from storage, every pass included, against
+/// the plan's figure and, when known, the input tensors' bytes.
+pub fn reads_line(s: &pb::JobStatus, inputs: Option<u64>) -> String {
+    let mut line = format!(
+        "read {} from storage (planned {})",
+        size::human(s.bytes_read),
+        size::human(s.bytes_read_total)
+    );
+    if let Some(n) = inputs.filter(|&n| n > 0) {
+        line.push_str(&format!(
+            ", {:.2}x the input tensors' {}",
+            s.bytes_read as f64 / n as f64,
+            size::human(n)
+        ));
+    }
+    line
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use shardmerge_proto as pb;
 use shardmerge_worker::client::{self, Client, ClientOptions, RemoteSource, Token};
-use shardmerge_worker::exec::Executor;
+use shardmerge_worker::exec::{Executor, RowCache};
 use shardmerge_worker::metrics::{self, MeteredSource, WorkerMetrics};
 use shardmerge_worker::pull::{self, LoopOptions};
 use shardmerge_worker::storage::Resolver;
@@ -158,6 +158,8 @@ pub struct WorkerOptions {
     pub id: Option<String>,
     /// Where to serve `/metrics`, `/ready` and `/healthz`.
     pub metrics_listen: Option<SocketAddr>,
+    /// The row cache statistics passes keep their rows in (none: every pass reads storage).
+    pub cache: Option<Arc<RowCache>>,
 }
 
 fn default_worker_id() -> String {
@@ -209,7 +211,7 @@ pub async fn worker(o: WorkerOptions) -> Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let run = tokio::spawn(pull::run(
         Arc::new(MeteredSource::new(source.clone(), meter)),
-        Executor::new(resolver),
+        Executor::new(resolver).with_cache(o.cache),
         opts,
         stop_rx,
     ));

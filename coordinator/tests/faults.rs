@@ -31,6 +31,7 @@ fn opts(task_size: u64) -> RunOptions {
             ..Default::default()
         },
         quiet: true,
+        cache: Some(row_cache()),
     }
 }
 

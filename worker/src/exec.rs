@@ -56,33 +56,52 @@ pub(crate) fn input_dtype(src: &pb::TensorSource, job: &pb::TensorJob) -> Result
 
 pub use crate::tensor::view2d;
 
+mod read;
+mod rowcache;
 mod scratch;
+pub use rowcache::RowCache;
 pub use scratch::Scratch;
-use scratch::{emptied, give_back, sized};
+use scratch::{give_back, sized};
 
 /// Builds the kernel's view of a tensor job (see [`crate::tensor::tensor_ctx`]).
 pub fn tensor_ctx(job: &pb::TensorJob) -> Result<TensorCtx<'_>, TaskError> {
     crate::tensor::tensor_ctx(job).map_err(fatal)
 }
 
-/// Bytes of one input read at a time (then decoded before the next piece is read).
-const READ_PIECE: u64 = 4 << 20;
-
 /// Executes tasks against storage.
 #[derive(Clone, Debug, Default)]
 pub struct Executor {
     pub resolver: Resolver,
+    /// Where statistics passes keep the rows they read for the tensor's next passes and its
+    /// write task (none: every pass reads storage).
+    pub cache: Option<Arc<RowCache>>,
 }
 
 /// What a task did, for the result message.
 #[derive(Default)]
 struct Io {
+    /// The task's job (keys its row-cache entries).
+    job: String,
+    /// Input bytes read from storage.
     bytes_read: u64,
+    /// Input bytes read from the row cache instead.
+    bytes_cached: u64,
+    /// The row-cache pieces it read.
+    cached: Vec<rowcache::Key>,
 }
 
 impl Executor {
     pub fn new(resolver: Resolver) -> Self {
-        Executor { resolver }
+        Executor {
+            resolver,
+            cache: None,
+        }
+    }
+
+    /// This executor, keeping statistics passes' rows in `cache`.
+    pub fn with_cache(mut self, cache: Option<Arc<RowCache>>) -> Self {
+        self.cache = cache;
+        self
     }
 
     /// Runs one task with the slot's buffers.
@@ -92,8 +111,8 @@ impl Executor {
         scratch: &mut Scratch,
     ) -> Result<pb::TaskResult, TaskError> {
         let r = match &task.kind {
-            Some(pb::task::Kind::Write(w)) => self.run_write(w, scratch).await,
-            Some(pb::task::Kind::Stats(s)) => self.run_stats(s, scratch).await,
+            Some(pb::task::Kind::Write(w)) => self.run_write(w, &task.job_id, scratch).await,
+            Some(pb::task::Kind::Stats(s)) => self.run_stats(s, &task.job_id, scratch).await,
             None => Err(fatal(
                 "task has no kind (coordinator/worker version mismatch?)",
             )),
@@ -105,6 +124,7 @@ impl Executor {
     async fn run_write(
         &self,
         w: &pb::WriteTask,
+        job_id: &str,
         scratch: &mut Scratch,
     ) -> Result<pb::TaskResult, TaskError> {
         let out = w
@@ -115,7 +135,10 @@ impl Executor {
         // every byte is written below: literals and rows fill [0, len) in order (checked)
         let mut buf = sized(std::mem::take(&mut scratch.bytes), len);
         let mut at = 0usize;
-        let mut io = Io::default();
+        let mut io = Io {
+            job: job_id.to_string(),
+            ..Default::default()
+        };
         for seg in &w.segments {
             match &seg.kind {
                 Some(pb::segment::Kind::Literal(b)) => {
@@ -145,6 +168,10 @@ impl Executor {
         // The store is done with the bytes: take the buffer back when nothing else holds it.
         if let Ok(b) = data.try_into_mut() {
             scratch.bytes = b.into();
+        }
+        // the part is written: the rows the statistics passes kept for it are not needed again
+        if let Some(c) = &self.cache {
+            io.cached.iter().for_each(|k| c.remove(k));
         }
         Ok(pb::TaskResult {
             bytes_read: io.bytes_read,
@@ -229,6 +256,7 @@ impl Executor {
     async fn run_stats(
         &self,
         s: &pb::StatsTask,
+        job_id: &str,
         scratch: &mut Scratch,
     ) -> Result<pb::TaskResult, TaskError> {
         let r = s
@@ -239,9 +267,12 @@ impl Executor {
             .tensor
             .as_ref()
             .ok_or_else(|| fatal("stats task without tensor"))?;
-        let mut io = Io::default();
+        let mut io = Io {
+            job: job_id.to_string(),
+            ..Default::default()
+        };
         let inputs = self
-            .read_inputs(job, r.row_start, r.row_end, &mut io, scratch)
+            .read_inputs(job, (r.row_start, r.row_end), true, &mut io, scratch)
             .await?;
         let state = r.stats.as_ref().map(Stats::from_proto).unwrap_or_default();
         let job = job.clone();
@@ -347,7 +378,7 @@ impl Executor {
             .as_ref()
             .ok_or_else(|| fatal("segment without tensor"))?;
         let inputs = self
-            .read_inputs(job, r.row_start, r.row_end, io, scratch)
+            .read_inputs(job, (r.row_start, r.row_end), false, io, scratch)
             .await?;
         let job = job.clone();
         let stats = r.stats.clone();
@@ -382,79 +413,6 @@ impl Executor {
         .map_err(|e| fatal(format!("kernel panicked: {e}")))?;
         give_back(&mut scratch.inputs, inputs);
         res
-    }
-
-    /// Reads rows `[start, end)` of every input of `job` as f32, cropped to the output's row
-    /// length (an input may be wider, e.g. an embedding with a larger hidden size).
-    async fn read_inputs(
-        &self,
-        job: &pb::TensorJob,
-        start: u64,
-        end: u64,
-        io: &mut Io,
-        scratch: &mut Scratch,
-    ) -> Result<Vec<Vec<f32>>, TaskError> {
-        if let Some(map) = &job.row_map {
-            let (v, n) = crate::rowmap::read_inputs(&self.resolver, job, map, start, end).await?;
-            io.bytes_read += n;
-            return Ok(v);
-        }
-        let (_, out_row) = view2d(&job.shape);
-        let bufs: Vec<_> = (0..job.inputs.len()).map(|i| scratch.input(i)).collect();
-        let reads = job.inputs.iter().zip(bufs).map(|(src, (buf, mut piece))| {
-            let resolver = self.resolver.clone();
-            async move {
-                let dt = input_dtype(src, job)?;
-                let (in_rows, in_row) = view2d(&src.shape);
-                if end > in_rows || in_row < out_row {
-                    return Err(fatal(format!(
-                        "{}: tensor {} of {} has shape {:?}, too small for output shape {:?}",
-                        src.uri, job.name, src.model, src.shape, job.shape
-                    )));
-                }
-                let es = dt.size() as u64;
-                let loc = resolver.resolve(&src.uri, Path::new("/"))?;
-                // Read whole rows a piece (about READ_PIECE bytes) at a time and decode each as
-                // it comes: the raw bytes never take more memory than one piece.
-                let row_bytes = in_row * es;
-                let rows_per_piece = (READ_PIECE / row_bytes.max(1)).max(1);
-                let n = ((end - start) * out_row) as usize;
-                let mut v = emptied(buf, n);
-                let mut read = 0u64;
-                let mut r = start;
-                while r < end {
-                    let re = (r + rows_per_piece).min(end);
-                    let from = src.data_offset + r * row_bytes;
-                    let to = src.data_offset + re * row_bytes;
-                    piece = retry(|| {
-                        let buf = std::mem::take(&mut piece);
-                        loc.store.read_range_into(&loc.path, from..to, buf)
-                    })
-                    .await?;
-                    if in_row == out_row {
-                        dtype::decode_extend(dt, &piece, &mut v);
-                    } else {
-                        let ob = (out_row * es) as usize;
-                        for row in piece.chunks_exact(row_bytes as usize) {
-                            dtype::decode_extend(dt, &row[..ob], &mut v);
-                        }
-                    }
-                    read += to - from;
-                    r = re;
-                }
-                Ok::<_, TaskError>((v, piece, read))
-            }
-        });
-        let results = futures::future::try_join_all(reads).await?;
-        let mut out = Vec::with_capacity(results.len());
-        let mut pieces = Vec::with_capacity(results.len());
-        for (v, piece, n) in results {
-            io.bytes_read += n;
-            out.push(v);
-            pieces.push(piece);
-        }
-        give_back(&mut scratch.pieces, pieces);
-        Ok(out)
     }
 }
 

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
@@ -11,12 +12,46 @@ use crate::remote::ServeSecurity;
 use crate::{embedded, size};
 use shardmerge_proto as pb;
 use shardmerge_worker::client::ClientOptions;
+use shardmerge_worker::exec::RowCache;
 
 /// `--log-format`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub(super) enum LogFormat {
     Human,
     Json,
+}
+
+/// The row cache: where statistics passes keep the input rows they read, so the tensor's next
+/// passes and its write task do not read them from storage again.
+#[derive(clap::Args, Clone, Debug)]
+pub(super) struct ScratchArgs {
+    /// Folder for the row cache (default: the system's temporary folder); a fresh sub-folder
+    /// is made in it and removed at exit
+    #[arg(long, value_name = "DIR", env = "SHARDMERGE_SCRATCH")]
+    pub(super) scratch: Option<PathBuf>,
+    /// Most bytes the row cache keeps on the scratch disk (0: none, every statistics pass
+    /// reads storage again)
+    #[arg(long, default_value = "8GiB", value_parser = size::parse)]
+    pub(super) scratch_limit: u64,
+}
+
+impl ScratchArgs {
+    /// The row cache these flags ask for (none with a zero limit).
+    pub(super) fn cache(&self) -> Result<Option<Arc<RowCache>>> {
+        if self.scratch_limit == 0 {
+            return Ok(None);
+        }
+        let c = RowCache::new(self.scratch.as_deref(), self.scratch_limit).map_err(|e| {
+            let at = self.scratch.as_deref().map_or_else(
+                || std::env::temp_dir().display().to_string(),
+                |p| p.display().to_string(),
+            );
+            Error::Other(format!(
+                "{at}: cannot make the row cache's scratch folder: {e}"
+            ))
+        })?;
+        Ok(Some(Arc::new(c)))
+    }
 }
 
 /// Options of the long-running services (`coordinator`, `worker`) for running them operated.
@@ -50,6 +85,8 @@ pub(super) struct EngineArgs {
     pub(super) rng: RngArg,
     #[command(flatten)]
     pub(super) merge: MergeArgs,
+    #[command(flatten)]
+    pub(super) scratch: ScratchArgs,
 }
 
 /// The job options of `shardmerge submit` (the workers' own limits are theirs to set).

@@ -16,6 +16,7 @@ use shardmerge_proto as pb;
 use shardmerge_worker::kernels::{Reduced, Stats};
 use shardmerge_worker::storage::Receipt;
 
+mod home;
 mod leased;
 mod replay;
 mod results;
@@ -106,6 +107,11 @@ pub struct JobState {
     reduce: Reducer,
     /// Work (bytes read and written) of one pass of each statistics unit.
     unit_work: Vec<u64>,
+    /// The worker process whose row cache holds a statistics range's rows (`state/home.rs`),
+    /// the tasks queued for each process, and when each was last heard from.
+    home: HashMap<Item, String>,
+    homed: HashMap<String, VecDeque<Item>>,
+    seen: HashMap<String, Instant>,
 }
 
 impl JobState {
@@ -165,6 +171,7 @@ impl JobState {
             tasks_total: items.len() as u64,
             bytes_total: plan.bytes_out(),
             work_total: stats_total + writes_total,
+            bytes_read_total: crate::reads::planned_reads(&plan, &cut, false).iter().sum(),
             ..Default::default()
         };
         JobState {
@@ -184,6 +191,9 @@ impl JobState {
             committing: false,
             reduce,
             unit_work,
+            home: HashMap::new(),
+            homed: HashMap::new(),
+            seen: HashMap::new(),
         }
     }
 
@@ -224,10 +234,14 @@ impl JobState {
         if self.terminal() || !pending {
             return Ok(Recorded::Ignored);
         }
+        if let Item::Stats { .. } = it {
+            self.note_home(it);
+        }
         if let Some(slot) = self.items.get_mut(&it) {
             slot.state = ItemState::Done;
         }
         self.status.tasks_done += 1;
+        self.status.bytes_read += result.bytes_read;
         match it {
             Item::Write(i) => {
                 let t = &self.cut.tasks[i];
@@ -274,6 +288,7 @@ impl JobState {
         self.status.state = state as i32;
         self.status.error = msg.to_string();
         self.queue.clear();
+        self.homed.clear();
         true
     }
 

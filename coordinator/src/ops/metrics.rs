@@ -66,6 +66,8 @@ struct SnapshotGauges {
     job_written_bytes: Gauge,
     work_planned: Gauge,
     work_done: Gauge,
+    read_planned: Gauge,
+    read_done: Gauge,
     workers: Gauge,
     worker_slots: Gauge,
     resident: Gauge,
@@ -89,7 +91,7 @@ fn as_i64(v: u64) -> i64 {
 }
 
 /// The gauges set from snapshots at scrape time, in registration order: name and help.
-const GAUGES: [(&str, &str); 10] = [
+const GAUGES: [(&str, &str); 12] = [
     // queued
     (
         "shardmerge_tasks_queued",
@@ -125,6 +127,17 @@ const GAUGES: [(&str, &str); 10] = [
     (
         "shardmerge_job_work_done_bytes",
         "Work done so far (bytes read and written by every pass), summed over the jobs known",
+    ),
+    // read_planned
+    (
+        "shardmerge_job_read_planned_bytes",
+        "Input bytes the jobs known read from storage by their plans, every pass included",
+    ),
+    // read_done
+    (
+        "shardmerge_job_read_bytes",
+        "Input bytes read from storage so far by the accepted tasks of the jobs known, every \
+             pass included (rows a worker's row cache served are not counted)",
     ),
     // workers
     (
@@ -216,7 +229,7 @@ impl SnapshotGauges {
             "Jobs this coordinator knows, by state",
             jobs.clone(),
         );
-        let [queued, leased, retried, planned_bytes, job_written_bytes, work_planned, work_done, workers, worker_slots, resident] =
+        let [queued, leased, retried, planned_bytes, job_written_bytes, work_planned, work_done, read_planned, read_done, workers, worker_slots, resident] =
             GAUGES.map(|(name, help)| {
                 let g = Gauge::default();
                 r.register(name, help, g.clone());
@@ -231,6 +244,8 @@ impl SnapshotGauges {
             job_written_bytes,
             work_planned,
             work_done,
+            read_planned,
+            read_done,
             workers,
             worker_slots,
             resident,
@@ -355,6 +370,7 @@ impl CoordinatorMetrics {
         let mut by_state = HashMap::new();
         let (mut queued, mut leased, mut retried, mut planned, mut written) = (0u64, 0, 0, 0, 0);
         let (mut work_planned, mut work_done) = (0u64, 0u64);
+        let (mut read_planned, mut read_done) = (0u64, 0u64);
         for s in self.mgr.list() {
             *by_state.entry(s.state).or_insert(0i64) += 1;
             retried += u64::from(s.retries);
@@ -362,6 +378,8 @@ impl CoordinatorMetrics {
             written += s.bytes_done;
             work_planned += s.work_total;
             work_done += s.work_done;
+            read_planned += s.bytes_read_total;
+            read_done += s.bytes_read;
             let active = matches!(
                 pb::JobState::try_from(s.state),
                 Ok(pb::JobState::Queued | pb::JobState::Running)
@@ -385,6 +403,8 @@ impl CoordinatorMetrics {
         self.gauges.job_written_bytes.set(as_i64(written));
         self.gauges.work_planned.set(as_i64(work_planned));
         self.gauges.work_done.set(as_i64(work_done));
+        self.gauges.read_planned.set(as_i64(read_planned));
+        self.gauges.read_done.set(as_i64(read_done));
         let mut seen = lock(&self.seen);
         seen.retain(|_, at| now.duration_since(*at) <= self.lease_ttl);
         let processes: std::collections::HashSet<&str> = seen

@@ -34,6 +34,14 @@ pub struct InputPlan {
     pub rng_offset: u64,
 }
 
+impl InputPlan {
+    /// Bytes one of its rows takes in its file.
+    pub fn row_bytes(&self) -> u64 {
+        let (_, row_len) = view2d(&self.shape);
+        row_len.saturating_mul(self.dtype.size() as u64)
+    }
+}
+
 /// One output tensor, planned: its inputs, method and parameters resolved for it, its dtypes,
 /// and the statistics passes its method runs over it.
 #[derive(Clone)]
@@ -93,11 +101,11 @@ impl TensorPlan {
         (rows, row_len * self.out_dtype.size() as u64)
     }
 
-    /// Input bytes one row reads: its row length times the inputs' element sizes.
+    /// Input bytes one row reads, all inputs together: workers read whole input rows (an input
+    /// wider than the output, such as an embedding with a larger hidden size, is read whole
+    /// and cropped).
     pub fn input_row_bytes(&self) -> u64 {
-        let (_, row_len) = view2d(&self.shape);
-        let elem: u64 = self.inputs.iter().map(|i| i.dtype.size() as u64).sum();
-        row_len.saturating_mul(elem)
+        self.inputs.iter().map(InputPlan::row_bytes).sum()
     }
 
     /// Input bytes of the whole tensor (each input byte once).

@@ -180,11 +180,18 @@ pub async fn run_opts(
         workers,
         submit,
         quiet: true,
+        cache: Some(row_cache()),
     };
     embedded::run(recipe, out.to_str().unwrap(), &o, Resolver::new())
         .await
         .map(|_| ())
         .map_err(|e| e.to_string())
+}
+
+/// A row cache as `shardmerge run` makes by default (8 GiB in the system's temporary folder).
+pub fn row_cache() -> std::sync::Arc<shardmerge_worker::exec::RowCache> {
+    let c = shardmerge_worker::exec::RowCache::new(None, 8 << 30).expect("row cache folder");
+    std::sync::Arc::new(c)
 }
 
 /// Every output file's bytes, by name (safetensors files only).

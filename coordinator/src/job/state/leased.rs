@@ -62,7 +62,7 @@ impl JobState {
     ) -> Vec<Granted> {
         let mut out = Vec::new();
         while out.len() < want {
-            let Some(it) = self.queue.pop_front() else {
+            let Some(it) = self.pop_for(worker, now, rules.ttl * 2) else {
                 break;
             };
             let Some(slot) = self.items.get_mut(&it) else {
@@ -131,6 +131,9 @@ impl JobState {
             Holder::NotHeld => return Renewal::NotHeld,
             Holder::OtherWorker => return Renewal::OtherWorker,
         }
+        // a process busy with long tasks polls seldom, but it is there
+        self.seen
+            .insert(super::home::process_of(worker).to_string(), now);
         match self.items.get_mut(&it).map(|s| &mut s.state) {
             Some(ItemState::Leased {
                 deadline, until, ..

@@ -95,21 +95,23 @@ impl JobState {
             let unplanned = self.unit_work[unit].saturating_mul(left as u64);
             self.status.work_total = self.status.work_total.saturating_sub(unplanned);
             u.done = true;
+            let mut ready = Vec::new();
             for k in 0..self.dependents[unit].len() {
                 let i = self.dependents[unit][k];
                 self.blocked_by[i] -= 1;
                 if self.blocked_by[i] == 0 {
-                    self.set_queued(Item::Write(i));
+                    ready.push(Item::Write(i));
                 }
             }
+            self.queue_near(&ready);
         } else {
             u.pass += 1;
             let n = self.cut.units[unit].ranges.len();
             u.partials = vec![None; n];
-            for range in 0..n {
-                self.set_queued(Item::Stats { unit, range });
-                self.status.tasks_total += 1;
-            }
+            // next, before other units: each to its process's queue, or to the job's front
+            let next: Vec<Item> = (0..n).map(|range| Item::Stats { unit, range }).collect();
+            self.queue_near(&next);
+            self.status.tasks_total += n as u64;
         }
         Ok(())
     }

@@ -1,0 +1,202 @@
+//! Read once, counted truthfully: a storage wrapper counts the tensor bytes a merge really
+//! reads; every method reads each input byte at most 1.25 times, whether its tensors stay
+//! whole (default flags) or are cut into statistics units (small tasks and slots: the later
+//! passes and the writes read the row cache), and `plan`, the run's status and the count agree
+//! within 1%.
+
+mod common;
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use common::*;
+use shardmerge::embedded::{self, RunOptions};
+use shardmerge::job::SubmitOptions;
+use shardmerge::planinfo;
+use shardmerge_worker::storage::{Receipt, Resolver, SResult, Storage, Upload};
+
+/// Counts the bytes of range reads of safetensors data: planning reads each file's first 8
+/// bytes and its header (ranges starting at 0 and 8); every read starting further on is data.
+#[derive(Debug)]
+struct DataReads {
+    inner: Arc<dyn Storage>,
+    n: Arc<AtomicU64>,
+}
+
+impl DataReads {
+    fn count(&self, path: &str, range: &Range<u64>, got: usize) {
+        if path.ends_with(".safetensors") && range.start > 8 {
+            self.n.fetch_add(got as u64, Ordering::SeqCst);
+        }
+    }
+}
+
+#[async_trait]
+impl Storage for DataReads {
+    fn scheme_root(&self) -> String {
+        self.inner.scheme_root()
+    }
+    fn is_local(&self) -> bool {
+        self.inner.is_local()
+    }
+    fn min_part_size(&self) -> u64 {
+        self.inner.min_part_size()
+    }
+    async fn size(&self, path: &str) -> SResult<u64> {
+        self.inner.size(path).await
+    }
+    async fn exists(&self, path: &str) -> SResult<bool> {
+        self.inner.exists(path).await
+    }
+    async fn read_range(&self, path: &str, range: Range<u64>) -> SResult<Bytes> {
+        let b = self.inner.read_range(path, range.clone()).await?;
+        self.count(path, &range, b.len());
+        Ok(b)
+    }
+    async fn read_range_into(
+        &self,
+        path: &str,
+        range: Range<u64>,
+        buf: Vec<u8>,
+    ) -> SResult<Vec<u8>> {
+        let b = self.inner.read_range_into(path, range.clone(), buf).await?;
+        self.count(path, &range, b.len());
+        Ok(b)
+    }
+    async fn read_all(&self, path: &str) -> SResult<Bytes> {
+        self.inner.read_all(path).await
+    }
+    async fn put(&self, path: &str, data: Bytes) -> SResult<()> {
+        self.inner.put(path, data).await
+    }
+    async fn list(&self, dir: &str) -> SResult<Vec<String>> {
+        self.inner.list(dir).await
+    }
+    async fn delete(&self, path: &str) -> SResult<()> {
+        self.inner.delete(path).await
+    }
+    async fn begin_upload(&self, path: &str, size: u64) -> SResult<Upload> {
+        self.inner.begin_upload(path, size).await
+    }
+    async fn write_part(
+        &self,
+        u: &Upload,
+        part: u32,
+        offset: u64,
+        data: Bytes,
+    ) -> SResult<Receipt> {
+        self.inner.write_part(u, part, offset, data).await
+    }
+    async fn check_upload(&self, u: &Upload, parts: &[Receipt], size: u64) -> SResult<()> {
+        self.inner.check_upload(u, parts, size).await
+    }
+    async fn finish_upload(&self, u: &Upload, parts: &[Receipt]) -> SResult<()> {
+        self.inner.finish_upload(u, parts).await
+    }
+    async fn abort_upload(&self, u: &Upload) -> SResult<()> {
+        self.inner.abort_upload(u).await
+    }
+}
+
+/// Each method's recipe over the golden family (base + instruct + two language models).
+const RECIPES: &[(&str, &str)] = &[
+    ("task_arithmetic", "merge_method: task_arithmetic\nbase_model: models/base\nmodels:\n- model: models/instruct\n  parameters: {weight: 1.0}\n- model: models/lang_eu\n  parameters: {weight: 0.7}\n"),
+    ("ties", "merge_method: ties\nbase_model: models/base\nmodels:\n- model: models/instruct\n  parameters: {weight: 1.0, density: 0.5}\n- model: models/lang_eu\n  parameters: {weight: 0.7, density: 0.5}\n- model: models/lang_ca\n  parameters: {weight: 0.7, density: 0.5}\n"),
+    ("dare_ties", "merge_method: dare_ties\nbase_model: models/base\nmodels:\n- model: models/instruct\n  parameters: {weight: 1.0, density: 0.3}\n- model: models/lang_eu\n  parameters: {weight: 1.0, density: 0.5}\n"),
+    ("della", "merge_method: della\nbase_model: models/base\nmodels:\n- model: models/instruct\n  parameters: {weight: 1.0, density: 0.5, epsilon: 0.1}\n- model: models/lang_eu\n  parameters: {weight: 1.0, density: 0.5, epsilon: 0.1}\n"),
+    ("breadcrumbs_ties", "merge_method: breadcrumbs_ties\nbase_model: models/base\nmodels:\n- model: models/instruct\n  parameters: {weight: 1.0, density: 0.8, gamma: 0.02}\n- model: models/lang_eu\n  parameters: {weight: 1.0, density: 0.7, gamma: 0.05}\n"),
+    ("model_stock", "merge_method: model_stock\nbase_model: models/base\nmodels:\n- model: models/instruct\n- model: models/lang_eu\n- model: models/lang_ca\n"),
+    ("slerp", "merge_method: slerp\nbase_model: models/instruct\nmodels:\n- model: models/instruct\n- model: models/lang_eu\nparameters: {t: 0.4}\n"),
+];
+
+struct Counted {
+    /// Tensor bytes the wrapper saw read.
+    read: u64,
+    /// What `plan` says the job reads, and the input tensors' bytes.
+    planned: u64,
+    inputs: u64,
+    /// What the finished job's status says it read.
+    status: u64,
+    units: usize,
+}
+
+async fn counted(recipe: &str, task_size: u64, slot_memory: u64) -> Counted {
+    let n = Arc::new(AtomicU64::new(0));
+    let n2 = n.clone();
+    let resolver = Resolver::with_wrapper(move |s| {
+        Arc::new(DataReads {
+            inner: s,
+            n: n2.clone(),
+        }) as Arc<dyn Storage>
+    });
+    let submit = SubmitOptions {
+        task_size,
+        slot_memory,
+        base_dir: golden(),
+        ..Default::default()
+    };
+    let info = planinfo::describe(recipe, &submit, 2, &Resolver::new())
+        .await
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let o = RunOptions {
+        workers: 2,
+        submit,
+        quiet: true,
+        cache: Some(row_cache()),
+    };
+    let out = tmp.path().join("out");
+    let s = embedded::run(recipe, out.to_str().unwrap(), &o, resolver)
+        .await
+        .unwrap();
+    Counted {
+        read: n.load(Ordering::SeqCst),
+        planned: info.bytes_read(),
+        inputs: info.bytes_input(),
+        status: s.status.bytes_read,
+        units: info.cut.units.len(),
+    }
+}
+
+fn check(name: &str, layout: &str, c: &Counted) {
+    let ratio = c.read as f64 / c.inputs as f64;
+    eprintln!(
+        "{name:17} {layout:14} read {:9} B of {:9} B input ({ratio:.3}x), planned {:9} B, status {:9} B, {} statistics units",
+        c.read, c.inputs, c.planned, c.status, c.units
+    );
+    assert!(
+        ratio <= 1.25,
+        "{name} ({layout}): read {ratio:.2}x the input bytes"
+    );
+    let off = |a: u64| (a as f64 - c.read as f64).abs() / c.read as f64;
+    assert!(
+        off(c.planned) <= 0.01,
+        "{name} ({layout}): plan says {} B, {} B were read",
+        c.planned,
+        c.read
+    );
+    assert!(
+        off(c.status) <= 0.01,
+        "{name} ({layout}): status says {} B, {} B were read",
+        c.status,
+        c.read
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_method_reads_each_input_byte_once() {
+    for (name, recipe) in RECIPES {
+        // default flags: 4 MiB tasks, 1 GiB for 2 slots; the golden tensors stay whole
+        let c = counted(recipe, 4 << 20, 512 << 20).await;
+        check(name, "default flags", &c);
+        // 4 KiB tasks in 64 KiB slots: tensors cut into statistics units
+        let c = counted(recipe, 4096, 64 << 10).await;
+        check(name, "cut", &c);
+        if *name != "task_arithmetic" {
+            assert!(c.units > 0, "{name}: the cut layout has no statistics unit");
+        }
+    }
+}

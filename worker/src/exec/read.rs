@@ -1,0 +1,153 @@
+//! Reading a task's input rows: whole input rows a piece at a time, decoded to f32 as they
+//! come, from storage or from the worker's row cache (the pieces a statistics pass read).
+
+use std::path::Path;
+
+use shardmerge_proto as pb;
+
+use super::rowcache::Key;
+use super::scratch::{emptied, give_back};
+use super::{fatal, input_dtype, view2d, Executor, Io, Scratch, TaskError};
+use crate::format::dtype;
+use crate::storage::retry;
+
+/// Bytes of one input read at a time (then decoded before the next piece is read).
+const READ_PIECE: u64 = 4 << 20;
+
+/// What one input's read did.
+struct Read {
+    values: Vec<f32>,
+    piece: Vec<u8>,
+    from_storage: u64,
+    from_cache: u64,
+    keys: Vec<Key>,
+}
+
+impl Executor {
+    /// Reads rows `[start, end)` of every input of `job` as f32, cropped to the output's row
+    /// length (an input may be wider, e.g. an embedding with a larger hidden size). With
+    /// `keep`, pieces read from storage are kept in the row cache for the tensor's next passes;
+    /// pieces found there are read from it, and their keys noted in `io` (a write task drops
+    /// them once its part is written).
+    pub(super) async fn read_inputs(
+        &self,
+        job: &pb::TensorJob,
+        rows: (u64, u64),
+        keep: bool,
+        io: &mut Io,
+        scratch: &mut Scratch,
+    ) -> Result<Vec<Vec<f32>>, TaskError> {
+        if let Some(map) = &job.row_map {
+            let (start, end) = rows;
+            let (v, n) = crate::rowmap::read_inputs(&self.resolver, job, map, start, end).await?;
+            io.bytes_read += n;
+            return Ok(v);
+        }
+        let bufs: Vec<_> = (0..job.inputs.len()).map(|i| scratch.input(i)).collect();
+        let job_id = io.job.as_str();
+        let reads = job
+            .inputs
+            .iter()
+            .zip(bufs)
+            .map(|(src, bufs)| self.read_input(job, src, rows, bufs, keep, job_id));
+        let results = futures::future::try_join_all(reads).await?;
+        let mut out = Vec::with_capacity(results.len());
+        let mut pieces = Vec::with_capacity(results.len());
+        for r in results {
+            io.bytes_read += r.from_storage;
+            io.bytes_cached += r.from_cache;
+            io.cached.extend(r.keys);
+            out.push(r.values);
+            pieces.push(r.piece);
+        }
+        give_back(&mut scratch.pieces, pieces);
+        Ok(out)
+    }
+
+    /// Reads rows `[start, end)` of input `src`: whole rows a piece (about READ_PIECE bytes)
+    /// at a time, each decoded as it comes, so the raw bytes never take more than one piece.
+    async fn read_input(
+        &self,
+        job: &pb::TensorJob,
+        src: &pb::TensorSource,
+        (start, end): (u64, u64),
+        (buf, mut piece): (Vec<f32>, Vec<u8>),
+        keep: bool,
+        job_id: &str,
+    ) -> Result<Read, TaskError> {
+        let (_, out_row) = view2d(&job.shape);
+        let dt = input_dtype(src, job)?;
+        let (in_rows, in_row) = view2d(&src.shape);
+        if end > in_rows || in_row < out_row {
+            return Err(fatal(format!(
+                "{}: tensor {} of {} has shape {:?}, too small for output shape {:?}",
+                src.uri, job.name, src.model, src.shape, job.shape
+            )));
+        }
+        let es = dt.size() as u64;
+        let loc = self.resolver.resolve(&src.uri, Path::new("/"))?;
+        let row_bytes = in_row * es;
+        let rows_per_piece = (READ_PIECE / row_bytes.max(1)).max(1);
+        let n = ((end - start) * out_row) as usize;
+        let mut r = Read {
+            values: emptied(buf, n),
+            piece: Vec::new(),
+            from_storage: 0,
+            from_cache: 0,
+            keys: Vec::new(),
+        };
+        let mut row = start;
+        while row < end {
+            let re = (row + rows_per_piece).min(end);
+            let (from, to) = (
+                src.data_offset + row * row_bytes,
+                src.data_offset + re * row_bytes,
+            );
+            let key = self.cache.as_ref().map(|_| Key {
+                job: job_id.to_string(),
+                uri: src.uri.clone(),
+                from,
+                to,
+            });
+            let (got, hit) = self.cached(key.as_ref(), piece).await;
+            piece = got;
+            if hit {
+                r.from_cache += to - from;
+                r.keys.extend(key);
+            } else {
+                piece = retry(|| {
+                    let buf = std::mem::take(&mut piece);
+                    loc.store.read_range_into(&loc.path, from..to, buf)
+                })
+                .await?;
+                r.from_storage += to - from;
+                if let (true, Some(c), Some(key)) = (keep, &self.cache, key) {
+                    piece = c.put(key, piece).await;
+                }
+            }
+            if in_row == out_row {
+                dtype::decode_extend(dt, &piece, &mut r.values);
+            } else {
+                let ob = (out_row * es) as usize;
+                for one in piece.chunks_exact(row_bytes as usize) {
+                    dtype::decode_extend(dt, &one[..ob], &mut r.values);
+                }
+            }
+            row = re;
+        }
+        r.piece = piece;
+        Ok(r)
+    }
+
+    /// Piece `key` from the row cache into `piece`, and whether it was there (else `piece`
+    /// comes back as it was).
+    async fn cached(&self, key: Option<&Key>, piece: Vec<u8>) -> (Vec<u8>, bool) {
+        match (&self.cache, key) {
+            (Some(c), Some(k)) => match c.get(k, piece).await {
+                Ok(b) => (b, true),
+                Err(b) => (b, false),
+            },
+            _ => (piece, false),
+        }
+    }
+}
