@@ -112,6 +112,8 @@ pub struct JobState {
     home: HashMap<Item, String>,
     homed: HashMap<String, VecDeque<Item>>,
     seen: HashMap<String, Instant>,
+    /// The process each statistics unit runs on (the one that took its first range).
+    unit_home: HashMap<usize, String>,
 }
 
 impl JobState {
@@ -194,6 +196,7 @@ impl JobState {
             home: HashMap::new(),
             homed: HashMap::new(),
             seen: HashMap::new(),
+            unit_home: HashMap::new(),
         }
     }
 

@@ -89,6 +89,30 @@ impl JobState {
         if let Some(it) = self.homed.get_mut(p).and_then(VecDeque::pop_front) {
             return Some(it);
         }
-        self.queue.pop_front()
+        // a unit runs on the process that took its first range (a write task then finds all
+        // the unit's rows in one cache): its other ranges wait in that process's queue
+        while let Some(it) = self.queue.pop_front() {
+            let Item::Stats { unit, .. } = it else {
+                return Some(it);
+            };
+            let owner = match self.unit_home.get(&unit) {
+                Some(q)
+                    if q != p
+                        && self
+                            .seen
+                            .get(q)
+                            .is_some_and(|&t| now.duration_since(t) <= gone) =>
+                {
+                    q.clone()
+                }
+                // no owner yet, or this process, or a process gone: the unit runs here
+                _ => {
+                    self.unit_home.insert(unit, p.to_string());
+                    return Some(it);
+                }
+            };
+            self.homed.entry(owner).or_default().push_back(it);
+        }
+        None
     }
 }

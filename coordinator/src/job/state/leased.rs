@@ -165,6 +165,10 @@ impl JobState {
                     slot.state = ItemState::Queued;
                     self.queue.push_back(*it);
                     self.status.retries += 1;
+                    // its process did not finish it in time: whoever is free takes it
+                    if let Item::Stats { unit, .. } = it {
+                        self.unit_home.remove(unit);
+                    }
                 }
             }
         }
