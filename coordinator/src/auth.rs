@@ -15,8 +15,9 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use shardmerge_worker::client::Token;
 use tonic::body::Body;
@@ -113,11 +114,68 @@ fn bearer(v: &[u8]) -> Option<&[u8]> {
     (!t.is_empty()).then_some(t)
 }
 
+/// How many refused calls are logged per [`REFUSAL_WINDOW`]; the rest are counted, and the
+/// count is logged with the next refusal logged (a flood of bad calls cannot flood the log).
+pub const REFUSALS_LOGGED: u32 = 10;
+pub const REFUSAL_WINDOW: Duration = Duration::from_secs(60);
+
+/// Refusal logs at a bounded rate: at most `per_window` lines per window, and a count of the
+/// ones left out.
+#[derive(Debug)]
+pub struct Throttle {
+    per_window: u32,
+    window: Duration,
+    state: Mutex<(Option<Instant>, u32, u64)>,
+}
+
+impl Throttle {
+    pub fn new(per_window: u32, window: Duration) -> Throttle {
+        Throttle {
+            per_window,
+            window,
+            state: Mutex::new((None, 0, 0)),
+        }
+    }
+
+    /// Whether to log an event at `now`: `Some((n, last))` to log it, with the `n` events left
+    /// out before it, `last` when it is the window's last logged one.
+    pub fn admit(&self, now: Instant) -> Option<(u64, bool)> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (start, logged, suppressed) = &mut *st;
+        if start.is_none_or(|s| now.duration_since(s) >= self.window) {
+            *start = Some(now);
+            *logged = 0;
+        }
+        if *logged >= self.per_window {
+            *suppressed += 1;
+            return None;
+        }
+        *logged += 1;
+        Some((std::mem::take(suppressed), *logged == self.per_window))
+    }
+}
+
+/// What a refusal's log line adds about the ones not logged.
+fn throttle_note(left_out: u64, last: bool) -> String {
+    let window = REFUSAL_WINDOW.as_secs();
+    let mut note = String::new();
+    if left_out > 0 {
+        note += &format!(" ({left_out} more refused calls were not logged before this one)");
+    }
+    if last {
+        note += &format!(
+            " (at most {REFUSALS_LOGGED} refusals are logged per {window}s: further ones are counted, and the count logged with the next)"
+        );
+    }
+    note
+}
+
 /// A gRPC service behind the token check.
 #[derive(Clone)]
 pub struct Authed<S> {
     inner: S,
     auth: Arc<Auth>,
+    throttle: Arc<Throttle>,
 }
 
 impl<S> Authed<S> {
@@ -125,6 +183,7 @@ impl<S> Authed<S> {
         Authed {
             inner,
             auth: Arc::new(auth),
+            throttle: Arc::new(Throttle::new(REFUSALS_LOGGED, REFUSAL_WINDOW)),
         }
     }
 }
@@ -167,14 +226,17 @@ where
         match self.auth.check(req.uri().path(), authorization) {
             Ok(()) => Box::pin(self.inner.call(req)),
             Err(status) => {
-                // never the token: the RPC, the peer and the reason only
-                tracing::warn!(
-                    rpc = req.uri().path(),
-                    peer = %peer(&req),
-                    code = ?status.code(),
-                    "refused a call: {}",
-                    if authorization.is_none() { "no token" } else { "wrong token or no right to this RPC" }
-                );
+                // never the token: the RPC, the peer and the reason only; at a bounded rate
+                if let Some((left_out, last)) = self.throttle.admit(Instant::now()) {
+                    tracing::warn!(
+                        rpc = req.uri().path(),
+                        peer = %peer(&req),
+                        code = ?status.code(),
+                        "refused a call: {}{}",
+                        if authorization.is_none() { "no token" } else { "wrong token or no right to this RPC" },
+                        throttle_note(left_out, last)
+                    );
+                }
                 Box::pin(async move { Ok(status.into_http()) })
             }
         }
@@ -200,6 +262,19 @@ mod tests {
     fn call(a: &Auth, rpc: &str, header: Option<&str>) -> Result<(), Code> {
         a.check(&format!("{PREFIX}{rpc}"), header.map(str::as_bytes))
             .map_err(|s| s.code())
+    }
+
+    #[test]
+    fn refusals_are_logged_at_a_bounded_rate_with_a_count() {
+        let t = Throttle::new(3, Duration::from_secs(60));
+        let t0 = Instant::now();
+        let logged: Vec<Option<(u64, bool)>> = (0..6000).map(|_| t.admit(t0)).collect();
+        assert_eq!(logged.iter().filter(|x| x.is_some()).count(), 3);
+        let first = [Some((0, false)), Some((0, false)), Some((0, true)), None];
+        assert_eq!(&logged[..4], &first);
+        // the next window logs again, first with the count of those left out
+        assert_eq!(t.admit(t0 + Duration::from_secs(61)), Some((5997, false)));
+        assert_eq!(t.admit(t0 + Duration::from_secs(62)), Some((0, false)));
     }
 
     #[test]

@@ -329,6 +329,20 @@ async fn run(
     Ok(())
 }
 
+/// Writes `text` to standard output. A reader that went away (`shardmerge status | head -1`)
+/// ends the program quietly, as the pipe asked; another failure to write is reported, exit 1.
+pub(crate) fn stdout(text: &str) {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    if let Err(e) = o.write_all(text.as_bytes()).and_then(|()| o.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: writing to standard output: {e}");
+        std::process::exit(1);
+    }
+}
+
 /// `shardmerge plan`: what a recipe would do, without merging.
 async fn plan(
     recipe: &PathBuf,
@@ -344,12 +358,12 @@ async fn plan(
         info.reads = crate::reads::planned_reads(&info.plan, &info.cut, true);
     }
     if json {
-        println!(
-            "{}",
+        stdout(&format!(
+            "{}\n",
             serde_json::to_string_pretty(&info.to_json()).unwrap_or_default()
-        );
+        ));
     } else {
-        print!("{}", info.to_text());
+        stdout(&info.to_text());
     }
     Ok(())
 }
@@ -359,18 +373,18 @@ async fn verify(checkpoint: &str, data: bool, resolver: &Resolver) -> Result<()>
     let r = verify::verify(resolver, checkpoint).await?;
     if data {
         let d = verify::verify_data(resolver, checkpoint).await?;
-        println!(
-            "data ok: {} file(s), {} match their recorded CRC-32C",
+        stdout(&format!(
+            "data ok: {} file(s), {} match their recorded CRC-32C\n",
             d.files,
             size::human(d.bytes)
-        );
+        ));
     }
-    println!(
-        "ok: {} tensors in {} file(s), {} of tensor data",
+    stdout(&format!(
+        "ok: {} tensors in {} file(s), {} of tensor data\n",
         r.tensors,
         r.files,
         size::human(r.bytes)
-    );
+    ));
     Ok(())
 }
 

@@ -262,16 +262,18 @@ impl Policy {
         if *self == Policy::any() {
             return Ok(());
         }
-        let recipe = Recipe::parse(recipe_text).map_err(Refusal::Recipe)?;
-        let mut refs: Vec<(String, String)> = recipe
-            .referenced_models()
-            .into_iter()
-            .map(|m| ("model".to_string(), m))
-            .collect();
-        refs.push(("output".to_string(), output.to_string()));
         let policy = self.clone();
         let base_dir = base_dir.to_path_buf();
+        let (text, output) = (recipe_text.to_string(), output.to_string());
+        // parsing is CPU work a caller controls: off the async runtime, as planning is
         tokio::task::spawn_blocking(move || {
+            let recipe = Recipe::parse(&text).map_err(Refusal::Recipe)?;
+            let mut refs: Vec<(String, String)> = recipe
+                .referenced_models()
+                .into_iter()
+                .map(|m| ("model".to_string(), m))
+                .collect();
+            refs.push(("output".to_string(), output));
             for (what, r) in &refs {
                 policy.check_one(what, r, &base_dir)?;
             }

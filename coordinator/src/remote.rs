@@ -14,6 +14,7 @@ use shardmerge_worker::storage::Resolver;
 use tokio::sync::watch;
 
 use crate::auth::Auth;
+use crate::cli::stdout;
 use crate::embedded::{progress_bar, terminal};
 use crate::error::{Error, Result};
 use crate::job::JobManager;
@@ -281,7 +282,7 @@ pub async fn submit(a: SubmitArgs) -> Result<()> {
         .into_inner();
     let id = r.job_id;
     if !a.wait {
-        println!("{id}");
+        stdout(&format!("{id}\n"));
         return Ok(());
     }
     eprintln!("submitted {id}; waiting (Ctrl-C stops waiting, the job goes on: `shardmerge cancel {id}` stops it)");
@@ -302,7 +303,7 @@ async fn wait_for_end(url: &str, c: &mut Client, id: &str, quiet: bool) -> Resul
                     status.output_uri
                 );
             }
-            println!("{id}");
+            stdout(&format!("{id}\n"));
             Ok(())
         }
         _ => Err(Error::Job(format!(
@@ -397,7 +398,7 @@ pub async fn status(
                 .await
                 .map_err(|s| rpc_err(url, "status", s))?
                 .into_inner();
-            println!("{}", describe(&s));
+            stdout(&format!("{}\n", describe(&s)));
         }
         None => {
             let jobs = c
@@ -407,10 +408,10 @@ pub async fn status(
                 .into_inner()
                 .jobs;
             if jobs.is_empty() {
-                println!("no jobs");
+                stdout("no jobs\n");
             }
             for s in jobs {
-                println!("{}", describe(&s));
+                stdout(&format!("{}\n", describe(&s)));
             }
         }
     }
@@ -436,6 +437,6 @@ pub async fn cancel(url: &str, client: &ClientOptions, id: String) -> Result<()>
             .map_err(|s| rpc_err(url, "cancel", s))?
             .into_inner()
     };
-    println!("{}", describe(&s));
+    stdout(&format!("{}\n", describe(&s)));
     cancel_outcome(&id, terminal(&before), &s)
 }

@@ -135,6 +135,28 @@ fn good_run_verifies_and_plans() {
     assert_eq!(run_in(&d, &["verify", "out2"]).code, 0);
 }
 
+/// `shardmerge plan … | head -1`, `verify … | head -1`: a reader that goes away ends the program
+/// quietly (it panicked with "failed printing to stdout: Broken pipe").
+#[test]
+fn a_closed_pipe_on_stdout_ends_quietly() {
+    let (_t, d) = scratch();
+    std::fs::write(d.join("r.yml"), TA).unwrap();
+    for args in [&["plan", "r.yml"][..], &["plan", "r.yml", "--json"]] {
+        let mut c = bin()
+            .current_dir(&d)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(c.stdout.take()); // the reader is gone before anything is written
+        let o = c.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{args:?}: {:?} {err}", o.status);
+        assert!(err.is_empty(), "{args:?}: {err}");
+    }
+}
+
 #[test]
 fn missing_model_folder() {
     let (_t, d) = scratch();
@@ -513,6 +535,10 @@ fn bad_numbers_are_refused_with_key_and_model() {
         (
             "merge_method: slerp\nbase_model: models/base\nslices:\n- sources:\n  - model: models/base\n    layer_range: [0, 2]\n  - model: models/instruct\n    layer_range: [0, 2]\n    parameters:\n      t: -1e300\n".into(),
             vec!["slices[0].sources[1].parameters.t", "models/instruct", "32-bit float"],
+        ),
+        (
+            "merge_method: slerp\nbase_model: models/base\nslices:\n- sources:\n  - model: models/base\n    layer_range: [0, 2]\n  - model: models/instruct\n    layer_range: [0, 2]\n  parameters:\n    t: 1e30\n".into(),
+            vec!["slerp", "t must be in [0, 1]", "1000000000000000000000000000000"],
         ),
         (
             "merge_method: karcher\nparameters:\n  tol: .nan\nmodels:\n- model: models/base\n- model: models/instruct\n".into(),

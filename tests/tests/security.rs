@@ -347,9 +347,28 @@ fn tokens_guard_every_rpc() {
     let o = exits_within(w, Duration::from_secs(20), "a worker with a wrong token");
     fails(&o, "refused this worker", "a worker with a wrong token");
 
+    // a flood of unauthenticated calls: all refused, logged at a bounded rate with a note
+    let flood = url.clone();
+    let refused = block_on(async move {
+        let mut c = client::connect(&flood, &options(None)).expect("client");
+        let mut refused = 0;
+        for _ in 0..3000 {
+            let r = c.list_jobs(pb::ListJobsRequest {}).await;
+            refused += usize::from(r.is_err_and(|s| s.code() == Code::Unauthenticated));
+        }
+        refused
+    });
+    assert_eq!(refused, 3000);
+
     // refusals are logged, tokens never
     let log = std::fs::read_to_string(dir.join("coordinator.log")).expect("coordinator log");
     assert!(log.contains("refused a call"), "{log}");
+    let lines = log.lines().filter(|l| l.contains("refused a call")).count();
+    assert!(
+        lines <= 40,
+        "{lines} refusal lines for 3000+ refused calls:\n{log}"
+    );
+    assert!(log.contains("further ones are counted"), "{log}");
     for t in [MAIN, WORKER, WRONG] {
         assert!(!log.contains(t), "a token reached the log:\n{log}");
     }

@@ -295,6 +295,10 @@ pub struct LimitArgs {
     /// unless an ended job can make room
     #[arg(long, default_value_t = crate::job::limits::DEFAULT_MAX_JOBS)]
     pub(super) max_jobs: usize,
+    /// Seconds planning one submitted job may take (parsing its recipe, reading its inputs'
+    /// headers, cutting it into tasks); a job that takes longer is refused
+    #[arg(long, default_value_t = 300.0)]
+    pub(super) max_plan_time: f64,
 }
 
 impl LimitArgs {
@@ -317,6 +321,7 @@ impl LimitArgs {
                     ))
                 })?,
             max_jobs: self.max_jobs,
+            max_plan_time: seconds("--max-plan-time", self.max_plan_time)?,
         })
     }
 }

@@ -24,6 +24,8 @@ pub struct Limits {
     pub job_retention: Duration,
     /// Jobs held in memory at once; submissions past it are refused.
     pub max_jobs: usize,
+    /// How long planning one submitted job may take (`--max-plan-time`).
+    pub max_plan_time: Duration,
 }
 
 impl Default for Limits {
@@ -33,6 +35,7 @@ impl Default for Limits {
             max_slots_per_worker: DEFAULT_MAX_SLOTS_PER_WORKER,
             job_retention: DEFAULT_JOB_RETENTION,
             max_jobs: DEFAULT_MAX_JOBS,
+            max_plan_time: super::prepare::DEFAULT_MAX_PLAN_TIME,
         }
     }
 }

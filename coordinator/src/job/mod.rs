@@ -27,6 +27,7 @@ mod finish;
 pub mod lease;
 pub(crate) mod limits;
 mod options;
+mod prepare;
 mod resume;
 pub mod state;
 mod tasks;
@@ -40,11 +41,9 @@ use shardmerge_proto as pb;
 use shardmerge_worker::storage::{Location, Resolver, Upload};
 use tokio::sync::watch;
 
-use crate::cut::{self, Cut, CutOptions};
 use crate::error::{Error, Result};
 use crate::journal::{layout_crc, JobJournal, Journal, NoJournal};
-use crate::plan::{self, Plan, PlanOptions};
-use crate::recipe::Recipe;
+use crate::plan::Plan;
 use lease::{LeaseRules, LeaseTable};
 pub(crate) use limits::Limits;
 pub use options::SubmitOptions;
@@ -116,6 +115,8 @@ pub struct JobManager {
     /// When leases were last checked for expiry: polls arrive far more often than leases
     /// can expire, and a check walks every task.
     last_expiry_scan: Mutex<Option<Instant>>,
+    /// Plans running at once (`prepare`).
+    planning: Arc<tokio::sync::Semaphore>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -144,6 +145,7 @@ impl JobManager {
             lease_ttl: Mutex::new(Duration::from_secs(30)),
             limits: Mutex::new(Limits::default()),
             last_expiry_scan: Mutex::new(None),
+            planning: Arc::new(tokio::sync::Semaphore::new(prepare::PLANS_AT_ONCE)),
         })
     }
 
@@ -166,34 +168,6 @@ impl JobManager {
 
     pub fn resolver(&self) -> &Resolver {
         &self.resolver
-    }
-
-    /// Plans a job and cuts it into tasks (reads headers only).
-    async fn prepare(
-        &self,
-        recipe_text: &str,
-        output: &str,
-        o: &SubmitOptions,
-    ) -> Result<(Plan, Cut, Location)> {
-        let recipe = Recipe::parse(recipe_text)?;
-        let plan_options = PlanOptions {
-            out_shard_size: o.out_shard_size,
-            seed: o.seed,
-            rng: o.rng,
-            unsafe_truncate_embeddings: o.unsafe_truncate_embeddings,
-            compute_float32: o.compute_float32,
-        };
-        let plan = plan::plan(recipe, &self.resolver, &o.base_dir, &plan_options).await?;
-        let out = self.resolver.resolve(output, &o.base_dir)?;
-        let cut = cut::cut(
-            &plan,
-            &CutOptions {
-                task_size: o.task_size,
-                slot_memory: o.slot_memory,
-                min_part: out.store.min_part_size(),
-            },
-        );
-        Ok((plan, cut, out))
     }
 
     /// A job id no job of this coordinator or its journal has.

@@ -8,9 +8,11 @@ use shardmerge_worker::format::dtype::DType;
 
 use crate::error::{Error, Result};
 
+mod depth;
 mod parse;
 mod tokens;
 
+pub use depth::MAX_RECIPE_DEPTH;
 pub use parse::max_recipe_bytes;
 
 /// A parameter value as written: a scalar, a gradient across layers, or filtered values.
@@ -320,6 +322,37 @@ mod tests {
         ] {
             assert_eq!(alias_line(ok), None, "{ok}");
         }
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_before_parsing() {
+        // 800 KB of `[` (under the size cap) took 394 s to refuse in the YAML scanner
+        let text = format!(
+            "merge_method: linear\nmodels:\n- model: a\n  parameters:\n    weight: {}\n",
+            "[".repeat(400_000)
+        );
+        let t = std::time::Instant::now();
+        let e = Recipe::parse(&text).unwrap_err().to_string();
+        assert!(
+            t.elapsed() < std::time::Duration::from_millis(100),
+            "{:?}",
+            t.elapsed()
+        );
+        assert!(e.contains("line 5") && e.contains("deeper than 64"), "{e}");
+        let compact = format!(
+            "merge_method: linear\nmodels:\n{}model: a\n",
+            "- ".repeat(100)
+        );
+        let e = Recipe::parse(&compact).unwrap_err().to_string();
+        assert!(e.contains("line 3") && e.contains("deeper than 64"), "{e}");
+        // a deep value within the cap is parsed (and refused for what it is, not its depth)
+        let ok = format!(
+            "merge_method: linear\nmodels:\n- model: a\n  parameters:\n    weight: {}1{}\n",
+            "[".repeat(50),
+            "]".repeat(50)
+        );
+        let e = Recipe::parse(&ok).unwrap_err().to_string();
+        assert!(!e.contains("deeper"), "{e}");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Reading a recipe's YAML: each value checked where it is read, errors naming the key path.
 
+use super::depth::MAX_RECIPE_DEPTH;
 use super::*;
 
 pub(super) fn bad(path: &str, msg: impl std::fmt::Display) -> Error {
@@ -265,13 +266,18 @@ const TOP_KEYS: &[&str] = &[
     "chat_template",
 ];
 
-/// Refuses a recipe too large, or with YAML aliases, before parsing it.
+/// Refuses a recipe too large, nested too deeply, or with YAML aliases, before parsing it.
 fn check_text(text: &str) -> Result<()> {
     let max = max_recipe_bytes();
     if text.len() > max {
         return Err(Error::Recipe(format!(
             "the recipe is {} bytes, more than the {max} accepted (set SHARDMERGE_MAX_RECIPE_BYTES to raise the limit)",
             text.len()
+        )));
+    }
+    if let Some(line) = super::depth::too_deep(text, MAX_RECIPE_DEPTH) {
+        return Err(Error::Recipe(format!(
+            "line {line}: the recipe nests deeper than {MAX_RECIPE_DEPTH} levels (lists and mappings inside each other; mergekit recipes need about 10), which is refused before parsing"
         )));
     }
     if let Some(line) = alias_line(text) {

@@ -68,8 +68,13 @@ impl Method for Slerp {
     fn check(&self, ctx: &TensorCtx) -> KResult<()> {
         pair(ctx)?;
         let t = ctx.param("t")?;
-        if !t.is_finite() {
-            return Err(format!("t must be a finite number, got {t}").into());
+        // mergekit documents t as "between 0.0 and 1.0" and does not check it; outside that
+        // range the formula extrapolates past both models (t = 1e30 is noise or infinities)
+        if !(0.0..=1.0).contains(&t) {
+            return Err(format!(
+                "t must be in [0, 1] (0 gives the base model, 1 the other model), got {t}"
+            )
+            .into());
         }
         Ok(())
     }
@@ -207,6 +212,14 @@ mod tests {
         assert!(Slerp.check(&c.ctx()).unwrap_err().0.contains("two"));
         let c = case(&[2], f64::INFINITY, 0);
         assert!(Slerp.check(&c.ctx()).unwrap_err().0.contains('t'));
+        // t = 1e30 was accepted; the error gives the valid range
+        for t in [1e30, 1.0 + 1e-9, -0.5] {
+            let e = Slerp.check(&case(&[2], t, 0).ctx()).unwrap_err().0;
+            assert!(e.contains("[0, 1]") && e.contains(&format!("{t}")), "{e}");
+        }
+        for t in [0.0, 0.3, 1.0] {
+            Slerp.check(&case(&[2], t, 0).ctx()).unwrap();
+        }
     }
 
     #[test]

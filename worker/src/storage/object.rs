@@ -35,10 +35,42 @@ fn os_err(what: &str, e: object_store::Error) -> StorageError {
             StorageError::not_found(format!("{what}: {path}: not found"))
         }
         object_store::Error::InvalidPath { .. } | object_store::Error::NotSupported { .. } => {
-            StorageError::new(format!("{what}: {e}"), false)
+            StorageError::new(format!("{what}: {}", without_xml(&e.to_string())), false)
         }
-        other => StorageError::new(format!("{what}: {other}"), true),
+        other => StorageError::new(format!("{what}: {}", without_xml(&other.to_string())), true),
     }
+}
+
+/// An S3 server's error message with the XML body it returned (`<?xml …><Error><Code>
+/// AccessDenied</Code><Message>Access Denied.</Message>…</Error>`) replaced by what it says:
+/// `S3 error AccessDenied: Access Denied.`.
+pub(crate) fn without_xml(msg: &str) -> String {
+    let Some(start) = msg.find("<?xml").or_else(|| msg.find("<Error>")) else {
+        return msg.to_string();
+    };
+    let body = &msg[start..];
+    let end = body
+        .find("</Error>")
+        .map_or(body.len(), |e| e + "</Error>".len());
+    let tag = |name: &str| {
+        let open = format!("<{name}>");
+        let from = body[..end].find(&open)? + open.len();
+        let to = body[from..end].find(&format!("</{name}>"))? + from;
+        let text = body[from..to]
+            .replace("&lt;", "<")
+            .replace("&gt;", ">")
+            .replace("&quot;", "\"")
+            .replace("&apos;", "'")
+            .replace("&amp;", "&");
+        Some(text.trim().to_string()).filter(|t| !t.is_empty())
+    };
+    let said = match (tag("Code"), tag("Message")) {
+        (Some(c), Some(m)) => format!("S3 error {c}: {m}"),
+        (Some(c), None) => format!("S3 error {c}"),
+        (None, Some(m)) => format!("S3 error: {m}"),
+        (None, None) => "an S3 error without a code".to_string(),
+    };
+    format!("{}{said}{}", &msg[..start], &body[end..])
 }
 
 impl ObjectStorage {
@@ -237,5 +269,74 @@ impl Storage for ObjectStorage {
             .abort_multipart(&Path::from(upload.path.as_str()), &upload.id)
             .await
             .map_err(|e| os_err(&upload.path, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn s3_xml_bodies_become_their_code_and_message() {
+        let raw = r#"Generic S3 error: Error performing GET http://127.0.0.1:3900/b/m/model.safetensors in 2ms - Server returned non-2xx status code: 403 Forbidden: <?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code><Message>Forbidden: no such key &quot;GK1&quot; &amp; more</Message><Resource>/b/m</Resource><Region>garage</Region></Error>"#;
+        let clean = without_xml(raw);
+        assert_eq!(
+            clean,
+            r#"Generic S3 error: Error performing GET http://127.0.0.1:3900/b/m/model.safetensors in 2ms - Server returned non-2xx status code: 403 Forbidden: S3 error AccessDenied: Forbidden: no such key "GK1" & more"#
+        );
+        assert!(!without_xml("x: <Error><Code>SlowDown</Code></Error> (retried)").contains('<'));
+        assert_eq!(without_xml("no xml here"), "no xml here");
+        assert_eq!(
+            without_xml("cut: <?xml version=\"1.0\"?><Err"),
+            "cut: an S3 error without a code"
+        );
+    }
+
+    /// A server that answers every request `403` with an S3 XML error body.
+    async fn refusing_server() -> std::net::SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut req = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => req.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let body = r#"<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code><Message>Access Denied.</Message><RequestId>1</RequestId></Error>"#;
+                    let head = format!("HTTP/1.1 403 Forbidden\r\ncontent-type: application/xml\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", body.len());
+                    let _ = s.write_all(head.as_bytes()).await;
+                    let _ = s.write_all(body.as_bytes()).await;
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn an_s3_refusal_is_reported_without_its_xml() {
+        let addr = refusing_server().await;
+        let b = AmazonS3Builder::new()
+            .with_endpoint(format!("http://{addr}"))
+            .with_allow_http(true)
+            .with_access_key_id("key")
+            .with_secret_access_key("secret")
+            .with_region("us-east-1");
+        let st = ObjectStorage::s3("bucket", b).unwrap();
+        let e = st
+            .read_range("m/model.safetensors", 0..8)
+            .await
+            .unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("s3://bucket/m/model.safetensors"), "{msg}");
+        assert!(msg.contains("AccessDenied: Access Denied."), "{msg}");
+        assert!(!msg.contains('<'), "{msg}");
+        let e = st.put("m/x", Bytes::from_static(b"x")).await.unwrap_err();
+        assert!(!e.to_string().contains('<'), "{e}");
     }
 }

@@ -1,0 +1,95 @@
+//! Planning a submitted job off the async runtime, within a time budget.
+//!
+//! Parsing a recipe, resolving it per tensor and cutting it into tasks is CPU work that scales
+//! with what a caller sends. It runs on a blocking thread (the header reads it makes still go
+//! through the runtime's I/O), so a large or hostile submission cannot hold a runtime thread
+//! that `ListJobs`, polls and running jobs need; at most [`PLANS_AT_ONCE`] plans run at once,
+//! and one that takes longer than `--max-plan-time` is refused.
+
+use std::time::Duration;
+
+use shardmerge_worker::storage::{Location, Resolver};
+
+use super::{JobManager, SubmitOptions};
+use crate::cut::{self, Cut, CutOptions};
+use crate::error::{Error, Result};
+use crate::plan::{self, Plan, PlanOptions};
+use crate::recipe::Recipe;
+
+/// Plans that may run at once; further submissions wait for one to end (within their budget).
+pub const PLANS_AT_ONCE: usize = 2;
+
+/// The default of `--max-plan-time`: planning a 70B merge takes seconds.
+pub const DEFAULT_MAX_PLAN_TIME: Duration = Duration::from_secs(300);
+
+impl JobManager {
+    /// Plans a job and cuts it into tasks (reads headers only), on a blocking thread, within
+    /// the coordinator's `--max-plan-time`.
+    pub(super) async fn prepare(
+        &self,
+        recipe_text: &str,
+        output: &str,
+        o: &SubmitOptions,
+    ) -> Result<(Plan, Cut, Location)> {
+        let budget = self.limits().max_plan_time;
+        let too_long = || {
+            Error::Exhausted(format!(
+                "planning the job took longer than {}s (--max-plan-time); a recipe this large, or \
+                 inputs this slow to read, need a coordinator started with a larger budget",
+                budget.as_secs_f64()
+            ))
+        };
+        let planning = self.planning.clone();
+        let (text, output, o) = (recipe_text.to_string(), output.to_string(), o.clone());
+        let resolver = self.resolver.clone();
+        let rt = tokio::runtime::Handle::current();
+        let work = tokio::task::spawn_blocking(move || {
+            rt.block_on(async move {
+                // the permit is held until the work has ended, even after the caller gave up
+                let _permit = tokio::time::timeout(budget, planning.acquire_owned())
+                    .await
+                    .ok()
+                    .and_then(|p| p.ok());
+                if _permit.is_none() {
+                    return None;
+                }
+                tokio::time::timeout(budget, prepare(&resolver, &text, &output, &o))
+                    .await
+                    .ok()
+            })
+        });
+        match tokio::time::timeout(budget, work).await {
+            Ok(Ok(Some(r))) => r,
+            Ok(Ok(None)) | Err(_) => Err(too_long()),
+            Ok(Err(e)) => Err(Error::Other(format!("planning the job: {e}"))),
+        }
+    }
+}
+
+/// Parses, plans and cuts (on the blocking thread it is called on).
+async fn prepare(
+    resolver: &Resolver,
+    recipe_text: &str,
+    output: &str,
+    o: &SubmitOptions,
+) -> Result<(Plan, Cut, Location)> {
+    let recipe = Recipe::parse(recipe_text)?;
+    let plan_options = PlanOptions {
+        out_shard_size: o.out_shard_size,
+        seed: o.seed,
+        rng: o.rng,
+        unsafe_truncate_embeddings: o.unsafe_truncate_embeddings,
+        compute_float32: o.compute_float32,
+    };
+    let plan = plan::plan(recipe, resolver, &o.base_dir, &plan_options).await?;
+    let out = resolver.resolve(output, &o.base_dir)?;
+    let cut = cut::cut(
+        &plan,
+        &CutOptions {
+            task_size: o.task_size,
+            slot_memory: o.slot_memory,
+            min_part: out.store.min_part_size(),
+        },
+    );
+    Ok((plan, cut, out))
+}
