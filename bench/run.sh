@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # shardmerge benchmark: a 0.75B-parameter bf16 Llama-layout family (gen-family), merged with
-# task arithmetic (base + 2) and TIES (base + 3), against the plain-file-I/O floor and
-# mergekit 0.1.5's figures. Run from anywhere; paths are relative to the repository root.
+# every method in the bench (task arithmetic of base + 2; TIES and DARE-TIES of base + 3),
+# against the plain-file-I/O floor (time and bytes read) and mergekit's figures. Run from
+# anywhere; paths are relative to the repository root.
 #
 # Environment:
 #   BENCH_WORKERS=N     pass --workers N to shardmerge
@@ -10,6 +11,10 @@
 #   BENCH_ONLY=floor    time only the I/O floor (no merges)
 #   BENCH_DATA=DIR      data folder (default bench-data; the recipes name bench-data/...)
 #   BENCH_BIN=DIR       where the binaries are (default: release/ in cargo's target directory)
+#   BENCH_METHODS="..." the merges to run (default: task_arithmetic ties dare_ties; each names
+#                       bench/NAME.yml)
+#   BENCH_MERGEKIT=VENV time mergekit too (VENV/bin/mergekit-yaml, e.g. tests/archs.sh's
+#                       .venv-archs) on the same recipes, instead of quoting its figures
 #   BENCH_GEN_ARGS=...  gen-family shape options instead of the 0.75B defaults (for trying the
 #                       script out at a small size, with BENCH_DATA elsewhere)
 #   BENCH_COMPUTE=MODE  recipe (default): the recipes as written (dtype: bfloat16, so every
@@ -25,10 +30,11 @@ DATA=${BENCH_DATA:-bench-data}
 REL=${BENCH_BIN:-$(cargo metadata --format-version 1 --no-deps |
     sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')/release}
 TIME=/usr/bin/time
+METHODS=(${BENCH_METHODS:-task_arithmetic ties dare_ties})
 
-# mergekit 0.1.5 on a 2-core machine, same recipes and sizes
-MK_TA_S=24;   MK_TA_MB=3200
-MK_TIES_S=174; MK_TIES_MB=5300
+# mergekit 0.1.5 on a 2-core machine, same recipes and sizes (quoted when BENCH_MERGEKIT is
+# not given; none for dare_ties)
+declare -A MK_S=([task_arithmetic]=24 [ties]=174) MK_MB=([task_arithmetic]=3200 [ties]=5300)
 
 if [[ ! -x $TIME ]]; then
     echo "bench: $TIME not found; install it (Debian/Ubuntu: apt-get install time)" >&2
@@ -63,20 +69,27 @@ bytes_of() {
 }
 TA_IN=($(files_of base instruct lang_eu))
 TIES_IN=($(files_of base instruct lang_eu lang_ca))
+IN_BYTES_ta=$(bytes_of "${TA_IN[@]}")
+IN_BYTES_ties=$(bytes_of "${TIES_IN[@]}")
+floor_of() { # merge name -> its floor's key (the inputs it reads: base + 2, or base + 3)
+    case $1 in task_arithmetic*) echo ta ;; *) echo ties ;; esac
+}
 OUT_BYTES=$(bytes_of $(files_of base))   # a merge writes a model shaped like the base
 
 # --- timing ---------------------------------------------------------------------------------
 mkdir -p "$DATA/out"
-declare -A WALL RSS STATUS SHA
-timed() { # key cmd... -> WALL[key] seconds, RSS[key] MB, STATUS[key]
+declare -A WALL RSS STATUS SHA READ
+timed() { # key cmd... -> WALL[key] seconds, RSS[key] MB, READ[key] bytes read, STATUS[key]
     local key=$1; shift
-    local tf rc=0
+    local tf rf rc=0
     tf=$(mktemp)
+    rf=$(mktemp)
     echo "== $key: $*"
-    "$TIME" -f '%e %M' -o "$tf" "$@" || rc=$?
+    bench/rchar.py "$rf" "$TIME" -f '%e %M' -o "$tf" "$@" || rc=$?
     local w=- k=0
     read -r w k < <(tail -n 1 "$tf") || true
-    rm -f "$tf"
+    READ[$key]=$(cat "$rf" 2>/dev/null || echo 0)
+    rm -f "$tf" "$rf"
     WALL[$key]=$w
     RSS[$key]=$(awk -v k="$k" 'BEGIN { printf "%.0f", k / 1024 }')
     if ((rc)); then STATUS[$key]="FAILED rc=$rc"; else STATUS[$key]=ok; fi
@@ -115,13 +128,20 @@ case $COMPUTE in
         exit 2
         ;;
 esac
+mergekit() { # key recipe: mergekit-yaml from BENCH_MERGEKIT on the same recipe
+    local key=$1 recipe=$2 out=$DATA/out/$1
+    rm -rf "$out"
+    timed "$key" "$BENCH_MERGEKIT/bin/mergekit-yaml" "$recipe" "$out"
+    rm -rf "$out"
+}
 merges() { # the merges, each way BENCH_COMPUTE asks for
     local name
-    for name in task_arithmetic ties; do
+    for name in "${METHODS[@]}"; do
         local recipe
         recipe=$(recipe_for "$name")
         [[ $COMPUTE != f32 ]] && merge "$name" "$recipe"
         [[ $COMPUTE != recipe ]] && merge "${name}_f32" "$recipe" --compute-dtype float32
+        [[ -n ${BENCH_MERGEKIT:-} ]] && mergekit "mergekit_$name" "$recipe"
     done
     return 0
 }
@@ -142,40 +162,45 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else
 gb() { awk -v b="$1" 'BEGIN { printf "%.2f", b / 1e9 }'; }
 
 echo
-echo "shardmerge benchmark  ($(nproc) cores; warm page cache; output $(gb "$OUT_BYTES") GB)"
-echo "inputs: task_arithmetic $(gb "$(bytes_of "${TA_IN[@]}")") GB, ties $(gb "$(bytes_of "${TIES_IN[@]}")") GB"
+echo "shardmerge benchmark  ($(nproc) cores, $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo); warm page cache; output $(gb "$OUT_BYTES") GB)"
+echo "inputs: base + 2 $(gb "$IN_BYTES_ta") GB, base + 3 $(gb "$IN_BYTES_ties") GB; floor = the faster of its first and last run"
 echo
-printf '%-22s %10s %12s  %-8s %s\n' run wall_s peak_rss_MB status sha256
-for k in floor_ta_first floor_ties_first task_arithmetic task_arithmetic_f32 ties ties_f32 \
-    floor_ta_last floor_ties_last; do
+printf '%-24s %8s %8s %8s %8s %8s  %-8s %s\n' run wall_s x_floor read_GB x_input rss_MB status sha256
+fail=0
+keys=(floor_ta_first floor_ties_first)
+for name in "${METHODS[@]}"; do keys+=("$name" "${name}_f32" "mergekit_$name"); done
+keys+=(floor_ta_last floor_ties_last)
+for k in "${keys[@]}"; do
     [[ -n ${WALL[$k]:-} ]] || continue
-    printf '%-22s %10s %12s  %-8s %s\n' "$k" "${WALL[$k]}" "${RSS[$k]}" "${STATUS[$k]}" "${SHA[$k]:-}"
+    case $k in
+        floor_*) f=${k#floor_}; f=${f%_*} ;;
+        mergekit_*) f=$(floor_of "${k#mergekit_}") ;;
+        *) f=$(floor_of "$k") ;;
+    esac
+    fl=$(min "${WALL[floor_${f}_first]}" "${WALL[floor_${f}_last]}")
+    inb=IN_BYTES_$f
+    x=$(ratio "${WALL[$k]}" "$fl")
+    [[ ${STATUS[$k]} == ok ]] || { x=-; fail=1; }
+    printf '%-24s %8s %8s %8s %8s %8s  %-8s %s\n' "$k" "${WALL[$k]}" "$x" "$(gb "${READ[$k]}")" \
+        "$(ratio "${READ[$k]}" "${!inb}")" "${RSS[$k]}" "${STATUS[$k]}" "${SHA[$k]:-}"
 done
 echo
-fail=0
-for pair in "task_arithmetic ta $MK_TA_S $MK_TA_MB" "task_arithmetic_f32 ta $MK_TA_S $MK_TA_MB" \
-    "ties ties $MK_TIES_S $MK_TIES_MB" "ties_f32 ties $MK_TIES_S $MK_TIES_MB"; do
-    read -r k f mks mkmb <<<"$pair"
-    [[ $k == *_f32 && -z ${WALL[$k]:-} ]] && continue
-    [[ $k != *_f32 && $COMPUTE == f32 ]] && continue
-    fl=$(min "${WALL[floor_${f}_first]}" "${WALL[floor_${f}_last]}")
-    if [[ -z ${WALL[$k]:-} ]]; then
-        echo "$k: I/O floor ${fl} s (first ${WALL[floor_${f}_first]} s, last ${WALL[floor_${f}_last]} s); merge not run"
-        continue
-    fi
-    if [[ ${STATUS[$k]} != ok ]]; then
-        echo "$k: ${STATUS[$k]}"
-        fail=1
-        continue
-    fi
-    echo "$k: ${WALL[$k]} s = $(ratio "${WALL[$k]}" "$fl")x the I/O floor (${fl} s; first ${WALL[floor_${f}_first]}, last ${WALL[floor_${f}_last]}), peak RSS ${RSS[$k]} MB, output $(gb "${OUTSIZE[$k]}") GB"
-    # mergekit's figures are for the default (0.75B) size only
-    [[ -n ${BENCH_GEN_ARGS:-} ]] && continue
-    echo "$(printf '%*s' ${#k} '')  mergekit 0.1.5: ${mks} s / ${mkmb} MB -> $(ratio "$mks" "${WALL[$k]}")x faster, $(ratio "$mkmb" "${RSS[$k]}")x less memory"
+for name in "${METHODS[@]}"; do
+    for k in "$name" "${name}_f32"; do
+        [[ ${STATUS[$k]:-} == ok ]] || continue
+        mk=${WALL[mergekit_$name]:-${MK_S[$name]:-}}
+        mkmb=${RSS[mergekit_$name]:-${MK_MB[$name]:-}}
+        [[ -n $mk && ${STATUS[mergekit_$name]:-ok} == ok ]] || continue
+        # quoted figures are for the default (0.75B) size only
+        [[ -z ${WALL[mergekit_$name]:-} && -n ${BENCH_GEN_ARGS:-} ]] && continue
+        src="mergekit (this run)"
+        [[ -z ${WALL[mergekit_$name]:-} ]] && src="mergekit 0.1.5 (quoted, another machine)"
+        echo "$k: $(ratio "$mk" "${WALL[$k]}")x faster than $src (${mk} s), $(ratio "$mkmb" "${RSS[$k]}")x less memory (${mkmb} MB)"
+    done
 done
 if [[ $COMPUTE == both ]]; then
     echo
-    for k in task_arithmetic ties; do
+    for k in "${METHODS[@]}"; do
         [[ ${STATUS[$k]:-} == ok && ${STATUS[${k}_f32]:-} == ok ]] || continue
         echo "$k: bf16 op by op ${WALL[$k]} s / f32 compute ${WALL[${k}_f32]} s = $(ratio "${WALL[$k]}" "${WALL[${k}_f32]}")x"
     done

@@ -802,3 +802,45 @@ fn an_ended_job_stops_its_clock_and_holds_no_leases() {
         assert_eq!(later.leases_active, 0);
     }
 }
+
+/// The leased count the status reports is kept as tasks change state (not counted by walking
+/// every task per call): it follows leases, expiry, failure, requeue, results and reopening.
+/// (`leases_active` also checks it against a walk in debug builds.)
+#[test]
+fn the_count_of_active_leases_follows_every_change_of_state() {
+    let mut j = job();
+    let now = Instant::now();
+    assert_eq!(j.leases_active(), 0);
+    let g = j.lease_next(2, W, now, RULES);
+    assert_eq!((items(&g), j.leases_active()), (vec![S0, S1], 2));
+    assert_eq!(j.expire(now + TTL).len(), 2);
+    assert_eq!(j.leases_active(), 0);
+    let g = j.lease_next(10, W, now + TTL, RULES);
+    assert_eq!(j.leases_active(), 4);
+    let lease_of = |it: Item| {
+        g.iter()
+            .find(|x| x.item == it)
+            .expect("leased")
+            .lease
+            .clone()
+    };
+    assert_eq!(
+        j.fail_task(Item::Write(0), &lease_of(Item::Write(0)), W, true, "x"),
+        TaskFailed::Retried(1)
+    );
+    assert_eq!(j.leases_active(), 3);
+    j.requeue(Item::Write(2), &lease_of(Item::Write(2)));
+    assert_eq!(j.leases_active(), 2);
+    // a result for a task queued again stands, and counts no lease
+    assert_eq!(
+        j.record(Item::Write(2), write_result(0)).ok(),
+        Some(Recorded::FileComplete(1))
+    );
+    assert_eq!(j.leases_active(), 2);
+    assert_eq!(j.record(S0, stats_result(1)).ok(), Some(Recorded::Accepted));
+    assert_eq!(j.leases_active(), 1);
+    j.reopen_file(1).expect("attempts left");
+    assert_eq!(j.leases_active(), 1);
+    let g = j.lease_next(10, W, now + TTL, RULES);
+    assert_eq!(j.leases_active(), 1 + g.len() as u32);
+}

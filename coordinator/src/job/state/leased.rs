@@ -74,12 +74,13 @@ impl JobState {
             slot.attempts += 1;
             let lease = lease::fresh_lease_id();
             let until = now + rules.max_task_time;
-            slot.state = ItemState::Leased {
+            let leased = ItemState::Leased {
                 lease: lease.clone(),
                 worker: worker.to_string(),
                 deadline: (now + rules.ttl).min(until),
                 until,
             };
+            slot.set(leased, &mut self.leased);
             out.push(Granted {
                 lease,
                 item: it,
@@ -162,7 +163,7 @@ impl JobState {
             {
                 if *deadline <= now || *until <= now {
                     gone.push((*it, lease.clone()));
-                    slot.state = ItemState::Queued;
+                    slot.set(ItemState::Queued, &mut self.leased);
                     self.queue.push_back(*it);
                     self.status.retries += 1;
                     // its process did not finish it in time: whoever is free takes it
@@ -179,7 +180,7 @@ impl JobState {
     pub(crate) fn requeue(&mut self, it: Item, lease: &str) {
         if self.holds(it, lease) {
             if let Some(slot) = self.items.get_mut(&it) {
-                slot.state = ItemState::Queued;
+                slot.set(ItemState::Queued, &mut self.leased);
             }
             self.queue.push_back(it);
             self.status.retries += 1;
@@ -206,7 +207,7 @@ impl JobState {
             return TaskFailed::Ignored;
         };
         if retryable && slot.attempts < MAX_ATTEMPTS {
-            slot.state = ItemState::Queued;
+            slot.set(ItemState::Queued, &mut self.leased);
             self.queue.push_back(it);
             self.status.retries += 1;
             TaskFailed::Retried(slot.attempts)
