@@ -233,10 +233,9 @@ async fn main() -> Result<(), String> {
             peak_rss = peak_rss.max(status_kb(pid, "VmRSS:").unwrap_or(0));
         }
     }
-    let mut guard = times.lock().unwrap_or_else(|p| p.into_inner());
     // to the last accepted completion: the slots' idle polls at the end are not the job's
-    let wall = guard
-        .last_done
+    let last_done = times.lock().unwrap_or_else(|p| p.into_inner()).last_done;
+    let wall = last_done
         .map_or_else(|| start.elapsed(), |t| t.duration_since(start))
         .as_secs_f64();
     // the last completion may still be committing the checkpoint
@@ -262,6 +261,7 @@ async fn main() -> Result<(), String> {
     };
     let state = pb::JobState::try_from(st.state)
         .map_or_else(|_| st.state.to_string(), |s| s.as_str_name().to_string());
+    let mut guard = times.lock().unwrap_or_else(|p| p.into_inner());
     let refused = guard.refused;
     let Times {
         poll,
