@@ -48,11 +48,8 @@ impl JobManager {
                 // the permit is held until the work has ended, even after the caller gave up
                 let _permit = tokio::time::timeout(budget, planning.acquire_owned())
                     .await
-                    .ok()
-                    .and_then(|p| p.ok());
-                if _permit.is_none() {
-                    return None;
-                }
+                    .ok()?
+                    .ok()?;
                 tokio::time::timeout(budget, prepare(&resolver, &text, &output, &o))
                     .await
                     .ok()
