@@ -184,7 +184,8 @@ pub async fn commit_checkpoint(
     }
     let mut names = write_checkpoint_files(plan, out, &checksums).await?;
     names.extend(plan.files.iter().map(|f| f.name.clone()));
-    for old in before.iter().filter(|n| !names.contains(n)) {
+    let stale = |n: &&String| !names.contains(n) && !crate::claim::is_claim(n);
+    for old in before.iter().filter(stale) {
         let l = out.join(old);
         match l.store.delete(&l.path).await {
             Ok(()) => tracing::debug!("removed {} (not part of the new checkpoint)", l.uri()),

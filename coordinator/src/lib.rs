@@ -4,6 +4,7 @@
 
 pub(crate) mod arch;
 pub mod auth;
+pub(crate) mod claim;
 pub mod cli;
 pub mod commit;
 pub(crate) mod cut;

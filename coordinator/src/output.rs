@@ -15,9 +15,9 @@ use shardmerge_worker::storage::Location;
 use crate::error::{Error, Result};
 use crate::plan::Plan;
 
-/// Refuses an output that overlaps an input model, or that holds files without `overwrite`.
-/// Returns the names of the files the output holds now.
-pub async fn check(plan: &Plan, out: &Location, overwrite: bool) -> Result<Vec<String>> {
+/// Refuses an output that overlaps an input model (before anything, even the output's claim,
+/// is written there).
+pub fn check_overlap(plan: &Plan, out: &Location) -> Result<()> {
     let out_key = key(out);
     for m in &plan.models {
         let in_key = key(&m.loc);
@@ -43,8 +43,18 @@ pub async fn check(plan: &Plan, out: &Location, overwrite: bool) -> Result<Vec<S
             )));
         }
     }
+    Ok(())
+}
+
+/// Refuses an output that holds files without `overwrite`. Returns the names of the files the
+/// output holds now.
+pub async fn check_held(out: &Location, overwrite: bool) -> Result<Vec<String>> {
     let held = match out.store.list(&out.path).await {
-        Ok(names) => names,
+        // (claims are not files of a checkpoint: this job's own is there already)
+        Ok(names) => names
+            .into_iter()
+            .filter(|n| !crate::claim::is_claim(n))
+            .collect::<Vec<_>>(),
         Err(e) if e.not_found => Vec::new(),
         Err(e) => return Err(e.into()),
     };

@@ -30,7 +30,7 @@ pub(super) async fn remove_outputs(store: &Arc<dyn Storage>, uploads: &[Upload],
 
 impl JobManager {
     pub(super) async fn end_job(&self, jid: &str, state: pb::JobState, msg: &str) {
-        let (store, uploads, replace, status) = {
+        let (store, uploads, replace, status, claim) = {
             let mut jobs = lock(&self.jobs);
             let Some(j) = jobs.get_mut(jid) else { return };
             if !j.state.end(state, msg) {
@@ -43,11 +43,29 @@ impl JobManager {
                 j.uploads.clone(),
                 j.replace,
                 j.state.status.clone(),
+                j.claim.clone(),
             )
         };
         // Recorded before the cleanup: a restart must not resume a job that was ending.
         self.journal_end(&status).await;
-        remove_outputs(&store, &uploads, replace).await;
+        // A job that lost its claim leaves what is at final paths alone: it is another job's.
+        let lost = match &claim {
+            Some(c) => c.confirm().await.is_err(),
+            None => false,
+        };
+        remove_outputs(&store, &uploads, replace || lost).await;
+        if let Some(c) = claim {
+            c.release().await;
+        }
+    }
+
+    /// The job's claim on its output still holds (checked before a file becomes visible).
+    async fn claim_holds(&self, jid: &str) -> std::result::Result<(), String> {
+        let claim = lock(&self.jobs).get(jid).and_then(|j| j.claim.clone());
+        match claim {
+            Some(c) => c.confirm().await.map_err(|e| e.to_string()),
+            None => Ok(()),
+        }
     }
 
     pub(super) async fn journal_end(&self, status: &pb::JobStatus) {
@@ -89,6 +107,12 @@ impl JobManager {
         // What storage holds must match the plan before the file is completed (local: the
         // written length; backends that can list parts: each part's size). An --overwrite job
         // completes its files at the commit, so the old checkpoint stays whole until then.
+        if !replace {
+            if let Err(e) = self.claim_holds(jid).await {
+                self.fail_job(jid, &e).await;
+                return;
+            }
+        }
         let outcome = match store.check_upload(&upload, &receipts, size).await {
             Err(e) => Err((true, e)),
             Ok(()) if replace => Ok(()),
@@ -102,7 +126,9 @@ impl JobManager {
             // without recording so; the file at its final path with its full size counts.
             let already = resumed && store.size(&upload.path).await.is_ok_and(|n| n == size);
             if !already {
-                if in_check {
+                // (a retryable check failure: a part storage does not hold as reported,
+                // e.g. a worker that completed its task without writing: its tasks run again)
+                if in_check && !e.retryable {
                     let msg = format!("checking {} before completing it: {e}", upload.path);
                     self.fail_job(jid, &msg).await;
                 } else {
@@ -189,16 +215,23 @@ impl JobManager {
                 .collect();
             (j.state.plan.clone(), j.out.clone(), files, j.replace)
         };
+        if let Err(e) = self.claim_holds(jid).await {
+            self.fail_job(jid, &format!("commit: {e}")).await;
+            return;
+        }
         match commit::commit_checkpoint(&plan, &out, &files, replace).await {
             Ok(()) => {
-                let status = {
+                let (status, claim) = {
                     let mut jobs = lock(&self.jobs);
                     let Some(j) = jobs.get_mut(jid) else { return };
                     j.state.succeed();
                     j.publish();
-                    j.state.status.clone()
+                    (j.state.status.clone(), j.claim.clone())
                 };
                 self.journal_end(&status).await;
+                if let Some(c) = claim {
+                    c.release().await;
+                }
             }
             Err(e) => self.fail_job(jid, &format!("commit: {e}")).await,
         }

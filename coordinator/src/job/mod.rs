@@ -41,6 +41,8 @@ use shardmerge_proto as pb;
 use shardmerge_worker::storage::{Location, Resolver, Upload};
 use tokio::sync::watch;
 
+use crate::claim::Claim;
+use crate::cut::Cut;
 use crate::error::{Error, Result};
 use crate::journal::{layout_crc, JobJournal, Journal, NoJournal};
 use crate::plan::Plan;
@@ -57,6 +59,8 @@ struct Job {
     /// An `--overwrite` job: its data files complete only at the commit (see
     /// `commit::commit_checkpoint`), so the output's old checkpoint stays whole until then.
     replace: bool,
+    /// The job's claim on its output (`claim.rs`), released at the commit or the job's end.
+    claim: Option<Arc<Claim>>,
     started: Instant,
     /// When it ended (set as its final status is published; its elapsed time stops there, and
     /// its retention in memory counts from there).
@@ -72,6 +76,7 @@ impl Job {
             out,
             uploads,
             replace,
+            claim: None,
             started: Instant::now(),
             ended: None,
             tx,
@@ -193,13 +198,49 @@ impl JobManager {
         o: &SubmitOptions,
     ) -> Result<(String, Arc<Plan>)> {
         let (plan, cut, out) = self.prepare(recipe_text, output, o).await?;
-        // Refuses an output that overlaps an input, or holds files without --overwrite. With
-        // --overwrite nothing in it changes until the commit.
-        crate::output::check(&plan, &out, o.overwrite).await?;
-        let uploads = begin_uploads(&plan, &out).await?;
+        // Refuses an output that overlaps an input, before anything is written there.
+        crate::output::check_overlap(&plan, &out)?;
         let id = self.fresh_id();
+        // One owner per output: claimed before anything is checked or written there; given
+        // back if the job does not start.
+        let claim = Arc::new(Claim::take(&out, &id, o.overwrite, None).await?);
+        match self
+            .start(&id, recipe_text, &plan, &cut, &out, o, &claim)
+            .await
+        {
+            Ok(uploads) => {
+                let state = JobState::new(id.clone(), plan, cut, out.uri(), state::kernel_reduce);
+                let plan = state.plan.clone();
+                let mut job = Job::new(state, out, uploads, o.overwrite);
+                job.claim = Some(claim);
+                lock(&self.jobs).insert(id.clone(), job);
+                Ok((id, plan))
+            }
+            Err(e) => {
+                claim.release().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Checks a claimed output, starts its uploads and records the job in the journal.
+    #[allow(clippy::too_many_arguments)]
+    async fn start(
+        &self,
+        id: &str,
+        recipe_text: &str,
+        plan: &Plan,
+        cut: &Cut,
+        out: &Location,
+        o: &SubmitOptions,
+        claim: &Claim,
+    ) -> Result<Vec<Upload>> {
+        // Refuses an output that holds files without --overwrite. With --overwrite nothing in
+        // it changes until the commit.
+        crate::output::check_held(out, o.overwrite).await?;
+        let uploads = begin_uploads(plan, out).await?;
         let rec = pb::JournalJob {
-            job_id: id.clone(),
+            job_id: id.to_string(),
             recipe_yaml: recipe_text.to_string(),
             output_uri: out.uri(),
             options: Some(o.to_proto()),
@@ -210,7 +251,8 @@ impl JobManager {
                     id: u.id.clone(),
                 })
                 .collect(),
-            layout_crc: layout_crc(&plan, &cut),
+            layout_crc: layout_crc(plan, cut),
+            claim: claim.token(),
         };
         if let Err(e) = self.journal.job_started(&rec).await {
             for u in &uploads {
@@ -221,10 +263,7 @@ impl JobManager {
                 self.journal.uri()
             )));
         }
-        let state = JobState::new(id.clone(), plan, cut, out.uri(), state::kernel_reduce);
-        let plan = state.plan.clone();
-        lock(&self.jobs).insert(id.clone(), Job::new(state, out, uploads, o.overwrite));
-        Ok((id, plan))
+        Ok(uploads)
     }
 
     pub fn status(&self, job: &str) -> Option<pb::JobStatus> {

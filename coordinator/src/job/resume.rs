@@ -6,6 +6,7 @@ use shardmerge_worker::storage::Upload;
 
 use super::finish::remove_outputs;
 use super::{lock, state, Job, JobManager, JobState, SubmitOptions};
+use crate::claim::Claim;
 use crate::error::{Error, Result};
 use crate::journal::{layout_crc, Unfinished};
 
@@ -41,6 +42,8 @@ impl JobManager {
             match self.resume(u).await {
                 Ok(()) => resumed.push(id),
                 Err(e) => {
+                    // the output is another job's now: its files at final paths stay
+                    let taken = matches!(e, Error::AlreadyExists(_));
                     let msg = format!("cannot resume after a coordinator restart: {e}");
                     tracing::error!(job = %id, "{msg}");
                     let status = pb::JobStatus {
@@ -53,7 +56,7 @@ impl JobManager {
                     self.journal_end(&status).await;
                     lock(&self.history).insert(id, status);
                     if let Ok(loc) = self.resolver.resolve(&out, std::path::Path::new("/")) {
-                        remove_outputs(&loc.store, &uploads, replace).await;
+                        remove_outputs(&loc.store, &uploads, replace || taken).await;
                     }
                 }
             }
@@ -85,7 +88,11 @@ impl JobManager {
             state.status.tasks_done,
             state.status.tasks_total
         );
-        lock(&self.jobs).insert(id.clone(), Job::new(state, out, uploads, o.overwrite));
+        // its own claim back (refused if the claim lapsed and another job took the output)
+        let claim = Claim::take(&out, &id, o.overwrite, Some(&u.job.claim)).await?;
+        let mut job = Job::new(state, out, uploads, o.overwrite);
+        job.claim = Some(std::sync::Arc::new(claim));
+        lock(&self.jobs).insert(id.clone(), job);
         for f in complete {
             if u.files_finished.contains(&f) {
                 self.file_done(&id).await;

@@ -843,4 +843,63 @@ fn the_count_of_active_leases_follows_every_change_of_state() {
     assert_eq!(j.leases_active(), 1);
     let g = j.lease_next(10, W, now + TTL, RULES);
     assert_eq!(j.leases_active(), 1 + g.len() as u32);
+
+/// Issue 18: a `CompleteTask` arriving after its lease ran out was accepted whenever no poll had
+/// run the expiry scan in between. Refused now, and the task is handed to the next poll.
+#[test]
+fn a_completion_after_the_lease_ran_out_is_refused_and_the_task_runs_again() {
+    let mgr = manager(&["a"], super::Limits::default());
+    mgr.set_lease_ttl(Duration::from_millis(200));
+    let poll = |w: &str, n: u32| {
+        mgr.poll(&pb::PollWorkRequest {
+            worker_id: w.into(),
+            free_slots: n,
+            slot_memory: 0,
+        })
+        .leases
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let complete = |lease: &str| {
+        rt.block_on(mgr.complete(&pb::CompleteTaskRequest {
+            worker_id: "slow".into(),
+            lease_id: lease.into(),
+            result: Some(stats_result(1)),
+        }))
+    };
+    let both = poll("slow", 2);
+    assert_eq!(both.len(), 2);
+    let (late, on_time) = (&both[..1], &both[1..]);
+    // in time: accepted
+    assert!(complete(&on_time[0].lease_id), "a result within the lease");
+    // no poll in between, so no expiry scan: only the completion sees the lease ran out
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(
+        !complete(&late[0].lease_id),
+        "a result 200 ms after its lease ran out was accepted"
+    );
+    let renewed = mgr.renew(&pb::RenewLeaseRequest {
+        worker_id: "slow".into(),
+        lease_ids: vec![late[0].lease_id.clone()],
+    });
+    assert_eq!(renewed.lost, [late[0].lease_id.clone()]);
+    let again = poll("other", 3);
+    assert_eq!(again.len(), 3, "the task is queued again");
+    let id = |l: &pb::Lease| l.task.as_ref().map(|t| t.task_id);
+    assert!(again.iter().any(|l| id(l) == id(&late[0])), "the same task");
+    assert_eq!(mgr.status("a").map(|s| s.tasks_done), Some(1));
+}
+
+#[test]
+fn a_renewal_after_the_deadline_is_refused_even_before_the_expiry_scan() {
+    let mut j = job();
+    let now = Instant::now();
+    let g = j.lease_next(1, W, now, RULES);
+    assert!(!j.lease_ran_out(S0, &g[0].lease, now + TTL - Duration::from_millis(1)));
+    assert!(j.lease_ran_out(S0, &g[0].lease, now + TTL));
+    assert_eq!(
+        j.renew(S0, &g[0].lease, W, now + TTL, TTL),
+        Renewal::NotHeld
+    );
 }

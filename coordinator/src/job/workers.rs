@@ -152,6 +152,11 @@ impl JobManager {
             {
                 return false;
             }
+            if j.state.lease_ran_out(it, &req.lease_id, Instant::now()) {
+                drop(jobs);
+                self.refuse_late(&jid, it, &req.worker_id);
+                return false;
+            }
             let multipart = !j.out.store.is_local();
             match j.state.check_result(it, &result, multipart) {
                 Ok(()) => Ok(j.state.task_key(it)),
@@ -205,6 +210,26 @@ impl JobManager {
             Err(e) => self.fail_job(&jid, &e.to_string()).await,
         }
         true
+    }
+
+    /// A result that came after its lease ran out: refused, not taken, since past its deadline
+    /// the task is someone else's to run (the expiry scan may simply not have run yet): the
+    /// job's late leases are expired now.
+    fn refuse_late(&self, jid: &str, it: crate::journal::Item, worker: &str) {
+        tracing::warn!(
+            job = %jid,
+            worker = %worker,
+            "CompleteTask refused: task {it:?}'s lease had already expired (renew it within \
+             --lease-ttl); the task runs again"
+        );
+        let mut jobs = lock(&self.jobs);
+        let Some(j) = jobs.get_mut(jid) else { return };
+        let gone = j.state.expire(Instant::now());
+        j.publish();
+        let mut leases = lock(&self.leases);
+        for (_, l) in gone {
+            leases.take(&l);
+        }
     }
 
     pub async fn fail(&self, req: &pb::FailTaskRequest) {

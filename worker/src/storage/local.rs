@@ -266,7 +266,8 @@ impl Storage for LocalStorage {
                 false,
             ));
         }
-        Ok(())
+        let (tmp, parts) = (upload.id.clone(), parts.to_vec());
+        blocking(move || unwritten_parts(&tmp, &parts)).await
     }
 
     async fn finish_upload(&self, upload: &Upload, _parts: &[Receipt]) -> SResult<()> {
@@ -287,4 +288,60 @@ impl Storage for LocalStorage {
     async fn abort_upload(&self, upload: &Upload) -> SResult<()> {
         self.delete(&upload.id).await
     }
+}
+
+/// Every part was written: a part whose byte range holds a hole of the preallocated file (never
+/// written, or only partly) is read back, and must then have the CRC-32C its receipt reports
+/// (a part that is meant to be zeros may be a hole on some filesystems). `Err` names the first
+/// part that does not; it is retryable: the file's tasks run again. Parts are in file order and
+/// cover the file (header included) end to end.
+pub(crate) fn unwritten_parts(tmp: &str, parts: &[Receipt]) -> SResult<()> {
+    let f = File::open(tmp).map_err(|e| io_err(tmp, "open", e))?;
+    let mut offset = 0u64;
+    let mut buf = Vec::new();
+    for p in parts {
+        let end = offset + p.size;
+        if p.size > 0 && first_hole(&f, offset).is_some_and(|h| h < end) {
+            let mut crc = 0u32;
+            let mut at = offset;
+            while at < end {
+                let n = (end - at).min(8 << 20) as usize;
+                buf.resize(n, 0);
+                f.read_exact_at(&mut buf, at)
+                    .map_err(|e| io_err(tmp, "read back", e))?;
+                crc = crc32c::crc32c_append(crc, &buf);
+                at += n as u64;
+            }
+            if crc != p.crc32c {
+                return Err(StorageError::new(
+                    format!(
+                        "{tmp}: part {} (bytes {offset}..{end}) was not written: storage holds \
+                         bytes with CRC-32C {crc:08x}, its worker reported {:08x}",
+                        p.part_index, p.crc32c
+                    ),
+                    true,
+                ));
+            }
+        }
+        offset = end;
+    }
+    Ok(())
+}
+
+/// The first hole at or after `offset` (the end of the file counts as one); `None` where the
+/// filesystem cannot tell (then every part counts as written, as before).
+#[cfg(target_os = "linux")]
+fn first_hole(f: &File, offset: u64) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    let at = libc::off_t::try_from(offset).ok()?;
+    // SAFETY: lseek on a file descriptor `f` owns and keeps open for the call; it only moves
+    // the descriptor's offset (this handle is used for positioned reads only) and reads no
+    // memory of ours.
+    let r = unsafe { libc::lseek(f.as_raw_fd(), at, libc::SEEK_HOLE) };
+    u64::try_from(r).ok()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn first_hole(_f: &File, _offset: u64) -> Option<u64> {
+    None
 }

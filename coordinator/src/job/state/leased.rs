@@ -114,6 +114,14 @@ impl JobState {
         }
     }
 
+    /// Whether `lease` on `it` has run out by `now` (its deadline or its maximum run time has
+    /// passed), whether or not the expiry scan has re-queued it yet.
+    pub fn lease_ran_out(&self, it: Item, lease: &str, now: Instant) -> bool {
+        matches!(self.items.get(&it).map(|s| &s.state),
+            Some(ItemState::Leased { lease: l, deadline, until, .. })
+                if l == lease && (*deadline <= now || *until <= now))
+    }
+
     /// Extends `lease` on `it`, held by `worker`, to `now + ttl`, but never past the task's
     /// maximum run time: a task past it is not renewed and its lease runs out.
     pub fn renew(
@@ -141,6 +149,11 @@ impl JobState {
             }) => {
                 if now >= *until {
                     return Renewal::OverTime;
+                }
+                if now >= *deadline {
+                    // ran out before this renewal arrived (the expiry scan had not run yet):
+                    // the task is no longer this worker's
+                    return Renewal::NotHeld;
                 }
                 *deadline = (now + ttl).min(*until);
                 Renewal::Renewed

@@ -1,0 +1,102 @@
+//! Local output claims: a lock file held with `flock` by the process running the job.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use shardmerge_worker::storage::Location;
+
+use super::{now_unix, taken, this_process, Claim, Inner, Owner, CLAIM};
+use crate::error::{Error, Result};
+
+/// Local: lock `OUT/.shardmerge-claim` (creating the folder and the file as needed).
+pub(super) fn take(out: &Location, job: &str, resume: bool) -> Result<Claim> {
+    use std::io::{Read, Seek, Write};
+    use std::os::unix::fs::MetadataExt;
+    let dir = PathBuf::from(&out.path);
+    let path = dir.join(CLAIM);
+    let io = |e: std::io::Error| Error::Job(format!("claiming {}: {e}", path.display()));
+    std::fs::create_dir_all(&dir).map_err(io)?;
+    for _ in 0..10 {
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io)?;
+        let mut text = Vec::new();
+        if let Err(e) = try_lock(&f) {
+            let _ = f.read_to_end(&mut text);
+            let owner = Owner::parse(&text).unwrap_or(Owner {
+                job: "?".into(),
+                process: format!("lock file {} busy: {e}", path.display()),
+                expires: 0.0,
+                created: 0.0,
+                nonce: String::new(),
+            });
+            return Err(taken(out, &owner));
+        }
+        // The file may have been removed (released) between our open and our lock: then the
+        // lock is on a file no one else will see; open the path again.
+        let same = std::fs::metadata(&path)
+            .ok()
+            .zip(f.metadata().ok())
+            .is_some_and(|(a, b)| a.ino() == b.ino() && a.dev() == b.dev());
+        if !same {
+            continue;
+        }
+        f.read_to_end(&mut text).map_err(io)?;
+        if let Some(prev) = Owner::parse(&text) {
+            if resume && prev.job != job {
+                return Err(Error::AlreadyExists(format!(
+                    "{}: its claim was taken over by {} while this coordinator was down",
+                    out.uri(),
+                    prev.describe()
+                )));
+            }
+            if prev.job != job {
+                tracing::info!(
+                    "{}: the claim of {} was left by a process that ended; taking it",
+                    out.uri(),
+                    prev.describe()
+                );
+            }
+        }
+        let me = Owner {
+            job: job.to_string(),
+            process: this_process(),
+            expires: 0.0,
+            created: now_unix(),
+            nonce: String::new(),
+        };
+        f.set_len(0).map_err(io)?;
+        f.rewind().map_err(io)?;
+        f.write_all(&me.to_json(&out.uri())).map_err(io)?;
+        return Ok(Claim {
+            job: job.to_string(),
+            inner: Inner::Local {
+                path,
+                file: Mutex::new(Some(f)),
+            },
+        });
+    }
+    Err(Error::Job(format!(
+        "claiming {}: the lock file kept changing under this process",
+        path.display()
+    )))
+}
+
+/// An exclusive `flock` on `f`, without waiting (std's `File::try_lock` is newer than this
+/// crate's minimum Rust version).
+fn try_lock(f: &std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor `f` owns and keeps open for the call; it reads or writes
+    // no memory of ours. The lock lives with the open file description, so it lasts as long
+    // as `f` (released when `f` is closed, or when the process dies).
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
