@@ -348,7 +348,13 @@ impl ObjectClaim {
         };
         let mine = format!("{CLAIM}.{}", self.nonce);
         let mut live = Vec::new();
-        for name in names.iter().filter(|n| is_claim(n) && **n != mine) {
+        // (claim objects are named by a hex nonce; anything else, e.g. a local store's
+        // temporary file of a put in flight, is not one)
+        let object = |n: &str| {
+            n.strip_prefix(".shardmerge-claim.")
+                .is_some_and(|x| !x.is_empty() && x.bytes().all(|b| b.is_ascii_hexdigit()))
+        };
+        for name in names.iter().filter(|n| object(n) && **n != mine) {
             let l = self.out.join(name);
             let Some(owner) = Self::read(&l.store, &l.path).await? else {
                 continue;
