@@ -326,7 +326,13 @@ impl ObjectClaim {
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         loop {
             let live = self.live_others(overwrite).await?;
-            let Some(first) = live.first() else {
+            // (named in a refusal: the oldest claim, the one the others give way to)
+            let oldest = live.iter().min_by(|a, b| {
+                (a.created, &a.nonce)
+                    .partial_cmp(&(b.created, &b.nonce))
+                    .unwrap_or(std::cmp::Ordering::Equal)
+            });
+            let Some(first) = oldest else {
                 return Ok(());
             };
             let older = live

@@ -39,6 +39,7 @@ impl JobManager {
             let out = u.job.output_uri.clone();
             let uploads = uploads_of(&u.job);
             let replace = u.job.options.as_ref().is_some_and(|o| o.overwrite);
+            let token = u.job.claim.clone();
             match self.resume(u).await {
                 Ok(()) => resumed.push(id),
                 Err(e) => {
@@ -54,9 +55,13 @@ impl JobManager {
                         ..Default::default()
                     };
                     self.journal_end(&status).await;
-                    lock(&self.history).insert(id, status);
+                    lock(&self.history).insert(id.clone(), status);
                     if let Ok(loc) = self.resolver.resolve(&out, std::path::Path::new("/")) {
                         remove_outputs(&loc.store, &uploads, replace || taken).await;
+                        // its claim, if it is still this job's, is given up
+                        if let Ok(c) = Claim::take(&loc, &id, false, Some(&token)).await {
+                            c.release().await;
+                        }
                     }
                 }
             }
