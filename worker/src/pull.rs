@@ -114,35 +114,16 @@ async fn run_one(
     scratch: &mut Scratch,
     stop: &mut watch::Receiver<bool>,
 ) {
-    let Some(task) = lease.task else { return };
-    // Renew the lease at a third of its lifetime while the task runs.
-    let renew_every = Duration::from_millis((lease.ttl_ms / 3).max(50));
-    let renewer = {
-        let source = source.clone();
-        let (wid, lid) = (worker_id.to_string(), lease.lease_id.clone());
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(renew_every).await;
-                let r = source
-                    .renew(pb::RenewLeaseRequest {
-                        worker_id: wid.clone(),
-                        lease_ids: vec![lid.clone()],
-                    })
-                    .await;
-                if let Ok(r) = r {
-                    if r.lost.contains(&lid) {
-                        break;
-                    }
-                }
-            }
-        })
+    let Some(task) = lease.task.as_ref() else {
+        return;
     };
+    let renewer = spawn_renewer(source, worker_id, &lease);
     // A stop (SIGTERM, SIGINT) drops the task where it is and hands the lease back as a
     // retryable failure, so the task runs again at once elsewhere instead of waiting for the
     // lease to expire. A task is pure: what it wrote so far is written again, the same.
     let started = std::time::Instant::now();
     let result = tokio::select! {
-        r = exec.run(&task, scratch) => Some(r),
+        r = exec.run(task, scratch) => Some(r),
         _ = stopped(stop) => None,
     };
     renewer.abort();
@@ -161,43 +142,90 @@ async fn run_one(
         }
         return;
     };
+    report(
+        source.as_ref(),
+        worker_id,
+        &lease.lease_id,
+        task.task_id,
+        started,
+        result,
+    )
+    .await;
+}
+
+/// Renews `lease` at a third of its lifetime until aborted or the coordinator says it is lost.
+fn spawn_renewer(
+    source: &Arc<dyn WorkSource>,
+    worker_id: &str,
+    lease: &pb::Lease,
+) -> tokio::task::JoinHandle<()> {
+    let renew_every = Duration::from_millis((lease.ttl_ms / 3).max(50));
+    let source = source.clone();
+    let (wid, lid) = (worker_id.to_string(), lease.lease_id.clone());
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(renew_every).await;
+            let r = source
+                .renew(pb::RenewLeaseRequest {
+                    worker_id: wid.clone(),
+                    lease_ids: vec![lid.clone()],
+                })
+                .await;
+            if let Ok(r) = r {
+                if r.lost.contains(&lid) {
+                    break;
+                }
+            }
+        }
+    })
+}
+
+/// Reports a finished task (its result, or its error) to the coordinator and logs it.
+async fn report(
+    source: &dyn WorkSource,
+    worker_id: &str,
+    lease_id: &str,
+    task_id: u64,
+    started: std::time::Instant,
+    result: Result<pb::TaskResult, crate::exec::TaskError>,
+) {
     match result {
         Ok(result) => {
             let (read, written) = (result.bytes_read, result.bytes_written);
             let r = source
                 .complete(pb::CompleteTaskRequest {
                     worker_id: worker_id.to_string(),
-                    lease_id: lease.lease_id.clone(),
+                    lease_id: lease_id.to_string(),
                     result: Some(result),
                 })
                 .await;
             match r {
                 Ok(_) => tracing::info!(
                     worker = %worker_id,
-                    task = %task.task_id,
+                    task = %task_id,
                     bytes_read = read,
                     bytes_written = written,
                     ms = started.elapsed().as_millis() as u64,
                     "task {} done: {written} bytes written, {read} read in {:.3} s",
-                    task.task_id,
+                    task_id,
                     started.elapsed().as_secs_f64()
                 ),
-                Err(e) => tracing::warn!("reporting task {} failed: {e}", task.task_id),
+                Err(e) => tracing::warn!("reporting task {} failed: {e}", task_id),
             }
         }
         Err(e) => {
             tracing::info!(
                 worker = %worker_id,
-                task = %task.task_id,
+                task = %task_id,
                 retryable = e.retryable,
                 "task {} failed after {:.3} s: {e}",
-                task.task_id,
+                task_id,
                 started.elapsed().as_secs_f64()
             );
             let _ = source
                 .fail(pb::FailTaskRequest {
                     worker_id: worker_id.to_string(),
-                    lease_id: lease.lease_id.clone(),
+                    lease_id: lease_id.to_string(),
                     error: e.message,
                     retryable: e.retryable,
                 })
