@@ -843,6 +843,7 @@ fn the_count_of_active_leases_follows_every_change_of_state() {
     assert_eq!(j.leases_active(), 1);
     let g = j.lease_next(10, W, now + TTL, RULES);
     assert_eq!(j.leases_active(), 1 + g.len() as u32);
+}
 
 /// Issue 18: a `CompleteTask` arriving after its lease ran out was accepted whenever no poll had
 /// run the expiry scan in between. Refused now, and the task is handed to the next poll.
