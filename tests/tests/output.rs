@@ -167,10 +167,13 @@ fn submit(
     cluster.cli(w, &args)
 }
 
-/// The objects under `prefix/` and their bytes.
+/// The objects under `prefix/` and their bytes, less a job's claim object
+/// (`.shardmerge-claim.NONCE`: the output's lock, not part of the checkpoint; a cancelled job
+/// may still be deleting it when the listing is taken).
 fn objects(b: &Bucket, prefix: &str) -> BTreeMap<String, Vec<u8>> {
     b.list(prefix)
         .into_iter()
+        .filter(|n| !n.starts_with(".shardmerge-claim"))
         .map(|n| {
             let data = b.get(&format!("{prefix}/{n}")).expect("object listed");
             (n, data)
