@@ -120,6 +120,24 @@ pub struct JobState {
     unit_home: HashMap<usize, String>,
 }
 
+/// Each statistics unit's work (one pass over its ranges) and the job's total work: every pass
+/// of every unit, and every write task.
+fn work_of(plan: &Plan, cut: &Cut) -> (Vec<u64>, u64) {
+    let unit_work: Vec<u64> = cut
+        .units
+        .iter()
+        .map(|u| (0..u.ranges.len()).map(|r| stats_work(plan, u, r)).sum())
+        .collect();
+    let stats_total: u64 = cut
+        .units
+        .iter()
+        .zip(&unit_work)
+        .map(|(u, w)| w.saturating_mul(u.passes.max(1) as u64))
+        .sum();
+    let writes_total: u64 = cut.tasks.iter().map(|t| write_work(plan, t)).sum();
+    (unit_work, stats_total + writes_total)
+}
+
 impl JobState {
     /// A job with every task queued (or blocked on its statistics), writing to `output_uri`.
     pub fn new(id: String, plan: Plan, cut: Cut, output_uri: String, reduce: Reducer) -> Self {
@@ -158,25 +176,14 @@ impl JobState {
             done: false,
         });
         let units = units.collect();
-        let unit_work: Vec<u64> = cut
-            .units
-            .iter()
-            .map(|u| (0..u.ranges.len()).map(|r| stats_work(&plan, u, r)).sum())
-            .collect();
-        let stats_total: u64 = cut
-            .units
-            .iter()
-            .zip(&unit_work)
-            .map(|(u, w)| w.saturating_mul(u.passes.max(1) as u64))
-            .sum();
-        let writes_total: u64 = cut.tasks.iter().map(|t| write_work(&plan, t)).sum();
+        let (unit_work, work_total) = work_of(&plan, &cut);
         let status = pb::JobStatus {
             job_id: id.clone(),
             state: pb::JobState::Running as i32,
             output_uri,
             tasks_total: items.len() as u64,
             bytes_total: plan.bytes_out(),
-            work_total: stats_total + writes_total,
+            work_total,
             bytes_read_total: crate::reads::planned_reads(&plan, &cut, false).iter().sum(),
             ..Default::default()
         };
