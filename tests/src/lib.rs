@@ -12,6 +12,7 @@ pub mod family;
 #[cfg(test)]
 mod family_tests;
 pub mod memory;
+pub mod proxy;
 pub mod storage_suite;
 pub mod writer;
 
@@ -121,6 +122,27 @@ pub struct S3Server {
     dir: tempfile::TempDir,
     child: Mutex<Child>,
     garage: Option<(PathBuf, PathBuf)>,
+    /// How the server process was started (program, arguments, environment, log name), to
+    /// start it again after [`S3Server::stop`].
+    launch: Launch,
+}
+
+struct Launch {
+    bin: PathBuf,
+    args: Vec<std::ffi::OsString>,
+    env: Vec<(&'static str, String)>,
+    log: &'static str,
+}
+
+impl Launch {
+    fn spawn(&self, dir: &Path) -> std::io::Result<Child> {
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdout(Stdio::null())
+            .stderr(append_log(dir, self.log));
+        spawn_tied(cmd)
+    }
 }
 
 impl Drop for S3Server {
@@ -159,18 +181,25 @@ impl S3Server {
     fn start_minio(bin: &Path) -> Result<S3Server, String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let (port, console) = (free_port(), free_port());
-        let mut cmd = Command::new(bin);
-        cmd.arg("server")
-            .arg(dir.path().join("data"))
-            .arg("--address")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--console-address")
-            .arg(format!("127.0.0.1:{console}"))
-            .env("MINIO_ROOT_USER", ACCESS_KEY)
-            .env("MINIO_ROOT_PASSWORD", SECRET_KEY)
-            .stdout(Stdio::null())
-            .stderr(log_file(dir.path(), "minio.log"));
-        let child = spawn_tied(cmd).map_err(|e| format!("{}: {e}", bin.display()))?;
+        let launch = Launch {
+            bin: bin.to_path_buf(),
+            args: vec![
+                "server".into(),
+                dir.path().join("data").into(),
+                "--address".into(),
+                format!("127.0.0.1:{port}").into(),
+                "--console-address".into(),
+                format!("127.0.0.1:{console}").into(),
+            ],
+            env: vec![
+                ("MINIO_ROOT_USER", ACCESS_KEY.to_string()),
+                ("MINIO_ROOT_PASSWORD", SECRET_KEY.to_string()),
+            ],
+            log: "minio.log",
+        };
+        let child = launch
+            .spawn(dir.path())
+            .map_err(|e| format!("{}: {e}", bin.display()))?;
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
         let s = S3Server {
             kind: "minio",
@@ -178,6 +207,7 @@ impl S3Server {
             dir,
             child: Mutex::new(child),
             garage: None,
+            launch,
         };
         if !wait_tcp(addr, Duration::from_secs(20)) {
             return Err(format!("minio did not start: {}", s.log("minio.log")));
@@ -205,20 +235,22 @@ impl S3Server {
             ),
         )
         .map_err(|e| e.to_string())?;
-        let mut cmd = Command::new(bin);
-        cmd.arg("-c")
-            .arg(&cfg)
-            .arg("server")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(log_file(dir.path(), "garage.log"));
-        let child = spawn_tied(cmd).map_err(|e| format!("{}: {e}", bin.display()))?;
+        let launch = Launch {
+            bin: bin.to_path_buf(),
+            args: vec!["-c".into(), cfg.clone().into(), "server".into()],
+            env: vec![("RUST_LOG", "warn".to_string())],
+            log: "garage.log",
+        };
+        let child = launch
+            .spawn(dir.path())
+            .map_err(|e| format!("{}: {e}", bin.display()))?;
         let s = S3Server {
             kind: "garage",
             endpoint: format!("http://127.0.0.1:{s3}"),
             dir,
             child: Mutex::new(child),
             garage: Some((bin.to_path_buf(), cfg)),
+            launch,
         };
         // The CLI talks to the node over RPC, which opens some time after the process starts
         // (`node id` can answer from the key file before it does): wait for the RPC port, then
@@ -252,6 +284,36 @@ impl S3Server {
             ));
         }
         Ok(s)
+    }
+
+    /// Kills the server process at once (SIGKILL); its data stays for [`S3Server::resume`].
+    pub fn stop(&self) {
+        let mut c = self.child.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+
+    /// Starts the server again after [`S3Server::stop`], on the same address over the same
+    /// data, and waits until its S3 API answers.
+    pub fn resume(&self) -> Result<(), String> {
+        let child = self
+            .launch
+            .spawn(self.dir.path())
+            .map_err(|e| e.to_string())?;
+        *self.child.lock().unwrap_or_else(|p| p.into_inner()) = child;
+        let addr: SocketAddr = self
+            .endpoint
+            .trim_start_matches("http://")
+            .parse()
+            .map_err(|e| format!("{}: {e}", self.endpoint))?;
+        if !wait_tcp(addr, Duration::from_secs(30)) {
+            return Err(format!(
+                "{} did not come back: {}",
+                self.kind,
+                self.log(self.launch.log)
+            ));
+        }
+        Ok(())
     }
 
     /// `garage_cli`, retried every 200 ms until it succeeds or `deadline` passes. Every step
@@ -381,6 +443,16 @@ impl S3Server {
             s3: Arc::new(s3),
         }
     }
+}
+
+/// `dir/name` opened for appending (a restarted process adds to its log), or nowhere.
+fn append_log(dir: &Path, name: &str) -> Stdio {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(name))
+        .map(Stdio::from)
+        .unwrap_or_else(|_| Stdio::null())
 }
 
 fn log_file(dir: &Path, name: &str) -> Stdio {
@@ -516,6 +588,8 @@ pub struct Cluster {
     coordinator_cmd: (u16, f64, Vec<String>),
     restarts: usize,
     workers: Vec<Option<Child>>,
+    /// The coordinator address workers are given (`url` unless [`Cluster::workers_via`]).
+    worker_url: String,
 }
 
 impl Cluster {
@@ -550,11 +624,22 @@ impl Cluster {
             coordinator_cmd: (port, lease_ttl, args),
             restarts: 0,
             workers: Vec::new(),
+            worker_url: format!("http://127.0.0.1:{port}"),
         };
         for _ in 0..workers {
             c.add_worker();
         }
         c
+    }
+
+    /// Workers started from now on reach the coordinator at `url` (a proxy in front of it).
+    pub fn workers_via(&mut self, url: &str) {
+        self.worker_url = url.to_string();
+    }
+
+    /// The coordinator's address (`host:port`), for a proxy in front of it.
+    pub fn coordinator_addr(&self) -> String {
+        self.url.trim_start_matches("http://").to_string()
     }
 
     /// Starts one more worker; returns its index.
@@ -567,9 +652,15 @@ impl Cluster {
     pub fn add_worker_logging(&mut self, rust_log: Option<&str>) -> usize {
         let i = self.workers.len();
         let mut cmd = Command::new(&self.bin);
-        cmd.args(["worker", "--coordinator", &self.url, "--threads", "1"])
-            .args(["--memory-limit", "256MiB", "--id", &format!("w{i}")])
-            .envs(self.env.iter().cloned());
+        cmd.args([
+            "worker",
+            "--coordinator",
+            &self.worker_url,
+            "--threads",
+            "1",
+        ])
+        .args(["--memory-limit", "256MiB", "--id", &format!("w{i}")])
+        .envs(self.env.iter().cloned());
         match rust_log {
             Some(l) => cmd.env("RUST_LOG", l),
             None => cmd.env_remove("RUST_LOG"),
