@@ -154,15 +154,18 @@ impl Drop for Claim {
 
 /// Refused: the output is `owner`'s.
 fn taken(out: &Location, owner: &Owner) -> Error {
-    Error::AlreadyExists(format!(
-        "{} is claimed by {}, which is writing it: one job writes an output at a time. Wait for \
-         that job to end (`shardmerge status {}`), cancel it (`shardmerge cancel {}`), or pick \
-         another output",
-        out.uri(),
-        owner.describe(),
-        owner.job,
-        owner.job
-    ))
+    Error::AlreadyExists {
+        path: out.uri(),
+        reason: format!(
+            "{} is claimed by {}, which is writing it: one job writes an output at a time. Wait \
+             for that job to end (`shardmerge status {}`), cancel it (`shardmerge cancel {}`), or \
+             pick another output",
+            out.uri(),
+            owner.describe(),
+            owner.job,
+            owner.job
+        ),
+    }
 }
 
 impl Claim {
@@ -300,11 +303,15 @@ impl ObjectClaim {
             match Self::read(&key.store, &key.path).await? {
                 Some(o) if o.job == job => {}
                 _ => {
-                    return Err(Error::AlreadyExists(format!(
-                        "{}: this job's claim on its output is gone (it lapsed while the \
-                         coordinator was down, and another job may have taken the output over)",
-                        out.uri()
-                    )))
+                    return Err(Error::AlreadyExists {
+                        path: out.uri(),
+                        reason: format!(
+                            "{}: this job's claim on its output is gone (it lapsed while the \
+                             coordinator was down, and another job may have taken the output \
+                             over)",
+                            out.uri()
+                        ),
+                    });
                 }
             }
         }
@@ -370,13 +377,16 @@ impl ObjectClaim {
                 continue;
             }
             if !overwrite {
-                return Err(Error::AlreadyExists(format!(
-                    "{} holds the lapsed claim of {} (its coordinator stopped refreshing it, \
-                     probably ended without cleaning up): pass --overwrite to take the output \
-                     over",
-                    self.out.uri(),
-                    owner.describe()
-                )));
+                return Err(Error::AlreadyExists {
+                    path: self.out.uri(),
+                    reason: format!(
+                        "{} holds the lapsed claim of {} (its coordinator stopped refreshing it, \
+                         probably ended without cleaning up): pass --overwrite to take the \
+                         output over",
+                        self.out.uri(),
+                        owner.describe()
+                    ),
+                });
             }
             tracing::warn!(
                 "{}: taking over the lapsed claim of {}",
@@ -392,11 +402,14 @@ impl ObjectClaim {
         let key = self.key();
         let lost = |why: &str| {
             self.lost.store(true, Ordering::SeqCst);
-            Err(Error::Job(format!(
-                "{}: this job no longer holds its claim on the output ({why}); stopped before \
-                 writing anything visible",
-                self.out.uri()
-            )))
+            Err(Error::job(
+                &self.job,
+                format!(
+                    "{}: this job no longer holds its claim on the output ({why}); stopped \
+                     before writing anything visible",
+                    self.out.uri()
+                ),
+            ))
         };
         if self.lost.load(Ordering::SeqCst) {
             return lost("it lapsed or was taken over");
@@ -416,7 +429,7 @@ impl ObjectClaim {
             Some(o) if o.job == self.job && o.expires > now_unix() => {}
             _ => {
                 self.lost.store(true, Ordering::SeqCst);
-                return Err(Error::Job("the claim is gone or lapsed".into()));
+                return Err(Error::job(&self.job, "the claim is gone or lapsed"));
             }
         }
         self.write().await

@@ -184,7 +184,7 @@ fn init_tracing(format: LogFormat, service: bool) {
 
 fn read_recipe(p: &PathBuf) -> Result<String> {
     std::fs::read_to_string(p)
-        .map_err(|e| Error::Other(format!("{}: cannot read recipe: {e}", p.display())))
+        .map_err(|e| Error::usage(p.display().to_string(), format!("cannot read recipe: {e}")))
 }
 
 async fn main_inner(cli: Cli) -> Result<()> {

@@ -54,21 +54,20 @@ pub(crate) fn file_sums(plan: &Plan, receipts: &[Vec<Receipt>]) -> Result<Vec<(u
         let mut crc = 0u32;
         let mut size = 0u64;
         for r in parts {
-            let len = usize::try_from(r.size).map_err(|_| {
-                Error::Job(format!(
-                    "commit: {}: part {} too large",
-                    f.name, r.part_index
-                ))
-            })?;
+            let len = usize::try_from(r.size)
+                .map_err(|_| Error::commit(&f.name, format!("part {} too large", r.part_index)))?;
             crc = crc32c::crc32c_combine(crc, r.crc32c, len);
             size += r.size;
         }
         if size != f.layout.total_size {
-            return Err(Error::Job(format!(
-                "commit: the parts of {} hold {size} bytes but the plan lays out {}; the job \
+            return Err(Error::commit(
+                "",
+                format!(
+                    "the parts of {} hold {size} bytes but the plan lays out {}; the job \
                  cannot record its checksums (run it again)",
-                f.name, f.layout.total_size
-            )));
+                    f.name, f.layout.total_size
+                ),
+            ));
         }
         sums.push((size, crc));
     }
@@ -177,7 +176,7 @@ pub async fn commit_checkpoint(
                         .await
                         .is_ok_and(|(c, _)| c == crc);
                 if !same {
-                    return Err(Error::Job(format!("completing {}: {e}", upload.path)));
+                    return Err(Error::commit(&upload.path, format!("completing it: {e}")));
                 }
             }
         }
@@ -209,5 +208,5 @@ pub async fn put(loc: &Location, name: &str, data: impl Into<Bytes>) -> Result<(
 /// empty `name`.
 fn to_json(v: &Value, name: &str) -> Result<Vec<u8>> {
     serde_json::to_vec_pretty(v)
-        .map_err(|e| Error::Job(format!("commit: cannot write {name} as JSON: {e}")))
+        .map_err(|e| Error::commit("", format!("cannot write {name} as JSON: {e}")))
 }

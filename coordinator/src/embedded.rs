@@ -59,7 +59,7 @@ pub async fn run(
     let workers = tokio::spawn(pull::run(mgr.clone(), exec, opts, stop_rx));
     let mut rx = mgr
         .watch(&jid)
-        .ok_or_else(|| Error::Job("job vanished".into()))?;
+        .ok_or_else(|| Error::job(&jid, "job vanished"))?;
     // the bar counts all the work (statistics passes too), not only the output written
     let bar = progress_bar(plan.bytes_out(), o.quiet);
     // SIGINT and SIGTERM (what Kubernetes and `kill` send) both cancel the job, which removes
@@ -97,7 +97,10 @@ pub async fn run(
     let _ = workers.await;
     match pb::JobState::try_from(status.state) {
         Ok(pb::JobState::Succeeded) => Ok(Summary { status, plan }),
-        Ok(pb::JobState::Cancelled) => Err(Error::Cancelled(status.error.clone())),
-        _ => Err(Error::Job(status.error.clone())),
+        Ok(pb::JobState::Cancelled) => Err(Error::Cancelled {
+            job: jid,
+            reason: status.error.clone(),
+        }),
+        _ => Err(Error::job(jid, &status.error)),
     }
 }

@@ -177,11 +177,12 @@ impl Journal {
                 Bytes::from_static(b"shardmerge coordinator journal v1\n"),
             )
             .await
-            .map_err(|e| {
-                Error::Journal(format!(
+            .map_err(|e| Error::Journal {
+                uri: uri.to_string(),
+                reason: format!(
                     "--state {uri}: cannot write the journal there ({e}); pick a folder or \
-                     bucket prefix the coordinator may write, or `--state memory`"
-                ))
+                         bucket prefix the coordinator may write, or `--state memory`"
+                ),
             })?;
         Ok(j)
     }
@@ -197,11 +198,12 @@ impl Journal {
 
     async fn get<M: Message + Default>(&self, loc: &Location) -> Result<M> {
         let b = loc.store.read_all(&loc.path).await?;
-        M::decode(b).map_err(|e| {
-            Error::Journal(format!(
+        M::decode(b).map_err(|e| Error::Journal {
+            uri: loc.uri(),
+            reason: format!(
                 "journal record {} is corrupt ({e}); move it away to start without it",
                 loc.uri()
-            ))
+            ),
         })
     }
 }

@@ -34,13 +34,16 @@ pub fn check_overlap(plan: &Plan, out: &Location) -> Result<()> {
             None
         };
         if let Some(rel) = relation {
-            return Err(Error::Input(format!(
-                "output {} {rel} the folder of input model {} ({}): a merge never writes over \
+            return Err(Error::input(
+                "",
+                format!(
+                    "output {} {rel} the folder of input model {} ({}): a merge never writes over \
                  its inputs, even with --overwrite; pick an output folder outside every input",
-                out.uri(),
-                m.name,
-                m.loc.uri()
-            )));
+                    out.uri(),
+                    m.name,
+                    m.loc.uri()
+                ),
+            ));
         }
     }
     Ok(())
@@ -63,14 +66,17 @@ pub async fn check_held(out: &Location, overwrite: bool) -> Result<Vec<String>> 
         if held.len() > 3 {
             shown.push("...");
         }
-        return Err(Error::AlreadyExists(format!(
-            "{} already holds {} file(s) ({}); pick a new or empty output folder, or pass \
+        return Err(Error::AlreadyExists {
+            path: out.uri(),
+            reason: format!(
+                "{} already holds {} file(s) ({}); pick a new or empty output folder, or pass \
              --overwrite to replace them (the files there stay as they are until the new \
              checkpoint is complete)",
-            out.uri(),
-            held.len(),
-            shown.join(", ")
-        )));
+                out.uri(),
+                held.len(),
+                shown.join(", ")
+            ),
+        });
     }
     Ok(held)
 }

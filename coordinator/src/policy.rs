@@ -153,8 +153,9 @@ impl Policy {
     pub fn new(allow: &[String], allow_any: bool) -> Result<Policy, Error> {
         if allow_any {
             if !allow.is_empty() {
-                return Err(Error::Other(
-                    "--allow-any and --allow exclude each other: give one".into(),
+                return Err(Error::usage(
+                    "",
+                    "--allow-any and --allow exclude each other: give one",
                 ));
             }
             return Ok(Policy::any());
@@ -169,9 +170,12 @@ impl Policy {
             {
                 // `hf://org/`: every repository of the organisation
                 if hub::RepoId::parse(&format!("{org}/x")).is_none() {
-                    return Err(Error::Other(format!(
+                    return Err(Error::usage(
+                        "",
+                        format!(
                         "--allow {a}: not a Hugging Face organisation (hf://ORG/ or hf://ORG/NAME)"
-                    )));
+                    ),
+                    ));
                 }
                 out.push(Prefix::Hub {
                     org: org.to_string(),
@@ -179,7 +183,7 @@ impl Policy {
                 });
                 continue;
             }
-            let p = match target(a, &cwd).map_err(|e| Error::Other(format!("--allow {e}")))? {
+            let p = match target(a, &cwd).map_err(|e| Error::usage("", format!("--allow {e}")))? {
                 Target::S3 { bucket, key } => Prefix::S3 { bucket, key },
                 Target::Hub { org, name } => Prefix::Hub {
                     org,
@@ -187,7 +191,7 @@ impl Policy {
                 },
                 Target::Local(given) => {
                     let canonical = std::fs::canonicalize(&given).map_err(|e| {
-                        Error::Other(format!(
+                        Error::usage("", format!(
                             "--allow {a}: {e} (a local prefix must be an existing folder; create it first)"
                         ))
                     })?;
@@ -214,10 +218,10 @@ impl Policy {
     /// would let them in: no job may read or overwrite the coordinator's own records.
     pub fn protect(mut self, uri: &str) -> Result<Policy, Error> {
         let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
-        let p = match target(uri, &cwd).map_err(|e| Error::Other(format!("--state {e}")))? {
+        let p = match target(uri, &cwd).map_err(|e| Error::usage("", format!("--state {e}")))? {
             Target::S3 { bucket, key } => Prefix::S3 { bucket, key },
             Target::Hub { .. } => {
-                return Err(Error::Other(format!(
+                return Err(Error::usage("", format!(
                     "--state {uri}: a Hugging Face repository is read-only; keep the journal in a local folder or s3://"
                 )))
             }

@@ -111,17 +111,23 @@ pub fn cancel_outcome(id: &str, ended_before: bool, after: &pb::JobStatus) -> Re
             eprintln!("{id} already ended: it was cancelled before");
             Ok(())
         }
-        (_, Ok(pb::JobState::Committing)) => Err(Error::Job(format!(
-            "{id} is committing (every data file is written): too late to cancel; it finishes"
-        ))),
-        (_, _) if terminal(after) => Err(Error::Job(format!(
-            "{id} already ended ({}): nothing to cancel",
-            state_name(after.state)
-        ))),
-        (_, _) => Err(Error::Job(format!(
-            "{id} is still {} after the cancel",
-            state_name(after.state)
-        ))),
+        (_, Ok(pb::JobState::Committing)) => Err(Error::job(
+            id,
+            format!(
+                "{id} is committing (every data file is written): too late to cancel; it finishes"
+            ),
+        )),
+        (_, _) if terminal(after) => Err(Error::job(
+            id,
+            format!(
+                "{id} already ended ({}): nothing to cancel",
+                state_name(after.state)
+            ),
+        )),
+        (_, _) => Err(Error::job(
+            id,
+            format!("{id} is still {} after the cancel", state_name(after.state)),
+        )),
     }
 }
 

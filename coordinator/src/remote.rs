@@ -45,12 +45,12 @@ impl ServeSecurity {
             p.as_deref()
                 .map(Token::from_file)
                 .transpose()
-                .map_err(Error::Other)
+                .map_err(|e| Error::usage("", e))
         };
         let auth = Auth::new(read(&self.token_file)?, read(&self.worker_token_file)?)
-            .map_err(Error::Other)?;
+            .map_err(|e| Error::usage("", e))?;
         if !auth.enabled() && !listen.ip().is_loopback() && !self.insecure_no_auth {
-            return Err(Error::Other(format!(
+            return Err(Error::usage("", format!(
                 "refusing to serve {listen} without a token: anyone who reaches it could submit,                  read and cancel jobs. Give --token-file FILE (e.g. `openssl rand -hex 32 > FILE`;                  clients take --token-file too), listen on 127.0.0.1, or pass --insecure-no-auth                  if another layer controls access"
             )));
         }
@@ -180,9 +180,10 @@ fn default_worker_id() -> String {
 /// Runs a worker against a coordinator until SIGINT/SIGTERM. Tasks in flight when the signal
 /// comes are dropped; their leases expire and they run elsewhere.
 pub async fn worker(o: WorkerOptions) -> Result<()> {
-    let source = RemoteSource::with_options(&o.coordinator, &o.client).map_err(Error::Other)?;
+    let source =
+        RemoteSource::with_options(&o.coordinator, &o.client).map_err(|e| Error::usage("", e))?;
     let metrics_listen = match o.metrics_listen {
-        Some(addr) => Some(metrics::bind(addr).await.map_err(Error::Other)?),
+        Some(addr) => Some(metrics::bind(addr).await.map_err(|e| Error::usage("", e))?),
         None => None,
     };
     let resolver = Resolver::new();
@@ -242,18 +243,22 @@ pub async fn worker(o: WorkerOptions) -> Result<()> {
             ));
             Ok(())
         }
-        Some(why) => Err(Error::Other(format!(
-            "the coordinator refused this worker: {why}"
-        ))),
+        Some(why) => Err(Error::Rpc {
+            url: o.coordinator.clone(),
+            reason: format!("the coordinator refused this worker: {why}"),
+        }),
     }
 }
 
 fn rpc_err(url: &str, what: &str, s: tonic::Status) -> Error {
-    Error::Other(format!("{what}: {}", client::describe(url, &s)))
+    Error::Rpc {
+        url: url.to_string(),
+        reason: format!("{what}: {}", client::describe(url, &s)),
+    }
 }
 
 fn connect(url: &str, o: &ClientOptions) -> Result<Client> {
-    client::connect(url, o).map_err(Error::Other)
+    client::connect(url, o).map_err(|e| Error::usage("", e))
 }
 
 /// Options of `shardmerge submit`.
@@ -306,11 +311,10 @@ async fn wait_for_end(url: &str, c: &mut Client, id: &str, quiet: bool) -> Resul
             stdout(&format!("{id}\n"));
             Ok(())
         }
-        _ => Err(Error::Job(format!(
-            "{id} {}: {}",
-            state_name(status.state),
-            status.error
-        ))),
+        _ => Err(Error::job(
+            id,
+            format!("{id} {}: {}", state_name(status.state), status.error),
+        )),
     }
 }
 
@@ -372,10 +376,13 @@ async fn follow(url: &str, c: &mut Client, id: &str, quiet: bool) -> Result<pb::
         // the stream ended early: the connection dropped; watch again
         let since = *lost_since.get_or_insert_with(Instant::now);
         if since.elapsed() > Duration::from_secs(30) {
-            return Err(Error::Other(format!(
-                "lost coordinator {} while waiting for {id}; the job may still run: `shardmerge status {id}`",
-                client::normalize_url(url)
-            )));
+            return Err(Error::Rpc {
+                url: url.to_string(),
+                reason: format!(
+                    "lost coordinator {} while waiting for {id}; the job may still run: `shardmerge status {id}`",
+                    client::normalize_url(url)
+                ),
+            });
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

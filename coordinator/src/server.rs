@@ -13,7 +13,7 @@ use std::sync::Arc;
 use futures::Stream;
 use shardmerge_proto as pb;
 use shardmerge_proto::coordinator_server::{Coordinator, CoordinatorServer};
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 
 use crate::auth::Auth;
 use crate::embedded::terminal;
@@ -54,19 +54,26 @@ impl Service {
     }
 }
 
+/// The gRPC status of an error: its code from the variant, its message the error's.
 fn status_of(e: Error) -> Status {
-    match &e {
-        Error::Recipe(_) | Error::Input(_) => Status::invalid_argument(e.to_string()),
-        Error::InputChanged(_) => Status::failed_precondition(e.to_string()),
-        Error::NotFound(_) => Status::not_found(e.to_string()),
-        Error::AlreadyExists(_) => Status::already_exists(e.to_string()),
-        Error::Storage(s) if s.not_found => Status::not_found(e.to_string()),
-        Error::Storage(s) if s.retryable => Status::unavailable(e.to_string()),
-        Error::Storage(_) => Status::failed_precondition(e.to_string()),
-        Error::Journal(_) => Status::unavailable(e.to_string()),
-        Error::Cancelled(_) => Status::cancelled(e.to_string()),
-        Error::Exhausted(_) => Status::resource_exhausted(e.to_string()),
-        Error::Job(_) | Error::Other(_) => Status::internal(e.to_string()),
+    Status::new(code_of(&e), e.to_string())
+}
+
+fn code_of(e: &Error) -> Code {
+    match e {
+        Error::Recipe { .. } | Error::Input { .. } | Error::Plan { .. } => Code::InvalidArgument,
+        Error::Kernel { pass: None, .. } => Code::InvalidArgument,
+        Error::InputChanged { .. } => Code::FailedPrecondition,
+        Error::AlreadyExists { .. } => Code::AlreadyExists,
+        Error::Storage(s) if s.not_found => Code::NotFound,
+        Error::Storage(s) if s.retryable => Code::Unavailable,
+        Error::Storage(_) => Code::FailedPrecondition,
+        Error::Journal { .. } | Error::Rpc { .. } => Code::Unavailable,
+        Error::Cancelled { .. } => Code::Cancelled,
+        Error::Exhausted { .. } => Code::ResourceExhausted,
+        Error::Kernel { .. } | Error::Job { .. } | Error::Commit { .. } | Error::Usage { .. } => {
+            Code::Internal
+        }
     }
 }
 
@@ -279,8 +286,34 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
 /// Binds `addr` with a message that says what to do when it is taken.
 pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, Error> {
     tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-        Error::Other(format!(
+        Error::usage("", format!(
             "cannot listen on {addr}: {e} (is another coordinator running? pick another --listen address)"
         ))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use shardmerge_worker::storage::StorageError;
+    use tonic::Code;
+
+    use super::code_of;
+    use crate::error::Error;
+
+    /// The gRPC code follows the variant, never the message.
+    #[test]
+    fn codes_come_from_the_variants() {
+        assert_eq!(code_of(&Error::recipe("k", "bad")), Code::InvalidArgument);
+        assert_eq!(code_of(&Error::plan("t", "bad")), Code::InvalidArgument);
+        assert_eq!(code_of(&Error::job("j", "failed")), Code::Internal);
+        let missing = Error::Storage(StorageError::not_found("x: not found"));
+        assert_eq!(code_of(&missing), Code::NotFound);
+        let flaky = Error::Storage(StorageError::new("x: reset", true));
+        assert_eq!(code_of(&flaky), Code::Unavailable);
+        let full = Error::Exhausted {
+            limit: "--max-jobs",
+            reason: "full".into(),
+        };
+        assert_eq!(code_of(&full), Code::ResourceExhausted);
+    }
 }

@@ -16,13 +16,17 @@ pub struct ServerTls {
 }
 
 fn read(p: &Path, what: &str) -> Result<Vec<u8>> {
-    let b = std::fs::read(p)
-        .map_err(|e| Error::Other(format!("{}: cannot read the {what}: {e}", p.display())))?;
+    let b = std::fs::read(p).map_err(|e| {
+        Error::usage(
+            p.display().to_string(),
+            format!("cannot read the {what}: {e}"),
+        )
+    })?;
     if !b.windows(10).any(|w| w == b"-----BEGIN") {
-        return Err(Error::Other(format!(
-            "{}: the {what} is not PEM (expected a `-----BEGIN ...` block)",
-            p.display()
-        )));
+        return Err(Error::usage(
+            p.display().to_string(),
+            format!("the {what} is not PEM (expected a `-----BEGIN ...` block)"),
+        ));
     }
     Ok(b)
 }
@@ -34,16 +38,17 @@ impl ServerTls {
             (Some(c), Some(k)) => (c, k),
             (None, None) => {
                 if self.client_ca.is_some() {
-                    return Err(Error::Other(
-                        "--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)"
-                            .into(),
+                    return Err(Error::usage(
+                        "",
+                        "--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)",
                     ));
                 }
                 return Ok(None);
             }
             _ => {
-                return Err(Error::Other(
-                    "--tls-cert and --tls-key go together: give both or neither".into(),
+                return Err(Error::usage(
+                    "",
+                    "--tls-cert and --tls-key go together: give both or neither",
                 ))
             }
         };

@@ -30,25 +30,27 @@ pub async fn verify(resolver: &Resolver, uri: &str) -> Result<Report> {
     }
     if let Ok(b) = idx_loc.store.read_all(&idx_loc.path).await {
         let idx: Value = serde_json::from_slice(&b)
-            .map_err(|e| Error::Input(format!("{}: not valid JSON: {e}", idx_loc.uri())))?;
+            .map_err(|e| Error::input(idx_loc.uri(), format!("not valid JSON: {e}")))?;
         let wm = idx
             .get("weight_map")
             .and_then(Value::as_object)
             .map_or(0, |w| w.len());
         if wm != m.tensors.len() {
-            return Err(Error::Input(format!(
-                "{}: the index lists {wm} tensors but the files hold {}",
+            return Err(Error::input(
                 idx_loc.uri(),
-                m.tensors.len()
-            )));
+                format!(
+                    "the index lists {wm} tensors but the files hold {}",
+                    m.tensors.len()
+                ),
+            ));
         }
         if let Some(total) = idx.pointer("/metadata/total_size").and_then(Value::as_u64) {
             let sum: u64 = m.tensors.values().map(|(_, t)| t.end - t.start).sum();
             if total != sum {
-                return Err(Error::Input(format!(
-                    "{}: metadata.total_size is {total} but the tensors hold {sum} bytes",
-                    idx_loc.uri()
-                )));
+                return Err(Error::input(
+                    idx_loc.uri(),
+                    format!("metadata.total_size is {total} but the tensors hold {sum} bytes"),
+                ));
             }
         }
     }
@@ -64,10 +66,13 @@ pub async fn verify(resolver: &Resolver, uri: &str) -> Result<Report> {
             .max()
             .unwrap_or(0);
         if end != size && end != 0 {
-            return Err(Error::Input(format!(
-                "{uri}: {} bytes after the last tensor (file is {size} bytes, data ends at {end})",
-                size.saturating_sub(end)
-            )));
+            return Err(Error::input(
+                uri,
+                format!(
+                    "{} bytes after the last tensor (file is {size} bytes, data ends at {end})",
+                    size.saturating_sub(end)
+                ),
+            ));
         }
     }
     Ok(Report {
@@ -96,18 +101,18 @@ pub async fn verify_data(resolver: &Resolver, uri: &str) -> Result<DataReport> {
     let raw = match man_loc.store.read_all(&man_loc.path).await {
         Ok(b) => b,
         Err(e) if e.not_found => {
-            return Err(Error::Input(format!(
-                "{}: no checksum manifest; only checkpoints written by shardmerge (with this \
+            return Err(Error::input(
+                man_loc.uri(),
+                "no checksum manifest; only checkpoints written by shardmerge (with this \
                  version or later) can be checked with --data (plain `verify` checks the \
                  structure)",
-                man_loc.uri()
-            )))
+            ))
         }
         Err(e) => return Err(e.into()),
     };
     let man: Value = serde_json::from_slice(&raw)
-        .map_err(|e| Error::Input(format!("{}: not valid JSON: {e}", man_loc.uri())))?;
-    let bad = |what: &str| Error::Input(format!("{}: {what}", man_loc.uri()));
+        .map_err(|e| Error::input(man_loc.uri(), format!("not valid JSON: {e}")))?;
+    let bad = |what: &str| Error::input(man_loc.uri(), what.to_string());
     if man.get("algorithm").and_then(Value::as_str) != Some("crc32c") {
         return Err(bad("unknown \"algorithm\" (expected \"crc32c\")"));
     }
@@ -142,21 +147,25 @@ pub async fn verify_data(resolver: &Resolver, uri: &str) -> Result<DataReport> {
         let loc = m.loc.join(name);
         let size = loc.store.size(&loc.path).await?;
         if size != want_size {
-            return Err(Error::Input(format!(
-                "{}: {size} bytes, but the checksum manifest says {want_size}: the file was \
-                 changed or truncated after the commit; write the checkpoint again",
-                loc.uri()
-            )));
+            return Err(Error::input(
+                loc.uri(),
+                format!(
+                    "{size} bytes, but the checksum manifest says {want_size}: the file was \
+                 changed or truncated after the commit; write the checkpoint again"
+                ),
+            ));
         }
         let crc;
         (crc, buf) = file_crc(&loc, size, buf).await?;
         if crc != want_crc {
-            return Err(Error::Input(format!(
-                "{}: data checksum mismatch (CRC-32C {crc:08x}, the manifest says \
+            return Err(Error::input(
+                loc.uri(),
+                format!(
+                    "data checksum mismatch (CRC-32C {crc:08x}, the manifest says \
                  {want_crc:08x}): the file's bytes changed after the commit; write the \
-                 checkpoint again or restore the file",
-                loc.uri()
-            )));
+                 checkpoint again or restore the file"
+                ),
+            ));
         }
         bytes += size;
     }

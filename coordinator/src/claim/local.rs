@@ -14,7 +14,7 @@ pub(super) fn take(out: &Location, job: &str, resume: bool) -> Result<Claim> {
     use std::os::unix::fs::MetadataExt;
     let dir = PathBuf::from(&out.path);
     let path = dir.join(CLAIM);
-    let io = |e: std::io::Error| Error::Job(format!("claiming {}: {e}", path.display()));
+    let io = |e: std::io::Error| Error::job(job, format!("claiming {}: {e}", path.display()));
     std::fs::create_dir_all(&dir).map_err(io)?;
     for _ in 0..10 {
         let mut f = std::fs::OpenOptions::new()
@@ -48,11 +48,7 @@ pub(super) fn take(out: &Location, job: &str, resume: bool) -> Result<Claim> {
         f.read_to_end(&mut text).map_err(io)?;
         if let Some(prev) = Owner::parse(&text) {
             if resume && prev.job != job {
-                return Err(Error::AlreadyExists(format!(
-                    "{}: its claim was taken over by {} while this coordinator was down",
-                    out.uri(),
-                    prev.describe()
-                )));
+                return Err(taken_over(out, &prev));
             }
             if prev.job != job {
                 tracing::info!(
@@ -80,10 +76,25 @@ pub(super) fn take(out: &Location, job: &str, resume: bool) -> Result<Claim> {
             },
         });
     }
-    Err(Error::Job(format!(
-        "claiming {}: the lock file kept changing under this process",
-        path.display()
-    )))
+    Err(Error::job(
+        job,
+        format!(
+            "claiming {}: the lock file kept changing under this process",
+            path.display()
+        ),
+    ))
+}
+
+/// Refused on resume: `prev` took the output's claim over while this coordinator was down.
+fn taken_over(out: &Location, prev: &Owner) -> Error {
+    Error::AlreadyExists {
+        path: out.uri(),
+        reason: format!(
+            "{}: its claim was taken over by {} while this coordinator was down",
+            out.uri(),
+            prev.describe()
+        ),
+    }
 }
 
 /// An exclusive `flock` on `f`, without waiting (std's `File::try_lock` is newer than this

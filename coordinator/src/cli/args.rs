@@ -46,9 +46,10 @@ impl ScratchArgs {
                 || std::env::temp_dir().display().to_string(),
                 |p| p.display().to_string(),
             );
-            Error::Other(format!(
-                "{at}: cannot make the row cache's scratch folder: {e}"
-            ))
+            Error::usage(
+                at,
+                format!("cannot make the row cache's scratch folder: {e}"),
+            )
         })?;
         Ok(Some(Arc::new(c)))
     }
@@ -273,7 +274,7 @@ impl ClientSecurityArgs {
             self.tls_client_cert.as_deref(),
             self.tls_client_key.as_deref(),
         )
-        .map_err(Error::Other)
+        .map_err(|e| Error::usage("", e))
     }
 }
 
@@ -304,8 +305,9 @@ pub struct LimitArgs {
 impl LimitArgs {
     pub(super) fn to_limits(&self) -> Result<crate::job::Limits> {
         if self.max_slots_per_worker == 0 || self.max_jobs == 0 {
-            return Err(Error::Other(
-                "--max-slots-per-worker and --max-jobs: give at least 1".into(),
+            return Err(Error::usage(
+                "",
+                "--max-slots-per-worker and --max-jobs: give at least 1",
             ));
         }
         Ok(crate::job::Limits {
@@ -315,10 +317,13 @@ impl LimitArgs {
                 .ok()
                 .filter(|_| self.job_retention.is_finite())
                 .ok_or_else(|| {
-                    Error::Other(format!(
-                        "--job-retention {}: give a number of seconds (0 or more)",
-                        self.job_retention
-                    ))
+                    Error::usage(
+                        "",
+                        format!(
+                            "--job-retention {}: give a number of seconds (0 or more)",
+                            self.job_retention
+                        ),
+                    )
                 })?,
             max_jobs: self.max_jobs,
             max_plan_time: seconds("--max-plan-time", self.max_plan_time)?,
@@ -329,10 +334,11 @@ impl LimitArgs {
 /// A positive, finite number of seconds given to `flag`.
 pub(super) fn seconds(flag: &str, v: f64) -> Result<Duration> {
     if !(v.is_finite() && v > 0.0) {
-        return Err(Error::Other(format!(
-            "{flag} {v}: give a positive number of seconds"
-        )));
+        return Err(Error::usage(
+            "",
+            format!("{flag} {v}: give a positive number of seconds"),
+        ));
     }
     Duration::try_from_secs_f64(v)
-        .map_err(|_| Error::Other(format!("{flag} {v}: too large a number of seconds")))
+        .map_err(|_| Error::usage("", format!("{flag} {v}: too large a number of seconds")))
 }

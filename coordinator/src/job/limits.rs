@@ -75,12 +75,15 @@ impl JobManager {
         if jobs.len() < l.max_jobs {
             return Ok(());
         }
-        Err(Error::Exhausted(format!(
-            "this coordinator already runs {} jobs (--max-jobs {}); wait for one to end, or \
+        Err(Error::Exhausted {
+            limit: "--max-jobs",
+            reason: format!(
+                "this coordinator already runs {} jobs (--max-jobs {}); wait for one to end, or \
              cancel one",
-            jobs.len(),
-            l.max_jobs
-        )))
+                jobs.len(),
+                l.max_jobs
+            ),
+        })
     }
 
     /// Notes when each job ended, and moves the ones ended longer than the retention ago out

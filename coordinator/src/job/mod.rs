@@ -258,10 +258,13 @@ impl JobManager {
             for u in &uploads {
                 let _ = out.store.abort_upload(u).await;
             }
-            return Err(Error::Journal(format!(
-                "recording the job in the journal {}: {e}",
-                self.journal.uri()
-            )));
+            return Err(Error::Journal {
+                uri: self.journal.uri(),
+                reason: format!(
+                    "recording the job in the journal {}: {e}",
+                    self.journal.uri()
+                ),
+            });
         }
         Ok(uploads)
     }

@@ -32,12 +32,14 @@ impl JobManager {
         o: &SubmitOptions,
     ) -> Result<(Plan, Cut, Location)> {
         let budget = self.limits().max_plan_time;
-        let too_long = || {
-            Error::Exhausted(format!(
-                "planning the job took longer than {}s (--max-plan-time); a recipe this large, or \
-                 inputs this slow to read, need a coordinator started with a larger budget",
+        let too_long = || Error::Exhausted {
+            limit: "--max-plan-time",
+            reason: format!(
+                "planning the job took longer than {}s (--max-plan-time); a recipe this \
+                     large, or inputs this slow to read, need a coordinator started with a \
+                     larger budget",
                 budget.as_secs_f64()
-            ))
+            ),
         };
         let planning = self.planning.clone();
         let (text, output, o) = (recipe_text.to_string(), output.to_string(), o.clone());
@@ -58,7 +60,7 @@ impl JobManager {
         match tokio::time::timeout(budget, work).await {
             Ok(Ok(Some(r))) => r,
             Ok(Ok(None)) | Err(_) => Err(too_long()),
-            Ok(Err(e)) => Err(Error::Other(format!("planning the job: {e}"))),
+            Ok(Err(e)) => Err(Error::job("", format!("planning the job: {e}"))),
         }
     }
 }

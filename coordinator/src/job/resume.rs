@@ -44,7 +44,7 @@ impl JobManager {
                 Ok(()) => resumed.push(id),
                 Err(e) => {
                     // the output is another job's now: its files at final paths stay
-                    let taken = matches!(e, Error::AlreadyExists(_));
+                    let taken = matches!(e, Error::AlreadyExists { .. });
                     let msg = format!("cannot resume after a coordinator restart: {e}");
                     tracing::error!(job = %id, "{msg}");
                     let status = pb::JobStatus {
@@ -77,11 +77,12 @@ impl JobManager {
             .prepare(&u.job.recipe_yaml, &u.job.output_uri, &o)
             .await?;
         if layout_crc(&plan, &cut) != u.job.layout_crc || u.job.uploads.len() != plan.files.len() {
-            return Err(Error::InputChanged(
-                "its inputs now plan to a different output than when it started (changed or \
-                 replaced?); submit it again"
+            return Err(Error::InputChanged {
+                job: u.job.job_id.clone(),
+                reason: "its inputs now plan to a different output than when it started \
+                         (changed or replaced?); submit it again"
                     .into(),
-            ));
+            });
         }
         let uploads = uploads_of(&u.job);
         let id = u.job.job_id.clone();

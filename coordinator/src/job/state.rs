@@ -46,7 +46,12 @@ pub(crate) fn kernel_reduce(
     tensor
         .method
         .reduce(&ctx, pass, state, partials)
-        .map_err(|e| Error::Job(format!("tensor {}: {e}", tensor.name)))
+        .map_err(|source| Error::Kernel {
+            method: tensor.method_name(),
+            tensor: tensor.name.clone(),
+            pass: Some(pass),
+            source,
+        })
 }
 
 #[derive(Clone, Debug)]

@@ -641,7 +641,7 @@ fn submissions_past_max_jobs_are_refused() {
     assert!(e.contains("--max-jobs 2"), "{e}");
     assert!(matches!(
         mgr.admit(),
-        Err(crate::error::Error::Exhausted(_))
+        Err(crate::error::Error::Exhausted { .. })
     ));
     // an ended job makes room, retention or not; it still answers status
     end(&mgr, "a");

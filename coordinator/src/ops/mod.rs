@@ -84,7 +84,7 @@ pub async fn serve(
 ) -> Result<(), Error> {
     let metrics = CoordinatorMetrics::new(mgr.clone(), lease_ttl);
     if let Some(addr) = metrics_listen {
-        let l = wm::bind(addr).await.map_err(Error::Other)?;
+        let l = wm::bind(addr).await.map_err(|e| Error::usage("", e))?;
         let at = l.local_addr().unwrap_or(addr);
         say(format!(
             "shardmerge coordinator: metrics on http://{at}/metrics"
@@ -104,10 +104,13 @@ pub async fn serve(
     let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
     if let Some(tls) = security.tls {
         builder = builder.tls_config(tls).map_err(|e| {
-            Error::Other(format!(
-                "--tls-cert/--tls-key: {} (give a PEM certificate chain and its PEM private key)",
-                error_chain(&e)
-            ))
+            Error::usage(
+                "--tls-cert/--tls-key",
+                format!(
+                    "{} (give a PEM certificate chain and its PEM private key)",
+                    error_chain(&e)
+                ),
+            )
         })?;
     }
     let incoming = incoming(listener);
@@ -117,7 +120,7 @@ pub async fn serve(
         .add_service(Authed::new(svc, security.auth))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
-        .map_err(|e| Error::Other(format!("coordinator server: {}", error_chain(&e))))
+        .map_err(|e| Error::usage("", format!("coordinator server: {}", error_chain(&e))))
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ pub(super) fn lay_out_draws(method: &dyn Method, tensors: &mut [TensorPlan]) -> 
         for (src, n) in tensors[k].inputs.iter_mut().zip(counts) {
             src.rng_offset = if copy { 0 } else { at };
             at = at.checked_add(n).ok_or_else(|| {
-                Error::Input("more random draws than a 64-bit stream position holds".into())
+                Error::input("", "more random draws than a 64-bit stream position holds")
             })?;
         }
     }

@@ -6,28 +6,28 @@ pub(super) async fn read_header(loc: &Location) -> Result<st::Header> {
     let uri = loc.uri();
     let size = retry(|| loc.store.size(&loc.path)).await.map_err(|e| {
         if e.not_found {
-            Error::Input(format!("{uri}: file not found"))
+            Error::input(&uri, "file not found")
         } else {
-            Error::Input(format!("{uri}: {e}"))
+            Error::input(&uri, format!("{e}"))
         }
     })?;
     let prefix = retry(|| loc.store.read_range(&loc.path, 0..size.min(8)))
         .await
-        .map_err(|e| Error::Input(format!("{uri}: {e}")))?;
-    let n = st::header_len(&prefix, size).map_err(|e| Error::Input(format!("{uri}: {e}")))?;
+        .map_err(|e| Error::input(&uri, format!("{e}")))?;
+    let n = st::header_len(&prefix, size).map_err(|e| Error::input(&uri, format!("{e}")))?;
     let json = retry(|| loc.store.read_range(&loc.path, 8..8 + n))
         .await
-        .map_err(|e| Error::Input(format!("{uri}: {e}")))?;
-    st::parse_header(&json, size).map_err(|e| Error::Input(format!("{uri}: {e}")))
+        .map_err(|e| Error::input(&uri, format!("{e}")))?;
+    st::parse_header(&json, size).map_err(|e| Error::input(&uri, format!("{e}")))
 }
 
 pub(super) async fn read_json(loc: &Location) -> Result<Option<Value>> {
     match retry(|| loc.store.read_all(&loc.path)).await {
         Ok(b) => serde_json::from_slice(&b)
             .map(Some)
-            .map_err(|e| Error::Input(format!("{}: not valid JSON: {e}", loc.uri()))),
+            .map_err(|e| Error::input(loc.uri(), format!("not valid JSON: {e}"))),
         Err(e) if e.not_found => Ok(None),
-        Err(e) => Err(Error::Input(format!("{}: {e}", loc.uri()))),
+        Err(e) => Err(Error::input(loc.uri(), format!("{e}"))),
     }
 }
 
@@ -37,9 +37,9 @@ pub(super) async fn read_index(loc: &Location) -> Result<Option<st_index::Index>
     match retry(|| iloc.store.read_all(&iloc.path)).await {
         Ok(b) => st_index::parse_index(&b)
             .map(Some)
-            .map_err(|e| Error::Input(format!("{}: {e}", iloc.uri()))),
+            .map_err(|e| Error::input(iloc.uri(), e.to_string())),
         Err(e) if e.not_found => Ok(None),
-        Err(e) => Err(Error::Input(format!("{}: {e}", iloc.uri()))),
+        Err(e) => Err(Error::input(iloc.uri(), format!("{e}"))),
     }
 }
 
@@ -63,19 +63,16 @@ pub async fn load_model(resolver: &Resolver, base_dir: &Path, name: &str) -> Res
         let uri = floc.uri();
         for (n, t) in h.tensors {
             if let Some((other, _)) = tensors.get(&n) {
-                return Err(Error::Input(format!(
-                    "{}: tensor {n} is in two files, {other} and {uri}",
-                    loc.uri()
-                )));
+                return Err(Error::input(
+                    loc.uri(),
+                    format!("tensor {n} is in two files, {other} and {uri}"),
+                ));
             }
             tensors.insert(n, (uri.clone(), t));
         }
         let max = st::max_tensors();
         if tensors.len() > max {
-            return Err(Error::Input(format!(
-                "{}: more than {max} tensors in one checkpoint (set SHARDMERGE_MAX_TENSORS to raise the limit)",
-                loc.uri()
-            )));
+            return Err(Error::input(loc.uri(), format!("more than {max} tensors in one checkpoint (set SHARDMERGE_MAX_TENSORS to raise the limit)")));
         }
     }
     if let Some(idx) = &index {
@@ -103,7 +100,10 @@ async fn single_file(loc: &Location) -> Result<String> {
         } else {
             "does not exist"
         };
-        return Err(Error::Input(format!("model folder {} {what}", loc.uri())));
+        return Err(Error::input(
+            "",
+            format!("model folder {} {what}", loc.uri()),
+        ));
     }
     Ok("model.safetensors".into())
 }
@@ -118,10 +118,7 @@ fn check_index(
         match tensors.get(tname) {
             Some((uri, _)) if uri.ends_with(&format!("/{file}")) => {}
             _ => {
-                return Err(Error::Input(format!(
-                    "{}: the index puts tensor {tname} in {file}, but that file's header doesn't have it",
-                    loc.uri()
-                )))
+                return Err(Error::input(loc.uri(), format!("the index puts tensor {tname} in {file}, but that file's header doesn't have it")))
             }
         }
     }
@@ -146,11 +143,7 @@ fn count_layers(
         .max(from_names);
     // every layer is planned (and a config can claim any number): bounded like the tensors
     if num_layers > st::max_tensors() as u64 {
-        return Err(Error::Input(format!(
-            "{}: config.json claims {num_layers} layers, more than the {} tensors a checkpoint may hold",
-            loc.uri(),
-            st::max_tensors()
-        )));
+        return Err(Error::input(loc.uri(), format!("config.json claims {num_layers} layers, more than the {} tensors a checkpoint may hold", st::max_tensors())));
     }
     Ok(num_layers)
 }

@@ -174,7 +174,7 @@ pub async fn plan(
     }
     let (mut tensors, origins) = plan_tensors(&cx, &slices)?;
     if tensors.is_empty() {
-        return Err(Error::Input("the recipe selects no tensors".into()));
+        return Err(Error::input("", "the recipe selects no tensors"));
     }
     if opts.rng == pb::Rng::Mergekit {
         lay_out_draws(method, &mut tensors)?;
@@ -212,11 +212,14 @@ pub async fn plan(
 fn recipe_method(recipe: &Recipe) -> Result<&'static dyn Method> {
     let method = kernels::method(&recipe.merge_method).ok_or_else(|| {
         let names: Vec<&str> = kernels::registry().iter().map(|m| m.spec().name).collect();
-        Error::Recipe(format!(
-            "merge_method: unknown method `{}` (known: {})",
-            recipe.merge_method,
-            names.join(", ")
-        ))
+        Error::recipe(
+            "merge_method",
+            format!(
+                "unknown method `{}` (known: {})",
+                recipe.merge_method,
+                names.join(", ")
+            ),
+        )
     })?;
     let spec = method.spec();
     for (site, name) in recipe.parameter_sites() {
@@ -232,15 +235,18 @@ fn recipe_method(recipe: &Recipe) -> Result<&'static dyn Method> {
                 .chain(spec.tensor_params)
                 .map(|p| p.name)
                 .collect();
-            return Err(Error::Recipe(format!(
-                "{site}.{name}: unknown parameter `{name}` for merge_method {} (it takes: {})",
-                spec.name,
-                if takes.is_empty() {
-                    "none".to_string()
-                } else {
-                    takes.join(", ")
-                }
-            )));
+            return Err(Error::recipe(
+                format!("{site}.{name}"),
+                format!(
+                    "unknown parameter `{name}` for merge_method {} (it takes: {})",
+                    spec.name,
+                    if takes.is_empty() {
+                        "none".to_string()
+                    } else {
+                        takes.join(", ")
+                    }
+                ),
+            ));
         }
     }
     Ok(method)
@@ -251,7 +257,7 @@ fn check_architectures(order: &[ModelInfo], donor: &str, arch: &Arch) -> Result<
     for m in order {
         let both_known = !m.arch.is_fallback() && !arch.is_fallback();
         if both_known && m.arch.layer_prefixes != arch.layer_prefixes {
-            return Err(Error::Recipe(format!(
+            return Err(Error::recipe("", format!(
                 "model {} is a {} model and {donor} a {}: their tensors are named differently, so they can't be merged (use models of one architecture)",
                 m.name, m.arch.name, arch.name
             )));

@@ -12,7 +12,7 @@ pub(super) fn donor_model(recipe: &Recipe) -> Result<String> {
             let s = recipe.slices.as_ref()?.first()?;
             s.sources.first().map(|x| x.model.clone())
         })
-        .ok_or_else(|| Error::Recipe("the recipe names no models".into()))
+        .ok_or_else(|| Error::recipe("", "the recipe names no models"))
 }
 
 /// Writes the layer-indexed fields of the output config: the layer count under the
@@ -45,7 +45,7 @@ pub(super) fn layer_config(
                 _ => None,
             };
             let Some(entry) = entry else {
-                return Err(Error::Input(format!(
+                return Err(Error::input("", format!(
                     "{}/config.json: `{key}` must list one entry for each of its {} layers (the output's `{key}` is built from it)",
                     m.loc.uri(),
                     m.num_layers
@@ -155,23 +155,24 @@ pub(super) fn check_slice(cx: &Ctx, i: usize, s: &Slice) -> Result<()> {
             Some(m) => format!("{} to {m}", spec.min_models),
             None => format!("at least {}", spec.min_models),
         };
-        return Err(Error::Recipe(format!(
-            "{where_}: merge_method {} takes {want} models (base model included), the recipe gives {n}",
-            spec.name
-        )));
+        return Err(Error::recipe(
+            &where_,
+            format!(
+                "merge_method {} takes {want} models (base model included), the recipe gives {n}",
+                spec.name
+            ),
+        ));
     }
     if spec.base == BaseRule::Required {
         match slice_base(cx, s) {
             None => {
-                return Err(Error::Recipe(format!(
+                return Err(Error::recipe("", format!(
                     "merge_method {} needs base_model: set `base_model:` to the model the others are deltas from",
                     spec.name
                 )))
             }
             Some(b) if base_index(cx, s).is_none() => {
-                return Err(Error::Recipe(format!(
-                    "{where_}: base_model {b} is not among the sources"
-                )))
+                return Err(Error::recipe(&where_, format!("base_model {b} is not among the sources")))
             }
             _ => {}
         }
@@ -181,15 +182,19 @@ pub(super) fn check_slice(cx: &Ctx, i: usize, s: &Slice) -> Result<()> {
         let m = &cx.models[&src.model];
         let (a, b) = src.layer_range.unwrap_or((0, m.num_layers));
         if b > m.num_layers {
-            return Err(Error::Recipe(format!(
-                "{where_}.sources[{j}].layer_range: [{a}, {b}] is past the {} layers of {}",
-                m.num_layers, src.model
-            )));
+            return Err(Error::recipe(
+                format!("{where_}.sources[{j}].layer_range"),
+                format!(
+                    "[{a}, {b}] is past the {} layers of {}",
+                    m.num_layers, src.model
+                ),
+            ));
         }
         if *len.get_or_insert(b - a) != b - a {
-            return Err(Error::Recipe(format!(
-                "{where_}: all sources must span the same number of layers"
-            )));
+            return Err(Error::recipe(
+                &where_,
+                "all sources must span the same number of layers",
+            ));
         }
     }
     Ok(())

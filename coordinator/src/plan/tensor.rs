@@ -68,11 +68,11 @@ pub(super) fn plan_tensor(
         job.row_map = Some(v.row_map(out_name, &models, &rows, base)?);
     }
     let ctx = job.ctx()?;
-    cx.method.check(&ctx).map_err(|e| {
-        Error::Recipe(format!(
-            "merge_method {}, tensor {out_name}: {e}",
-            spec.name
-        ))
+    cx.method.check(&ctx).map_err(|source| Error::Kernel {
+        method: spec.name,
+        tensor: out_name.to_string(),
+        pass: None,
+        source,
     })?;
     Ok(job)
 }
@@ -95,10 +95,7 @@ pub(super) fn copy_job(
             .iter()
             .map(|i| format!("{} has {} {:?}", i.model, i.dtype.name(), i.shape))
             .collect();
-        return Err(Error::Input(format!(
-            "tensor {out_name}: non-float tensors are copied from the base model, not merged, so every model must have it with one dtype and shape, but {}",
-            what.join(", ")
-        )));
+        return Err(Error::plan(out_name, format!("non-float tensors are copied from the base model, not merged, so every model must have it with one dtype and shape, but {}", what.join(", "))));
     }
     // the model it is copied from first: the worker copies the first and compares the rest
     let src = inputs.remove(from);
@@ -123,8 +120,12 @@ pub(super) fn copy_job(
 
 /// The method copied tensors name.
 fn copy_method() -> Result<&'static dyn Method> {
-    kernels::method(COPY_METHOD)
-        .ok_or_else(|| Error::Input(format!("the copy method {COPY_METHOD} is not registered")))
+    kernels::method(COPY_METHOD).ok_or_else(|| {
+        Error::input(
+            "",
+            format!("the copy method {COPY_METHOD} is not registered"),
+        )
+    })
 }
 
 /// Gives a copy job the recipe's parameters for the tensor, in the copy's input order (the
@@ -170,10 +171,7 @@ fn vocab_shape(
             .zip(infos)
             .map(|(s, i)| format!("{} has {:?}", s.model, i.shape))
             .collect();
-        return Err(Error::Input(format!(
-            "tensor {name}: the models' embedding widths differ ({}); rows of different hidden sizes can't be merged",
-            shapes.join(", ")
-        )));
+        return Err(Error::plan(name, format!("the models' embedding widths differ ({}); rows of different hidden sizes can't be merged", shapes.join(", "))));
     }
     Ok(vec![rows, cols])
 }
@@ -200,15 +198,12 @@ pub(super) fn out_shape(
         if cx.truncate_embeddings {
             return Ok(vec![rows, cols]);
         }
-        return Err(Error::Input(format!(
-            "tensor {name}: the models' vocabularies differ ({}): merging their rows as they are would mix up tokens. Align the vocabulary axes with the tokenizer configuration: set `tokenizer_source: union` (every model's tokens, each model's rows for its own tokens), `tokenizer_source: base` or a model, or a `tokenizer:` section (docs/tokenizers.md); or pass --unsafe-truncate-embeddings to keep only the first {rows} rows of every model",
-            shapes.join(", ")
-        )));
+        return Err(Error::plan(name, format!("the models' vocabularies differ ({}): merging their rows as they are would mix up tokens. Align the vocabulary axes with the tokenizer configuration: set `tokenizer_source: union` (every model's tokens, each model's rows for its own tokens), `tokenizer_source: base` or a model, or a `tokenizer:` section (docs/tokenizers.md); or pass --unsafe-truncate-embeddings to keep only the first {rows} rows of every model", shapes.join(", "))));
     }
-    Err(Error::Input(format!(
-        "shape mismatch for tensor {name}: {}",
-        shapes.join(", ")
-    )))
+    Err(Error::input(
+        "",
+        format!("shape mismatch for tensor {name}: {}", shapes.join(", ")),
+    ))
 }
 
 /// The inputs an output tensor reads, one per slice source (a tied embedding reads its
@@ -229,18 +224,19 @@ fn tensor_inputs<'a>(
             _ => in_name.as_str(),
         };
         let (uri, info) = m.tensors.get(in_name).ok_or_else(|| {
-            Error::Input(format!(
-                "tensor {in_name} is missing from model {} ({}), but {out_name} needs it",
-                src.model,
-                m.loc.uri()
-            ))
+            Error::input(
+                "",
+                format!(
+                    "tensor {in_name} is missing from model {} ({}), but {out_name} needs it",
+                    src.model,
+                    m.loc.uri()
+                ),
+            )
         })?;
         let dt = match info.dtype {
             StDtype::Float(dt) => dt,
             StDtype::Other(n, _) => DType::from_st_name(n).ok_or_else(|| {
-                Error::Input(format!(
-                    "{uri}: tensor {in_name} has dtype {n}, which can't be merged or copied (F32, F16 and BF16 merge; BOOL and integer tensors are copied from the base model)"
-                ))
+                Error::input(uri, format!("tensor {in_name} has dtype {n}, which can't be merged or copied (F32, F16 and BF16 merge; BOOL and integer tensors are copied from the base model)"))
             })?,
         };
         inputs.push(InputPlan {
@@ -278,7 +274,7 @@ fn job_params(
                 params.insert(p.name.to_string(), v);
             }
             None => {
-                return Err(Error::Recipe(format!(
+                return Err(Error::recipe("", format!(
                     "merge_method {} requires parameter `{}` (set it under `parameters:`), missing for tensor {out_name}",
                     spec.name, p.name
                 )))
@@ -295,7 +291,7 @@ fn job_params(
                 }
                 None if Some(i) == base => {}
                 None => {
-                    return Err(Error::Recipe(format!(
+                    return Err(Error::recipe("", format!(
                         "merge_method {} requires parameter `{}` for model {} (missing for tensor {in_name})",
                         spec.name, p.name, src.model
                     )))

@@ -119,8 +119,8 @@ impl TensorPlan {
     /// The kernel's view of this tensor (as the worker builds it from the task).
     pub fn ctx(&self) -> Result<TensorCtx<'_>> {
         let (rows, row_len) = view2d(&self.shape);
-        let row_len = usize::try_from(row_len)
-            .map_err(|_| Error::Input(format!("tensor {}: row too large", self.name)))?;
+        let row_len =
+            usize::try_from(row_len).map_err(|_| Error::plan(&self.name, "row too large"))?;
         Ok(TensorCtx {
             name: &self.name,
             shape: &self.shape,

@@ -4,7 +4,7 @@ use super::depth::MAX_RECIPE_DEPTH;
 use super::*;
 
 pub(super) fn bad(path: &str, msg: impl std::fmt::Display) -> Error {
-    Error::Recipe(format!("{path}: {msg}"))
+    Error::recipe(path, msg)
 }
 
 pub(super) fn as_map<'a>(v: &'a Value, path: &str) -> Result<&'a serde_yaml::Mapping> {
@@ -239,7 +239,10 @@ pub(super) fn source(v: &Value, path: &str, with_range: bool) -> Result<Source> 
     // a bad value names the model it is for, not only its place in the list
     let params =
         params(m.get("parameters"), &format!("{path}.parameters")).map_err(|e| match e {
-            Error::Recipe(msg) => Error::Recipe(format!("{msg} (model {model})")),
+            Error::Recipe { key, reason } => Error::Recipe {
+                key,
+                reason: format!("{reason} (model {model})"),
+            },
             e => e,
         })?;
     Ok(Source {
@@ -270,18 +273,18 @@ const TOP_KEYS: &[&str] = &[
 fn check_text(text: &str) -> Result<()> {
     let max = max_recipe_bytes();
     if text.len() > max {
-        return Err(Error::Recipe(format!(
+        return Err(Error::recipe("", format!(
             "the recipe is {} bytes, more than the {max} accepted (set SHARDMERGE_MAX_RECIPE_BYTES to raise the limit)",
             text.len()
         )));
     }
     if let Some(line) = super::depth::too_deep(text, MAX_RECIPE_DEPTH) {
-        return Err(Error::Recipe(format!(
+        return Err(Error::recipe("", format!(
             "line {line}: the recipe nests deeper than {MAX_RECIPE_DEPTH} levels (lists and mappings inside each other; mergekit recipes need about 10), which is refused before parsing"
         )));
     }
     if let Some(line) = alias_line(text) {
-        return Err(Error::Recipe(format!(
+        return Err(Error::recipe("", format!(
             "line {line}: YAML aliases (`*name`) are not accepted in recipes: a few of them can expand a small recipe into gigabytes; write the value out"
         )));
     }
@@ -292,7 +295,7 @@ impl Recipe {
     pub fn parse(text: &str) -> Result<Recipe> {
         check_text(text)?;
         let doc: Value = serde_yaml::from_str(text)
-            .map_err(|e| Error::Recipe(format!("not valid YAML: {e}")))?;
+            .map_err(|e| Error::recipe("", format!("not valid YAML: {e}")))?;
         let top = keys(as_map(&doc, "recipe")?, "recipe", TOP_KEYS)?;
         for unsupported in ["modules", "chat_template"] {
             if top.contains_key(unsupported) {

@@ -71,10 +71,7 @@ async fn read_tokenizers<'a>(
 ) -> Result<(Tok, Toks<'a>)> {
     let base = &models[donor];
     let Some((base_full, base_cfg)) = read_tok(base).await? else {
-        return Err(Error::Input(format!(
-            "{}: no tokenizer.json, but the recipe's tokenizer settings need the base model's tokenizer (or remove tokenizer_source / tokenizer:)",
-            base.loc.uri()
-        )));
+        return Err(Error::input(base.loc.uri(), "no tokenizer.json, but the recipe's tokenizer settings need the base model's tokenizer (or remove tokenizer_source / tokenizer:)"));
     };
     let base_tok = base_full.stripped(vocab_size(base, &base_full), &base.loc.uri())?;
     let mut toks: Toks = vec![(donor, base_tok, base_cfg)];
@@ -107,9 +104,10 @@ fn output_tokenizer(
             Some(_) if m == donor => (base_full.clone(), toks[0].2.clone()),
             Some((_, t, c)) => (t.clone(), c.clone()),
             None => {
-                return Err(Error::Input(format!(
-                    "tokenizer_source: model {m} has no tokenizer.json"
-                )))
+                return Err(Error::input(
+                    "tokenizer_source",
+                    format!("model {m} has no tokenizer.json"),
+                ))
             }
         },
         TokenizerSource::Union => (union(toks, models)?, toks[0].2.clone()),
@@ -124,7 +122,7 @@ fn tokens_by_id(out: &Tok) -> Result<Vec<String>> {
         match tokens.get_mut(id as usize) {
             Some(slot) if slot.is_empty() => *slot = t.clone(),
             _ => {
-                return Err(Error::Input(format!(
+                return Err(Error::input("", format!(
                     "the output tokenizer's ids are not 0..{n} (token {t:?} has id {id}): its rows can't be laid out"
                 )))
             }
@@ -212,7 +210,7 @@ pub async fn build(
 }
 
 fn pretty(v: &Value, what: &str) -> Result<Vec<u8>> {
-    serde_json::to_vec_pretty(v).map_err(|e| Error::Input(format!("writing {what}: {e}")))
+    serde_json::to_vec_pretty(v).map_err(|e| Error::input("", format!("writing {what}: {e}")))
 }
 
 /// Whether tokenizer file `name` of the tokenizer source is not copied: a made file replaces

@@ -22,9 +22,7 @@ impl Vocab {
             .iter()
             .map(|m| {
                 self.perms.get(*m).ok_or_else(|| {
-                    Error::Input(format!(
-                        "tensor {tensor}: model {m} has no vocabulary (plan error)"
-                    ))
+                    Error::plan(tensor, format!("model {m} has no vocabulary (plan error)"))
                 })
             })
             .collect::<Result<_>>()?;
@@ -38,7 +36,7 @@ impl Vocab {
             for (i, p) in perms.iter().enumerate() {
                 match p[j as usize] {
                     Some(src) if src >= in_rows[i] => {
-                        return Err(Error::Input(format!(
+                        return Err(Error::input("", format!(
                             "model {}: its tokenizer gives token {tok:?} id {src}, but its {tensor} has {} rows (its config's vocab_size is larger than the tensor: fix the config)",
                             inputs[i], in_rows[i]
                         )))
@@ -95,9 +93,10 @@ impl Vocab {
     ) -> Result<Vec<pb::RowRef>> {
         let input_of = |m: &str| {
             inputs.iter().position(|x| *x == m).ok_or_else(|| {
-                Error::Recipe(format!(
-                    "tokenizer.tokens.{tok}: model {m} is not among the models merged into {tensor}"
-                ))
+                Error::recipe(
+                    format!("tokenizer.tokens.{tok}"),
+                    format!("model {m} is not among the models merged into {tensor}"),
+                )
             })
         };
         Ok(match src {
@@ -105,9 +104,7 @@ impl Vocab {
             TokenSource::Model(m) => {
                 let i = input_of(m)?;
                 let row = perms[i][j as usize].ok_or_else(|| {
-                    Error::Recipe(format!(
-                        "tokenizer.tokens.{tok}: model {m} has no token {tok:?} (give a model that has it, or {{kind: model_token, ...}})"
-                    ))
+                    Error::recipe(format!("tokenizer.tokens.{tok}"), format!("model {m} has no token {tok:?} (give a model that has it, or {{kind: model_token, ...}})"))
                 })?;
                 vec![pb::RowRef {
                     input: i as u32,
@@ -123,21 +120,26 @@ impl Vocab {
                 let row = match (token_id, token) {
                     (Some(id), _) => *id,
                     (None, Some(t)) => *self.vocabs[model.as_str()].get(t).ok_or_else(|| {
-                        Error::Recipe(format!(
-                            "tokenizer.tokens.{tok}: model {model}'s tokenizer has no token {t:?}"
-                        ))
+                        Error::recipe(
+                            format!("tokenizer.tokens.{tok}"),
+                            format!("model {model}'s tokenizer has no token {t:?}"),
+                        )
                     })?,
                     (None, None) => {
-                        return Err(Error::Recipe(format!(
-                            "tokenizer.tokens.{tok}: give `token_id` or `token`"
-                        )))
+                        return Err(Error::recipe(
+                            format!("tokenizer.tokens.{tok}"),
+                            "give `token_id` or `token`",
+                        ))
                     }
                 };
                 if row >= in_rows[i] {
-                    return Err(Error::Recipe(format!(
-                        "tokenizer.tokens.{tok}: token id {row} is past model {model}'s {} rows of {tensor}",
-                        in_rows[i]
-                    )));
+                    return Err(Error::recipe(
+                        format!("tokenizer.tokens.{tok}"),
+                        format!(
+                            "token id {row} is past model {model}'s {} rows of {tensor}",
+                            in_rows[i]
+                        ),
+                    ));
                 }
                 vec![pb::RowRef {
                     input: i as u32,

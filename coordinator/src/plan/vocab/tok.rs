@@ -24,9 +24,10 @@ pub(super) struct Tok {
 impl Tok {
     pub(super) fn parse(json: Value, uri: &str) -> Result<Tok> {
         let bad = |why: &str| {
-            Error::Input(format!(
-                "{uri}: {why} (a Hugging Face `tokenizers` file is expected)"
-            ))
+            Error::input(
+                uri,
+                format!("{why} (a Hugging Face `tokenizers` file is expected)"),
+            )
         };
         let mut vocab = HashMap::new();
         match json.pointer("/model/vocab") {
@@ -86,9 +87,7 @@ impl Tok {
         }
         let mut j = self.json.clone();
         if j.pointer("/model/type").and_then(Value::as_str) != Some("BPE") {
-            return Err(Error::Input(format!(
-                "{uri}: the tokenizer has tokens past the model's {vocab_size} embedding rows, and only a BPE tokenizer can be cut down to them"
-            )));
+            return Err(Error::input(uri, format!("the tokenizer has tokens past the model's {vocab_size} embedding rows, and only a BPE tokenizer can be cut down to them")));
         }
         if let Some(Value::Object(v)) = j.pointer_mut("/model/vocab") {
             v.retain(|k, _| !gone.contains(k.as_str()));
