@@ -288,7 +288,7 @@ impl ObjectClaim {
         let resume = resume.filter(|n| !n.is_empty());
         let nonce = match resume {
             Some(n) => n.to_string(),
-            None => crate::job::lease::fresh_lease_id(),
+            None => crate::random::hex128("output claims"),
         };
         let oc = ObjectClaim {
             out: out.clone(),

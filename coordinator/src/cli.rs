@@ -10,6 +10,7 @@ mod args;
 use crate::embedded::{self, RunOptions};
 use crate::error::{Error, Result};
 use crate::job::SubmitOptions;
+use crate::progress::stdout;
 use crate::remote::{self, SubmitArgs, WorkerOptions};
 use crate::{planinfo, size, verify};
 use args::{
@@ -327,20 +328,6 @@ async fn run(
         );
     }
     Ok(())
-}
-
-/// Writes `text` to standard output. A reader that went away (`shardmerge status | head -1`)
-/// ends the program quietly, as the pipe asked; another failure to write is reported, exit 1.
-pub(crate) fn stdout(text: &str) {
-    use std::io::Write;
-    let mut o = std::io::stdout().lock();
-    if let Err(e) = o.write_all(text.as_bytes()).and_then(|()| o.flush()) {
-        if e.kind() == std::io::ErrorKind::BrokenPipe {
-            std::process::exit(0);
-        }
-        eprintln!("error: writing to standard output: {e}");
-        std::process::exit(1);
-    }
 }
 
 /// `shardmerge plan`: what a recipe would do, without merging.

@@ -6,6 +6,7 @@
 
 use bytes::Bytes;
 use serde_json::{json, Map, Value};
+use shardmerge_worker::format::names::{CHECKSUMS, CONFIG, INDEX, MODEL_CARD};
 use shardmerge_worker::storage::{Location, Receipt, Upload};
 
 use crate::error::{Error, Result};
@@ -40,10 +41,6 @@ pub(crate) fn model_card(plan: &Plan) -> String {
         plan.recipe.text.trim_end()
     )
 }
-
-/// The checksum manifest written next to the index: every data file's size and CRC-32C.
-pub(crate) const CHECKSUMS: &str = "shardmerge.checksums.json";
-const INDEX: &str = "model.safetensors.index.json";
 
 /// Each output file's (size, CRC-32C), from its parts' receipts (`receipts[fi]` in part
 /// order), combined without reading any data again.
@@ -95,8 +92,8 @@ pub(crate) async fn write_checkpoint_files(
 ) -> Result<Vec<String>> {
     let mut names = Vec::new();
     if let Some(cfg) = &plan.config {
-        put(out, "config.json", to_json(cfg, "config.json")?).await?;
-        names.push("config.json".to_string());
+        put(out, CONFIG, to_json(cfg, CONFIG)?).await?;
+        names.push(CONFIG.to_string());
     }
     if let Some(src) = &plan.tokenizer_from {
         for name in TOKENIZER_FILES {
@@ -118,8 +115,8 @@ pub(crate) async fn write_checkpoint_files(
         put(out, name, bytes.clone()).await?;
         names.push(name.clone());
     }
-    put(out, "README.md", model_card(plan)).await?;
-    names.push("README.md".to_string());
+    put(out, MODEL_CARD, model_card(plan)).await?;
+    names.push(MODEL_CARD.to_string());
     put(out, CHECKSUMS, to_json(checksums, CHECKSUMS)?).await?;
     names.push(CHECKSUMS.to_string());
     let idx = to_json(&index_json(plan), INDEX)?;

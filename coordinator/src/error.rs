@@ -1,6 +1,6 @@
 //! Errors of the coordinator and CLI. Each variant says what happened and carries what it
 //! happened to (the recipe key, the file or tensor, the job), so callers match on it and the
-//! gRPC service answers with the right code (`server::status_of`); its message says what was
+//! gRPC service answers with the right code (`server::code_of`); its message says what was
 //! wrong and, where it helps, what to do.
 
 use std::fmt;

@@ -19,6 +19,7 @@ pub mod plan;
 pub mod planinfo;
 pub(crate) mod policy;
 pub(crate) mod progress;
+pub(crate) mod random;
 pub(crate) mod reads;
 pub mod recipe;
 pub(crate) mod remote;

@@ -1,5 +1,5 @@
 //! What a client shows of a job: its status line, the progress bar, when to stop waiting, and
-//! what a cancel came to.
+//! what a cancel came to; writing to standard output.
 
 use std::time::Duration;
 
@@ -147,6 +147,20 @@ pub fn reads_line(s: &pb::JobStatus, inputs: Option<u64>) -> String {
         ));
     }
     line
+}
+
+/// Writes `text` to standard output. A reader that went away (`shardmerge status | head -1`)
+/// ends the program quietly, as the pipe asked; another failure to write is reported, exit 1.
+pub(crate) fn stdout(text: &str) {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    if let Err(e) = o.write_all(text.as_bytes()).and_then(|()| o.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: writing to standard output: {e}");
+        std::process::exit(1);
+    }
 }
 
 #[cfg(test)]

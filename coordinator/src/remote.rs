@@ -14,14 +14,13 @@ use shardmerge_worker::storage::Resolver;
 use tokio::sync::watch;
 
 use crate::auth::Auth;
-use crate::cli::stdout;
 use crate::embedded::{progress_bar, terminal};
 use crate::error::{Error, Result};
 use crate::job::JobManager;
 use crate::journal::Journal;
 use crate::ops;
 use crate::policy::Policy;
-use crate::progress::{cancel_outcome, describe, state_name};
+use crate::progress::{cancel_outcome, describe, state_name, stdout};
 use crate::server::{self, Security};
 use crate::size;
 use crate::tls::ServerTls;

@@ -16,10 +16,10 @@ use shardmerge_proto::coordinator_server::{Coordinator, CoordinatorServer};
 use tonic::{Code, Request, Response, Status};
 
 use crate::auth::Auth;
-use crate::embedded::terminal;
 use crate::error::Error;
 use crate::job::{JobManager, SubmitOptions};
 use crate::policy::{Policy, Refusal};
+use crate::progress::terminal;
 
 pub use shardmerge_proto::MAX_MESSAGE;
 

@@ -8,9 +8,9 @@ use std::path::Path;
 use serde_json::Value;
 use shardmerge_worker::storage::{Location, Resolver};
 
-use crate::commit::CHECKSUMS;
 use crate::error::{Error, Result};
 use crate::plan::load_model;
+use shardmerge_worker::format::names::{self, CHECKSUMS};
 
 /// What a verified checkpoint holds.
 #[derive(Debug)]
@@ -23,7 +23,7 @@ pub struct Report {
 pub async fn verify(resolver: &Resolver, uri: &str) -> Result<Report> {
     // load_model parses every header (bounds, overlaps, sizes) and checks the index against them
     let m = load_model(resolver, Path::new("."), uri).await?;
-    let idx_loc = m.loc.join("model.safetensors.index.json");
+    let idx_loc = m.loc.join(names::INDEX);
     let mut files = BTreeMap::new();
     for (uri, _) in m.tensors.values() {
         files.insert(uri.clone(), ());

@@ -58,6 +58,7 @@ pub use crate::tensor::view2d;
 
 mod read;
 mod rowcache;
+mod rowmap;
 mod scratch;
 pub use rowcache::RowCache;
 pub use scratch::Scratch;

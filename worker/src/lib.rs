@@ -9,6 +9,5 @@ pub mod format;
 pub mod kernels;
 pub mod metrics;
 pub mod pull;
-pub(crate) mod rowmap;
 pub mod storage;
 pub mod tensor;

@@ -8,7 +8,6 @@
 //! from another one, and every use of it must come from the worker id that polled it.
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::time::{Duration, Instant};
 
 use crate::journal::Item;
@@ -36,28 +35,7 @@ pub(crate) struct LeaseRules {
 
 /// A fresh lease id: 128 bits from the operating system's generator, in hex.
 pub(crate) fn fresh_lease_id() -> String {
-    let mut b = [0u8; 16];
-    if let Err(e) = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)) {
-        // Without the OS generator: keyed SipHash of a counter, under keys std draws from the
-        // OS at start (still unpredictable to a peer, though not from /dev/urandom).
-        tracing::warn!("lease ids: /dev/urandom: {e}; using std's seeded hasher instead");
-        b = fallback_bits();
-    }
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn fallback_bits() -> [u8; 16] {
-    use std::hash::{BuildHasher, Hasher};
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    let n = N.fetch_add(1, Ordering::Relaxed);
-    let mut out = [0u8; 16];
-    for half in out.chunks_mut(8) {
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u64(n);
-        half.copy_from_slice(&h.finish().to_le_bytes());
-    }
-    out
+    crate::random::hex128("lease ids")
 }
 
 /// Every lease in force, by id.

@@ -64,9 +64,9 @@ pub(super) fn layout_files(tensors: &[TensorPlan], max: u64) -> Vec<OutFile> {
                 .collect();
             OutFile {
                 name: if n == 1 {
-                    "model.safetensors".into()
+                    names::SINGLE_FILE.into()
                 } else {
-                    format!("model-{:05}-of-{:05}.safetensors", k + 1, n)
+                    names::shard(k, n)
                 },
                 tensors: idx,
                 layout: st::layout_file(&entries, &meta),

@@ -33,7 +33,7 @@ pub(super) async fn read_json(loc: &Location) -> Result<Option<Value>> {
 
 /// Reads and checks a model folder's `model.safetensors.index.json`, if it has one.
 pub(super) async fn read_index(loc: &Location) -> Result<Option<st_index::Index>> {
-    let iloc = loc.join("model.safetensors.index.json");
+    let iloc = loc.join(names::INDEX);
     match retry(|| iloc.store.read_all(&iloc.path)).await {
         Ok(b) => st_index::parse_index(&b)
             .map(Some)
@@ -48,7 +48,7 @@ pub async fn load_model(resolver: &Resolver, base_dir: &Path, name: &str) -> Res
     // `org/name[@rev]` that is no local path is a Hugging Face repository (`hf://`)
     let reference = shardmerge_worker::storage::hub::model_reference(name, base_dir);
     let loc = resolver.resolve(&reference, base_dir)?;
-    let config = read_json(&loc.join("config.json")).await?;
+    let config = read_json(&loc.join(names::CONFIG)).await?;
     let index = read_index(&loc).await?;
     let files: Vec<String> = match &index {
         Some(idx) => idx.files.clone(),
@@ -93,7 +93,7 @@ pub async fn load_model(resolver: &Resolver, base_dir: &Path, name: &str) -> Res
 
 /// The one data file of a model folder without an index, or why the folder is no checkpoint.
 async fn single_file(loc: &Location) -> Result<String> {
-    let single = loc.join("model.safetensors");
+    let single = loc.join(names::SINGLE_FILE);
     if !single.store.exists(&single.path).await? {
         let what = if loc.store.exists(&loc.path).await? || !loc.store.is_local() {
             "has no model.safetensors or model.safetensors.index.json (is it a Hugging Face safetensors checkpoint?)"
@@ -105,7 +105,7 @@ async fn single_file(loc: &Location) -> Result<String> {
             format!("model folder {} {what}", loc.uri()),
         ));
     }
-    Ok("model.safetensors".into())
+    Ok(names::SINGLE_FILE.into())
 }
 
 /// Every tensor the index places is in the header of the file it names.

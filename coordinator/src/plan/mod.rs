@@ -9,6 +9,7 @@ use serde_json::Value;
 use shardmerge_proto as pb;
 use shardmerge_worker::format::dtype::DType;
 use shardmerge_worker::format::index as st_index;
+use shardmerge_worker::format::names;
 use shardmerge_worker::format::safetensors::{
     self as st, FileLayout, LayoutEntry, StDtype, TensorInfo,
 };

@@ -10,7 +10,6 @@ use crate::error::{Error, Result};
 
 mod depth;
 mod parse;
-mod tokens;
 
 pub use depth::MAX_RECIPE_DEPTH;
 pub use parse::max_recipe_bytes;

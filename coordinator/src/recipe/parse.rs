@@ -1,5 +1,7 @@
 //! Reading a recipe's YAML: each value checked where it is read, errors naming the key path.
 
+mod tokens;
+
 use super::depth::MAX_RECIPE_DEPTH;
 use super::*;
 
@@ -334,7 +336,7 @@ impl Recipe {
         let tokenizer = top
             .get("tokenizer")
             .filter(|v| !v.is_null())
-            .map(|v| super::tokens::tokenizer_section(v))
+            .map(|v| tokens::tokenizer_section(v))
             .transpose()?;
         if tokenizer.is_some() && tokenizer_source.is_some() {
             return Err(bad(

@@ -39,7 +39,7 @@ impl Executor {
     ) -> Result<Vec<Vec<f32>>, TaskError> {
         if let Some(map) = &job.row_map {
             let (start, end) = rows;
-            let (v, n) = crate::rowmap::read_inputs(&self.resolver, job, map, start, end).await?;
+            let (v, n) = super::rowmap::read_inputs(&self.resolver, job, map, start, end).await?;
             io.bytes_read += n;
             return Ok(v);
         }

@@ -116,8 +116,8 @@ impl Storage for FaultyStorage {
         if self.plan.delay_puts_ms > 0 {
             tokio::time::sleep(std::time::Duration::from_millis(self.plan.delay_puts_ms)).await;
         }
-        if self.plan.check_index_last && path.ends_with("model.safetensors.index.json") {
-            let dir = path.trim_end_matches("model.safetensors.index.json");
+        if self.plan.check_index_last && path.ends_with(crate::format::names::INDEX) {
+            let dir = path.trim_end_matches(crate::format::names::INDEX);
             let idx: serde_json::Value = serde_json::from_slice(&data)
                 .map_err(|e| StorageError::new(format!("{path}: bad index: {e}"), false))?;
             let files: std::collections::BTreeSet<&str> = idx["weight_map"]

@@ -1,8 +1,8 @@
 //! The recipe's `tokenizer:` section: the vocabulary's source, per-token embedding sources and
 //! padding, as mergekit reads it.
 
-use super::parse::{as_map, bad, keys, kind, model_ref, string, tokenizer_source};
 use super::*;
+use super::{as_map, bad, keys, kind, model_ref, string, tokenizer_source};
 
 /// `tokenizer:` — `source` (default `union`), `tokens`, `pad_to_multiple_of`.
 pub(super) fn tokenizer_section(v: &Value) -> Result<TokenizerConfig> {
