@@ -51,10 +51,12 @@ pub struct CutOptions {
 }
 
 /// Memory a task needs per output element of a tensor: the output bytes, f32 output, and per
-/// input its f32 copy (workers read and decode inputs a few MiB at a time, so the raw bytes
-/// are not held whole; kernels work in small chunks).
+/// input its f32 copy and its raw bytes (every input is read at once, each in pieces of at
+/// most a few MiB that the slot keeps for the next task: a segment's rows of every input are
+/// held raw and decoded together, up to that size; kernels work in small chunks).
 pub fn bytes_per_element(t: &TensorPlan) -> u64 {
-    t.out_dtype.size() as u64 + 4 + 4 * t.inputs.len() as u64
+    let inputs: u64 = t.inputs.iter().map(|s| 4 + s.dtype.size() as u64).sum();
+    t.out_dtype.size() as u64 + 4 + inputs
 }
 
 pub fn cut(plan: &Plan, o: &CutOptions) -> Cut {
@@ -73,11 +75,19 @@ pub fn cut(plan: &Plan, o: &CutOptions) -> Cut {
             deps: Vec::new(),
         };
         let mut file_tasks: Vec<TaskDef> = Vec::new();
+        let mut meta = 0;
         for &ti in &f.tensors {
             let t = &plan.tensors[ti];
             let (rows, row_bytes) = t.rows();
             let row_elems = row_bytes / t.out_dtype.size() as u64;
             let seg_cap_rows = (half / (bytes_per_element(t) * row_elems.max(1))).max(1);
+            // the tensors a task describes: bounded too, not only its bytes
+            let t_meta = 1 + t.inputs.len();
+            if meta > 0 && meta + t_meta > MAX_TASK_META && cur.length >= o.min_part {
+                next_task(&mut cur, &mut file_tasks);
+                meta = 0;
+            }
+            meta += t_meta;
             // A tensor with statistics passes whose rows all fit the slot stays whole, in one
             // task however large: its passes then run on the rows read once.
             let whole = rows <= seg_cap_rows && t.passes > 0;
@@ -87,18 +97,8 @@ pub fn cut(plan: &Plan, o: &CutOptions) -> Cut {
             while r < rows {
                 if cur.length >= target || (flush && cur.length >= o.min_part.max(1)) {
                     flush = false;
-                    let next_off = cur.offset + cur.length;
-                    file_tasks.push(std::mem::replace(
-                        &mut cur,
-                        TaskDef {
-                            file: fi,
-                            part_index: 0,
-                            offset: next_off,
-                            length: 0,
-                            segments: Vec::new(),
-                            deps: Vec::new(),
-                        },
-                    ));
+                    next_task(&mut cur, &mut file_tasks);
+                    meta = t_meta;
                 }
                 let space = target - cur.length;
                 let fit = space.div_ceil(row_bytes.max(1)).max(1);
@@ -126,6 +126,25 @@ pub fn cut(plan: &Plan, o: &CutOptions) -> Cut {
     }
     number_pieces(plan, &pieces, &mut out);
     out
+}
+
+/// How much a task may describe: the tensors it writes count one each plus one per input. A
+/// worker holds a task's description while it runs, so 200,000 tiny tensors in one task took
+/// hundreds of megabytes whatever `--memory-limit` said; at about 500 bytes a unit, this bounds a
+/// task's description to a few megabytes. (An S3 task still reaches the smallest part size.)
+pub const MAX_TASK_META: usize = 4096;
+
+/// Ends task `cur` and starts the next one where it ends.
+fn next_task(cur: &mut TaskDef, file_tasks: &mut Vec<TaskDef>) {
+    let next = TaskDef {
+        file: cur.file,
+        part_index: 0,
+        offset: cur.offset + cur.length,
+        length: 0,
+        segments: Vec::new(),
+        deps: Vec::new(),
+    };
+    file_tasks.push(std::mem::replace(cur, next));
 }
 
 /// Numbers the pieces of each tensor, makes statistics units of cut tensors that need them,

@@ -690,6 +690,11 @@ impl Cluster {
         );
     }
 
+    /// The coordinator's process id (to read its memory).
+    pub fn coordinator_pid(&self) -> u32 {
+        self.coordinator.id()
+    }
+
     /// Kills worker `i` at once (SIGKILL: no goodbye, its leases must expire).
     pub fn kill_worker(&mut self, i: usize) {
         if let Some(mut c) = self.workers[i].take() {

@@ -60,9 +60,11 @@ mod read;
 mod rowcache;
 mod rowmap;
 mod scratch;
+mod segment;
 pub use rowcache::RowCache;
-pub use scratch::Scratch;
 use scratch::{give_back, sized};
+pub use scratch::{release_free_memory, Scratch};
+use segment::{non_finite, segment_tensor};
 
 /// Builds the kernel's view of a tensor job (see [`crate::tensor::tensor_ctx`]).
 pub fn tensor_ctx(job: &pb::TensorJob) -> Result<TensorCtx<'_>, TaskError> {
@@ -150,7 +152,10 @@ impl Executor {
                     at = end;
                 }
                 Some(pb::segment::Kind::Rows(r)) => {
-                    at = self.write_rows(r, &mut buf, at, &mut io, scratch).await?;
+                    let job = segment_tensor(r, &w.tensors)?;
+                    at = self
+                        .write_rows(job, r, &mut buf, at, &mut io, scratch)
+                        .await?;
                 }
                 None => return Err(fatal("empty segment")),
             }
@@ -192,16 +197,13 @@ impl Executor {
     /// `buf` from byte `at` on, in the tensor's output dtype; returns where they end.
     async fn write_rows(
         &self,
+        job: &pb::TensorJob,
         r: &pb::TensorRows,
         buf: &mut [u8],
         at: usize,
         io: &mut Io,
         scratch: &mut Scratch,
     ) -> Result<usize, TaskError> {
-        let job = r
-            .tensor
-            .as_ref()
-            .ok_or_else(|| fatal("segment without tensor"))?;
         let odt = DType::from_proto(job.out_dtype)
             .ok_or_else(|| fatal(format!("tensor {}: no output dtype", job.name)))?;
         let (_, row_len) = view2d(&job.shape);
@@ -211,7 +213,7 @@ impl Executor {
             .get_mut(at..end)
             .ok_or_else(|| fatal("segment overruns the task's output range"))?;
         if odt.is_float() {
-            let values = self.compute_rows(r, io, scratch).await?;
+            let values = self.compute_rows(job, r, io, scratch).await?;
             let finite = dtype::encode_finite(odt, &values, dst);
             if !finite {
                 // the inputs of this segment are still in the slot's buffers
@@ -220,7 +222,7 @@ impl Executor {
             }
             scratch.out = values;
         } else {
-            self.copy_rows(r, odt, dst, io).await?;
+            self.copy_rows(job, r, odt, dst, io).await?;
         }
         Ok(end)
     }
@@ -308,15 +310,12 @@ impl Executor {
     /// every other input holds the same bytes there.
     async fn copy_rows(
         &self,
+        job: &pb::TensorJob,
         r: &pb::TensorRows,
         odt: DType,
         dst: &mut [u8],
         io: &mut Io,
     ) -> Result<(), TaskError> {
-        let job = r
-            .tensor
-            .as_ref()
-            .ok_or_else(|| fatal("segment without tensor"))?;
         let (_, row_len) = view2d(&job.shape);
         let row_bytes = row_len * odt.size() as u64;
         let mut first: Option<&str> = None;
@@ -370,14 +369,11 @@ impl Executor {
     /// output buffer (give it back to `scratch.out` when done with the values).
     async fn compute_rows(
         &self,
+        job: &pb::TensorJob,
         r: &pb::TensorRows,
         io: &mut Io,
         scratch: &mut Scratch,
     ) -> Result<Vec<f32>, TaskError> {
-        let job = r
-            .tensor
-            .as_ref()
-            .ok_or_else(|| fatal("segment without tensor"))?;
         let inputs = self
             .read_inputs(job, (r.row_start, r.row_end), false, io, scratch)
             .await?;
@@ -415,41 +411,6 @@ impl Executor {
         give_back(&mut scratch.inputs, inputs);
         res
     }
-}
-
-/// An output segment with a NaN or infinity: a job failure naming the tensor when every input
-/// value was finite (the merge made it: a parameter or a degenerate input the method cannot
-/// handle), else a warning (non-finite values in, as mergekit passes them through).
-fn non_finite(
-    job: &pb::TensorJob,
-    r: &pb::TensorRows,
-    values: &[f32],
-    odt: DType,
-    inputs: &[Vec<f32>],
-) -> Result<(), TaskError> {
-    if inputs.iter().any(|v| v.iter().any(|x| !x.is_finite())) {
-        tracing::warn!(
-            "tensor {}: an input holds NaN or infinity; the output does too",
-            job.name
-        );
-        return Ok(());
-    }
-    let (_, row_len) = view2d(&job.shape);
-    // the first element that is not finite once in the output dtype
-    let mut one = [0u8; 4];
-    let k = values
-        .iter()
-        .position(|x| !dtype::encode_finite(odt, std::slice::from_ref(x), &mut one[..odt.size()]))
-        .unwrap_or(0);
-    let at = r.row_start * row_len + k as u64;
-    let v = values.get(k).copied().unwrap_or(f32::NAN);
-    Err(fatal(format!(
-        "tensor {}: merge method {} turned finite inputs into a non-finite output ({v} as {}, element {at}); check the recipe's parameters for this tensor (weights that cancel, a zero tolerance, values too large for {})",
-        job.name,
-        job.method,
-        odt.name(),
-        odt.name()
-    )))
 }
 
 fn method_of(job: &pb::TensorJob) -> Result<&'static dyn kernels::Method, TaskError> {

@@ -178,15 +178,17 @@ pub fn task_kind(t: &pb::Task) -> &'static str {
 /// The merge method of a task (its first tensor's), a label value; `header` for a task that
 /// writes only a file header.
 pub fn task_method(t: &pb::Task) -> String {
-    let rows = match &t.kind {
-        Some(pb::task::Kind::Write(w)) => w.segments.iter().find_map(|s| match &s.kind {
-            Some(pb::segment::Kind::Rows(r)) => Some(r),
-            _ => None,
+    let tensor = match &t.kind {
+        Some(pb::task::Kind::Write(w)) => w.tensors.first().or_else(|| {
+            w.segments.iter().find_map(|s| match &s.kind {
+                Some(pb::segment::Kind::Rows(r)) => r.tensor.as_ref(),
+                _ => None,
+            })
         }),
-        Some(pb::task::Kind::Stats(s)) => s.rows.as_ref(),
+        Some(pb::task::Kind::Stats(s)) => s.rows.as_ref().and_then(|r| r.tensor.as_ref()),
         None => None,
     };
-    match rows.and_then(|r| r.tensor.as_ref()) {
+    match tensor {
         Some(t) if !t.method.is_empty() => t.method.clone(),
         Some(_) => "unknown".into(),
         None => "header".into(),

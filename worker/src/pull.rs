@@ -76,6 +76,11 @@ async fn slot_loop(
                 r.leases
             }
             Ok(r) => {
+                if scratch.held() > 0 {
+                    // idle: the slot's buffers go back to the system until work comes
+                    scratch = Scratch::new(opts.slot_memory);
+                    crate::exec::release_free_memory();
+                }
                 let wait = Duration::from_millis(r.retry_after_ms.max(1) as u64).min(opts.max_idle);
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}

@@ -111,5 +111,8 @@ impl JobManager {
                 history.insert(id, j.state.status.clone());
             }
         }
+        drop((jobs, history));
+        // a job's plan is many small allocations: give their pages back, not only to malloc
+        shardmerge_worker::exec::release_free_memory();
     }
 }

@@ -54,7 +54,38 @@ fn rows(st: &JobState, tensor: usize, start: u64, end: u64, range_index: u32) ->
         row_end: end,
         range_index,
         stats: st.unit_stats(tensor).map(|s| s.to_proto()),
+        tensor_index: 0,
     }
+}
+
+/// The tensors a write task's segments write, each once, with the rows of all its segments
+/// (a row map cropped to their span), and each segment's place among them.
+fn tensor_table(st: &JobState, segs: &[SegDef]) -> (Vec<pb::TensorJob>, Vec<u32>) {
+    let mut spans: Vec<(usize, u64, u64)> = Vec::new();
+    let mut place = Vec::with_capacity(segs.len());
+    for s in segs {
+        let SegDef::Rows {
+            tensor, start, end, ..
+        } = s
+        else {
+            place.push(0);
+            continue;
+        };
+        // a tensor's segments in one task are adjacent: look at the last entry only
+        match spans.last_mut() {
+            Some((t, a, b)) if t == tensor => {
+                *a = (*a).min(*start);
+                *b = (*b).max(*end);
+            }
+            _ => spans.push((*tensor, *start, *end)),
+        }
+        place.push((spans.len() - 1) as u32);
+    }
+    let table = spans
+        .iter()
+        .map(|&(t, a, b)| tensor_job(&st.plan.tensors[t], a, b))
+        .collect();
+    (table, place)
 }
 
 fn write_task(st: &JobState, out: &Location, uploads: &[Upload], i: usize) -> pb::WriteTask {
@@ -73,7 +104,8 @@ fn write_task(st: &JobState, out: &Location, uploads: &[Upload], i: usize) -> pb
             part_index: t.part_index,
         })
     };
-    let segment = |s: &SegDef| pb::Segment {
+    let (tensors, place) = tensor_table(st, &t.segments);
+    let segment = |(s, &k): (&SegDef, &u32)| pb::Segment {
         kind: Some(match s {
             SegDef::Literal(b) => pb::segment::Kind::Literal(b.clone()),
             SegDef::Rows {
@@ -81,7 +113,14 @@ fn write_task(st: &JobState, out: &Location, uploads: &[Upload], i: usize) -> pb
                 start,
                 end,
                 range_index,
-            } => pb::segment::Kind::Rows(rows(st, *tensor, *start, *end, *range_index)),
+            } => pb::segment::Kind::Rows(pb::TensorRows {
+                tensor: None,
+                row_start: *start,
+                row_end: *end,
+                range_index: *range_index,
+                stats: st.unit_stats(*tensor).map(|s| s.to_proto()),
+                tensor_index: k,
+            }),
         }),
     };
     pb::WriteTask {
@@ -91,7 +130,8 @@ fn write_task(st: &JobState, out: &Location, uploads: &[Upload], i: usize) -> pb
             length: t.length,
             sink: Some(sink),
         }),
-        segments: t.segments.iter().map(segment).collect(),
+        segments: t.segments.iter().zip(&place).map(segment).collect(),
+        tensors,
     }
 }
 

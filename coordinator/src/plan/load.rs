@@ -84,7 +84,7 @@ pub async fn load_model(resolver: &Resolver, base_dir: &Path, name: &str) -> Res
         name: name.to_string(),
         loc,
         config,
-        tensors,
+        tensors: std::sync::Arc::new(tensors),
         arch,
         num_layers,
         bytes,

@@ -58,8 +58,10 @@ pub struct ModelInfo {
     pub name: String,
     pub loc: Location,
     pub config: Option<Value>,
-    /// Tensor name → (file URI, header entry).
-    pub tensors: BTreeMap<String, (String, TensorInfo)>,
+    /// Tensor name → (file URI, header entry). Shared: the plan keeps the models both by
+    /// name and in recipe order, and a model's tensors are its largest part (200k of them
+    /// took 110 MB twice).
+    pub tensors: std::sync::Arc<BTreeMap<String, (String, TensorInfo)>>,
     /// Its architecture's definition, from `config.json`.
     pub arch: &'static Arch,
     pub num_layers: u64,
