@@ -49,9 +49,15 @@ impl ServeSecurity {
         let auth = Auth::new(read(&self.token_file)?, read(&self.worker_token_file)?)
             .map_err(|e| Error::usage("", e))?;
         if !auth.enabled() && !listen.ip().is_loopback() && !self.insecure_no_auth {
-            return Err(Error::usage("", format!(
-                "refusing to serve {listen} without a token: anyone who reaches it could submit,                  read and cancel jobs. Give --token-file FILE (e.g. `openssl rand -hex 32 > FILE`;                  clients take --token-file too), listen on 127.0.0.1, or pass --insecure-no-auth                  if another layer controls access"
-            )));
+            return Err(Error::usage(
+                "",
+                format!(
+                "refusing to serve {listen} without a token: anyone who reaches it could submit, \
+                 read and cancel jobs. Give --token-file FILE (e.g. `openssl rand -hex 32 > FILE`; \
+                 clients take --token-file too), listen on 127.0.0.1, or pass --insecure-no-auth \
+                 if another layer controls access"
+            ),
+            ));
         }
         let tls = self.tls.config()?;
         let mut policy = Policy::new(&self.allow, self.allow_any)?;
@@ -445,4 +451,29 @@ pub async fn cancel(url: &str, client: &ClientOptions, id: String) -> Result<()>
     };
     stdout(&format!("{}\n", describe(&s)));
     cancel_outcome(&id, terminal(&before), &s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ServeSecurity;
+
+    /// The refusal to serve a network address without a token reads as one sentence: no run
+    /// of spaces where the source line was continued (it had three such runs).
+    #[test]
+    fn no_token_refusal_message_reads_cleanly() {
+        let listen = "0.0.0.0:7070".parse().expect("address");
+        let err = ServeSecurity::default()
+            .load(listen, None)
+            .err()
+            .expect("refused without a token")
+            .to_string();
+        assert_eq!(
+            err,
+            "refusing to serve 0.0.0.0:7070 without a token: anyone who reaches it could submit, \
+             read and cancel jobs. Give --token-file FILE (e.g. `openssl rand -hex 32 > FILE`; \
+             clients take --token-file too), listen on 127.0.0.1, or pass --insecure-no-auth \
+             if another layer controls access"
+        );
+        assert!(!err.contains("  "), "{err}");
+    }
 }
