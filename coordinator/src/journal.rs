@@ -17,11 +17,14 @@ use crate::cut::Cut;
 use crate::error::{Error, Result};
 use crate::plan::Plan;
 
-/// A task of a job: a write task (by index in the cut) or one range of a statistics unit.
+/// A task of a job: a write task (by index in the cut), one range of a statistics unit, or
+/// the audit of a write task (`job/state/audit.rs`: computed again by another worker, written
+/// nowhere, never journaled).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Item {
     Write(usize),
     Stats { unit: usize, range: usize },
+    Audit(usize),
 }
 
 /// The journal's name of a task: `w<task>`, or `s<unit>.<pass>.<range>` for a statistics task
@@ -30,6 +33,8 @@ pub(crate) fn task_key(it: Item, pass: u32) -> String {
     match it {
         Item::Write(i) => format!("w{i}"),
         Item::Stats { unit, range } => format!("s{unit}.{pass}.{range}"),
+        // (not journaled: a restarted coordinator does not resume audits)
+        Item::Audit(i) => format!("a{i}"),
     }
 }
 

@@ -90,12 +90,37 @@ pub fn describe(s: &pb::JobStatus) -> String {
         s.retries,
         s.output_uri
     );
+    if let Some(a) = audits(s) {
+        line.push_str(&format!("\n  {a}"));
+    }
     if !s.error.is_empty()
         && !matches!(pb::JobState::try_from(s.state), Ok(pb::JobState::Succeeded))
     {
         line.push_str(&format!("\n  error: {}", s.error));
     }
     line
+}
+
+/// The line on a job's result audits, when it had any: how many passed, failed and could not
+/// run, and the worker processes quarantined.
+fn audits(s: &pb::JobStatus) -> Option<String> {
+    let (p, f, k) = (s.audits_passed, s.audits_failed, s.audits_skipped);
+    if p + f + k == 0 && s.quarantined.is_empty() {
+        return None;
+    }
+    let mut a = format!("audits {p} passed, {f} failed");
+    if k > 0 {
+        a.push_str(&format!(
+            ", {k} skipped (no other worker process to run them)"
+        ));
+    }
+    if !s.quarantined.is_empty() {
+        a.push_str(&format!(
+            "; quarantined (results found wrong, their tasks ran again): {}",
+            s.quarantined.join(", ")
+        ));
+    }
+    Some(a)
 }
 
 /// What `cancel` reports for job `id`, given whether it had ended before the call and its

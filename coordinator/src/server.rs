@@ -202,7 +202,15 @@ impl Coordinator for Service {
         &self,
         req: Request<pb::PollWorkRequest>,
     ) -> Result<Response<pb::PollWorkResponse>, Status> {
-        Ok(Response::new(self.mgr.poll(&req.into_inner())))
+        let req = req.into_inner();
+        if let Some(job) = self.mgr.quarantined_in(&req.worker_id) {
+            return Err(Status::permission_denied(format!(
+                "worker {:?} is quarantined: an audit of job {job} found its results wrong; it \
+                 gets no more work from this coordinator",
+                req.worker_id
+            )));
+        }
+        Ok(Response::new(self.mgr.poll_work(&req).await))
     }
 
     async fn renew_lease(

@@ -560,9 +560,16 @@ fn spawn_coordinator(
     } else {
         &["--allow-any"]
     };
+    // the audit sample fixed, so a run replays (docs/security.md, "Result audits")
+    let seed: &[&str] = if args.iter().any(|a| a == "--audit-seed") {
+        &[]
+    } else {
+        &["--audit-seed", "1"]
+    };
     cmd.args(["coordinator", "--listen", &format!("127.0.0.1:{port}")])
         .args(["--lease-ttl", &lease_ttl.to_string()])
         .args(args)
+        .args(seed)
         .args(policy)
         .envs(env.iter().cloned())
         .env("RUST_LOG", "shardmerge=info,warn")
@@ -669,6 +676,23 @@ impl Cluster {
             .stderr(log_file(self.dir.path(), &format!("worker{i}.log")));
         self.workers
             .push(Some(spawn_tied(cmd).expect("start worker")));
+        i
+    }
+
+    /// Starts the hostile worker program `bin` (`tests/src/bin/hostile_worker.rs`; a test has
+    /// it as `env!("CARGO_BIN_EXE_hostile-worker")`) against this coordinator with `args`
+    /// (`--id`, `--lie-fraction`, `--seed`, `--mode`, ...); its log is `worker{i}.log`.
+    /// Returns its index among the workers (`kill_worker`, `wait_worker` take it).
+    pub fn add_hostile_worker(&mut self, bin: &Path, args: &[&str]) -> usize {
+        let i = self.workers.len();
+        let mut cmd = Command::new(bin);
+        cmd.args(["--coordinator", &self.url])
+            .args(args)
+            .envs(self.env.iter().cloned())
+            .stdout(Stdio::null())
+            .stderr(log_file(self.dir.path(), &format!("worker{i}.log")));
+        self.workers
+            .push(Some(spawn_tied(cmd).expect("start hostile worker")));
         i
     }
 

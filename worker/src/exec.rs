@@ -114,7 +114,9 @@ impl Executor {
         scratch: &mut Scratch,
     ) -> Result<pb::TaskResult, TaskError> {
         let r = match &task.kind {
-            Some(pb::task::Kind::Write(w)) => self.run_write(w, &task.job_id, scratch).await,
+            Some(pb::task::Kind::Write(w)) => {
+                self.run_write(w, &task.job_id, task.audit, scratch).await
+            }
             Some(pb::task::Kind::Stats(s)) => self.run_stats(s, &task.job_id, scratch).await,
             None => Err(fatal(
                 "task has no kind (coordinator/worker version mismatch?)",
@@ -124,10 +126,13 @@ impl Executor {
         r
     }
 
+    /// Computes a write task's bytes and writes them; `audit`: writes nothing, and reports the
+    /// size and CRC-32C of the bytes as the receipt (an audit of another worker's result).
     async fn run_write(
         &self,
         w: &pb::WriteTask,
         job_id: &str,
+        audit: bool,
         scratch: &mut Scratch,
     ) -> Result<pb::TaskResult, TaskError> {
         let out = w
@@ -166,6 +171,36 @@ impl Executor {
             )));
         }
         let checksum = crc32fast::hash(&buf);
+        let part = if audit {
+            // an audit writes nothing: the receipt says what would have been written
+            let part = pb::PartReceipt {
+                part_index: 0,
+                etag: String::new(),
+                size: len as u64,
+                crc32c: crc32c::crc32c(&buf),
+            };
+            scratch.bytes = buf;
+            part
+        } else {
+            self.put(out, buf, &io, scratch).await?
+        };
+        Ok(pb::TaskResult {
+            bytes_read: io.bytes_read,
+            bytes_written: len as u64,
+            checksum,
+            part: Some(part),
+            stats: None,
+        })
+    }
+
+    /// Writes a task's bytes `buf` to its output target; returns the part's receipt.
+    async fn put(
+        &self,
+        out: &pb::OutputTarget,
+        buf: Vec<u8>,
+        io: &Io,
+        scratch: &mut Scratch,
+    ) -> Result<pb::PartReceipt, TaskError> {
         let (store, upload, part_index) = self.sink(out)?;
         let data = Bytes::from(buf);
         let receipt = store
@@ -179,17 +214,11 @@ impl Executor {
         if let Some(c) = &self.cache {
             io.cached.iter().for_each(|k| c.remove(k));
         }
-        Ok(pb::TaskResult {
-            bytes_read: io.bytes_read,
-            bytes_written: len as u64,
-            checksum,
-            part: Some(pb::PartReceipt {
-                part_index: receipt.part_index,
-                etag: receipt.etag,
-                size: receipt.size,
-                crc32c: receipt.crc32c,
-            }),
-            stats: None,
+        Ok(pb::PartReceipt {
+            part_index: receipt.part_index,
+            etag: receipt.etag,
+            size: receipt.size,
+            crc32c: receipt.crc32c,
         })
     }
 

@@ -169,6 +169,7 @@ pub fn resident_bytes() -> Option<u64> {
 /// The kind of a task, a label value.
 pub fn task_kind(t: &pb::Task) -> &'static str {
     match &t.kind {
+        Some(pb::task::Kind::Write(_)) if t.audit => "audit",
         Some(pb::task::Kind::Write(_)) => "write",
         Some(pb::task::Kind::Stats(_)) => "stats",
         None => "unknown",

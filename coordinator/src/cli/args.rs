@@ -300,6 +300,17 @@ pub struct LimitArgs {
     /// headers, cutting it into tasks); a job that takes longer is refused
     #[arg(long, default_value_t = 300.0)]
     pub(super) max_plan_time: f64,
+    /// Fraction of write tasks another worker process computes again, writing nothing, to
+    /// check the first worker's result (0: no audits; 1: every task). A worker whose result
+    /// is found wrong is quarantined and its tasks run again; a worker lying on a fraction q of
+    /// its n tasks is caught with probability 1-(1-F)^(q·n) (docs/security.md). Needs at least
+    /// two worker processes (three to decide a disagreement)
+    #[arg(long, default_value_t = 0.01)]
+    pub(super) audit_fraction: f64,
+    /// Seed of the audit sample (which tasks are audited); random by default, so that no
+    /// worker can tell which of its results go unchecked. For replaying a run
+    #[arg(long)]
+    pub(super) audit_seed: Option<u64>,
 }
 
 impl LimitArgs {
@@ -327,7 +338,22 @@ impl LimitArgs {
                 })?,
             max_jobs: self.max_jobs,
             max_plan_time: seconds("--max-plan-time", self.max_plan_time)?,
+            audit: self.audit()?,
         })
+    }
+
+    fn audit(&self) -> Result<crate::job::AuditRules> {
+        let f = self.audit_fraction;
+        if !(0.0..=1.0).contains(&f) {
+            return Err(Error::Other(format!(
+                "--audit-fraction {f}: give a fraction from 0 (no audits) to 1 (every task)"
+            )));
+        }
+        let seed = self.audit_seed.unwrap_or_else(|| {
+            let hex = crate::job::lease::fresh_lease_id();
+            u64::from_str_radix(&hex[..16], 16).unwrap_or(0)
+        });
+        Ok(crate::job::AuditRules { fraction: f, seed })
     }
 }
 

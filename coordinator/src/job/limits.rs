@@ -26,6 +26,9 @@ pub struct Limits {
     pub max_jobs: usize,
     /// How long planning one submitted job may take (`--max-plan-time`).
     pub max_plan_time: Duration,
+    /// Result audits of the jobs' write tasks (`--audit-fraction`; none by default, as in
+    /// embedded mode, whose workers are the coordinator's own).
+    pub audit: super::state::AuditRules,
 }
 
 impl Default for Limits {
@@ -36,6 +39,7 @@ impl Default for Limits {
             job_retention: DEFAULT_JOB_RETENTION,
             max_jobs: DEFAULT_MAX_JOBS,
             max_plan_time: super::prepare::DEFAULT_MAX_PLAN_TIME,
+            audit: Default::default(),
         }
     }
 }

@@ -49,6 +49,7 @@ use crate::plan::Plan;
 use lease::{LeaseRules, LeaseTable};
 pub(crate) use limits::Limits;
 pub use options::SubmitOptions;
+pub use state::AuditRules;
 use state::JobState;
 
 /// A job as the manager holds it: its state, where it writes, and who watches it.
@@ -209,7 +210,9 @@ impl JobManager {
             .await
         {
             Ok(uploads) => {
-                let state = JobState::new(id.clone(), plan, cut, out.uri(), state::kernel_reduce);
+                let mut state =
+                    JobState::new(id.clone(), plan, cut, out.uri(), state::kernel_reduce);
+                state.set_audits(self.limits().audit);
                 let plan = state.plan.clone();
                 let mut job = Job::new(state, out, uploads, o.overwrite);
                 job.claim = Some(claim);
@@ -326,5 +329,7 @@ async fn begin_uploads(plan: &Plan, out: &Location) -> Result<Vec<Upload>> {
     Ok(uploads)
 }
 
+#[cfg(test)]
+mod audit_tests;
 #[cfg(test)]
 mod tests;

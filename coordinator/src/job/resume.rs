@@ -88,6 +88,8 @@ impl JobManager {
         let id = u.job.job_id.clone();
         let mut state = JobState::new(id.clone(), plan, cut, out.uri(), state::kernel_reduce);
         let complete = state.replay(u.tasks)?;
+        // (replayed results are not audited: audits are not journaled)
+        state.set_audits(self.limits().audit);
         tracing::info!(
             job = %id,
             "resumed from the journal: {} of {} tasks done",

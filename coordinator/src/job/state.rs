@@ -16,6 +16,7 @@ use shardmerge_proto as pb;
 use shardmerge_worker::kernels::{Reduced, Stats};
 use shardmerge_worker::storage::Receipt;
 
+mod audit;
 mod home;
 mod leased;
 mod replay;
@@ -26,6 +27,9 @@ use crate::cut::Cut;
 use crate::error::{Error, Result};
 use crate::journal::{task_key, Item};
 use crate::plan::{Plan, TensorPlan};
+#[cfg(test)]
+pub(crate) use audit::sampled;
+pub use audit::{AuditEvent, AuditRules};
 pub use leased::{Granted, Holder, Renewal, TaskFailed};
 use work::{stats_work, write_work};
 
@@ -89,6 +93,9 @@ pub(crate) enum Recorded {
     Accepted,
     /// Accepted, and it was the last part of output file `.0`: complete that file.
     FileComplete(usize),
+    /// Accepted (or an audit decided), and these output files may complete now (with audits
+    /// on, files complete together once every audit is decided: `state/audit.rs`).
+    FilesComplete(Vec<usize>),
 }
 
 pub struct JobState {
@@ -123,6 +130,8 @@ pub struct JobState {
     seen: HashMap<String, Instant>,
     /// The process each statistics unit runs on (the one that took its first range).
     unit_home: HashMap<usize, String>,
+    /// Result audits (`state/audit.rs`).
+    audits: audit::Audits,
 }
 
 /// Each statistics unit's work (one pass over its ranges) and the job's total work: every pass
@@ -214,6 +223,7 @@ impl JobState {
             homed: HashMap::new(),
             seen: HashMap::new(),
             unit_home: HashMap::new(),
+            audits: audit::Audits::default(),
         }
     }
 
@@ -244,13 +254,29 @@ impl JobState {
     pub(crate) fn task_key(&self, it: Item) -> String {
         match it {
             Item::Stats { unit, .. } => task_key(it, self.units[unit].pass),
-            Item::Write(_) => task_key(it, 0),
+            Item::Write(_) | Item::Audit(_) => task_key(it, 0),
         }
     }
 
-    /// Accepts the result of task `it` if it is pending (leased, or queued again after its lease
-    /// expired: the result stands). The one place results are accepted.
+    /// Accepts the result of task `it` (from a journal: not audited); see `record_by`.
     pub(crate) fn record(&mut self, it: Item, result: pb::TaskResult) -> Result<Recorded> {
+        self.record_by(it, result, None)
+    }
+
+    /// Accepts the result of task `it` from `worker` if it is pending (leased, or queued again
+    /// after its lease expired: the result stands). The one place results are accepted.
+    pub(crate) fn record_by(
+        &mut self,
+        it: Item,
+        result: pb::TaskResult,
+        worker: Option<&str>,
+    ) -> Result<Recorded> {
+        if let Item::Audit(i) = it {
+            if self.terminal() {
+                return Ok(Recorded::Ignored);
+            }
+            return Ok(self.record_audit(i, &result));
+        }
         let pending = matches!(
             self.items.get(&it).map(|s| &s.state),
             Some(ItemState::Leased { .. } | ItemState::Queued)
@@ -271,6 +297,7 @@ impl JobState {
                 let t = &self.cut.tasks[i];
                 self.status.bytes_done += t.length;
                 self.status.work_done += write_work(&self.plan, t);
+                let d = result.part.as_ref().map_or((0, 0), |p| (p.size, p.crc32c));
                 let receipt = result.part.map(|p| Receipt {
                     part_index: p.part_index,
                     etag: p.etag,
@@ -279,10 +306,9 @@ impl JobState {
                 });
                 self.receipts[t.file][t.part_index as usize] = receipt;
                 self.file_remaining[t.file] -= 1;
-                if self.file_remaining[t.file] == 0 {
-                    return Ok(Recorded::FileComplete(t.file));
-                }
+                return Ok(self.after_write(i, worker, d));
             }
+            Item::Audit(_) => {}
             Item::Stats { unit, range } => {
                 self.status.work_done += stats_work(&self.plan, &self.cut.units[unit], range);
                 let stats = result.stats.as_ref().map(Stats::from_proto);
@@ -313,6 +339,7 @@ impl JobState {
         self.status.error = msg.to_string();
         self.queue.clear();
         self.homed.clear();
+        self.end_audits();
         true
     }
 

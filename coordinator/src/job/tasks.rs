@@ -12,11 +12,12 @@ use crate::journal::Item;
 use crate::plan::{vocab, InputPlan, TensorPlan};
 
 /// The wire id of a task: its index for a write task; bit 40 set, then unit and range, for a
-/// statistics task.
+/// statistics task; bit 41 set, then the write task's index, for an audit.
 pub fn task_id(item: Item) -> u64 {
     match item {
         Item::Write(i) => i as u64,
         Item::Stats { unit, range } => (1u64 << 40) | ((unit as u64) << 20) | range as u64,
+        Item::Audit(i) => (1u64 << 41) | i as u64,
     }
 }
 
@@ -30,6 +31,15 @@ pub fn build_task(
 ) -> pb::Task {
     let kind = match item {
         Item::Write(i) => pb::task::Kind::Write(write_task(st, out, uploads, i)),
+        Item::Audit(i) => {
+            // an audit writes nothing: its target has no sink (no temporary file, no upload
+            // id), so not even a hostile auditor can write through it
+            let mut w = write_task(st, out, uploads, i);
+            if let Some(o) = w.output.as_mut() {
+                o.sink = None;
+            }
+            pb::task::Kind::Write(w)
+        }
         Item::Stats { unit, range } => {
             let u = &st.cut.units[unit];
             let (a, b) = u.ranges[range];
@@ -43,6 +53,7 @@ pub fn build_task(
         job_id: st.id.clone(),
         task_id: task_id(item),
         attempt,
+        audit: matches!(item, Item::Audit(_)),
         kind: Some(kind),
     }
 }

@@ -14,9 +14,9 @@ use crate::journal::Item;
 use crate::plan::{test_tensor, OutFile, Plan, TensorPlan};
 use crate::recipe::Recipe;
 
-const TTL: Duration = Duration::from_secs(10);
+pub(super) const TTL: Duration = Duration::from_secs(10);
 const MAX_TIME: Duration = Duration::from_secs(60);
-const RULES: LeaseRules = LeaseRules {
+pub(super) const RULES: LeaseRules = LeaseRules {
     ttl: TTL,
     max_task_time: MAX_TIME,
 };
@@ -82,12 +82,12 @@ fn fake_reduce(_: &TensorPlan, pass: u32, state: Stats, partials: Vec<Stats>) ->
     }))
 }
 
-fn job() -> JobState {
+pub(super) fn job() -> JobState {
     let (plan, cut) = plan_and_cut();
     JobState::new("job-1".into(), plan, cut, "file:///out".into(), fake_reduce)
 }
 
-fn stats_result(n: u64) -> pb::TaskResult {
+pub(super) fn stats_result(n: u64) -> pb::TaskResult {
     pb::TaskResult {
         stats: Some(
             Stats {
@@ -113,12 +113,12 @@ fn write_result(part: u32) -> pb::TaskResult {
     }
 }
 
-fn items(g: &[super::state::Granted]) -> Vec<Item> {
+pub(super) fn items(g: &[super::state::Granted]) -> Vec<Item> {
     g.iter().map(|g| g.item).collect()
 }
 
-const S0: Item = Item::Stats { unit: 0, range: 0 };
-const S1: Item = Item::Stats { unit: 0, range: 1 };
+pub(super) const S0: Item = Item::Stats { unit: 0, range: 0 };
+pub(super) const S1: Item = Item::Stats { unit: 0, range: 1 };
 
 #[test]
 fn a_new_job_queues_what_is_ready_and_blocks_what_waits() {

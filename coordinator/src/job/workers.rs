@@ -9,7 +9,7 @@ use shardmerge_proto as pb;
 use shardmerge_worker::pull::WorkSource;
 
 use super::lease::Lease;
-use super::state::{Holder, Recorded, Renewal, TaskFailed};
+use super::state::{AuditEvent, Holder, Recorded, Renewal, TaskFailed};
 use super::{lock, tasks, JobManager};
 
 impl JobManager {
@@ -94,6 +94,75 @@ impl JobManager {
             }
         }
         out
+    }
+
+    /// `poll`, then the audits that wait for a worker process (`JobState::audit_tick`): the
+    /// gRPC service's and in-process workers' poll.
+    pub async fn poll_work(&self, req: &pb::PollWorkRequest) -> pb::PollWorkResponse {
+        let out = self.poll(req);
+        let now = Instant::now();
+        let gone = self.ttl() * 2;
+        let ticked: Vec<(String, Recorded, Vec<AuditEvent>)> = {
+            let mut jobs = lock(&self.jobs);
+            jobs.values_mut()
+                .filter(|j| j.state.auditing() && !j.state.terminal())
+                .map(|j| {
+                    let r = j.state.audit_tick(now, gone);
+                    (j.state.id.clone(), r, j.state.take_audit_events())
+                })
+                .filter(|(_, r, e)| !e.is_empty() || matches!(r, Recorded::FilesComplete(_)))
+                .collect()
+        };
+        for (jid, r, events) in ticked {
+            self.after_audits(&jid, r, events).await;
+        }
+        out
+    }
+
+    /// The job `worker`'s process is quarantined in, if any: it gets no work.
+    pub fn quarantined_in(&self, worker: &str) -> Option<String> {
+        let jobs = lock(&self.jobs);
+        let j = jobs.values().find(|j| j.state.is_quarantined(worker))?;
+        Some(j.state.id.clone())
+    }
+
+    /// Acts on what audits decided: revoked leases forgotten, quarantines and skipped audits
+    /// logged, files completed, an undecidable disagreement failing the job.
+    async fn after_audits(&self, jid: &str, r: Recorded, events: Vec<AuditEvent>) {
+        let mut fail = None;
+        for e in events {
+            match e {
+                AuditEvent::Quarantined {
+                    process,
+                    task,
+                    why,
+                    leases,
+                } => {
+                    let mut table = lock(&self.leases);
+                    leases.iter().for_each(|l| drop(table.take(l)));
+                    tracing::warn!(
+                        job = %jid,
+                        worker = %process,
+                        task,
+                        "worker process {process:?} quarantined: an audit found its result wrong                          ({why}); it gets no more work and every write task it did in this job                          runs again on other workers"
+                    );
+                }
+                AuditEvent::Alone(msg) => tracing::warn!(job = %jid, "{msg}"),
+                AuditEvent::Undecided(msg) => fail = Some(msg),
+            }
+        }
+        if let Some(j) = lock(&self.jobs).get_mut(jid) {
+            j.publish();
+        }
+        if let Some(msg) = fail {
+            self.fail_job(jid, &msg).await;
+            return;
+        }
+        if let Recorded::FilesComplete(files) = r {
+            for fi in files {
+                self.finish_file(jid, fi).await;
+            }
+        }
     }
 
     pub fn renew(&self, req: &pb::RenewLeaseRequest) -> pb::RenewLeaseResponse {
@@ -183,12 +252,10 @@ impl JobManager {
             }
             Err(_) => return false,
         };
-        // Journal first: what a restart finds recorded is what this coordinator acted on.
-        if let Err(e) = self.journal.task_done(&jid, &key, &result).await {
-            tracing::warn!(job = %jid, "journal: {e}; task {key} runs again");
-            if let Some(j) = lock(&self.jobs).get_mut(&jid) {
-                j.state.requeue(it, &req.lease_id);
-            }
+        if !self
+            .journal_result(&jid, it, &key, &result, &req.lease_id)
+            .await
+        {
             return false;
         }
         // (the lease may have expired while the journal was written; the result stands)
@@ -197,19 +264,43 @@ impl JobManager {
             let Some(j) = jobs.get_mut(&jid) else {
                 return false;
             };
-            let r = j.state.record(it, result);
+            let r = j.state.record_by(it, result, Some(&req.worker_id));
             if !matches!(r, Ok(Recorded::Ignored)) {
                 j.publish();
             }
-            r
+            r.map(|r| (r, j.state.take_audit_events()))
         };
         match recorded {
-            Ok(Recorded::Ignored) => return false,
-            Ok(Recorded::FileComplete(fi)) => self.finish_file(&jid, fi).await,
-            Ok(Recorded::Accepted) => {}
+            Ok((Recorded::Ignored, _)) => return false,
+            Ok((Recorded::FileComplete(fi), _)) => self.finish_file(&jid, fi).await,
+            Ok((r, events)) => self.after_audits(&jid, r, events).await,
             Err(e) => self.fail_job(&jid, &e.to_string()).await,
         }
         true
+    }
+
+    /// Journals an accepted result before it is acted on (what a restart finds recorded is what
+    /// this coordinator acted on); audits are not journaled (a restart does not resume them).
+    /// False when the journal failed: the task runs again.
+    async fn journal_result(
+        &self,
+        jid: &str,
+        it: crate::journal::Item,
+        key: &str,
+        result: &pb::TaskResult,
+        lease: &str,
+    ) -> bool {
+        if matches!(it, crate::journal::Item::Audit(_)) {
+            return true;
+        }
+        let Err(e) = self.journal.task_done(jid, key, result).await else {
+            return true;
+        };
+        tracing::warn!(job = %jid, "journal: {e}; task {key} runs again");
+        if let Some(j) = lock(&self.jobs).get_mut(jid) {
+            j.state.requeue(it, lease);
+        }
+        false
     }
 
     /// A result that came after its lease ran out: refused, not taken, since past its deadline
@@ -294,7 +385,7 @@ impl WorkSource for JobManager {
         &self,
         req: pb::PollWorkRequest,
     ) -> std::result::Result<pb::PollWorkResponse, String> {
-        Ok(JobManager::poll(self, &req))
+        Ok(JobManager::poll_work(self, &req).await)
     }
     async fn renew(
         &self,

@@ -19,6 +19,11 @@ struct MethodLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FailLabels {
     retryable: String,
 }
@@ -71,6 +76,8 @@ struct SnapshotGauges {
     workers: Gauge,
     worker_slots: Gauge,
     resident: Gauge,
+    audits: Family<ResultLabels, Gauge>,
+    quarantined: Gauge,
 }
 
 const JOB_STATES: [(pb::JobState, &str); 6] = [
@@ -161,7 +168,7 @@ impl ServiceCounters {
         let leases = Family::<KindLabels, Counter>::default();
         r.register(
             "shardmerge_leases_granted",
-            "Task leases handed to workers, by task kind (write, stats)",
+            "Task leases handed to workers, by task kind (write, stats, audit)",
             leases.clone(),
         );
         let done = Family::<KindLabels, Counter>::default();
@@ -235,7 +242,23 @@ impl SnapshotGauges {
                 r.register(name, help, g.clone());
                 g
             });
+        let audits = Family::<ResultLabels, Gauge>::default();
+        r.register(
+            "shardmerge_audits",
+            "Result audits of the jobs known, by result: passed (another worker process computed \
+             the same bytes), failed (a worker's result was found wrong and it was quarantined), \
+             skipped (no other worker process could run it)",
+            audits.clone(),
+        );
+        let quarantined = Gauge::default();
+        r.register(
+            "shardmerge_workers_quarantined",
+            "Worker processes quarantined by a failed audit in the jobs known",
+            quarantined.clone(),
+        );
         SnapshotGauges {
+            audits,
+            quarantined,
             jobs,
             queued,
             leased,
@@ -371,7 +394,13 @@ impl CoordinatorMetrics {
         let (mut queued, mut leased, mut retried, mut planned, mut written) = (0u64, 0, 0, 0, 0);
         let (mut work_planned, mut work_done) = (0u64, 0u64);
         let (mut read_planned, mut read_done) = (0u64, 0u64);
+        let mut audits = [0i64; 3];
+        let mut quarantined = std::collections::HashSet::new();
         for s in self.mgr.list() {
+            audits[0] += i64::from(s.audits_passed);
+            audits[1] += i64::from(s.audits_failed);
+            audits[2] += i64::from(s.audits_skipped);
+            quarantined.extend(s.quarantined.iter().cloned());
             *by_state.entry(s.state).or_insert(0i64) += 1;
             retried += u64::from(s.retries);
             planned += s.bytes_total;
@@ -396,6 +425,13 @@ impl CoordinatorMetrics {
                 .get_or_create(&StateLabels { state: name.into() })
                 .set(by_state.get(&(state as i32)).copied().unwrap_or(0));
         }
+        for (n, result) in audits.iter().zip(["passed", "failed", "skipped"]) {
+            let labels = ResultLabels {
+                result: result.into(),
+            };
+            self.gauges.audits.get_or_create(&labels).set(*n);
+        }
+        self.gauges.quarantined.set(quarantined.len() as i64);
         self.gauges.queued.set(as_i64(queued));
         self.gauges.leased.set(as_i64(leased));
         self.gauges.retried.set(as_i64(retried));

@@ -38,6 +38,7 @@ impl JobState {
             let home = match it {
                 Item::Stats { .. } => self.home.get(&it).cloned(),
                 Item::Write(i) => self.write_home(i),
+                Item::Audit(_) => None,
             };
             match home {
                 Some(p) => self.homed.entry(p).or_default().push_back(it),
@@ -92,6 +93,11 @@ impl JobState {
         // a unit runs on the process that took its first range (a write task then finds all
         // the unit's rows in one cache): its other ranges wait in that process's queue
         while let Some(it) = self.queue.pop_front() {
+            // (an audit queued again by an expiry or failure waits for a process it may go to)
+            if let Item::Audit(i) = it {
+                self.requeue_audit(i);
+                continue;
+            }
             let Item::Stats { unit, .. } = it else {
                 return Some(it);
             };

@@ -61,8 +61,18 @@ impl JobState {
         rules: LeaseRules,
     ) -> Vec<Granted> {
         let mut out = Vec::new();
+        if self.is_quarantined(worker) {
+            return out;
+        }
+        self.seen
+            .insert(super::home::process_of(worker).to_string(), now);
         while out.len() < want {
-            let Some(it) = self.pop_for(worker, now, rules.ttl * 2) else {
+            // audits first: the job's files wait for them
+            let next = match self.pop_audit(worker) {
+                Some(a) => Some(a),
+                None => self.pop_for(worker, now, rules.ttl * 2),
+            };
+            let Some(it) = next else {
                 break;
             };
             let Some(slot) = self.items.get_mut(&it) else {

@@ -18,7 +18,9 @@ impl JobState {
             match parse_task_key(&k) {
                 Some((Item::Write(i), _)) => writes.push((i, r)),
                 Some((Item::Stats { unit, range }, pass)) => stats.push(((unit, pass, range), r)),
-                None => tracing::warn!(job = %self.id, "journal: ignoring unknown record {k}"),
+                Some((Item::Audit(_), _)) | None => {
+                    tracing::warn!(job = %self.id, "journal: ignoring unknown record {k}")
+                }
             }
         }
         stats.sort_by_key(|(k, _)| *k);

@@ -20,8 +20,10 @@ impl JobState {
         result: &pb::TaskResult,
         multipart: bool,
     ) -> std::result::Result<(), String> {
+        // an audit reports the part it would have written, by no part number
+        let multipart = multipart && matches!(it, Item::Write(_));
         match it {
-            Item::Write(i) => {
+            Item::Write(i) | Item::Audit(i) => {
                 let Some(t) = self.cut.tasks.get(i) else {
                     return Err(format!("write task {i} is not in the plan"));
                 };
@@ -134,25 +136,33 @@ impl JobState {
             }
         }
         for i in tasks {
-            let t = &self.cut.tasks[i];
-            let was_done = matches!(
-                self.items.get(&Item::Write(i)).map(|s| &s.state),
-                Some(ItemState::Done)
-            );
-            if was_done {
-                self.status.tasks_done = self.status.tasks_done.saturating_sub(1);
-                self.status.bytes_done = self.status.bytes_done.saturating_sub(t.length);
-                // its work is to do again: progress goes back, and never passes its total
-                let work = super::write_work(&self.plan, t);
-                self.status.work_done = self.status.work_done.saturating_sub(work);
-                self.file_remaining[t.file] += 1;
-                if let Some(r) = self.receipts[t.file].get_mut(t.part_index as usize) {
-                    *r = None;
-                }
-                self.set_queued(Item::Write(i));
-                self.status.retries += 1;
-            }
+            self.undo_write(i);
         }
+        self.unrelease(fi);
         Ok(())
+    }
+
+    /// Runs write task `i` again if it is done: its result is dropped (progress goes back,
+    /// and never passes its total) and it is queued. Returns whether it was done.
+    pub(super) fn undo_write(&mut self, i: usize) -> bool {
+        let was_done = matches!(
+            self.items.get(&Item::Write(i)).map(|s| &s.state),
+            Some(ItemState::Done)
+        );
+        if !was_done {
+            return false;
+        }
+        let t = &self.cut.tasks[i];
+        self.status.tasks_done = self.status.tasks_done.saturating_sub(1);
+        self.status.bytes_done = self.status.bytes_done.saturating_sub(t.length);
+        let work = super::write_work(&self.plan, t);
+        self.status.work_done = self.status.work_done.saturating_sub(work);
+        self.file_remaining[t.file] += 1;
+        if let Some(r) = self.receipts[t.file].get_mut(t.part_index as usize) {
+            *r = None;
+        }
+        self.set_queued(Item::Write(i));
+        self.status.retries += 1;
+        true
     }
 }
