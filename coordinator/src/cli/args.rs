@@ -345,9 +345,12 @@ impl LimitArgs {
     fn audit(&self) -> Result<crate::job::AuditRules> {
         let f = self.audit_fraction;
         if !(0.0..=1.0).contains(&f) {
-            return Err(Error::Other(format!(
-                "--audit-fraction {f}: give a fraction from 0 (no audits) to 1 (every task)"
-            )));
+            return Err(Error::usage(
+                "",
+                format!(
+                    "--audit-fraction {f}: give a fraction from 0 (no audits) to 1 (every task)"
+                ),
+            ));
         }
         let seed = self.audit_seed.unwrap_or_else(|| {
             let hex = crate::job::lease::fresh_lease_id();
