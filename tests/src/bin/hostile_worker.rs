@@ -97,6 +97,7 @@ impl Hostile {
             Some(pb::output_target::Sink::Multipart(m)) => m.part_index,
             _ => 0,
         };
+        w.tensors.clear();
         w.segments = vec![pb::Segment {
             kind: Some(pb::segment::Kind::Literal(vec![0u8; out.length as usize])),
         }];
