@@ -4,12 +4,14 @@
 //! third process breaks the tie, it is quarantined (status, log, its polls refused) and every
 //! write task it did runs again: the checkpoint is byte-identical to the embedded run. With one
 //! honest process beside it, the disagreement cannot be decided and the job fails cleanly.
+//! Local outputs, and S3 multipart outputs (the liar's parts are uploaded again by others).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use shardmerge_tests::{
-    checkpoint_files, family_and_linear_recipe, ok, pb, run_cli, shardmerge_bin, Cluster,
+    checkpoint_files, family_and_linear_recipe, generate_family, is_checkpoint_file, ok, pb,
+    run_cli, shardmerge_bin, Cluster, S3Server,
 };
 
 const HOSTILE: &str = env!("CARGO_BIN_EXE_hostile-worker");
@@ -24,8 +26,17 @@ fn reference(bin: &Path, dir: &Path) {
 /// A coordinator auditing every task, `honest` honest workers and one hostile worker that
 /// lies on every write task, all polling before the job is submitted.
 fn cluster(bin: &Path, honest: usize, mode: &str) -> (Cluster, usize) {
+    cluster_with(bin, Vec::new(), honest, mode)
+}
+
+fn cluster_with(
+    bin: &Path,
+    env: Vec<(String, String)>,
+    honest: usize,
+    mode: &str,
+) -> (Cluster, usize) {
     let args = ["--audit-fraction", "1", "--audit-seed", "3"];
-    let mut c = Cluster::start_with(bin, Vec::new(), 5.0, honest, &args);
+    let mut c = Cluster::start_with(bin, env, 5.0, honest, &args);
     let h = c.add_hostile_worker(
         Path::new(HOSTILE),
         &[
@@ -164,4 +175,66 @@ fn two_worker_processes_that_disagree_fail_the_job_cleanly() {
         !left.iter().any(|n| n.to_string_lossy().ends_with(".json")),
         "a failed job leaves no checkpoint: {left:?}"
     );
+}
+
+#[test]
+fn over_s3_a_lying_worker_is_caught_and_its_parts_are_uploaded_again() {
+    let bin = shardmerge_bin!();
+    let work = tempfile::tempdir().expect("tempdir");
+    let dir = work.path();
+    let s3 = S3Server::shared();
+    s3.create_bucket("audits", true);
+    let bucket = s3.bucket("audits");
+    for m in generate_family(dir, 2, 4, 768) {
+        let n = m.file_name().expect("name").to_string_lossy().into_owned();
+        bucket.upload_dir(&m, &format!("models/{n}"));
+    }
+    let recipe = |m0: &str, m1: &str| {
+        format!("merge_method: linear\nmodels:\n- model: {m0}\n  parameters:\n    weight: 0.5\n- model: {m1}\n  parameters:\n    weight: 0.5\n")
+    };
+    std::fs::write(dir.join("local.yml"), recipe("m0", "m1")).expect("write");
+    let s3_recipe = recipe(&bucket.uri("models/m0"), &bucket.uri("models/m1"));
+    std::fs::write(dir.join("r.yml"), s3_recipe).expect("write");
+    let args = ["run", "local.yml", "local", "-q", "--task-size", "5MiB"];
+    ok(&run_cli(&bin, &[], dir, &args), "shardmerge run");
+    for mode in ["zeros", "nothing"] {
+        let (mut c, h) = cluster_with(&bin, s3.env(), 2, mode);
+        let out = bucket.uri(&format!("out-{mode}"));
+        let args = ["submit", "r.yml", &out, "--coordinator", &c.url];
+        let id = ok(&c.cli(dir, &args), "submit").trim().to_string();
+        let st = wait_until_ended(&c, &id);
+        assert_eq!(
+            st.state,
+            pb::JobState::Succeeded as i32,
+            "{mode}: {st:?}\n{}",
+            c.logs()
+        );
+        assert!(
+            lies_told(&c, h) > 0,
+            "{mode}: the hostile worker got no task\n{}",
+            c.logs()
+        );
+        assert_eq!(st.quarantined, ["hostile"], "{mode}: {st:?}");
+        let want = checkpoint_files(&dir.join("local"));
+        let prefix = format!("out-{mode}");
+        let names: Vec<String> = bucket
+            .list(&prefix)
+            .into_iter()
+            .filter(|n| is_checkpoint_file(n))
+            .collect();
+        assert_eq!(names, want.keys().cloned().collect::<Vec<_>>(), "{mode}");
+        for (name, bytes) in &want {
+            let got = bucket
+                .get(&format!("{prefix}/{name}"))
+                .expect("output file");
+            assert!(
+                got == *bytes,
+                "{mode}: {name} differs from the embedded run's"
+            );
+        }
+        let v = ok(&c.cli(dir, &["verify", "--data", &out]), "verify --data");
+        assert!(v.contains("data ok"), "{v}");
+        let exit = c.wait_worker(h, Duration::from_secs(20));
+        assert_eq!(exit.and_then(|s| s.code()), Some(3), "{}", c.logs());
+    }
 }

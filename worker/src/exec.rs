@@ -182,8 +182,13 @@ impl Executor {
             scratch.bytes = buf;
             part
         } else {
-            self.put(out, buf, &io, scratch).await?
+            self.put(out, buf, scratch).await?
         };
+        // the part is written (or audited, after it was): the rows the statistics passes kept
+        // for it are not needed again
+        if let Some(c) = &self.cache {
+            io.cached.iter().for_each(|k| c.remove(k));
+        }
         Ok(pb::TaskResult {
             bytes_read: io.bytes_read,
             bytes_written: len as u64,
@@ -198,7 +203,6 @@ impl Executor {
         &self,
         out: &pb::OutputTarget,
         buf: Vec<u8>,
-        io: &Io,
         scratch: &mut Scratch,
     ) -> Result<pb::PartReceipt, TaskError> {
         let (store, upload, part_index) = self.sink(out)?;
@@ -209,10 +213,6 @@ impl Executor {
         // The store is done with the bytes: take the buffer back when nothing else holds it.
         if let Ok(b) = data.try_into_mut() {
             scratch.bytes = b.into();
-        }
-        // the part is written: the rows the statistics passes kept for it are not needed again
-        if let Some(c) = &self.cache {
-            io.cached.iter().for_each(|k| c.remove(k));
         }
         Ok(pb::PartReceipt {
             part_index: receipt.part_index,
