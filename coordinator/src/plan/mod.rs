@@ -22,6 +22,7 @@ use crate::recipe::{self, Recipe, Slice, Source, TokenizerSource};
 
 mod layout;
 mod load;
+mod params;
 mod slices;
 mod tensor;
 mod typed;
@@ -224,34 +225,7 @@ fn recipe_method(recipe: &Recipe) -> Result<&'static dyn Method> {
             ),
         )
     })?;
-    let spec = method.spec();
-    for (site, name) in recipe.parameter_sites() {
-        let known = spec
-            .params
-            .iter()
-            .chain(spec.tensor_params)
-            .any(|p| p.name == name);
-        if !known {
-            let takes: Vec<&str> = spec
-                .params
-                .iter()
-                .chain(spec.tensor_params)
-                .map(|p| p.name)
-                .collect();
-            return Err(Error::recipe(
-                format!("{site}.{name}"),
-                format!(
-                    "unknown parameter `{name}` for merge_method {} (it takes: {})",
-                    spec.name,
-                    if takes.is_empty() {
-                        "none".to_string()
-                    } else {
-                        takes.join(", ")
-                    }
-                ),
-            ));
-        }
-    }
+    params::check(recipe, method.spec())?;
     Ok(method)
 }
 

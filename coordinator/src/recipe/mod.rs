@@ -164,12 +164,13 @@ impl Recipe {
             .or(self.tokenizer_source.as_ref())
     }
 
-    /// Every place a parameter is set: (where, name), for unknown-parameter errors.
-    pub fn parameter_sites(&self) -> Vec<(String, String)> {
+    /// Every place a parameter is set: (where, name, setting), for the planner to check
+    /// against the method's declared parameters.
+    pub fn parameter_sites<'a>(&'a self) -> Vec<(String, &'a str, &'a Setting)> {
         let mut out = Vec::new();
-        let mut add = |site: String, p: &Params| {
-            for k in p.keys() {
-                out.push((site.clone(), k.clone()));
+        let mut add = |site: String, p: &'a Params| {
+            for (k, v) in p {
+                out.push((site.clone(), k.as_str(), v));
             }
         };
         add("parameters".into(), &self.params);

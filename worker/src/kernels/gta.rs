@@ -80,7 +80,7 @@ const TP_PLAIN: &[ParamDef] = &[
 const TP_GAMMA: &[ParamDef] = &[
     ParamDef::required("weight"),
     ParamDef::with_default("density", 1.0),
-    ParamDef::with_default("gamma", 0.01),
+    ParamDef::with_default("gamma", 0.01).within(0.0, 1.0),
 ];
 const TP_EPSILON: &[ParamDef] = &[
     ParamDef::required("weight"),
@@ -94,9 +94,9 @@ macro_rules! gta {
             spec: MethodSpec {
                 name: $name,
                 params: &[
-                    ParamDef::with_default("int8_mask", 0.0),
-                    ParamDef::with_default("normalize", $norm),
-                    ParamDef::with_default("rescale", $resc),
+                    ParamDef::flag("int8_mask", false),
+                    ParamDef::flag("normalize", $norm),
+                    ParamDef::flag("rescale", $resc),
                     ParamDef::with_default("lambda", 1.0),
                 ],
                 tensor_params: $tp,
@@ -117,8 +117,8 @@ gta!(
     "task_arithmetic",
     None,
     false,
-    normalize = 0.0,
-    rescale = 0.0,
+    normalize = false,
+    rescale = false,
     TP_PLAIN
 );
 gta!(
@@ -126,8 +126,8 @@ gta!(
     "ties",
     Magnitude,
     true,
-    normalize = 1.0,
-    rescale = 0.0,
+    normalize = true,
+    rescale = false,
     TP_PLAIN
 );
 gta!(
@@ -135,8 +135,8 @@ gta!(
     "dare_ties",
     Random,
     true,
-    normalize = 0.0,
-    rescale = 1.0,
+    normalize = false,
+    rescale = true,
     TP_PLAIN
 );
 gta!(
@@ -144,8 +144,8 @@ gta!(
     "dare_linear",
     Random,
     false,
-    normalize = 0.0,
-    rescale = 1.0,
+    normalize = false,
+    rescale = true,
     TP_PLAIN
 );
 gta!(
@@ -153,8 +153,8 @@ gta!(
     "breadcrumbs",
     Outliers,
     false,
-    normalize = 0.0,
-    rescale = 0.0,
+    normalize = false,
+    rescale = false,
     TP_GAMMA
 );
 gta!(
@@ -162,8 +162,8 @@ gta!(
     "breadcrumbs_ties",
     Outliers,
     true,
-    normalize = 0.0,
-    rescale = 0.0,
+    normalize = false,
+    rescale = false,
     TP_GAMMA
 );
 gta!(
@@ -171,8 +171,8 @@ gta!(
     "della",
     Della,
     true,
-    normalize = 1.0,
-    rescale = 1.0,
+    normalize = true,
+    rescale = true,
     TP_EPSILON
 );
 gta!(
@@ -180,8 +180,8 @@ gta!(
     "della_linear",
     Della,
     false,
-    normalize = 0.0,
-    rescale = 1.0,
+    normalize = false,
+    rescale = true,
     TP_EPSILON
 );
 

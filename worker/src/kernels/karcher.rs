@@ -19,8 +19,8 @@ pub struct Karcher;
 static SPEC: MethodSpec = MethodSpec {
     name: "karcher",
     params: &[
-        ParamDef::with_default("max_iter", 10.0),
-        ParamDef::with_default("tol", 1e-5),
+        ParamDef::int("max_iter", 10.0, 0.0, 1e9),
+        ParamDef::with_default("tol", 1e-5).at_least(0.0),
     ],
     tensor_params: &[],
     base: BaseRule::Optional,

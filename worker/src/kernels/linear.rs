@@ -68,7 +68,7 @@ pub struct Linear;
 
 static SPEC: MethodSpec = MethodSpec {
     name: "linear",
-    params: &[ParamDef::with_default("normalize", 1.0)],
+    params: &[ParamDef::flag("normalize", true)],
     tensor_params: &[ParamDef::required("weight")],
     base: BaseRule::Ignored,
     min_models: 1,

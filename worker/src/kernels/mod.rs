@@ -51,26 +51,118 @@ pub enum BaseRule {
     Ignored,
 }
 
-/// A parameter a method reads, with mergekit's name and default.
+/// The type of a parameter's values, declared once with the method: the planner checks every
+/// value a recipe gives against it (naming the method and the recipe key), and
+/// `docs/methods.md` is checked against it by a test. On the wire and in [`TensorCtx`] every
+/// value is an f64 (a boolean 0 or 1; read it with [`TensorCtx::flag`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ParamType {
+    /// A finite number in `[min, max]` (infinite bounds: none).
+    Number { min: f64, max: f64 },
+    /// A whole number in `[min, max]`.
+    Int { min: f64, max: f64 },
+    /// `true` or `false` (a recipe may also write 1 or 0).
+    Bool,
+}
+
+impl ParamType {
+    /// Why `v` is not a value of this type (`must be in [0, 1], got 2`), or `None` when it is.
+    pub fn refuse(&self, v: f64) -> Option<String> {
+        let (ok, what) = match *self {
+            ParamType::Number { min, max } => ((min..=max).contains(&v), range(min, max)),
+            ParamType::Int { min, max } => (
+                (min..=max).contains(&v) && v.fract() == 0.0,
+                format!(" an integer{}", range(min, max)),
+            ),
+            ParamType::Bool => (v == 0.0 || v == 1.0, " a boolean (true or false)".into()),
+        };
+        (!ok).then(|| format!("must be{what}, got {v}"))
+    }
+}
+
+/// ` in [min, max]`, ` >= min`, ` <= max`, or nothing for no bounds.
+fn range(min: f64, max: f64) -> String {
+    match (min, max) {
+        (f64::NEG_INFINITY, f64::INFINITY) => String::new(),
+        (min, f64::INFINITY) => format!(" >= {min}"),
+        (f64::NEG_INFINITY, max) => format!(" <= {max}"),
+        (min, max) => format!(" in [{min}, {max}]"),
+    }
+}
+
+/// As `docs/methods.md` names it: `number`, `number in [0, 1]`, `integer >= 0`, `boolean`.
+impl fmt::Display for ParamType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            ParamType::Number { min, max } => write!(f, "number{}", range(min, max)),
+            ParamType::Int { min, max } => write!(f, "integer{}", range(min, max)),
+            ParamType::Bool => f.write_str("boolean"),
+        }
+    }
+}
+
+/// A parameter a method reads, with mergekit's name and default, and the type of its values.
 #[derive(Clone, Copy, Debug)]
 pub struct ParamDef {
     pub name: &'static str,
     /// `None`: required (for a tensor parameter: required of every model but the base).
+    /// `Some(NaN)`: optional, unset unless the recipe sets it.
     pub default: Option<f64>,
+    pub ty: ParamType,
 }
 
+const ANY: ParamType = ParamType::Number {
+    min: f64::NEG_INFINITY,
+    max: f64::INFINITY,
+};
+
 impl ParamDef {
+    /// A required number.
     pub const fn required(name: &'static str) -> ParamDef {
         ParamDef {
             name,
             default: None,
+            ty: ANY,
         }
     }
+    /// A number with a default.
     pub const fn with_default(name: &'static str, default: f64) -> ParamDef {
         ParamDef {
             name,
             default: Some(default),
+            ty: ANY,
         }
+    }
+    /// A number with no default: unset (NaN to the kernel) unless the recipe sets it.
+    pub const fn optional(name: &'static str) -> ParamDef {
+        ParamDef::with_default(name, f64::NAN)
+    }
+    /// A boolean with a default.
+    pub const fn flag(name: &'static str, default: bool) -> ParamDef {
+        ParamDef {
+            name,
+            default: Some(if default { 1.0 } else { 0.0 }),
+            ty: ParamType::Bool,
+        }
+    }
+    /// An integer in `[min, max]` with a default.
+    pub const fn int(name: &'static str, default: f64, min: f64, max: f64) -> ParamDef {
+        ParamDef {
+            name,
+            default: Some(default),
+            ty: ParamType::Int { min, max },
+        }
+    }
+    /// This number, limited to `[min, max]`.
+    pub const fn within(self, min: f64, max: f64) -> ParamDef {
+        ParamDef {
+            ty: ParamType::Number { min, max },
+            ..self
+        }
+    }
+    /// This number, at least `min`.
+    pub const fn at_least(self, min: f64) -> ParamDef {
+        self.within(min, f64::INFINITY)
     }
 }
 
@@ -158,6 +250,7 @@ impl TensorCtx<'_> {
         })
     }
 
+    /// A boolean method-level parameter (0 or 1 on the wire).
     pub fn flag(&self, name: &str) -> KResult<bool> {
         Ok(self.param(name)? != 0.0)
     }

@@ -15,7 +15,7 @@ pub struct ModelStock;
 
 static SPEC: MethodSpec = MethodSpec {
     name: "model_stock",
-    params: &[ParamDef::with_default("filter_wise", 0.0)],
+    params: &[ParamDef::flag("filter_wise", false)],
     tensor_params: &[],
     base: BaseRule::Required,
     min_models: 3,

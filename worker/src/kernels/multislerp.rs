@@ -20,8 +20,8 @@ pub struct MultiSlerp;
 static SPEC: MethodSpec = MethodSpec {
     name: "multislerp",
     params: &[
-        ParamDef::with_default("normalize_weights", 1.0),
-        ParamDef::with_default("eps", 1e-8),
+        ParamDef::flag("normalize_weights", true),
+        ParamDef::with_default("eps", 1e-8).at_least(0.0),
     ],
     tensor_params: &[ParamDef::required("weight")],
     base: BaseRule::Optional,

@@ -12,7 +12,7 @@ pub struct NearSwap;
 
 static SPEC: MethodSpec = MethodSpec {
     name: "nearswap",
-    params: &[ParamDef::required("t")],
+    params: &[ParamDef::required("t").at_least(0.0)],
     tensor_params: &[],
     base: BaseRule::Required,
     min_models: 2,

@@ -20,8 +20,8 @@ pub struct NuSlerp;
 static SPEC: MethodSpec = MethodSpec {
     name: "nuslerp",
     params: &[
-        ParamDef::with_default("nuslerp_row_wise", 0.0),
-        ParamDef::with_default("nuslerp_flatten", 1.0),
+        ParamDef::flag("nuslerp_row_wise", false),
+        ParamDef::flag("nuslerp_flatten", true),
     ],
     tensor_params: &[ParamDef::required("weight")],
     base: BaseRule::Optional,

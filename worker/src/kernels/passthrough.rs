@@ -8,10 +8,7 @@ pub struct Passthrough;
 static SPEC: MethodSpec = MethodSpec {
     name: "passthrough",
     params: &[],
-    tensor_params: &[ParamDef {
-        name: "scale",
-        default: Some(f64::NAN),
-    }],
+    tensor_params: &[ParamDef::optional("scale")],
     base: BaseRule::Ignored,
     min_models: 1,
     max_models: Some(1),

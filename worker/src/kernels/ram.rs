@@ -15,7 +15,7 @@ pub struct RamPlusTl;
 
 static RAM_SPEC: MethodSpec = MethodSpec {
     name: "ram",
-    params: &[ParamDef::with_default("epsilon", 1e-5)],
+    params: &[ParamDef::with_default("epsilon", 1e-5).at_least(0.0)],
     tensor_params: &[],
     base: BaseRule::Required,
     min_models: 2,
@@ -27,7 +27,7 @@ static RAMPLUS_SPEC: MethodSpec = MethodSpec {
     params: &[
         ParamDef::with_default("r", 0.1),
         ParamDef::with_default("alpha", 0.2),
-        ParamDef::with_default("epsilon", 1e-5),
+        ParamDef::with_default("epsilon", 1e-5).at_least(0.0),
     ],
     tensor_params: &[],
     base: BaseRule::Required,

@@ -21,8 +21,8 @@ pub struct Sce;
 static SPEC: MethodSpec = MethodSpec {
     name: "sce",
     params: &[
-        ParamDef::with_default("int8_mask", 0.0),
-        ParamDef::with_default("select_topk", 1.0),
+        ParamDef::flag("int8_mask", false),
+        ParamDef::with_default("select_topk", 1.0).within(0.0, 1.0),
     ],
     tensor_params: &[],
     base: BaseRule::Required,

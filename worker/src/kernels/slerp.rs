@@ -17,7 +17,7 @@ pub struct Slerp;
 
 static SPEC: MethodSpec = MethodSpec {
     name: "slerp",
-    params: &[ParamDef::required("t")],
+    params: &[ParamDef::required("t").within(0.0, 1.0)],
     tensor_params: &[],
     base: BaseRule::Required,
     min_models: 2,
