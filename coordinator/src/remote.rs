@@ -134,13 +134,17 @@ pub async fn coordinator(
     let listener = server::bind(listen).await?;
     let addr = listener.local_addr().unwrap_or(listen);
     ops::say(format!(
-        "shardmerge coordinator listening on {}://{addr} (lease ttl {:.1}s; {notes})",
+        "shardmerge coordinator listening on {}://{addr} (lease ttl {:.1}s; audits: {}; {notes})",
         if security.tls.is_some() {
             "https"
         } else {
             "http"
         },
-        lease_ttl.as_secs_f64()
+        lease_ttl.as_secs_f64(),
+        match limits.audit.fraction {
+            f if f > 0.0 => format!("{:.2}% of write tasks", f * 100.0),
+            _ => "off".to_string(),
+        }
     ));
     ops::serve(
         listener,

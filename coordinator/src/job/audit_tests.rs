@@ -7,7 +7,7 @@ use shardmerge_proto as pb;
 
 use super::state::sampled;
 use super::state::{AuditEvent, AuditRules, JobState, Recorded};
-use super::tests::{job, stats_result, RULES, TTL};
+use super::tests::{job, stats_result, RULES, S0, S1, TTL};
 use crate::journal::Item;
 
 /// A write result (or an audit's) of the test plan's 8-byte parts with CRC-32C `crc`.
@@ -137,6 +137,38 @@ fn a_lying_auditor_is_the_one_quarantined() {
         "h's results stand: {t:?}"
     );
     assert_eq!(files_released(&t), [0, 1]);
+}
+
+#[test]
+fn what_waited_for_a_quarantined_process_goes_to_the_others_at_once() {
+    let mut j = audited(1.0);
+    let now = Instant::now();
+    let one = |j: &mut JobState, p: &str, crc: u32| {
+        let w = format!("{p}/0");
+        let g = j.lease_next(1, &w, now, RULES).pop().expect("a task");
+        let r = match g.item {
+            Item::Stats { .. } => stats_result(1),
+            _ => part(crc),
+        };
+        j.record_by(g.item, r, Some(&w)).expect("record");
+        g.item
+    };
+    // the liar runs the statistics unit's first pass: its next pass waits for the liar's
+    // row cache; then it lies auditing h's write, and t's tie-break quarantines it
+    assert_eq!(one(&mut j, "liar", 0), S0);
+    assert_eq!(one(&mut j, "liar", 0), S1);
+    assert_eq!(one(&mut j, "h", 5), Item::Write(0));
+    assert_eq!(one(&mut j, "liar", 0), Item::Audit(0));
+    assert_eq!(one(&mut j, "t", 5), Item::Audit(0));
+    assert_eq!(j.status.quarantined, ["liar"]);
+    let rest: Vec<Item> = work(&mut j, "t", 5, now)
+        .iter()
+        .map(|(it, _)| *it)
+        .collect();
+    assert!(
+        rest.contains(&S0) && rest.contains(&S1) && rest.contains(&Item::Write(1)),
+        "the unit's next pass and its write run now: {rest:?}"
+    );
 }
 
 #[test]

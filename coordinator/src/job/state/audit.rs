@@ -268,6 +268,14 @@ impl JobState {
         for it in held {
             leases.extend(self.revoke(it));
         }
+        // what waited for its row cache (a statistics unit's next pass, a write of its rows)
+        // goes to whoever is free now, not after its queue is found abandoned
+        self.seen.remove(p);
+        self.unit_home.retain(|_, h| h != p);
+        self.home.retain(|_, h| h != p);
+        for it in self.homed.remove(p).unwrap_or_default() {
+            self.queue.push_back(it);
+        }
         let mut mine: Vec<usize> = self
             .audits
             .by
