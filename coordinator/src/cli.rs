@@ -6,16 +6,15 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 mod args;
+mod merge;
+mod sweep;
 
-use crate::embedded::{self, RunOptions};
 use crate::error::{Error, Result};
-use crate::job::SubmitOptions;
 use crate::progress::stdout;
-use crate::remote::{self, SubmitArgs, WorkerOptions};
-use crate::{planinfo, size, verify};
+use crate::remote::{self, WorkerOptions};
+use crate::{size, verify};
 use args::{
     seconds, ClientSecurityArgs, EngineArgs, LogFormat, OpsArgs, ScratchArgs, ServeSecurityArgs,
-    SubmitJobArgs,
 };
 pub use args::{LimitArgs, RngArg};
 use clap::builder::NonEmptyStringValueParser;
@@ -54,6 +53,8 @@ enum Cmd {
         /// No progress bar or summary
         #[arg(long, short)]
         quiet: bool,
+        #[command(flatten)]
+        points: sweep::PointArgs,
     },
     /// Dry run from headers: output tensors, files, tasks, bytes, peak memory per worker
     Plan {
@@ -61,6 +62,8 @@ enum Cmd {
         recipe: PathBuf,
         #[command(flatten)]
         engine: EngineArgs,
+        #[command(flatten)]
+        points: sweep::PointArgs,
         /// Machine-readable output
         #[arg(long)]
         json: bool,
@@ -117,24 +120,7 @@ enum Cmd {
         scratch: ScratchArgs,
     },
     /// Submit a merge to a coordinator; relative model paths resolve against this directory
-    Submit {
-        recipe: PathBuf,
-        /// Output checkpoint: s3://bucket/prefix (or a path every worker shares)
-        out: String,
-        /// The coordinator's URL (http://HOST:PORT)
-        #[arg(long, env = "SHARDMERGE_COORDINATOR", value_parser = NonEmptyStringValueParser::new())]
-        coordinator: String,
-        /// Follow the job; exit 0 only when it succeeded
-        #[arg(long)]
-        wait: bool,
-        #[command(flatten)]
-        job: SubmitJobArgs,
-        /// No progress output
-        #[arg(long, short)]
-        quiet: bool,
-        #[command(flatten)]
-        security: ClientSecurityArgs,
-    },
+    Submit(merge::SubmitCmd),
     /// Show one job, or every job the coordinator knows
     Status {
         job: Option<String>,
@@ -197,12 +183,17 @@ async fn main_inner(cli: Cli) -> Result<()> {
             engine,
             overwrite,
             quiet,
-        } => run(&recipe, &out, &engine, overwrite, quiet, resolver).await,
+            points,
+        } => {
+            let o = merge::run_options(&engine, overwrite, quiet)?;
+            merge::run(&read_recipe(&recipe)?, &out, &o, &points, resolver).await
+        }
         Cmd::Plan {
             recipe,
             engine,
             json,
-        } => plan(&recipe, &engine, json, &resolver).await,
+            points,
+        } => merge::plan(&read_recipe(&recipe)?, &engine, json, &points, &resolver).await,
         Cmd::Verify { checkpoint, data } => verify(&checkpoint, data, &resolver).await,
         Cmd::Coordinator {
             listen,
@@ -221,39 +212,18 @@ async fn main_inner(cli: Cli) -> Result<()> {
             ops,
             scratch,
         } => {
-            let o = WorkerOptions {
-                client: security.options()?,
+            remote::worker(worker_options(
                 coordinator,
-                threads: threads
-                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+                threads,
                 memory_limit,
                 id,
-                metrics_listen: ops.metrics_listen,
-                cache: scratch.cache()?,
-            };
-            remote::worker(o).await
-        }
-        Cmd::Submit {
-            recipe,
-            out,
-            coordinator,
-            wait,
-            job,
-            quiet,
-            security,
-        } => {
-            let recipe_yaml = read_recipe(&recipe)?;
-            remote::submit(SubmitArgs {
-                client: security.options()?,
-                coordinator,
-                recipe_yaml,
-                output: out,
-                options: job.options(),
-                wait,
-                quiet,
-            })
+                security,
+                ops,
+                scratch,
+            )?)
             .await
         }
+        Cmd::Submit(c) => c.run(&resolver).await,
         Cmd::Status {
             job,
             coordinator,
@@ -267,6 +237,28 @@ async fn main_inner(cli: Cli) -> Result<()> {
             security,
         } => remote::cancel(&coordinator, &security.options()?, job).await,
     }
+}
+
+/// `shardmerge worker`'s options from its flags (threads default to the cores).
+fn worker_options(
+    coordinator: String,
+    threads: Option<usize>,
+    memory_limit: u64,
+    id: Option<String>,
+    security: ClientSecurityArgs,
+    ops: OpsArgs,
+    scratch: ScratchArgs,
+) -> Result<WorkerOptions> {
+    Ok(WorkerOptions {
+        client: security.options()?,
+        coordinator,
+        threads: threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+        memory_limit,
+        id,
+        metrics_listen: ops.metrics_listen,
+        cache: scratch.cache()?,
+    })
 }
 
 /// `shardmerge coordinator`: serves jobs to workers.
@@ -289,70 +281,6 @@ async fn coordinator(
         limits,
     )
     .await
-}
-
-/// `shardmerge run`: the embedded merge.
-async fn run(
-    recipe: &PathBuf,
-    out: &str,
-    engine: &EngineArgs,
-    overwrite: bool,
-    quiet: bool,
-    resolver: Resolver,
-) -> Result<()> {
-    let text = read_recipe(recipe)?;
-    let o = RunOptions {
-        workers: engine.workers(),
-        submit: SubmitOptions {
-            overwrite,
-            ..engine.submit_options()
-        },
-        quiet,
-        cache: engine.scratch.cache()?,
-    };
-    let s = embedded::run(&text, out, &o, resolver).await?;
-    if !quiet {
-        let peak = size::peak_rss().map_or(String::new(), |b| {
-            format!(", peak memory {}", size::human(b))
-        });
-        eprintln!(
-            "merged {} tensors into {} file(s), {}{peak} -> {}",
-            s.plan.tensors.len(),
-            s.plan.files.len(),
-            size::bytes_in(s.plan.bytes_out(), s.status.elapsed_seconds),
-            s.status.output_uri
-        );
-        eprintln!(
-            "{}",
-            crate::progress::reads_line(&s.status, Some(s.plan.bytes_in()))
-        );
-    }
-    Ok(())
-}
-
-/// `shardmerge plan`: what a recipe would do, without merging.
-async fn plan(
-    recipe: &PathBuf,
-    engine: &EngineArgs,
-    json: bool,
-    resolver: &Resolver,
-) -> Result<()> {
-    let text = read_recipe(recipe)?;
-    let mut info =
-        planinfo::describe(&text, &engine.submit_options(), engine.workers(), resolver).await?;
-    if engine.scratch.scratch_limit == 0 {
-        // no row cache: every statistics pass reads its rows from storage again
-        info.reads = crate::reads::planned_reads(&info.plan, &info.cut, true);
-    }
-    if json {
-        stdout(&format!(
-            "{}\n",
-            serde_json::to_string_pretty(&info.to_json()).unwrap_or_default()
-        ));
-    } else {
-        stdout(&info.to_text());
-    }
-    Ok(())
 }
 
 /// `shardmerge verify`: checks a finished checkpoint.

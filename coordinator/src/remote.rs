@@ -271,6 +271,7 @@ fn connect(url: &str, o: &ClientOptions) -> Result<Client> {
 }
 
 /// Options of `shardmerge submit`.
+#[derive(Clone)]
 pub struct SubmitArgs {
     pub coordinator: String,
     pub client: ClientOptions,

@@ -272,7 +272,7 @@ const TOP_KEYS: &[&str] = &[
 ];
 
 /// Refuses a recipe too large, nested too deeply, or with YAML aliases, before parsing it.
-fn check_text(text: &str) -> Result<()> {
+pub(super) fn check_text(text: &str) -> Result<()> {
     let max = max_recipe_bytes();
     if text.len() > max {
         return Err(Error::recipe("", format!(
