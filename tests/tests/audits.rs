@@ -138,11 +138,11 @@ fn a_zero_writing_worker_is_caught_quarantined_and_its_tasks_run_again() {
             line.contains("quarantined") && line.contains("hostile"),
             "{line}"
         );
+        let log = c.log("coordinator.log");
+        assert!(log.contains("audits: 100.00% of write tasks"), "{log}");
         assert!(
-            c.log("coordinator.log")
-                .contains("worker process \"hostile\" quarantined"),
-            "{}",
-            c.log("coordinator.log")
+            log.contains("worker process \"hostile\" quarantined"),
+            "{log}"
         );
         let exit = c.wait_worker(h, Duration::from_secs(20));
         assert_eq!(exit.and_then(|s| s.code()), Some(3), "{}", c.logs());
