@@ -488,6 +488,9 @@ fn tls_coordinator_serves_https_only() {
     );
     // the right CA: workers and a client complete a job
     cluster.url = https.clone();
+    // workers are given their own address (`Cluster::workers_via`): https too, or they refuse
+    // the TLS options given with a plain URL and the job never runs
+    cluster.workers_via(&https);
     cluster.add_worker();
     cluster.add_worker();
     let out = out_dir.path().join("out");
