@@ -109,14 +109,18 @@ pub async fn coordinator(
             let mgr = JobManager::new(resolver);
             // the one lease TTL, with or without a journal
             mgr.set_lease_ttl(lease_ttl);
+            mgr.set_limits(limits);
             mgr
         }
         Some(uri) => {
             let journal = Journal::open(uri, &resolver).await?;
             let at = journal.uri();
             let mgr = JobManager::with_journal(resolver, journal);
-            // before `recover`: resumed jobs' leases get the coordinator's TTL too
+            // before `recover`: resumed jobs' leases get the coordinator's TTL too, and
+            // resumed jobs its limits and audit rules (they were resumed with none: a
+            // liar's results from before a restart went unaudited)
             mgr.set_lease_ttl(lease_ttl);
+            mgr.set_limits(limits);
             let resumed = mgr.recover().await?;
             ops::say(format!(
                 "shardmerge coordinator: journal {at}: {} unfinished job(s) resumed{}",
@@ -130,7 +134,6 @@ pub async fn coordinator(
             mgr
         }
     };
-    mgr.set_limits(limits);
     let listener = server::bind(listen).await?;
     let addr = listener.local_addr().unwrap_or(listen);
     ops::say(format!(

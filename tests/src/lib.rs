@@ -686,7 +686,7 @@ impl Cluster {
     pub fn add_hostile_worker(&mut self, bin: &Path, args: &[&str]) -> usize {
         let i = self.workers.len();
         let mut cmd = Command::new(bin);
-        cmd.args(["--coordinator", &self.url])
+        cmd.args(["--coordinator", &self.worker_url])
             .args(args)
             .envs(self.env.iter().cloned())
             .stdout(Stdio::null())

@@ -1,10 +1,12 @@
 //! The chaos test: a distributed TIES merge over the S3 test server, with `--overwrite` over an
-//! old checkpoint, while a driver does at random, one at a time: kill a worker (SIGKILL) and
-//! start another, kill and restart the coordinator (it resumes from its journal in the
-//! bucket), stop the S3 server for a while and start it again, cut every connection open
-//! through the TCP proxies in front of S3 and of the coordinator. Every run must end with the
-//! embedded run's checkpoint, byte for byte, or with a failed job that left the old checkpoint
-//! as it was: never anything else.
+//! old checkpoint, by two honest workers and a hostile one (`hostile-worker`: it writes zeros,
+//! or nothing, on a random fraction of its write tasks and reports them with a valid CRC; the
+//! coordinator audits every task), while a driver does at random, one at a time: kill an
+//! honest worker (SIGKILL) and start another, kill and restart the coordinator (it resumes from
+//! its journal in the bucket), stop the S3 server for a while and start it again, cut every
+//! connection open through the TCP proxies in front of S3 and of the coordinator. Every run
+//! must end with the embedded run's checkpoint, byte for byte, or with a failed job that left
+//! the old checkpoint as it was: never anything else.
 //!
 //! The seed is printed first; `CHAOS_SEED=N` replays a run's choices (the timing of the
 //! processes is the machine's), `CHAOS_ACTIONS=N` sets how many faults (default 8).
@@ -206,10 +208,35 @@ fn chaos_ends_with_the_embedded_checkpoint_or_leaves_the_old_one() {
         }
     }
     let journal = bucket.uri("_journal");
-    let mut cluster = Cluster::start_with(&bin, env, 2.0, 0, &["--state", &journal]);
+    let audit_seed = rng.next().to_string();
+    let args = [
+        "--state",
+        &journal,
+        "--audit-fraction",
+        "1",
+        "--audit-seed",
+        &audit_seed,
+    ];
+    let mut cluster = Cluster::start_with(&bin, env, 2.0, 0, &args);
     let coord_proxy = Proxy::start(&cluster.coordinator_addr());
     cluster.workers_via(&coord_proxy.url());
     let workers = vec![cluster.add_worker(), cluster.add_worker()];
+    let (lie, lie_seed) = (rng.range(20, 101) as f64 / 100.0, rng.next().to_string());
+    let mode = ["zeros", "nothing"][rng.range(0, 2) as usize];
+    eprintln!("chaos: the hostile worker lies on {lie} of its write tasks ({mode})");
+    let hostile = Path::new(env!("CARGO_BIN_EXE_hostile-worker"));
+    let lie = lie.to_string();
+    let hostile_args = [
+        "--id",
+        "hostile",
+        "--lie-fraction",
+        &lie,
+        "--seed",
+        &lie_seed,
+        "--mode",
+        mode,
+    ];
+    cluster.add_hostile_worker(hostile, &hostile_args);
     let submitted = ok(
         &cluster.cli(
             work.path(),
@@ -265,10 +292,14 @@ fn chaos_ends_with_the_embedded_checkpoint_or_leaves_the_old_one() {
         std::thread::sleep(Duration::from_millis(100));
     };
     eprintln!(
-        "chaos: job ended {:?} after {:.1}s ({} retries): {}",
+        "chaos: job ended {:?} after {:.1}s ({} retries; audits {} passed, {} failed, {} skipped; quarantined {:?}): {}",
         pb::JobState::try_from(st.state),
         start.elapsed().as_secs_f64(),
         st.retries,
+        st.audits_passed,
+        st.audits_failed,
+        st.audits_skipped,
+        st.quarantined,
         st.error
     );
     if st.state == pb::JobState::Succeeded as i32 {

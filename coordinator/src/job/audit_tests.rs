@@ -172,11 +172,16 @@ fn what_waited_for_a_quarantined_process_goes_to_the_others_at_once() {
 }
 
 #[test]
-fn one_worker_process_skips_its_audits_at_once_and_says_so_once() {
+fn one_worker_process_skips_its_audits_two_ttls_after_the_first_poll_and_says_so_once() {
     let mut j = audited(1.0);
     let now = Instant::now();
     assert!(files_released(&work(&mut j, "solo", 5, now)).is_empty());
-    let r = j.audit_tick(now, TTL * 2);
+    // (another process may be on its way: just after a coordinator restart, the first to poll
+    // again is not alone for being first)
+    assert_eq!(j.audit_tick(now, TTL * 2), Recorded::Accepted);
+    assert_eq!(j.audit_tick(now + TTL, TTL * 2), Recorded::Accepted);
+    assert_eq!(j.status.audits_skipped, 0);
+    let r = j.audit_tick(now + TTL * 2, TTL * 2);
     assert_eq!(r, Recorded::FilesComplete(vec![0, 1]));
     assert_eq!(j.status.audits_skipped, 3);
     let events = j.take_audit_events();
@@ -210,6 +215,11 @@ fn a_disagreement_between_two_processes_and_no_third_fails_the_job() {
     work(&mut j, "a", 0, now);
     work(&mut j, "b", 5, now);
     assert_eq!(j.audit_tick(now, TTL * 2), Recorded::Accepted);
+    assert!(
+        j.take_audit_events().is_empty(),
+        "a third may be on its way"
+    );
+    assert_eq!(j.audit_tick(now + TTL * 2, TTL * 2), Recorded::Accepted);
     let events = j.take_audit_events();
     assert!(
         matches!(&events[..], [AuditEvent::Undecided(m)] if m.contains("\"a\"") && m.contains("\"b\"")),
@@ -242,4 +252,48 @@ fn the_sample_is_the_fraction_asked_and_follows_the_seed() {
     };
     assert_eq!(picks(1), picks(1));
     assert_ne!(picks(1), picks(2));
+}
+
+/// After a coordinator restart, a journaled write result in the audit sample whose file was
+/// not completed is not believed (its audit was not journaled): the task runs again. Results
+/// outside the sample, of completed files, and statistics are replayed as before.
+#[test]
+fn a_resumed_job_runs_unverified_sampled_writes_again() {
+    let j = job();
+    let n = j.cut.tasks.len();
+    let records: Vec<(String, pb::TaskResult)> = (0..n)
+        .map(|i| (format!("w{i}"), part(1)))
+        .chain([("s0.0.0".to_string(), stats_result(1))])
+        .collect();
+    let keys = |rules, finished: &[usize]| {
+        j.believable(records.clone(), rules, finished)
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect::<Vec<_>>()
+    };
+    let all = AuditRules {
+        fraction: 1.0,
+        seed: 7,
+    };
+    assert_eq!(keys(all, &[]), ["s0.0.0"], "every write runs again");
+    let file0: Vec<String> = (0..n)
+        .filter(|&i| j.cut.tasks[i].file == 0)
+        .map(|i| format!("w{i}"))
+        .chain(["s0.0.0".to_string()])
+        .collect();
+    assert_eq!(keys(all, &[0]), file0, "a completed file's writes stand");
+    let off = AuditRules::default();
+    assert_eq!(keys(off, &[]).len(), n + 1, "no audits: all replayed");
+    let some = AuditRules {
+        fraction: 0.5,
+        seed: 7,
+    };
+    let kept = keys(some, &[]);
+    for i in 0..n {
+        assert_eq!(
+            kept.contains(&format!("w{i}")),
+            !sampled(some, i),
+            "task {i}"
+        );
+    }
 }

@@ -87,9 +87,12 @@ impl JobManager {
         let uploads = uploads_of(&u.job);
         let id = u.job.job_id.clone();
         let mut state = JobState::new(id.clone(), plan, cut, out.uri(), state::kernel_reduce);
-        let complete = state.replay(u.tasks)?;
-        // (replayed results are not audited: audits are not journaled)
-        state.set_audits(self.limits().audit);
+        // audits are not journaled: a sampled write result of a file not yet completed is not
+        // believed after a restart, its task runs again (and is audited)
+        let rules = self.limits().audit;
+        let records = state.believable(u.tasks, rules, &u.files_finished);
+        let complete = state.replay(records)?;
+        state.set_audits(rules);
         tracing::info!(
             job = %id,
             "resumed from the journal: {} of {} tasks done",

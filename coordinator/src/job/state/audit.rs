@@ -8,9 +8,11 @@
 //! every write task is done and every audit decided, so a re-run never meets a completed file.
 //!
 //! An audit that no other process can run (one worker process, or none but the two that
-//! disagree) waits until every write task is done; then it is decided at once when the job
-//! never saw a process that could run it, else after waiting `gone` (two lease TTLs) for one
-//! to poll again: an unaudited result is accepted
+//! disagree) waits until every write task is done; then it is decided once it has waited
+//! `gone` (two lease TTLs) for one to poll again, or, when the job never saw such a process,
+//! once `gone` has passed since the job first polled (since it was started or resumed: after a
+//! coordinator restart the first process to poll again is not alone just for being first):
+//! an unaudited result is accepted
 //! (counted as skipped, said once per job); an undecided disagreement fails the job.
 //! Statistics tasks are not audited (their results are folded as they arrive).
 
@@ -78,6 +80,8 @@ pub(super) struct Audits {
     released: Vec<bool>,
     said_alone: bool,
     events: Vec<AuditEvent>,
+    /// The first audit tick of this job (its first poll since it started or was resumed).
+    first_tick: Option<Instant>,
 }
 
 /// Whether write task `i` is in the sample: a hash of (seed, task) below `fraction`.
@@ -330,6 +334,7 @@ impl JobState {
     /// unaudited) or fails the job (a disagreement nobody can decide). Returns the files the
     /// decisions release.
     pub(crate) fn audit_tick(&mut self, now: Instant, gone: Duration) -> Recorded {
+        let first = *self.audits.first_tick.get_or_insert(now);
         // (while write tasks remain, audits wait: the files wait for them anyway, and the
         // processes that may run them may still come)
         if self.audits.pending.is_empty()
@@ -359,9 +364,11 @@ impl JobState {
                 a.waiting_since = None;
                 continue;
             }
-            // one that may run it, gone for a while, gets `gone` to come back
+            // one that may run it, gone for a while, gets `gone` to come back; when none was
+            // ever seen, the job waits `gone` from its first poll for one to come
             let since = *a.waiting_since.get_or_insert(now);
-            if ever.iter().any(may) && now.duration_since(since) < gone {
+            let from = if ever.iter().any(may) { since } else { first };
+            if now.duration_since(from) < gone {
                 continue;
             }
             match &a.dispute {

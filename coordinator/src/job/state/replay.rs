@@ -2,6 +2,7 @@
 
 use shardmerge_proto as pb;
 
+use super::audit::{sampled, AuditRules};
 use super::{ItemState, JobState, Recorded};
 use crate::error::Result;
 use crate::journal::{parse_task_key, Item};
@@ -44,6 +45,32 @@ impl JobState {
             }
         }
         Ok(complete)
+    }
+
+    /// Of a journal's task records, those a resumed job may take as done. With audits on
+    /// (`rules`), a write result in the audit sample whose file was not completed before the
+    /// restart is left out: its audit was not journaled, so the task runs again (and is
+    /// audited again) rather than being believed on the word of a worker nobody checked.
+    /// Files completed before the restart had every audit decided.
+    pub fn believable(
+        &self,
+        records: Vec<(String, pb::TaskResult)>,
+        rules: AuditRules,
+        files_finished: &[usize],
+    ) -> Vec<(String, pb::TaskResult)> {
+        if rules.fraction <= 0.0 {
+            return records;
+        }
+        records
+            .into_iter()
+            .filter(|(k, _)| match parse_task_key(k) {
+                Some((Item::Write(i), _)) => {
+                    let file = self.cut.tasks.get(i).map(|t| t.file);
+                    !sampled(rules, i) || file.is_some_and(|f| files_finished.contains(&f))
+                }
+                _ => true,
+            })
+            .collect()
     }
 
     fn is_queued(&self, it: Item) -> bool {
