@@ -10,8 +10,9 @@
 //! An audit that no other process can run (one worker process, or none but the two that
 //! disagree) waits until every write task is done; then it is decided once it has waited
 //! `gone` (two lease TTLs) for one to poll again, or, when the job never saw such a process,
-//! once `gone` has passed since the job first polled (since it was started or resumed: after a
-//! coordinator restart the first process to poll again is not alone just for being first):
+//! once `gone` (at least [`ALONE_WAIT`]) has passed since the job first polled (since it was
+//! started or resumed: after a coordinator restart the first process to poll again is not
+//! alone just for being first):
 //! an unaudited result is accepted
 //! (counted as skipped, said once per job); an undecided disagreement fails the job.
 //! Statistics tasks are not audited (their results are folded as they arrive).
@@ -24,6 +25,11 @@ use shardmerge_proto as pb;
 use super::home::process_of;
 use super::{slot, ItemState, JobState, Recorded};
 use crate::journal::Item;
+
+/// The least a job waits from its first poll before it decides that no process but the one
+/// whose results await audit is there: twice the workers' longest reconnect backoff (5 s), so
+/// that after a coordinator restart the honest workers are back before a fast liar is alone.
+const ALONE_WAIT: Duration = Duration::from_secs(10);
 
 /// How a coordinator samples write tasks for audit.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -367,8 +373,12 @@ impl JobState {
             // one that may run it, gone for a while, gets `gone` to come back; when none was
             // ever seen, the job waits `gone` from its first poll for one to come
             let since = *a.waiting_since.get_or_insert(now);
-            let from = if ever.iter().any(may) { since } else { first };
-            if now.duration_since(from) < gone {
+            let (from, wait) = if ever.iter().any(may) {
+                (since, gone)
+            } else {
+                (first, gone.max(ALONE_WAIT))
+            };
+            if now.duration_since(from) < wait {
                 continue;
             }
             match &a.dispute {
