@@ -515,6 +515,20 @@ impl Bucket {
         }
     }
 
+    /// The objects under `prefix/` (names relative to it) and their bytes, less a job's claim
+    /// object (`.shardmerge-claim.NONCE`: the output's lock, not part of the checkpoint; a
+    /// cancelled job may still be deleting it when the listing is taken).
+    pub fn output_objects(&self, prefix: &str) -> BTreeMap<String, Vec<u8>> {
+        self.list(prefix)
+            .into_iter()
+            .filter(|n| !n.starts_with(".shardmerge-claim"))
+            .map(|n| {
+                let data = self.get(&format!("{prefix}/{n}")).expect("object listed");
+                (n, data)
+            })
+            .collect()
+    }
+
     /// Names (relative to `prefix/`) of the objects under `prefix`.
     pub fn list(&self, prefix: &str) -> Vec<String> {
         use futures::TryStreamExt;

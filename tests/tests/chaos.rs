@@ -66,19 +66,6 @@ const RECIPE: &str = "merge_method: ties\ndtype: float32\nbase_model: M/m0\nmode
 const OLD_RECIPE: &str = "merge_method: linear\ndtype: float32\nmodels:\n\
 - model: M/m1\n  parameters: {weight: 0.5}\n- model: M/m2\n  parameters: {weight: 0.5}\n";
 
-/// The objects under `prefix/` and their bytes, less a job's claim object (the output's lock,
-/// not checkpoint content).
-fn objects(b: &Bucket, prefix: &str) -> BTreeMap<String, Vec<u8>> {
-    b.list(prefix)
-        .into_iter()
-        .filter(|n| !n.starts_with(".shardmerge-claim"))
-        .map(|n| {
-            let data = b.get(&format!("{prefix}/{n}")).expect("object listed");
-            (n, data)
-        })
-        .collect()
-}
-
 /// The coordinator's view of a job, or `None` while it cannot be reached (restarting).
 fn job(url: &str, id: &str) -> Option<pb::JobStatus> {
     let (url, id) = (url.to_string(), id.to_string());
@@ -195,7 +182,7 @@ fn chaos_ends_with_the_embedded_checkpoint_or_leaves_the_old_one() {
     let bin = shardmerge_bin!();
     let work = tempfile::tempdir().expect("tempdir");
     fixtures(&s3, &bin, work.path(), &bucket);
-    let old = objects(&bucket, "out");
+    let old = bucket.output_objects("out");
 
     // everything the coordinator and the workers say to S3 goes through a proxy that can cut
     // it; the reads are slowed so that the job lasts long enough for the faults
@@ -304,7 +291,8 @@ fn chaos_ends_with_the_embedded_checkpoint_or_leaves_the_old_one() {
     );
     if st.state == pb::JobState::Succeeded as i32 {
         let want = checkpoint_files(&work.path().join("reference"));
-        let got: BTreeMap<String, Vec<u8>> = objects(&bucket, "out")
+        let got: BTreeMap<String, Vec<u8>> = bucket
+            .output_objects("out")
             .into_iter()
             .filter(|(n, _)| is_checkpoint_file(n))
             .collect();
@@ -321,7 +309,7 @@ fn chaos_ends_with_the_embedded_checkpoint_or_leaves_the_old_one() {
         }
     } else {
         assert!(
-            objects(&bucket, "out") == old,
+            bucket.output_objects("out") == old,
             "seed {seed}: the job failed ({}) and the old checkpoint changed",
             st.error
         );

@@ -8,9 +8,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use shardmerge_tests::{
-    generate_family, ok, pb, run_cli, shardmerge_bin, Bucket, Cluster, S3Server,
-};
+use shardmerge_tests::{generate_family, ok, pb, run_cli, shardmerge_bin, Cluster, S3Server};
 
 /// Every file directly in `dir` and its CRC-32C (the files are too big to keep in memory twice).
 fn crcs(dir: &Path) -> BTreeMap<String, (u64, u32)> {
@@ -167,20 +165,6 @@ fn submit(
     cluster.cli(w, &args)
 }
 
-/// The objects under `prefix/` and their bytes, less a job's claim object
-/// (`.shardmerge-claim.NONCE`: the output's lock, not part of the checkpoint; a cancelled job
-/// may still be deleting it when the listing is taken).
-fn objects(b: &Bucket, prefix: &str) -> BTreeMap<String, Vec<u8>> {
-    b.list(prefix)
-        .into_iter()
-        .filter(|n| !n.starts_with(".shardmerge-claim"))
-        .map(|n| {
-            let data = b.get(&format!("{prefix}/{n}")).expect("object listed");
-            (n, data)
-        })
-        .collect()
-}
-
 /// On S3 through a coordinator: a non-empty output without --overwrite is refused; an output
 /// inside an input is refused; a cancelled overwrite leaves the old checkpoint; a finished
 /// overwrite from three shards to one leaves exactly the new checkpoint, and `verify --data`
@@ -218,7 +202,7 @@ fn s3_overwrite_is_refused_then_atomic() {
         ),
         "first submit",
     );
-    let old = objects(&bucket, "out");
+    let old = bucket.output_objects("out");
     assert!(
         old.keys().filter(|n| n.starts_with("model-0000")).count() >= 2,
         "expected a sharded first run: {:?}",
@@ -268,7 +252,7 @@ fn s3_overwrite_is_refused_then_atomic() {
     let st = cluster.job(&id);
     assert_eq!(st.state, pb::JobState::Cancelled as i32, "{st:?}");
     assert!(
-        objects(&bucket, "out") == old,
+        bucket.output_objects("out") == old,
         "the cancelled overwrite changed the old checkpoint"
     );
     ok(
@@ -281,7 +265,7 @@ fn s3_overwrite_is_refused_then_atomic() {
         &submit(&cluster, w, "new.yml", &out, &["--wait", "--overwrite"]),
         "submit --overwrite",
     );
-    let names: Vec<String> = objects(&bucket, "out").into_keys().collect();
+    let names: Vec<String> = bucket.output_objects("out").into_keys().collect();
     assert_eq!(
         names,
         [

@@ -104,7 +104,11 @@ fn worker_on_sigterm_hands_its_lease_back() {
     let dir = work.path();
     family_and_linear_recipe(dir, 8, 512);
     let lease_ttl = 120.0;
-    let mut cluster = Cluster::start(&bin, Vec::new(), lease_ttl, 0);
+    // no audits: with the first worker gone, an audit of the second's results would wait two
+    // lease TTLs for a process to run it (docs/security.md, "Too few workers"), and this test
+    // is about the hand-back, not audits
+    let args = ["--audit-fraction", "0"];
+    let mut cluster = Cluster::start_with(&bin, Vec::new(), lease_ttl, 0, &args);
     let out = dir.join("out");
     let id = ok(
         &cluster.cli(
