@@ -23,6 +23,32 @@ fn part(crc: u32) -> pb::TaskResult {
     }
 }
 
+/// An audit's result: the part's size and CRC-32C, nothing written.
+fn audit(crc: u32) -> pb::TaskResult {
+    pb::TaskResult {
+        bytes_written: 0,
+        ..part(crc)
+    }
+}
+
+/// An audit that says it wrote its bytes is refused (audits write nothing); a write result
+/// that says it wrote none is refused too.
+#[test]
+fn an_audit_reports_nothing_written_and_a_write_its_bytes() {
+    let mut j = audited(1.0);
+    let now = Instant::now();
+    let done = work(&mut j, "a", 5, now);
+    let w = done
+        .iter()
+        .find_map(|(it, _)| matches!(it, Item::Write(_)).then_some(*it))
+        .expect("a write task");
+    let Item::Write(i) = w else { unreachable!() };
+    assert!(j.check_result(Item::Audit(i), &audit(5), false).is_ok());
+    let e = j.check_result(Item::Audit(i), &part(5), false).unwrap_err();
+    assert!(e.contains("(written: 0)"), "{e}");
+    assert!(j.check_result(w, &audit(5), false).is_err());
+}
+
 fn audited(fraction: f64) -> JobState {
     let mut j = job();
     j.set_audits(AuditRules { fraction, seed: 7 });
@@ -38,6 +64,7 @@ fn work(j: &mut JobState, p: &str, crc: u32, now: Instant) -> Vec<(Item, Recorde
     while let Some(g) = j.lease_next(1, &w, now, RULES).pop() {
         let r = match g.item {
             Item::Stats { .. } => stats_result(1),
+            Item::Audit(_) => audit(crc),
             _ => part(crc),
         };
         let rec = j.record_by(g.item, r, Some(&w)).expect("record");
@@ -148,6 +175,7 @@ fn what_waited_for_a_quarantined_process_goes_to_the_others_at_once() {
         let g = j.lease_next(1, &w, now, RULES).pop().expect("a task");
         let r = match g.item {
             Item::Stats { .. } => stats_result(1),
+            Item::Audit(_) => audit(crc),
             _ => part(crc),
         };
         j.record_by(g.item, r, Some(&w)).expect("record");

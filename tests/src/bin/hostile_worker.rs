@@ -143,8 +143,13 @@ impl WorkSource for Hostile {
             .lock()
             .ok()
             .and_then(|mut p| p.remove(&req.lease_id));
-        if let (Some(n), Some(p)) = (part, req.result.as_mut().and_then(|r| r.part.as_mut())) {
-            p.part_index = n;
+        // a write it ran as an audit (to write nothing): forge the receipt of a part written
+        // (its number, and the bytes written, which an audit reports as 0)
+        if let (Some(n), Some(r)) = (part, req.result.as_mut()) {
+            if let Some(p) = r.part.as_mut() {
+                p.part_index = n;
+                r.bytes_written = p.size;
+            }
         }
         self.inner.complete(req).await
     }
