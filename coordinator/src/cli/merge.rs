@@ -11,7 +11,7 @@ use crate::embedded::{self, RunOptions};
 use crate::error::{Error, Result};
 use crate::job::SubmitOptions;
 use crate::progress::stdout;
-use crate::recipe::sweep::{Point, Sweep};
+use crate::recipe::sweep::{expand, Point, Sweep};
 use crate::remote::{self, SubmitArgs};
 use crate::{planinfo, size};
 use shardmerge_worker::storage::Resolver;
@@ -37,7 +37,7 @@ pub(super) async fn run(
     points: &sweep::PointArgs,
     resolver: Resolver,
 ) -> Result<()> {
-    let sweep = sweep::expand(text)?;
+    let sweep = expand(text)?;
     match sweep::points(&sweep, points)? {
         None => run_one(text, out, o, resolver).await,
         Some((s, picked)) => run_sweep(s, &picked, out, o, &resolver).await,
@@ -102,7 +102,7 @@ pub(super) async fn plan(
     points: &sweep::PointArgs,
     resolver: &Resolver,
 ) -> Result<()> {
-    let sweep = sweep::expand(text)?;
+    let sweep = expand(text)?;
     let Some((s, picked)) = sweep::points(&sweep, points)? else {
         let info = describe(text, engine, resolver).await?;
         stdout(&if json {
@@ -166,7 +166,7 @@ async fn describe(
 /// `shardmerge submit`: one job, or one job per picked point of a sweep (into `OUT/NAME`),
 /// and the sweep's `OUT/index.json` when this client can reach OUT's store.
 async fn submit(a: SubmitArgs, points: &sweep::PointArgs, resolver: &Resolver) -> Result<()> {
-    let sweep = sweep::expand(&a.recipe_yaml)?;
+    let sweep = expand(&a.recipe_yaml)?;
     let Some((s, picked)) = sweep::points(&sweep, points)? else {
         return remote::submit(a).await;
     };

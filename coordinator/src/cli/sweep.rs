@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::recipe::sweep::{self, Point, Sweep};
+use crate::recipe::sweep::{Point, Sweep};
 use crate::size::human;
 use shardmerge_worker::storage::{Location, Resolver};
 
@@ -31,11 +31,6 @@ pub(super) fn points<'s>(
             "picks points of a sweep, and this recipe sweeps nothing (no `{sweep: [...]}` value, no sweep_methods)",
         )),
     }
-}
-
-/// Reads and expands a recipe's sweep.
-pub(super) fn expand(text: &str) -> Result<Option<Sweep>> {
-    sweep::expand(text)
 }
 
 /// `OUT/NAME`: a point's output folder.

@@ -139,6 +139,7 @@ fn axis(label: String, path: Vec<Step>, values: Vec<Value>) -> Result<Axis> {
 }
 
 /// Where the walk is, for labels and for where `sweep:` may appear.
+#[derive(Clone)]
 enum Ctx {
     Top,
     /// Inside a model entry or slice source: the model's short name, and the slice's label.
@@ -186,9 +187,7 @@ fn child_of_key(ctx: &Ctx, key: &str) -> Ctx {
         Ctx::Top if key == "parameters" => Ctx::Param(String::new()),
         Ctx::Slice(s) if key == "parameters" => Ctx::Param(s.clone()),
         Ctx::Model(m, s) if key == "parameters" => Ctx::Param(join(s, m)),
-        Ctx::Top => Ctx::Top,
-        Ctx::Slice(s) => Ctx::Slice(s.clone()),
-        Ctx::Model(m, s) => Ctx::Model(m.clone(), s.clone()),
+        other => other.clone(),
     }
 }
 
@@ -214,12 +213,7 @@ fn child_of_item(parent: &Ctx, ctx: &Ctx, key: &str, i: usize, item: &Value) -> 
         (Ctx::Top, _) if key == "models" => Ctx::Model(model(), String::new()),
         (Ctx::Top, _) if key == "slices" => Ctx::Slice(format!("slices[{i}]")),
         (Ctx::Slice(s), _) if key == "sources" => Ctx::Model(model(), s.clone()),
-        (_, c) => match c {
-            Ctx::Top => Ctx::Top,
-            Ctx::Slice(s) => Ctx::Slice(s.clone()),
-            Ctx::Model(m, s) => Ctx::Model(m.clone(), s.clone()),
-            Ctx::Param(l) => Ctx::Param(l.clone()),
-        },
+        (_, c) => c.clone(),
     }
 }
 
