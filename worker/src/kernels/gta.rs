@@ -27,7 +27,9 @@
 //! over a whole tensor is not reproduced).
 //!
 //! Statistics passes: magnitude selections (ties, breadcrumbs*) find their exact rank
-//! boundaries in two radix-selection passes; with `rescale`, one more pass sums |δ| before and
+//! boundaries in two radix-selection passes (one when every key is a bfloat16 magnitude, as in a
+//! bfloat16 working dtype: the first pass's histogram is then exact, [`select::resolve0`]);
+//! with `rescale`, one more pass sums |δ| before and
 //! after masking (exactly) per model. Element indices of the whole tensor key every random draw
 //! and every tie-break, so cutting the tensor into row ranges never changes a bit.
 
@@ -420,6 +422,12 @@ fn rescale_factors(plan: &Plan, state: &Stats) -> KResult<Vec<Option<f32>>> {
         .collect()
 }
 
+/// Whether pass 0 located the selection boundaries on its own ([`select::resolve0`]): its
+/// state then holds them as a child, as the second pass's does.
+fn resolved(state: &Stats) -> bool {
+    !state.children.is_empty()
+}
+
 fn check_inputs(ctx: &TensorCtx, inputs: &[&[f32]], len: usize) -> KResult<()> {
     if inputs.len() != ctx.n_models() {
         return Err(format!("expected {} inputs, got {}", ctx.n_models(), inputs.len()).into());
@@ -475,7 +483,10 @@ impl Method for Gta {
             let mut keys =
                 |j: usize, f: &mut dyn FnMut(&[u32])| for_each_key_chunk(&plan, inputs, j, f);
             return Ok(if pass == 0 {
-                select::partial0_with(problems, &mut keys)
+                select::partial0_resolvable_with(problems, &mut keys)
+            } else if resolved(state) {
+                // pass 0 located the boundaries (bfloat16 keys): nothing to count
+                Stats::default()
             } else {
                 select::partial1_with(state, &plan.ranks, &mut keys)
             });
@@ -517,7 +528,23 @@ impl Method for Gta {
         if pass < plan.sel_passes {
             if pass == 0 {
                 let n = vec![ctx.numel(); plan.ranks.len()];
-                return Ok(Reduced::More(select::reduce0(&partials, &plan.ranks, &n)?));
+                let s0 = select::reduce0(&partials, &plan.ranks, &n)?;
+                let Some(sel) = select::resolve0(&s0, &partials, &plan.ranks) else {
+                    return Ok(Reduced::More(s0));
+                };
+                // every key was a bfloat16 magnitude: the second pass would find nothing new
+                let st = Stats {
+                    children: vec![sel],
+                    ..Default::default()
+                };
+                return Ok(if plan.l1_passes == 0 {
+                    Reduced::Done(st)
+                } else {
+                    Reduced::More(st)
+                });
+            }
+            if resolved(&state) {
+                return Ok(Reduced::More(state));
             }
             let sel = select::reduce1(&state, &partials, &plan.ranks)?;
             return Ok(Reduced::More(Stats {

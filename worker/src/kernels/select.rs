@@ -77,18 +77,83 @@ pub type KeySource<'a> = dyn FnMut(usize, &mut dyn FnMut(&[u32])) + 'a;
 
 /// [`partial0`] over streamed keys (`problems` problems).
 pub fn partial0_with(problems: usize, keys: &mut KeySource) -> Stats {
+    partial0_flagged_with(problems, keys).0
+}
+
+/// [`partial0_with`], also saying for each problem whether every key's low 16 bits were zero
+/// (as they are for the magnitudes of bfloat16 values): then the high bucket is the key and
+/// [`resolve0`] locates the boundaries without the second pass.
+fn partial0_flagged_with(problems: usize, keys: &mut KeySource) -> (Stats, Vec<bool>) {
     let mut st = Stats::default();
+    let mut flags = Vec::with_capacity(problems);
     let mut dense = vec![0u64; BINS];
     for j in 0..problems {
         dense.iter_mut().for_each(|d| *d = 0);
+        let mut low = 0u32;
         keys(j, &mut |ks| {
             for &k in ks {
                 dense[(k >> 16) as usize] += 1;
+                low |= k & 0xffff;
             }
         });
         st.hists.push(Hist::from_dense(&dense));
+        flags.push(low == 0);
     }
+    (st, flags)
+}
+
+/// Pass 0 for [`resolve0`]: [`partial0_with`]'s histograms, with one count per problem (1:
+/// every key's low 16 bits were zero) after any counts the method keeps.
+pub fn partial0_resolvable_with(problems: usize, keys: &mut KeySource) -> Stats {
+    let (mut st, flags) = partial0_flagged_with(problems, keys);
+    st.counts.extend(flags.iter().map(|&f| u64::from(f)));
     st
+}
+
+/// The state [`reduce1`] would give, from pass 0 alone, when every range of every problem had
+/// keys whose low 16 bits are all zero ([`partial0_resolvable_with`], whose flags are the last
+/// `ranks.len()` counts of each partial): every key in a bucket is then the same key, so the
+/// rank within the bucket is the number of its ties that rank below, and each range's tie
+/// prefix is the bucket's count in the earlier ranges. `state0` is [`reduce0`]'s result.
+/// `None` when some range had other keys (the second pass is needed).
+pub fn resolve0(state0: &Stats, partials: &[Stats], ranks: &[Vec<u64>]) -> Option<Stats> {
+    let problems = ranks.len();
+    let resolvable = partials.iter().all(|p| {
+        p.counts.len() >= problems
+            && p.counts[p.counts.len() - problems..]
+                .iter()
+                .all(|&f| f == 1)
+    });
+    if !resolvable {
+        return None;
+    }
+    let mut out = Stats::default();
+    let mut at = 0;
+    for (j, rs) in ranks.iter().enumerate() {
+        let mut child = Stats::default();
+        for _ in rs {
+            let bucket = *state0.counts.get(at * 3 + 1)?;
+            let within = *state0.counts.get(at * 3 + 2)?;
+            at += 1;
+            let (key, need) = if bucket >= BINS as u64 {
+                (u32::MAX, 0)
+            } else {
+                ((bucket as u32) << 16, within)
+            };
+            let mut acc = 0u64;
+            child
+                .counts
+                .extend_from_slice(&[key as u64, need, partials.len() as u64]);
+            for p in partials {
+                child
+                    .counts
+                    .push(if bucket >= BINS as u64 { 0 } else { acc });
+                acc += p.hists.get(j).map_or(0, |h| h.get(bucket as u32));
+            }
+        }
+        out.children.push(child);
+    }
+    Some(out)
 }
 
 /// Reduces pass 0: for each problem `j` and each rank in `ranks[j]`, locates the high bucket.
@@ -347,6 +412,41 @@ mod tests {
             let (b2, r2) = select(&keys, &[1, 700, 701, 2048], &[p]);
             assert_eq!(below_set(&keys, &b1[0], &r1), want, "p={p}");
             assert_eq!(below_set(&keys, &b2[0], &r2), want, "p={p} cut");
+        }
+    }
+
+    /// Pass 0 alone locates the boundaries [`reduce1`] gives when every key's low 16 bits
+    /// are zero (bfloat16 magnitudes), cut or not; any other key makes it decline.
+    #[test]
+    fn resolve0_matches_the_second_pass() {
+        let keys: Vec<u32> = (0..3000u32)
+            .map(|i| key(((i as f32 * 0.37).sin() * 4.0).round() / 4.0) & 0xffff_0000)
+            .collect();
+        let rk = vec![vec![0u64, 17, 1500, 2999], vec![3000, 5]];
+        for cuts in [&[][..], &[1, 700, 701, 2048]] {
+            let mut ranges = Vec::new();
+            let mut s = 0;
+            for &c in cuts.iter().chain([keys.len()].iter()) {
+                ranges.push((s, c));
+                s = c;
+            }
+            let slices: Vec<[&[u32]; 2]> = ranges
+                .iter()
+                .map(|&(a, b)| [&keys[a..b], &keys[keys.len() - b..keys.len() - a]])
+                .collect();
+            let p0: Vec<Stats> = slices
+                .iter()
+                .map(|ks| partial0_resolvable_with(2, &mut |j, f| f(ks[j])))
+                .collect();
+            let n = [keys.len() as u64; 2];
+            let s0 = reduce0(&p0, &rk, &n).unwrap();
+            let p1: Vec<Stats> = slices.iter().map(|ks| partial1(&s0, ks, &rk)).collect();
+            let want = reduce1(&s0, &p1, &rk).unwrap();
+            assert_eq!(resolve0(&s0, &p0, &rk), Some(want), "cuts {cuts:?}");
+            let mut odd = p0.clone();
+            let last = odd.len() - 1;
+            odd[last] = partial0_resolvable_with(2, &mut |_, f| f(&[1]));
+            assert_eq!(resolve0(&s0, &odd, &rk), None);
         }
     }
 
