@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 mod args;
 mod merge;
+mod report;
 mod sweep;
 
 use crate::error::{Error, Result};
@@ -55,7 +56,14 @@ enum Cmd {
         quiet: bool,
         #[command(flatten)]
         points: sweep::PointArgs,
+        /// Also write the merge report (report.json, report.csv, report.html; see `report`)
+        /// into OUT/report after the merge (it reads the inputs once more)
+        #[arg(long)]
+        report: bool,
     },
+    /// The merge report of a recipe: task-vector norms, cosines, sign agreement and TIES
+    /// sign-conflict rates per tensor, layer and module kind, into OUT/report.{json,csv,html}
+    Report(report::ReportCmd),
     /// Dry run from headers: output tensors, files, tasks, bytes, peak memory per worker
     Plan {
         /// mergekit YAML recipe
@@ -184,10 +192,14 @@ async fn main_inner(cli: Cli) -> Result<()> {
             overwrite,
             quiet,
             points,
+            report,
         } => {
             let o = merge::run_options(&engine, overwrite, quiet)?;
-            merge::run(&read_recipe(&recipe)?, &out, &o, &points, resolver).await
+            let text = read_recipe(&recipe)?;
+            merge::run(&text, &out, &o, &points, resolver.clone()).await?;
+            report::after_run(report, &text, &out, &engine, &o, &resolver).await
         }
+        Cmd::Report(c) => c.run(&resolver).await,
         Cmd::Plan {
             recipe,
             engine,

@@ -23,6 +23,7 @@ pub(crate) mod random;
 pub(crate) mod reads;
 pub mod recipe;
 pub(crate) mod remote;
+pub mod report;
 pub mod server;
 pub(crate) mod size;
 pub(crate) mod tls;

@@ -56,6 +56,7 @@ pub(crate) fn input_dtype(src: &pb::TensorSource, job: &pb::TensorJob) -> Result
 
 pub use crate::tensor::view2d;
 
+mod analyse;
 mod read;
 mod rowcache;
 mod rowmap;
@@ -444,7 +445,7 @@ impl Executor {
 }
 
 fn method_of(job: &pb::TensorJob) -> Result<&'static dyn kernels::Method, TaskError> {
-    kernels::method(&job.method)
+    kernels::task_method(&job.method)
         .ok_or_else(|| fatal(format!("unknown merge method {:?}", job.method)))
 }
 

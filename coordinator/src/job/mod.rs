@@ -51,6 +51,7 @@ pub(crate) use limits::Limits;
 pub use options::SubmitOptions;
 pub use state::AuditRules;
 use state::JobState;
+pub(crate) use tasks::tensor_job;
 
 /// A job as the manager holds it: its state, where it writes, and who watches it.
 struct Job {

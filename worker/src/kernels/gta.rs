@@ -315,8 +315,7 @@ impl Gta {
                     } else {
                         match sp {
                             Sparsify::Magnitude => {
-                                // mergekit keeps max(1, int(density·n)) largest, none at density <= 0
-                                let k = py_int(density * n as f64).max(1).min(ni);
+                                let k = select::magnitude_keep(density, n) as i64;
                                 if density <= 0.0 || n == 0 {
                                     Keep::Nothing
                                 } else {

@@ -35,6 +35,7 @@ mod nearswap;
 mod nuslerp;
 mod passthrough;
 mod ram;
+pub mod report;
 mod sce;
 mod slerp;
 
@@ -431,6 +432,15 @@ pub fn registry() -> &'static [&'static dyn Method] {
 /// Looks a method up by its mergekit name.
 pub fn method(name: &str) -> Option<&'static dyn Method> {
     registry().iter().copied().find(|m| m.spec().name == name)
+}
+
+/// Looks up what a task may name: a merge method, or the merge report's statistics
+/// ([`report::NAME`]), which no recipe can name.
+pub fn task_method(name: &str) -> Option<&'static dyn Method> {
+    if name == report::NAME {
+        return Some(&report::REPORT);
+    }
+    method(name)
 }
 
 /// Runs every statistics pass over a whole tensor held in memory, then `apply`: the path for a

@@ -29,6 +29,13 @@ pub fn key(x: f32) -> u32 {
     }
 }
 
+/// How many elements of `n` a magnitude (TIES) trim at `density` keeps: mergekit's
+/// `max(1, int(density·n))` largest (`int`: truncation), at most `n`. Used by the ties kernel
+/// and the merge report.
+pub fn magnitude_keep(density: f64, n: u64) -> u64 {
+    (((density * n as f64).trunc() as i64).max(1) as u64).min(n)
+}
+
 /// A located rank boundary: an element with key `x` whose ties earlier in the tensor number
 /// `seen` ranks below the boundary iff `x < key || (x == key && seen < need)`.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,0 +1,266 @@
+//! `shardmerge report RECIPE OUT` (and `run --report`): how the task vectors of a recipe's
+//! models relate, per tensor, per layer, per module kind and in all, written as `report.json`,
+//! `report.csv` and a self-contained `report.html` (docs/report.md).
+//!
+//! The coordinator's part is the plan and the bookkeeping: every float tensor becomes a job
+//! of the report's statistics method (`kernels::report`, in the worker), run by the executor
+//! over row ranges that fit a slot's memory; tensors are grouped by layer and kind by name, and
+//! the groups' statistics folded and turned into figures by the same kernel module. No
+//! arithmetic on tensor data happens here.
+
+use std::collections::BTreeMap;
+
+use futures::{StreamExt, TryStreamExt};
+use shardmerge_proto as pb;
+use shardmerge_worker::exec::{Executor, Scratch};
+use shardmerge_worker::kernels::report::{self as kr, Figures};
+use shardmerge_worker::kernels::Stats;
+use shardmerge_worker::storage::{Location, Resolver};
+use shardmerge_worker::tensor::view2d;
+
+use crate::arch::Place;
+use crate::error::{Error, Result};
+use crate::job::{tensor_job, SubmitOptions};
+use crate::plan::{self, Plan, PlanOptions, TensorPlan};
+use crate::recipe::{sweep, Recipe};
+
+mod html;
+mod kind;
+pub(crate) mod write;
+
+pub use write::{to_csv, to_json, write};
+
+/// How the report runs.
+#[derive(Clone, Debug)]
+pub struct ReportOptions {
+    /// Plan options (seed, vocabularies, ...) and `slot_memory`, the memory of one slot.
+    pub submit: SubmitOptions,
+    /// Tensors computed at once.
+    pub workers: usize,
+}
+
+/// One row of the report: a tensor, a layer, a module kind or the whole model.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    pub name: String,
+    pub layer: Option<u64>,
+    pub kind: &'static str,
+    pub figures: Figures,
+}
+
+/// The merge report of a recipe.
+#[derive(Clone, Debug)]
+pub struct Report {
+    /// The base model and the other models (recipe names), in input order.
+    pub base: String,
+    pub models: Vec<String>,
+    /// Trim densities of the sign-conflict rates (every density in (0, 1) the recipe uses).
+    pub densities: Vec<f64>,
+    /// The sweep points the recipe expands to (none for a plain recipe).
+    pub points: Vec<String>,
+    pub tensors: Vec<Entry>,
+    pub layers: Vec<Entry>,
+    pub kinds: Vec<Entry>,
+    pub total: Entry,
+    /// Input bytes read from storage.
+    pub bytes_read: u64,
+}
+
+impl Report {
+    /// Pairs of models (indices into `models`), in the order of the pair figures.
+    pub fn pairs(&self) -> Vec<(usize, usize)> {
+        let m = self.models.len();
+        (0..m)
+            .flat_map(|i| (i + 1..m).map(move |j| (i, j)))
+            .collect()
+    }
+}
+
+async fn plan_of(text: &str, o: &SubmitOptions, resolver: &Resolver) -> Result<Plan> {
+    plan::plan(
+        Recipe::parse(text)?,
+        resolver,
+        &o.base_dir,
+        &PlanOptions {
+            out_shard_size: o.out_shard_size,
+            seed: o.seed,
+            rng: o.rng,
+            unsafe_truncate_embeddings: o.unsafe_truncate_embeddings,
+            compute_float32: o.compute_float32,
+        },
+    )
+    .await
+}
+
+/// Every `density` in (0, 1) any tensor of `plans` gives a model, ascending, each once.
+fn densities(plans: &[Plan]) -> Vec<f64> {
+    let mut ds: Vec<f64> = plans
+        .iter()
+        .flat_map(|p| &p.tensors)
+        .flat_map(|t| &t.model_params)
+        .filter_map(|mp| mp.get("density").copied())
+        .filter(|d| *d > 0.0 && *d < 1.0)
+        .collect();
+    ds.sort_by(f64::total_cmp);
+    ds.dedup();
+    ds
+}
+
+/// The tensors the report covers (floating point, with a base) and the models they are made
+/// of: the same for every tensor, or an error naming the one that differs.
+fn covered(plan: &Plan) -> Result<(String, Vec<String>, Vec<&TensorPlan>)> {
+    let mut who: Option<(String, Vec<String>)> = None;
+    let mut out = Vec::new();
+    for t in plan.tensors.iter().filter(|t| !t.is_copy()) {
+        let Some(b) = t.base else {
+            return Err(Error::recipe(
+                "base_model",
+                "the report compares task vectors (each model minus the base): the recipe needs a base_model",
+            ));
+        };
+        let names = (
+            t.inputs[b].model.clone(),
+            (0..t.inputs.len())
+                .filter(|&i| i != b)
+                .map(|i| t.inputs[i].model.clone())
+                .collect::<Vec<_>>(),
+        );
+        match &who {
+            None => who = Some(names),
+            Some(w) if *w != names => {
+                return Err(Error::plan(
+                    &t.name,
+                    "the report needs every tensor made from the same models; this one is made from others (slices of different sources are not supported)",
+                ))
+            }
+            Some(_) => {}
+        }
+        out.push(t);
+    }
+    let (base, models) =
+        who.ok_or_else(|| Error::recipe("models", "no floating-point tensor to report on"))?;
+    Ok((base, models, out))
+}
+
+/// Row ranges of `t` whose f32 values and raw bytes, all inputs together, fit `budget`.
+fn ranges(t: &TensorPlan, budget: u64) -> Vec<(u64, u64)> {
+    let (rows, row_len) = view2d(&t.shape);
+    let per_row = (row_len * 4 * t.inputs.len() as u64 + t.input_row_bytes()).max(1);
+    let per = (budget / per_row).max(1);
+    (0..rows.div_ceil(per))
+        .map(|i| (i * per, ((i + 1) * per).min(rows)))
+        .collect()
+}
+
+/// Computes the report of a recipe (a sweep's: the models of its first point, the densities of
+/// every point), reading each tensor's inputs once when its rows fit a slot.
+/// `out`, where the report goes, is refused when it is, holds or sits inside an input's folder.
+pub async fn compute(
+    text: &str,
+    out: &Location,
+    o: &ReportOptions,
+    resolver: &Resolver,
+) -> Result<Report> {
+    let expanded = sweep::expand(text)?;
+    let texts: Vec<&str> = match &expanded {
+        Some(s) => s.points.iter().map(|p| p.recipe.as_str()).collect(),
+        None => vec![text],
+    };
+    let mut plans = Vec::with_capacity(texts.len());
+    for t in texts {
+        plans.push(plan_of(t, &o.submit, resolver).await?);
+    }
+    for p in &plans {
+        crate::output::check_overlap(p, out)?;
+    }
+    let ds = densities(&plans);
+    let (base, models, tensors) = covered(&plans[0])?;
+    let budget = o.submit.slot_memory / 2;
+    let exec = Executor::new(resolver.clone());
+    let jobs: Vec<(pb::TensorJob, Vec<(u64, u64)>)> = tensors
+        .iter()
+        .map(|t| {
+            let mut job = tensor_job(t, 0, view2d(&t.shape).0);
+            job.method = kr::NAME.into();
+            job.params = Some(pb::ParamMap {
+                values: kr::density_params(&ds).into_iter().collect(),
+            });
+            job.compute_dtype = 0;
+            (job, ranges(t, budget))
+        })
+        .collect();
+    let results: Vec<(Stats, u64)> = futures::stream::iter(jobs)
+        .map(|(job, r)| {
+            let exec = exec.clone();
+            async move {
+                let mut scratch = Scratch::new(0);
+                exec.tensor_stats(&job, &r, &mut scratch)
+                    .await
+                    .map_err(|e| Error::plan(&job.name, e.message))
+            }
+        })
+        .buffered(o.workers.max(1))
+        .try_collect()
+        .await?;
+    let arch = plans[0].arch;
+    let m = models.len();
+    let named: Vec<(Entry, Stats)> = tensors
+        .iter()
+        .zip(results.iter())
+        .map(|(t, (st, _))| {
+            let layer = match arch.place(&t.name) {
+                Place::Layer { index, .. } => Some(index),
+                _ => None,
+            };
+            let e = Entry {
+                name: t.name.clone(),
+                layer,
+                kind: kind::of(&t.name),
+                figures: kr::figures(m, ds.len(), st),
+            };
+            (e, st.clone())
+        })
+        .collect();
+    let (layers, kinds, total) = groups(&named, m, ds.len());
+    Ok(Report {
+        base,
+        models,
+        densities: ds,
+        points: expanded.map_or_else(Vec::new, |s| s.points.into_iter().map(|p| p.name).collect()),
+        tensors: named.into_iter().map(|(e, _)| e).collect(),
+        layers,
+        kinds,
+        total,
+        bytes_read: results.iter().map(|(_, b)| b).sum(),
+    })
+}
+
+/// The per-layer, per-kind and whole-model entries: each the figures of its tensors'
+/// statistics folded together.
+fn groups(named: &[(Entry, Stats)], m: usize, n_d: usize) -> (Vec<Entry>, Vec<Entry>, Entry) {
+    let mut by_layer: BTreeMap<u64, Vec<Stats>> = BTreeMap::new();
+    let mut by_kind: BTreeMap<usize, Vec<Stats>> = BTreeMap::new();
+    for (e, st) in named {
+        if let Some(l) = e.layer {
+            by_layer.entry(l).or_default().push(st.clone());
+        }
+        let k = kind::KINDS.iter().position(|&k| k == e.kind).unwrap_or(0);
+        by_kind.entry(k).or_default().push(st.clone());
+    }
+    let entry = |name: String, layer, kind, parts: &[Stats]| Entry {
+        name,
+        layer,
+        kind,
+        figures: kr::figures(m, n_d, &kr::merge(parts)),
+    };
+    let layers = by_layer
+        .iter()
+        .map(|(&l, p)| entry(format!("layer {l}"), Some(l), "layer", p))
+        .collect();
+    let kinds = by_kind
+        .iter()
+        .map(|(&k, p)| entry(kind::KINDS[k].into(), None, kind::KINDS[k], p))
+        .collect();
+    let all: Vec<Stats> = named.iter().map(|(_, s)| s.clone()).collect();
+    (layers, kinds, entry("all".into(), None, "all", &all))
+}

@@ -1,0 +1,596 @@
+//! The merge report's statistics of one tensor (`shardmerge report`): how the task vectors
+//! δⱼ = xⱼ − base of the non-base models relate, as exact sums and counts.
+//!
+//! It runs as a method with statistics passes and no output: with trim densities, two passes of
+//! the TIES kernel's exact rank selection ([`select`], one problem per density and model, the
+//! window [`magnitude_keep`] gives), then one pass of sums and counts. Every figure is an exact
+//! sum ([`ExactSum`], via [`gram_upper`]) or an integer count, so a tensor cut into row ranges,
+//! and a layer or a whole model summed from its tensors ([`merge`]), give the same bits as one
+//! piece. Deltas are float32 differences of the inputs (whatever the recipe's `dtype`).
+//!
+//! Layout of a tensor's (reduced) [`Stats`], with `m` models besides the base and `D`
+//! densities: `sums` is the upper triangle, in row order, of the Gram matrix of
+//! `[base, δ₀, …, δₘ₋₁]`; `counts` is `[elements]`, then per pair `i < j` of models (row order)
+//! `[both non-zero, same sign]`, then per density `[≥ 2 trimmed non-zero, sign conflict]`.
+
+use super::select::{self, magnitude_keep, Boundary, Cursor};
+use super::stats::{gram_upper, merge_sums};
+use super::{BaseRule, KResult, Method, MethodSpec, Reduced, RowRange, Stats, TensorCtx};
+
+/// The report's pseudo-method (not a merge method: recipes cannot name it).
+pub struct Report;
+
+/// Its name on the wire (`TensorJob.method`).
+pub const NAME: &str = "report";
+
+pub static REPORT: Report = Report;
+
+static SPEC: MethodSpec = MethodSpec {
+    name: NAME,
+    params: &[],
+    tensor_params: &[],
+    base: BaseRule::Required,
+    min_models: 2,
+    max_models: None,
+};
+
+/// Elements per chunk of the sums-and-counts pass.
+const CHUNK: usize = 2048;
+
+/// The method-level parameters that ask for trims at `densities` (each in (0, 1)).
+pub fn density_params(densities: &[f64]) -> Vec<(String, f64)> {
+    let mut p = vec![("densities".to_string(), densities.len() as f64)];
+    p.extend(
+        densities
+            .iter()
+            .enumerate()
+            .map(|(i, &d)| (format!("density.{i}"), d)),
+    );
+    p
+}
+
+fn densities(ctx: &TensorCtx) -> KResult<Vec<f64>> {
+    let n = ctx.params.get("densities").copied().unwrap_or(0.0);
+    (0..n as usize)
+        .map(|i| {
+            let d = ctx.param(&format!("density.{i}"))?;
+            if d > 0.0 && d < 1.0 {
+                Ok(d)
+            } else {
+                Err(format!("report density must be in (0, 1), got {d}").into())
+            }
+        })
+        .collect()
+}
+
+/// Index of pair `(i, j)`, `i < j < m`, in row order of the strict upper triangle.
+pub fn pair_index(m: usize, i: usize, j: usize) -> usize {
+    i * m - i * (i + 1) / 2 + (j - i - 1)
+}
+
+struct Shape {
+    base: usize,
+    others: Vec<usize>,
+    densities: Vec<f64>,
+    /// Rank boundary per selection problem (density-major: `d * m + j`).
+    ranks: Vec<Vec<u64>>,
+}
+
+impl Shape {
+    fn of(ctx: &TensorCtx) -> KResult<Shape> {
+        let base = ctx.base_index(NAME)?;
+        if base >= ctx.n_models() {
+            return Err(format!("base model index {base} is out of range").into());
+        }
+        let others = ctx.others();
+        let densities = densities(ctx)?;
+        let n = ctx.numel();
+        let ranks = densities
+            .iter()
+            .flat_map(|&d| others.iter().map(move |_| vec![n - magnitude_keep(d, n)]))
+            .collect();
+        Ok(Shape {
+            base,
+            others,
+            densities,
+            ranks,
+        })
+    }
+
+    fn sel_passes(&self) -> u32 {
+        if self.ranks.is_empty() {
+            0
+        } else {
+            select::PASSES
+        }
+    }
+}
+
+/// The f32 delta of element `e` of model `j` (an index into `others`).
+#[inline]
+fn delta(s: &Shape, inputs: &[&[f32]], j: usize, e: usize) -> f32 {
+    inputs[s.others[j]][e] - inputs[s.base][e]
+}
+
+/// Sums and counts of one row range (the last pass).
+fn sums_and_counts(s: &Shape, sel: &Stats, rows: RowRange, inputs: &[&[f32]]) -> KResult<Stats> {
+    let len = inputs.first().map_or(0, |x| x.len());
+    let m = s.others.len();
+    let mut st = gram_upper(m + 1, len, |i, e| {
+        if i == 0 {
+            inputs[s.base][e]
+        } else {
+            delta(s, inputs, i - 1, e)
+        }
+    });
+    let pairs = m * m.saturating_sub(1) / 2;
+    let mut counts = vec![0u64; 1 + 2 * pairs + 2 * s.densities.len()];
+    counts[0] = len as u64;
+    let bounds = (0..s.ranks.len())
+        .map(|p| select::boundaries(sel, p).into_iter().next())
+        .collect::<Option<Vec<Boundary>>>()
+        .ok_or("report selection state is missing a boundary")?;
+    let mut cursors: Vec<Cursor> = bounds.iter().map(|b| Cursor::new(b, rows.index)).collect();
+    let mut d = vec![0f32; m * CHUNK];
+    for at in (0..len).step_by(CHUNK) {
+        let n = CHUNK.min(len - at);
+        for j in 0..m {
+            for k in 0..n {
+                d[j * CHUNK + k] = delta(s, inputs, j, at + k);
+            }
+        }
+        for i in 0..m {
+            for j in i + 1..m {
+                let c = 1 + 2 * pair_index(m, i, j);
+                for k in 0..n {
+                    let (a, b) = (d[i * CHUNK + k], d[j * CHUNK + k]);
+                    let both = a != 0.0 && b != 0.0;
+                    counts[c] += u64::from(both);
+                    counts[c + 1] += u64::from(both && (a > 0.0) == (b > 0.0));
+                }
+            }
+        }
+        for di in 0..s.densities.len() {
+            let c = 1 + 2 * pairs + 2 * di;
+            for k in 0..n {
+                let (mut pos, mut neg, mut kept) = (false, false, 0u32);
+                for j in 0..m {
+                    let v = d[j * CHUNK + k];
+                    // kept: ranks at or above the boundary (the k largest |δ|)
+                    if !cursors[di * m + j].below(select::key(v)) {
+                        pos |= v > 0.0;
+                        neg |= v < 0.0;
+                        kept += u32::from(v != 0.0);
+                    }
+                }
+                counts[c] += u64::from(kept >= 2);
+                counts[c + 1] += u64::from(pos && neg);
+            }
+        }
+    }
+    st.counts = counts;
+    Ok(st)
+}
+
+/// Folds tensors' (or ranges') statistics into one: exact sums added, counts added. A layer's
+/// or a model's figures are those of the merge of its tensors'.
+pub fn merge(parts: &[Stats]) -> Stats {
+    let mut counts: Vec<u64> = Vec::new();
+    for p in parts {
+        if counts.len() < p.counts.len() {
+            counts.resize(p.counts.len(), 0);
+        }
+        for (c, &v) in counts.iter_mut().zip(&p.counts) {
+            *c += v;
+        }
+    }
+    Stats {
+        sums: merge_sums(parts),
+        counts,
+        ..Default::default()
+    }
+}
+
+/// A tensor's (or a group's) figures, from its statistics: `m` models besides the base, `n_d`
+/// densities. Undefined ratios (a zero norm, no element where both are non-zero) are NaN.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Figures {
+    pub elements: u64,
+    pub base_norm: f64,
+    /// Per model: ‖δⱼ‖ and ‖δⱼ‖ / ‖base‖.
+    pub norms: Vec<f64>,
+    pub ratios: Vec<f64>,
+    /// Per pair (row order): cosine of δᵢ and δⱼ; share of same signs where both are non-zero,
+    /// and how many elements that is.
+    pub cosines: Vec<f64>,
+    pub sign_agreement: Vec<f64>,
+    pub both_nonzero: Vec<u64>,
+    /// Per density: share of elements whose trimmed deltas have both signs; how many elements
+    /// that is, and how many have at least two trimmed non-zero deltas.
+    pub conflict_rate: Vec<f64>,
+    pub conflicts: Vec<u64>,
+    pub overlaps: Vec<u64>,
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b == 0.0 {
+        f64::NAN
+    } else {
+        a / b
+    }
+}
+
+/// The figures of `st` (a reduced tensor's, or a [`merge`] of several).
+pub fn figures(m: usize, n_d: usize, st: &Stats) -> Figures {
+    let n = m + 1;
+    let sum = |i: usize, j: usize| {
+        st.sums
+            .get(gram_upper_index(n, i, j))
+            .map_or(0.0, |s| s.value())
+    };
+    let count = |k: usize| st.counts.get(k).copied().unwrap_or(0);
+    let base_norm = sum(0, 0).sqrt();
+    let norms: Vec<f64> = (0..m).map(|j| sum(j + 1, j + 1).sqrt()).collect();
+    let pairs = m * m.saturating_sub(1) / 2;
+    let elements = count(0);
+    let mut f = Figures {
+        elements,
+        base_norm,
+        ratios: norms.iter().map(|&x| ratio(x, base_norm)).collect(),
+        norms: norms.clone(),
+        cosines: Vec::with_capacity(pairs),
+        sign_agreement: Vec::with_capacity(pairs),
+        both_nonzero: Vec::with_capacity(pairs),
+        conflict_rate: Vec::with_capacity(n_d),
+        conflicts: Vec::with_capacity(n_d),
+        overlaps: Vec::with_capacity(n_d),
+    };
+    for i in 0..m {
+        for j in i + 1..m {
+            let c = 1 + 2 * pair_index(m, i, j);
+            f.cosines
+                .push(ratio(sum(i + 1, j + 1), norms[i] * norms[j]));
+            f.sign_agreement
+                .push(ratio(count(c + 1) as f64, count(c) as f64));
+            f.both_nonzero.push(count(c));
+        }
+    }
+    for d in 0..n_d {
+        let c = 1 + 2 * pairs + 2 * d;
+        f.overlaps.push(count(c));
+        f.conflicts.push(count(c + 1));
+        f.conflict_rate
+            .push(ratio(count(c + 1) as f64, elements as f64));
+    }
+    f
+}
+
+/// Index of the Gram sum of vectors `i <= j` among `n` (upper triangle, row order), as
+/// [`gram_upper`] lays them out.
+pub fn gram_upper_index(n: usize, i: usize, j: usize) -> usize {
+    i * n - i * i.saturating_sub(1) / 2 + (j - i)
+}
+
+impl Method for Report {
+    fn spec(&self) -> &MethodSpec {
+        &SPEC
+    }
+
+    fn check(&self, ctx: &TensorCtx) -> KResult<()> {
+        Shape::of(ctx).map(|_| ())
+    }
+
+    fn passes(&self, ctx: &TensorCtx) -> u32 {
+        Shape::of(ctx).map_or(1, |s| s.sel_passes() + 1)
+    }
+
+    fn partial(
+        &self,
+        ctx: &TensorCtx,
+        pass: u32,
+        state: &Stats,
+        rows: RowRange,
+        inputs: &[&[f32]],
+    ) -> KResult<Stats> {
+        let s = Shape::of(ctx)?;
+        let len = inputs.first().map_or(0, |x| x.len());
+        if inputs.len() != ctx.n_models() || inputs.iter().any(|x| x.len() != len) {
+            return Err("report inputs differ in number or length".into());
+        }
+        if pass < s.sel_passes() {
+            let m = s.others.len();
+            let mut keys = |p: usize, f: &mut dyn FnMut(&[u32])| {
+                let j = p % m;
+                let mut k = [0u32; CHUNK];
+                for at in (0..len).step_by(CHUNK) {
+                    let n = CHUNK.min(len - at);
+                    for (e, kk) in k[..n].iter_mut().enumerate() {
+                        *kk = select::key(delta(&s, inputs, j, at + e));
+                    }
+                    f(&k[..n]);
+                }
+            };
+            return Ok(if pass == 0 {
+                select::partial0_with(s.ranks.len(), &mut keys)
+            } else {
+                select::partial1_with(state, &s.ranks, &mut keys)
+            });
+        }
+        sums_and_counts(&s, state.child(0), rows, inputs)
+    }
+
+    fn reduce(
+        &self,
+        ctx: &TensorCtx,
+        pass: u32,
+        state: Stats,
+        partials: Vec<Stats>,
+    ) -> KResult<Reduced> {
+        let s = Shape::of(ctx)?;
+        if pass < s.sel_passes() {
+            if pass == 0 {
+                let n = vec![ctx.numel(); s.ranks.len()];
+                return Ok(Reduced::More(select::reduce0(&partials, &s.ranks, &n)?));
+            }
+            let sel = select::reduce1(&state, &partials, &s.ranks)?;
+            return Ok(Reduced::More(Stats {
+                children: vec![sel],
+                ..Default::default()
+            }));
+        }
+        Ok(Reduced::Done(merge(&partials)))
+    }
+
+    fn apply(
+        &self,
+        _ctx: &TensorCtx,
+        _state: &Stats,
+        _rows: RowRange,
+        _inputs: &[&[f32]],
+        _out: &mut [f32],
+    ) -> KResult<()> {
+        Err("the report computes statistics only; it writes no tensor".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::run_passes;
+    use crate::kernels::testutil::{data, Case};
+
+    /// The reduced statistics of `inputs` cut into ranges of `per` rows.
+    fn stats_cut(case: &Case, inputs: &[Vec<f32>], per: u64) -> Stats {
+        let ctx = case.ctx();
+        let rl = ctx.row_len;
+        let ranges: Vec<RowRange> = (0..ctx.rows.div_ceil(per))
+            .map(|i| RowRange {
+                start: i * per,
+                end: ((i + 1) * per).min(ctx.rows),
+                index: i as u32,
+            })
+            .collect();
+        let slice = |r: &RowRange| -> Vec<&[f32]> {
+            inputs
+                .iter()
+                .map(|v| &v[r.start as usize * rl..r.end as usize * rl])
+                .collect()
+        };
+        REPORT.check(&ctx).unwrap();
+        run_passes(&REPORT, &ctx, |pass, st| {
+            ranges
+                .iter()
+                .map(|r| REPORT.partial(&ctx, pass, st, *r, &slice(r)))
+                .collect()
+        })
+        .unwrap()
+    }
+
+    fn case(rows: u64, cols: u64, densities: &[f64]) -> (Case, Vec<Vec<f32>>) {
+        let mut c = Case::new(&[rows, cols], 4);
+        c.base = Some(1);
+        c.params = density_params(densities).into_iter().collect();
+        let n = (rows * cols) as usize;
+        let base = data(n, 9, 1.0);
+        let mut inputs: Vec<Vec<f32>> = (0..4u64)
+            .map(|s| {
+                let d = data(n, s, 0.1);
+                // deltas rounded to 1/64: many exact zeros and magnitude ties
+                base.iter()
+                    .zip(d)
+                    .map(|(b, d)| b + (d * 64.0).round() / 64.0)
+                    .collect()
+            })
+            .collect();
+        inputs[1] = base;
+        (c, inputs)
+    }
+
+    /// The figures by a direct computation: f64 sums, a sort for the trims.
+    fn reference(inputs: &[Vec<f32>], base: usize, densities: &[f64]) -> Figures {
+        let others: Vec<usize> = (0..inputs.len()).filter(|&i| i != base).collect();
+        let b = &inputs[base];
+        let n = b.len();
+        let deltas: Vec<Vec<f32>> = others
+            .iter()
+            .map(|&i| inputs[i].iter().zip(b).map(|(x, b)| x - b).collect())
+            .collect();
+        let dot = |x: &[f32], y: &[f32]| -> f64 {
+            x.iter().zip(y).map(|(&a, &b)| a as f64 * b as f64).sum()
+        };
+        let base_norm = dot(b, b).sqrt();
+        let norms: Vec<f64> = deltas.iter().map(|d| dot(d, d).sqrt()).collect();
+        let m = deltas.len();
+        let mut f = Figures {
+            elements: n as u64,
+            base_norm,
+            ratios: norms.iter().map(|x| x / base_norm).collect(),
+            norms: norms.clone(),
+            cosines: vec![],
+            sign_agreement: vec![],
+            both_nonzero: vec![],
+            conflict_rate: vec![],
+            conflicts: vec![],
+            overlaps: vec![],
+        };
+        for i in 0..m {
+            for j in i + 1..m {
+                f.cosines
+                    .push(dot(&deltas[i], &deltas[j]) / (norms[i] * norms[j]));
+                let both: Vec<(f32, f32)> = deltas[i]
+                    .iter()
+                    .zip(&deltas[j])
+                    .map(|(&a, &b)| (a, b))
+                    .filter(|&(a, b)| a != 0.0 && b != 0.0)
+                    .collect();
+                let agree = both
+                    .iter()
+                    .filter(|(a, b)| (*a > 0.0) == (*b > 0.0))
+                    .count();
+                f.sign_agreement.push(agree as f64 / both.len() as f64);
+                f.both_nonzero.push(both.len() as u64);
+            }
+        }
+        for &d in densities {
+            let trimmed: Vec<Vec<f32>> = deltas
+                .iter()
+                .map(|x| {
+                    let k = ((d * n as f64) as usize).max(1).min(n);
+                    let mut order: Vec<usize> = (0..n).collect();
+                    // ascending (|δ|, index): the last k are kept
+                    order.sort_by(|&a, &c| x[a].abs().total_cmp(&x[c].abs()).then(a.cmp(&c)));
+                    let mut t = vec![0f32; n];
+                    for &e in &order[n - k..] {
+                        t[e] = x[e];
+                    }
+                    t
+                })
+                .collect();
+            let (mut conf, mut over) = (0u64, 0u64);
+            for e in 0..n {
+                let pos = trimmed.iter().any(|t| t[e] > 0.0);
+                let neg = trimmed.iter().any(|t| t[e] < 0.0);
+                conf += u64::from(pos && neg);
+                over += u64::from(trimmed.iter().filter(|t| t[e] != 0.0).count() >= 2);
+            }
+            f.conflicts.push(conf);
+            f.overlaps.push(over);
+            f.conflict_rate.push(conf as f64 / n as f64);
+        }
+        f
+    }
+
+    fn close(a: &[f64], b: &[f64]) {
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() <= 1e-12 * y.abs().max(1e-300), "{x} vs {y}");
+        }
+    }
+
+    #[test]
+    fn figures_match_a_direct_computation() {
+        let ds = [0.1, 0.5, 0.9];
+        let (c, inputs) = case(7, 13, &ds);
+        let f = figures(3, ds.len(), &stats_cut(&c, &inputs, 7));
+        let r = reference(&inputs, 1, &ds);
+        assert_eq!(f.elements, r.elements);
+        close(&[f.base_norm], &[r.base_norm]);
+        close(&f.norms, &r.norms);
+        close(&f.ratios, &r.ratios);
+        close(&f.cosines, &r.cosines);
+        close(&f.sign_agreement, &r.sign_agreement);
+        assert_eq!(f.both_nonzero, r.both_nonzero);
+        assert_eq!((&f.conflicts, &f.overlaps), (&r.conflicts, &r.overlaps));
+        close(&f.conflict_rate, &r.conflict_rate);
+        assert!(f.conflicts.iter().any(|&c| c > 0));
+    }
+
+    #[test]
+    fn the_same_bits_however_the_tensor_is_cut() {
+        let ds = [0.3, 0.5];
+        let (c, inputs) = case(9, 11, &ds);
+        let whole = figures(3, 2, &stats_cut(&c, &inputs, 9));
+        for per in [1, 2, 4] {
+            assert_eq!(
+                figures(3, 2, &stats_cut(&c, &inputs, per)),
+                whole,
+                "{per} rows"
+            );
+        }
+        // and a group's figures are those of its tensors merged
+        let (c2, inputs2) = case(3, 5, &ds);
+        let a = stats_cut(&c, &inputs, 9);
+        let b = stats_cut(&c2, &inputs2, 3);
+        let joined: Vec<Vec<f32>> = inputs
+            .iter()
+            .zip(&inputs2)
+            .map(|(x, y)| [x.clone(), y.clone()].concat())
+            .collect();
+        let mut c3 = Case::new(&[1, 99 + 15], 4);
+        c3.base = Some(1);
+        c3.params = c.params.clone();
+        let fj = figures(3, 2, &merge(&[a, b]));
+        let direct = figures(
+            3,
+            0,
+            &stats_cut(
+                &Case {
+                    params: density_params(&[]).into_iter().collect(),
+                    ..c3
+                },
+                &joined,
+                1,
+            ),
+        );
+        assert_eq!(
+            (fj.norms, fj.cosines, fj.both_nonzero),
+            (direct.norms, direct.cosines, direct.both_nonzero)
+        );
+    }
+
+    #[test]
+    fn zero_deltas_give_undefined_not_infinite_figures() {
+        let (c, mut inputs) = case(2, 3, &[0.5]);
+        for i in [0, 2, 3] {
+            inputs[i] = inputs[1].clone();
+        }
+        let f = figures(3, 1, &stats_cut(&c, &inputs, 1));
+        assert!(f.norms.iter().all(|&x| x == 0.0));
+        assert!(f
+            .cosines
+            .iter()
+            .chain(&f.sign_agreement)
+            .all(|x| x.is_nan()));
+        assert_eq!(f.conflicts, vec![0]);
+    }
+
+    #[test]
+    fn pair_and_gram_indices() {
+        let m = 4;
+        let mut at = 0;
+        for i in 0..m {
+            for j in i + 1..m {
+                assert_eq!(pair_index(m, i, j), at);
+                at += 1;
+            }
+        }
+        let mut at = 0;
+        for i in 0..5 {
+            for j in i..5 {
+                assert_eq!(gram_upper_index(5, i, j), at);
+                at += 1;
+            }
+        }
+    }
+
+    #[test]
+    fn bad_densities_are_refused() {
+        let (c, _) = case(2, 3, &[1.0]);
+        assert!(REPORT.check(&c.ctx()).is_err());
+        assert!(task_method_finds_report());
+    }
+
+    fn task_method_finds_report() -> bool {
+        crate::kernels::task_method(NAME).is_some() && crate::kernels::method(NAME).is_none()
+    }
+}
