@@ -25,7 +25,7 @@ pub(super) fn take(out: &Location, job: &str, resume: bool) -> Result<Claim> {
             .open(&path)
             .map_err(io)?;
         let mut text = Vec::new();
-        if let Err(e) = try_lock(&f) {
+        if let Err(e) = shardmerge_worker::storage::local::try_lock(&f) {
             let _ = f.read_to_end(&mut text);
             let owner = Owner::parse(&text).unwrap_or(Owner {
                 job: "?".into(),
@@ -94,20 +94,5 @@ fn taken_over(out: &Location, prev: &Owner) -> Error {
             out.uri(),
             prev.describe()
         ),
-    }
-}
-
-/// An exclusive `flock` on `f`, without waiting (std's `File::try_lock` is newer than this
-/// crate's minimum Rust version).
-fn try_lock(f: &std::fs::File) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: flock on a descriptor `f` owns and keeps open for the call; it reads or writes
-    // no memory of ours. The lock lives with the open file description, so it lasts as long
-    // as `f` (released when `f` is closed, or when the process dies).
-    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
     }
 }

@@ -5,6 +5,10 @@
 //! once the write task that needed them last has written its part, and let go after `IDLE`
 //! unused when space is wanted (a task retried on another worker leaves its rows behind here).
 //! The cache only saves reads: a miss reads storage, so what a task computes never depends on it.
+//!
+//! Its folder is removed when the worker ends; a worker that was killed (SIGKILL, out of
+//! memory, a node lost) cannot, so each folder holds a lock file its process keeps locked, and
+//! a new cache removes the folders beside it whose lock nobody holds (their process is gone).
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -14,6 +18,10 @@ use std::time::{Duration, Instant};
 
 /// How long an unused entry is kept when its space is wanted.
 const IDLE: Duration = Duration::from_secs(600);
+
+/// The folder name's prefix, and the lock file inside that says its owner still runs.
+const PREFIX: &str = "shardmerge-rows-";
+const OWNER: &str = "owner.lock";
 
 /// A cached piece: the bytes `[from, to)` of input file `uri`, read for job `job`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
@@ -46,28 +54,69 @@ pub struct RowCache {
     dir: PathBuf,
     /// The folder, removed when the cache is dropped.
     _tmp: tempfile::TempDir,
+    /// Locked for the cache's life: the folder's owner runs.
+    _owner: std::fs::File,
     limit: u64,
     inner: Mutex<Inner>,
+}
+
+/// Removes the row cache folders in `parent` (other than `mine`) whose owner is gone: their
+/// lock file can be locked, or they have none and were last changed over `IDLE` ago (a folder
+/// being set up has its lock within microseconds). Returns how many went.
+fn remove_abandoned(parent: &Path, mine: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let path = e.path();
+        let ours = e
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(PREFIX));
+        if !ours || path == mine || !e.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let gone = match std::fs::File::open(path.join(OWNER)) {
+            // held by a live process: the lock fails; ours now, released as `f` drops
+            Ok(f) => crate::storage::local::try_lock(&f).is_ok(),
+            Err(_) => e
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age >= IDLE)),
+        };
+        if gone && std::fs::remove_dir_all(&path).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
 }
 
 impl RowCache {
     /// A cache of at most `limit` bytes in a new folder under `parent` (the system's temporary
     /// folder when `None`).
     pub fn new(parent: Option<&Path>, limit: u64) -> std::io::Result<Self> {
-        let tmp = match parent {
-            Some(p) => {
-                std::fs::create_dir_all(p)?;
-                tempfile::Builder::new()
-                    .prefix("shardmerge-rows-")
-                    .tempdir_in(p)?
-            }
-            None => tempfile::Builder::new()
-                .prefix("shardmerge-rows-")
-                .tempdir()?,
-        };
+        let parent = parent.map_or_else(std::env::temp_dir, Path::to_path_buf);
+        std::fs::create_dir_all(&parent)?;
+        let tmp = tempfile::Builder::new()
+            .prefix(PREFIX)
+            .tempdir_in(&parent)?;
+        // locked before it takes its name, so no sweep ever sees it unlocked
+        let fresh = tmp.path().join("owner.new");
+        let owner = std::fs::File::create(&fresh)?;
+        crate::storage::local::try_lock(&owner)?;
+        std::fs::rename(&fresh, tmp.path().join(OWNER))?;
+        let removed = remove_abandoned(&parent, tmp.path());
+        if removed > 0 {
+            tracing::info!(
+                "removed {removed} row cache folder(s) in {} left by workers that are gone",
+                parent.display()
+            );
+        }
         Ok(RowCache {
             dir: tmp.path().to_path_buf(),
             _tmp: tmp,
+            _owner: owner,
             limit,
             inner: Mutex::new(Inner::default()),
         })
@@ -239,5 +288,27 @@ mod tests {
         assert!(dir.exists());
         drop(c);
         assert!(!dir.exists(), "the scratch folder goes with the cache");
+    }
+
+    /// A killed worker's folder (its lock file unlocked) is removed by the next cache made
+    /// beside it; a live cache's folder and a fresh folder without a lock file stay.
+    #[tokio::test]
+    async fn a_new_cache_removes_the_folders_of_workers_that_are_gone() {
+        let parent = tempfile::tempdir().unwrap();
+        let live = RowCache::new(Some(parent.path()), 5).unwrap();
+        live.put(key(0), vec![1, 2, 3]).await;
+        let dead = parent.path().join(format!("{PREFIX}dead"));
+        std::fs::create_dir(&dead).unwrap();
+        std::fs::write(dead.join(OWNER), b"").unwrap();
+        std::fs::write(dead.join("0"), [0u8; 64]).unwrap();
+        let unlocked_young = parent.path().join(format!("{PREFIX}young"));
+        std::fs::create_dir(&unlocked_young).unwrap();
+        let other = parent.path().join("someone-elses");
+        std::fs::create_dir(&other).unwrap();
+        let next = RowCache::new(Some(parent.path()), 5).unwrap();
+        assert!(!dead.exists(), "a gone worker's folder stays");
+        assert!(live.dir.exists() && next.dir.exists());
+        assert_eq!(live.get(&key(0), Vec::new()).await, Ok(vec![1, 2, 3]));
+        assert!(unlocked_young.exists() && other.exists());
     }
 }

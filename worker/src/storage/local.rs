@@ -68,6 +68,21 @@ impl LocalStorage {
     }
 }
 
+/// An exclusive `flock` on `f`, without waiting (std's `File::try_lock` is newer than this
+/// crate's minimum Rust version).
+pub fn try_lock(f: &std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor `f` owns and keeps open for the call; it reads or writes
+    // no memory of ours. The lock lives with the open file description, so it lasts as long
+    // as `f` (released when `f` is closed, or when the process dies).
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Reads exactly `range` of an open file.
 pub(crate) fn read_exact_range(f: &File, path: &str, range: Range<u64>) -> SResult<Vec<u8>> {
     read_exact_range_into(f, path, range, Vec::new())
