@@ -53,7 +53,7 @@ pub async fn run(
     let opts = LoopOptions {
         worker_id: "embedded".into(),
         slots: o.workers.max(1),
-        slot_memory: o.submit.slot_memory,
+        slot_memory: o.submit.slot_memory_for(&plan)?,
         max_idle: Duration::from_millis(20),
     };
     let workers = tokio::spawn(pull::run(mgr.clone(), exec, opts, stop_rx));

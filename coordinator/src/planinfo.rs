@@ -43,7 +43,7 @@ pub async fn describe(
         &plan,
         &CutOptions {
             task_size: o.task_size,
-            slot_memory: o.slot_memory,
+            slot_memory: o.slot_memory_for(&plan)?,
             min_part: 0,
         },
     );
@@ -106,6 +106,7 @@ impl PlanInfo {
             "bytes_written": p.bytes_out(),
             "workers": self.workers,
             "peak_memory_per_worker": self.peak_per_slot,
+            "plan_memory": self.plan.memory(),
             "output_layers": p.out_layers,
             "copied": p.tensors.iter().filter(|t| t.is_copy()).map(|t| &t.name).collect::<Vec<_>>(),
             "seed": p.seed,
@@ -165,9 +166,10 @@ impl PlanInfo {
         );
         s += &format!("write        {}\n", human(p.bytes_out()));
         s += &format!(
-            "peak memory  {} per worker slot x {} slots\n",
+            "peak memory  {} per worker slot x {} slots, and the plan about {}\n",
             human(self.peak_per_slot),
-            self.workers
+            self.workers,
+            human(p.memory())
         );
         s
     }

@@ -196,3 +196,52 @@ fn planning_large_submissions_does_not_stall_the_coordinator() {
         "{err}"
     );
 }
+
+/// A coordinator holds the plans of its jobs within `--max-plan-memory`: a submission whose
+/// plan would take more is refused with the figures (RESOURCE_EXHAUSTED), and a small job is
+/// still taken afterwards.
+#[test]
+fn a_plan_past_max_plan_memory_is_refused() {
+    let bin = shardmerge_bin!();
+    let c = Cluster::start_with(&bin, vec![], 10.0, 1, &["--max-plan-memory", "32MiB"]);
+    let work = tempfile::tempdir().unwrap();
+    tiny_family(work.path(), 40_000);
+    let out = work.path().join("out");
+    let o = c.cli(
+        work.path(),
+        &[
+            "submit",
+            "r.yml",
+            out.to_str().unwrap(),
+            "--coordinator",
+            &c.url,
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success(),
+        "a 40k-tensor plan was taken under 32 MiB"
+    );
+    assert!(
+        err.contains("--max-plan-memory") && err.contains("plan takes about"),
+        "{err}"
+    );
+    let small = tempfile::tempdir().unwrap();
+    tiny_family(small.path(), 10);
+    let out = small.path().join("out");
+    ok(
+        &c.cli(
+            small.path(),
+            &[
+                "submit",
+                "r.yml",
+                out.to_str().unwrap(),
+                "--coordinator",
+                &c.url,
+                "--wait",
+                "--quiet",
+            ],
+        ),
+        "a small job after the refusal",
+    );
+}

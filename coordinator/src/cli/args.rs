@@ -71,7 +71,9 @@ pub(super) struct EngineArgs {
     /// Target output bytes per task
     #[arg(long, default_value = "4MiB", value_parser = size::parse)]
     pub(super) task_size: u64,
-    /// Memory the workers of this process may use in all; tasks are cut to fit
+    /// Memory this process may use in all, past its fixed size: the job's plan (about 1.5 KiB
+    /// per output tensor and 320 B per tensor input) comes out of it first, the worker slots
+    /// share the rest; tasks are cut to fit, and a merge whose plan leaves too little is refused
     #[arg(long, default_value = "1GiB", value_parser = size::parse)]
     pub(super) memory_limit: u64,
     /// Worker slots (default: the number of cores)
@@ -188,6 +190,10 @@ impl EngineArgs {
             base_dir: embedded::cwd(),
             unsafe_truncate_embeddings: self.merge.unsafe_truncate_embeddings,
             compute_float32: self.merge.compute_dtype == Some(ComputeDtype::Float32),
+            budget: Some(crate::job::ProcessBudget {
+                limit: self.memory_limit,
+                slots: self.workers(),
+            }),
             ..Default::default()
         }
     }
@@ -300,6 +306,11 @@ pub struct LimitArgs {
     /// headers, cutting it into tasks); a job that takes longer is refused
     #[arg(long, default_value_t = 300.0)]
     pub(super) max_plan_time: f64,
+    /// Memory the plans of the jobs held at once may take in all (a plan takes about 1.5 KiB
+    /// per output tensor and 320 B per tensor input: a few MiB for a 70B merge); a submission
+    /// past it is refused (RESOURCE_EXHAUSTED) unless ended jobs can make room
+    #[arg(long, default_value = "4GiB", value_parser = size::parse)]
+    pub(super) max_plan_memory: u64,
     /// Fraction of write tasks another worker process computes again, writing nothing, to
     /// check the first worker's result (0: no audits; 1: every task). A worker whose result
     /// is found wrong is quarantined and its tasks run again; a worker lying on a fraction q of
@@ -338,6 +349,7 @@ impl LimitArgs {
                 })?,
             max_jobs: self.max_jobs,
             max_plan_time: seconds("--max-plan-time", self.max_plan_time)?,
+            max_plan_memory: self.max_plan_memory,
             audit: self.audit()?,
         })
     }

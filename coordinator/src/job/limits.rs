@@ -13,6 +13,9 @@ pub const DEFAULT_MAX_TASK_TIME: Duration = Duration::from_secs(3600);
 pub const DEFAULT_MAX_SLOTS_PER_WORKER: u32 = 64;
 pub const DEFAULT_JOB_RETENTION: Duration = Duration::from_secs(3600);
 pub const DEFAULT_MAX_JOBS: usize = 100;
+/// The default of `--max-plan-memory`: a 70B merge's plan takes a few MiB; a recipe of
+/// thousands of models or an input of hundreds of thousands of tensors takes hundreds.
+pub const DEFAULT_MAX_PLAN_MEMORY: u64 = 4 << 30;
 
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
@@ -26,6 +29,8 @@ pub struct Limits {
     pub max_jobs: usize,
     /// How long planning one submitted job may take (`--max-plan-time`).
     pub max_plan_time: Duration,
+    /// Memory the plans of the jobs held at once may take in all (`--max-plan-memory`).
+    pub max_plan_memory: u64,
     /// Result audits of the jobs' write tasks (`--audit-fraction`; none by default, as in
     /// embedded mode, whose workers are the coordinator's own).
     pub audit: super::state::AuditRules,
@@ -39,6 +44,7 @@ impl Default for Limits {
             job_retention: DEFAULT_JOB_RETENTION,
             max_jobs: DEFAULT_MAX_JOBS,
             max_plan_time: super::prepare::DEFAULT_MAX_PLAN_TIME,
+            max_plan_memory: DEFAULT_MAX_PLAN_MEMORY,
             audit: Default::default(),
         }
     }
@@ -86,6 +92,46 @@ impl JobManager {
              cancel one",
                 jobs.len(),
                 l.max_jobs
+            ),
+        })
+    }
+
+    /// Whether a plan of `need` bytes may be held with the plans of the jobs held now (ended
+    /// jobs are dropped first, oldest first, to make room).
+    pub(super) fn plan_room(&self, need: u64) -> Result<()> {
+        let max = self.limits().max_plan_memory;
+        let mut jobs = lock(&self.jobs);
+        let held = |jobs: &std::collections::HashMap<String, super::Job>| -> u64 {
+            jobs.values().map(|j| j.state.plan.memory()).sum()
+        };
+        let mut ended: Vec<(Option<Instant>, String)> = jobs
+            .iter()
+            .filter(|(_, j)| j.state.terminal())
+            .map(|(id, j)| (j.ended, id.clone()))
+            .collect();
+        ended.sort();
+        let mut history = lock(&self.history);
+        for (_, id) in ended {
+            if held(&jobs).saturating_add(need) <= max {
+                break;
+            }
+            if let Some(j) = jobs.remove(&id) {
+                history.insert(id, j.state.status.clone());
+            }
+        }
+        let held = held(&jobs);
+        if held.saturating_add(need) <= max {
+            return Ok(());
+        }
+        Err(Error::Exhausted {
+            limit: "--max-plan-memory",
+            reason: format!(
+                "this job's plan takes about {} and the jobs held hold {} of the \
+                 coordinator's --max-plan-memory {}; wait for a job to end, or merge fewer \
+                 models or tensors at once",
+                crate::size::human(need),
+                crate::size::human(held),
+                crate::size::human(max)
             ),
         })
     }

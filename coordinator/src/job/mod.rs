@@ -48,7 +48,7 @@ use crate::journal::{layout_crc, JobJournal, Journal, NoJournal};
 use crate::plan::Plan;
 use lease::{LeaseRules, LeaseTable};
 pub(crate) use limits::Limits;
-pub use options::SubmitOptions;
+pub use options::{ProcessBudget, SubmitOptions, MIN_SLOT_MEMORY};
 pub use state::AuditRules;
 use state::JobState;
 pub(crate) use tasks::tensor_job;

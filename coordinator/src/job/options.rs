@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use shardmerge_proto as pb;
 
+use crate::error::{Error, Result};
 use crate::plan;
+use crate::size::human;
 
 /// Small enough that a task's output bytes are still in cache when they are written (0.75B
 /// bench, alternating runs: task_arithmetic 3.0-3.3 s with 4 MiB tasks against 4.0-4.7 s with
@@ -30,6 +32,44 @@ pub struct SubmitOptions {
     pub unsafe_truncate_embeddings: bool,
     /// Compute in f32 whatever the recipe's `dtype` (`--compute-dtype float32`).
     pub compute_float32: bool,
+    /// A process that plans and runs the job itself (embedded `run`): the plan's memory comes
+    /// out of its `--memory-limit` before the slots share the rest (`slot_memory` is then
+    /// what a slot would get with no plan to hold).
+    pub budget: Option<ProcessBudget>,
+}
+
+/// The memory of a process that holds the job's plan and runs its tasks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcessBudget {
+    /// `--memory-limit`: the plan and every slot's buffers together.
+    pub limit: u64,
+    pub slots: usize,
+}
+
+/// The least a worker slot is given.
+pub const MIN_SLOT_MEMORY: u64 = 1 << 20;
+
+impl ProcessBudget {
+    /// What each slot may use once the plan (`plan_memory` bytes) is held, or why the limit
+    /// is too small for this merge.
+    pub fn slot_memory(&self, plan_memory: u64) -> Result<u64> {
+        let slots = self.slots.max(1) as u64;
+        let least = plan_memory.saturating_add(slots * MIN_SLOT_MEMORY);
+        if self.limit < least {
+            return Err(Error::Exhausted {
+                limit: "--memory-limit",
+                reason: format!(
+                    "this merge's plan takes about {} (its output tensors and their inputs), \
+                     which leaves too little of --memory-limit {} for {slots} worker slot(s); \
+                     give at least {} (or fewer models or tensors)",
+                    human(plan_memory),
+                    human(self.limit),
+                    human(least.saturating_add(slots * 15 * MIN_SLOT_MEMORY)),
+                ),
+            });
+        }
+        Ok((self.limit - plan_memory) / slots)
+    }
 }
 
 impl Default for SubmitOptions {
@@ -44,6 +84,7 @@ impl Default for SubmitOptions {
             overwrite: false,
             unsafe_truncate_embeddings: false,
             compute_float32: false,
+            budget: None,
         }
     }
 }
@@ -83,6 +124,15 @@ impl SubmitOptions {
             overwrite: o.overwrite,
             unsafe_truncate_embeddings: o.unsafe_truncate_embeddings,
             compute_float32: o.compute_float32,
+            budget: None,
+        }
+    }
+
+    /// What each worker slot may use for this plan's tasks.
+    pub fn slot_memory_for(&self, plan: &plan::Plan) -> Result<u64> {
+        match self.budget {
+            Some(b) => b.slot_memory(plan.memory()),
+            None => Ok(self.slot_memory),
         }
     }
 }

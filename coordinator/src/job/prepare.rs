@@ -58,7 +58,11 @@ impl JobManager {
             })
         });
         match tokio::time::timeout(budget, work).await {
-            Ok(Ok(Some(r))) => r,
+            Ok(Ok(Some(Ok(r)))) => {
+                self.plan_room(r.0.memory())?;
+                Ok(r)
+            }
+            Ok(Ok(Some(Err(e)))) => Err(e),
             Ok(Ok(None)) | Err(_) => Err(too_long()),
             Ok(Err(e)) => Err(Error::job("", format!("planning the job: {e}"))),
         }
@@ -86,7 +90,7 @@ async fn prepare(
         &plan,
         &CutOptions {
             task_size: o.task_size,
-            slot_memory: o.slot_memory,
+            slot_memory: o.slot_memory_for(&plan)?,
             min_part: out.store.min_part_size(),
         },
     );

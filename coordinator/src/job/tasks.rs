@@ -157,7 +157,7 @@ pub(crate) fn tensor_job(t: &TensorPlan, start: u64, end: u64) -> pb::TensorJob 
         method: t.method_name().to_string(),
         params: Some(params(&t.params)),
         inputs: t.inputs.iter().map(source).collect(),
-        model_params: t.model_params.iter().map(params).collect(),
+        model_params: t.model_params.iter().map(|p| params(p)).collect(),
         base_index: t.base.map(|b| b as u32),
         seed: t.seed,
         rng: match t.rng {
@@ -176,11 +176,11 @@ pub(crate) fn tensor_job(t: &TensorPlan, start: u64, end: u64) -> pb::TensorJob 
 
 fn source(s: &InputPlan) -> pb::TensorSource {
     pb::TensorSource {
-        uri: s.uri.clone(),
+        uri: s.uri.to_string(),
         data_offset: s.data_offset,
         dtype: s.dtype.to_proto() as i32,
         shape: s.shape.clone(),
-        model: s.model.clone(),
+        model: s.model.to_string(),
         model_key: s.model_key,
         tensor: s.tensor.clone(),
         rng_offset: s.rng_offset,
@@ -207,7 +207,7 @@ mod tests {
         t.rng = rng::Mode::Counter;
         t.work_dtype = Some(DType::BF16);
         t.compute = Work::F16;
-        t.model_params[1].insert("weight".into(), 0.5);
+        std::sync::Arc::make_mut(&mut t.model_params[1]).insert("weight".into(), 0.5);
         let job = tensor_job(&t, 0, 3);
         let (a, b) = (
             t.ctx().expect("plan ctx"),

@@ -60,7 +60,7 @@ pub async fn load_model(resolver: &Resolver, base_dir: &Path, name: &str) -> Res
         let floc = loc.join(f);
         let h = read_header(&floc).await?;
         bytes += h.tensors.values().map(|t| t.end - t.start).sum::<u64>();
-        let uri = floc.uri();
+        let uri: std::sync::Arc<str> = floc.uri().into();
         for (n, t) in h.tensors {
             if let Some((other, _)) = tensors.get(&n) {
                 return Err(Error::input(
@@ -112,7 +112,7 @@ async fn single_file(loc: &Location) -> Result<String> {
 fn check_index(
     loc: &Location,
     idx: &st_index::Index,
-    tensors: &BTreeMap<String, (String, TensorInfo)>,
+    tensors: &BTreeMap<String, (std::sync::Arc<str>, TensorInfo)>,
 ) -> Result<()> {
     for (tname, file) in &idx.weight_map {
         match tensors.get(tname) {
@@ -130,7 +130,7 @@ fn count_layers(
     loc: &Location,
     arch: &Arch,
     config: Option<&Value>,
-    tensors: &BTreeMap<String, (String, TensorInfo)>,
+    tensors: &BTreeMap<String, (std::sync::Arc<str>, TensorInfo)>,
 ) -> Result<u64> {
     let from_names = tensors
         .keys()

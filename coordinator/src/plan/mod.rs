@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 
 use serde_json::Value;
 use shardmerge_proto as pb;
@@ -35,7 +36,7 @@ pub use tensor::COPY_METHOD;
 use tensor::*;
 #[cfg(test)]
 pub(crate) use typed::test_tensor;
-pub use typed::{InputPlan, Params, TensorPlan};
+pub use typed::{InputPlan, Interner, Params, TensorPlan};
 
 /// mergekit's default `--out-shard-size` (bytes).
 pub const DEFAULT_SHARD_SIZE: u64 = 5_000_000_000;
@@ -62,7 +63,7 @@ pub struct ModelInfo {
     /// Tensor name → (file URI, header entry). Shared: the plan keeps the models both by
     /// name and in recipe order, and a model's tensors are its largest part (200k of them
     /// took 110 MB twice).
-    pub tensors: std::sync::Arc<BTreeMap<String, (String, TensorInfo)>>,
+    pub tensors: std::sync::Arc<BTreeMap<String, (std::sync::Arc<str>, TensorInfo)>>,
     /// Its architecture's definition, from `config.json`.
     pub arch: &'static Arch,
     pub num_layers: u64,
@@ -97,7 +98,33 @@ pub struct Plan {
     pub arch: &'static Arch,
 }
 
+/// Memory a job holds for each output tensor, each of its inputs and each header entry of the
+/// models it reads, and twice each output header, from planning to the end of the job: bounds
+/// rounded up from what heaptrack and peak RSS measured (a run of 200k one-row tensors held
+/// about 2.0 KB per tensor with its two inputs and four header entries; one model listed
+/// 10,000 times about 250 B per tensor input), so that `--memory-limit` can count them.
+const PLAN_BYTES_PER_TENSOR: u64 = 1536;
+const PLAN_BYTES_PER_INPUT: u64 = 320;
+const PLAN_BYTES_PER_HEADER_ENTRY: u64 = 256;
+
 impl Plan {
+    /// About how much memory this plan and the job run from it hold (an upper bound for the
+    /// shapes measured; see `PLAN_BYTES_PER_TENSOR`).
+    pub fn memory(&self) -> u64 {
+        let inputs: u64 = self.tensors.iter().map(|t| t.inputs.len() as u64).sum();
+        let entries: u64 = self.models.iter().map(|m| m.tensors.len() as u64).sum();
+        let headers: u64 = self
+            .files
+            .iter()
+            .map(|f| f.layout.header.len() as u64)
+            .sum();
+        (self.tensors.len() as u64)
+            .saturating_mul(PLAN_BYTES_PER_TENSOR)
+            .saturating_add(inputs.saturating_mul(PLAN_BYTES_PER_INPUT))
+            .saturating_add(entries.saturating_mul(PLAN_BYTES_PER_HEADER_ENTRY))
+            .saturating_add(headers.saturating_mul(2))
+    }
+
     pub(crate) fn bytes_out(&self) -> u64 {
         self.files.iter().map(|f| f.layout.total_size).sum()
     }
@@ -130,6 +157,10 @@ struct Ctx<'a> {
     arch: &'static Arch,
     method: &'static dyn Method,
     models: &'a HashMap<String, ModelInfo>,
+    /// Each model's recipe name, shared by the inputs that name it.
+    model_names: HashMap<String, Arc<str>>,
+    /// One copy of each distinct parameter map.
+    params: Interner,
     seed: u64,
     rng: rng::Mode,
     truncate_embeddings: bool,
@@ -163,6 +194,11 @@ pub async fn plan(
         arch,
         method,
         models: &models,
+        model_names: models
+            .keys()
+            .map(|k| (k.clone(), Arc::from(k.as_str())))
+            .collect(),
+        params: Interner::default(),
         seed,
         rng: match opts.rng {
             pb::Rng::Mergekit => rng::Mode::Mergekit,
@@ -259,10 +295,15 @@ fn outside_layers(cx: &Ctx<'_>, s: &Slice, pre: bool, tensors: &mut Vec<TensorPl
 /// Every output tensor's job, in output order, and the (model, layer) each output layer
 /// comes from.
 fn plan_tensors<'a>(cx: &Ctx<'a>, slices: &'a [Slice]) -> Result<(Vec<TensorPlan>, Origins<'a>)> {
-    let mut tensors = Vec::new();
     // Tensors outside the layers: embeddings first (from the first slice), the rest last
     // (from the last slice), as mergekit's pre/post weights.
     let first = &slices[0];
+    // as many as its reference model has, most often: no copies while the list grows
+    let mut tensors = Vec::with_capacity(
+        cx.models[&first.sources[reference_source(cx, first)].model]
+            .tensors
+            .len(),
+    );
     let last = &slices[slices.len() - 1];
     outside_layers(cx, first, true, &mut tensors)?;
     let mut out_layer = 0u64;
@@ -307,6 +348,7 @@ fn plan_tensors<'a>(cx: &Ctx<'a>, slices: &'a [Slice]) -> Result<(Vec<TensorPlan
         }
     }
     outside_layers(cx, last, false, &mut tensors)?;
+    tensors.shrink_to_fit();
     Ok((tensors, origins))
 }
 
@@ -347,7 +389,7 @@ mod tests {
         let mp = |w: f64| -> HashMap<String, f64> {
             [("weight".to_string(), w), ("density".to_string(), density)].into()
         };
-        t.model_params = vec![HashMap::new(), mp(1.0), mp(1.0)];
+        t.model_params = vec![Default::default(), mp(1.0).into(), mp(1.0).into()];
         t.base = Some(0);
         t
     }

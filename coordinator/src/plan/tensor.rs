@@ -105,8 +105,8 @@ pub(super) fn copy_job(
         shape: inputs[0].shape.clone(),
         out_dtype: inputs[0].dtype,
         method: copy_method()?,
-        params: HashMap::new(),
-        model_params: vec![HashMap::new(); inputs.len()],
+        params: Arc::default(),
+        model_params: vec![Arc::default(); inputs.len()],
         inputs,
         base: None,
         seed: cx.seed,
@@ -133,8 +133,8 @@ fn copy_method() -> Result<&'static dyn Method> {
 /// mergekit spends merging such a tensor as floats.
 fn keep_params(
     job: &mut TensorPlan,
-    params: HashMap<String, f64>,
-    model_params: Vec<HashMap<String, f64>>,
+    params: Arc<Params>,
+    model_params: Vec<Arc<Params>>,
     base: Option<usize>,
     from: usize,
 ) {
@@ -143,7 +143,7 @@ fn keep_params(
         i if i < from => i + 1,
         i => i,
     };
-    let mut mp = vec![HashMap::new(); model_params.len()];
+    let mut mp = vec![Arc::default(); model_params.len()];
     for (i, p) in model_params.into_iter().enumerate() {
         mp[order(i)] = p;
     }
@@ -214,8 +214,8 @@ fn tensor_inputs<'a>(
     out_name: &str,
     in_names: &[String],
 ) -> Result<(Vec<InputPlan>, Vec<&'a TensorInfo>)> {
-    let mut inputs = Vec::new();
-    let mut infos: Vec<&TensorInfo> = Vec::new();
+    let mut inputs = Vec::with_capacity(s.sources.len());
+    let mut infos: Vec<&TensorInfo> = Vec::with_capacity(s.sources.len());
     for (pos, (src, in_name)) in s.sources.iter().zip(in_names).enumerate() {
         let m = &cx.models[&src.model];
         // a model with tied embeddings reads its input-side twin
@@ -244,7 +244,7 @@ fn tensor_inputs<'a>(
             data_offset: info.start,
             dtype: dt,
             shape: info.shape.clone(),
-            model: src.model.clone(),
+            model: cx.model_names[&src.model].clone(),
             // keyed by the model's position among the inputs, not by where it is stored, so
             // the same recipe over copies on S3 or local disk draws the same numbers
             model_key: rng::key_of(&format!("input:{pos}")),
@@ -264,7 +264,7 @@ fn job_params(
     in_names: &[String],
     t: f64,
     base: Option<usize>,
-) -> Result<(Params, Vec<Params>)> {
+) -> Result<(Arc<Params>, Vec<Arc<Params>>)> {
     let spec = cx.method.spec();
     let mut params = HashMap::new();
     for p in spec.params {
@@ -281,7 +281,7 @@ fn job_params(
             }
         }
     }
-    let mut model_params = Vec::new();
+    let mut model_params = Vec::with_capacity(s.sources.len());
     for (i, (src, in_name)) in s.sources.iter().zip(in_names).enumerate() {
         let mut mp = HashMap::new();
         for p in spec.tensor_params {
@@ -298,7 +298,7 @@ fn job_params(
                 }
             }
         }
-        model_params.push(mp);
+        model_params.push(cx.params.intern(mp));
     }
-    Ok((params, model_params))
+    Ok((cx.params.intern(params), model_params))
 }

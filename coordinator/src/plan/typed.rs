@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 
 use shardmerge_proto as pb;
 use shardmerge_worker::format::dtype::DType;
@@ -15,17 +16,41 @@ use crate::error::{Error, Result};
 /// Parameters by name, resolved for one tensor (booleans as 0/1).
 pub type Params = HashMap<String, f64>;
 
+/// A parameter map's names and values' bits, sorted: what two equal maps share.
+type ParamsKey = Vec<(String, u64)>;
+
+/// One copy of each distinct parameter map of a plan: a recipe resolves the same parameters
+/// for most tensors and models, and a plan of many tensors (or one model listed thousands of
+/// times) would otherwise hold a map per tensor and input.
+#[derive(Default)]
+pub struct Interner {
+    seen: std::cell::RefCell<HashMap<ParamsKey, Arc<Params>>>,
+}
+
+impl Interner {
+    /// The shared copy of `p`.
+    pub fn intern(&self, p: Params) -> Arc<Params> {
+        let mut key: ParamsKey = p.iter().map(|(k, v)| (k.clone(), v.to_bits())).collect();
+        key.sort_unstable();
+        self.seen
+            .borrow_mut()
+            .entry(key)
+            .or_insert_with(|| Arc::new(p))
+            .clone()
+    }
+}
+
 /// One input of a tensor: where its bytes lie and how they are stored.
 #[derive(Clone, Debug, PartialEq)]
 pub struct InputPlan {
-    /// The file holding it.
-    pub uri: String,
+    /// The file holding it (shared by every tensor of that file).
+    pub uri: Arc<str>,
     /// Where its data starts in that file.
     pub data_offset: u64,
     pub dtype: DType,
     pub shape: Vec<u64>,
-    /// The recipe's name of its model.
-    pub model: String,
+    /// The recipe's name of its model (shared by every tensor of that model).
+    pub model: Arc<str>,
     /// The model's random-stream key (by position among the inputs).
     pub model_key: u64,
     /// Its name in the model.
@@ -51,10 +76,11 @@ pub struct TensorPlan {
     pub out_dtype: DType,
     /// The merge method, or the copy method for a non-float tensor ([`TensorPlan::is_copy`]).
     pub method: &'static dyn Method,
-    /// Method-level parameters, resolved for this tensor.
-    pub params: HashMap<String, f64>,
-    /// Per-input parameters, in input order.
-    pub model_params: Vec<HashMap<String, f64>>,
+    /// Method-level parameters, resolved for this tensor (shared by the tensors that resolve
+    /// them alike: see [`Interner`]).
+    pub params: Arc<Params>,
+    /// Per-input parameters, in input order (shared likewise).
+    pub model_params: Vec<Arc<Params>>,
     pub inputs: Vec<InputPlan>,
     /// Which input is the base model.
     pub base: Option<usize>,
@@ -127,7 +153,7 @@ impl TensorPlan {
             rows,
             row_len,
             params: &self.params,
-            model_params: self.model_params.iter().collect(),
+            model_params: self.model_params.iter().map(|p| &**p).collect(),
             base: self.base,
             model_keys: self.inputs.iter().map(|s| s.model_key).collect(),
             tensor_key: rng::key_of(&self.name),
@@ -146,11 +172,11 @@ impl TensorPlan {
 pub(crate) fn test_tensor(name: &str, method: &str, shape: &[u64], n: usize) -> TensorPlan {
     let method = shardmerge_worker::kernels::method(method).expect("a registered method");
     let input = InputPlan {
-        uri: String::new(),
+        uri: "".into(),
         data_offset: 0,
         dtype: DType::F32,
         shape: shape.to_vec(),
-        model: String::new(),
+        model: "".into(),
         model_key: 0,
         tensor: name.to_string(),
         rng_offset: 0,
@@ -160,13 +186,15 @@ pub(crate) fn test_tensor(name: &str, method: &str, shape: &[u64], n: usize) -> 
         shape: shape.to_vec(),
         out_dtype: DType::F32,
         method,
-        params: method
-            .spec()
-            .params
-            .iter()
-            .filter_map(|p| p.default.map(|d| (p.name.to_string(), d)))
-            .collect(),
-        model_params: vec![HashMap::new(); n],
+        params: Arc::new(
+            method
+                .spec()
+                .params
+                .iter()
+                .filter_map(|p| p.default.map(|d| (p.name.to_string(), d)))
+                .collect(),
+        ),
+        model_params: vec![Arc::default(); n],
         inputs: vec![input; n],
         base: None,
         seed: 0,
