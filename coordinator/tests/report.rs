@@ -269,3 +269,36 @@ fn the_page_renders_in_a_headless_browser_with_the_json_figures() {
     );
     eprintln!("{said}");
 }
+
+/// The worked example (examples/README.md): the 3 x 3 weight sweep of the Basque transfer
+/// with its report.
+#[test]
+fn the_worked_example_sweeps_and_reports() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("eu-sweep");
+    let o = out.to_str().unwrap();
+    ok(
+        &repo(),
+        &[
+            "run",
+            "examples/instruct-transfer-eu-sweep.yml",
+            o,
+            "--report",
+            "--quiet",
+        ],
+    );
+    let index = json(&out.join("index.json"));
+    assert_eq!(index["points"].as_array().unwrap().len(), 9);
+    ok(
+        &repo(),
+        &[
+            "verify",
+            &format!("{o}/instruct.weight=0.75,lang_eu.weight=1"),
+        ],
+    );
+    let r = json(&out.join("report/report.json"));
+    assert_eq!(r["points"].as_array().unwrap().len(), 9);
+    assert_eq!(r["models"].as_array().unwrap().len(), 2);
+    assert_eq!(r["densities"], serde_json::json!([]));
+    assert!(r["total"]["cosine"][0].is_f64());
+}

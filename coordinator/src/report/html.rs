@@ -13,7 +13,7 @@ const PALETTE: &[&str] = &[
 ];
 const STYLE: &str = "body{font-family:sans-serif;margin:2em;color:#222}\
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:2px 6px;\
-font-size:12px;text-align:right}th{background:#f4f4f4}td.l{text-align:left}\
+font-size:12px;text-align:right}th{background:#f4f4f4;white-space:nowrap}td.l{text-align:left}\
 svg{display:block;margin:1em 0}.legend{font-size:12px}";
 
 /// HTML text with `&`, `<`, `>` and quotes escaped.
