@@ -119,10 +119,10 @@ fn covered(plan: &Plan) -> Result<(String, Vec<String>, Vec<&TensorPlan>)> {
             ));
         };
         let names = (
-            t.inputs[b].model.clone(),
+            t.inputs[b].model.to_string(),
             (0..t.inputs.len())
                 .filter(|&i| i != b)
-                .map(|i| t.inputs[i].model.clone())
+                .map(|i| t.inputs[i].model.to_string())
                 .collect::<Vec<_>>(),
         );
         match &who {
