@@ -317,16 +317,7 @@ pub(crate) fn unwritten_parts(tmp: &str, parts: &[Receipt]) -> SResult<()> {
     for p in parts {
         let end = offset + p.size;
         if p.size > 0 && first_hole(&f, offset).is_some_and(|h| h < end) {
-            let mut crc = 0u32;
-            let mut at = offset;
-            while at < end {
-                let n = (end - at).min(8 << 20) as usize;
-                buf.resize(n, 0);
-                f.read_exact_at(&mut buf, at)
-                    .map_err(|e| io_err(tmp, "read back", e))?;
-                crc = crc32c::crc32c_append(crc, &buf);
-                at += n as u64;
-            }
+            let crc = crc_of_range(&f, tmp, offset, end, &mut buf)?;
             if crc != p.crc32c {
                 return Err(StorageError::new(
                     format!(
@@ -341,6 +332,66 @@ pub(crate) fn unwritten_parts(tmp: &str, parts: &[Receipt]) -> SResult<()> {
         offset = end;
     }
     Ok(())
+}
+
+/// The CRC-32C of bytes `[offset, end)` of `f`: its data read back, its holes (zeros) folded in
+/// without reading them (a never-written 4 GiB file was 4 GiB of zeros copied and hashed).
+fn crc_of_range(f: &File, tmp: &str, offset: u64, end: u64, buf: &mut Vec<u8>) -> SResult<u32> {
+    let mut crc = 0u32;
+    let mut at = offset;
+    while at < end {
+        // [at, data_end) is data (or of unknown kind: read), [data_end, zeros_end) a hole
+        let data_end = first_hole(f, at).map_or(end, |h| h.clamp(at, end));
+        while at < data_end {
+            let n = (data_end - at).min(8 << 20) as usize;
+            buf.resize(n, 0);
+            f.read_exact_at(buf, at)
+                .map_err(|e| io_err(tmp, "read back", e))?;
+            crc = crc32c::crc32c_append(crc, buf);
+            at += n as u64;
+        }
+        if at < end {
+            let zeros_end = next_data(f, at).map_or(end, |d| d.clamp(at + 1, end));
+            crc = append_zeros(crc, zeros_end - at);
+            at = zeros_end;
+        }
+    }
+    Ok(crc)
+}
+
+/// `crc` extended by `n` zero bytes, a MiB at a time by [`crc32c::crc32c_combine`].
+fn append_zeros(mut crc: u32, mut n: u64) -> u32 {
+    const BLOCK: usize = 1 << 20;
+    static ZEROS: [u8; 4096] = [0; 4096];
+    static BLOCK_CRC: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let block = *BLOCK_CRC
+        .get_or_init(|| (0..BLOCK / ZEROS.len()).fold(0, |c, _| crc32c::crc32c_append(c, &ZEROS)));
+    while n >= BLOCK as u64 {
+        crc = crc32c::crc32c_combine(crc, block, BLOCK);
+        n -= BLOCK as u64;
+    }
+    while n > 0 {
+        let k = n.min(ZEROS.len() as u64) as usize;
+        crc = crc32c::crc32c_append(crc, &ZEROS[..k]);
+        n -= k as u64;
+    }
+    crc
+}
+
+/// The first byte of data at or after `offset`; `None` when there is none (or the filesystem
+/// cannot tell: then the rest is treated as the hole `first_hole` found).
+#[cfg(target_os = "linux")]
+fn next_data(f: &File, offset: u64) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    let at = libc::off_t::try_from(offset).ok()?;
+    // SAFETY: as in `first_hole`: lseek on a descriptor `f` keeps open, no memory of ours read.
+    let r = unsafe { libc::lseek(f.as_raw_fd(), at, libc::SEEK_DATA) };
+    u64::try_from(r).ok()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn next_data(_f: &File, _offset: u64) -> Option<u64> {
+    None
 }
 
 /// The first hole at or after `offset` (the end of the file counts as one); `None` where the
@@ -359,4 +410,61 @@ fn first_hole(f: &File, offset: u64) -> Option<u64> {
 #[cfg(not(target_os = "linux"))]
 fn first_hole(_f: &File, _offset: u64) -> Option<u64> {
     None
+}
+
+#[cfg(test)]
+mod hole_tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    /// A part that is data, a hole and data again (and parts that are all hole, or end in
+    /// one) has the CRC-32C of its bytes as read, zeros where the holes are.
+    #[test]
+    fn holes_count_as_zeros_without_reading_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        let len: u64 = 24 << 20;
+        f.set_len(len).unwrap();
+        f.write_all_at(&[7u8; 5000], 0).unwrap();
+        f.write_all_at(&[9u8; 3000], 10 << 20).unwrap();
+        let mut want = vec![0u8; len as usize];
+        want[..5000].fill(7);
+        want[10 << 20..(10 << 20) + 3000].fill(9);
+        let path = path.to_str().unwrap();
+        let mut buf = Vec::new();
+        for (a, b) in [
+            (0, len),
+            (0, 5000),
+            (4000, 12 << 20),
+            (11 << 20, len),
+            (3, 17),
+        ] {
+            let got = crc_of_range(&f, path, a, b, &mut buf).unwrap();
+            assert_eq!(
+                got,
+                crc32c::crc32c(&want[a as usize..b as usize]),
+                "{a}..{b}"
+            );
+        }
+        let receipt = |part_index, size, crc32c| Receipt {
+            part_index,
+            etag: String::new(),
+            size,
+            crc32c,
+        };
+        let split = 12 << 20;
+        let ok = [
+            receipt(0, split, crc32c::crc32c(&want[..split as usize])),
+            receipt(1, len - split, crc32c::crc32c(&want[split as usize..])),
+        ];
+        unwritten_parts(path, &ok).unwrap();
+        let bad = [ok[0].clone(), receipt(1, len - split, 1)];
+        assert!(unwritten_parts(path, &bad).is_err());
+    }
 }
