@@ -8,7 +8,7 @@
 
 use shardmerge_proto as pb;
 
-use super::exact::ExactSum;
+use super::exact::{ExactSum, F64Sum};
 
 /// Counts per 16-bit bin, stored sparsely (bins ascending).
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -155,7 +155,7 @@ pub fn merge_sums(partials: &[Stats]) -> Vec<ExactSum> {
 /// Partial Gram matrix of `n` vectors of `len` elements: exact sums of xᵢ·xⱼ for i ≤ j,
 /// upper triangle in row order (`n(n+1)/2` sums). `x(i, e)` is element `e` of vector `i`.
 pub fn gram_upper(n: usize, len: usize, x: impl Fn(usize, usize) -> f32) -> Stats {
-    let mut sums = vec![ExactSum::new(); n * (n + 1) / 2];
+    let mut sums = vec![F64Sum::new(); n * (n + 1) / 2];
     let mut v = vec![0f64; n];
     for e in 0..len {
         for (i, vi) in v.iter_mut().enumerate() {
@@ -170,7 +170,7 @@ pub fn gram_upper(n: usize, len: usize, x: impl Fn(usize, usize) -> f32) -> Stat
         }
     }
     Stats {
-        sums,
+        sums: sums.into_iter().map(F64Sum::finish).collect(),
         ..Default::default()
     }
 }
