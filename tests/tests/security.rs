@@ -480,6 +480,12 @@ fn tls_coordinator_serves_https_only() {
     );
     assert_eq!(o.status.code(), Some(1), "untrusted CA: {}", text(&o));
     assert!(!text(&o).contains(MAIN), "{}", text(&o));
+    // told from rustls' typed error, not from the message's words
+    assert!(
+        text(&o).contains("TLS with coordinator") && text(&o).contains("--tls-ca"),
+        "untrusted CA: {}",
+        text(&o)
+    );
     // TLS options with an http:// URL are a mistake, not a silent downgrade
     fails(
         &cluster.cli(&dir, &["status", "--coordinator", &plain, "--tls-ca", &ca]),

@@ -247,14 +247,48 @@ pub(crate) fn is_refusal(s: &Status) -> bool {
     matches!(s.code(), Code::Unauthenticated | Code::PermissionDenied)
 }
 
+/// What broke under a failed call, from the typed errors in its source chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Broken {
+    /// TLS failed (rustls' error: an unknown CA, a name mismatch, a refused client
+    /// certificate, a peer that does not speak TLS).
+    Tls,
+    /// The peer's bytes were not HTTP/2 (h2 found an error in them): a plain-text client of a
+    /// TLS server sees the server's TLS records.
+    NotHttp2,
+    Other,
+}
+
+fn broken(s: &Status) -> Broken {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(s);
+    while let Some(e) = src {
+        // rustls' error travels inside an io::Error, whose `source` skips it
+        let inner = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .map(|i| i as &(dyn std::error::Error + 'static));
+        if e.is::<rustls::Error>() || inner.is_some_and(|i| i.is::<rustls::Error>()) {
+            return Broken::Tls;
+        }
+        // an HTTP/2 error h2 itself found in what the peer sent (a TLS record read as a frame
+        // header is a frame-size or protocol error), not a reset the peer chose to send
+        if e.downcast_ref::<h2::Error>()
+            .is_some_and(h2::Error::is_library)
+        {
+            return Broken::NotHttp2;
+        }
+        src = e.source();
+    }
+    Broken::Other
+}
+
 /// Describes a failed call for a person: names the coordinator when it is unreachable.
 pub fn describe(url: &str, s: &Status) -> String {
     let url = normalize_url(url);
     let msg = transport_message(s);
-    // a plain-text client of a TLS server sees garbage where HTTP/2 frames should be
-    let broken_h2 = msg.contains("h2 protocol error");
-    if is_transport(s) || broken_h2 {
-        if msg.contains("certificate") || msg.contains("tls handshake") {
+    let broken = broken(s);
+    if is_transport(s) || broken == Broken::NotHttp2 {
+        if broken == Broken::Tls {
             return format!(
                 "TLS with coordinator {url} failed ({msg}); check --tls-ca (the CA that signed the \
                  coordinator's certificate), that the certificate names the URL's host and, for \
