@@ -20,7 +20,7 @@ const MAX_FILE_LINES: usize = 500;
 /// pass. The kernels are one file per method whose contract lives with it; they belong to the
 /// kernel owners and are listed rather than split here.
 const ALLOWED: &[(&str, usize)] = &[
-    ("worker/src/kernels/gta.rs", 615),
+    ("worker/src/kernels/gta.rs", 526),
     ("worker/src/kernels/gta.rs::plan", 122),
 ];
 

@@ -33,8 +33,14 @@
 //! after masking (exactly) per model. Element indices of the whole tensor key every random draw
 //! and every tie-break, so cutting the tensor into row ranges never changes a bit.
 
+mod methods;
 mod mix;
 mod sparse;
+
+pub use methods::{
+    BREADCRUMBS, BREADCRUMBS_TIES, DARE_LINEAR, DARE_TIES, DELLA, DELLA_LINEAR, TASK_ARITHMETIC,
+    TIES,
+};
 
 use mix::{mix_f32, mix_rounded, mix_rounded_avx2};
 use sparse::{for_each_key_chunk, Sparse, CHUNK};
@@ -43,10 +49,7 @@ use super::exact::F32Sum;
 use super::round::{rk, Work};
 use super::select;
 use super::stats::merge_sums;
-use super::{
-    BaseRule, KResult, KernelError, Method, MethodSpec, ParamDef, Reduced, RowRange, Stats,
-    TensorCtx,
-};
+use super::{KResult, KernelError, Method, MethodSpec, Reduced, RowRange, Stats, TensorCtx};
 
 /// How deltas are sparsified.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,118 +77,6 @@ pub struct Gta {
     spec: MethodSpec,
     cfg: Config,
 }
-
-const TP_PLAIN: &[ParamDef] = &[
-    ParamDef::required("weight"),
-    ParamDef::with_default("density", 1.0),
-];
-const TP_GAMMA: &[ParamDef] = &[
-    ParamDef::required("weight"),
-    ParamDef::with_default("density", 1.0),
-    ParamDef::with_default("gamma", 0.01).within(0.0, 1.0),
-];
-const TP_EPSILON: &[ParamDef] = &[
-    ParamDef::required("weight"),
-    ParamDef::with_default("density", 1.0),
-    ParamDef::with_default("epsilon", 0.15),
-];
-
-macro_rules! gta {
-    ($id:ident, $name:literal, $sp:ident, $cons:literal, normalize = $norm:literal, rescale = $resc:literal, $tp:ident) => {
-        pub static $id: Gta = Gta {
-            spec: MethodSpec {
-                name: $name,
-                params: &[
-                    ParamDef::flag("int8_mask", false),
-                    ParamDef::flag("normalize", $norm),
-                    ParamDef::flag("rescale", $resc),
-                    ParamDef::with_default("lambda", 1.0),
-                ],
-                tensor_params: $tp,
-                base: BaseRule::Required,
-                min_models: 2,
-                max_models: None,
-            },
-            cfg: Config {
-                sparsify: Sparsify::$sp,
-                consensus: $cons,
-            },
-        };
-    };
-}
-
-gta!(
-    TASK_ARITHMETIC,
-    "task_arithmetic",
-    None,
-    false,
-    normalize = false,
-    rescale = false,
-    TP_PLAIN
-);
-gta!(
-    TIES,
-    "ties",
-    Magnitude,
-    true,
-    normalize = true,
-    rescale = false,
-    TP_PLAIN
-);
-gta!(
-    DARE_TIES,
-    "dare_ties",
-    Random,
-    true,
-    normalize = false,
-    rescale = true,
-    TP_PLAIN
-);
-gta!(
-    DARE_LINEAR,
-    "dare_linear",
-    Random,
-    false,
-    normalize = false,
-    rescale = true,
-    TP_PLAIN
-);
-gta!(
-    BREADCRUMBS,
-    "breadcrumbs",
-    Outliers,
-    false,
-    normalize = false,
-    rescale = false,
-    TP_GAMMA
-);
-gta!(
-    BREADCRUMBS_TIES,
-    "breadcrumbs_ties",
-    Outliers,
-    true,
-    normalize = false,
-    rescale = false,
-    TP_GAMMA
-);
-gta!(
-    DELLA,
-    "della",
-    Della,
-    true,
-    normalize = true,
-    rescale = true,
-    TP_EPSILON
-);
-gta!(
-    DELLA_LINEAR,
-    "della_linear",
-    Della,
-    false,
-    normalize = false,
-    rescale = true,
-    TP_EPSILON
-);
 
 /// What survives sparsification of one delta.
 #[derive(Clone, Copy, Debug, PartialEq)]
