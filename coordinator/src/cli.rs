@@ -8,6 +8,8 @@ use std::process::ExitCode;
 mod args;
 mod merge;
 mod report;
+mod stages;
+mod summary;
 mod sweep;
 
 use crate::error::{Error, Result};
@@ -60,6 +62,8 @@ enum Cmd {
         /// into OUT/report after the merge (it reads the inputs once more)
         #[arg(long)]
         report: bool,
+        #[command(flatten)]
+        stages: stages::StageArgs,
     },
     /// The merge report of a recipe: task-vector norms, cosines, sign agreement and TIES
     /// sign-conflict rates per tensor, layer and module kind, into OUT/report.{json,csv,html}
@@ -72,6 +76,8 @@ enum Cmd {
         engine: EngineArgs,
         #[command(flatten)]
         points: sweep::PointArgs,
+        #[command(flatten)]
+        stages: stages::StageArgs,
         /// Machine-readable output
         #[arg(long)]
         json: bool,
@@ -193,10 +199,17 @@ async fn main_inner(cli: Cli) -> Result<()> {
             quiet,
             points,
             report,
+            stages,
         } => {
             let o = merge::run_options(&engine, overwrite, quiet)?;
             let text = read_recipe(&recipe)?;
-            merge::run(&text, &out, &o, &points, resolver.clone()).await?;
+            let ways = merge::Ways {
+                points: &points,
+                stages: &stages,
+                scratch: engine.scratch.scratch.as_ref(),
+            };
+            merge::refuse_report(report, &text)?;
+            merge::run(&text, &out, &o, &ways, resolver.clone()).await?;
             report::after_run(report, &text, &out, &engine, &o, &resolver).await
         }
         Cmd::Report(c) => c.run(&resolver).await,
@@ -205,7 +218,16 @@ async fn main_inner(cli: Cli) -> Result<()> {
             engine,
             json,
             points,
-        } => merge::plan(&read_recipe(&recipe)?, &engine, json, &points, &resolver).await,
+            stages,
+        } => {
+            let text = read_recipe(&recipe)?;
+            let ways = merge::Ways {
+                points: &points,
+                stages: &stages,
+                scratch: engine.scratch.scratch.as_ref(),
+            };
+            merge::plan(&text, &engine, json, &ways, &resolver).await
+        }
         Cmd::Verify { checkpoint, data } => verify(&checkpoint, data, &resolver).await,
         Cmd::Coordinator {
             listen,

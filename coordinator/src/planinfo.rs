@@ -25,6 +25,18 @@ pub async fn describe(
     workers: usize,
     resolver: &Resolver,
 ) -> Result<PlanInfo> {
+    describe_given(text, o, workers, resolver, &Default::default()).await
+}
+
+/// [`describe`], with some inputs known from their plans instead of their files (the earlier
+/// stages of a multi-stage recipe, before they are written).
+pub async fn describe_given(
+    text: &str,
+    o: &SubmitOptions,
+    workers: usize,
+    resolver: &Resolver,
+    given: &plan::Given,
+) -> Result<PlanInfo> {
     let recipe = Recipe::parse(text)?;
     let plan = plan::plan(
         recipe,
@@ -36,6 +48,7 @@ pub async fn describe(
             rng: o.rng,
             unsafe_truncate_embeddings: o.unsafe_truncate_embeddings,
             compute_float32: o.compute_float32,
+            given: given.clone(),
         },
     )
     .await?;

@@ -38,6 +38,7 @@ async fn an_interrupted_overwrite_commit_completes_when_run_again() {
         rng: pb::Rng::Mergekit,
         unsafe_truncate_embeddings: false,
         compute_float32: false,
+        given: Default::default(),
     };
     let plan = plan::plan(Recipe::parse(TA).unwrap(), &resolver, &golden(), &opts)
         .await

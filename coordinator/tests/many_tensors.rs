@@ -50,6 +50,7 @@ async fn planning_twenty_thousand_layers_is_linear() {
             rng: shardmerge_proto::Rng::Mergekit,
             unsafe_truncate_embeddings: false,
             compute_float32: false,
+            given: Default::default(),
         },
     )
     .await

@@ -3,17 +3,20 @@
 
 use std::path::PathBuf;
 
+use crate::recipe::stages;
+
 use clap::builder::NonEmptyStringValueParser;
 
 use super::args::{ClientSecurityArgs, EngineArgs, SubmitJobArgs};
-use super::{read_recipe, sweep};
-use crate::embedded::{self, RunOptions};
+use super::summary::run_one;
+use super::{read_recipe, stages as cli_stages, sweep};
+use crate::embedded::RunOptions;
 use crate::error::{Error, Result};
 use crate::job::SubmitOptions;
+use crate::planinfo;
 use crate::progress::stdout;
 use crate::recipe::sweep::{expand, Point, Sweep};
 use crate::remote::{self, SubmitArgs};
-use crate::{planinfo, size};
 use shardmerge_worker::storage::Resolver;
 
 /// The embedded run's options from the command line.
@@ -29,41 +32,62 @@ pub(super) fn run_options(engine: &EngineArgs, overwrite: bool, quiet: bool) -> 
     })
 }
 
-/// `shardmerge run`: the embedded merge of a recipe, or of each picked point of a sweep.
+/// The flags that make one recipe several merges: sweep points, stages.
+pub(super) struct Ways<'a> {
+    pub(super) points: &'a sweep::PointArgs,
+    pub(super) stages: &'a cli_stages::StageArgs,
+    /// `--scratch`: where a multi-stage run's intermediates go.
+    pub(super) scratch: Option<&'a PathBuf>,
+}
+
+/// The recipe's stages when it is a multi-stage file (which sweeps nothing: `--points` is
+/// refused); `--keep-intermediates` is refused for any other recipe.
+fn stages_of(text: &str, w: &Ways<'_>) -> Result<Option<stages::Stages>> {
+    let st = stages::split(text)?;
+    if st.is_some() && !w.points.points.is_empty() {
+        return Err(Error::usage(
+            "--points",
+            "picks points of a sweep, and a multi-stage recipe is no sweep",
+        ));
+    }
+    if st.is_none() && w.stages.keep_intermediates.is_some() {
+        return Err(Error::usage(
+            "--keep-intermediates",
+            "keeps the intermediate stages of a multi-stage recipe (several `---`-separated recipes with `name:`), and this recipe has one stage",
+        ));
+    }
+    Ok(st)
+}
+
+/// `--report` of a multi-stage recipe: refused before anything runs (the report reads one
+/// recipe's inputs; a stage's inputs may not exist before it runs).
+pub(super) fn refuse_report(report: bool, text: &str) -> Result<()> {
+    if report && stages::split(text)?.is_some() {
+        return Err(Error::usage(
+            "--report",
+            "is not available for a multi-stage recipe yet: run `shardmerge report` on a stage's recipe",
+        ));
+    }
+    Ok(())
+}
+
+/// `shardmerge run`: the embedded merge of a recipe, of each stage of a multi-stage recipe,
+/// or of each picked point of a sweep.
 pub(super) async fn run(
     text: &str,
     out: &str,
     o: &RunOptions,
-    points: &sweep::PointArgs,
+    w: &Ways<'_>,
     resolver: Resolver,
 ) -> Result<()> {
+    if let Some(st) = stages_of(text, w)? {
+        return cli_stages::run(&st, out, o, w.stages, w.scratch, &resolver).await;
+    }
     let sweep = expand(text)?;
-    match sweep::points(&sweep, points)? {
+    match sweep::points(&sweep, w.points)? {
         None => run_one(text, out, o, resolver).await,
         Some((s, picked)) => run_sweep(s, &picked, out, o, &resolver).await,
     }
-}
-
-/// The embedded merge of one recipe, with its summary lines.
-async fn run_one(text: &str, out: &str, o: &RunOptions, resolver: Resolver) -> Result<()> {
-    let s = embedded::run(text, out, o, resolver).await?;
-    if !o.quiet {
-        let peak = size::peak_rss().map_or(String::new(), |b| {
-            format!(", peak memory {}", size::human(b))
-        });
-        eprintln!(
-            "merged {} tensors into {} file(s), {}{peak} -> {}",
-            s.plan.tensors.len(),
-            s.plan.files.len(),
-            size::bytes_in(s.plan.bytes_out(), s.status.elapsed_seconds),
-            s.status.output_uri
-        );
-        eprintln!(
-            "{}",
-            crate::progress::reads_line(&s.status, Some(s.plan.bytes_in()))
-        );
-    }
-    Ok(())
 }
 
 /// `shardmerge run` of a sweep: each picked point into `OUT/NAME`, one after another, and
@@ -99,11 +123,14 @@ pub(super) async fn plan(
     text: &str,
     engine: &EngineArgs,
     json: bool,
-    points: &sweep::PointArgs,
+    w: &Ways<'_>,
     resolver: &Resolver,
 ) -> Result<()> {
+    if let Some(st) = stages_of(text, w)? {
+        return cli_stages::plan(&st, engine, json, w.stages, resolver).await;
+    }
     let sweep = expand(text)?;
-    let Some((s, picked)) = sweep::points(&sweep, points)? else {
+    let Some((s, picked)) = sweep::points(&sweep, w.points)? else {
         let info = describe(text, engine, resolver).await?;
         stdout(&if json {
             format!(
@@ -149,7 +176,7 @@ pub(super) async fn plan(
 }
 
 /// The plan of one recipe, with the reads of the row cache the flags give.
-async fn describe(
+pub(super) async fn describe(
     text: &str,
     engine: &EngineArgs,
     resolver: &Resolver,
@@ -165,9 +192,12 @@ async fn describe(
 
 /// `shardmerge submit`: one job, or one job per picked point of a sweep (into `OUT/NAME`),
 /// and the sweep's `OUT/index.json` when this client can reach OUT's store.
-async fn submit(a: SubmitArgs, points: &sweep::PointArgs, resolver: &Resolver) -> Result<()> {
+async fn submit(a: SubmitArgs, w: &Ways<'_>, resolver: &Resolver) -> Result<()> {
+    if let Some(st) = stages_of(&a.recipe_yaml, w)? {
+        return cli_stages::submit(&st, a, w.stages, resolver).await;
+    }
     let sweep = expand(&a.recipe_yaml)?;
-    let Some((s, picked)) = sweep::points(&sweep, points)? else {
+    let Some((s, picked)) = sweep::points(&sweep, w.points)? else {
         return remote::submit(a).await;
     };
     let out = a.output.clone();
@@ -218,6 +248,8 @@ pub(super) struct SubmitCmd {
     #[command(flatten)]
     points: sweep::PointArgs,
     #[command(flatten)]
+    stages: cli_stages::StageArgs,
+    #[command(flatten)]
     security: ClientSecurityArgs,
 }
 
@@ -232,6 +264,11 @@ impl SubmitCmd {
             wait: self.wait,
             quiet: self.quiet,
         };
-        submit(a, &self.points, resolver).await
+        let ways = Ways {
+            points: &self.points,
+            stages: &self.stages,
+            scratch: None,
+        };
+        submit(a, &ways, resolver).await
     }
 }

@@ -83,6 +83,7 @@ async fn prepare(
         rng: o.rng,
         unsafe_truncate_embeddings: o.unsafe_truncate_embeddings,
         compute_float32: o.compute_float32,
+        given: Default::default(),
     };
     let plan = plan::plan(recipe, resolver, &o.base_dir, &plan_options).await?;
     let out = resolver.resolve(output, &o.base_dir)?;

@@ -147,3 +147,40 @@ fn count_layers(
     }
     Ok(num_layers)
 }
+
+/// The checkpoint `plan` writes at `loc`, as the input `name` of a later plan (a stage of a
+/// multi-stage recipe planned before the stage it uses is written): its config, tensors and
+/// offsets are all known from the plan.
+pub fn planned_model(name: &str, loc: Location, plan: &Plan) -> ModelInfo {
+    let mut tensors = BTreeMap::new();
+    for f in &plan.files {
+        let uri = loc.join(&f.name).uri();
+        for (&ti, &(start, end)) in f.tensors.iter().zip(&f.layout.spans) {
+            let t = &plan.tensors[ti];
+            let dtype = match t.out_dtype {
+                dt @ (DType::F32 | DType::F16 | DType::BF16) => StDtype::Float(dt),
+                dt => StDtype::Other(dt.name(), dt.size()),
+            };
+            let info = TensorInfo {
+                dtype,
+                shape: t.shape.clone(),
+                start,
+                end,
+            };
+            tensors.insert(t.name.clone(), (uri.clone(), info));
+        }
+    }
+    ModelInfo {
+        name: name.to_string(),
+        loc,
+        config: plan.config.clone(),
+        arch: plan.arch,
+        num_layers: plan.out_layers,
+        bytes: tensors_bytes(&tensors),
+        tensors: std::sync::Arc::new(tensors),
+    }
+}
+
+fn tensors_bytes(tensors: &BTreeMap<String, (String, TensorInfo)>) -> u64 {
+    tensors.values().map(|(_, t)| t.end - t.start).sum()
+}

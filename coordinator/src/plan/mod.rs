@@ -30,7 +30,7 @@ mod typed;
 pub(crate) mod vocab;
 
 use layout::{lay_out_draws, layout_files};
-pub use load::load_model;
+pub use load::{load_model, planned_model};
 use slices::*;
 pub use tensor::COPY_METHOD;
 use tensor::*;
@@ -149,7 +149,12 @@ pub struct PlanOptions {
     pub unsafe_truncate_embeddings: bool,
     /// Compute in f32 even when the recipe's `dtype` is 16-bit.
     pub compute_float32: bool,
+    /// Inputs known from their plans, by the name the recipe gives them ([`planned_model`]).
+    pub given: Given,
 }
+
+/// Inputs known before they are written: a multi-stage recipe's earlier stages.
+pub type Given = std::sync::Arc<HashMap<String, ModelInfo>>;
 
 struct Ctx<'a> {
     recipe: &'a Recipe,
@@ -180,7 +185,10 @@ pub async fn plan(
     let mut models = HashMap::new();
     let mut order = Vec::new();
     for name in recipe.referenced_models() {
-        let m = load_model(resolver, base_dir, &name).await?;
+        let m = match opts.given.get(&name) {
+            Some(m) => m.clone(),
+            None => load_model(resolver, base_dir, &name).await?,
+        };
         order.push(m.clone());
         models.insert(name, m);
     }

@@ -143,7 +143,11 @@ mod tests {
         let slices = "merge_method: ties\nslices:\n- sources:\n  - model: a\n    layer_range: [0, 2]\n    parameters:\n      weight:\n      - filter: mlp\n        value: [0.1, 0.5]\n      - value: 1\n";
         let d = depth(slices);
         assert!((6..=10).contains(&d), "{d}");
-        for ex in ["instruct-transfer-eu.yml", "multilingual-ties.yml"] {
+        for ex in [
+            "instruct-transfer-eu.yml",
+            "multilingual-ties.yml",
+            "multilingual-stages.yml",
+        ] {
             let path = format!("{}/../examples/{ex}", env!("CARGO_MANIFEST_DIR"));
             let text = std::fs::read_to_string(&path).unwrap();
             assert!(depth(&text) <= 10, "{ex}: {}", depth(&text));

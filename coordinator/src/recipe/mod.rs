@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 
 mod depth;
 mod parse;
+pub mod stages;
 pub mod sweep;
 
 pub use depth::MAX_RECIPE_DEPTH;

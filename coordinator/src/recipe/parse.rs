@@ -296,8 +296,13 @@ pub(super) fn check_text(text: &str) -> Result<()> {
 impl Recipe {
     pub fn parse(text: &str) -> Result<Recipe> {
         check_text(text)?;
-        let doc: Value = serde_yaml::from_str(text)
-            .map_err(|e| Error::recipe("", format!("not valid YAML: {e}")))?;
+        let doc: Value = serde_yaml::from_str(text).map_err(|e| {
+            if serde_yaml::Deserializer::from_str(text).count() > 1 {
+                // `run`, `plan` and `submit` split such a file into its stages first
+                return bad("", "this file holds several `---`-separated recipes (a multi-stage recipe): `shardmerge run`, `plan` and `submit` run its stages, each recipe on its own");
+            }
+            Error::recipe("", format!("not valid YAML: {e}"))
+        })?;
         let top = keys(as_map(&doc, "recipe")?, "recipe", TOP_KEYS)?;
         for unsupported in ["modules", "chat_template"] {
             if top.contains_key(unsupported) {
