@@ -203,11 +203,7 @@ async fn main_inner(cli: Cli) -> Result<()> {
         } => {
             let o = merge::run_options(&engine, overwrite, quiet)?;
             let text = read_recipe(&recipe)?;
-            let ways = merge::Ways {
-                points: &points,
-                stages: &stages,
-                scratch: engine.scratch.scratch.as_ref(),
-            };
+            let ways = merge::Ways::new(&points, &stages, &engine);
             merge::refuse_report(report, &text)?;
             merge::run(&text, &out, &o, &ways, resolver.clone()).await?;
             report::after_run(report, &text, &out, &engine, &o, &resolver).await
@@ -221,11 +217,7 @@ async fn main_inner(cli: Cli) -> Result<()> {
             stages,
         } => {
             let text = read_recipe(&recipe)?;
-            let ways = merge::Ways {
-                points: &points,
-                stages: &stages,
-                scratch: engine.scratch.scratch.as_ref(),
-            };
+            let ways = merge::Ways::new(&points, &stages, &engine);
             merge::plan(&text, &engine, json, &ways, &resolver).await
         }
         Cmd::Verify { checkpoint, data } => verify(&checkpoint, data, &resolver).await,

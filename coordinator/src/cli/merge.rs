@@ -40,6 +40,20 @@ pub(super) struct Ways<'a> {
     pub(super) scratch: Option<&'a PathBuf>,
 }
 
+impl<'a> Ways<'a> {
+    pub(super) fn new(
+        points: &'a sweep::PointArgs,
+        stages: &'a cli_stages::StageArgs,
+        engine: &'a EngineArgs,
+    ) -> Self {
+        Ways {
+            points,
+            stages,
+            scratch: engine.scratch.scratch.as_ref(),
+        }
+    }
+}
+
 /// The recipe's stages when it is a multi-stage file (which sweeps nothing: `--points` is
 /// refused); `--keep-intermediates` is refused for any other recipe.
 fn stages_of(text: &str, w: &Ways<'_>) -> Result<Option<stages::Stages>> {

@@ -154,7 +154,7 @@ fn count_layers(
 pub fn planned_model(name: &str, loc: Location, plan: &Plan) -> ModelInfo {
     let mut tensors = BTreeMap::new();
     for f in &plan.files {
-        let uri = loc.join(&f.name).uri();
+        let uri: std::sync::Arc<str> = loc.join(&f.name).uri().into();
         for (&ti, &(start, end)) in f.tensors.iter().zip(&f.layout.spans) {
             let t = &plan.tensors[ti];
             let dtype = match t.out_dtype {
@@ -181,6 +181,6 @@ pub fn planned_model(name: &str, loc: Location, plan: &Plan) -> ModelInfo {
     }
 }
 
-fn tensors_bytes(tensors: &BTreeMap<String, (String, TensorInfo)>) -> u64 {
+fn tensors_bytes(tensors: &BTreeMap<String, (std::sync::Arc<str>, TensorInfo)>) -> u64 {
     tensors.values().map(|(_, t)| t.end - t.start).sum()
 }

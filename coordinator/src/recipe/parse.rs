@@ -297,7 +297,7 @@ impl Recipe {
     pub fn parse(text: &str) -> Result<Recipe> {
         check_text(text)?;
         let doc: Value = serde_yaml::from_str(text).map_err(|e| {
-            if serde_yaml::Deserializer::from_str(text).count() > 1 {
+            if several_documents(text) {
                 // `run`, `plan` and `submit` split such a file into its stages first
                 return bad("", "this file holds several `---`-separated recipes (a multi-stage recipe): `shardmerge run`, `plan` and `submit` run its stages, each recipe on its own");
             }
@@ -373,6 +373,19 @@ impl Recipe {
             text: text.to_string(),
         })
     }
+}
+
+/// Whether `text` holds more than one YAML document (each read in turn, up to the second; the
+/// first that is not valid YAML ends the look, as an unread erroneous document never would).
+fn several_documents(text: &str) -> bool {
+    let mut n = 0;
+    for d in serde_yaml::Deserializer::from_str(text).take(2) {
+        if <Value as serde::Deserialize>::deserialize(d).is_err() {
+            return false;
+        }
+        n += 1;
+    }
+    n > 1
 }
 
 /// `models:`: the list of whole-model sources.

@@ -87,6 +87,7 @@ async fn plan_of(text: &str, o: &SubmitOptions, resolver: &Resolver) -> Result<P
             rng: o.rng,
             unsafe_truncate_embeddings: o.unsafe_truncate_embeddings,
             compute_float32: o.compute_float32,
+            given: Default::default(),
         },
     )
     .await

@@ -119,3 +119,14 @@ fn bad_files_are_errors_naming_the_stage() {
         "{e}"
     );
 }
+
+#[test]
+fn malformed_yaml_is_an_error_not_a_hang() {
+    let e = crate::recipe::Recipe::parse("merge_method: [ties\nmodels: {").unwrap_err();
+    assert!(e.to_string().contains("not valid YAML"), "{e}");
+    let e = split("a: [\n---\nb: 1\n").unwrap_err();
+    assert!(e.to_string().contains("not valid YAML"), "{e}");
+    let e = crate::recipe::Recipe::parse("merge_method: linear\n---\nmerge_method: ties\n")
+        .unwrap_err();
+    assert!(e.to_string().contains("multi-stage"), "{e}");
+}
