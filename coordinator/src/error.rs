@@ -165,7 +165,7 @@ mod tests {
             method: "ties",
             tensor: "w".into(),
             pass,
-            source: KernelError("density must be greater than 0".into()),
+            source: KernelError::param("density must be greater than 0"),
         };
         assert_eq!(
             k(None).to_string(),

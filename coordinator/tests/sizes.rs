@@ -19,10 +19,7 @@ const MAX_FILE_LINES: usize = 500;
 /// Known offenders (path from the workspace root, or `path::fn`) and the ceiling each may not
 /// pass. The kernels are one file per method whose contract lives with it; they belong to the
 /// kernel owners and are listed rather than split here.
-const ALLOWED: &[(&str, usize)] = &[
-    ("worker/src/kernels/gta.rs", 526),
-    ("worker/src/kernels/gta.rs::plan", 122),
-];
+const ALLOWED: &[(&str, usize)] = &[("worker/src/kernels/gta.rs::plan", 122)];
 
 #[derive(Debug, Default, PartialEq)]
 struct Scan {

@@ -10,7 +10,9 @@
 //! such tensors this takes the exact quantiles of all elements.
 
 use super::select;
-use super::{BaseRule, KResult, Method, MethodSpec, Reduced, RowRange, Stats, TensorCtx};
+use super::{
+    BaseRule, KResult, KernelError, Method, MethodSpec, Reduced, RowRange, Stats, TensorCtx,
+};
 
 pub struct ArceeFusion;
 
@@ -50,11 +52,15 @@ fn softmax(x: &[f32]) -> Vec<f32> {
 
 fn pair<'a>(ctx: &TensorCtx, inputs: &[&'a [f32]]) -> KResult<(&'a [f32], Option<&'a [f32]>)> {
     let b = ctx.base_index("arcee_fusion")?;
-    let base = *inputs.get(b).ok_or("arcee_fusion: base input is missing")?;
+    let base = *inputs
+        .get(b)
+        .ok_or_else(|| KernelError::missing("arcee_fusion: base input is missing"))?;
     match ctx.others().as_slice() {
         [] => Ok((base, None)),
         [o] => Ok((base, Some(inputs[*o]))),
-        _ => Err("arcee_fusion expects exactly two models (the base_model and one other)".into()),
+        _ => Err(KernelError::shape(
+            "arcee_fusion expects exactly two models (the base_model and one other)",
+        )),
     }
 }
 
@@ -93,11 +99,10 @@ impl Method for ArceeFusion {
     fn check(&self, ctx: &TensorCtx) -> KResult<()> {
         ctx.base_index("arcee_fusion")?;
         if ctx.n_models() != 2 {
-            return Err(format!(
+            return Err(KernelError::shape(format!(
                 "arcee_fusion expects exactly two models (the base_model and one other), got {}",
                 ctx.n_models()
-            )
-            .into());
+            )));
         }
         Ok(())
     }
@@ -149,7 +154,7 @@ impl Method for ArceeFusion {
                 .map(|b| unkey(b.key))
                 .collect();
             let [median, q1, q3] = qs[..] else {
-                return Err("arcee_fusion: quantiles are missing".into());
+                return Err(KernelError::missing("arcee_fusion: quantiles are missing"));
             };
             let threshold = median + 1.5 * (q3 - q1);
             Ok(Reduced::Done(Stats {
@@ -175,7 +180,8 @@ impl Method for ArceeFusion {
         let threshold = *state
             .values
             .first()
-            .ok_or("arcee_fusion: threshold is missing")? as f32;
+            .ok_or_else(|| KernelError::missing("arcee_fusion: threshold is missing"))?
+            as f32;
         let imp = importance(ctx, base, x);
         for (((o, &b), &v), &i) in out.iter_mut().zip(base).zip(x).zip(&imp) {
             let keep = if i >= threshold { 1.0 } else { 0.0 };
@@ -252,14 +258,14 @@ mod tests {
         assert!(ArceeFusion
             .check(&c.ctx())
             .unwrap_err()
-            .0
+            .message()
             .contains("arcee_fusion needs a base_model"));
         let mut c = Case::new(&[3], 3).with_defaults(&ArceeFusion);
         c.base = Some(2);
         assert!(ArceeFusion
             .check(&c.ctx())
             .unwrap_err()
-            .0
+            .message()
             .contains("arcee_fusion expects exactly two"));
     }
 }

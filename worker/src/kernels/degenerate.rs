@@ -146,7 +146,7 @@ fn every_method_stays_finite_or_refuses_by_name() {
                                 failures.push(format!("{what}: element {k} is {}", out[k]));
                             }
                         }
-                        Err(e) if e.0.contains(spec.name) => {}
+                        Err(e) if e.message().contains(spec.name) => {}
                         Err(e) => failures.push(format!("{what}: error without the method: {e}")),
                     }
                 }

@@ -43,13 +43,14 @@ pub use methods::{
 };
 
 use mix::{mix_f32, mix_rounded, mix_rounded_avx2};
-use sparse::{for_each_key_chunk, Sparse, CHUNK};
+use sparse::{della_axis, for_each_key_chunk, Sparse, CHUNK};
 
 use super::exact::F32Sum;
 use super::round::{rk, Work};
 use super::select;
 use super::stats::merge_sums;
-use super::{KResult, KernelError, Method, MethodSpec, Reduced, RowRange, Stats, TensorCtx};
+use super::KernelError::{Missing, Param, Shape};
+use super::{KResult, Method, MethodSpec, Reduced, RowRange, Stats, TensorCtx};
 
 /// How deltas are sparsified.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -138,37 +139,8 @@ fn finite(name: &str, v: f64) -> KResult<f64> {
     if v.is_finite() {
         Ok(v)
     } else {
-        Err(format!("{name} must be a finite number, got {v}").into())
+        Err(Param(format!("{name} must be a finite number, got {v}")))
     }
-}
-
-/// Length of the ranked axis (dimension 1, or the whole of a 1-D tensor) and the stride of
-/// its elements within a row, as DELLA ranks them.
-fn della_axis(ctx: &TensorCtx) -> KResult<(usize, usize)> {
-    let (m, inner) = match ctx.shape.len() {
-        0 => return Err("della sparsification needs a tensor of at least one dimension".into()),
-        1 => (ctx.row_len, 1),
-        _ => {
-            let m = ctx.shape[1] as usize;
-            let inner: usize = ctx.shape[2..].iter().map(|&d| d as usize).product();
-            if m * inner != ctx.row_len {
-                return Err(
-                    format!("tensor {}: shape does not match its row length", ctx.name).into(),
-                );
-            }
-            (m, inner)
-        }
-    };
-    // the ranking packs a position along the axis into 32 bits
-    if m > u32::MAX as usize {
-        return Err(format!(
-            "tensor {}: della ranks along a dimension of {m} elements; at most {} are supported",
-            ctx.name,
-            u32::MAX
-        )
-        .into());
-    }
-    Ok((m, inner))
 }
 
 impl Gta {
@@ -176,7 +148,7 @@ impl Gta {
         let name = self.spec.name;
         let base = ctx.base_index(name)?;
         if base >= ctx.n_models() {
-            return Err(format!("base model index {base} is out of range").into());
+            return Err(Param(format!("base model index {base} is out of range")));
         }
         let others = ctx.others();
         let n = ctx.numel();
@@ -196,10 +168,10 @@ impl Gta {
                     if density <= 0.0 {
                         // mergekit would drop the whole task vector (or assert); that is
                         // never what a recipe means, so say so before any work is done
-                        return Err(format!(
+                        return Err(Param(format!(
                             "density must be greater than 0 (the share of each task vector kept), got {density}"
                         )
-                        .into());
+                        ));
                     }
                     if density >= 1.0 {
                         Keep::All
@@ -221,9 +193,9 @@ impl Gta {
                             Sparsify::Outliers => {
                                 let gamma = finite("gamma", ctx.model_param(i, "gamma")?)?;
                                 if !(0.0..=1.0).contains(&gamma) {
-                                    return Err(
-                                        format!("gamma must be in [0, 1], got {gamma}").into()
-                                    );
+                                    return Err(Param(format!(
+                                        "gamma must be in [0, 1], got {gamma}"
+                                    )));
                                 }
                                 let target = py_int(density * n as f64);
                                 let n_top = py_int(gamma * n as f64);
@@ -251,19 +223,17 @@ impl Gta {
                                     Keep::Nothing
                                 } else {
                                     if density + epsilon >= 1.0 || density - epsilon <= 0.0 {
-                                        return Err(format!(
+                                        return Err(Param(format!(
                                             "epsilon must be such that density ± epsilon is in \
                                              (0, 1); got density {density}, epsilon {epsilon}"
-                                        )
-                                        .into());
+                                        )));
                                     }
                                     let (m, _) = della_axis(ctx)?;
                                     if m < 2 {
-                                        return Err(format!(
+                                        return Err(Shape(format!(
                                             "density < 1 needs at least 2 elements along the \
                                              ranked dimension, got {m}"
-                                        )
-                                        .into());
+                                        )));
                                     }
                                     Keep::Della { density, epsilon }
                                 }
@@ -306,7 +276,7 @@ fn rescale_factors(plan: &Plan, state: &Stats) -> KResult<Vec<Option<f32>>> {
                 .values
                 .get(j)
                 .copied()
-                .ok_or_else(|| KernelError("rescale statistics are missing".into()))?;
+                .ok_or_else(|| Missing("rescale statistics are missing".into()))?;
             Ok((!s.is_nan()).then_some(s as f32))
         })
         .collect()
@@ -320,10 +290,14 @@ fn resolved(state: &Stats) -> bool {
 
 fn check_inputs(ctx: &TensorCtx, inputs: &[&[f32]], len: usize) -> KResult<()> {
     if inputs.len() != ctx.n_models() {
-        return Err(format!("expected {} inputs, got {}", ctx.n_models(), inputs.len()).into());
+        return Err(Shape(format!(
+            "expected {} inputs, got {}",
+            ctx.n_models(),
+            inputs.len()
+        )));
     }
     if inputs.iter().any(|x| x.len() != len) {
-        return Err("input slices differ in length".into());
+        return Err(Shape("input slices differ in length".into()));
     }
     Ok(())
 }
@@ -885,7 +859,7 @@ mod tests {
 
     #[test]
     fn checks_reject_bad_parameters() {
-        let err = |m: &Gta, c: &Case| m.check(&c.ctx()).unwrap_err().0;
+        let err = |m: &Gta, c: &Case| m.check(&c.ctx()).unwrap_err().to_string();
         let mut c = case(&TIES, &[10, 10], 2);
         set(&mut c, 1, "density", -0.5);
         assert!(err(&TIES, &c).contains("density"));

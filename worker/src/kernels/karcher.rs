@@ -12,7 +12,10 @@
 //! `apply` forms Σ cᵢ·xᵢ.
 
 use super::stats::{gram_upper, sum_values};
-use super::{BaseRule, KResult, Method, MethodSpec, ParamDef, Reduced, RowRange, Stats, TensorCtx};
+use super::{
+    BaseRule, KResult, KernelError, Method, MethodSpec, ParamDef, Reduced, RowRange, Stats,
+    TensorCtx,
+};
 
 pub struct Karcher;
 
@@ -105,19 +108,18 @@ impl Method for Karcher {
     fn check(&self, ctx: &TensorCtx) -> KResult<()> {
         let mi = ctx.param("max_iter")?;
         if !(0.0..=1e9).contains(&mi) || mi.fract() != 0.0 {
-            return Err(format!(
+            return Err(KernelError::param(format!(
                 "karcher: parameter max_iter must be an integer in [0, 1e9], got {mi}"
-            )
-            .into());
+            )));
         }
         let tol = ctx.param("tol")?;
         if !tol.is_finite() || tol < 0.0 {
-            return Err(
-                format!("karcher: parameter tol must be a finite number >= 0, got {tol}").into(),
-            );
+            return Err(KernelError::param(format!(
+                "karcher: parameter tol must be a finite number >= 0, got {tol}"
+            )));
         }
         if ctx.n_models() == 0 {
-            return Err("karcher needs at least one model".into());
+            return Err(KernelError::shape("karcher needs at least one model"));
         }
         Ok(())
     }
@@ -148,7 +150,7 @@ impl Method for Karcher {
         let g = sum_values(&partials).values;
         let n = ctx.n_models();
         if g.len() != n * (n + 1) / 2 {
-            return Err("karcher: statistics are missing".into());
+            return Err(KernelError::missing("karcher: statistics are missing"));
         }
         let tol = ctx.param("tol")?;
         let max_iter = ctx.param("max_iter")?.max(0.0) as u64;
@@ -175,11 +177,11 @@ impl Method for Karcher {
                 // only with `tol` near zero: an input of tiny norm next to large ones needs a
                 // coefficient past f32, and the output would be ±inf or NaN
                 if !(coefs[i] as f32).is_finite() {
-                    return Err(format!(
+                    return Err(KernelError::numerical(format!(
                         "karcher: input {i} has norm {:e}, too small next to the others to rescale in 32-bit floats; raise `tol` above it to leave it out of the mean",
                         norms[i]
                     )
-                    .into());
+                    ));
                 }
             }
         }
@@ -202,7 +204,7 @@ impl Method for Karcher {
             return Ok(());
         }
         if state.values.len() != ctx.n_models() {
-            return Err("karcher: statistics are missing".into());
+            return Err(KernelError::missing("karcher: statistics are missing"));
         }
         let c: Vec<f32> = state.values.iter().map(|&v| v as f32).collect();
         for (e, o) in out.iter_mut().enumerate() {
@@ -280,14 +282,14 @@ mod tests {
         assert!(Karcher
             .check(&c.ctx())
             .unwrap_err()
-            .0
+            .message()
             .contains("karcher: parameter max_iter"));
         let mut c = case(&[2], 2);
         c.params.insert("tol".into(), -1.0);
         assert!(Karcher
             .check(&c.ctx())
             .unwrap_err()
-            .0
+            .message()
             .contains("karcher: parameter tol"));
     }
 
@@ -345,7 +347,7 @@ mod tests {
         let mut out = vec![0f32; 2];
         let e = crate::kernels::run_whole(&Karcher, &ctx, &refs, &mut out).unwrap_err();
         assert!(
-            e.0.contains("karcher: input 1") && e.0.contains("raise `tol`"),
+            e.message().contains("karcher: input 1") && e.message().contains("raise `tol`"),
             "{e}"
         );
     }

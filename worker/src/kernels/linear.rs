@@ -10,7 +10,9 @@
 //! rounds only the inputs and the result, not each product.
 
 use super::round::Work;
-use super::{BaseRule, KResult, Method, MethodSpec, ParamDef, RowRange, Stats, TensorCtx};
+use super::{
+    BaseRule, KResult, KernelError, Method, MethodSpec, ParamDef, RowRange, Stats, TensorCtx,
+};
 
 /// `out = Σ fma(xᵢ, wᵢ, ·)` in model order, divided by `total`, with inputs and result rounded
 /// to `work`.
@@ -86,7 +88,7 @@ impl Method for Linear {
                 .map(|i| ctx.model_param(i, "weight").map(|w| w as f32))
                 .sum::<KResult<f32>>()?;
             if total == 0.0 {
-                return Err("linear: the weights sum to 0, and `normalize` divides by their sum; change the weights or set `normalize: false`".into());
+                return Err(KernelError::numerical("linear: the weights sum to 0, and `normalize` divides by their sum; change the weights or set `normalize: false`"));
             }
         }
         Ok(())

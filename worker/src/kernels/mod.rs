@@ -16,12 +16,15 @@
 use std::collections::HashMap;
 use std::fmt;
 
+mod error;
 pub mod exact;
 pub mod mt;
 pub mod rng;
 pub mod round;
 pub mod select;
 pub mod stats;
+
+pub use error::KernelError;
 
 mod arcee_fusion;
 #[cfg(test)]
@@ -181,29 +184,6 @@ pub struct MethodSpec {
     pub max_models: Option<usize>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct KernelError(pub String);
-
-impl fmt::Display for KernelError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for KernelError {}
-
-impl From<String> for KernelError {
-    fn from(s: String) -> Self {
-        KernelError(s)
-    }
-}
-
-impl From<&str> for KernelError {
-    fn from(s: &str) -> Self {
-        KernelError(s.to_string())
-    }
-}
-
 pub type KResult<T> = Result<T, KernelError>;
 
 /// One output tensor as a kernel sees it.
@@ -247,7 +227,7 @@ impl TensorCtx<'_> {
     /// A method-level parameter (the planner has filled in defaults).
     pub fn param(&self, name: &str) -> KResult<f64> {
         self.params.get(name).copied().ok_or_else(|| {
-            KernelError(format!("tensor {}: parameter {name} is missing", self.name))
+            KernelError::Missing(format!("tensor {}: parameter {name} is missing", self.name))
         })
     }
 
@@ -263,7 +243,7 @@ impl TensorCtx<'_> {
             .and_then(|m| m.get(name))
             .copied()
             .ok_or_else(|| {
-                KernelError(format!(
+                KernelError::Missing(format!(
                     "tensor {}: parameter {name} is missing for input {i}",
                     self.name
                 ))
@@ -278,7 +258,7 @@ impl TensorCtx<'_> {
     /// The base input index, or an error naming the method.
     pub fn base_index(&self, method: &str) -> KResult<usize> {
         self.base
-            .ok_or_else(|| KernelError(format!("{method} needs a base_model")))
+            .ok_or_else(|| KernelError::Missing(format!("{method} needs a base_model")))
     }
 
     /// Inputs other than the base, in order.
@@ -376,7 +356,9 @@ pub trait Method: Send + Sync {
         _rows: RowRange,
         _inputs: &[&[f32]],
     ) -> KResult<Stats> {
-        Err("this method has no statistics passes".into())
+        Err(KernelError::Internal(
+            "this method has no statistics passes".into(),
+        ))
     }
 
     /// Folds every range's partial (in range order) into the next state. The default is the

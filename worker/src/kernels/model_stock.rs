@@ -9,7 +9,9 @@
 //! dimension (a 1-D tensor is one vector), which lies inside a row and needs no pass.
 
 use super::exact::ExactSum;
-use super::{BaseRule, KResult, Method, MethodSpec, ParamDef, RowRange, Stats, TensorCtx};
+use super::{
+    BaseRule, KResult, KernelError, Method, MethodSpec, ParamDef, RowRange, Stats, TensorCtx,
+};
 
 pub struct ModelStock;
 
@@ -62,7 +64,9 @@ fn factor(n: usize, sums: &[f64]) -> f32 {
 
 fn split<'a>(ctx: &TensorCtx, inputs: &[&'a [f32]]) -> KResult<(&'a [f32], Vec<&'a [f32]>)> {
     let b = ctx.base_index("model_stock")?;
-    let base = *inputs.get(b).ok_or("model_stock: base input is missing")?;
+    let base = *inputs
+        .get(b)
+        .ok_or_else(|| KernelError::missing("model_stock: base input is missing"))?;
     let others: Vec<&[f32]> = ctx.others().into_iter().map(|i| inputs[i]).collect();
     Ok((base, others))
 }
@@ -86,17 +90,16 @@ impl Method for ModelStock {
     fn check(&self, ctx: &TensorCtx) -> KResult<()> {
         let fw = ctx.param("filter_wise")?;
         if fw != 0.0 && fw != 1.0 {
-            return Err(
-                format!("model_stock: parameter filter_wise must be a boolean, got {fw}").into(),
-            );
+            return Err(KernelError::param(format!(
+                "model_stock: parameter filter_wise must be a boolean, got {fw}"
+            )));
         }
         ctx.base_index("model_stock")?;
         if ctx.others().len() < 2 {
-            return Err(format!(
+            return Err(KernelError::shape(format!(
                 "model_stock needs a base_model and at least two other models, got {} other(s)",
                 ctx.others().len()
-            )
-            .into());
+            )));
         }
         Ok(())
     }
@@ -142,14 +145,14 @@ impl Method for ModelStock {
             return Ok(());
         }
         if n < 2 {
-            return Err(
-                "model_stock needs at least 3 models (base plus two or more others)".into(),
-            );
+            return Err(KernelError::shape(
+                "model_stock needs at least 3 models (base plus two or more others)",
+            ));
         }
         let npairs = n + n * (n - 1) / 2;
         if !ctx.flag("filter_wise")? {
             if state.values.len() != npairs {
-                return Err("model_stock: statistics are missing".into());
+                return Err(KernelError::missing("model_stock: statistics are missing"));
             }
             let t = factor(n, &state.values);
             blend(t, base, &others, out, 0..out.len());
@@ -258,7 +261,7 @@ mod tests {
         let c = case(&[3], 2, false);
         let e = ModelStock.check(&c.ctx()).unwrap_err();
         assert!(
-            e.0.contains("model_stock") && e.0.contains("at least two"),
+            e.message().contains("model_stock") && e.message().contains("at least two"),
             "{e}"
         );
         let mut c = case(&[3], 3, false);
@@ -266,14 +269,14 @@ mod tests {
         assert!(ModelStock
             .check(&c.ctx())
             .unwrap_err()
-            .0
+            .message()
             .contains("model_stock needs a base_model"));
         let mut c = case(&[3], 3, false);
         c.params.insert("filter_wise".into(), 2.0);
         assert!(ModelStock
             .check(&c.ctx())
             .unwrap_err()
-            .0
+            .message()
             .contains("filter_wise"));
     }
 }

@@ -13,7 +13,9 @@
 //! more it is an error.
 
 use super::stats::gram_upper;
-use super::{BaseRule, KResult, Method, MethodSpec, ParamDef, RowRange, Stats, TensorCtx};
+use super::{
+    BaseRule, KResult, KernelError, Method, MethodSpec, ParamDef, RowRange, Stats, TensorCtx,
+};
 
 pub struct MultiSlerp;
 
@@ -39,7 +41,11 @@ impl<'a> Inputs<'a> {
     fn new(ctx: &TensorCtx, inputs: &[&'a [f32]]) -> KResult<Self> {
         let others = ctx.others();
         let base = match ctx.base {
-            Some(b) => Some(*inputs.get(b).ok_or("multislerp: base input is missing")?),
+            Some(b) => Some(
+                *inputs
+                    .get(b)
+                    .ok_or_else(|| KernelError::missing("multislerp: base input is missing"))?,
+            ),
             None => None,
         };
         let mut weights: Vec<f32> = others
@@ -98,7 +104,7 @@ fn plan(ctx: &TensorCtx, inp: &Inputs, gram: &[f64]) -> KResult<Plan> {
         let (a, b) = if i <= j { (i, j) } else { (j, i) };
         gram.get(tri(n, a, b))
             .copied()
-            .ok_or_else(|| "multislerp: statistics are missing".into())
+            .ok_or_else(|| KernelError::missing("multislerp: statistics are missing"))
     };
     let mut norms = Vec::with_capacity(n);
     for i in 0..n {
@@ -129,11 +135,10 @@ fn plan(ctx: &TensorCtx, inp: &Inputs, gram: &[f64]) -> KResult<Plan> {
         if n == 2 {
             return Ok(Plan::Linear);
         }
-        return Err(
+        return Err(KernelError::numerical(
             "multislerp: the weighted sum of the input tensors is zero (antipodal \
-                    vectors with weights that balance out); try different weights"
-                .into(),
-        );
+                    vectors with weights that balance out); try different weights",
+        ));
     }
     let avg_norm: f32 = norms.iter().zip(&inp.weights).map(|(a, w)| a * w).sum();
     Ok(Plan::Sphere {
@@ -151,38 +156,36 @@ impl Method for MultiSlerp {
     fn check(&self, ctx: &TensorCtx) -> KResult<()> {
         let nw = ctx.param("normalize_weights")?;
         if nw != 0.0 && nw != 1.0 {
-            return Err(format!(
+            return Err(KernelError::param(format!(
                 "multislerp: parameter normalize_weights must be a boolean, got {nw}"
-            )
-            .into());
+            )));
         }
         let eps = ctx.param("eps")?;
         if !eps.is_finite() || eps < 0.0 {
-            return Err(format!(
+            return Err(KernelError::param(format!(
                 "multislerp: parameter eps must be a finite number >= 0, got {eps}"
-            )
-            .into());
+            )));
         }
         let others = ctx.others();
         if others.is_empty() {
-            return Err("multislerp needs at least one model besides the base_model".into());
+            return Err(KernelError::shape(
+                "multislerp needs at least one model besides the base_model",
+            ));
         }
         let mut sum = 0.0;
         for &i in &others {
             let w = ctx.model_param(i, "weight")?;
             if !w.is_finite() {
-                return Err(format!(
+                return Err(KernelError::param(format!(
                     "multislerp: parameter weight must be a finite number, got {w}"
-                )
-                .into());
+                )));
             }
             sum += w;
         }
         if nw == 1.0 && others.len() > 1 && sum == 0.0 {
-            return Err(
-                "multislerp: parameter weight must not sum to 0 when normalize_weights is true"
-                    .into(),
-            );
+            return Err(KernelError::numerical(
+                "multislerp: parameter weight must not sum to 0 when normalize_weights is true",
+            ));
         }
         Ok(())
     }
@@ -329,24 +332,28 @@ mod tests {
         assert!(MultiSlerp
             .check(&c.ctx())
             .unwrap_err()
-            .0
+            .message()
             .contains("multislerp: parameter eps"));
         let mut c = case(&[2], 2, false);
         c.model_params[1].remove("weight");
-        assert!(MultiSlerp.check(&c.ctx()).unwrap_err().0.contains("weight"));
+        assert!(MultiSlerp
+            .check(&c.ctx())
+            .unwrap_err()
+            .message()
+            .contains("weight"));
         let mut c = case(&[2], 1, true);
         c.base = Some(0);
         assert!(MultiSlerp
             .check(&c.ctx())
             .unwrap_err()
-            .0
+            .message()
             .contains("multislerp needs"));
         let mut c = case(&[2], 3, false);
         c.params.insert("normalize_weights".into(), 3.0);
         assert!(MultiSlerp
             .check(&c.ctx())
             .unwrap_err()
-            .0
+            .message()
             .contains("normalize_weights"));
     }
 
@@ -362,6 +369,6 @@ mod tests {
         let refs: Vec<&[f32]> = ins.iter().map(|v| v.as_slice()).collect();
         let mut out = vec![0f32; 2];
         let e = super::super::run_whole(&MultiSlerp, &ctx, &refs, &mut out).unwrap_err();
-        assert!(e.0.contains("multislerp"));
+        assert!(e.message().contains("multislerp"));
     }
 }

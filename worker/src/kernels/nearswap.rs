@@ -6,7 +6,9 @@
 //! (bit for bit with mergekit): `t / d` is `d.reciprocal() * t`, each product and the sum
 //! rounded.
 
-use super::{BaseRule, KResult, Method, MethodSpec, ParamDef, RowRange, Stats, TensorCtx};
+use super::{
+    BaseRule, KResult, KernelError, Method, MethodSpec, ParamDef, RowRange, Stats, TensorCtx,
+};
 
 pub struct NearSwap;
 
@@ -27,17 +29,16 @@ impl Method for NearSwap {
     fn check(&self, ctx: &TensorCtx) -> KResult<()> {
         let t = ctx.param("t")?;
         if !t.is_finite() || t < 0.0 {
-            return Err(
-                format!("nearswap: parameter t must be a finite number >= 0, got {t}").into(),
-            );
+            return Err(KernelError::param(format!(
+                "nearswap: parameter t must be a finite number >= 0, got {t}"
+            )));
         }
         ctx.base_index("nearswap")?;
         if ctx.n_models() != 2 {
-            return Err(format!(
+            return Err(KernelError::shape(format!(
                 "nearswap expects exactly two models (the base_model and one other), got {}",
                 ctx.n_models()
-            )
-            .into());
+            )));
         }
         Ok(())
     }
@@ -52,7 +53,9 @@ impl Method for NearSwap {
     ) -> KResult<()> {
         let base = ctx.base_index("nearswap")?;
         let others = ctx.others();
-        let a = inputs.get(base).ok_or("nearswap: base input is missing")?;
+        let a = inputs
+            .get(base)
+            .ok_or_else(|| KernelError::missing("nearswap: base input is missing"))?;
         let b = match others.as_slice() {
             [] => {
                 out.copy_from_slice(a);
@@ -60,7 +63,9 @@ impl Method for NearSwap {
             }
             [o] => inputs[*o],
             _ => {
-                return Err("nearswap expects exactly two models, one base and one other".into());
+                return Err(KernelError::shape(
+                    "nearswap expects exactly two models, one base and one other",
+                ));
             }
         };
         let t = ctx.param("t")? as f32;
@@ -117,13 +122,16 @@ mod tests {
     fn rejects_bad_params() {
         let c = case(&[3], -1.0);
         let e = NearSwap.check(&c.ctx()).unwrap_err();
-        assert!(e.0.contains("nearswap") && e.0.contains(" t "), "{e}");
+        assert!(
+            e.message().contains("nearswap") && e.message().contains(" t "),
+            "{e}"
+        );
         let mut c = case(&[3], 0.1);
         c.base = None;
         assert!(NearSwap
             .check(&c.ctx())
             .unwrap_err()
-            .0
+            .message()
             .contains("base_model"));
         let mut c = Case::new(&[3], 3).with_defaults(&NearSwap);
         c.base = Some(0);

@@ -13,7 +13,9 @@
 //! out = (sin((1-t)θ)·v₀ + sin(tθ)·v₁) / sin θ, or (1-t)·v₀ + t·v₁ when |sin θ| < 1e-8.
 
 use super::exact::ExactSum;
-use super::{BaseRule, KResult, Method, MethodSpec, ParamDef, RowRange, Stats, TensorCtx};
+use super::{
+    BaseRule, KResult, KernelError, Method, MethodSpec, ParamDef, RowRange, Stats, TensorCtx,
+};
 
 pub struct NuSlerp;
 
@@ -99,7 +101,11 @@ impl<'a> Pair<'a> {
     fn new(ctx: &TensorCtx, inputs: &[&'a [f32]]) -> KResult<Option<Self>> {
         let others = ctx.others();
         let base = match ctx.base {
-            Some(b) => Some(*inputs.get(b).ok_or("nuslerp: base input is missing")?),
+            Some(b) => Some(
+                *inputs
+                    .get(b)
+                    .ok_or_else(|| KernelError::missing("nuslerp: base input is missing"))?,
+            ),
             None => None,
         };
         match others.as_slice() {
@@ -109,11 +115,11 @@ impl<'a> Pair<'a> {
                 x1: inputs[*j],
                 base,
             })),
-            _ => Err(format!(
+            _ => Err(KernelError::shape(format!(
                 "nuslerp expects exactly two models plus an optional base_model (which can not be one of the two), got {} other model(s)",
                 others.len()
             )
-            .into()),
+            )),
         }
     }
 
@@ -165,23 +171,25 @@ impl Method for NuSlerp {
         for name in ["nuslerp_row_wise", "nuslerp_flatten"] {
             let v = ctx.param(name)?;
             if v != 0.0 && v != 1.0 {
-                return Err(format!("nuslerp: parameter {name} must be a boolean, got {v}").into());
+                return Err(KernelError::param(format!(
+                    "nuslerp: parameter {name} must be a boolean, got {v}"
+                )));
             }
         }
         let others = ctx.others();
         if others.len() != 2 {
-            return Err(format!(
+            return Err(KernelError::shape(format!(
                 "nuslerp expects exactly two models plus an optional base_model, got {} model(s) besides the base",
                 others.len()
             )
-            .into());
+            ));
         }
         for &i in &others {
             let w = ctx.model_param(i, "weight")?;
             if !w.is_finite() {
-                return Err(
-                    format!("nuslerp: parameter weight must be a finite number, got {w}").into(),
-                );
+                return Err(KernelError::param(format!(
+                    "nuslerp: parameter weight must be a finite number, got {w}"
+                )));
             }
         }
         Ok(())
@@ -243,7 +251,11 @@ impl Method for NuSlerp {
         let Some(p) = Pair::new(ctx, inputs)? else {
             // a single model: mergekit returns it unchanged
             let i = ctx.others().first().copied().unwrap_or(0);
-            out.copy_from_slice(inputs.get(i).ok_or("nuslerp: no input")?);
+            out.copy_from_slice(
+                inputs
+                    .get(i)
+                    .ok_or_else(|| KernelError::missing("nuslerp: no input"))?,
+            );
             return Ok(());
         };
         let t = interp_t(ctx)?;
@@ -252,7 +264,7 @@ impl Method for NuSlerp {
                 .values
                 .get(i)
                 .copied()
-                .ok_or_else(|| "nuslerp: statistics are missing".into())
+                .ok_or_else(|| KernelError::missing("nuslerp: statistics are missing"))
         };
         match layout(ctx)? {
             Layout::Flat => {
@@ -399,7 +411,7 @@ mod tests {
         assert!(NuSlerp
             .check(&c.ctx())
             .unwrap_err()
-            .0
+            .message()
             .contains("nuslerp_flatten"));
         // base given but only one other model
         let mut c = case(&[3], false, true, false);
@@ -407,7 +419,7 @@ mod tests {
         assert!(NuSlerp
             .check(&c.ctx())
             .unwrap_err()
-            .0
+            .message()
             .contains("nuslerp expects exactly two"));
         let mut c = Case::new(&[3], 3).with_defaults(&NuSlerp);
         for m in &mut c.model_params {

@@ -1,7 +1,9 @@
 //! `passthrough`: copies the one input tensor, optionally multiplied by `scale`. Used with
 //! `slices:` to stack layers of different models (frankenmerges).
 
-use super::{BaseRule, KResult, Method, MethodSpec, ParamDef, RowRange, Stats, TensorCtx};
+use super::{
+    BaseRule, KResult, KernelError, Method, MethodSpec, ParamDef, RowRange, Stats, TensorCtx,
+};
 
 pub struct Passthrough;
 
@@ -28,11 +30,10 @@ impl Method for Passthrough {
         out: &mut [f32],
     ) -> KResult<()> {
         let [x] = inputs else {
-            return Err(format!(
+            return Err(KernelError::shape(format!(
                 "passthrough takes exactly one model per tensor, got {}",
                 inputs.len()
-            )
-            .into());
+            )));
         };
         // scale defaults to NaN, meaning "not set"
         match ctx.model_param_opt(0, "scale").filter(|s| !s.is_nan()) {

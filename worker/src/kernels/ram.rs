@@ -8,7 +8,10 @@
 //! where ρᵢ = (elements model i shares with others) / (elements only model i changes), counted
 //! over the whole tensor: one statistics pass of exact integer counts.
 
-use super::{BaseRule, KResult, Method, MethodSpec, ParamDef, Reduced, RowRange, Stats, TensorCtx};
+use super::{
+    BaseRule, KResult, KernelError, Method, MethodSpec, ParamDef, Reduced, RowRange, Stats,
+    TensorCtx,
+};
 
 pub struct Ram;
 pub struct RamPlusTl;
@@ -38,9 +41,9 @@ static RAMPLUS_SPEC: MethodSpec = MethodSpec {
 fn check_common(method: &str, ctx: &TensorCtx) -> KResult<()> {
     let eps = ctx.param("epsilon")?;
     if !eps.is_finite() || eps < 0.0 {
-        return Err(
-            format!("{method}: parameter epsilon must be a finite number >= 0, got {eps}").into(),
-        );
+        return Err(KernelError::param(format!(
+            "{method}: parameter epsilon must be a finite number >= 0, got {eps}"
+        )));
     }
     ctx.base_index(method)?;
     Ok(())
@@ -58,7 +61,7 @@ impl<'a> Prepared<'a> {
         let b = ctx.base_index(method)?;
         let base = *inputs
             .get(b)
-            .ok_or_else(|| format!("{method}: base input is missing"))?;
+            .ok_or_else(|| KernelError::missing(format!("{method}: base input is missing")))?;
         let others = ctx.others().into_iter().map(|i| inputs[i]).collect();
         Ok(Prepared {
             base,
@@ -135,10 +138,9 @@ impl Method for RamPlusTl {
         for name in ["r", "alpha"] {
             let v = ctx.param(name)?;
             if !v.is_finite() {
-                return Err(format!(
+                return Err(KernelError::param(format!(
                     "ramplus_tl: parameter {name} must be a finite number, got {v}"
-                )
-                .into());
+                )));
             }
         }
         Ok(())
@@ -304,20 +306,23 @@ mod tests {
         let mut c = case(&Ram, &[3], 2);
         c.params.insert("epsilon".into(), -1.0);
         let e = Ram.check(&c.ctx()).unwrap_err();
-        assert!(e.0.contains("ram") && e.0.contains("epsilon"), "{e}");
+        assert!(
+            e.message().contains("ram") && e.message().contains("epsilon"),
+            "{e}"
+        );
         let mut c = case(&RamPlusTl, &[3], 2);
         c.base = None;
         assert!(RamPlusTl
             .check(&c.ctx())
             .unwrap_err()
-            .0
+            .message()
             .contains("ramplus_tl needs a base_model"));
         let mut c = case(&RamPlusTl, &[3], 2);
         c.params.insert("r".into(), f64::NAN);
         assert!(RamPlusTl
             .check(&c.ctx())
             .unwrap_err()
-            .0
+            .message()
             .contains("parameter r"));
     }
 }

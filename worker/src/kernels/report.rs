@@ -15,7 +15,9 @@
 
 use super::select::{self, magnitude_keep, Boundary, Cursor};
 use super::stats::{gram_upper, merge_sums};
-use super::{BaseRule, KResult, Method, MethodSpec, Reduced, RowRange, Stats, TensorCtx};
+use super::{
+    BaseRule, KResult, KernelError, Method, MethodSpec, Reduced, RowRange, Stats, TensorCtx,
+};
 
 /// The report's pseudo-method (not a merge method: recipes cannot name it).
 pub struct Report;
@@ -57,7 +59,9 @@ fn densities(ctx: &TensorCtx) -> KResult<Vec<f64>> {
             if d > 0.0 && d < 1.0 {
                 Ok(d)
             } else {
-                Err(format!("report density must be in (0, 1), got {d}").into())
+                Err(KernelError::param(format!(
+                    "report density must be in (0, 1), got {d}"
+                )))
             }
         })
         .collect()
@@ -80,7 +84,9 @@ impl Shape {
     fn of(ctx: &TensorCtx) -> KResult<Shape> {
         let base = ctx.base_index(NAME)?;
         if base >= ctx.n_models() {
-            return Err(format!("base model index {base} is out of range").into());
+            return Err(KernelError::param(format!(
+                "base model index {base} is out of range"
+            )));
         }
         let others = ctx.others();
         let densities = densities(ctx)?;
@@ -129,7 +135,7 @@ fn sums_and_counts(s: &Shape, sel: &Stats, rows: RowRange, inputs: &[&[f32]]) ->
     let bounds = (0..s.ranks.len())
         .map(|p| select::boundaries(sel, p).into_iter().next())
         .collect::<Option<Vec<Boundary>>>()
-        .ok_or("report selection state is missing a boundary")?;
+        .ok_or_else(|| KernelError::internal("report selection state is missing a boundary"))?;
     let mut cursors: Vec<Cursor> = bounds.iter().map(|b| Cursor::new(b, rows.index)).collect();
     let mut d = vec![0f32; m * CHUNK];
     for at in (0..len).step_by(CHUNK) {
@@ -295,7 +301,9 @@ impl Method for Report {
         let s = Shape::of(ctx)?;
         let len = inputs.first().map_or(0, |x| x.len());
         if inputs.len() != ctx.n_models() || inputs.iter().any(|x| x.len() != len) {
-            return Err("report inputs differ in number or length".into());
+            return Err(KernelError::shape(
+                "report inputs differ in number or length",
+            ));
         }
         if pass < s.sel_passes() {
             let m = s.others.len();
@@ -349,7 +357,9 @@ impl Method for Report {
         _inputs: &[&[f32]],
         _out: &mut [f32],
     ) -> KResult<()> {
-        Err("the report computes statistics only; it writes no tensor".into())
+        Err(KernelError::internal(
+            "the report computes statistics only; it writes no tensor",
+        ))
     }
 }
 

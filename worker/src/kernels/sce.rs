@@ -14,7 +14,10 @@
 use super::exact::ExactSum;
 use super::select::{self, Boundary, Cursor};
 use super::stats::merge_sums;
-use super::{BaseRule, KResult, Method, MethodSpec, ParamDef, Reduced, RowRange, Stats, TensorCtx};
+use super::{
+    BaseRule, KResult, KernelError, Method, MethodSpec, ParamDef, Reduced, RowRange, Stats,
+    TensorCtx,
+};
 
 pub struct Sce;
 
@@ -57,7 +60,9 @@ struct Tvs<'a> {
 impl<'a> Tvs<'a> {
     fn new(ctx: &TensorCtx, inputs: &[&'a [f32]]) -> KResult<Self> {
         let b = ctx.base_index("sce")?;
-        let base = *inputs.get(b).ok_or("sce: base input is missing")?;
+        let base = *inputs
+            .get(b)
+            .ok_or_else(|| KernelError::missing("sce: base input is missing"))?;
         Ok(Tvs {
             base,
             xs: ctx.others().into_iter().map(|i| inputs[i]).collect(),
@@ -152,11 +157,15 @@ impl Method for Sce {
     fn check(&self, ctx: &TensorCtx) -> KResult<()> {
         let k = ctx.param("select_topk")?;
         if !(0.0..=1.0).contains(&k) {
-            return Err(format!("sce: parameter select_topk must be in [0, 1], got {k}").into());
+            return Err(KernelError::param(format!(
+                "sce: parameter select_topk must be in [0, 1], got {k}"
+            )));
         }
         let m = ctx.param("int8_mask")?;
         if m != 0.0 && m != 1.0 {
-            return Err(format!("sce: parameter int8_mask must be a boolean, got {m}").into());
+            return Err(KernelError::param(format!(
+                "sce: parameter int8_mask must be a boolean, got {m}"
+            )));
         }
         ctx.base_index("sce")?;
         Ok(())
@@ -267,7 +276,7 @@ impl Method for Sce {
             return Ok(());
         }
         if state.values.len() != m {
-            return Err("sce: statistics are missing".into());
+            return Err(KernelError::missing("sce: statistics are missing"));
         }
         let w: Vec<f32> = state.values.iter().map(|&v| v as f32).collect();
         let b = boundary(state);
@@ -372,13 +381,13 @@ mod tests {
     fn rejects_bad_params() {
         let c = case(&[3], 3, 1.5);
         let e = Sce.check(&c.ctx()).unwrap_err();
-        assert!(e.0.contains("sce: parameter select_topk"), "{e}");
+        assert!(e.message().contains("sce: parameter select_topk"), "{e}");
         let mut c = case(&[3], 3, 0.5);
         c.base = None;
         assert!(Sce
             .check(&c.ctx())
             .unwrap_err()
-            .0
+            .message()
             .contains("sce needs a base_model"));
     }
 }

@@ -12,6 +12,7 @@
 //! (magnitudes, variances) that is just `f32::to_bits`.
 
 use super::stats::{Hist, Stats};
+use super::{KResult, KernelError};
 
 /// Passes a selection needs.
 pub const PASSES: u32 = 2;
@@ -165,7 +166,7 @@ pub fn resolve0(state0: &Stats, partials: &[Stats], ranks: &[Vec<u64>]) -> Optio
 
 /// Reduces pass 0: for each problem `j` and each rank in `ranks[j]`, locates the high bucket.
 /// `n[j]` is the number of elements of problem `j`.
-pub fn reduce0(partials: &[Stats], ranks: &[Vec<u64>], n: &[u64]) -> Result<Stats, String> {
+pub fn reduce0(partials: &[Stats], ranks: &[Vec<u64>], n: &[u64]) -> KResult<Stats> {
     let mut st = Stats::default();
     let mut dense = vec![0u64; BINS];
     for (j, rs) in ranks.iter().enumerate() {
@@ -173,12 +174,15 @@ pub fn reduce0(partials: &[Stats], ranks: &[Vec<u64>], n: &[u64]) -> Result<Stat
         for p in partials {
             p.hists
                 .get(j)
-                .ok_or("selection partial is missing a histogram")?
+                .ok_or_else(|| KernelError::missing("selection partial is missing a histogram"))?
                 .add_to(&mut dense);
         }
         let total: u64 = dense.iter().sum();
         if total != n[j] {
-            return Err(format!("selection saw {total} elements, expected {}", n[j]));
+            return Err(KernelError::internal(format!(
+                "selection saw {total} elements, expected {}",
+                n[j]
+            )));
         }
         for &p in rs {
             // state per boundary: [rank, bucket, rank within bucket]; bucket = BINS for p == n
@@ -263,7 +267,7 @@ pub fn partial1_with(state0: &Stats, ranks: &[Vec<u64>], keys: &mut KeySource) -
 }
 
 /// Reduces pass 1 into the located boundaries, one child per problem, one [`Boundary`] per rank.
-pub fn reduce1(state0: &Stats, partials: &[Stats], ranks: &[Vec<u64>]) -> Result<Stats, String> {
+pub fn reduce1(state0: &Stats, partials: &[Stats], ranks: &[Vec<u64>]) -> KResult<Stats> {
     let mut out = Stats::default();
     let mut dense = vec![0u64; BINS];
     let mut at = 0;
@@ -273,11 +277,11 @@ pub fn reduce1(state0: &Stats, partials: &[Stats], ranks: &[Vec<u64>]) -> Result
             let bucket = *state0
                 .counts
                 .get(at * 3 + 1)
-                .ok_or("selection state is short")?;
+                .ok_or_else(|| KernelError::internal("selection state is short"))?;
             let within = *state0
                 .counts
                 .get(at * 3 + 2)
-                .ok_or("selection state is short")?;
+                .ok_or_else(|| KernelError::internal("selection state is short"))?;
             let b = if bucket >= BINS as u64 {
                 Boundary {
                     key: u32::MAX,
@@ -289,12 +293,16 @@ pub fn reduce1(state0: &Stats, partials: &[Stats], ranks: &[Vec<u64>]) -> Result
                 for p in partials {
                     p.hists
                         .get(at)
-                        .ok_or("selection partial is missing a histogram")?
+                        .ok_or_else(|| {
+                            KernelError::missing("selection partial is missing a histogram")
+                        })?
                         .add_to(&mut dense);
                 }
                 let (lo, need) = locate(&dense, within);
                 if lo >= BINS as u64 {
-                    return Err("selection bucket lost elements between passes".into());
+                    return Err(KernelError::internal(
+                        "selection bucket lost elements between passes",
+                    ));
                 }
                 let key = ((bucket as u32) << 16) | lo as u32;
                 let mut prefix = Vec::with_capacity(partials.len());

@@ -11,7 +11,10 @@
 
 use super::exact::ExactSum;
 use super::stats::sum_values;
-use super::{BaseRule, KResult, Method, MethodSpec, ParamDef, Reduced, RowRange, Stats, TensorCtx};
+use super::{
+    BaseRule, KResult, KernelError, Method, MethodSpec, ParamDef, Reduced, RowRange, Stats,
+    TensorCtx,
+};
 
 pub struct Slerp;
 
@@ -33,14 +36,16 @@ fn pair(ctx: &TensorCtx) -> KResult<Option<(usize, usize)>> {
     match ctx.n_models() {
         1 if base == 0 => Ok(None),
         2 if base < 2 => Ok(Some((base, 1 - base))),
-        n => Err(format!("slerp takes exactly two models, base included; got {n}").into()),
+        n => Err(KernelError::shape(format!(
+            "slerp takes exactly two models, base included; got {n}"
+        ))),
     }
 }
 
 /// The two interpolation coefficients (for base and other), from the reduced sums.
 fn coefficients(t: f64, state: &Stats) -> KResult<(f32, f32)> {
     let [aa, bb, ab] = state.values.as_slice() else {
-        return Err("slerp statistics are missing".into());
+        return Err(KernelError::missing("slerp statistics are missing"));
     };
     let norm = |ss: f64| {
         let n = (ss as f32).sqrt();
@@ -71,10 +76,9 @@ impl Method for Slerp {
         // mergekit documents t as "between 0.0 and 1.0" and does not check it; outside that
         // range the formula extrapolates past both models (t = 1e30 is noise or infinities)
         if !(0.0..=1.0).contains(&t) {
-            return Err(format!(
+            return Err(KernelError::param(format!(
                 "t must be in [0, 1] (0 gives the base model, 1 the other model), got {t}"
-            )
-            .into());
+            )));
         }
         Ok(())
     }
@@ -99,7 +103,7 @@ impl Method for Slerp {
         };
         let (a, b) = match (inputs.get(ia), inputs.get(ib)) {
             (Some(a), Some(b)) if a.len() == b.len() => (*a, *b),
-            _ => return Err("slerp needs two inputs of equal length".into()),
+            _ => return Err(KernelError::shape("slerp needs two inputs of equal length")),
         };
         let (mut aa, mut bb, mut ab) = (ExactSum::new(), ExactSum::new(), ExactSum::new());
         for (&x, &y) in a.iter().zip(b) {
@@ -123,7 +127,7 @@ impl Method for Slerp {
     ) -> KResult<Reduced> {
         let reduced = sum_values(&partials);
         if reduced.values.len() != 3 {
-            return Err("slerp partials are malformed".into());
+            return Err(KernelError::internal("slerp partials are malformed"));
         }
         Ok(Reduced::Done(reduced))
     }
@@ -137,16 +141,24 @@ impl Method for Slerp {
         out: &mut [f32],
     ) -> KResult<()> {
         let Some((ia, ib)) = pair(ctx)? else {
-            let x = inputs.first().ok_or("slerp got no input")?;
+            let x = inputs
+                .first()
+                .ok_or_else(|| KernelError::missing("slerp got no input"))?;
             if x.len() != out.len() {
-                return Err("slerp input and output differ in length".into());
+                return Err(KernelError::shape(
+                    "slerp input and output differ in length",
+                ));
             }
             out.copy_from_slice(x);
             return Ok(());
         };
         let (a, b) = match (inputs.get(ia), inputs.get(ib)) {
             (Some(a), Some(b)) if a.len() == out.len() && b.len() == out.len() => (*a, *b),
-            _ => return Err("slerp needs two inputs as long as the output".into()),
+            _ => {
+                return Err(KernelError::shape(
+                    "slerp needs two inputs as long as the output",
+                ))
+            }
         };
         let (s0, s1) = coefficients(ctx.param("t")?, state)?;
         for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
@@ -202,6 +214,26 @@ mod tests {
     }
 
     #[test]
+    fn refusals_say_what_was_wrong() {
+        let kind = |c: &Case| match Slerp.check(&c.ctx()).unwrap_err() {
+            KernelError::Param(_) => "param",
+            KernelError::Shape(_) => "shape",
+            KernelError::Missing(_) => "missing",
+            KernelError::Numerical(_) | KernelError::Internal(_) => "other",
+        };
+        assert_eq!(kind(&case(&[2], 1e30, 0)), "param");
+        let mut c = case(&[2], 0.5, 0);
+        c.model_params.push(Default::default());
+        assert_eq!(kind(&c), "shape");
+        let mut c = case(&[2], 0.5, 0);
+        c.params.clear();
+        assert_eq!(kind(&c), "missing");
+        let mut c = case(&[2], 0.5, 0);
+        c.base = None;
+        assert_eq!(kind(&c), "missing");
+    }
+
+    #[test]
     fn rejects_bad_inputs() {
         let mut c = case(&[2], 0.5, 0);
         c.base = None;
@@ -209,12 +241,15 @@ mod tests {
         let mut c = Case::new(&[2], 3);
         c.base = Some(0);
         c.params.insert("t".into(), 0.5);
-        assert!(Slerp.check(&c.ctx()).unwrap_err().0.contains("two"));
+        assert!(Slerp.check(&c.ctx()).unwrap_err().message().contains("two"));
         let c = case(&[2], f64::INFINITY, 0);
-        assert!(Slerp.check(&c.ctx()).unwrap_err().0.contains('t'));
+        assert!(Slerp.check(&c.ctx()).unwrap_err().message().contains('t'));
         // t = 1e30 was accepted; the error gives the valid range
         for t in [1e30, 1.0 + 1e-9, -0.5] {
-            let e = Slerp.check(&case(&[2], t, 0).ctx()).unwrap_err().0;
+            let e = Slerp
+                .check(&case(&[2], t, 0).ctx())
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("[0, 1]") && e.contains(&format!("{t}")), "{e}");
         }
         for t in [0.0, 0.3, 1.0] {

@@ -3,6 +3,7 @@
 //! passes read.
 
 use super::*;
+use crate::kernels::KernelError;
 
 /// Elements per chunk of the streaming kernels: small enough that every model's chunk of
 /// deltas stays in L1/L2, large enough to amortise the per-chunk bookkeeping.
@@ -69,7 +70,9 @@ impl Sparse {
             Keep::Window { sel, .. } => {
                 let bs = select::boundaries(sel_state, sel);
                 let [lo, hi] = bs.as_slice() else {
-                    return Err("selection state is missing a boundary".into());
+                    return Err(KernelError::internal(
+                        "selection state is missing a boundary",
+                    ));
                 };
                 Sparse::Window {
                     lo: Edge::new(lo, rows.index),
@@ -273,6 +276,39 @@ pub(super) fn for_each_key_chunk(
         }
         f(ks);
     }
+}
+
+/// Length of the ranked axis (dimension 1, or the whole of a 1-D tensor) and the stride of
+/// its elements within a row, as DELLA ranks them.
+pub(super) fn della_axis(ctx: &TensorCtx) -> KResult<(usize, usize)> {
+    let (m, inner) = match ctx.shape.len() {
+        0 => {
+            return Err(KernelError::Shape(
+                "della sparsification needs a tensor of at least one dimension".into(),
+            ))
+        }
+        1 => (ctx.row_len, 1),
+        _ => {
+            let m = ctx.shape[1] as usize;
+            let inner: usize = ctx.shape[2..].iter().map(|&d| d as usize).product();
+            if m * inner != ctx.row_len {
+                return Err(KernelError::Shape(format!(
+                    "tensor {}: shape does not match its row length",
+                    ctx.name
+                )));
+            }
+            (m, inner)
+        }
+    };
+    // the ranking packs a position along the axis into 32 bits
+    if m > u32::MAX as usize {
+        return Err(KernelError::Shape(format!(
+            "tensor {}: della ranks along a dimension of {m} elements; at most {} are supported",
+            ctx.name,
+            u32::MAX
+        )));
+    }
+    Ok((m, inner))
 }
 
 #[cfg(test)]
