@@ -204,6 +204,40 @@ fn scratch_parent(scratch: Option<&PathBuf>) -> PathBuf {
     scratch.cloned().unwrap_or_else(std::env::temp_dir)
 }
 
+/// Whether stage `k` of `jobs` runs, said on stderr unless `quiet`: `None` when it is kept and
+/// its kept copy's content key is unchanged (reused); otherwise the content key to record after
+/// it runs (a kept stage) and whether a stale kept copy is replaced.
+async fn before_stage(
+    jobs: &[StageJob<'_>],
+    k: usize,
+    o: &SubmitOptions,
+    quiet: bool,
+    resolver: &Resolver,
+) -> Result<Option<(Option<String>, bool)>> {
+    let j = &jobs[k];
+    let say = |what: &str| {
+        if !quiet {
+            let (n, label) = (jobs.len(), j.stage.label());
+            eprintln!("stage {}/{n}: {label} -> {}{what}", k + 1, j.out);
+        }
+    };
+    if j.role != Role::Kept {
+        say("");
+        return Ok(Some((None, false)));
+    }
+    let key = key::content_key(j.stage, &j.text, o, resolver).await?;
+    let replace = match key::check(&j.out, &key, resolver).await? {
+        key::Found::Same => {
+            say(" (kept, content key unchanged: reused)");
+            return Ok(None);
+        }
+        key::Found::Stale => true,
+        key::Found::Nothing => false,
+    };
+    say("");
+    Ok(Some((Some(key), replace)))
+}
+
 /// `shardmerge run` of a multi-stage recipe.
 pub(super) async fn run(
     st: &Stages,
@@ -228,39 +262,12 @@ pub(super) async fn run(
         scratch.create()?;
     }
     for (k, j) in jobs.iter().enumerate() {
-        let mut opts = o.clone();
-        let key = match j.role {
-            Role::Kept => {
-                let key = key::content_key(j.stage, &j.text, &o.submit, resolver).await?;
-                match key::check(&j.out, &key, resolver).await? {
-                    key::Found::Same => {
-                        if !o.quiet {
-                            eprintln!(
-                                "stage {}/{}: {} -> {} (kept, content key unchanged: reused)",
-                                k + 1,
-                                jobs.len(),
-                                j.stage.label(),
-                                j.out
-                            );
-                        }
-                        continue;
-                    }
-                    key::Found::Stale => opts.submit.overwrite = true,
-                    key::Found::Nothing => {}
-                }
-                Some(key)
-            }
-            _ => None,
+        let Some((key, replace)) = before_stage(&jobs, k, &o.submit, o.quiet, resolver).await?
+        else {
+            continue;
         };
-        if !o.quiet {
-            eprintln!(
-                "stage {}/{}: {} -> {}",
-                k + 1,
-                jobs.len(),
-                j.stage.label(),
-                j.out
-            );
-        }
+        let mut opts = o.clone();
+        opts.submit.overwrite |= replace;
         super::summary::run_one(&j.text, &j.out, &opts, resolver.clone())
             .await
             .map_err(|e| in_stage(j.stage, e))?;
@@ -355,36 +362,13 @@ async fn submit_jobs(
 ) -> Result<()> {
     let last = jobs.len().saturating_sub(1);
     let wait_all = jobs.iter().any(|j| j.role == Role::Scratch);
+    let o = submit_options(&a.options);
     for (k, j) in jobs.iter().enumerate() {
-        let mut opts = a.options.clone();
-        let key = if j.role == Role::Kept {
-            let o = submit_options(&opts);
-            let key = key::content_key(j.stage, &j.text, &o, resolver).await?;
-            match key::check(&j.out, &key, resolver).await? {
-                key::Found::Same => {
-                    eprintln!(
-                        "stage {}/{}: {} -> {} (kept, content key unchanged: reused)",
-                        k + 1,
-                        jobs.len(),
-                        j.stage.label(),
-                        j.out
-                    );
-                    continue;
-                }
-                key::Found::Stale => opts.overwrite = true,
-                key::Found::Nothing => {}
-            }
-            Some(key)
-        } else {
-            None
+        let Some((key, replace)) = before_stage(jobs, k, &o, false, resolver).await? else {
+            continue;
         };
-        eprintln!(
-            "stage {}/{}: {} -> {}",
-            k + 1,
-            jobs.len(),
-            j.stage.label(),
-            j.out
-        );
+        let mut opts = a.options.clone();
+        opts.overwrite |= replace;
         crate::remote::submit(crate::remote::SubmitArgs {
             recipe_yaml: j.text.clone(),
             output: j.out.clone(),
