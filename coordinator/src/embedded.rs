@@ -39,8 +39,31 @@ pub async fn run(
     o: &RunOptions,
     resolver: Resolver,
 ) -> Result<Summary> {
+    // SIGINT and SIGTERM (what Kubernetes and `kill` send) both cancel the job, which removes
+    // its partial output; listened for from before the output files exist, and once, so a
+    // signal between two waits is not lost
+    let signal = crate::server::shutdown_signal();
+    tokio::pin!(signal);
+    let mut interrupted = false;
     let mgr = JobManager::new(resolver.clone());
-    let (jid, plan) = mgr.submit(recipe_text, output, &o.submit).await?;
+    let (jid, plan) = {
+        // a signal while the job is set up cancels it once it exists (dropping the set-up
+        // half-way would leave its output files behind)
+        let submit = mgr.submit(recipe_text, output, &o.submit);
+        tokio::pin!(submit);
+        loop {
+            tokio::select! {
+                r = &mut submit => break r?,
+                _ = &mut signal, if !interrupted => {
+                    interrupted = true;
+                    eprintln!("interrupted: cancelling the job once it is set up");
+                }
+            }
+        }
+    };
+    if interrupted {
+        mgr.cancel(&jid).await;
+    }
     tracing::info!(
         job = %jid,
         tensors = plan.tensors.len(),
@@ -62,11 +85,6 @@ pub async fn run(
         .ok_or_else(|| Error::job(&jid, "job vanished"))?;
     // the bar counts all the work (statistics passes too), not only the output written
     let bar = progress_bar(plan.bytes_out(), o.quiet);
-    // SIGINT and SIGTERM (what Kubernetes and `kill` send) both cancel the job, which removes
-    // its partial output; listened for once, so a signal between two waits is not lost
-    let signal = crate::server::shutdown_signal();
-    tokio::pin!(signal);
-    let mut interrupted = false;
     let status = loop {
         let st = rx.borrow_and_update().clone();
         bar.set_length(st.work_total.max(1));

@@ -237,26 +237,40 @@ impl Coordinator for Service {
     }
 }
 
-/// Resolves when the process gets SIGINT or SIGTERM.
-pub(crate) async fn shutdown_signal() {
+/// Resolves when the process gets SIGINT or SIGTERM. The handlers are installed when this is
+/// called, not when the future is first polled: until then the default action (death) applies,
+/// and a `run` interrupted between creating its output files and waiting on its job died with
+/// its `*.partial` files left behind.
+pub(crate) fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
+        let int = signal(SignalKind::interrupt()).ok();
+        let term = signal(SignalKind::terminate()).ok();
+        async move {
+            let next = |s: Option<tokio::signal::unix::Signal>| async move {
+                match s {
+                    Some(mut s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
                 }
-            }
-            Err(_) => {
+            };
+            if int.is_none() && term.is_none() {
                 let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+            tokio::select! {
+                _ = next(int) => {}
+                _ = next(term) => {}
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 
