@@ -32,6 +32,34 @@ pub struct Summary {
     pub plan: Arc<Plan>,
 }
 
+/// Submits the job while listening for `signal`: a signal while the job is set up cancels it
+/// once it exists (dropping the set-up half-way would leave its output files behind). Returns
+/// the job, its plan and whether the signal came (it is then done and not to be polled again).
+async fn set_up(
+    mgr: &JobManager,
+    recipe_text: &str,
+    output: &str,
+    o: &RunOptions,
+    mut signal: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+) -> Result<(String, Arc<Plan>, bool)> {
+    let mut interrupted = false;
+    let submit = mgr.submit(recipe_text, output, &o.submit);
+    tokio::pin!(submit);
+    let (jid, plan) = loop {
+        tokio::select! {
+            r = &mut submit => break r?,
+            _ = &mut signal, if !interrupted => {
+                interrupted = true;
+                eprintln!("interrupted: cancelling the job once it is set up");
+            }
+        }
+    };
+    if interrupted {
+        mgr.cancel(&jid).await;
+    }
+    Ok((jid, plan, interrupted))
+}
+
 /// Runs a merge in this process and waits for it.
 pub async fn run(
     recipe_text: &str,
@@ -44,26 +72,9 @@ pub async fn run(
     // signal between two waits is not lost
     let signal = crate::server::shutdown_signal();
     tokio::pin!(signal);
-    let mut interrupted = false;
     let mgr = JobManager::new(resolver.clone());
-    let (jid, plan) = {
-        // a signal while the job is set up cancels it once it exists (dropping the set-up
-        // half-way would leave its output files behind)
-        let submit = mgr.submit(recipe_text, output, &o.submit);
-        tokio::pin!(submit);
-        loop {
-            tokio::select! {
-                r = &mut submit => break r?,
-                _ = &mut signal, if !interrupted => {
-                    interrupted = true;
-                    eprintln!("interrupted: cancelling the job once it is set up");
-                }
-            }
-        }
-    };
-    if interrupted {
-        mgr.cancel(&jid).await;
-    }
+    let (jid, plan, mut interrupted) =
+        set_up(&mgr, recipe_text, output, o, signal.as_mut()).await?;
     tracing::info!(
         job = %jid,
         tensors = plan.tensors.len(),
