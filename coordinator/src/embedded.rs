@@ -13,6 +13,9 @@ use tokio::sync::watch;
 use crate::error::{Error, Result};
 use crate::job::{JobManager, SubmitOptions};
 use crate::plan::Plan;
+
+mod grid;
+pub use grid::{run_grid, GridPoint, PointOutcome};
 // (re-exported where the CLI and the remote client have always found them)
 pub use crate::paths::cwd;
 pub use crate::progress::{progress_bar, terminal};

@@ -57,6 +57,7 @@ pub(crate) fn input_dtype(src: &pb::TensorSource, job: &pb::TensorJob) -> Result
 pub use crate::tensor::view2d;
 
 mod analyse;
+mod group;
 mod read;
 mod rowcache;
 mod rowmap;
@@ -408,39 +409,52 @@ impl Executor {
         let inputs = self
             .read_inputs(job, (r.row_start, r.row_end), false, io, scratch)
             .await?;
-        let job = job.clone();
-        let stats = r.stats.clone();
-        let (rs, re, ri) = (r.row_start, r.row_end, r.range_index);
-        let out = std::mem::take(&mut scratch.out);
-        let (res, inputs) = tokio::task::spawn_blocking(move || {
-            let run = || -> Result<Vec<f32>, TaskError> {
-                let ctx = tensor_ctx(&job)?;
-                let m = method_of(&job)?;
-                let refs: Vec<&[f32]> = inputs.iter().map(Vec::as_slice).collect();
-                let n = ((re - rs) as usize) * ctx.row_len;
-                // kernels write every output element (their tests run on NaN-filled buffers)
-                let mut out = sized(out, n);
-                let whole = rs == 0 && re == ctx.rows;
-                let res = if whole {
-                    kernels::run_whole(m, &ctx, &refs, &mut out)
-                } else {
-                    let state = stats.as_ref().map(Stats::from_proto).unwrap_or_default();
-                    let rows = RowRange {
-                        start: rs,
-                        end: re,
-                        index: ri,
-                    };
-                    m.apply(&ctx, &state, rows, &refs, &mut out)
-                };
-                res.map_err(|e| fatal(format!("tensor {}: {}: {e}", job.name, job.method)))?;
-                Ok(out)
-            };
-            (run(), inputs)
-        })
-        .await
-        .map_err(|e| fatal(format!("kernel panicked: {e}")))?;
+        let (res, inputs) = kernel_rows(job, r, inputs, std::mem::take(&mut scratch.out)).await;
         give_back(&mut scratch.inputs, inputs);
         res
+    }
+}
+
+/// Runs `job`'s kernel over rows `r` of its `inputs` (read already) into `out` (resized);
+/// gives the inputs back with the result.
+pub(super) async fn kernel_rows(
+    job: &pb::TensorJob,
+    r: &pb::TensorRows,
+    inputs: Vec<Vec<f32>>,
+    out: Vec<f32>,
+) -> (Result<Vec<f32>, TaskError>, Vec<Vec<f32>>) {
+    let job = job.clone();
+    let stats = r.stats.clone();
+    let (rs, re, ri) = (r.row_start, r.row_end, r.range_index);
+    let done = tokio::task::spawn_blocking(move || {
+        let run = || -> Result<Vec<f32>, TaskError> {
+            let ctx = tensor_ctx(&job)?;
+            let m = method_of(&job)?;
+            let refs: Vec<&[f32]> = inputs.iter().map(Vec::as_slice).collect();
+            let n = ((re - rs) as usize) * ctx.row_len;
+            // kernels write every output element (their tests run on NaN-filled buffers)
+            let mut out = sized(out, n);
+            let whole = rs == 0 && re == ctx.rows;
+            let res = if whole {
+                kernels::run_whole(m, &ctx, &refs, &mut out)
+            } else {
+                let state = stats.as_ref().map(Stats::from_proto).unwrap_or_default();
+                let rows = RowRange {
+                    start: rs,
+                    end: re,
+                    index: ri,
+                };
+                m.apply(&ctx, &state, rows, &refs, &mut out)
+            };
+            res.map_err(|e| fatal(format!("tensor {}: {}: {e}", job.name, job.method)))?;
+            Ok(out)
+        };
+        (run(), inputs)
+    })
+    .await;
+    match done {
+        Ok(r) => r,
+        Err(e) => (Err(fatal(format!("kernel panicked: {e}"))), Vec::new()),
     }
 }
 

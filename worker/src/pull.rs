@@ -119,65 +119,80 @@ async fn run_one(
     scratch: &mut Scratch,
     stop: &mut watch::Receiver<bool>,
 ) {
-    let Some(task) = lease.task.as_ref() else {
+    // the lease and its riders (tasks of other jobs reading the same rows), run together
+    let leases: Vec<&pb::Lease> = std::iter::once(&lease).chain(&lease.riders).collect();
+    let Some(tasks) = leases
+        .iter()
+        .map(|l| l.task.as_ref())
+        .collect::<Option<Vec<&pb::Task>>>()
+    else {
         return;
     };
-    let renewer = spawn_renewer(source, worker_id, &lease);
+    let ids: Vec<String> = leases.iter().map(|l| l.lease_id.clone()).collect();
+    let renewer = spawn_renewer(source, worker_id, &ids, lease.ttl_ms);
     // A stop (SIGTERM, SIGINT) drops the task where it is and hands the lease back as a
     // retryable failure, so the task runs again at once elsewhere instead of waiting for the
     // lease to expire. A task is pure: what it wrote so far is written again, the same.
     let started = std::time::Instant::now();
-    let result = tokio::select! {
-        r = exec.run(task, scratch) => Some(r),
+    let results = tokio::select! {
+        r = exec.run_group(&tasks, scratch) => Some(r),
         _ = stopped(stop) => None,
     };
     renewer.abort();
-    let Some(result) = result else {
-        tracing::info!(worker = %worker_id, "stopping: handing task {} back", task.task_id);
-        if let Err(e) = source
-            .fail(pb::FailTaskRequest {
-                worker_id: worker_id.to_string(),
-                lease_id: lease.lease_id.clone(),
-                error: format!("worker {worker_id} stopped; task handed back"),
-                retryable: true,
-            })
-            .await
-        {
-            tracing::warn!("handing task {} back failed: {e}", task.task_id);
+    let Some(results) = results else {
+        for (l, task) in leases.iter().zip(&tasks) {
+            tracing::info!(worker = %worker_id, "stopping: handing task {} back", task.task_id);
+            if let Err(e) = source
+                .fail(pb::FailTaskRequest {
+                    worker_id: worker_id.to_string(),
+                    lease_id: l.lease_id.clone(),
+                    error: format!("worker {worker_id} stopped; task handed back"),
+                    retryable: true,
+                })
+                .await
+            {
+                tracing::warn!("handing task {} back failed: {e}", task.task_id);
+            }
         }
         return;
     };
-    report(
-        source.as_ref(),
-        worker_id,
-        &lease.lease_id,
-        task.task_id,
-        started,
-        result,
-    )
-    .await;
+    for ((l, task), result) in leases.iter().zip(&tasks).zip(results) {
+        let id = &l.lease_id;
+        report(
+            source.as_ref(),
+            worker_id,
+            id,
+            task.task_id,
+            started,
+            result,
+        )
+        .await;
+    }
 }
 
-/// Renews `lease` at a third of its lifetime until aborted or the coordinator says it is lost.
+/// Renews leases `ids` at a third of their lifetime `ttl_ms` until aborted or the coordinator
+/// says every one is lost.
 fn spawn_renewer(
     source: &Arc<dyn WorkSource>,
     worker_id: &str,
-    lease: &pb::Lease,
+    ids: &[String],
+    ttl_ms: u64,
 ) -> tokio::task::JoinHandle<()> {
-    let renew_every = Duration::from_millis((lease.ttl_ms / 3).max(50));
+    let renew_every = Duration::from_millis((ttl_ms / 3).max(50));
     let source = source.clone();
-    let (wid, lid) = (worker_id.to_string(), lease.lease_id.clone());
+    let (wid, mut held) = (worker_id.to_string(), ids.to_vec());
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(renew_every).await;
             let r = source
                 .renew(pb::RenewLeaseRequest {
                     worker_id: wid.clone(),
-                    lease_ids: vec![lid.clone()],
+                    lease_ids: held.clone(),
                 })
                 .await;
             if let Ok(r) = r {
-                if r.lost.contains(&lid) {
+                held.retain(|l| !r.lost.contains(l));
+                if held.is_empty() {
                     break;
                 }
             }

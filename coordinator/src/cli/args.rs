@@ -133,6 +133,7 @@ impl SubmitJobArgs {
             overwrite: self.overwrite,
             unsafe_truncate_embeddings: self.merge.unsafe_truncate_embeddings,
             compute_float32: self.merge.compute_dtype == Some(ComputeDtype::Float32),
+            points: 1,
         }
     }
 }

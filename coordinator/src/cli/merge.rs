@@ -8,9 +8,9 @@ use crate::recipe::stages;
 use clap::builder::NonEmptyStringValueParser;
 
 use super::args::{ClientSecurityArgs, EngineArgs, SubmitJobArgs};
-use super::summary::run_one;
+use super::summary::{run_one, summary_lines};
 use super::{read_recipe, stages as cli_stages, sweep};
-use crate::embedded::RunOptions;
+use crate::embedded::{self, GridPoint, RunOptions};
 use crate::error::{Error, Result};
 use crate::job::SubmitOptions;
 use crate::planinfo;
@@ -104,8 +104,9 @@ pub(super) async fn run(
     }
 }
 
-/// `shardmerge run` of a sweep: each picked point into `OUT/NAME`, one after another, and
-/// `OUT/index.json` rewritten after each.
+/// `shardmerge run` of a sweep: the picked points together, each into `OUT/NAME`, reading
+/// the inputs once for all of them (`embedded::run_grid`), then `OUT/index.json` listing the
+/// points that were written.
 async fn run_sweep(
     s: &Sweep,
     picked: &[&Point],
@@ -114,22 +115,44 @@ async fn run_sweep(
     resolver: &Resolver,
 ) -> Result<()> {
     let prior = sweep::prior_points(out, o.submit.overwrite, resolver).await?;
-    let mut done = Vec::new();
-    for (k, p) in picked.iter().enumerate() {
-        if !o.quiet {
-            eprintln!("point {}/{}: {}", k + 1, picked.len(), p.name);
-        }
-        if let Err(e) = run_one(&p.recipe, &sweep::point_out(out, p), o, resolver.clone()).await {
-            eprintln!(
-                "point {} failed (the points before it are done and listed):",
-                p.name
-            );
-            return Err(e);
-        }
-        done.push(*p);
-        sweep::write_index(out, s, &prior, &done, resolver).await?;
+    let outs: Vec<String> = picked.iter().map(|p| sweep::point_out(out, p)).collect();
+    let grid: Vec<GridPoint<'_>> = picked
+        .iter()
+        .zip(&outs)
+        .map(|(p, out)| GridPoint {
+            recipe: &p.recipe,
+            out,
+        })
+        .collect();
+    if !o.quiet {
+        eprintln!("{} point(s), reading the inputs once for all", picked.len());
     }
-    Ok(())
+    let outcomes = embedded::run_grid(&grid, o, resolver.clone()).await?;
+    let mut done = Vec::new();
+    let mut failed = None;
+    for (p, r) in picked.iter().zip(outcomes) {
+        match r {
+            Ok(summary) => {
+                if !o.quiet {
+                    eprintln!("point {}:", p.name);
+                    summary_lines(&summary);
+                }
+                done.push(*p);
+            }
+            Err(e) => {
+                eprintln!("point {} failed: {e}", p.name);
+                failed.get_or_insert(e);
+            }
+        }
+    }
+    sweep::write_index(out, s, &prior, &done, resolver).await?;
+    match failed {
+        None => Ok(()),
+        Some(e) => {
+            eprintln!("(the points that succeeded are written and listed in index.json)");
+            Err(e)
+        }
+    }
 }
 
 /// `shardmerge plan`: what a recipe would do, without merging.

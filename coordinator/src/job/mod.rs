@@ -12,6 +12,7 @@
 //! - `resume.rs`: `recover`/`resume`, rebuilding the journal's unfinished jobs after a restart.
 //! - `finish.rs`: completing output files, the commit, and ending jobs (removing the outputs of
 //!   a job that does not succeed).
+//! - `group.rs`: jobs that share their reads (a sweep's points), leased together.
 //! - `workers.rs`: the worker RPCs (poll, renew, complete, fail), lease expiry, and the
 //!   `WorkSource` in-process workers use.
 //! - this file: the async orchestration: planning and submitting a job, its status.
@@ -24,6 +25,7 @@
 //! `.await`.
 
 mod finish;
+mod group;
 pub mod lease;
 pub(crate) mod limits;
 mod options;
@@ -68,6 +70,9 @@ struct Job {
     /// its retention in memory counts from there).
     ended: Option<Instant>,
     tx: watch::Sender<pb::JobStatus>,
+    /// Jobs sharing this one's reads (`group.rs`): the leader it rides on, or its riders.
+    leader: Option<String>,
+    riders: Vec<String>,
 }
 
 impl Job {
@@ -82,6 +87,8 @@ impl Job {
             started: Instant::now(),
             ended: None,
             tx,
+            leader: None,
+            riders: Vec::new(),
         }
     }
 

@@ -36,6 +36,10 @@ pub struct SubmitOptions {
     /// out of its `--memory-limit` before the slots share the rest (`slot_memory` is then
     /// what a slot would get with no plan to hold).
     pub budget: Option<ProcessBudget>,
+    /// How many jobs run together sharing their reads (the points of a sweep, `job/group.rs`),
+    /// this one included: each gets that share of a slot, so one task of each fits a slot
+    /// together. 0 or 1: alone.
+    pub points: u32,
 }
 
 /// The memory of a process that holds the job's plan and runs its tasks.
@@ -85,6 +89,7 @@ impl Default for SubmitOptions {
             unsafe_truncate_embeddings: false,
             compute_float32: false,
             budget: None,
+            points: 1,
         }
     }
 }
@@ -103,6 +108,7 @@ impl SubmitOptions {
             overwrite: self.overwrite,
             unsafe_truncate_embeddings: self.unsafe_truncate_embeddings,
             compute_float32: self.compute_float32,
+            points: self.points,
         }
     }
 
@@ -125,13 +131,23 @@ impl SubmitOptions {
             unsafe_truncate_embeddings: o.unsafe_truncate_embeddings,
             compute_float32: o.compute_float32,
             budget: None,
+            points: o.points.max(1),
         }
     }
 
-    /// What each worker slot may use for this plan's tasks.
+    /// What each worker slot may use for this plan's tasks: with `points` jobs sharing their
+    /// reads, the process holds that many plans and a slot runs a task of each at once, so
+    /// each job's tasks are cut to that share of the slot.
     pub fn slot_memory_for(&self, plan: &plan::Plan) -> Result<u64> {
+        let k = u64::from(self.points.max(1));
+        Ok(self.whole_slot(plan)? / k)
+    }
+
+    /// What one worker slot has, all the jobs that share reads together.
+    pub fn whole_slot(&self, plan: &plan::Plan) -> Result<u64> {
+        let k = u64::from(self.points.max(1));
         match self.budget {
-            Some(b) => b.slot_memory(plan.memory()),
+            Some(b) => b.slot_memory(plan.memory().saturating_mul(k)),
             None => Ok(self.slot_memory),
         }
     }

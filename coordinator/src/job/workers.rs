@@ -10,7 +10,7 @@ use shardmerge_worker::pull::WorkSource;
 
 use super::lease::Lease;
 use super::state::{AuditEvent, Holder, Recorded, Renewal, TaskFailed};
-use super::{lock, tasks, JobManager};
+use super::{group, lock, tasks, JobManager};
 
 impl JobManager {
     /// Re-queues work whose lease ran out.
@@ -66,13 +66,24 @@ impl JobManager {
             out.retry_after_ms = 250;
             return out;
         }
-        for j in jobs.values_mut() {
-            if j.state.terminal() || out.leases.len() >= want {
+        let p = group::Poller {
+            worker: &req.worker_id,
+            now,
+            rules,
+        };
+        let ids: Vec<String> = jobs.keys().cloned().collect();
+        for id in ids {
+            if out.leases.len() >= want || group::rides(&jobs, &id) {
+                continue;
+            }
+            let Some(j) = jobs.get_mut(&id) else { continue };
+            if j.state.terminal() {
                 continue;
             }
             let granted = j
                 .state
                 .lease_next(want - out.leases.len(), &req.worker_id, now, rules);
+            let mut given = Vec::with_capacity(granted.len());
             for g in &granted {
                 leases.grant(Lease {
                     id: g.lease.clone(),
@@ -81,17 +92,23 @@ impl JobManager {
                     item: g.item,
                     granted_at: now,
                 });
-                out.leases.push(pb::Lease {
+                given.push(pb::Lease {
                     lease_id: g.lease.clone(),
                     ttl_ms: ttl.as_millis() as u64,
                     task: Some(tasks::build_task(
                         &j.state, &j.out, &j.uploads, g.item, g.attempt,
                     )),
+                    riders: Vec::new(),
                 });
             }
             if !granted.is_empty() {
                 j.publish();
             }
+            let riders = j.riders.clone();
+            for (g, l) in granted.iter().zip(given.iter_mut()) {
+                l.riders = group::lease_riders(&mut jobs, &mut leases, &riders, g.item, &p);
+            }
+            out.leases.extend(given);
         }
         out
     }

@@ -75,29 +75,53 @@ impl JobState {
             let Some(it) = next else {
                 break;
             };
-            let Some(slot) = self.items.get_mut(&it) else {
-                continue;
-            };
-            if !matches!(slot.state, ItemState::Queued) {
-                continue;
-            }
-            slot.attempts += 1;
-            let lease = lease::fresh_lease_id();
-            let until = now + rules.max_task_time;
-            let leased = ItemState::Leased {
-                lease: lease.clone(),
-                worker: worker.to_string(),
-                deadline: (now + rules.ttl).min(until),
-                until,
-            };
-            slot.set(leased, &mut self.leased);
-            out.push(Granted {
-                lease,
-                item: it,
-                attempt: slot.attempts,
-            });
+            out.extend(self.grant(it, worker, now, rules));
         }
         out
+    }
+
+    /// Leases task `it` to `worker` if it is queued (a rider of another job's task that reads
+    /// the same rows: `job/group.rs`); its queue entry is skipped when it comes up.
+    pub(crate) fn lease_rider(
+        &mut self,
+        it: Item,
+        worker: &str,
+        now: Instant,
+        rules: LeaseRules,
+    ) -> Option<Granted> {
+        if self.terminal() || self.is_quarantined(worker) || matches!(it, Item::Audit(_)) {
+            return None;
+        }
+        self.grant(it, worker, now, rules)
+    }
+
+    /// Leases `it`, when it is queued, under a fresh lease id.
+    fn grant(
+        &mut self,
+        it: Item,
+        worker: &str,
+        now: Instant,
+        rules: LeaseRules,
+    ) -> Option<Granted> {
+        let slot = self.items.get_mut(&it)?;
+        if !matches!(slot.state, ItemState::Queued) {
+            return None;
+        }
+        slot.attempts += 1;
+        let lease = lease::fresh_lease_id();
+        let until = now + rules.max_task_time;
+        let leased = ItemState::Leased {
+            lease: lease.clone(),
+            worker: worker.to_string(),
+            deadline: (now + rules.ttl).min(until),
+            until,
+        };
+        slot.set(leased, &mut self.leased);
+        Some(Granted {
+            lease,
+            item: it,
+            attempt: slot.attempts,
+        })
     }
 
     /// Whether `lease` holds task `it`.

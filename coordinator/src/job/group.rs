@@ -1,0 +1,132 @@
+//! Jobs that share their reads: the points of a sweep are jobs of their own (each with its
+//! output, claim, uploads, journal record, audits and commit), linked so that each task of the
+//! first one (the *leader*) is leased together with the same task of every other one (its
+//! *riders*) when those read exactly the same input rows. The worker reads the rows once and
+//! computes each rider from them (`Lease::riders`, the worker's `exec/group.rs`).
+//!
+//! The manager compares what tasks read (their cut: files, byte ranges, tensors' rows, and the
+//! tensors' inputs), never what they compute: the points may differ in any parameter or
+//! method. A rider job does not lease tasks on its own while its leader runs; once the leader
+//! has ended or is committing (every one of its tasks is done), it leases what it has left
+//! (a task that failed under a rider lease, say) like any job, reading those rows again.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use shardmerge_proto as pb;
+
+use super::lease::{Lease, LeaseRules, LeaseTable};
+use super::{lock, tasks, Job, JobManager};
+use crate::cut::{Cut, SegDef};
+use crate::journal::Item;
+use crate::plan::Plan;
+
+/// Whether every task of `b` reads what the same task of `a` reads: the same cut (files,
+/// byte ranges, segments' tensors and rows, statistics units), over tensors with the same
+/// inputs. Literal bytes (headers) may differ.
+pub(crate) fn same_reads(pa: &Plan, a: &Cut, pb: &Plan, b: &Cut) -> bool {
+    let rows = |s: &SegDef| match s {
+        SegDef::Literal(l) => (usize::MAX, l.len() as u64, 0, 0),
+        SegDef::Rows {
+            tensor,
+            start,
+            end,
+            range_index,
+        } => (*tensor, *start, *end, *range_index as u64),
+    };
+    let tasks = a.tasks.len() == b.tasks.len()
+        && a.tasks.iter().zip(&b.tasks).all(|(x, y)| {
+            (x.file, x.offset, x.length, x.segments.len())
+                == (y.file, y.offset, y.length, y.segments.len())
+                && x.segments.iter().map(rows).eq(y.segments.iter().map(rows))
+        });
+    let units = a.units.len() == b.units.len()
+        && a.units
+            .iter()
+            .zip(&b.units)
+            .all(|(x, y)| (x.tensor, &x.ranges) == (y.tensor, &y.ranges));
+    let tensors = pa.tensors.len() == pb.tensors.len()
+        && pa.tensors.iter().zip(&pb.tensors).all(|(x, y)| {
+            (&x.shape, x.out_dtype, &x.inputs, &x.row_map)
+                == (&y.shape, y.out_dtype, &y.inputs, &y.row_map)
+        });
+    tasks && units && tensors
+}
+
+impl JobManager {
+    /// Links jobs `riders` to job `leader` (see the module's comment): those whose tasks read
+    /// what the leader's read. Returns how many were linked; the others run on their own.
+    pub fn link(&self, leader: &str, riders: &[String]) -> usize {
+        let mut jobs = lock(&self.jobs);
+        let Some(lp) = jobs
+            .get(leader)
+            .map(|j| (j.state.plan.clone(), j.state.cut.clone()))
+        else {
+            return 0;
+        };
+        let mut linked = Vec::new();
+        for r in riders.iter().filter(|r| *r != leader) {
+            let Some(j) = jobs.get_mut(r) else { continue };
+            if j.leader.is_none() && same_reads(&lp.0, &lp.1, &j.state.plan, &j.state.cut) {
+                j.leader = Some(leader.to_string());
+                linked.push(r.clone());
+            }
+        }
+        let n = linked.len();
+        if let Some(l) = jobs.get_mut(leader) {
+            l.riders.extend(linked);
+        }
+        n
+    }
+}
+
+/// Whether job `id` rides on a leader that still runs (then it leases nothing on its own).
+pub(super) fn rides(jobs: &HashMap<String, Job>, id: &str) -> bool {
+    let Some(leader) = jobs.get(id).and_then(|j| j.leader.as_ref()) else {
+        return false;
+    };
+    jobs.get(leader)
+        .is_some_and(|l| l.state.status.state == pb::JobState::Running as i32)
+}
+
+/// The who and when of one poll.
+pub(super) struct Poller<'a> {
+    pub worker: &'a str,
+    pub now: Instant,
+    pub rules: LeaseRules,
+}
+
+/// Leases task `item` of each of `riders` that has it queued to the poller, as riders of a
+/// lease of the leader's task.
+pub(super) fn lease_riders(
+    jobs: &mut HashMap<String, Job>,
+    leases: &mut LeaseTable,
+    riders: &[String],
+    item: Item,
+    p: &Poller<'_>,
+) -> Vec<pb::Lease> {
+    let mut out = Vec::new();
+    for r in riders {
+        let Some(j) = jobs.get_mut(r) else { continue };
+        let Some(g) = j.state.lease_rider(item, p.worker, p.now, p.rules) else {
+            continue;
+        };
+        leases.grant(Lease {
+            id: g.lease.clone(),
+            worker: p.worker.to_string(),
+            job: j.state.id.clone(),
+            item: g.item,
+            granted_at: p.now,
+        });
+        out.push(pb::Lease {
+            lease_id: g.lease,
+            ttl_ms: p.rules.ttl.as_millis() as u64,
+            task: Some(tasks::build_task(
+                &j.state, &j.out, &j.uploads, g.item, g.attempt,
+            )),
+            riders: Vec::new(),
+        });
+        j.publish();
+    }
+    out
+}

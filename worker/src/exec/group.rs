@@ -1,0 +1,272 @@
+//! A task and its riders (tasks of other jobs leased with it: the points of a sweep, see
+//! `Lease::riders`) run together. When they are write tasks that read exactly the same input
+//! rows, segment by segment, each segment's rows are read once and every task's kernel runs
+//! over them, each into its own output bytes, written to its own output. Whether they read the
+//! same rows is decided from what they read (inputs, rows, shapes), never from their methods
+//! or parameters; tasks that do not match run one after another.
+
+use shardmerge_proto as pb;
+
+use super::scratch::{give_back, sized};
+use super::segment::{non_finite, segment_tensor};
+use super::{fatal, kernel_rows, Executor, Io, Scratch, TaskError};
+use crate::format::dtype::{self, DType};
+use crate::tensor::view2d;
+
+type TaskResult = Result<pb::TaskResult, TaskError>;
+
+impl Executor {
+    /// Runs `tasks` (a leased task, then its riders); one result per task, in order.
+    pub async fn run_group(&self, tasks: &[&pb::Task], scratch: &mut Scratch) -> Vec<TaskResult> {
+        if let Some(writes) = shared_writes(tasks) {
+            let r = self.run_writes(&writes, scratch).await;
+            scratch.trim();
+            return match r {
+                Ok(results) => results.into_iter().map(Ok).collect(),
+                Err(e) => tasks.iter().map(|_| Err(e.clone())).collect(),
+            };
+        }
+        let mut out = Vec::with_capacity(tasks.len());
+        for t in tasks {
+            out.push(self.run(t, scratch).await);
+        }
+        out
+    }
+
+    /// Computes write tasks that read the same rows (checked by `shared_writes`), reading each
+    /// segment's rows once, and writes each task's bytes to its own output.
+    async fn run_writes(
+        &self,
+        ws: &[Write<'_>],
+        scratch: &mut Scratch,
+    ) -> Result<Vec<pb::TaskResult>, TaskError> {
+        let len = usize::try_from(ws[0].out.length).map_err(|_| fatal("task too large"))?;
+        let mut bufs: Vec<Vec<u8>> = ws.iter().map(|_| Vec::new()).collect();
+        bufs[0] = std::mem::take(&mut scratch.bytes);
+        // every byte is written below: literals and rows fill [0, len) in order (checked)
+        let mut bufs: Vec<Vec<u8>> = bufs.into_iter().map(|b| sized(b, len)).collect();
+        let mut io = Io {
+            job: ws[0].job.to_string(),
+            ..Default::default()
+        };
+        let mut at = 0usize;
+        for s in 0..ws[0].w.segments.len() {
+            at = self
+                .shared_segment(ws, s, &mut bufs, at, &mut io, scratch)
+                .await?;
+        }
+        if at != len {
+            return Err(fatal(format!(
+                "segments fill {at} of the task's {len} bytes (plan error)"
+            )));
+        }
+        let mut results = Vec::with_capacity(ws.len());
+        for (k, (w, buf)) in ws.iter().zip(bufs).enumerate() {
+            let checksum = crc32fast::hash(&buf);
+            let size = buf.len() as u64;
+            let part = if w.audit {
+                pb::PartReceipt {
+                    part_index: 0,
+                    etag: String::new(),
+                    size,
+                    crc32c: crc32c::crc32c(&buf),
+                }
+            } else {
+                self.put(w.out, buf, scratch).await?
+            };
+            results.push(pb::TaskResult {
+                // the rows were read once, for the first task: the others read nothing
+                bytes_read: if k == 0 { io.bytes_read } else { 0 },
+                bytes_written: if w.audit { 0 } else { size },
+                checksum,
+                part: Some(part),
+                stats: None,
+            });
+        }
+        if let Some(c) = &self.cache {
+            io.cached.iter().for_each(|k| c.remove(k));
+        }
+        Ok(results)
+    }
+
+    /// Segment `s` of every task into its buffer from byte `at`: literals copied, rows read
+    /// once and computed by each task's kernel (or copied, for a tensor that is not floating
+    /// point). Returns where the segment ends.
+    async fn shared_segment(
+        &self,
+        ws: &[Write<'_>],
+        s: usize,
+        bufs: &mut [Vec<u8>],
+        at: usize,
+        io: &mut Io,
+        scratch: &mut Scratch,
+    ) -> Result<usize, TaskError> {
+        let seg = |k: usize| ws[k].w.segments[s].kind.as_ref();
+        let Some(pb::segment::Kind::Rows(r0)) = seg(0) else {
+            let mut end = at;
+            for (k, buf) in bufs.iter_mut().enumerate() {
+                let Some(pb::segment::Kind::Literal(b)) = seg(k) else {
+                    return Err(fatal("empty segment"));
+                };
+                end = at + b.len();
+                buf.get_mut(at..end)
+                    .ok_or_else(|| fatal("segment overruns the task's output range"))?
+                    .copy_from_slice(b);
+            }
+            return Ok(end);
+        };
+        let job0 = segment_tensor(r0, &ws[0].w.tensors)?;
+        let odt = DType::from_proto(job0.out_dtype)
+            .ok_or_else(|| fatal(format!("tensor {}: no output dtype", job0.name)))?;
+        let (_, row_len) = view2d(&job0.shape);
+        let end = at + ((r0.row_end - r0.row_start) * row_len) as usize * odt.size();
+        let (first, rest) = bufs.split_at_mut(1);
+        let dst0 = first[0]
+            .get_mut(at..end)
+            .ok_or_else(|| fatal("segment overruns the task's output range"))?;
+        if !odt.is_float() {
+            // copied from the inputs, which every task shares
+            self.copy_rows(job0, r0, odt, dst0, io).await?;
+            rest.iter_mut()
+                .for_each(|b| b[at..end].copy_from_slice(&first[0][at..end]));
+            return Ok(end);
+        }
+        let mut inputs = self
+            .read_inputs(job0, (r0.row_start, r0.row_end), false, io, scratch)
+            .await?;
+        for (k, buf) in bufs.iter_mut().enumerate() {
+            let Some(pb::segment::Kind::Rows(r)) = seg(k) else {
+                return Err(fatal("empty segment"));
+            };
+            let job = segment_tensor(r, &ws[k].w.tensors)?;
+            let (res, back) = kernel_rows(job, r, inputs, std::mem::take(&mut scratch.out)).await;
+            inputs = back;
+            let values = res?;
+            if !dtype::encode_finite(odt, &values, &mut buf[at..end]) {
+                non_finite(job, r, &values, odt, &inputs)?;
+            }
+            scratch.out = values;
+        }
+        give_back(&mut scratch.inputs, inputs);
+        Ok(end)
+    }
+}
+
+/// One write task of a group.
+struct Write<'a> {
+    w: &'a pb::WriteTask,
+    out: &'a pb::OutputTarget,
+    job: &'a str,
+    audit: bool,
+}
+
+/// The tasks as write tasks, when there are several and every one reads exactly what the
+/// first one reads: the same output length, segment for segment literals of the same length
+/// or the same rows of tensors with the same shape, output dtype, inputs and row map.
+fn shared_writes<'a>(tasks: &[&'a pb::Task]) -> Option<Vec<Write<'a>>> {
+    if tasks.len() < 2 {
+        return None;
+    }
+    let ws: Vec<Write<'a>> = tasks
+        .iter()
+        .map(|t| match &t.kind {
+            Some(pb::task::Kind::Write(w)) => Some(Write {
+                w,
+                out: w.output.as_ref()?,
+                job: &t.job_id,
+                audit: t.audit,
+            }),
+            _ => None,
+        })
+        .collect::<Option<_>>()?;
+    let first = &ws[0];
+    ws[1..]
+        .iter()
+        .all(|x| same_segments(first, x))
+        .then_some(ws)
+}
+
+fn same_segments(a: &Write<'_>, b: &Write<'_>) -> bool {
+    if a.out.length != b.out.length || a.w.segments.len() != b.w.segments.len() {
+        return false;
+    }
+    a.w.segments.iter().zip(&b.w.segments).all(|(x, y)| {
+        use pb::segment::Kind::{Literal, Rows};
+        match (&x.kind, &y.kind) {
+            (Some(Literal(p)), Some(Literal(q))) => p.len() == q.len(),
+            (Some(Rows(p)), Some(Rows(q))) => {
+                let (Ok(s), Ok(t)) = (
+                    segment_tensor(p, &a.w.tensors),
+                    segment_tensor(q, &b.w.tensors),
+                ) else {
+                    return false;
+                };
+                (p.row_start, p.row_end) == (q.row_start, q.row_end)
+                    && (&s.shape, s.out_dtype, &s.inputs, &s.row_map)
+                        == (&t.shape, t.out_dtype, &t.inputs, &t.row_map)
+            }
+            _ => false,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(job: &str, weight: f64, uri: &str) -> pb::Task {
+        let tensor = pb::TensorJob {
+            name: "w".into(),
+            shape: vec![2, 2],
+            out_dtype: DType::F32.to_proto() as i32,
+            method: "linear".into(),
+            params: Some(pb::ParamMap {
+                values: [("weight".to_string(), weight)].into(),
+            }),
+            inputs: vec![pb::TensorSource {
+                uri: uri.into(),
+                dtype: DType::F32.to_proto() as i32,
+                shape: vec![2, 2],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let rows = pb::TensorRows {
+            row_end: 2,
+            ..Default::default()
+        };
+        pb::Task {
+            job_id: job.into(),
+            kind: Some(pb::task::Kind::Write(pb::WriteTask {
+                output: Some(pb::OutputTarget {
+                    length: 20,
+                    ..Default::default()
+                }),
+                segments: vec![
+                    pb::Segment {
+                        kind: Some(pb::segment::Kind::Literal(vec![0; 4])),
+                    },
+                    pb::Segment {
+                        kind: Some(pb::segment::Kind::Rows(rows)),
+                    },
+                ],
+                tensors: vec![tensor],
+            })),
+            ..Default::default()
+        }
+    }
+
+    /// Tasks share their reads when they read the same rows, whatever their parameters; not
+    /// when an input differs.
+    #[test]
+    fn tasks_share_reads_exactly_when_they_read_the_same_rows() {
+        let (a, b, c) = (
+            task("j1", 0.5, "file:///m/a"),
+            task("j2", 1.0, "file:///m/a"),
+            task("j3", 1.0, "file:///m/other"),
+        );
+        assert!(shared_writes(&[&a, &b]).is_some());
+        assert!(shared_writes(&[&a]).is_none(), "one task alone is no group");
+        assert!(shared_writes(&[&a, &b, &c]).is_none());
+    }
+}
