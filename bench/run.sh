@@ -20,6 +20,8 @@
 #   BENCH_COMPUTE=MODE  recipe (default): the recipes as written (dtype: bfloat16, so every
 #                       operation rounds to bf16 as in mergekit); f32: with --compute-dtype
 #                       float32; both: each merge both ways in the same run, with the ratio
+#   BENCH_SWEEP=0       leave out the 5-point task_arithmetic sweep against its 5 points run
+#                       one by one (bench/task_arithmetic-sweep.yml; on by default)
 #   BENCH_SHA256=1      print the sha256 of each merge's output files (to show that a change
 #                       left the output byte-identical: compare two runs)
 set -euo pipefail
@@ -72,7 +74,7 @@ TIES_IN=($(files_of base instruct lang_eu lang_ca))
 IN_BYTES_ta=$(bytes_of "${TA_IN[@]}")
 IN_BYTES_ties=$(bytes_of "${TIES_IN[@]}")
 floor_of() { # merge name -> its floor's key (the inputs it reads: base + 2, or base + 3)
-    case $1 in task_arithmetic*) echo ta ;; *) echo ties ;; esac
+    case $1 in task_arithmetic* | sweep5 | single*) echo ta ;; *) echo ties ;; esac
 }
 OUT_BYTES=$(bytes_of $(files_of base))   # a merge writes a model shaped like the base
 
@@ -146,12 +148,26 @@ merges() { # the merges, each way BENCH_COMPUTE asks for
     return 0
 }
 declare -A OUTSIZE
+# A 5-point task_arithmetic sweep (one run, reading the inputs once for all points) against its
+# points run one by one, in the same run (issue 16): keys sweep5 and single1..single5.
+sweep_vs_singles() {
+    local recipe=$DATA/out/task_arithmetic-sweep.yml v k=0
+    sed "s#bench-data/#$DATA/#g" bench/task_arithmetic-sweep.yml >"$recipe"
+    merge sweep5 "$recipe"
+    for v in $(sed -n 's/.*{sweep: \[\(.*\)\]}.*/\1/p' "$recipe" | tr ',' ' '); do
+        k=$((k + 1))
+        sed "s#{sweep: \[.*\]}#$v#" "$recipe" >"$DATA/out/point$k.yml"
+        merge "single$k" "$DATA/out/point$k.yml"
+        rm -f "$DATA/out/point$k.yml"
+    done
+}
 
 sync   # flush the generator's (or an earlier run's) dirty pages before timing anything
 floor floor_ta_first "${TA_IN[@]}"
 floor floor_ties_first "${TIES_IN[@]}"
 if [[ ${BENCH_ONLY:-} != floor ]]; then
     merges
+    [[ ${BENCH_SWEEP:-1} != 0 ]] && sweep_vs_singles
 fi
 floor floor_ta_last "${TA_IN[@]}"
 floor floor_ties_last "${TIES_IN[@]}"
@@ -169,7 +185,7 @@ printf '%-24s %8s %8s %8s %8s %8s  %-8s %s\n' run wall_s x_floor read_GB x_input
 fail=0
 keys=(floor_ta_first floor_ties_first)
 for name in "${METHODS[@]}"; do keys+=("$name" "${name}_f32" "mergekit_$name"); done
-keys+=(floor_ta_last floor_ties_last)
+keys+=(sweep5 single1 single2 single3 single4 single5 floor_ta_last floor_ties_last)
 for k in "${keys[@]}"; do
     [[ -n ${WALL[$k]:-} ]] || continue
     case $k in
@@ -205,6 +221,22 @@ if [[ $COMPUTE == both ]]; then
         echo "$k: bf16 op by op ${WALL[$k]} s / f32 compute ${WALL[${k}_f32]} s = $(ratio "${WALL[$k]}" "${WALL[${k}_f32]}")x"
     done
 fi
+if [[ ${STATUS[sweep5]:-} == ok ]]; then
+    singles=0 n=0 read1=0
+    for k in single1 single2 single3 single4 single5; do
+        [[ ${STATUS[$k]:-} == ok ]] || continue
+        singles=$(awk -v a="$singles" -v b="${WALL[$k]}" 'BEGIN { print a + b }')
+        read1=$((read1 + ${READ[$k]}))
+        n=$((n + 1))
+    done
+    if ((n)); then
+        mean=$(awk -v a="$singles" -v n="$n" 'BEGIN { printf "%.2f", a / n }')
+        SWEEP_X=$(ratio "${WALL[sweep5]}" "$mean")
+        echo
+        echo "sweep of 5 task_arithmetic points: ${WALL[sweep5]} s = ${SWEEP_X} single runs (the $n single runs: $singles s, $mean s each);"
+        echo "  read $(gb "${READ[sweep5]}") GB = $(ratio "${READ[sweep5]}" "$IN_BYTES_ta")x the input, the singles $(gb "$read1") GB = $(ratio "$read1" "$IN_BYTES_ta")x"
+    fi
+fi
 # --- targets (issue 19), each a ratio within this run: said, not enforced (exit status is 1 only
 # for a failed run), since a loaded machine moves them
 target() { # value limit label
@@ -233,4 +265,8 @@ for name in "${METHODS[@]}"; do
         target "$(ratio "${WALL[$name]}" "${WALL[${name}_f32]}")" 1.1 "$name bf16 / f32 compute"
     fi
 done
+if [[ -n ${SWEEP_X:-} ]]; then
+    target "$SWEEP_X" 2 "5-point sweep / one single run"
+    target "$(ratio "${READ[sweep5]}" "$IN_BYTES_ta")" 1.25 "5-point sweep's reads / input bytes"
+fi
 exit $fail

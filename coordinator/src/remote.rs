@@ -287,6 +287,13 @@ pub struct SubmitArgs {
 
 /// Submits a job; with `wait`, follows it to the end and fails unless it succeeded.
 pub async fn submit(a: SubmitArgs) -> Result<()> {
+    submit_grid(a, Vec::new()).await
+}
+
+/// Submits a job and `more` points of its sweep, linked to read the inputs once (one job per
+/// point); prints each point's job id. With `wait`, follows every one to its end and fails
+/// unless all succeeded.
+pub async fn submit_grid(a: SubmitArgs, more: Vec<pb::GridPoint>) -> Result<()> {
     let url = &a.coordinator;
     let mut c = connect(url, &a.client)?;
     let r = c
@@ -294,17 +301,29 @@ pub async fn submit(a: SubmitArgs) -> Result<()> {
             recipe_yaml: a.recipe_yaml,
             output_uri: a.output,
             options: Some(a.options),
+            more_points: more,
         })
         .await
         .map_err(|s| rpc_err(url, "submit", s))?
         .into_inner();
-    let id = r.job_id;
+    let ids = if r.point_job_ids.is_empty() {
+        vec![r.job_id]
+    } else {
+        r.point_job_ids
+    };
     if !a.wait {
-        stdout(&format!("{id}\n"));
+        stdout(&ids.iter().map(|id| format!("{id}\n")).collect::<String>());
         return Ok(());
     }
-    eprintln!("submitted {id}; waiting (Ctrl-C stops waiting, the job goes on: `shardmerge cancel {id}` stops it)");
-    wait_for_end(url, &mut c, &id, a.quiet).await
+    let mut first_err = None;
+    for id in &ids {
+        eprintln!("submitted {id}; waiting (Ctrl-C stops waiting, the job goes on: `shardmerge cancel {id}` stops it)");
+        if let Err(e) = wait_for_end(url, &mut c, id, a.quiet).await {
+            eprintln!("{e}");
+            first_err.get_or_insert(e);
+        }
+    }
+    first_err.map_or(Ok(()), Err)
 }
 
 /// Follows job `id` to its end: Ok (the id printed on stdout) when it succeeded, the job's

@@ -48,6 +48,18 @@ impl Service {
             .max_encoding_message_size(MAX_MESSAGE)
     }
 
+    /// Refuses a job whose recipe or output lies outside the allowed prefixes.
+    async fn check_paths(&self, recipe: &str, out: &str, o: &SubmitOptions) -> Result<(), Status> {
+        match self.policy.check_job(recipe, out, &o.base_dir).await {
+            Ok(()) => Ok(()),
+            Err(Refusal::Recipe(e)) => Err(status_of(e)),
+            Err(Refusal::Outside(msg)) => {
+                tracing::warn!("refused a job: {msg}");
+                Err(Status::permission_denied(msg))
+            }
+        }
+    }
+
     /// The job manager's options for a submitted job: 0 means the default.
     pub(crate) fn submit_options(&self, o: &pb::JobOptions) -> SubmitOptions {
         SubmitOptions::from_proto(o)
@@ -102,36 +114,58 @@ impl Coordinator for Service {
                 opts.rng
             )));
         }
-        let o = self.submit_options(&opts);
-        self.mgr.admit().map_err(status_of)?;
-        // the path policy first: nothing outside the allowed prefixes is looked at
-        match self
-            .policy
-            .check_job(&r.recipe_yaml, &r.output_uri, &o.base_dir)
-            .await
-        {
-            Ok(()) => {}
-            Err(Refusal::Recipe(e)) => return Err(status_of(e)),
-            Err(Refusal::Outside(msg)) => {
-                tracing::warn!("refused a job: {msg}");
-                return Err(Status::permission_denied(msg));
-            }
+        if r.more_points.len() >= crate::recipe::sweep::MAX_POINTS {
+            return Err(Status::invalid_argument(format!(
+                "{} points: a sweep has at most {}",
+                r.more_points.len() + 1,
+                crate::recipe::sweep::MAX_POINTS
+            )));
         }
-        let (id, plan) = self
-            .mgr
-            .submit(&r.recipe_yaml, &r.output_uri, &o)
-            .await
-            .map_err(status_of)?;
-        tracing::info!(
-            job = %id,
-            tensors = plan.tensors.len(),
-            files = plan.files.len(),
-            "submitted: {} bytes to write to {}",
-            plan.bytes_out(),
-            r.output_uri
+        let mut o = self.submit_options(&opts);
+        // a job alone is cut for itself; the points of a sweep share their slots
+        o.points = 1;
+        self.mgr.admit().map_err(status_of)?;
+        let mut points = vec![(r.recipe_yaml.as_str(), r.output_uri.as_str())];
+        points.extend(
+            r.more_points
+                .iter()
+                .map(|p| (p.recipe_yaml.as_str(), p.output_uri.as_str())),
         );
+        // the path policy first: nothing outside the allowed prefixes is looked at
+        for (recipe, out) in &points {
+            if out.is_empty() {
+                return Err(Status::invalid_argument("a point's output_uri is empty"));
+            }
+            self.check_paths(recipe, out, &o).await?;
+        }
+        let jobs = if points.len() == 1 {
+            vec![self.mgr.submit(points[0].0, points[0].1, &o).await]
+        } else {
+            match self.mgr.submit_grid(&points, &o).await {
+                Ok(jobs) => jobs.into_iter().map(Ok).collect(),
+                Err(e) => vec![Err(e)],
+            }
+        };
+        let mut ids = Vec::with_capacity(jobs.len());
+        for (j, (_, out)) in jobs.into_iter().zip(&points) {
+            let (id, plan) = j.map_err(status_of)?;
+            tracing::info!(
+                job = %id,
+                tensors = plan.tensors.len(),
+                files = plan.files.len(),
+                "submitted: {} bytes to write to {out}",
+                plan.bytes_out(),
+            );
+            ids.push(id);
+        }
+        let id = ids.first().cloned().unwrap_or_default();
         let status = self.mgr.status(&id);
-        Ok(Response::new(pb::SubmitJobResponse { job_id: id, status }))
+        let point_job_ids = if ids.len() > 1 { ids } else { Vec::new() };
+        Ok(Response::new(pb::SubmitJobResponse {
+            job_id: id,
+            status,
+            point_job_ids,
+        }))
     }
 
     async fn get_job(

@@ -17,6 +17,7 @@ use crate::planinfo;
 use crate::progress::stdout;
 use crate::recipe::sweep::{expand, Point, Sweep};
 use crate::remote::{self, SubmitArgs};
+use shardmerge_proto as pb;
 use shardmerge_worker::storage::Resolver;
 
 /// The embedded run's options from the command line.
@@ -244,15 +245,29 @@ async fn submit(a: SubmitArgs, w: &Ways<'_>, resolver: &Resolver) -> Result<()> 
         Err(e @ Error::AlreadyExists { .. }) => return Err(e),
         r => r,
     };
+    // one request: the points are submitted together, linked to read the inputs once
     for p in &picked {
         eprintln!("point {}", p.name);
-        remote::submit(SubmitArgs {
-            recipe_yaml: p.recipe.clone(),
-            output: sweep::point_out(&out, p),
-            ..a.clone()
-        })
-        .await?;
     }
+    let (first, rest) = picked
+        .split_first()
+        .ok_or_else(|| Error::usage("--points", "picks no point of the sweep"))?;
+    let more = rest
+        .iter()
+        .map(|p| pb::GridPoint {
+            recipe_yaml: p.recipe.clone(),
+            output_uri: sweep::point_out(&out, p),
+        })
+        .collect();
+    remote::submit_grid(
+        SubmitArgs {
+            recipe_yaml: first.recipe.clone(),
+            output: sweep::point_out(&out, first),
+            ..a.clone()
+        },
+        more,
+    )
+    .await?;
     let written = match prior {
         Ok(prior) => sweep::write_index(&out, s, &prior, &picked, resolver).await,
         Err(e) => Err(e),

@@ -38,29 +38,12 @@ pub async fn run_grid(
     let mgr = JobManager::new(resolver.clone());
     let mut o = o.clone();
     o.submit.points = u32::try_from(points.len().max(1)).unwrap_or(u32::MAX);
-    let mut jobs = Vec::with_capacity(points.len());
-    for p in points {
-        match mgr.submit(p.recipe, p.out, &o.submit).await {
-            Ok(j) => jobs.push(j),
-            Err(e) => {
-                for (jid, _) in &jobs {
-                    mgr.cancel(jid).await;
-                }
-                return Err(e);
-            }
-        }
-    }
-    let Some((lead, plan)) = jobs.first().cloned() else {
+    let pairs: Vec<(&str, &str)> = points.iter().map(|p| (p.recipe, p.out)).collect();
+    let jobs = mgr.submit_grid(&pairs, &o.submit).await?;
+    let Some((_, plan)) = jobs.first().cloned() else {
         return Ok(Vec::new());
     };
     let ids: Vec<String> = jobs.iter().map(|(j, _)| j.clone()).collect();
-    let linked = mgr.link(&lead, &ids[1..]);
-    tracing::info!(
-        points = ids.len(),
-        linked,
-        "grid: {} point(s) reading the inputs of the first",
-        linked
-    );
     let (stop_tx, stop_rx) = watch::channel(false);
     let opts = LoopOptions {
         worker_id: "embedded".into(),

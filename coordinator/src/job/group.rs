@@ -11,13 +11,15 @@
 //! (a task that failed under a rider lease, say) like any job, reading those rows again.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 use shardmerge_proto as pb;
 
 use super::lease::{Lease, LeaseRules, LeaseTable};
-use super::{lock, tasks, Job, JobManager};
+use super::{lock, tasks, Job, JobManager, SubmitOptions};
 use crate::cut::{Cut, SegDef};
+use crate::error::Result;
 use crate::journal::Item;
 use crate::plan::Plan;
 
@@ -54,10 +56,51 @@ pub(crate) fn same_reads(pa: &Plan, a: &Cut, pb: &Plan, b: &Cut) -> bool {
 }
 
 impl JobManager {
+    /// Submits the points of a grid (recipe, output) as jobs of their own, cut to share a
+    /// slot (`SubmitOptions::points`), and links them to the first: no task of any runs before
+    /// they are all linked. An error submitting one cancels those submitted before it.
+    pub async fn submit_grid(
+        &self,
+        points: &[(&str, &str)],
+        o: &SubmitOptions,
+    ) -> Result<Vec<(String, Arc<Plan>)>> {
+        let mut o = o.clone();
+        o.points = u32::try_from(points.len().max(1)).unwrap_or(u32::MAX);
+        let mut jobs: Vec<(String, Arc<Plan>)> = Vec::with_capacity(points.len());
+        for (recipe, out) in points {
+            match self.submit(recipe, out, &o).await {
+                Ok(j) => jobs.push(j),
+                Err(e) => {
+                    for (jid, _) in &jobs {
+                        self.cancel(jid).await;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let ids: Vec<String> = jobs.iter().map(|(j, _)| j.clone()).collect();
+        if let Some((lead, rest)) = ids.split_first() {
+            let linked = self.link(lead, rest);
+            tracing::info!(
+                job = %lead,
+                points = ids.len(),
+                "grid: {linked} of {} other point(s) read the rows of {lead}'s tasks",
+                rest.len()
+            );
+        }
+        Ok(jobs)
+    }
+
     /// Links jobs `riders` to job `leader` (see the module's comment): those whose tasks read
     /// what the leader's read. Returns how many were linked; the others run on their own.
+    /// Every one of them, and the leader, may lease tasks from now on.
     pub fn link(&self, leader: &str, riders: &[String]) -> usize {
         let mut jobs = lock(&self.jobs);
+        for id in riders.iter().map(String::as_str).chain([leader]) {
+            if let Some(j) = jobs.get_mut(id) {
+                j.held = false;
+            }
+        }
         let Some(lp) = jobs
             .get(leader)
             .map(|j| (j.state.plan.clone(), j.state.cut.clone()))
@@ -80,9 +123,14 @@ impl JobManager {
     }
 }
 
-/// Whether job `id` rides on a leader that still runs (then it leases nothing on its own).
+/// Whether job `id` leases nothing on its own now: it is a point of a grid not linked yet,
+/// or it rides on a leader that still runs.
 pub(super) fn rides(jobs: &HashMap<String, Job>, id: &str) -> bool {
-    let Some(leader) = jobs.get(id).and_then(|j| j.leader.as_ref()) else {
+    let Some(j) = jobs.get(id) else { return false };
+    if j.held {
+        return true;
+    }
+    let Some(leader) = j.leader.as_ref() else {
         return false;
     };
     jobs.get(leader)

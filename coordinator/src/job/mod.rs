@@ -73,6 +73,8 @@ struct Job {
     /// Jobs sharing this one's reads (`group.rs`): the leader it rides on, or its riders.
     leader: Option<String>,
     riders: Vec<String>,
+    /// A point of a grid not linked yet (`group.rs`): it leases nothing until it is.
+    held: bool,
 }
 
 impl Job {
@@ -89,6 +91,7 @@ impl Job {
             tx,
             leader: None,
             riders: Vec::new(),
+            held: false,
         }
     }
 
@@ -224,6 +227,7 @@ impl JobManager {
                 let plan = state.plan.clone();
                 let mut job = Job::new(state, out, uploads, o.overwrite);
                 job.claim = Some(claim);
+                job.held = o.points > 1;
                 lock(&self.jobs).insert(id.clone(), job);
                 Ok((id, plan))
             }

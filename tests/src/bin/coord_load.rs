@@ -139,6 +139,7 @@ async fn main() -> Result<(), String> {
                     .into_owned(),
                 ..Default::default()
             }),
+            more_points: Vec::new(),
         })
         .await
         .map_err(|s| format!("submit: {}", s.message()))?
