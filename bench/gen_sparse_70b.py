@@ -7,7 +7,11 @@ model-000NN-of-00030.safetensors shards whose safetensors headers are real and w
 data is a hole (the file is extended with truncate), so a 141 GB bf16 checkpoint costs a few
 megabytes of disk. Reading a hole yields zeros: merges run and are timed, their output is zeros.
 
-    bench/gen_sparse_70b.py OUT_DIR [--models base,m1,m2,m3]
+    bench/gen_sparse_70b.py OUT_DIR [--models base,m1,m2,m3] [--layers N]
+
+`--layers N` (default 80) writes the same shapes with only the first N decoder layers (the
+embeddings, final norm and lm_head stay), in proportionally fewer shards: a 70B-shaped subset
+for runs that cannot move a whole 70B (docs/scaling.md's distributed run over S3).
 
 Shapes: 80 layers, hidden 8192, intermediate 28672, vocab 128256, 64 heads of which 8 for
 keys/values (grouped-query attention), untied lm_head; 70.6B parameters, 141.1 GB in bf16.
@@ -28,10 +32,10 @@ HEAD_DIM = HIDDEN // HEADS
 SHARDS = 30
 
 
-def tensors():
+def tensors(layers=LAYERS):
     """(name, shape) in the order Hugging Face writes a Llama checkpoint."""
     yield "model.embed_tokens.weight", [VOCAB, HIDDEN]
-    for i in range(LAYERS):
+    for i in range(layers):
         p = f"model.layers.{i}."
         yield p + "input_layernorm.weight", [HIDDEN]
         yield p + "mlp.down_proj.weight", [HIDDEN, INTERMEDIATE]
@@ -53,24 +57,27 @@ def nbytes(shape):
     return n
 
 
-def shards():
-    """Splits the tensors into SHARDS files of about equal size, in order: a tensor goes to
-    the shard its middle byte falls in."""
-    all_t = list(tensors())
+def shards(layers=LAYERS):
+    """Splits the tensors into files of about equal size (SHARDS for the whole model, as many
+    fewer as there are fewer layers), in order: a tensor goes to the shard its middle byte falls
+    in."""
+    all_t = list(tensors(layers))
     total = sum(nbytes(s) for _, s in all_t)
-    target = total / SHARDS
-    out = [[] for _ in range(SHARDS)]
+    whole = sum(nbytes(s) for _, s in tensors())
+    count = max(1, round(SHARDS * total / whole))
+    target = total / count
+    out = [[] for _ in range(count)]
     cum = 0
     for name, shape in all_t:
         n = nbytes(shape)
-        out[min(SHARDS - 1, int((cum + n / 2) // target))].append((name, shape))
+        out[min(count - 1, int((cum + n / 2) // target))].append((name, shape))
         cum += n
     return [g for g in out if g], total
 
 
-def write_model(d):
+def write_model(d, layers=LAYERS):
     os.makedirs(d, exist_ok=True)
-    groups, total = shards()
+    groups, total = shards(layers)
     weight_map = {}
     for i, group in enumerate(groups):
         fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
@@ -95,7 +102,7 @@ def write_model(d):
         "model_type": "llama",
         "hidden_size": HIDDEN,
         "intermediate_size": INTERMEDIATE,
-        "num_hidden_layers": LAYERS,
+        "num_hidden_layers": layers,
         "num_attention_heads": HEADS,
         "num_key_value_heads": KV_HEADS,
         "vocab_size": VOCAB,
@@ -115,9 +122,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out")
     ap.add_argument("--models", default="base,m1,m2,m3")
+    ap.add_argument("--layers", type=int, default=LAYERS)
     a = ap.parse_args()
+    if not 1 <= a.layers <= LAYERS:
+        ap.error(f"--layers must be 1-{LAYERS}")
     for m in a.models.split(","):
-        n, total = write_model(os.path.join(a.out, m))
+        n, total = write_model(os.path.join(a.out, m), a.layers)
         params = total // 2
         print(f"{os.path.join(a.out, m)}: {n} shards, {params / 1e9:.2f}B parameters, "
               f"{total / 1e9:.1f} GB (sparse)")

@@ -19,6 +19,18 @@ pub fn pattern(n: usize, salt: u32) -> Vec<u8> {
 
 /// Runs the whole contract against `store`, under the folder (or key prefix) `root`.
 pub async fn conformance(store: Arc<dyn Storage>, root: &str) {
+    contract(store, root, true).await
+}
+
+/// The contract of a store that discards what is written in parts (`null://`, benchmarks
+/// only): the whole contract, except that a finished output file, which exists with its size,
+/// cannot be read back.
+pub async fn conformance_discarding(store: Arc<dyn Storage>, root: &str) {
+    contract(store, root, false).await
+}
+
+/// The contract; `keeps`: a finished output file can be read back.
+async fn contract(store: Arc<dyn Storage>, root: &str, keeps: bool) {
     let p = |name: &str| format!("{root}/{name}");
     let at = store.scheme_root();
 
@@ -137,13 +149,22 @@ pub async fn conformance(store: Arc<dyn Storage>, root: &str) {
     let receipts: Vec<Receipt> = receipts.into_iter().map(Option::unwrap).collect();
     store.finish_upload(&up, &receipts).await.unwrap();
     assert_eq!(store.size(&out).await.unwrap(), total as u64);
-    assert_eq!(store.read_all(&out).await.unwrap(), parts.concat(), "{at}");
     let mid = offset(1) - 10..offset(1) + 10;
-    assert_eq!(
-        &store.read_range(&out, mid.clone()).await.unwrap()[..],
-        &parts.concat()[mid.start as usize..mid.end as usize],
-        "{at}: a range across a part boundary"
-    );
+    if keeps {
+        assert_eq!(store.read_all(&out).await.unwrap(), parts.concat(), "{at}");
+        assert_eq!(
+            &store.read_range(&out, mid.clone()).await.unwrap()[..],
+            &parts.concat()[mid.start as usize..mid.end as usize],
+            "{at}: a range across a part boundary"
+        );
+    } else {
+        let e = store.read_range(&out, mid).await.unwrap_err();
+        assert!(
+            !e.retryable && e.message.contains("model.safetensors"),
+            "{at}: {e}"
+        );
+        assert!(store.read_all(&out).await.is_err(), "{at}");
+    }
 
     // An aborted upload leaves nothing behind.
     let gone = p("out/aborted.safetensors");

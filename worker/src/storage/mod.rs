@@ -1,6 +1,7 @@
 //! Byte storage for checkpoints: range reads of inputs, small whole-file puts, and output files
-//! written in parts by many tasks. One trait, one module per backend (`local`, `object`), and
-//! cross-cutting behaviour as wrappers around any store (`fault`). Storage knows nothing of
+//! written in parts by many tasks. One trait, one module per backend (`local`, `object`, `hub`,
+//! and `null`, a benchmark-only store that discards its output), and cross-cutting behaviour as
+//! wrappers around any store (`fault`). Storage knows nothing of
 //! tensors or merge methods.
 
 use std::collections::HashMap;
@@ -15,6 +16,7 @@ use bytes::Bytes;
 pub mod fault;
 pub mod hub;
 pub mod local;
+pub mod null;
 pub mod object;
 
 /// A storage failure. `retryable` failures (I/O hiccups, throttling) may succeed on retry;
@@ -195,7 +197,8 @@ impl Resolver {
         }
     }
 
-    /// Resolves `uri`: `s3://bucket/key`, `file:///abs/path`, `hf://org/name@rev/file`, or a path (relative paths are
+    /// Resolves `uri`: `s3://bucket/key`, `file:///abs/path`, `hf://org/name@rev/file`,
+    /// `null://bucket/key` (benchmarks only: discards output), or a path (relative paths are
     /// taken against `base_dir`). The scheme picks the backend from `SCHEMES`.
     pub fn resolve(&self, uri: &str, base_dir: &Path) -> SResult<Location> {
         for s in SCHEMES {
@@ -259,6 +262,10 @@ const SCHEMES: &[Scheme] = &[
         prefix: hub::PREFIX,
         open: open_hub,
     },
+    Scheme {
+        prefix: null::PREFIX,
+        open: open_null,
+    },
 ];
 
 /// `hf://ORG/NAME@REVISION/FILE`: a Hugging Face Hub repository (read-only), one store per
@@ -278,20 +285,32 @@ fn open_hub(r: &Resolver, uri: &str, rest: &str, _base_dir: &Path) -> SResult<Lo
 
 /// `s3://bucket/key`: one store per bucket, configured from the environment.
 fn open_s3(r: &Resolver, uri: &str, rest: &str, _base_dir: &Path) -> SResult<Location> {
-    let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
-    if bucket.is_empty() {
-        return Err(StorageError::new(
-            format!("{uri}: no bucket in S3 URI"),
-            false,
-        ));
-    }
+    let (bucket, path) = bucket_and_key(uri, rest, "S3 URI")?;
     let store = r.store(&format!("s3://{bucket}"), || {
         Ok(Arc::new(object::ObjectStorage::s3_from_env(bucket)?) as Arc<dyn Storage>)
     })?;
-    Ok(Location {
-        store,
-        path: key.trim_matches('/').to_string(),
-    })
+    Ok(Location { store, path })
+}
+
+/// `BUCKET/KEY` after a scheme: the bucket, and the key without leading or trailing slashes.
+fn bucket_and_key<'a>(uri: &str, rest: &'a str, what: &str) -> SResult<(&'a str, String)> {
+    let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
+    if bucket.is_empty() {
+        return Err(StorageError::new(
+            format!("{uri}: no bucket in {what}"),
+            false,
+        ));
+    }
+    Ok((bucket, key.trim_matches('/').to_string()))
+}
+
+/// `null://bucket/key`: the benchmark-only discarding store (`null`), one per bucket.
+fn open_null(r: &Resolver, uri: &str, rest: &str, _base_dir: &Path) -> SResult<Location> {
+    let (bucket, path) = bucket_and_key(uri, rest, "the URI (write null://BUCKET/PATH)")?;
+    let store = r.store(&format!("{}{bucket}", null::PREFIX), || {
+        Ok(Arc::new(null::NullStorage::new(bucket)) as Arc<dyn Storage>)
+    })?;
+    Ok(Location { store, path })
 }
 
 /// A local path (`file:///abs/path`, or a path, relative to `base_dir`).
