@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # shardmerge benchmark: a 0.75B-parameter bf16 Llama-layout family (gen-family), merged with
-# every method in the bench (task arithmetic of base + 2; TIES and DARE-TIES of base + 3),
+# every method in the bench (task arithmetic of base + 2; TIES, DARE-TIES, DELLA,
+# breadcrumbs-TIES and model_stock of base + 3; SLERP of base + 1),
 # against the plain-file-I/O floor (time and bytes read) and mergekit's figures. Run from
 # anywhere; paths are relative to the repository root.
 #
@@ -11,8 +12,8 @@
 #   BENCH_ONLY=floor    time only the I/O floor (no merges)
 #   BENCH_DATA=DIR      data folder (default bench-data; the recipes name bench-data/...)
 #   BENCH_BIN=DIR       where the binaries are (default: release/ in cargo's target directory)
-#   BENCH_METHODS="..." the merges to run (default: task_arithmetic ties dare_ties; each names
-#                       bench/NAME.yml)
+#   BENCH_METHODS="..." the merges to run (default: task_arithmetic ties dare_ties della
+#                       breadcrumbs_ties model_stock slerp; each names bench/NAME.yml)
 #   BENCH_MERGEKIT=VENV time mergekit too (VENV/bin/mergekit-yaml, e.g. tests/archs.sh's
 #                       .venv-archs) on the same recipes, instead of quoting its figures
 #   BENCH_GEN_ARGS=...  gen-family shape options instead of the 0.75B defaults (for trying the
@@ -32,7 +33,7 @@ DATA=${BENCH_DATA:-bench-data}
 REL=${BENCH_BIN:-$(cargo metadata --format-version 1 --no-deps |
     sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')/release}
 TIME=/usr/bin/time
-METHODS=(${BENCH_METHODS:-task_arithmetic ties dare_ties})
+METHODS=(${BENCH_METHODS:-task_arithmetic ties dare_ties della breadcrumbs_ties model_stock slerp})
 
 # mergekit 0.1.5 on a 2-core machine, same recipes and sizes (quoted when BENCH_MERGEKIT is
 # not given; none for dare_ties)
@@ -69,12 +70,18 @@ bytes_of() {
     for f in "$@"; do s=$(stat -c %s "$f"); n=$((n + s)); done
     echo "$n"
 }
+PAIR_IN=($(files_of base instruct))
 TA_IN=($(files_of base instruct lang_eu))
 TIES_IN=($(files_of base instruct lang_eu lang_ca))
+IN_BYTES_pair=$(bytes_of "${PAIR_IN[@]}")
 IN_BYTES_ta=$(bytes_of "${TA_IN[@]}")
 IN_BYTES_ties=$(bytes_of "${TIES_IN[@]}")
-floor_of() { # merge name -> its floor's key (the inputs it reads: base + 2, or base + 3)
-    case $1 in task_arithmetic* | sweep5 | single*) echo ta ;; *) echo ties ;; esac
+floor_of() { # merge name -> its floor's key (the inputs it reads: base + 1, 2 or 3)
+    case $1 in
+        task_arithmetic* | sweep5 | single*) echo ta ;;
+        slerp*) echo pair ;;
+        *) echo ties ;;
+    esac
 }
 OUT_BYTES=$(bytes_of $(files_of base))   # a merge writes a model shaped like the base
 
@@ -163,12 +170,14 @@ sweep_vs_singles() {
 }
 
 sync   # flush the generator's (or an earlier run's) dirty pages before timing anything
+floor floor_pair_first "${PAIR_IN[@]}"
 floor floor_ta_first "${TA_IN[@]}"
 floor floor_ties_first "${TIES_IN[@]}"
 if [[ ${BENCH_ONLY:-} != floor ]]; then
     merges
     [[ ${BENCH_SWEEP:-1} != 0 ]] && sweep_vs_singles
 fi
+floor floor_pair_last "${PAIR_IN[@]}"
 floor floor_ta_last "${TA_IN[@]}"
 floor floor_ties_last "${TIES_IN[@]}"
 
@@ -179,13 +188,13 @@ gb() { awk -v b="$1" 'BEGIN { printf "%.2f", b / 1e9 }'; }
 
 echo
 echo "shardmerge benchmark  ($(nproc) cores, $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo); warm page cache; output $(gb "$OUT_BYTES") GB)"
-echo "inputs: base + 2 $(gb "$IN_BYTES_ta") GB, base + 3 $(gb "$IN_BYTES_ties") GB; floor = the faster of its first and last run"
+echo "inputs: base + 1 $(gb "$IN_BYTES_pair") GB, base + 2 $(gb "$IN_BYTES_ta") GB, base + 3 $(gb "$IN_BYTES_ties") GB; floor = the faster of its first and last run"
 echo
 printf '%-24s %8s %8s %8s %8s %8s  %-8s %s\n' run wall_s x_floor read_GB x_input rss_MB status sha256
 fail=0
-keys=(floor_ta_first floor_ties_first)
+keys=(floor_pair_first floor_ta_first floor_ties_first)
 for name in "${METHODS[@]}"; do keys+=("$name" "${name}_f32" "mergekit_$name"); done
-keys+=(sweep5 single1 single2 single3 single4 single5 floor_ta_last floor_ties_last)
+keys+=(sweep5 single1 single2 single3 single4 single5 floor_pair_last floor_ta_last floor_ties_last)
 for k in "${keys[@]}"; do
     [[ -n ${WALL[$k]:-} ]] || continue
     case $k in
