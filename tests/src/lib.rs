@@ -920,3 +920,23 @@ pub fn generate_family(dir: &Path, n: usize, layers: usize, hidden: u64) -> Vec<
         })
         .collect()
 }
+
+/// GET http://127.0.0.1:PORT/PATH (a metrics or probe endpoint): (status code, body).
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    let mut c = TcpStream::connect(("127.0.0.1", port)).expect("connect to the metrics port");
+    c.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    std::io::Write::write_all(&mut c, req.as_bytes()).expect("send");
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut c, &mut text).expect("read");
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (code, body)
+}

@@ -10,7 +10,6 @@
 //! kubectl must be installed (.ci/run installs it); without it this test fails and says so.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -19,8 +18,8 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use serde_yaml::Value;
 use shardmerge_tests::{
-    block_on, checkpoint_files, free_port, is_checkpoint_file, ok, pb, run_cli, shardmerge_bin,
-    S3Server,
+    block_on, checkpoint_files, free_port, http_get, is_checkpoint_file, ok, pb, run_cli,
+    shardmerge_bin, S3Server,
 };
 use shardmerge_worker::client;
 
@@ -284,25 +283,6 @@ impl Drop for Procs {
             let _ = c.wait();
         }
     }
-}
-
-/// GET http://127.0.0.1:PORT/PATH: (status code, body).
-fn http_get(port: u16, path: &str) -> (u16, String) {
-    let mut c = TcpStream::connect(("127.0.0.1", port)).expect("connect to the metrics port");
-    c.set_read_timeout(Some(Duration::from_secs(10))).ok();
-    write!(c, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").expect("send");
-    let mut text = String::new();
-    c.read_to_string(&mut text).expect("read");
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_string();
-    (code, body)
 }
 
 /// The sum of the samples of `name` (any labels) whose labels contain `with`.

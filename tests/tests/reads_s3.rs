@@ -1,7 +1,8 @@
 //! Read once over S3: workers reach the S3 server through a counting TCP proxy, so every byte
 //! they read from object storage is counted (the coordinator, which plans from headers, talks
 //! to the server directly). At default flags each method reads each input byte at most 1.25
-//! times, and the plan's, the job status's and the proxy's figures agree within 1%.
+//! times, and the plan's, the job status's and the proxy's figures agree within 1%; so does the
+//! coordinator's Prometheus figure (`shardmerge_job_read_bytes`) summed over all the jobs.
 //!
 //! With tensors cut into statistics units (`--memory-limit 8MiB`) the job status still agrees
 //! with the proxy, but a write task (at least 5 MiB, S3's smallest part) that spans the ranges
@@ -11,7 +12,9 @@
 use std::path::Path;
 
 use shardmerge_tests::proxy::Proxy;
-use shardmerge_tests::{generate_family, ok, shardmerge_bin, Cluster, S3Server};
+use shardmerge_tests::{
+    free_port, generate_family, http_get, ok, shardmerge_bin, Cluster, S3Server,
+};
 
 const RECIPES: &[(&str, &str)] = &[
     ("task_arithmetic", "merge_method: task_arithmetic\nbase_model: M/m0\nmodels:\n- model: M/m1\n  parameters: {weight: 1.0}\n- model: M/m2\n  parameters: {weight: 0.7}\n"),
@@ -52,7 +55,9 @@ fn every_method_reads_each_input_byte_once_over_s3() {
         .map(|(_, v)| v)
         .expect("endpoint");
     let proxy = Proxy::start(endpoint.trim_start_matches("http://"));
-    let mut cluster = Cluster::start(&bin, s3.env(), 10.0, 0);
+    let metrics = free_port();
+    let listen = format!("127.0.0.1:{metrics}");
+    let mut cluster = Cluster::start_with(&bin, s3.env(), 10.0, 0, &["--metrics-listen", &listen]);
     for (k, v) in cluster.env.iter_mut() {
         if k == "AWS_ENDPOINT_URL" {
             *v = proxy.url();
@@ -60,6 +65,7 @@ fn every_method_reads_each_input_byte_once_over_s3() {
     }
     cluster.add_worker();
     cluster.add_worker();
+    let (mut all_read, mut all_reported) = (0u64, 0u64);
     // default flags, then 8 MiB slots (projections cut into statistics units)
     for (layout, flags) in [
         ("default flags", &[][..]),
@@ -85,6 +91,8 @@ fn every_method_reads_each_input_byte_once_over_s3() {
             let id = ok(&cluster.cli(work.path(), &args), &format!("submit {name}"));
             let read = proxy.bytes_from_target() - before;
             let reported = cluster.job(id.trim()).bytes_read;
+            all_read += read;
+            all_reported += reported;
             let plan_mem = if flags.is_empty() { "512MiB" } else { "8MiB" };
             let plan = ok(
                 &cluster.cli(
@@ -126,6 +134,22 @@ fn every_method_reads_each_input_byte_once_over_s3() {
             }
         }
     }
+    let (code, page) = http_get(metrics, "/metrics");
+    assert_eq!(code, 200, "{page}");
+    let exported: u64 = page
+        .lines()
+        .find_map(|l| l.strip_prefix("shardmerge_job_read_bytes "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no shardmerge_job_read_bytes in {page}"));
+    assert_eq!(
+        exported, all_reported,
+        "the metric is the jobs' statuses summed"
+    );
+    let off = (exported as f64 - all_read as f64).abs() / all_read as f64;
+    assert!(
+        off <= 0.01,
+        "shardmerge_job_read_bytes says {exported} B, the proxy counted {all_read} B"
+    );
 }
 
 /// Bytes of a safetensors file past its header.
