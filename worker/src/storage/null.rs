@@ -15,7 +15,8 @@
 //! upload begins (nothing written will be kept) and one `info` line per finished file
 //! (`RUST_LOG=shardmerge_worker::storage::null=info`) with its size and CRC-32C. A finished
 //! file exists with its size, but reading it fails: its bytes were discarded. Output files are
-//! cut in parts of at least S3's minimum, as an S3 output would be.
+//! cut in parts of at least S3's minimum, as an S3 output would be. A coordinator takes such an
+//! output only with `--allow-any`: its `--allow` policy knows no `null://` prefix and refuses it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
@@ -252,6 +253,25 @@ mod tests {
             .build()
             .unwrap()
             .block_on(f)
+    }
+
+    #[test]
+    fn null_uris_resolve_to_one_store_per_bucket() {
+        let r = crate::storage::Resolver::new();
+        let base = std::path::Path::new("/");
+        let a = r.resolve("null://bench/out/x/", base).unwrap();
+        assert_eq!(
+            (a.store.scheme_root(), a.path.as_str()),
+            ("null://bench".into(), "out/x")
+        );
+        assert_eq!(a.uri(), "null://bench/out/x");
+        let b = r.resolve("null://bench/other", base).unwrap();
+        assert!(std::sync::Arc::ptr_eq(&a.store, &b.store));
+        let e = r.resolve("null:///out", base).unwrap_err();
+        assert!(
+            e.message.contains("no bucket") && e.message.contains("null:///out"),
+            "{e}"
+        );
     }
 
     #[test]
