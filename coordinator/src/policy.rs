@@ -171,10 +171,8 @@ impl Policy {
                 // `hf://org/`: every repository of the organisation
                 if hub::RepoId::parse(&format!("{org}/x")).is_none() {
                     return Err(Error::usage(
-                        "",
-                        format!(
-                        "--allow {a}: not a Hugging Face organisation (hf://ORG/ or hf://ORG/NAME)"
-                    ),
+                        format!("--allow {a}"),
+                        "not a Hugging Face organisation (hf://ORG/ or hf://ORG/NAME)",
                     ));
                 }
                 out.push(Prefix::Hub {
@@ -183,7 +181,7 @@ impl Policy {
                 });
                 continue;
             }
-            let p = match target(a, &cwd).map_err(|e| Error::usage("", format!("--allow {e}")))? {
+            let p = match target(a, &cwd).map_err(|e| Error::usage("--allow", e))? {
                 Target::S3 { bucket, key } => Prefix::S3 { bucket, key },
                 Target::Hub { org, name } => Prefix::Hub {
                     org,
@@ -191,9 +189,12 @@ impl Policy {
                 },
                 Target::Local(given) => {
                     let canonical = std::fs::canonicalize(&given).map_err(|e| {
-                        Error::usage("", format!(
-                            "--allow {a}: {e} (a local prefix must be an existing folder; create it first)"
-                        ))
+                        Error::usage(
+                            format!("--allow {a}"),
+                            format!(
+                                "{e} (a local prefix must be an existing folder; create it first)"
+                            ),
+                        )
                     })?;
                     Prefix::Local { given, canonical }
                 }
@@ -218,12 +219,12 @@ impl Policy {
     /// would let them in: no job may read or overwrite the coordinator's own records.
     pub fn protect(mut self, uri: &str) -> Result<Policy, Error> {
         let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
-        let p = match target(uri, &cwd).map_err(|e| Error::usage("", format!("--state {e}")))? {
+        let p = match target(uri, &cwd).map_err(|e| Error::usage("--state", e))? {
             Target::S3 { bucket, key } => Prefix::S3 { bucket, key },
             Target::Hub { .. } => {
-                return Err(Error::usage("", format!(
-                    "--state {uri}: a Hugging Face repository is read-only; keep the journal in a local folder or s3://"
-                )))
+                return Err(Error::usage(format!("--state {uri}"),
+                    "a Hugging Face repository is read-only; keep the journal in a local folder or s3://"
+                ))
             }
             Target::Local(given) => {
                 let canonical = real_path(&given, Path::new("/")).unwrap_or_else(|| given.clone());

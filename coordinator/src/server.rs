@@ -342,7 +342,7 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
 /// Binds `addr` with a message that says what to do when it is taken.
 pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, Error> {
     tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-        Error::usage("", format!(
+        Error::usage("--listen", format!(
             "cannot listen on {addr}: {e} (is another coordinator running? pick another --listen address)"
         ))
     })

@@ -39,16 +39,16 @@ impl ServerTls {
             (None, None) => {
                 if self.client_ca.is_some() {
                     return Err(Error::usage(
-                        "",
-                        "--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)",
+                        "--tls-client-ca",
+                        "needs --tls-cert and --tls-key (mutual TLS is TLS first)",
                     ));
                 }
                 return Ok(None);
             }
             _ => {
                 return Err(Error::usage(
-                    "",
-                    "--tls-cert and --tls-key go together: give both or neither",
+                    "--tls-cert/--tls-key",
+                    "they go together: give both or neither",
                 ))
             }
         };

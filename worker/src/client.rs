@@ -22,7 +22,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status};
 
-use crate::pull::WorkSource;
+use crate::pull::{SourceError, WorkSource};
 
 pub use shardmerge_proto::MAX_MESSAGE;
 
@@ -364,7 +364,12 @@ impl RemoteSource {
     }
 
     /// Runs `call` until it succeeds, fails with a non-transport error, or `patience` is spent.
-    async fn retry<T, F, Fut>(&self, what: &str, patience: Duration, call: F) -> Result<T, String>
+    async fn retry<T, F, Fut>(
+        &self,
+        what: &str,
+        patience: Duration,
+        call: F,
+    ) -> Result<T, SourceError>
     where
         F: Fn(Client) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
@@ -380,23 +385,40 @@ impl RemoteSource {
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
                 Err(s) => {
-                    let msg = format!("{what}: {}", describe(&self.url, &s));
+                    let message = format!("{what}: {}", describe(&self.url, &s));
                     if is_refusal(&s) {
                         if let Ok(mut r) = self.refused.lock() {
-                            r.get_or_insert_with(|| msg.clone());
+                            r.get_or_insert_with(|| message.clone());
                         }
                         self.refused_tx.notify_waiters();
                     }
-                    return Err(msg);
+                    return Err(source_error(&s, message));
                 }
             }
         }
     }
 }
 
+/// The typed error of a call that failed with `s`, described by `message`.
+fn source_error(s: &Status, message: String) -> SourceError {
+    if is_refusal(s) {
+        SourceError::Refused {
+            code: s.code(),
+            message,
+        }
+    } else if is_transport(s) || broken(s) == Broken::NotHttp2 {
+        SourceError::Unreachable { message }
+    } else {
+        SourceError::Rejected {
+            code: s.code(),
+            message,
+        }
+    }
+}
+
 #[async_trait]
 impl WorkSource for RemoteSource {
-    async fn poll(&self, req: pb::PollWorkRequest) -> Result<pb::PollWorkResponse, String> {
+    async fn poll(&self, req: pb::PollWorkRequest) -> Result<pb::PollWorkResponse, SourceError> {
         // the worker loop backs off between failed polls
         self.retry("poll", Duration::ZERO, |mut c| {
             let req = req.clone();
@@ -405,7 +427,10 @@ impl WorkSource for RemoteSource {
         .await
     }
 
-    async fn renew(&self, req: pb::RenewLeaseRequest) -> Result<pb::RenewLeaseResponse, String> {
+    async fn renew(
+        &self,
+        req: pb::RenewLeaseRequest,
+    ) -> Result<pb::RenewLeaseResponse, SourceError> {
         self.retry("renew", Duration::from_secs(2), |mut c| {
             let req = req.clone();
             async move { c.renew_lease(req).await }
@@ -416,7 +441,7 @@ impl WorkSource for RemoteSource {
     async fn complete(
         &self,
         req: pb::CompleteTaskRequest,
-    ) -> Result<pb::CompleteTaskResponse, String> {
+    ) -> Result<pb::CompleteTaskResponse, SourceError> {
         self.retry("complete", self.report_patience, |mut c| {
             let req = req.clone();
             async move { c.complete_task(req).await }
@@ -424,12 +449,39 @@ impl WorkSource for RemoteSource {
         .await
     }
 
-    async fn fail(&self, req: pb::FailTaskRequest) -> Result<(), String> {
+    async fn fail(&self, req: pb::FailTaskRequest) -> Result<(), SourceError> {
         self.retry("fail", self.report_patience, |mut c| {
             let req = req.clone();
             async move { c.fail_task(req).await }
         })
         .await
         .map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A failed call is an error a caller can match (retry, stop, give up), with its gRPC code
+    /// and the message a person reads unchanged.
+    #[test]
+    fn failed_calls_are_typed_by_what_a_caller_can_do() {
+        let e = |s: Status| source_error(&s, format!("poll: {}", s.message()));
+        let down = e(Status::unavailable("connection refused"));
+        assert!(matches!(down, SourceError::Unreachable { .. }) && down.is_retryable());
+        assert_eq!(
+            (down.code(), down.to_string()),
+            (Code::Unavailable, "poll: connection refused".to_string())
+        );
+        for code in [Code::Unauthenticated, Code::PermissionDenied] {
+            let r = e(Status::new(code, "no token"));
+            assert!(matches!(r, SourceError::Refused { .. }) && !r.is_retryable());
+            assert_eq!(r.code(), code);
+        }
+        let bad = e(Status::invalid_argument("unknown lease"));
+        assert!(matches!(bad, SourceError::Rejected { .. }) && !bad.is_retryable());
+        assert_eq!(bad.code(), Code::InvalidArgument);
+        assert_eq!(bad.to_string(), "poll: unknown lease");
     }
 }

@@ -27,7 +27,7 @@ use prometheus_client::registry::Registry;
 use shardmerge_proto as pb;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::pull::WorkSource;
+use crate::pull::{SourceError, WorkSource};
 
 /// What an operations endpoint serves: the metrics page and the readiness answer.
 pub trait Endpoint: Send + Sync + 'static {
@@ -381,7 +381,7 @@ impl<S> MeteredSource<S> {
 
 #[async_trait]
 impl<S: WorkSource> WorkSource for MeteredSource<S> {
-    async fn poll(&self, req: pb::PollWorkRequest) -> Result<pb::PollWorkResponse, String> {
+    async fn poll(&self, req: pb::PollWorkRequest) -> Result<pb::PollWorkResponse, SourceError> {
         let r = self.inner.poll(req).await;
         if let Ok(resp) = &r {
             self.metrics.contact();
@@ -392,7 +392,10 @@ impl<S: WorkSource> WorkSource for MeteredSource<S> {
         r
     }
 
-    async fn renew(&self, req: pb::RenewLeaseRequest) -> Result<pb::RenewLeaseResponse, String> {
+    async fn renew(
+        &self,
+        req: pb::RenewLeaseRequest,
+    ) -> Result<pb::RenewLeaseResponse, SourceError> {
         let r = self.inner.renew(req).await;
         if r.is_ok() {
             self.metrics.contact();
@@ -403,7 +406,7 @@ impl<S: WorkSource> WorkSource for MeteredSource<S> {
     async fn complete(
         &self,
         req: pb::CompleteTaskRequest,
-    ) -> Result<pb::CompleteTaskResponse, String> {
+    ) -> Result<pb::CompleteTaskResponse, SourceError> {
         let lease_id = req.lease_id.clone();
         let bytes = req.result.as_ref().map(|r| (r.bytes_read, r.bytes_written));
         let r = self.inner.complete(req).await;
@@ -421,7 +424,7 @@ impl<S: WorkSource> WorkSource for MeteredSource<S> {
         r
     }
 
-    async fn fail(&self, req: pb::FailTaskRequest) -> Result<(), String> {
+    async fn fail(&self, req: pb::FailTaskRequest) -> Result<(), SourceError> {
         let lease_id = req.lease_id.clone();
         let r = self.inner.fail(req).await;
         if r.is_ok() {

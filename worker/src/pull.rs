@@ -11,16 +11,53 @@ use tokio::sync::watch;
 
 use crate::exec::{Executor, Scratch};
 
-/// Where work comes from. Errors are transport errors (the coordinator is unreachable).
+/// Why a call to a work source failed: what a caller can act on, with the message a person
+/// reads (naming the call and the coordinator).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SourceError {
+    /// The coordinator could not be reached (the transport failed and retries ran out of
+    /// patience): the same call may succeed later.
+    #[error("{message}")]
+    Unreachable { message: String },
+    /// The coordinator refused the caller for who it is (`code`: no or a wrong token is
+    /// `Unauthenticated`, a token without the right `PermissionDenied`): trying again cannot
+    /// help.
+    #[error("{message}")]
+    Refused { code: tonic::Code, message: String },
+    /// The coordinator answered the call with another error (`code`, e.g. an invalid argument).
+    #[error("{message}")]
+    Rejected { code: tonic::Code, message: String },
+}
+
+impl SourceError {
+    /// The gRPC code of the failure.
+    pub fn code(&self) -> tonic::Code {
+        match self {
+            SourceError::Unreachable { .. } => tonic::Code::Unavailable,
+            SourceError::Refused { code, .. } | SourceError::Rejected { code, .. } => *code,
+        }
+    }
+
+    /// Whether the same call may succeed when tried again later.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, SourceError::Unreachable { .. })
+    }
+}
+
+/// Where work comes from: the coordinator's job manager in process (which never fails), or
+/// its gRPC service.
 #[async_trait]
 pub trait WorkSource: Send + Sync {
-    async fn poll(&self, req: pb::PollWorkRequest) -> Result<pb::PollWorkResponse, String>;
-    async fn renew(&self, req: pb::RenewLeaseRequest) -> Result<pb::RenewLeaseResponse, String>;
+    async fn poll(&self, req: pb::PollWorkRequest) -> Result<pb::PollWorkResponse, SourceError>;
+    async fn renew(
+        &self,
+        req: pb::RenewLeaseRequest,
+    ) -> Result<pb::RenewLeaseResponse, SourceError>;
     async fn complete(
         &self,
         req: pb::CompleteTaskRequest,
-    ) -> Result<pb::CompleteTaskResponse, String>;
-    async fn fail(&self, req: pb::FailTaskRequest) -> Result<(), String>;
+    ) -> Result<pb::CompleteTaskResponse, SourceError>;
+    async fn fail(&self, req: pb::FailTaskRequest) -> Result<(), SourceError>;
 }
 
 #[derive(Clone, Debug)]

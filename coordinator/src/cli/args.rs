@@ -328,10 +328,12 @@ pub struct LimitArgs {
 impl LimitArgs {
     pub(super) fn to_limits(&self) -> Result<crate::job::Limits> {
         if self.max_slots_per_worker == 0 || self.max_jobs == 0 {
-            return Err(Error::usage(
-                "",
-                "--max-slots-per-worker and --max-jobs: give at least 1",
-            ));
+            let flag = if self.max_jobs == 0 {
+                "--max-jobs"
+            } else {
+                "--max-slots-per-worker"
+            };
+            return Err(Error::usage(flag, "give at least 1"));
         }
         Ok(crate::job::Limits {
             max_task_time: seconds("--max-task-time", self.max_task_time)?,
@@ -341,11 +343,8 @@ impl LimitArgs {
                 .filter(|_| self.job_retention.is_finite())
                 .ok_or_else(|| {
                     Error::usage(
-                        "",
-                        format!(
-                            "--job-retention {}: give a number of seconds (0 or more)",
-                            self.job_retention
-                        ),
+                        format!("--job-retention {}", self.job_retention),
+                        "give a number of seconds (0 or more)",
                     )
                 })?,
             max_jobs: self.max_jobs,
@@ -359,10 +358,8 @@ impl LimitArgs {
         let f = self.audit_fraction;
         if !(0.0..=1.0).contains(&f) {
             return Err(Error::usage(
-                "",
-                format!(
-                    "--audit-fraction {f}: give a fraction from 0 (no audits) to 1 (every task)"
-                ),
+                format!("--audit-fraction {f}"),
+                "give a fraction from 0 (no audits) to 1 (every task)",
             ));
         }
         let seed = self.audit_seed.unwrap_or_else(|| {
@@ -377,10 +374,10 @@ impl LimitArgs {
 pub(super) fn seconds(flag: &str, v: f64) -> Result<Duration> {
     if !(v.is_finite() && v > 0.0) {
         return Err(Error::usage(
-            "",
-            format!("{flag} {v}: give a positive number of seconds"),
+            format!("{flag} {v}"),
+            "give a positive number of seconds",
         ));
     }
     Duration::try_from_secs_f64(v)
-        .map_err(|_| Error::usage("", format!("{flag} {v}: too large a number of seconds")))
+        .map_err(|_| Error::usage(format!("{flag} {v}"), "too large a number of seconds"))
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use shardmerge_proto as pb;
-use shardmerge_worker::pull::WorkSource;
+use shardmerge_worker::pull::{SourceError, WorkSource};
 
 use super::lease::Lease;
 use super::state::{AuditEvent, Holder, Recorded, Renewal, TaskFailed};
@@ -401,24 +401,24 @@ impl WorkSource for JobManager {
     async fn poll(
         &self,
         req: pb::PollWorkRequest,
-    ) -> std::result::Result<pb::PollWorkResponse, String> {
+    ) -> std::result::Result<pb::PollWorkResponse, SourceError> {
         Ok(JobManager::poll_work(self, &req).await)
     }
     async fn renew(
         &self,
         req: pb::RenewLeaseRequest,
-    ) -> std::result::Result<pb::RenewLeaseResponse, String> {
+    ) -> std::result::Result<pb::RenewLeaseResponse, SourceError> {
         Ok(JobManager::renew(self, &req))
     }
     async fn complete(
         &self,
         req: pb::CompleteTaskRequest,
-    ) -> std::result::Result<pb::CompleteTaskResponse, String> {
+    ) -> std::result::Result<pb::CompleteTaskResponse, SourceError> {
         Ok(pb::CompleteTaskResponse {
             accepted: JobManager::complete(self, &req).await,
         })
     }
-    async fn fail(&self, req: pb::FailTaskRequest) -> std::result::Result<(), String> {
+    async fn fail(&self, req: pb::FailTaskRequest) -> std::result::Result<(), SourceError> {
         JobManager::fail(self, &req).await;
         Ok(())
     }

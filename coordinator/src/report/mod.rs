@@ -11,17 +11,16 @@
 use std::collections::BTreeMap;
 
 use futures::{StreamExt, TryStreamExt};
-use shardmerge_proto as pb;
 use shardmerge_worker::exec::{Executor, Scratch};
 use shardmerge_worker::kernels::report::{self as kr, Figures};
-use shardmerge_worker::kernels::Stats;
+use shardmerge_worker::kernels::{round::Work, Stats};
 use shardmerge_worker::storage::{Location, Resolver};
 use shardmerge_worker::tensor::view2d;
 
 use crate::arch::Place;
 use crate::error::{Error, Result};
 use crate::job::{tensor_job, SubmitOptions};
-use crate::plan::{self, Plan, PlanOptions, TensorPlan};
+use crate::plan::{self, Params, Plan, PlanOptions, TensorPlan};
 use crate::recipe::{sweep, Recipe};
 
 mod html;
@@ -153,6 +152,18 @@ fn ranges(t: &TensorPlan, budget: u64) -> Vec<(u64, u64)> {
         .collect()
 }
 
+/// The plan of the report's statistics over tensor `t`: its inputs, read as the merge reads
+/// them, with the report's pseudo-method, the trims `params` asks for, and f32 arithmetic.
+/// (Its `passes` are the merge's: the executor runs the report's own over the whole tensor.)
+fn stats_plan(t: &TensorPlan, params: &std::sync::Arc<Params>) -> TensorPlan {
+    TensorPlan {
+        method: &kr::REPORT,
+        params: params.clone(),
+        compute: Work::F32,
+        ..t.clone()
+    }
+}
+
 /// Computes the report of a recipe (a sweep's: the models of its first point, the densities of
 /// every point), reading each tensor's inputs once when its rows fit a slot.
 /// `out`, where the report goes, is refused when it is, holds or sits inside an input's folder.
@@ -178,16 +189,12 @@ pub async fn compute(
     let (base, models, tensors) = covered(&plans[0])?;
     let budget = o.submit.slot_memory / 2;
     let exec = Executor::new(resolver.clone());
-    let jobs: Vec<(pb::TensorJob, Vec<(u64, u64)>)> = tensors
+    let params = std::sync::Arc::new(kr::density_params(&ds).into_iter().collect());
+    let jobs: Vec<_> = tensors
         .iter()
         .map(|t| {
-            let mut job = tensor_job(t, 0, view2d(&t.shape).0);
-            job.method = kr::NAME.into();
-            job.params = Some(pb::ParamMap {
-                values: kr::density_params(&ds).into_iter().collect(),
-            });
-            job.compute_dtype = 0;
-            (job, ranges(t, budget))
+            let stats = stats_plan(t, &params);
+            (tensor_job(&stats, 0, view2d(&t.shape).0), ranges(t, budget))
         })
         .collect();
     let results: Vec<(Stats, u64)> = futures::stream::iter(jobs)

@@ -20,7 +20,7 @@ use clap::Parser;
 use shardmerge_proto as pb;
 use shardmerge_worker::client::{ClientOptions, RemoteSource};
 use shardmerge_worker::exec::Executor;
-use shardmerge_worker::pull::{self, LoopOptions, WorkSource};
+use shardmerge_worker::pull::{self, LoopOptions, SourceError, WorkSource};
 use shardmerge_worker::storage::Resolver;
 use tokio::sync::watch;
 
@@ -119,7 +119,7 @@ impl Hostile {
 
 #[async_trait]
 impl WorkSource for Hostile {
-    async fn poll(&self, req: pb::PollWorkRequest) -> Result<pb::PollWorkResponse, String> {
+    async fn poll(&self, req: pb::PollWorkRequest) -> Result<pb::PollWorkResponse, SourceError> {
         let mut r = self.inner.poll(req).await?;
         for l in &mut r.leases {
             let lease = l.lease_id.clone();
@@ -131,13 +131,16 @@ impl WorkSource for Hostile {
         }
         Ok(r)
     }
-    async fn renew(&self, req: pb::RenewLeaseRequest) -> Result<pb::RenewLeaseResponse, String> {
+    async fn renew(
+        &self,
+        req: pb::RenewLeaseRequest,
+    ) -> Result<pb::RenewLeaseResponse, SourceError> {
         self.inner.renew(req).await
     }
     async fn complete(
         &self,
         mut req: pb::CompleteTaskRequest,
-    ) -> Result<pb::CompleteTaskResponse, String> {
+    ) -> Result<pb::CompleteTaskResponse, SourceError> {
         let part = self
             .parts
             .lock()
@@ -153,7 +156,7 @@ impl WorkSource for Hostile {
         }
         self.inner.complete(req).await
     }
-    async fn fail(&self, req: pb::FailTaskRequest) -> Result<(), String> {
+    async fn fail(&self, req: pb::FailTaskRequest) -> Result<(), SourceError> {
         self.inner.fail(req).await
     }
 }
