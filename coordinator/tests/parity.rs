@@ -170,3 +170,64 @@ fn every_golden_case_is_listed() {
     have.sort();
     assert_eq!(want, have);
 }
+
+/// The grid's run of `recipe` as every point of a 3-point grid (`embedded::run_grid`: the
+/// points' tasks leased together, their rows read once) into `outs`.
+async fn grid(recipe: &str, outs: &[std::path::PathBuf], workers: usize, task: u64, slot: u64) {
+    use shardmerge::embedded::{self, GridPoint, RunOptions};
+    let o = RunOptions {
+        workers,
+        submit: shardmerge::job::SubmitOptions {
+            task_size: task,
+            slot_memory: slot,
+            base_dir: golden(),
+            ..Default::default()
+        },
+        quiet: true,
+        cache: Some(row_cache()),
+    };
+    let outs: Vec<String> = outs
+        .iter()
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    let points: Vec<GridPoint<'_>> = outs.iter().map(|out| GridPoint { recipe, out }).collect();
+    let r = embedded::run_grid(&points, &o, shardmerge_worker::storage::Resolver::new())
+        .await
+        .unwrap();
+    for p in r {
+        p.unwrap();
+    }
+}
+
+/// Sweep outputs in the parity and split-invariance suites: every golden case run as each of
+/// the points of a grid (their rows read once for all of them) writes, point by point, the
+/// bytes of its single run (which the cases above check against mergekit), with whole tensors
+/// on one worker and with 4 KiB tasks on three (tensors cut into row ranges and statistics
+/// units, whose passes are shared too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_case_as_points_of_a_grid_is_its_single_run() {
+    let g = golden();
+    for name in LISTED {
+        let recipe =
+            std::fs::read_to_string(g.join("cases").join(name).join("config.yml")).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let single = tmp.path().join("single");
+        run(&recipe, &g, &single, 1, BIG, 512 << 20).await.unwrap();
+        let want = file_bytes(&single);
+        for (layout, workers, task, slot) in [
+            ("whole", 1, BIG, 3 * (512 << 20)),
+            ("cut", 3, 4096, 3 * (64 << 10)),
+        ] {
+            let outs: Vec<_> = (0..3)
+                .map(|k| tmp.path().join(format!("{layout}{k}")))
+                .collect();
+            grid(&recipe, &outs, workers, task, slot).await;
+            for o in &outs {
+                assert!(
+                    file_bytes(o) == want,
+                    "{name}: a point of the grid ({layout}) differs from the single run"
+                );
+            }
+        }
+    }
+}

@@ -316,7 +316,8 @@ dtype: bfloat16
 
 /// A sweep reads its inputs once for all its points: a 3 x 3 task_arithmetic grid and a
 /// 2-density x 2-weight TIES grid over the example family write 9 and 4 checkpoints, each
-/// byte-identical to its point run alone, reading each input byte at most 1.25 times in all.
+/// byte-identical to its point run alone, reading each input byte at most 1.25 times in all,
+/// with tensors whole or cut into many tasks (and, for TIES, into statistics units).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sweep_reads_each_input_byte_once_for_all_its_points() {
     let ratio = grid_reads(TA_GRID, 9, 4 << 20, 512 << 20).await;
@@ -332,4 +333,8 @@ async fn a_sweep_reads_each_input_byte_once_for_all_its_points() {
     );
     let ratio = grid_reads(TIES_GRID, 4, 4 << 20, 512 << 20).await;
     assert!(ratio <= 1.25, "ties grid: read {ratio:.2}x the input");
+    // small slots: tensors cut into statistics units, whose passes are shared too (the rows
+    // read once into the first point's row cache, every point's partials computed from them)
+    let ratio = grid_reads(TIES_GRID, 4, 4096, 4 * (64 << 10)).await;
+    assert!(ratio <= 1.25, "ties grid, cut: read {ratio:.2}x the input");
 }

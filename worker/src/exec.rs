@@ -9,7 +9,7 @@ use bytes::Bytes;
 use shardmerge_proto as pb;
 
 use crate::format::dtype::{self, DType};
-use crate::kernels::{self, RowRange, Stats, TensorCtx};
+use crate::kernels::{self, TensorCtx};
 use crate::storage::{retry, Resolver, Storage, StorageError, Upload};
 
 /// A task failure: retryable ones (I/O) are run again, the others fail the job.
@@ -58,11 +58,13 @@ pub use crate::tensor::view2d;
 
 mod analyse;
 mod group;
+mod kernel;
 mod read;
 mod rowcache;
 mod rowmap;
 mod scratch;
 mod segment;
+use kernel::{kernel_rows, partial_rows};
 pub use rowcache::RowCache;
 use scratch::{give_back, sized};
 pub use scratch::{release_free_memory, Scratch};
@@ -309,26 +311,7 @@ impl Executor {
         let inputs = self
             .read_inputs(job, (r.row_start, r.row_end), true, &mut io, scratch)
             .await?;
-        let state = r.stats.as_ref().map(Stats::from_proto).unwrap_or_default();
-        let job = job.clone();
-        let (rs, re, ri, pass) = (r.row_start, r.row_end, r.range_index, s.pass);
-        let (partial, inputs) = tokio::task::spawn_blocking(move || {
-            let run = || -> Result<Stats, TaskError> {
-                let ctx = tensor_ctx(&job)?;
-                let m = method_of(&job)?;
-                let refs: Vec<&[f32]> = inputs.iter().map(Vec::as_slice).collect();
-                let rows = RowRange {
-                    start: rs,
-                    end: re,
-                    index: ri,
-                };
-                m.partial(&ctx, pass, &state, rows, &refs)
-                    .map_err(|e| fatal(format!("tensor {}: {e}", job.name)))
-            };
-            (run(), inputs)
-        })
-        .await
-        .map_err(|e| fatal(format!("kernel panicked: {e}")))?;
+        let (partial, inputs) = partial_rows(job, r, s.pass, inputs).await;
         give_back(&mut scratch.inputs, inputs);
         let partial = partial?;
         Ok(pb::TaskResult {
@@ -415,50 +398,7 @@ impl Executor {
     }
 }
 
-/// Runs `job`'s kernel over rows `r` of its `inputs` (read already) into `out` (resized);
-/// gives the inputs back with the result.
-pub(super) async fn kernel_rows(
-    job: &pb::TensorJob,
-    r: &pb::TensorRows,
-    inputs: Vec<Vec<f32>>,
-    out: Vec<f32>,
-) -> (Result<Vec<f32>, TaskError>, Vec<Vec<f32>>) {
-    let job = job.clone();
-    let stats = r.stats.clone();
-    let (rs, re, ri) = (r.row_start, r.row_end, r.range_index);
-    let done = tokio::task::spawn_blocking(move || {
-        let run = || -> Result<Vec<f32>, TaskError> {
-            let ctx = tensor_ctx(&job)?;
-            let m = method_of(&job)?;
-            let refs: Vec<&[f32]> = inputs.iter().map(Vec::as_slice).collect();
-            let n = ((re - rs) as usize) * ctx.row_len;
-            // kernels write every output element (their tests run on NaN-filled buffers)
-            let mut out = sized(out, n);
-            let whole = rs == 0 && re == ctx.rows;
-            let res = if whole {
-                kernels::run_whole(m, &ctx, &refs, &mut out)
-            } else {
-                let state = stats.as_ref().map(Stats::from_proto).unwrap_or_default();
-                let rows = RowRange {
-                    start: rs,
-                    end: re,
-                    index: ri,
-                };
-                m.apply(&ctx, &state, rows, &refs, &mut out)
-            };
-            res.map_err(|e| fatal(format!("tensor {}: {}: {e}", job.name, job.method)))?;
-            Ok(out)
-        };
-        (run(), inputs)
-    })
-    .await;
-    match done {
-        Ok(r) => r,
-        Err(e) => (Err(fatal(format!("kernel panicked: {e}"))), Vec::new()),
-    }
-}
-
-fn method_of(job: &pb::TensorJob) -> Result<&'static dyn kernels::Method, TaskError> {
+pub(super) fn method_of(job: &pb::TensorJob) -> Result<&'static dyn kernels::Method, TaskError> {
     kernels::task_method(&job.method)
         .ok_or_else(|| fatal(format!("unknown merge method {:?}", job.method)))
 }

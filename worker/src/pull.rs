@@ -193,7 +193,10 @@ async fn run_one(
         }
         return;
     };
-    for ((l, task), result) in leases.iter().zip(&tasks).zip(results) {
+    // the riders first: when the lead task's result unblocks its job's next tasks (a
+    // statistics unit's last pass), the riders' are unblocked already and go with them
+    let done: Vec<_> = leases.iter().zip(&tasks).zip(results).collect();
+    for ((l, task), result) in done.into_iter().rev() {
         let id = &l.lease_id;
         report(
             source.as_ref(),

@@ -181,7 +181,7 @@ pub(super) async fn plan(
         return Ok(());
     };
     let (mut text_out, mut plans) = (sweep::header(s, picked.len()), Vec::new());
-    let (mut read, mut written) = (0, 0);
+    let (mut read, mut written, mut once, mut share) = (0, 0, 0, 0);
     for p in &picked {
         let info = match describe(&p.recipe, engine, resolver).await {
             Ok(info) => info,
@@ -191,16 +191,24 @@ pub(super) async fn plan(
             }
         };
         read += info.bytes_read();
+        once = once.max(info.bytes_read());
         written += info.plan.bytes_out();
+        let grid = SubmitOptions {
+            points: u32::try_from(picked.len()).unwrap_or(u32::MAX),
+            ..engine.submit_options()
+        };
+        share = grid.slot_memory_for(&info.plan)?;
         text_out += &sweep::point_line(p, info.bytes_read(), info.plan.bytes_out());
         plans.push(serde_json::json!({"name": p.name, "plan": info.to_json()}));
     }
-    text_out += &sweep::total_line(picked.len(), read, written);
+    text_out += &sweep::total_line(picked.len(), read, once, written, share);
     if json {
         let j = serde_json::json!({
             "sweep": s.index_json(&picked),
             "plans": plans,
             "bytes_read": read,
+            "bytes_read_once": once,
+            "point_slot_memory": share,
             "bytes_written": written,
         });
         stdout(&format!(

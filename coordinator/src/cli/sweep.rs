@@ -127,11 +127,15 @@ pub(super) fn point_line(p: &Point, read: u64, written: u64) -> String {
     )
 }
 
-/// What `plan` says of the whole sweep.
-pub(super) fn total_line(points: usize, read: u64, written: u64) -> String {
+/// What `plan` says of the whole sweep: what its points would read run one by one, what
+/// `run` and `submit` read running them together, and each point's share of a worker slot.
+pub(super) fn total_line(points: usize, read: u64, once: u64, written: u64, share: u64) -> String {
     format!(
-        "total        {points} merges: reads {}, writes {} (each point reads its inputs)\n",
+        "total        {points} merges: writes {}; run together they read {} (the inputs once for \
+         all points; {} one by one), each point's tasks cut to {} of a worker slot\n",
+        human(written),
+        human(once),
         human(read),
-        human(written)
+        human(share)
     )
 }

@@ -9,7 +9,7 @@ use shardmerge_proto as pb;
 
 use super::scratch::{give_back, sized};
 use super::segment::{non_finite, segment_tensor};
-use super::{fatal, kernel_rows, Executor, Io, Scratch, TaskError};
+use super::{fatal, kernel_rows, partial_rows, Executor, Io, Scratch, TaskError};
 use crate::format::dtype::{self, DType};
 use crate::tensor::view2d;
 
@@ -26,10 +26,53 @@ impl Executor {
                 Err(e) => tasks.iter().map(|_| Err(e.clone())).collect(),
             };
         }
+        if let Some(stats) = shared_stats(tasks) {
+            let r = self
+                .run_stats_group(&stats, &tasks[0].job_id, scratch)
+                .await;
+            scratch.trim();
+            return r;
+        }
         let mut out = Vec::with_capacity(tasks.len());
         for t in tasks {
             out.push(self.run(t, scratch).await);
         }
+        out
+    }
+
+    /// Statistics passes over the same rows (checked by `shared_stats`): the rows read once
+    /// (kept in the row cache under the first task's job, whose write task reads them), each
+    /// task's partial statistics computed from them.
+    async fn run_stats_group(
+        &self,
+        ss: &[Pass<'_>],
+        job_id: &str,
+        scratch: &mut Scratch,
+    ) -> Vec<TaskResult> {
+        let mut io = Io {
+            job: job_id.to_string(),
+            ..Default::default()
+        };
+        let (r0, job0) = (ss[0].rows, ss[0].job);
+        let read = self
+            .read_inputs(job0, (r0.row_start, r0.row_end), true, &mut io, scratch)
+            .await;
+        let mut inputs = match read {
+            Ok(v) => v,
+            Err(e) => return ss.iter().map(|_| Err(e.clone())).collect(),
+        };
+        let mut out = Vec::with_capacity(ss.len());
+        for (k, p) in ss.iter().enumerate() {
+            let (partial, back) = partial_rows(p.job, p.rows, p.pass, inputs).await;
+            inputs = back;
+            out.push(partial.map(|st| pb::TaskResult {
+                // the rows were read once, for the first task: the others read nothing
+                bytes_read: if k == 0 { io.bytes_read } else { 0 },
+                stats: Some(st.to_proto()),
+                ..Default::default()
+            }));
+        }
+        give_back(&mut scratch.inputs, inputs);
         out
     }
 
@@ -186,6 +229,48 @@ fn shared_writes<'a>(tasks: &[&'a pb::Task]) -> Option<Vec<Write<'a>>> {
         .then_some(ws)
 }
 
+/// One statistics pass of a group.
+struct Pass<'a> {
+    rows: &'a pb::TensorRows,
+    job: &'a pb::TensorJob,
+    pass: u32,
+}
+
+/// The tasks as statistics passes, when there are several and every one reads exactly the
+/// rows the first one reads.
+fn shared_stats<'a>(tasks: &[&'a pb::Task]) -> Option<Vec<Pass<'a>>> {
+    if tasks.len() < 2 {
+        return None;
+    }
+    let ps: Vec<Pass<'a>> = tasks
+        .iter()
+        .map(|t| match &t.kind {
+            Some(pb::task::Kind::Stats(s)) => {
+                let rows = s.rows.as_ref()?;
+                Some(Pass {
+                    rows,
+                    job: rows.tensor.as_ref()?,
+                    pass: s.pass,
+                })
+            }
+            _ => None,
+        })
+        .collect::<Option<_>>()?;
+    let (a, t) = (ps[0].rows, ps[0].job);
+    ps[1..]
+        .iter()
+        .all(|p| {
+            (p.rows.row_start, p.rows.row_end) == (a.row_start, a.row_end)
+                && same_tensor_reads(t, p.job)
+        })
+        .then_some(ps)
+}
+
+/// Whether two tensors' rows read the same bytes.
+fn same_tensor_reads(s: &pb::TensorJob, t: &pb::TensorJob) -> bool {
+    (&s.shape, s.out_dtype, &s.inputs, &s.row_map) == (&t.shape, t.out_dtype, &t.inputs, &t.row_map)
+}
+
 fn same_segments(a: &Write<'_>, b: &Write<'_>) -> bool {
     if a.out.length != b.out.length || a.w.segments.len() != b.w.segments.len() {
         return false;
@@ -201,9 +286,7 @@ fn same_segments(a: &Write<'_>, b: &Write<'_>) -> bool {
                 ) else {
                     return false;
                 };
-                (p.row_start, p.row_end) == (q.row_start, q.row_end)
-                    && (&s.shape, s.out_dtype, &s.inputs, &s.row_map)
-                        == (&t.shape, t.out_dtype, &t.inputs, &t.row_map)
+                (p.row_start, p.row_end) == (q.row_start, q.row_end) && same_tensor_reads(s, t)
             }
             _ => false,
         }
@@ -268,5 +351,40 @@ mod tests {
         assert!(shared_writes(&[&a, &b]).is_some());
         assert!(shared_writes(&[&a]).is_none(), "one task alone is no group");
         assert!(shared_writes(&[&a, &b, &c]).is_none());
+    }
+
+    fn pass(job: &str, pass: u32, rows: (u64, u64)) -> pb::Task {
+        let Some(pb::task::Kind::Write(w)) = task(job, 0.5, "file:///m/a").kind else {
+            unreachable!("a write task")
+        };
+        pb::Task {
+            job_id: job.into(),
+            kind: Some(pb::task::Kind::Stats(pb::StatsTask {
+                rows: Some(pb::TensorRows {
+                    tensor: w.tensors.into_iter().next(),
+                    row_start: rows.0,
+                    row_end: rows.1,
+                    ..Default::default()
+                }),
+                pass,
+            })),
+            ..Default::default()
+        }
+    }
+
+    /// Statistics passes share their reads over the same rows, whatever their pass; a write
+    /// task and a pass do not.
+    #[test]
+    fn passes_share_reads_over_the_same_rows() {
+        let (a, b, c) = (
+            pass("j1", 0, (0, 1)),
+            pass("j2", 1, (0, 1)),
+            pass("j3", 0, (1, 2)),
+        );
+        assert!(shared_stats(&[&a, &b]).is_some());
+        assert!(shared_stats(&[&a, &c]).is_none());
+        let w = task("j4", 1.0, "file:///m/a");
+        assert!(shared_stats(&[&a, &w]).is_none());
+        assert!(shared_writes(&[&w, &a]).is_none());
     }
 }
