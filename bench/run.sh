@@ -23,6 +23,8 @@
 #                       float32; both: each merge both ways in the same run, with the ratio
 #   BENCH_SWEEP=0       leave out the 5-point task_arithmetic sweep against its 5 points run
 #                       one by one (bench/task_arithmetic-sweep.yml; on by default)
+#   BENCH_SWEEP_OUT=null  the sweep and its single runs write to the discarding null:// store
+#                       (times reads and compute without the disk's writes)
 #   BENCH_SHA256=1      print the sha256 of each merge's output files (to show that a change
 #                       left the output byte-identical: compare two runs)
 set -euo pipefail
@@ -157,14 +159,22 @@ merges() { # the merges, each way BENCH_COMPUTE asks for
 declare -A OUTSIZE
 # A 5-point task_arithmetic sweep (one run, reading the inputs once for all points) against its
 # points run one by one, in the same run (issue 16): keys sweep5 and single1..single5.
+# BENCH_SWEEP_OUT=null: both write to the discarding null:// store (reads and compute timed,
+# not the disk's writes; worker/src/storage/null.rs).
+merge_null() { # key recipe: shardmerge run into null://bench/KEY, the output discarded
+    local key=$1 recipe=$2 extra=()
+    [[ -n ${BENCH_WORKERS:-} ]] && extra+=(--workers "$BENCH_WORKERS")
+    timed "$key" "$REL/shardmerge" run "$recipe" "null://bench/$key" --quiet "${extra[@]}"
+}
 sweep_vs_singles() {
-    local recipe=$DATA/out/task_arithmetic-sweep.yml v k=0
+    local recipe=$DATA/out/task_arithmetic-sweep.yml v k=0 merge=merge
+    [[ ${BENCH_SWEEP_OUT:-disk} == null ]] && merge=merge_null
     sed "s#bench-data/#$DATA/#g" bench/task_arithmetic-sweep.yml >"$recipe"
-    merge sweep5 "$recipe"
+    $merge sweep5 "$recipe"
     for v in $(sed -n 's/.*{sweep: \[\(.*\)\]}.*/\1/p' "$recipe" | tr ',' ' '); do
         k=$((k + 1))
         sed "s#{sweep: \[.*\]}#$v#" "$recipe" >"$DATA/out/point$k.yml"
-        merge "single$k" "$DATA/out/point$k.yml"
+        $merge "single$k" "$DATA/out/point$k.yml"
         rm -f "$DATA/out/point$k.yml"
     done
 }
