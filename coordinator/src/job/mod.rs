@@ -344,4 +344,6 @@ async fn begin_uploads(plan: &Plan, out: &Location) -> Result<Vec<Upload>> {
 #[cfg(test)]
 mod audit_tests;
 #[cfg(test)]
+mod proptests;
+#[cfg(test)]
 mod tests;

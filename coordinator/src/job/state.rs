@@ -240,6 +240,23 @@ impl JobState {
         self.leased
     }
 
+    /// Every task leased now: the task, its lease and the worker id holding it.
+    #[cfg(test)]
+    pub(crate) fn leased_now(&self) -> Vec<(Item, &str, &str)> {
+        let leased = self.items.iter().filter_map(|(it, s)| match &s.state {
+            ItemState::Leased { lease, worker, .. } => Some((*it, lease.as_str(), worker.as_str())),
+            _ => None,
+        });
+        leased.collect()
+    }
+
+    /// Whether every task is done.
+    #[cfg(test)]
+    pub(crate) fn all_done(&self) -> bool {
+        let done = |s: &ItemSlot| matches!(s.state, ItemState::Done);
+        self.items.values().all(done)
+    }
+
     /// The statistics state a task reading `tensor` carries (its unit's, if it has one), and
     /// the pass a unit is in.
     pub(crate) fn unit_stats(&self, tensor: usize) -> Option<&Stats> {
