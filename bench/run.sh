@@ -126,7 +126,9 @@ merge() { # key recipe [shardmerge options...]
     if [[ ${STATUS[$key]} == ok ]]; then
         OUTSIZE[$key]=$(du -sb "$out" | cut -f1)
         if [[ -n ${BENCH_SHA256:-} ]]; then
-            SHA[$key]=$(cd "$out" && sha256sum ./*.safetensors | sha256sum | cut -c1-16)
+            # every safetensors file under OUT (a sweep writes one folder per point)
+            SHA[$key]=$(cd "$out" && find . -name '*.safetensors' | LC_ALL=C sort |
+                xargs -r sha256sum | sha256sum | cut -c1-16)
         fi
     fi
     rm -rf "$out"
