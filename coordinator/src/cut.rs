@@ -80,7 +80,11 @@ pub fn cut(plan: &Plan, o: &CutOptions) -> Cut {
             let t = &plan.tensors[ti];
             let (rows, row_bytes) = t.rows();
             let row_elems = row_bytes / t.out_dtype.size() as u64;
-            let seg_cap_rows = (half / (bytes_per_element(t) * row_elems.max(1))).max(1);
+            // (an input's LoRA factors: a part whatever the rows, and a part per row)
+            let (lora_fixed, lora_row) = t.lora_memory();
+            let seg_cap_rows = (half.saturating_sub(lora_fixed)
+                / (bytes_per_element(t) * row_elems.max(1) + lora_row))
+                .max(1);
             // the tensors a task describes: bounded too, not only its bytes
             let t_meta = 1 + t.inputs.len();
             if meta > 0 && meta + t_meta > MAX_TASK_META && cur.length >= o.min_part {

@@ -59,6 +59,7 @@ pub use crate::tensor::view2d;
 mod analyse;
 mod group;
 mod kernel;
+mod lora;
 mod read;
 mod rowcache;
 mod rowmap;

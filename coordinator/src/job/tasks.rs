@@ -9,6 +9,7 @@ use shardmerge_worker::storage::{Location, Upload};
 use super::state::JobState;
 use crate::cut::SegDef;
 use crate::journal::Item;
+use crate::plan::lora::{AdapterTensor, LoraPlan};
 use crate::plan::{vocab, InputPlan, TensorPlan};
 
 /// The wire id of a task: its index for a write task; bit 40 set, then unit and range, for a
@@ -184,6 +185,29 @@ fn source(s: &InputPlan) -> pb::TensorSource {
         model_key: s.model_key,
         tensor: s.tensor.clone(),
         rng_offset: s.rng_offset,
+        lora: s.lora.as_deref().map(|l| Box::new(lora(l))),
+    }
+}
+
+/// The wire message of an input's LoRA adapter.
+fn lora(l: &LoraPlan) -> pb::LoraDelta {
+    let part = |t: &AdapterTensor| pb::TensorSource {
+        uri: t.uri.to_string(),
+        data_offset: t.offset,
+        dtype: t.dtype.to_proto() as i32,
+        shape: t.shape.clone(),
+        model: l.adapter.to_string(),
+        tensor: t.name.clone(),
+        ..Default::default()
+    };
+    pb::LoraDelta {
+        a: l.delta.as_ref().map(|d| Box::new(part(&d.a))),
+        b: l.delta.as_ref().map(|d| Box::new(part(&d.b))),
+        scaling: l.delta.as_ref().map_or(1.0, |d| d.scaling),
+        transpose: l.delta.as_ref().is_some_and(|d| d.transpose),
+        merged_dtype: l.merged.to_proto() as i32,
+        adapter: l.adapter.to_string(),
+        round_delta: l.delta.as_ref().is_some_and(|d| d.embedding),
     }
 }
 

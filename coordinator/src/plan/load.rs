@@ -88,6 +88,7 @@ pub async fn load_model(resolver: &Resolver, base_dir: &Path, name: &str) -> Res
         arch,
         num_layers,
         bytes,
+        adapter: None,
     })
 }
 
@@ -178,6 +179,7 @@ pub fn planned_model(name: &str, loc: Location, plan: &Plan) -> ModelInfo {
         num_layers: plan.out_layers,
         bytes: tensors_bytes(&tensors),
         tensors: std::sync::Arc::new(tensors),
+        adapter: None,
     }
 }
 

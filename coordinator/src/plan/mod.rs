@@ -23,6 +23,7 @@ use crate::recipe::{self, Recipe, Slice, Source, TokenizerSource};
 
 mod layout;
 mod load;
+pub mod lora;
 mod params;
 mod slices;
 mod tensor;
@@ -69,6 +70,8 @@ pub struct ModelInfo {
     pub num_layers: u64,
     /// Bytes of all its safetensors files.
     pub bytes: u64,
+    /// Its LoRA adapter (`model+adapter`), applied to its tensors as they are read.
+    pub adapter: Option<Arc<lora::Adapter>>,
 }
 
 /// An output file: its name, its tensors (indices into `Plan::tensors`) and its layout.
@@ -185,10 +188,7 @@ pub async fn plan(
     let mut models = HashMap::new();
     let mut order = Vec::new();
     for name in recipe.referenced_models() {
-        let m = match opts.given.get(&name) {
-            Some(m) => m.clone(),
-            None => load_model(resolver, base_dir, &name).await?,
-        };
+        let m = lora::load_input(resolver, base_dir, &name, &opts.given).await?;
         order.push(m.clone());
         models.insert(name, m);
     }

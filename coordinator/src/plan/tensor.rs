@@ -34,7 +34,7 @@ pub(super) fn plan_tensor(
         None => out_shape(cx, out_name, &s.sources, &infos)?,
     };
     let (params, model_params) = job_params(cx, s, out_name, in_names, t, base)?;
-    let base_dtype = inputs[base.unwrap_or(0)].dtype;
+    let base_dtype = inputs[base.unwrap_or(0)].model_dtype();
     let out_dtype = cx
         .recipe
         .out_dtype
@@ -63,6 +63,9 @@ pub(super) fn plan_tensor(
         passes: 0,
     };
     if let Some(v) = remap {
+        if let Some(i) = job.inputs.iter().find(|i| i.lora.is_some()) {
+            return Err(Error::plan(out_name, format!("model {} applies a LoRA adapter to this embedding, which the tokenizer configuration re-maps by token: not supported (merge the adapter without `tokenizer_source`/`tokenizer:`)", i.model)));
+        }
         let models: Vec<&str> = s.sources.iter().map(|x| x.model.as_str()).collect();
         let rows: Vec<u64> = infos.iter().map(|i| i.shape[0]).collect();
         job.row_map = Some(v.row_map(out_name, &models, &rows, base)?);
@@ -239,7 +242,7 @@ fn tensor_inputs<'a>(
                 Error::input(uri, format!("tensor {in_name} has dtype {n}, which can't be merged or copied (F32, F16 and BF16 merge; BOOL and integer tensors are copied from the base model)"))
             })?,
         };
-        inputs.push(InputPlan {
+        let mut input = InputPlan {
             uri: uri.clone(),
             data_offset: info.start,
             dtype: dt,
@@ -250,7 +253,12 @@ fn tensor_inputs<'a>(
             model_key: rng::key_of(&format!("input:{pos}")),
             tensor: in_name.to_string(),
             rng_offset: 0,
-        });
+            lora: None,
+        };
+        if let Some(a) = &m.adapter {
+            a.attach(in_name, &mut input);
+        }
+        inputs.push(input);
         infos.push(info);
     }
     Ok((inputs, infos))

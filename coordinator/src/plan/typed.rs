@@ -11,6 +11,7 @@ use shardmerge_worker::format::dtype::DType;
 use shardmerge_worker::kernels::{rng, round::Work, Method, TensorCtx};
 use shardmerge_worker::tensor::view2d;
 
+use super::lora::LoraPlan;
 use crate::error::{Error, Result};
 
 /// Parameters by name, resolved for one tensor (booleans as 0/1).
@@ -57,6 +58,8 @@ pub struct InputPlan {
     pub tensor: String,
     /// Its first draw in mergekit's seeded stream.
     pub rng_offset: u64,
+    /// A LoRA adapter applied to it as it is read (`model+adapter`).
+    pub lora: Option<Arc<LoraPlan>>,
 }
 
 impl InputPlan {
@@ -64,6 +67,11 @@ impl InputPlan {
     pub fn row_bytes(&self) -> u64 {
         let (_, row_len) = view2d(&self.shape);
         row_len.saturating_mul(self.dtype.size() as u64)
+    }
+
+    /// The dtype the model holds it in (an adapter's copy of it is rounded to that).
+    pub fn model_dtype(&self) -> DType {
+        self.lora.as_ref().map_or(self.dtype, |l| l.merged)
     }
 }
 
@@ -134,12 +142,24 @@ impl TensorPlan {
         self.inputs.iter().map(InputPlan::row_bytes).sum()
     }
 
-    /// Input bytes of the whole tensor (each input byte once).
+    /// Input bytes of the whole tensor (each input byte once), LoRA factors included.
     pub fn input_bytes(&self) -> u64 {
         self.inputs
             .iter()
-            .map(|s| s.shape.iter().product::<u64>() * s.dtype.size() as u64)
+            .map(|s| {
+                s.shape.iter().product::<u64>() * s.dtype.size() as u64
+                    + s.lora.as_ref().map_or(0, |l| l.bytes())
+            })
             .sum()
+    }
+
+    /// Memory a task over some of its rows holds for its inputs' LoRA factors: (fixed, per
+    /// row), see [`LoraPlan::memory`].
+    pub fn lora_memory(&self) -> (u64, u64) {
+        self.inputs
+            .iter()
+            .filter_map(|s| s.lora.as_ref().map(|l| l.memory()))
+            .fold((0, 0), |(f, r), (a, b)| (f + a, r + b))
     }
 
     /// The kernel's view of this tensor (as the worker builds it from the task).
@@ -180,6 +200,7 @@ pub(crate) fn test_tensor(name: &str, method: &str, shape: &[u64], n: usize) -> 
         model_key: 0,
         tensor: name.to_string(),
         rng_offset: 0,
+        lora: None,
     };
     TensorPlan {
         name: name.into(),

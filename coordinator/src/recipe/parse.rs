@@ -178,14 +178,22 @@ pub(super) fn params(v: Option<&&Value>, path: &str) -> Result<Params> {
 
 pub(super) fn model_ref(v: &Value, path: &str) -> Result<String> {
     let s = string(v, path)?;
-    if s.contains('+') {
-        return Err(bad(
-            path,
-            format!("`{s}`: LoRA references (model+lora) are not supported yet"),
-        ));
-    }
     if s.trim().is_empty() {
         return Err(bad(path, "empty model reference"));
+    }
+    // `model+adapter`: a LoRA adapter applied to the model (mergekit's syntax: one `+`)
+    let parts: Vec<&str> = s.split('+').collect();
+    if parts.len() > 2 {
+        return Err(bad(
+            path,
+            format!("`{s}`: one LoRA adapter per model (`model+adapter`), not several `+`"),
+        ));
+    }
+    if parts.iter().any(|p| p.trim().is_empty()) {
+        return Err(bad(
+            path,
+            format!("`{s}`: `model+adapter` needs both a model and an adapter"),
+        ));
     }
     Ok(s)
 }

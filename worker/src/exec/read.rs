@@ -38,6 +38,12 @@ impl Executor {
         scratch: &mut Scratch,
     ) -> Result<Vec<Vec<f32>>, TaskError> {
         if let Some(map) = &job.row_map {
+            if job.inputs.iter().any(|s| s.lora.is_some()) {
+                return Err(fatal(format!(
+                    "tensor {}: a LoRA adapter on a vocabulary-re-mapped embedding (plan error)",
+                    job.name
+                )));
+            }
             let (start, end) = rows;
             let (v, n) = super::rowmap::read_inputs(&self.resolver, job, map, start, end).await?;
             io.bytes_read += n;
@@ -50,7 +56,16 @@ impl Executor {
             .iter()
             .zip(bufs)
             .map(|(src, bufs)| self.read_input(job, src, rows, bufs, keep, job_id));
-        let results = futures::future::try_join_all(reads).await?;
+        let mut results = futures::future::try_join_all(reads).await?;
+        // a LoRA adapter's delta, for the rows read (`model+adapter`)
+        let (_, out_row) = view2d(&job.shape);
+        for (r, src) in results.iter_mut().zip(&job.inputs) {
+            if let Some(lora) = &src.lora {
+                r.from_storage += self
+                    .apply_lora(job, src, lora, rows, &mut r.values, out_row as usize)
+                    .await?;
+            }
+        }
         let mut out = Vec::with_capacity(results.len());
         let mut pieces = Vec::with_capacity(results.len());
         for r in results {

@@ -32,6 +32,7 @@ mod degenerate;
 mod gta;
 mod karcher;
 mod linear;
+pub mod lora;
 mod model_stock;
 mod multislerp;
 mod nearswap;
