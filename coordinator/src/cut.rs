@@ -76,6 +76,8 @@ pub fn cut(plan: &Plan, o: &CutOptions) -> Cut {
         };
         let mut file_tasks: Vec<TaskDef> = Vec::new();
         let mut meta = 0;
+        // the last tensor was kept whole in a task of its own: the next rows start a new one
+        let mut after_alone = false;
         for &ti in &f.tensors {
             let t = &plan.tensors[ti];
             let (rows, row_bytes) = t.rows();
@@ -93,10 +95,14 @@ pub fn cut(plan: &Plan, o: &CutOptions) -> Cut {
             }
             meta += t_meta;
             // A tensor with statistics passes whose rows all fit the slot stays whole, in one
-            // task however large: its passes then run on the rows read once.
-            let whole = rows <= seg_cap_rows && t.passes > 0;
+            // task however large: its passes then run on the rows read once. One whose working
+            // set fits half the slot may share its task; a larger one whose working set and
+            // output fit the slot (with a task's worth to spare) has a task of its own.
+            let (whole, alone) = keep_whole(t, seg_cap_rows, target, o);
             // (after what the task holds already, if both together would not fit the slot)
-            let mut flush = whole && cur.length + rows * row_bytes > half.max(target);
+            let mut flush =
+                after_alone || alone || (whole && cur.length + rows * row_bytes > half.max(target));
+            after_alone = alone;
             let mut r = 0;
             while r < rows {
                 if cur.length >= target || (flush && cur.length >= o.min_part.max(1)) {
@@ -130,6 +136,25 @@ pub fn cut(plan: &Plan, o: &CutOptions) -> Cut {
     }
     number_pieces(plan, &pieces, &mut out);
     out
+}
+
+/// Whether tensor `t` stays whole in one task, and whether that task is its own: a tensor
+/// with statistics passes whose rows fit a segment (`seg_cap_rows`), or whose working set and
+/// output fit the slot.
+fn keep_whole(t: &TensorPlan, seg_cap_rows: u64, target: u64, o: &CutOptions) -> (bool, bool) {
+    let (rows, row_bytes) = t.rows();
+    let row_elems = row_bytes / t.out_dtype.size() as u64;
+    let work = rows * row_elems * bytes_per_element(t);
+    let alone =
+        t.passes > 0 && rows > seg_cap_rows && whole_fits(work, rows * row_bytes, target, o);
+    (t.passes > 0 && (rows <= seg_cap_rows || alone), alone)
+}
+
+/// Whether a tensor kept whole in a task of its own fits the slot: its working set `work`, its
+/// output `out`, and what may share the task when the store's smallest part keeps it from
+/// being closed (less than a task's output before it, and up to one after it).
+fn whole_fits(work: u64, out: u64, target: u64, o: &CutOptions) -> bool {
+    work.saturating_add(out).saturating_add(2 * target) <= o.slot_memory
 }
 
 /// How much a task may describe: the tensors it writes count one each plus one per input. A
