@@ -248,12 +248,18 @@ impl Executor {
             .get_mut(at..end)
             .ok_or_else(|| fatal("segment overruns the task's output range"))?;
         if odt.is_float() {
-            let values = self.compute_rows(job, r, io, scratch).await?;
+            let (values, held) = self.compute_rows(job, r, io, scratch).await?;
             let finite = dtype::encode_finite(odt, &values, dst);
             if !finite {
-                // the inputs of this segment are still in the slot's buffers
+                // the inputs of this segment are still in the slot's buffers, unless the
+                // kernel used them as working memory (it then said whether they were finite)
                 let n_in = job.inputs.len().min(scratch.inputs.len());
-                non_finite(job, r, &values, odt, &scratch.inputs[..n_in])?;
+                let inputs_finite = held.unwrap_or_else(|| {
+                    scratch.inputs[..n_in]
+                        .iter()
+                        .all(|v| v.iter().all(|x| x.is_finite()))
+                });
+                non_finite(job, r, &values, odt, inputs_finite)?;
             }
             scratch.out = values;
         } else {
@@ -382,18 +388,21 @@ impl Executor {
     }
 
     /// Reads a row range of every input and computes the output rows in f32, in the slot's
-    /// output buffer (give it back to `scratch.out` when done with the values).
+    /// output buffer (give it back to `scratch.out` when done with the values). With them,
+    /// whether every input value was finite when the kernel used the inputs as working memory
+    /// (the slot's input buffers no longer hold them), else None.
     async fn compute_rows(
         &self,
         job: &pb::TensorJob,
         r: &pb::TensorRows,
         io: &mut Io,
         scratch: &mut Scratch,
-    ) -> Result<Vec<f32>, TaskError> {
+    ) -> Result<(Vec<f32>, Option<bool>), TaskError> {
         let inputs = self
             .read_inputs(job, (r.row_start, r.row_end), false, io, scratch)
             .await?;
-        let (res, inputs) = kernel_rows(job, r, inputs, std::mem::take(&mut scratch.out)).await;
+        let out = std::mem::take(&mut scratch.out);
+        let (res, inputs) = kernel_rows(job, r, inputs, out, true).await;
         give_back(&mut scratch.inputs, inputs);
         res
     }

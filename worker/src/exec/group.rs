@@ -182,11 +182,14 @@ impl Executor {
                 return Err(fatal("empty segment"));
             };
             let job = segment_tensor(r, &ws[k].w.tensors)?;
-            let (res, back) = kernel_rows(job, r, inputs, std::mem::take(&mut scratch.out)).await;
+            // (the next point reads the same inputs: none may be overwritten)
+            let out = std::mem::take(&mut scratch.out);
+            let (res, back) = kernel_rows(job, r, inputs, out, false).await;
             inputs = back;
-            let values = res?;
+            let (values, _) = res?;
             if !dtype::encode_finite(odt, &values, &mut buf[at..end]) {
-                non_finite(job, r, &values, odt, &inputs)?;
+                let finite = inputs.iter().all(|v| v.iter().all(|x| x.is_finite()));
+                non_finite(job, r, &values, odt, finite)?;
             }
             scratch.out = values;
         }

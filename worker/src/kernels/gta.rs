@@ -33,6 +33,7 @@
 //! after masking (exactly) per model. Element indices of the whole tensor key every random draw
 //! and every tie-break, so cutting the tensor into row ranges never changes a bit.
 
+mod held;
 mod methods;
 mod mix;
 mod sparse;
@@ -42,7 +43,6 @@ pub use methods::{
     TIES,
 };
 
-use mix::{mix_f32, mix_rounded, mix_rounded_avx2};
 use sparse::{della_axis, for_each_key_chunk, Sparse, CHUNK};
 
 use super::exact::F32Sum;
@@ -370,9 +370,9 @@ impl Method for Gta {
                     let dc = &mut d[..end - at];
                     // the sums are exact, so summing chunk by chunk changes no bit
                     plan.work.sub_into(&x[at..end], &b[at..end], dc);
-                    before.add_all(dc.iter().map(|v| v.abs()));
+                    before.add_abs(dc);
                     sp.sparsify(at, dc);
-                    after.add_all(dc.iter().map(|v| v.abs()));
+                    after.add_abs(dc);
                 }
             }
             st.sums.push(before.finish());
@@ -446,61 +446,33 @@ impl Method for Gta {
         check_inputs(ctx, inputs, out.len())?;
         let base = inputs[plan.base];
         let sel_state = state.child(0);
-        let nj = plan.others.len();
-        let mut sparse = Vec::with_capacity(nj);
-        let scales = rescale_factors(&plan, state)?;
-        for j in 0..nj {
+        let mut sparse = Vec::with_capacity(plan.others.len());
+        for j in 0..plan.others.len() {
             sparse.push(Sparse::new(&plan, ctx, sel_state, rows, inputs, j)?);
         }
-        let total_w = {
-            let t: f32 = plan.weights.iter().sum();
-            if t.abs() < 1e-8 {
-                1.0
-            } else {
-                t
-            }
-        };
-        let n = out.len();
-        // One chunk of every model's delta, then the mix over the chunk, loops ordered so
-        // that each element sees exactly the scalar sequence of operations (bit-identical).
-        let mut deltas = vec![0f32; nj * CHUNK];
-        let (mut bbuf, mut scratch) = ([0f32; CHUNK], [[0f32; CHUNK]; 3]);
-        let work = plan.work;
-        for at in (0..n).step_by(CHUNK) {
-            let end = (at + CHUNK).min(n);
-            let len = end - at;
-            let bc = &base[at..end];
-            for (j, sp) in sparse.iter_mut().enumerate() {
-                let d = &mut deltas[j * CHUNK..j * CHUNK + len];
-                sp.fill(work, &inputs[plan.others[j]][at..end], bc, at, d);
-                if let Some(s) = scales[j] {
-                    work.scale(d, s);
-                }
-            }
-            if work.rounds() {
-                // the base in the working dtype once (usually as read: only checked)
-                let bc = work.rounded(bc, &mut bbuf);
-                let (o, cons) = (&mut out[at..end], self.cfg.consensus);
-                match work {
-                    Work::BF16 if super::round::has_avx2() => {
-                        // SAFETY: the CPU has AVX2 (checked at run time just above)
-                        unsafe { mix_rounded_avx2::<1>(&plan, cons, &mut deltas, bc, o) }
-                    }
-                    Work::BF16 => mix_rounded::<1>(&plan, cons, &mut deltas, bc, o),
-                    _ => mix_rounded::<2>(&plan, cons, &mut deltas, bc, o),
-                }
-                continue;
-            }
-            let (cons, o) = (self.cfg.consensus, &mut out[at..end]);
-            mix_f32(&plan, cons, total_w, &deltas, bc, o, &mut scratch);
-        }
+        let scales = rescale_factors(&plan, state)?;
+        let (work, others) = (plan.work, &plan.others);
+        self.mix_chunks(&plan, &scales, base, out, |j, at, d| {
+            let end = at + d.len();
+            sparse[j].fill(work, &inputs[others[j]][at..end], &base[at..end], at, d);
+        });
         Ok(())
+    }
+
+    fn whole_in_place(
+        &self,
+        ctx: &TensorCtx,
+        inputs: &mut [&mut [f32]],
+        out: &mut [f32],
+    ) -> Option<KResult<bool>> {
+        self.whole_held(ctx, inputs, out)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::testutil::*;
+    use super::mix::{mix_rounded, mix_rounded_avx2};
     use super::*;
 
     /// bf16 op by op, as torch: a hand-computed reference of mergekit's steps for

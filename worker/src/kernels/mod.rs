@@ -383,6 +383,19 @@ pub trait Method: Send + Sync {
         inputs: &[&[f32]],
         out: &mut [f32],
     ) -> KResult<()>;
+
+    /// [`run_whole`] over a whole tensor whose inputs the method may overwrite (the caller
+    /// drops them afterwards): the same output bits, with less work where the method can use
+    /// its inputs as working memory. None: no such path (the caller runs [`run_whole`]); else
+    /// whether every input value was finite (the caller can no longer look).
+    fn whole_in_place(
+        &self,
+        _ctx: &TensorCtx,
+        _inputs: &mut [&mut [f32]],
+        _out: &mut [f32],
+    ) -> Option<KResult<bool>> {
+        None
+    }
 }
 
 /// Every method, by mergekit name.

@@ -184,3 +184,61 @@ pub(super) unsafe fn mix_rounded_avx2<const K: u8>(
 ) {
     mix_rounded::<K>(plan, consensus, deltas, base, out)
 }
+
+impl Gta {
+    /// The mix of every model's sparsified delta over `out`'s elements: `fill(j, at, d)` writes
+    /// model `j`'s sparsified (unscaled) delta of elements `[at, at + d.len())` into `d`, chunk
+    /// by chunk in element order; the rescale factors `scales` apply after it.
+    pub(super) fn mix_chunks(
+        &self,
+        plan: &Plan,
+        scales: &[Option<f32>],
+        base: &[f32],
+        out: &mut [f32],
+        mut fill: impl FnMut(usize, usize, &mut [f32]),
+    ) {
+        let nj = plan.others.len();
+        let total_w = {
+            let t: f32 = plan.weights.iter().sum();
+            if t.abs() < 1e-8 {
+                1.0
+            } else {
+                t
+            }
+        };
+        let n = out.len();
+        // One chunk of every model's delta, then the mix over the chunk, loops ordered so
+        // that each element sees exactly the scalar sequence of operations (bit-identical).
+        let mut deltas = vec![0f32; nj * CHUNK];
+        let (mut bbuf, mut scratch) = ([0f32; CHUNK], [[0f32; CHUNK]; 3]);
+        let work = plan.work;
+        for at in (0..n).step_by(CHUNK) {
+            let end = (at + CHUNK).min(n);
+            let len = end - at;
+            let bc = &base[at..end];
+            for (j, scale) in scales.iter().enumerate() {
+                let d = &mut deltas[j * CHUNK..j * CHUNK + len];
+                fill(j, at, d);
+                if let Some(s) = *scale {
+                    work.scale(d, s);
+                }
+            }
+            if work.rounds() {
+                // the base in the working dtype once (usually as read: only checked)
+                let bc = work.rounded(bc, &mut bbuf);
+                let (o, cons) = (&mut out[at..end], self.cfg.consensus);
+                match work {
+                    Work::BF16 if crate::kernels::round::has_avx2() => {
+                        // SAFETY: the CPU has AVX2 (checked at run time just above)
+                        unsafe { mix_rounded_avx2::<1>(plan, cons, &mut deltas, bc, o) }
+                    }
+                    Work::BF16 => mix_rounded::<1>(plan, cons, &mut deltas, bc, o),
+                    _ => mix_rounded::<2>(plan, cons, &mut deltas, bc, o),
+                }
+                continue;
+            }
+            let (cons, o) = (self.cfg.consensus, &mut out[at..end]);
+            mix_f32(plan, cons, total_w, &deltas, bc, o, &mut scratch);
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! A whole tensor whose inputs the kernel may overwrite: each model's delta is computed once,
+//! in place of its input, and every statistics pass and the mix read it; a rescaled random
+//! (DARE) drop is drawn once, in the L1 pass, instead of again in the mix. The same steps on
+//! the same values as [`Method::partial`] and [`Method::apply`] over the whole tensor, so the
+//! same bits.
+
+use super::*;
+
+impl Gta {
+    /// [`Method::whole_in_place`]: None for a tensor without statistics passes (nothing to
+    /// share between passes) or with a DELLA drop (it ranks the deltas itself).
+    pub(super) fn whole_held(
+        &self,
+        ctx: &TensorCtx,
+        inputs: &mut [&mut [f32]],
+        out: &mut [f32],
+    ) -> Option<KResult<bool>> {
+        let plan = match self.plan(ctx) {
+            Ok(p) => p,
+            Err(e) => return Some(Err(e)),
+        };
+        if plan.sel_passes + plan.l1_passes == 0
+            || plan.keep.iter().any(|k| matches!(k, Keep::Della { .. }))
+        {
+            return None;
+        }
+        Some(self.held(ctx, &plan, inputs, out))
+    }
+
+    fn held(
+        &self,
+        ctx: &TensorCtx,
+        plan: &Plan,
+        inputs: &mut [&mut [f32]],
+        out: &mut [f32],
+    ) -> KResult<bool> {
+        {
+            let refs: Vec<&[f32]> = inputs.iter().map(|x| &**x).collect();
+            check_inputs(ctx, &refs, out.len())?;
+        }
+        let (before, rest) = inputs.split_at_mut(plan.base);
+        let Some((base, after)) = rest.split_first_mut() else {
+            return Err(Param(format!(
+                "base model index {} is out of range",
+                plan.base
+            )));
+        };
+        let base: &[f32] = base;
+        // the non-base inputs in order: `others` is every input but the base, in order
+        let mut d: Vec<&mut [f32]> = before
+            .iter_mut()
+            .chain(after.iter_mut())
+            .map(|x| &mut **x)
+            .collect();
+        let mut finite = base.iter().all(|v| v.is_finite());
+        for dj in d.iter_mut() {
+            finite &= deltas_in_place(plan.work, dj, base);
+        }
+        let whole = RowRange {
+            start: 0,
+            end: ctx.rows,
+            index: 0,
+        };
+        let mut state = Stats::default();
+        let mut masked = vec![false; d.len()];
+        for pass in 0..plan.sel_passes + plan.l1_passes {
+            let partial = if pass < plan.sel_passes {
+                let mut keys = |p: usize, f: &mut dyn FnMut(&[u32])| held_keys(plan, &d, p, f);
+                if pass == 0 {
+                    select::partial0_resolvable_with(plan.ranks.len(), &mut keys)
+                } else if resolved(&state) {
+                    Stats::default()
+                } else {
+                    select::partial1_with(&state, &plan.ranks, &mut keys)
+                }
+            } else {
+                l1_in_place(plan, ctx, &state, whole, &mut d, &mut masked)?
+            };
+            match self.reduce(ctx, pass, state, vec![partial])? {
+                Reduced::More(s) => state = s,
+                Reduced::Done(s) => {
+                    state = s;
+                    break;
+                }
+            }
+        }
+        let sel_state = state.child(0);
+        let mut sparse = Vec::with_capacity(d.len());
+        for (j, &m) in masked.iter().enumerate() {
+            // (the drop was applied in place: only the copy is left to do)
+            sparse.push(match m {
+                true => Sparse::All,
+                false => Sparse::new(plan, ctx, sel_state, whole, &[], j)?,
+            });
+        }
+        let scales = rescale_factors(plan, &state)?;
+        self.mix_chunks(plan, &scales, base, out, |j, at, dst| {
+            dst.copy_from_slice(&d[j][at..at + dst.len()]);
+            sparse[j].sparsify(at, dst);
+        });
+        Ok(finite)
+    }
+}
+
+/// `x = r(x - b)` in the working dtype, as [`Work::sub_into`] gives it, chunk by chunk; whether
+/// every value of `x` was finite.
+fn deltas_in_place(work: Work, x: &mut [f32], b: &[f32]) -> bool {
+    let mut tmp = [0f32; CHUNK];
+    let mut finite = true;
+    for (xc, bc) in x.chunks_mut(CHUNK).zip(b.chunks(CHUNK)) {
+        let t = &mut tmp[..xc.len()];
+        t.copy_from_slice(xc);
+        finite &= t.iter().all(|v| v.is_finite());
+        work.sub_into(t, bc, xc);
+    }
+    finite
+}
+
+/// [`for_each_key_chunk`] over held deltas: the selection keys of selection problem `p`.
+fn held_keys(plan: &Plan, d: &[&mut [f32]], p: usize, f: &mut dyn FnMut(&[u32])) {
+    let Some(j) = plan
+        .keep
+        .iter()
+        .enumerate()
+        .filter(|(_, k)| matches!(k, Keep::Window { .. }))
+        .map(|(j, _)| j)
+        .nth(p)
+    else {
+        return;
+    };
+    let mut keys = [0u32; CHUNK];
+    for dc in d[j].chunks(CHUNK) {
+        let ks = &mut keys[..dc.len()];
+        for (k, &v) in ks.iter_mut().zip(dc) {
+            *k = select::key(v);
+        }
+        f(ks);
+    }
+}
+
+/// The L1 pass over held deltas: the sums [`Method::partial`] gives, with each rescaled
+/// model's drop applied in place (`masked[j]` set) so that the mix does not draw it again.
+fn l1_in_place(
+    plan: &Plan,
+    ctx: &TensorCtx,
+    state: &Stats,
+    rows: RowRange,
+    d: &mut [&mut [f32]],
+    masked: &mut [bool],
+) -> KResult<Stats> {
+    let mut st = Stats::default();
+    for (j, dj) in d.iter_mut().enumerate() {
+        let mut before = F32Sum::new();
+        let mut after = F32Sum::new();
+        if plan.keep[j].rescalable() {
+            let mut sp = Sparse::new(plan, ctx, state.child(0), rows, &[], j)?;
+            for (k, dc) in dj.chunks_mut(CHUNK).enumerate() {
+                // the sums are exact, so summing chunk by chunk changes no bit
+                before.add_abs(dc);
+                sp.sparsify(k * CHUNK, dc);
+                after.add_abs(dc);
+            }
+            masked[j] = true;
+        }
+        st.sums.push(before.finish());
+        st.sums.push(after.finish());
+    }
+    Ok(st)
+}
