@@ -42,6 +42,23 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| StorageError::new(format!("I/O task failed: {e}"), true))?
 }
 
+/// Reads and writes of at most this many bytes run on the calling thread: handing one to the
+/// blocking pool (a wake-up there and one back) costs more than a read or write of that size
+/// in the page cache, and small tasks paid it on every input and part.
+const INLINE_IO: u64 = 64 << 10;
+
+/// [`blocking`] for an operation on `len` bytes: on the calling thread when it is small.
+async fn blocking_sized<T: Send + 'static>(
+    len: u64,
+    f: impl FnOnce() -> SResult<T> + Send + 'static,
+) -> SResult<T> {
+    if len <= INLINE_IO {
+        f()
+    } else {
+        blocking(f).await
+    }
+}
+
 impl LocalStorage {
     pub fn new() -> Self {
         Self::default()
@@ -150,7 +167,11 @@ impl Storage for LocalStorage {
     async fn read_range(&self, path: &str, range: Range<u64>) -> SResult<Bytes> {
         let f = self.reader(path)?;
         let p = path.to_string();
-        blocking(move || read_exact_range(&f, &p, range).map(Bytes::from)).await
+        let len = range.end.saturating_sub(range.start);
+        blocking_sized(len, move || {
+            read_exact_range(&f, &p, range).map(Bytes::from)
+        })
+        .await
     }
 
     async fn read_range_into(
@@ -161,7 +182,8 @@ impl Storage for LocalStorage {
     ) -> SResult<Vec<u8>> {
         let f = self.reader(path)?;
         let p = path.to_string();
-        blocking(move || read_exact_range_into(&f, &p, range, buf)).await
+        let len = range.end.saturating_sub(range.start);
+        blocking_sized(len, move || read_exact_range_into(&f, &p, range, buf)).await
     }
 
     async fn read_all(&self, path: &str) -> SResult<Bytes> {
@@ -238,7 +260,7 @@ impl Storage for LocalStorage {
         data: Bytes,
     ) -> SResult<Receipt> {
         let tmp = upload.id.clone();
-        blocking(move || {
+        blocking_sized(data.len() as u64, move || {
             let f = OpenOptions::new()
                 .write(true)
                 .open(&tmp)
