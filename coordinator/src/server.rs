@@ -124,7 +124,8 @@ impl Coordinator for Service {
         let mut o = self.submit_options(&opts);
         // a job alone is cut for itself; the points of a sweep share their slots
         o.points = 1;
-        self.mgr.admit().map_err(status_of)?;
+        // every point is a job of its own: all of them count against --max-jobs
+        self.mgr.admit(r.more_points.len() + 1).map_err(status_of)?;
         let mut points = vec![(r.recipe_yaml.as_str(), r.output_uri.as_str())];
         points.extend(
             r.more_points

@@ -200,6 +200,44 @@ fn a_kept_intermediate_is_reused_only_when_its_key_matches() {
 }
 
 #[test]
+fn a_kept_intermediate_is_not_reused_when_an_input_adapter_changes() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    let models = golden().join("models");
+    // the stage's lang_eu input gets a LoRA adapter, a copy the test then trains "again"
+    let ad = dir.join("ad");
+    std::fs::create_dir(&ad).unwrap();
+    let src = root().join("tests/fixtures/lora/adapters/plain");
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(src.join(f), ad.join(f)).unwrap();
+    }
+    let eu = format!("{}/lang_eu\n", models.display());
+    let text = common::retarget(&KEPT.replace("DENSITY", "0.5"), &models).replacen(
+        &eu,
+        &format!("{}/lang_eu+{}\n", models.display(), ad.display()),
+        1,
+    );
+    assert!(text.contains("+"), "{text}");
+    std::fs::write(dir.join("r.yml"), text).unwrap();
+    let run = |out: &str| ok(dir, &["run", "r.yml", out, "--keep-intermediates", "kept"]).1;
+    let key_of = || std::fs::read_to_string(dir.join("kept/langs/shardmerge.stage.json")).unwrap();
+    let err = run("a");
+    assert!(!err.contains("reused"), "{err}");
+    let key = key_of();
+    let err = run("b");
+    assert!(err.contains("reused"), "{err}");
+    // the same shapes, other values (the last weight's low byte): a new key, not reused
+    let w = ad.join("adapter_model.safetensors");
+    let mut bytes = std::fs::read(&w).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    std::fs::write(&w, bytes).unwrap();
+    let err = run("c");
+    assert!(!err.contains("reused"), "{err}");
+    assert_ne!(key_of(), key);
+}
+
+#[test]
 fn all_named_stages_are_each_an_output() {
     let t = tempfile::tempdir().unwrap();
     let text = KEPT.replace("DENSITY", "0.5").replacen(

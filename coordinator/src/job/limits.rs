@@ -59,14 +59,15 @@ impl JobManager {
         *lock(&self.limits)
     }
 
-    /// Whether a new job may be submitted now: fewer than `max_jobs` jobs are held (ended
-    /// jobs are dropped first, oldest first, retention or not, to make room).
-    pub(crate) fn admit(&self) -> Result<()> {
+    /// Whether `n` new jobs (a sweep's points are a job each) may be submitted now: the jobs
+    /// held stay within `max_jobs` (ended jobs are dropped first, oldest first, retention or
+    /// not, to make room).
+    pub(crate) fn admit(&self, n: usize) -> Result<()> {
         let l = self.limits();
         let now = Instant::now();
         self.sweep(now);
         let mut jobs = lock(&self.jobs);
-        if jobs.len() < l.max_jobs {
+        if jobs.len() + n <= l.max_jobs {
             return Ok(());
         }
         let mut ended: Vec<(Instant, String)> = jobs
@@ -75,21 +76,26 @@ impl JobManager {
             .map(|(id, j)| (j.ended.unwrap_or(now), id.clone()))
             .collect();
         ended.sort();
-        let excess = jobs.len() + 1 - l.max_jobs;
+        let excess = jobs.len() + n - l.max_jobs;
         let mut history = lock(&self.history);
         for (_, id) in ended.into_iter().take(excess) {
             if let Some(j) = jobs.remove(&id) {
                 history.insert(id, j.state.status.clone());
             }
         }
-        if jobs.len() < l.max_jobs {
+        if jobs.len() + n <= l.max_jobs {
             return Ok(());
         }
+        let asked = if n == 1 {
+            String::new()
+        } else {
+            format!(" and this sweep's {n} points are a job each")
+        };
         Err(Error::Exhausted {
             limit: "--max-jobs",
             reason: format!(
-                "this coordinator already runs {} jobs (--max-jobs {}); wait for one to end, or \
-             cancel one",
+                "this coordinator already runs {} jobs (--max-jobs {}){asked}; wait for one to \
+                 end, or cancel one",
                 jobs.len(),
                 l.max_jobs
             ),

@@ -629,6 +629,24 @@ fn ended_jobs_leave_memory_after_their_retention_and_status_still_answers() {
 }
 
 #[test]
+fn a_sweep_counts_each_point_against_max_jobs() {
+    // one job runs under --max-jobs 3: a sweep of 3 points would make 4 jobs
+    let mgr = manager(
+        &["a"],
+        super::Limits {
+            max_jobs: 3,
+            ..Default::default()
+        },
+    );
+    let e = mgr.admit(3).expect_err("1 + 3 jobs").to_string();
+    assert!(e.contains("--max-jobs 3") && e.contains("3 points"), "{e}");
+    mgr.admit(2).expect("1 + 2 jobs fit");
+    // the ended job makes room for the whole sweep
+    end(&mgr, "a");
+    mgr.admit(3).expect("room for 3 points");
+}
+
+#[test]
 fn submissions_past_max_jobs_are_refused() {
     let mgr = manager(
         &["a", "b"],
@@ -637,15 +655,15 @@ fn submissions_past_max_jobs_are_refused() {
             ..Default::default()
         },
     );
-    let e = mgr.admit().expect_err("two jobs run").to_string();
+    let e = mgr.admit(1).expect_err("two jobs run").to_string();
     assert!(e.contains("--max-jobs 2"), "{e}");
     assert!(matches!(
-        mgr.admit(),
+        mgr.admit(1),
         Err(crate::error::Error::Exhausted { .. })
     ));
     // an ended job makes room, retention or not; it still answers status
     end(&mgr, "a");
-    mgr.admit().expect("room");
+    mgr.admit(1).expect("room");
     assert!(!super::lock(&mgr.jobs).contains_key("a"));
     assert_eq!(
         mgr.status("a").map(|s| s.state),

@@ -36,6 +36,8 @@ use config::LoraConfig;
 const PREFIX: &str = "base_model.model.";
 pub(super) const CONFIG_FILE: &str = "adapter_config.json";
 const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// The files of a PEFT adapter that its effect on a merge depends on.
+pub(crate) const ADAPTER_FILES: [&str; 2] = [CONFIG_FILE, WEIGHTS_FILE];
 
 /// An adapter's tensor: where its data lies.
 #[derive(Clone, Debug, PartialEq)]

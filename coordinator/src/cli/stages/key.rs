@@ -3,7 +3,9 @@
 //! checkpoints are), the options that shape its output (seed, draws, compute dtype, embedding
 //! truncation), and each input's config, safetensors headers (every tensor's dtype, shape and
 //! offsets) and checksum manifest when it has one (shardmerge's outputs, intermediates
-//! included, do: so a stage whose input stage changed gets a new key too). A kept intermediate
+//! included, do: so a stage whose input stage changed gets a new key too), and of an input's
+//! LoRA adapter (`model+adapter`) its whole config and weights file, which are small. A kept
+//! intermediate
 //! is reused only when `DIR/NAME/shardmerge.stage.json` holds the same key and the checkpoint
 //! is finished (its index is there); a folder existing is never enough.
 
@@ -15,6 +17,7 @@ use shardmerge_worker::storage::{Location, Resolver};
 use crate::error::Result;
 use crate::job::SubmitOptions;
 use crate::plan::load_model;
+use crate::plan::lora::ADAPTER_FILES;
 use crate::recipe::stages::Stage;
 use crate::recipe::Recipe;
 
@@ -37,7 +40,12 @@ pub(super) async fn content_key(
     });
     h.update(opts.to_string().as_bytes());
     for name in Recipe::parse(text)?.referenced_models() {
-        let m = load_model(resolver, &o.base_dir, &name).await?;
+        // `model+adapter`: the model as any other input, then the adapter's bytes
+        let (model, adapter) = match name.split_once('+') {
+            Some((m, a)) => (m, Some(a)),
+            None => (name.as_str(), None),
+        };
+        let m = load_model(resolver, &o.base_dir, model).await?;
         h.update(format!("\nmodel {}\n", m.tensors.len()).as_bytes());
         h.update(
             serde_json::to_string(&m.config)
@@ -57,8 +65,31 @@ pub(super) async fn content_key(
             h.update(b"\nchecksums\n");
             h.update(&sums.store.read_all(&sums.path).await?);
         }
+        if let Some(a) = adapter {
+            hash_adapter(&mut h, a, o, resolver).await?;
+        }
     }
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Adds adapter `reference`'s config and weights, whole, to `h`: an adapter trained again
+/// keeps its shapes, so its headers alone would not tell it from the old one.
+async fn hash_adapter(
+    h: &mut Sha256,
+    reference: &str,
+    o: &SubmitOptions,
+    resolver: &Resolver,
+) -> Result<()> {
+    let r = shardmerge_worker::storage::hub::model_reference(reference, &o.base_dir);
+    let loc = resolver.resolve(&r, &o.base_dir)?;
+    for file in ADAPTER_FILES {
+        let f = loc.join(file);
+        h.update(format!("\nadapter {file}\n").as_bytes());
+        if f.store.exists(&f.path).await? {
+            h.update(&f.store.read_all(&f.path).await?);
+        }
+    }
+    Ok(())
 }
 
 /// What a kept intermediate's folder holds.
