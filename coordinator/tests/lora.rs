@@ -7,7 +7,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use common::{compare, file_bytes};
 
@@ -15,16 +14,10 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/lora")
 }
 
+/// The exit code and stderr of `shardmerge ARGS` run in `dir`.
 fn run_in(dir: &Path, args: &[&str]) -> (i32, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_shardmerge"))
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
+    let (code, _, err) = common::shardmerge_in(dir, args);
+    (code, err)
 }
 
 /// Runs case `name`'s recipe into `out` with `extra` options.

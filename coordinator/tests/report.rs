@@ -20,16 +20,10 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// The exit code and stderr of `shardmerge ARGS` run in `dir`.
 fn run_in(dir: &Path, args: &[&str]) -> (i32, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_shardmerge"))
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
+    let (code, _, err) = common::shardmerge_in(dir, args);
+    (code, err)
 }
 
 fn ok(dir: &Path, args: &[&str]) -> String {

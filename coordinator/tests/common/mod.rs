@@ -20,6 +20,21 @@ pub mod family;
 #[path = "../../../tests/src/writer.rs"]
 pub mod writer;
 
+/// Runs the `shardmerge` binary in `dir` with `args`: its exit code (-1 when a signal ended
+/// it), stdout and stderr.
+pub fn shardmerge_in(dir: &Path, args: &[&str]) -> (i32, String, String) {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_shardmerge"))
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
 pub fn golden() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/golden")
 }
