@@ -5,7 +5,9 @@
 # vocabulary cases (tests/fixtures/vocab: tokens and logits). Logits are compared within a
 # tolerance that holds across CPUs; tensors bit for bit are coordinator/tests/archs.rs's job.
 # See tests/fixtures/archs/README.md. Each case prints ok or FAILED; each suite ends with
-# `archs: N passed, N failed in Ts` / `vocab: ...` (tests/run.sh reads those lines).
+# `archs: N passed, N failed in Ts` / `lora: ...` / `vocab: ...` (tests/run.sh reads those lines).
+# The LoRA suite (tests/fixtures/archs/lora_check.py) makes peft adapters on four of the
+# architectures and checks `model+adapter` merges against peft and a live mergekit run.
 #
 # usage: tests/archs.sh [CASE ...]
 #
@@ -34,6 +36,8 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error TQDM_DISABLE=1
 status=0
 "$VENV/bin/python" tests/fixtures/archs/check.py "$bin" "$@" || status=$?
 if [[ $# -eq 0 ]]; then
+    echo "== tests/fixtures/archs/lora_check.py (LoRA adapters made by peft, against peft and mergekit)"
+    "$VENV/bin/python" tests/fixtures/archs/lora_check.py "$bin" || status=$?
     echo "== tests/fixtures/vocab/check.sh (tokenizers and logits against mergekit)"
     ARCHS_VENV=$VENV tests/fixtures/vocab/check.sh "$bin" || status=$?
 fi
