@@ -2,7 +2,9 @@
 //! across several pieces whose method needs whole-tensor statistics becomes a *statistics unit*:
 //! its pieces run the statistics passes first, and the tasks writing them wait for it.
 
+use crate::error::{Error, Result};
 use crate::plan::{Plan, TensorPlan};
+use crate::size::human;
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum SegDef {
@@ -57,6 +59,47 @@ pub struct CutOptions {
 pub fn bytes_per_element(t: &TensorPlan) -> u64 {
     let inputs: u64 = t.inputs.iter().map(|s| 4 + s.dtype.size() as u64).sum();
     t.out_dtype.size() as u64 + 4 + inputs
+}
+
+/// Refuses a plan one of whose tensors cannot have a task within `slot_memory`: a task holds
+/// its segment's working set in half the slot, and an input's LoRA factors that a task needs
+/// whole whatever its rows (a Linear weight's `lora_A`, an embedding's `lora_embedding_B`)
+/// come out of that half; cutting the tensor finer cannot make them smaller.
+pub fn check_fits(plan: &Plan, slot_memory: u64) -> Result<()> {
+    let half = (slot_memory / 2).max(1);
+    for t in &plan.tensors {
+        let (fixed, per_row) = t.lora_memory();
+        if fixed == 0 {
+            continue;
+        }
+        let (_, row_bytes) = t.rows();
+        let row_elems = row_bytes / t.out_dtype.size() as u64;
+        let need = fixed + bytes_per_element(t) * row_elems.max(1) + per_row;
+        if need > half {
+            let adapters: Vec<&str> = t
+                .inputs
+                .iter()
+                .filter_map(|s| s.lora.as_ref().map(|l| &*l.adapter))
+                .collect();
+            return Err(Error::Exhausted {
+                limit: "--memory-limit",
+                reason: format!(
+                    "tensor {}: the LoRA factors of {} that every task of it needs whole take \
+                     about {} as read and as f32, and one row's working set {} more, past the \
+                     half of a worker slot ({} of {}) a task's rows may use; give each slot at \
+                     least {} (a larger --memory-limit, or fewer --workers)",
+                    t.name,
+                    adapters.join(", "),
+                    human(fixed),
+                    human(need - fixed),
+                    human(half),
+                    human(slot_memory),
+                    human(2 * need),
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 pub fn cut(plan: &Plan, o: &CutOptions) -> Cut {

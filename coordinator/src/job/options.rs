@@ -140,7 +140,9 @@ impl SubmitOptions {
     /// each job's tasks are cut to that share of the slot.
     pub fn slot_memory_for(&self, plan: &plan::Plan) -> Result<u64> {
         let k = u64::from(self.points.max(1));
-        Ok(self.whole_slot(plan)? / k)
+        let slot = self.whole_slot(plan)? / k;
+        crate::cut::check_fits(plan, slot)?;
+        Ok(slot)
     }
 
     /// What one worker slot has, all the jobs that share reads together.
