@@ -10,6 +10,8 @@
 #   BENCH_SKIP_BUILD=1  use the release binaries already built (cargo's target directory:
 #                       CARGO_TARGET_DIR when set, else target/)
 #   BENCH_ONLY=floor    time only the I/O floor (no merges)
+#   BENCH_ONLY=sweep    time only the 5-point sweep and its 5 single runs (and the floor of
+#                       base + 2 before and after)
 #   BENCH_DATA=DIR      data folder (default bench-data; the recipes name bench-data/...)
 #   BENCH_BIN=DIR       where the binaries are (default: release/ in cargo's target directory)
 #   BENCH_METHODS="..." the merges to run (default: task_arithmetic ties dare_ties della
@@ -25,6 +27,8 @@
 #                       one by one (bench/task_arithmetic-sweep.yml; on by default)
 #   BENCH_SWEEP_OUT=null  the sweep and its single runs write to the discarding null:// store
 #                       (times reads and compute without the disk's writes)
+#   BENCH_COLD=1        the sweep, its single runs and its floor each start with the inputs
+#                       evicted from the page cache (read from the disk)
 #   BENCH_SHA256=1      print the sha256 of each merge's output files (to show that a change
 #                       left the output byte-identical: compare two runs)
 set -euo pipefail
@@ -168,30 +172,54 @@ merge_null() { # key recipe: shardmerge run into null://bench/KEY, the output di
     [[ -n ${BENCH_WORKERS:-} ]] && extra+=(--workers "$BENCH_WORKERS")
     timed "$key" "$REL/shardmerge" run "$recipe" "null://bench/$key" --quiet "${extra[@]}"
 }
+# BENCH_COLD=1: each of them (and the sweep's floor) starts with the inputs out of the page
+# cache (posix_fadvise DONTNEED on the input files only: the rest of the machine's cache stays),
+# so they are read from the disk, as inputs that do not fit in RAM would be.
+cold() {
+    [[ ${BENCH_COLD:-} == 1 ]] || return 0
+    python3 -c 'import os, sys
+for f in sys.argv[1:]:
+    fd = os.open(f, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)' "${TA_IN[@]}"
+}
 sweep_vs_singles() {
     local recipe=$DATA/out/task_arithmetic-sweep.yml v k=0 merge=merge
     [[ ${BENCH_SWEEP_OUT:-disk} == null ]] && merge=merge_null
     sed "s#bench-data/#$DATA/#g" bench/task_arithmetic-sweep.yml >"$recipe"
+    if [[ $merge == merge ]]; then
+        # the sweep's own I/O floor: the inputs read once, five outputs written and fsynced
+        cold
+        timed floor_sweep5 "$REL/io-floor" --out "$DATA/out/floor.bin" --bytes $((5 * OUT_BYTES)) "${TA_IN[@]}"
+        rm -f "$DATA/out/floor.bin"
+    fi
+    cold
     $merge sweep5 "$recipe"
     for v in $(sed -n 's/.*{sweep: \[\(.*\)\]}.*/\1/p' "$recipe" | tr ',' ' '); do
         k=$((k + 1))
         sed "s#{sweep: \[.*\]}#$v#" "$recipe" >"$DATA/out/point$k.yml"
+        cold
         $merge "single$k" "$DATA/out/point$k.yml"
         rm -f "$DATA/out/point$k.yml"
     done
 }
 
 sync   # flush the generator's (or an earlier run's) dirty pages before timing anything
-floor floor_pair_first "${PAIR_IN[@]}"
+ONLY=${BENCH_ONLY:-}
+[[ $ONLY == sweep ]] || floor floor_pair_first "${PAIR_IN[@]}"
 floor floor_ta_first "${TA_IN[@]}"
-floor floor_ties_first "${TIES_IN[@]}"
-if [[ ${BENCH_ONLY:-} != floor ]]; then
-    merges
-    [[ ${BENCH_SWEEP:-1} != 0 ]] && sweep_vs_singles
-fi
-floor floor_pair_last "${PAIR_IN[@]}"
+[[ $ONLY == sweep ]] || floor floor_ties_first "${TIES_IN[@]}"
+case $ONLY in
+    floor) ;;
+    sweep) sweep_vs_singles ;;
+    *)
+        merges
+        [[ ${BENCH_SWEEP:-1} != 0 ]] && sweep_vs_singles
+        ;;
+esac
+[[ $ONLY == sweep ]] || floor floor_pair_last "${PAIR_IN[@]}"
 floor floor_ta_last "${TA_IN[@]}"
-floor floor_ties_last "${TIES_IN[@]}"
+[[ $ONLY == sweep ]] || floor floor_ties_last "${TIES_IN[@]}"
 
 # --- report ---------------------------------------------------------------------------------
 min() { awk -v a="$1" -v b="$2" 'BEGIN { print (a < b ? a : b) }'; }
@@ -206,10 +234,11 @@ printf '%-24s %8s %8s %8s %8s %8s  %-8s %s\n' run wall_s x_floor read_GB x_input
 fail=0
 keys=(floor_pair_first floor_ta_first floor_ties_first)
 for name in "${METHODS[@]}"; do keys+=("$name" "${name}_f32" "mergekit_$name"); done
-keys+=(sweep5 single1 single2 single3 single4 single5 floor_pair_last floor_ta_last floor_ties_last)
+keys+=(floor_sweep5 sweep5 single1 single2 single3 single4 single5 floor_pair_last floor_ta_last floor_ties_last)
 for k in "${keys[@]}"; do
     [[ -n ${WALL[$k]:-} ]] || continue
     case $k in
+        floor_sweep5) f=ta ;;
         floor_*) f=${k#floor_}; f=${f%_*} ;;
         mergekit_*) f=$(floor_of "${k#mergekit_}") ;;
         *) f=$(floor_of "$k") ;;
@@ -254,8 +283,14 @@ if [[ ${STATUS[sweep5]:-} == ok ]]; then
         mean=$(awk -v a="$singles" -v n="$n" 'BEGIN { printf "%.2f", a / n }')
         SWEEP_X=$(ratio "${WALL[sweep5]}" "$mean")
         echo
+        [[ ${BENCH_COLD:-} == 1 ]] && echo "(BENCH_COLD=1: the inputs evicted from the page cache before the sweep, each single run and the sweep's floor)"
         echo "sweep of 5 task_arithmetic points: ${WALL[sweep5]} s = ${SWEEP_X} single runs (the $n single runs: $singles s, $mean s each);"
         echo "  read $(gb "${READ[sweep5]}") GB = $(ratio "${READ[sweep5]}" "$IN_BYTES_ta")x the input, the singles $(gb "$read1") GB = $(ratio "$read1" "$IN_BYTES_ta")x"
+        if [[ ${STATUS[floor_sweep5]:-} == ok ]]; then
+            fl=$(min "${WALL[floor_ta_first]}" "${WALL[floor_ta_last]}")
+            echo "  I/O floors: reading the input once and writing five outputs ${WALL[floor_sweep5]} s = $(ratio "${WALL[floor_sweep5]}" "$fl") floors of one run ($fl s);"
+            echo "  the sweep took $(ratio "${WALL[sweep5]}" "${WALL[floor_sweep5]}")x its floor, a single run $(ratio "$mean" "$fl")x its"
+        fi
     fi
 fi
 # --- targets (issue 19), each a ratio within this run: said, not enforced (exit status is 1 only
@@ -277,7 +312,9 @@ for name in "${METHODS[@]}"; do
         ties | dare_ties) lim=2.5 ;;
         *) lim= ;;
     esac
-    fl=$(min "${WALL[floor_$(floor_of "$name")_first]}" "${WALL[floor_$(floor_of "$name")_last]}")
+    f=$(floor_of "$name")
+    [[ -n ${WALL[floor_${f}_first]:-} ]] || continue # (BENCH_ONLY=sweep: none timed)
+    fl=$(min "${WALL[floor_${f}_first]}" "${WALL[floor_${f}_last]}")
     for k in "$name" "${name}_f32"; do
         [[ ${STATUS[$k]:-} == ok ]] || continue
         [[ -n $lim ]] && target "$(ratio "${WALL[$k]}" "$fl")" "$lim" "$k / I/O floor"

@@ -65,7 +65,7 @@ mod rowcache;
 mod rowmap;
 mod scratch;
 mod segment;
-use kernel::{kernel_rows, partial_rows};
+use kernel::{kernel_points, kernel_rows, partial_rows};
 pub use rowcache::RowCache;
 use scratch::{give_back, sized};
 pub use scratch::{release_free_memory, Scratch};

@@ -9,7 +9,7 @@ use shardmerge_proto as pb;
 
 use super::scratch::{give_back, sized};
 use super::segment::{non_finite, segment_tensor};
-use super::{fatal, kernel_rows, partial_rows, Executor, Io, Scratch, TaskError};
+use super::{fatal, kernel_points, partial_rows, Executor, Io, Scratch, TaskError};
 use crate::format::dtype::{self, DType};
 use crate::tensor::view2d;
 
@@ -84,7 +84,9 @@ impl Executor {
         scratch: &mut Scratch,
     ) -> Result<Vec<pb::TaskResult>, TaskError> {
         let len = usize::try_from(ws[0].out.length).map_err(|_| fatal("task too large"))?;
-        let mut bufs: Vec<Vec<u8>> = ws.iter().map(|_| Vec::new()).collect();
+        // the buffers of the last group, when the store gave them back
+        let mut spare = std::mem::take(&mut scratch.point_bytes);
+        let mut bufs: Vec<Vec<u8>> = ws.iter().map(|_| spare.pop().unwrap_or_default()).collect();
         bufs[0] = std::mem::take(&mut scratch.bytes);
         // every byte is written below: literals and rows fill [0, len) in order (checked)
         let mut bufs: Vec<Vec<u8>> = bufs.into_iter().map(|b| sized(b, len)).collect();
@@ -115,7 +117,10 @@ impl Executor {
                     crc32c: crc32c::crc32c(&buf),
                 }
             } else {
-                self.put(w.out, buf, scratch).await?
+                let part = self.put(w.out, buf, scratch).await?;
+                // (`put` hands the buffer back in `scratch.bytes` when the store let it go)
+                spare.push(std::mem::take(&mut scratch.bytes));
+                part
             };
             results.push(pb::TaskResult {
                 // the rows were read once, for the first task: the others read nothing
@@ -126,6 +131,9 @@ impl Executor {
                 stats: None,
             });
         }
+        spare.retain(|b| b.capacity() > 0);
+        scratch.bytes = spare.pop().unwrap_or_default();
+        scratch.point_bytes = spare;
         if let Some(c) = &self.cache {
             io.cached.iter().for_each(|k| c.remove(k));
         }
@@ -174,25 +182,26 @@ impl Executor {
                 .for_each(|b| b[at..end].copy_from_slice(&first[0][at..end]));
             return Ok(end);
         }
-        let mut inputs = self
+        let points = (0..ws.len())
+            .map(|k| match seg(k) {
+                Some(pb::segment::Kind::Rows(r)) => Ok((segment_tensor(r, &ws[k].w.tensors)?, r)),
+                _ => Err(fatal("empty segment")),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let inputs = self
             .read_inputs(job0, (r0.row_start, r0.row_end), false, io, scratch)
             .await?;
-        for (k, buf) in bufs.iter_mut().enumerate() {
-            let Some(pb::segment::Kind::Rows(r)) = seg(k) else {
-                return Err(fatal("empty segment"));
-            };
-            let job = segment_tensor(r, &ws[k].w.tensors)?;
-            // (the next point reads the same inputs: none may be overwritten)
-            let out = std::mem::take(&mut scratch.out);
-            let (res, back) = kernel_rows(job, r, inputs, out, false).await;
-            inputs = back;
-            let (values, _) = res?;
-            if !dtype::encode_finite(odt, &values, &mut buf[at..end]) {
+        // every point from the same inputs, what they share computed once
+        let outs = std::mem::take(&mut scratch.points);
+        let (res, inputs) = kernel_points(&points, inputs, outs).await;
+        let outs = res?;
+        for ((job, r), (buf, values)) in points.iter().zip(bufs.iter_mut().zip(&outs)) {
+            if !dtype::encode_finite(odt, values, &mut buf[at..end]) {
                 let finite = inputs.iter().all(|v| v.iter().all(|x| x.is_finite()));
-                non_finite(job, r, &values, odt, finite)?;
+                non_finite(job, r, values, odt, finite)?;
             }
-            scratch.out = values;
         }
+        scratch.points = outs;
         give_back(&mut scratch.inputs, inputs);
         Ok(end)
     }

@@ -46,6 +46,121 @@ pub(super) async fn kernel_rows(
     }
 }
 
+/// Runs the kernels of several points of a sweep over the same rows of the same inputs (read
+/// already): point `k` is `points[k]` (its tensor and rows: its own parameters and
+/// statistics), computed into `outs[k]` (resized). What the points compute alike is computed
+/// once where the method can ([`kernels::Method::apply_points`]), else each point runs alone.
+/// Gives the inputs back with the results.
+pub(super) async fn kernel_points(
+    points: &[(&pb::TensorJob, &pb::TensorRows)],
+    inputs: Vec<Vec<f32>>,
+    outs: Vec<Vec<f32>>,
+) -> (Result<Vec<Vec<f32>>, TaskError>, Vec<Vec<f32>>) {
+    let values: usize = inputs.iter().map(Vec::len).sum();
+    if values <= INLINE_KERNEL {
+        let mut inputs = inputs;
+        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            compute_points(points, &mut inputs, outs)
+        }))
+        .unwrap_or_else(|_| Err(fatal("kernel panicked")));
+        return (res, inputs);
+    }
+    let owned: Vec<(pb::TensorJob, pb::TensorRows)> = points
+        .iter()
+        .map(|(j, r)| ((*j).clone(), (*r).clone()))
+        .collect();
+    let done = tokio::task::spawn_blocking(move || {
+        let mut inputs = inputs;
+        let points: Vec<_> = owned.iter().map(|(j, r)| (j, r)).collect();
+        let res = compute_points(&points, &mut inputs, outs);
+        (res, inputs)
+    })
+    .await;
+    match done {
+        Ok(r) => r,
+        Err(e) => (Err(fatal(format!("kernel panicked: {e}"))), Vec::new()),
+    }
+}
+
+/// [`kernel_points`] on this thread.
+fn compute_points(
+    points: &[(&pb::TensorJob, &pb::TensorRows)],
+    inputs: &mut [Vec<f32>],
+    outs: Vec<Vec<f32>>,
+) -> Result<Vec<Vec<f32>>, TaskError> {
+    let mut outs = outs;
+    outs.resize_with(points.len(), Vec::new);
+    let Some(((job0, r0), rest)) = points.split_first() else {
+        return Ok(outs);
+    };
+    // together only when every point runs the same method over the same range
+    let alike = rest.iter().all(|(j, r)| {
+        (&j.method, r.row_start, r.row_end, r.range_index)
+            == (&job0.method, r0.row_start, r0.row_end, r0.range_index)
+    });
+    if alike && together(points, inputs, &mut outs)? {
+        return Ok(outs);
+    }
+    for ((job, r), out) in points.iter().zip(outs.iter_mut()) {
+        let rows = row_range(r);
+        let o = std::mem::take(out);
+        *out = compute(job, r.stats.as_ref(), rows, inputs, o, false)?.0;
+    }
+    Ok(outs)
+}
+
+/// The points (one method, the same rows) through [`kernels::Method::apply_points`]; false
+/// when the method has no such path for them.
+fn together(
+    points: &[(&pb::TensorJob, &pb::TensorRows)],
+    inputs: &[Vec<f32>],
+    outs: &mut [Vec<f32>],
+) -> Result<bool, TaskError> {
+    let (job0, r0) = points[0];
+    let named =
+        |e: kernels::KernelError| fatal(format!("tensor {}: {}: {e}", job0.name, job0.method));
+    {
+        let m = method_of(job0)?;
+        let ctxs = points
+            .iter()
+            .map(|(j, _)| tensor_ctx(j))
+            .collect::<Result<Vec<_>, _>>()?;
+        let rows = row_range(r0);
+        let n = ((rows.end - rows.start) as usize) * ctxs[0].row_len;
+        let refs: Vec<&[f32]> = inputs.iter().map(Vec::as_slice).collect();
+        // a whole tensor's statistics come from its own passes, as in `compute`
+        let whole = rows.start == 0 && rows.end == ctxs[0].rows;
+        let mut states = Vec::with_capacity(points.len());
+        for (ctx, (_, r)) in ctxs.iter().zip(points) {
+            states.push(if whole {
+                kernels::run_passes(m, ctx, |pass, st| {
+                    Ok(vec![m.partial(ctx, pass, st, rows, &refs)?])
+                })
+                .map_err(named)?
+            } else {
+                r.stats.as_ref().map(Stats::from_proto).unwrap_or_default()
+            });
+        }
+        for o in outs.iter_mut() {
+            // kernels write every output element (their tests run on NaN-filled buffers)
+            *o = sized(std::mem::take(o), n);
+        }
+        let mut muts: Vec<&mut [f32]> = outs.iter_mut().map(Vec::as_mut_slice).collect();
+        match m.apply_points(&ctxs, &states, rows, &refs, &mut muts) {
+            None => Ok(false),
+            Some(r) => r.map(|()| true).map_err(named),
+        }
+    }
+}
+
+fn row_range(r: &pb::TensorRows) -> RowRange {
+    RowRange {
+        start: r.row_start,
+        end: r.row_end,
+        index: r.range_index,
+    }
+}
+
 /// Input values up to which a segment's kernel runs on the task's own thread: handing it to
 /// the blocking pool (a wake-up there and one back) costs more than computing that little.
 const INLINE_KERNEL: usize = 1 << 16;

@@ -16,6 +16,10 @@ pub struct Scratch {
     pub(super) pieces: Vec<Vec<u8>>,
     pub(super) out: Vec<f32>,
     pub(super) bytes: Vec<u8>,
+    /// A sweep's points run together (exec/group.rs): each point's computed rows, and the
+    /// output bytes of every point but the first (which uses `bytes`).
+    pub(super) points: Vec<Vec<f32>>,
+    pub(super) point_bytes: Vec<Vec<u8>>,
     keep: u64,
 }
 
@@ -33,7 +37,10 @@ impl Scratch {
         let f = std::mem::size_of::<f32>();
         let inputs: usize = self.inputs.iter().map(|v| v.capacity() * f).sum();
         let pieces: usize = self.pieces.iter().map(Vec::capacity).sum();
-        (inputs + pieces + self.out.capacity() * f + self.bytes.capacity()) as u64
+        let points: usize = self.points.iter().map(|v| v.capacity() * f).sum();
+        let point_bytes: usize = self.point_bytes.iter().map(Vec::capacity).sum();
+        let one = self.out.capacity() * f + self.bytes.capacity();
+        (inputs + pieces + one + points + point_bytes) as u64
     }
 
     /// Lets everything go when more than `keep` bytes are held.

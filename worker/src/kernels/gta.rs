@@ -36,6 +36,7 @@
 mod held;
 mod methods;
 mod mix;
+mod points;
 mod sparse;
 
 pub use methods::{
@@ -466,6 +467,17 @@ impl Method for Gta {
         out: &mut [f32],
     ) -> Option<KResult<bool>> {
         self.whole_held(ctx, inputs, out)
+    }
+
+    fn apply_points(
+        &self,
+        ctxs: &[TensorCtx],
+        states: &[Stats],
+        rows: RowRange,
+        inputs: &[&[f32]],
+        outs: &mut [&mut [f32]],
+    ) -> Option<KResult<()>> {
+        self.points(ctxs, states, rows, inputs, outs)
     }
 }
 

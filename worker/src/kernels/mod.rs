@@ -384,6 +384,22 @@ pub trait Method: Send + Sync {
         out: &mut [f32],
     ) -> KResult<()>;
 
+    /// [`Method::apply`] for several points of a sweep (each its own context, statistics and
+    /// output; `outs[k]` is point `k`'s) over the same input rows: each output the same bits
+    /// as `apply` would give it alone, with what every point computes alike (e.g. the task
+    /// vectors) computed once. None: no such path for these points (the caller runs `apply`
+    /// for each).
+    fn apply_points(
+        &self,
+        _ctxs: &[TensorCtx],
+        _states: &[Stats],
+        _rows: RowRange,
+        _inputs: &[&[f32]],
+        _outs: &mut [&mut [f32]],
+    ) -> Option<KResult<()>> {
+        None
+    }
+
     /// [`run_whole`] over a whole tensor whose inputs the method may overwrite (the caller
     /// drops them afterwards): the same output bits, with less work where the method can use
     /// its inputs as working memory. None: no such path (the caller runs [`run_whole`]); else

@@ -197,48 +197,64 @@ impl Gta {
         out: &mut [f32],
         mut fill: impl FnMut(usize, usize, &mut [f32]),
     ) {
-        let nj = plan.others.len();
-        let total_w = {
-            let t: f32 = plan.weights.iter().sum();
-            if t.abs() < 1e-8 {
-                1.0
-            } else {
-                t
-            }
-        };
         let n = out.len();
         // One chunk of every model's delta, then the mix over the chunk, loops ordered so
         // that each element sees exactly the scalar sequence of operations (bit-identical).
-        let mut deltas = vec![0f32; nj * CHUNK];
-        let (mut bbuf, mut scratch) = ([0f32; CHUNK], [[0f32; CHUNK]; 3]);
-        let work = plan.work;
+        let mut deltas = vec![0f32; plan.others.len() * CHUNK];
+        let mut mixer = Mixer::new(plan);
+        let mut bbuf = [0f32; CHUNK];
         for at in (0..n).step_by(CHUNK) {
             let end = (at + CHUNK).min(n);
             let len = end - at;
-            let bc = &base[at..end];
             for (j, scale) in scales.iter().enumerate() {
                 let d = &mut deltas[j * CHUNK..j * CHUNK + len];
                 fill(j, at, d);
                 if let Some(s) = *scale {
-                    work.scale(d, s);
+                    plan.work.scale(d, s);
                 }
             }
-            if work.rounds() {
-                // the base in the working dtype once (usually as read: only checked)
-                let bc = work.rounded(bc, &mut bbuf);
-                let (o, cons) = (&mut out[at..end], self.cfg.consensus);
-                match work {
-                    Work::BF16 if crate::kernels::round::has_avx2() => {
-                        // SAFETY: the CPU has AVX2 (checked at run time just above)
-                        unsafe { mix_rounded_avx2::<1>(plan, cons, &mut deltas, bc, o) }
-                    }
-                    Work::BF16 => mix_rounded::<1>(plan, cons, &mut deltas, bc, o),
-                    _ => mix_rounded::<2>(plan, cons, &mut deltas, bc, o),
-                }
-                continue;
+            // the base in the working dtype once (usually as read: only checked)
+            let bc = plan.work.rounded(&base[at..end], &mut bbuf);
+            mixer.mix(self, plan, &mut deltas, bc, &mut out[at..end]);
+        }
+    }
+}
+
+/// The mix of one chunk (of at most [`CHUNK`] elements), with its working space.
+pub(super) struct Mixer {
+    total_w: f32,
+    scratch: [[f32; CHUNK]; 3],
+}
+
+impl Mixer {
+    pub(super) fn new(plan: &Plan) -> Mixer {
+        let t: f32 = plan.weights.iter().sum();
+        Mixer {
+            total_w: if t.abs() < 1e-8 { 1.0 } else { t },
+            scratch: [[0f32; CHUNK]; 3],
+        }
+    }
+
+    /// Mixes one chunk into `o`: `deltas` holds each model's (sparsified, scaled) delta at
+    /// `j * CHUNK` (overwritten in a 16-bit working dtype), `bc` the base's chunk, already in
+    /// the working dtype ([`Work::rounded`]).
+    pub(super) fn mix(
+        &mut self,
+        g: &Gta,
+        plan: &Plan,
+        deltas: &mut [f32],
+        bc: &[f32],
+        o: &mut [f32],
+    ) {
+        let cons = g.cfg.consensus;
+        match plan.work {
+            Work::BF16 if crate::kernels::round::has_avx2() => {
+                // SAFETY: the CPU has AVX2 (checked at run time just above)
+                unsafe { mix_rounded_avx2::<1>(plan, cons, deltas, bc, o) }
             }
-            let (cons, o) = (self.cfg.consensus, &mut out[at..end]);
-            mix_f32(plan, cons, total_w, &deltas, bc, o, &mut scratch);
+            Work::BF16 => mix_rounded::<1>(plan, cons, deltas, bc, o),
+            Work::F32 => mix_f32(plan, cons, self.total_w, deltas, bc, o, &mut self.scratch),
+            _ => mix_rounded::<2>(plan, cons, deltas, bc, o),
         }
     }
 }
