@@ -109,7 +109,7 @@ impl PlanInfo {
         json!({
             "method": p.recipe.merge_method,
             "architecture": p.arch.name,
-            "models": p.models.iter().zip(&self.reads).map(|(m, r)| json!({"name": m.name, "uri": m.loc.uri(), "tensors": m.tensors.len(), "bytes": m.bytes, "bytes_read": r})).collect::<Vec<_>>(),
+            "models": p.models.iter().zip(&self.reads).map(|(m, r)| json!({"name": m.name, "uri": m.loc.uri(), "tensors": m.tensors.len(), "bytes": m.bytes, "bytes_read": r, "adapter": m.adapter.as_ref().map(|a| adapter_json(a))})).collect::<Vec<_>>(),
             "tensors": p.tensors.iter().map(|t| json!({"name": t.name, "shape": t.shape, "inputs": t.inputs.len()})).collect::<Vec<_>>(),
             "files": p.files.iter().map(|f| json!({"name": f.name, "tensors": f.tensors.len(), "bytes": f.layout.total_size})).collect::<Vec<_>>(),
             "tasks": self.cut.tasks.len(),
@@ -139,6 +139,14 @@ impl PlanInfo {
                 human(m.bytes),
                 human(*r)
             );
+            if let Some(a) = &m.adapter {
+                let (deltas, replaced, rank) = a.summary();
+                s += &format!(
+                    "  + adapter  {} (LoRA up to rank {rank}: a delta on {deltas} tensors, {replaced} replaced; {} of data)\n",
+                    a.reference,
+                    human(a.bytes)
+                );
+            }
         }
         s += &format!(
             "tensors      {} ({} layers)\n",
@@ -186,4 +194,10 @@ impl PlanInfo {
         );
         s
     }
+}
+
+/// `plan --json`'s view of a model's LoRA adapter.
+fn adapter_json(a: &crate::plan::lora::Adapter) -> Value {
+    let (deltas, replaced, rank) = a.summary();
+    json!({"reference": &*a.reference, "tensors_with_delta": deltas, "tensors_replaced": replaced, "max_rank": rank, "bytes": a.bytes})
 }

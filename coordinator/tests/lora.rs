@@ -91,3 +91,26 @@ fn the_bytes_do_not_depend_on_how_the_job_is_cut() {
         assert_eq!(data(&whole), data(&cut), "{name}");
     }
 }
+
+/// `plan` says which adapter each input carries and what it does (text and `--json`).
+#[test]
+fn plan_names_each_inputs_adapter() {
+    let case = "cases/embed_save_linear/config.yml";
+    let (code, out, err) = common::shardmerge_in(&fixtures(), &["plan", case]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(
+            "+ adapter  adapters/embed (LoRA up to rank 4: a delta on 2 tensors, 2 replaced;"
+        ) && out.contains(
+            "+ adapter  adapters/save (LoRA up to rank 2: a delta on 4 tensors, 10 replaced;"
+        ),
+        "{out}"
+    );
+    let (code, out, err) = common::shardmerge_in(&fixtures(), &["plan", "--json", case]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let a = &v["models"][1]["adapter"];
+    assert_eq!(a["reference"], "adapters/save", "{v}");
+    assert_eq!(a["tensors_replaced"], 10);
+    assert_eq!(a["max_rank"], 2);
+}

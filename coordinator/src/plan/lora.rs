@@ -115,6 +115,18 @@ pub struct Adapter {
 }
 
 impl Adapter {
+    /// (tensors given a delta, tensors replaced by the adapter's copies, their largest rank)
+    pub fn summary(&self) -> (usize, usize, u64) {
+        let deltas = self.edits.values().filter_map(|e| e.delta.as_ref());
+        let rank = deltas
+            .clone()
+            .map(|d| d.a.shape.first().copied().unwrap_or(0))
+            .max()
+            .unwrap_or(0);
+        let replaced = self.edits.values().filter(|e| e.replace.is_some()).count();
+        (deltas.count(), replaced, rank)
+    }
+
     /// Gives `input` (tensor `name` of the adapter's model) what the adapter does to it.
     pub fn attach(&self, name: &str, input: &mut InputPlan) {
         let Some(e) = self.edits.get(name) else {
