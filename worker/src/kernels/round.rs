@@ -56,6 +56,21 @@ impl Work {
         }
     }
 
+    /// [`Work::sub_into`] with the result over `x`: `x = r(r(x) - r(b))` elementwise (each
+    /// element's result depends on its own `x` and `b` only, so the same bits).
+    #[inline]
+    pub fn sub_in_place(self, x: &mut [f32], b: &[f32]) {
+        match self {
+            Work::F32 => sub_in_place_k::<0>(x, b),
+            Work::BF16 if has_avx2() => {
+                // SAFETY: the CPU has AVX2 (checked at run time just above)
+                unsafe { sub_bf16_in_place_avx2(x, b) }
+            }
+            Work::BF16 => sub_bf16_in_place(x, b),
+            Work::F16 => sub_in_place_k::<2>(x, b),
+        }
+    }
+
     /// `xs` in the working dtype: `xs` itself when rounding would change no bit of it (as for
     /// inputs read from a checkpoint in that dtype, the usual case), else rounded into `buf`
     /// (which must then be at least as long as `xs`; f32 never touches it). Rounding is
@@ -104,6 +119,42 @@ fn sub_into_k<const K: u8>(x: &[f32], b: &[f32], d: &mut [f32]) {
     }
 }
 
+#[inline(always)]
+fn sub_in_place_k<const K: u8>(x: &mut [f32], b: &[f32]) {
+    for (x, &b) in x.iter_mut().zip(b) {
+        *x = rk::<K>(rk::<K>(*x) - rk::<K>(b));
+    }
+}
+
+/// [`sub_in_place_k`] in bfloat16: when rounding leaves every `x` and `b` alone (inputs read
+/// from a bf16 checkpoint; one pass of ORs, which vectorises), `r(x - b)` alone.
+#[inline(always)]
+fn sub_bf16_in_place(x: &mut [f32], b: &[f32]) {
+    if is_bf16(x) && is_bf16(b) {
+        for (x, &b) in x.iter_mut().zip(b) {
+            *x = rk::<1>(*x - b);
+        }
+    } else {
+        sub_in_place_k::<1>(x, b);
+    }
+}
+
+/// [`sub_bf16_in_place`] built with AVX2.
+///
+/// # Safety
+/// The CPU must support AVX2 ([`has_avx2`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn sub_bf16_in_place_avx2(x: &mut [f32], b: &[f32]) {
+    sub_bf16_in_place(x, b)
+}
+
+/// Never called: [`has_avx2`] is false off x86-64.
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn sub_bf16_in_place_avx2(x: &mut [f32], b: &[f32]) {
+    sub_bf16_in_place(x, b)
+}
+
 fn sub_rounded_k<const K: u8>(x: &[f32], b: &[f32], d: &mut [f32]) {
     for ((d, &x), &b) in d.iter_mut().zip(x).zip(b) {
         *d = rk::<K>(x - b);
@@ -126,6 +177,7 @@ fn off_bf16(x: f32) -> u32 {
 
 /// Whether every element of `xs` is a bfloat16 value that [`rk`] leaves alone. One pass of
 /// ORs, which vectorises.
+#[inline(always)]
 fn is_bf16(xs: &[f32]) -> bool {
     xs.iter().fold(0, |bad, &x| bad | off_bf16(x)) == 0
 }

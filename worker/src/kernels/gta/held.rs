@@ -52,7 +52,7 @@ impl Gta {
             .chain(after.iter_mut())
             .map(|x| &mut **x)
             .collect();
-        let mut finite = base.iter().all(|v| v.is_finite());
+        let mut finite = all_finite(base);
         for dj in d.iter_mut() {
             finite &= deltas_in_place(plan.work, dj, base);
         }
@@ -95,8 +95,7 @@ impl Gta {
         }
         let scales = rescale_factors(plan, &state)?;
         self.mix_chunks(plan, &scales, base, out, |j, at, dst| {
-            dst.copy_from_slice(&d[j][at..at + dst.len()]);
-            sparse[j].sparsify(at, dst);
+            sparse[j].sparsify_from(at, &d[j][at..at + dst.len()], dst);
         });
         Ok(finite)
     }
@@ -105,15 +104,21 @@ impl Gta {
 /// `x = r(x - b)` in the working dtype, as [`Work::sub_into`] gives it, chunk by chunk; whether
 /// every value of `x` was finite.
 fn deltas_in_place(work: Work, x: &mut [f32], b: &[f32]) -> bool {
-    let mut tmp = [0f32; CHUNK];
     let mut finite = true;
     for (xc, bc) in x.chunks_mut(CHUNK).zip(b.chunks(CHUNK)) {
-        let t = &mut tmp[..xc.len()];
-        t.copy_from_slice(xc);
-        finite &= t.iter().all(|v| v.is_finite());
-        work.sub_into(t, bc, xc);
+        finite &= all_finite(xc);
+        work.sub_in_place(xc, bc);
     }
     finite
+}
+
+/// Whether every value of `xs` is finite: one pass of ORs, which vectorises (`all` stops at
+/// the first miss, and a loop that may stop early does not).
+fn all_finite(xs: &[f32]) -> bool {
+    let inf = f32::INFINITY.to_bits();
+    xs.iter().fold(0u32, |bad, &v| {
+        bad | u32::from(v.to_bits() & 0x7fff_ffff >= inf)
+    }) == 0
 }
 
 /// [`for_each_key_chunk`] over held deltas: the selection keys of selection problem `p`.

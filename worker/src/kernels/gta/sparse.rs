@@ -109,18 +109,67 @@ impl Sparse {
             Sparse::All => {}
             Sparse::Nothing => d.iter_mut().for_each(|v| *v = 0.0),
             Sparse::Window { lo, hi } => {
-                // walk with copies in registers: updating the counters through `self` on
-                // every element chains each one behind a store and a reload
-                let (mut l, mut h) = (*lo, *hi);
-                for block in d.chunks_mut(WINDOW_BLOCK) {
-                    window_block(&mut l, &mut h, block);
+                let mut tmp = [0f32; CHUNK];
+                for dc in d.chunks_mut(CHUNK) {
+                    let t = &mut tmp[..dc.len()];
+                    t.copy_from_slice(dc);
+                    window(lo, hi, t, dc);
                 }
-                (*lo, *hi) = (l, h);
             }
             Sparse::Random { d: draws, p } => draws.mask(*p, d),
             Sparse::Full(all) => d.copy_from_slice(&all[at..at + d.len()]),
         }
     }
+
+    /// [`Sparse::sparsify`] of a copy of `src` (the unsparsified delta) written to `d` (as
+    /// long): a window reads `src` and writes `d` in one go.
+    pub(super) fn sparsify_from(&mut self, at: usize, src: &[f32], d: &mut [f32]) {
+        match self {
+            Sparse::Window { lo, hi } => window(lo, hi, src, d),
+            _ => {
+                d.copy_from_slice(src);
+                self.sparsify(at, d);
+            }
+        }
+    }
+}
+
+/// [`window_block`] over `src` into `dst` (as long), block by block in element order, in the
+/// AVX2 build when the CPU has it (same bits: integer compares and a product by 0 or 1).
+fn window(lo: &mut Edge, hi: &mut Edge, src: &[f32], dst: &mut [f32]) {
+    // walk with copies in registers: updating the counters through `self` on every element
+    // chains each one behind a store and a reload
+    let (mut l, mut h) = (*lo, *hi);
+    if crate::kernels::round::has_avx2() {
+        // SAFETY: the CPU has AVX2 (checked at run time just above)
+        unsafe { window_avx2(&mut l, &mut h, src, dst) }
+    } else {
+        window_blocks(&mut l, &mut h, src, dst)
+    }
+    (*lo, *hi) = (l, h);
+}
+
+#[inline(always)]
+fn window_blocks(lo: &mut Edge, hi: &mut Edge, src: &[f32], dst: &mut [f32]) {
+    for (s, d) in src.chunks(WINDOW_BLOCK).zip(dst.chunks_mut(WINDOW_BLOCK)) {
+        window_block_from(lo, hi, s, d);
+    }
+}
+
+/// [`window_blocks`] built with AVX2.
+///
+/// # Safety
+/// The CPU must support AVX2 ([`crate::kernels::round::has_avx2`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn window_avx2(lo: &mut Edge, hi: &mut Edge, src: &[f32], dst: &mut [f32]) {
+    window_blocks(lo, hi, src, dst)
+}
+
+/// Never called: `has_avx2` is false off x86-64.
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn window_avx2(lo: &mut Edge, hi: &mut Edge, src: &[f32], dst: &mut [f32]) {
+    window_blocks(lo, hi, src, dst)
 }
 
 /// Elements per block of [`window_block`].
@@ -136,31 +185,44 @@ pub(super) const WINDOW_BLOCK: usize = 64;
 /// do; bf16 deltas tie by the thousand, but they cross `need` once per range), each verdict
 /// depends on the element's own key only and the loop vectorises. The block that straddles
 /// `need` is walked in order.
-#[inline]
-pub(super) fn window_block(lo: &mut Edge, hi: &mut Edge, block: &mut [f32]) {
+#[cfg(test)]
+fn window_block(lo: &mut Edge, hi: &mut Edge, block: &mut [f32]) {
+    let mut src = [0f32; WINDOW_BLOCK];
+    let src = &mut src[..block.len()];
+    src.copy_from_slice(block);
+    window_block_from(lo, hi, src, block);
+}
+
+/// [`window_block`] reading the deltas from `src` and writing the kept ones to `dst` (as
+/// long, at most [`WINDOW_BLOCK`]).
+#[inline(always)]
+fn window_block_from(lo: &mut Edge, hi: &mut Edge, src: &[f32], dst: &mut [f32]) {
     let mut keys = [0u32; WINDOW_BLOCK];
-    let keys = &mut keys[..block.len()];
-    let (mut nl, mut nh) = (0u64, 0u64);
-    for (k, v) in keys.iter_mut().zip(block.iter()) {
+    let keys = &mut keys[..src.len()];
+    // (u32 counts: a block has at most WINDOW_BLOCK elements)
+    let (mut nl, mut nh) = (0u32, 0u32);
+    for (k, v) in keys.iter_mut().zip(src) {
         *k = select::key(*v);
-        nl += u64::from(*k == lo.key);
-        nh += u64::from(*k == hi.key);
+        nl += u32::from(*k == lo.key);
+        nh += u32::from(*k == hi.key);
     }
+    let (nl, nh) = (u64::from(nl), u64::from(nh));
     let settled = |e: &Edge, n: u64| e.seen >= e.need || e.seen + n <= e.need;
+    // the products by 0 or 1 convert from i32, which vectorises (u32 does not before AVX-512)
     if settled(lo, nl) && settled(hi, nh) {
         let (kl, kh) = (lo.key, hi.key);
         let (tl, th) = (u32::from(lo.seen < lo.need), u32::from(hi.seen < hi.need));
-        for (v, &k) in block.iter_mut().zip(keys.iter()) {
+        for ((o, &v), &k) in dst.iter_mut().zip(src).zip(keys.iter()) {
             let below_lo = u32::from(k < kl) | (u32::from(k == kl) & tl);
             let below_hi = u32::from(k < kh) | (u32::from(k == kh) & th);
-            *v *= ((1 ^ below_lo) & below_hi) as f32;
+            *o = v * ((1 ^ below_lo) & below_hi) as i32 as f32;
         }
         lo.seen += nl;
         hi.seen += nh;
     } else {
-        for (v, &k) in block.iter_mut().zip(keys.iter()) {
+        for ((o, &v), &k) in dst.iter_mut().zip(src).zip(keys.iter()) {
             let kept = (1 ^ lo.below(k)) & hi.below(k);
-            *v *= kept as f32;
+            *o = v * kept as i32 as f32;
         }
     }
 }
@@ -315,6 +377,8 @@ pub(super) fn della_axis(ctx: &TensorCtx) -> KResult<(usize, usize)> {
 mod tests {
     use super::*;
 
+    type WindowFn = fn(&mut Edge, &mut Edge, &[f32], &mut [f32]);
+
     #[test]
     fn window_blocks_agree_with_the_walk_in_order() {
         // few distinct values (ties by the hundred, as bf16 deltas have), edges that fall
@@ -358,6 +422,18 @@ mod tests {
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&got), bits(&want));
             assert_eq!((l2.seen, h2.seen), (l.seen, h.seen));
+            // the whole walk from a source, in both builds, in chunks cut at odd places
+            // (the baseline build, and the dispatching one: AVX2 where the CPU has it)
+            let builds: [WindowFn; 2] = [|l, h, s, d| window_blocks(l, h, s, d), window];
+            for build in builds {
+                let (mut l3, mut h3) = (edge(lk, lneed, lseen), edge(hk, hneed, hseen));
+                let mut out = vec![7f32; vals.len()];
+                for (s, d) in vals.chunks(777).zip(out.chunks_mut(777)) {
+                    build(&mut l3, &mut h3, s, d);
+                }
+                assert_eq!(bits(&out), bits(&want));
+                assert_eq!((l3.seen, h3.seen), (l.seen, h.seen));
+            }
         }
     }
 }
