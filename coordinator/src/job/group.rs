@@ -68,7 +68,8 @@ impl JobManager {
         o.points = u32::try_from(points.len().max(1)).unwrap_or(u32::MAX);
         let mut jobs: Vec<(String, Arc<Plan>)> = Vec::with_capacity(points.len());
         for (recipe, out) in points {
-            match self.submit(recipe, out, &o).await {
+            let leader = jobs.first().map(|(id, _)| id.as_str());
+            match self.submit_point(recipe, out, &o, leader).await {
                 Ok(j) => jobs.push(j),
                 Err(e) => {
                     for (jid, _) in &jobs {

@@ -209,6 +209,18 @@ impl JobManager {
         output: &str,
         o: &SubmitOptions,
     ) -> Result<(String, Arc<Plan>)> {
+        self.submit_point(recipe_text, output, o, None).await
+    }
+
+    /// [`Self::submit`] of a point of a grid, recording the grid's first job (`grid_leader`)
+    /// in the journal so that a restart links the points again.
+    pub(crate) async fn submit_point(
+        &self,
+        recipe_text: &str,
+        output: &str,
+        o: &SubmitOptions,
+        grid_leader: Option<&str>,
+    ) -> Result<(String, Arc<Plan>)> {
         let (plan, cut, out) = self.prepare(recipe_text, output, o).await?;
         // Refuses an output that overlaps an input, before anything is written there.
         crate::output::check_overlap(&plan, &out)?;
@@ -217,7 +229,7 @@ impl JobManager {
         // back if the job does not start.
         let claim = Arc::new(Claim::take(&out, &id, o.overwrite, None).await?);
         match self
-            .start(&id, recipe_text, &plan, &cut, &out, o, &claim)
+            .start(&id, recipe_text, &plan, &cut, &out, o, &claim, grid_leader)
             .await
         {
             Ok(uploads) => {
@@ -249,6 +261,7 @@ impl JobManager {
         out: &Location,
         o: &SubmitOptions,
         claim: &Claim,
+        grid_leader: Option<&str>,
     ) -> Result<Vec<Upload>> {
         // Refuses an output that holds files without --overwrite. With --overwrite nothing in
         // it changes until the commit.
@@ -268,6 +281,7 @@ impl JobManager {
                 .collect(),
             layout_crc: layout_crc(plan, cut),
             claim: claim.token(),
+            grid_leader: grid_leader.unwrap_or_default().to_string(),
         };
         if let Err(e) = self.journal.job_started(&rec).await {
             for u in &uploads {

@@ -34,8 +34,16 @@ impl JobManager {
             }
         }
         let mut resumed = Vec::new();
+        // the points of grids, by their first point: linked again once all are back
+        let mut grids: std::collections::BTreeMap<String, Vec<String>> = Default::default();
         for u in contents.unfinished {
             let id = u.job.job_id.clone();
+            if !u.job.grid_leader.is_empty() {
+                grids
+                    .entry(u.job.grid_leader.clone())
+                    .or_default()
+                    .push(id.clone());
+            }
             let out = u.job.output_uri.clone();
             let uploads = uploads_of(&u.job);
             let replace = u.job.options.as_ref().is_some_and(|o| o.overwrite);
@@ -65,6 +73,14 @@ impl JobManager {
                     }
                 }
             }
+        }
+        for (leader, points) in grids {
+            let linked = self.link(&leader, &points);
+            tracing::info!(
+                job = %leader,
+                "grid resumed: {linked} of {} other point(s) read the rows of {leader}'s tasks",
+                points.len()
+            );
         }
         Ok(resumed)
     }
@@ -103,6 +119,8 @@ impl JobManager {
         let claim = Claim::take(&out, &id, o.overwrite, Some(&u.job.claim)).await?;
         let mut job = Job::new(state, out, uploads, o.overwrite);
         job.claim = Some(std::sync::Arc::new(claim));
+        // a later point of a grid waits for `recover` to link it to the first point
+        job.held = !u.job.grid_leader.is_empty();
         lock(&self.jobs).insert(id.clone(), job);
         for f in complete {
             if u.files_finished.contains(&f) {
