@@ -2,10 +2,12 @@
 # Real architectures, checked as a user would: merges every case of tests/fixtures/archs with
 # shardmerge, loads each output in transformers and compares logits (and, where the Rust suite
 # cannot compare bit for bit, every tensor) with mergekit's, then does the same for the
-# vocabulary cases (tests/fixtures/vocab: tokens and logits). Logits are compared within a
+# vocabulary cases (tests/fixtures/vocab: tokens and logits), then extracts the LoRA adapters of
+# tests/fixtures/extract and loads them with peft against mergekit's. Logits are compared within a
 # tolerance that holds across CPUs; tensors bit for bit are coordinator/tests/archs.rs's job.
 # See tests/fixtures/archs/README.md. Each case prints ok or FAILED; each suite ends with
-# `archs: N passed, N failed in Ts` / `lora: ...` / `vocab: ...` (tests/run.sh reads those lines).
+# `archs: N passed, N failed in Ts` / `lora: ...` / `vocab: ...` / `extract: ...` (tests/run.sh reads
+# those lines).
 # The LoRA suite (tests/fixtures/archs/lora_check.py) makes peft adapters on four of the
 # architectures and checks `model+adapter` merges against peft and a live mergekit run.
 #
@@ -40,5 +42,7 @@ if [[ $# -eq 0 ]]; then
     "$VENV/bin/python" tests/fixtures/archs/lora_check.py "$bin" || status=$?
     echo "== tests/fixtures/vocab/check.sh (tokenizers and logits against mergekit)"
     ARCHS_VENV=$VENV tests/fixtures/vocab/check.sh "$bin" || status=$?
+    echo "== tests/fixtures/extract/check.py (extract-lora adapters loaded by peft, against mergekit's)"
+    "$VENV/bin/python" tests/fixtures/extract/check.py "$bin" || status=$?
 fi
 exit "$status"

@@ -63,8 +63,8 @@ if [[ -z ${SHARDMERGE_SKIP_ARCHS:-} ]]; then
     echo "== tests/archs.sh (transformers + mergekit)"
     archs_rc=0
     tests/archs.sh 2>&1 | tee "$logs/archs" || archs_rc=$?
-    # "archs: N passed, N failed in Ts", "lora: ..." and "vocab: ..."
-    sed -n 's/^\(archs\|lora\|vocab\): \([0-9]*\) passed, \([0-9]*\) failed in \([0-9]*\)s$/tests\/archs.sh \1\t\2\t\3\t0\t\4/p' \
+    # "archs: N passed, N failed in Ts", "lora: ...", "vocab: ..." and "extract: ..."
+    sed -n 's/^\(archs\|lora\|vocab\|extract\): \([0-9]*\) passed, \([0-9]*\) failed in \([0-9]*\)s$/tests\/archs.sh \1\t\2\t\3\t0\t\4/p' \
         "$logs/archs" >>"$rows"
     if [[ $archs_rc -ne 0 ]] && ! grep -q 'FAILED$' "$logs/archs"; then
         printf 'tests/archs.sh (exit %d before any case failed)\t0\t1\t0\t0\n' "$archs_rc" >>"$rows"

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 mod args;
+mod extract;
 mod merge;
 mod report;
 mod stages;
@@ -68,6 +69,9 @@ enum Cmd {
     /// The merge report of a recipe: task-vector norms, cosines, sign agreement and TIES
     /// sign-conflict rates per tensor, layer and module kind, into OUT/report.{json,csv,html}
     Report(report::ReportCmd),
+    /// A PEFT LoRA adapter taking --base-model to a low-rank approximation of --model
+    /// (mergekit-extract-lora's options), into OUT
+    ExtractLora(extract::ExtractCmd),
     /// Dry run from headers: output tensors, files, tasks, bytes, peak memory per worker
     Plan {
         /// mergekit YAML recipe
@@ -209,6 +213,7 @@ async fn main_inner(cli: Cli) -> Result<()> {
             report::after_run(report, &text, &out, &engine, &o, &resolver).await
         }
         Cmd::Report(c) => c.run(&resolver).await,
+        Cmd::ExtractLora(c) => c.run(&resolver).await,
         Cmd::Plan {
             recipe,
             engine,

@@ -10,6 +10,7 @@ pub mod commit;
 pub(crate) mod cut;
 pub mod embedded;
 pub mod error;
+pub mod extract;
 pub mod job;
 pub mod journal;
 pub(crate) mod ops;

@@ -13,13 +13,18 @@ use std::path::{Path, PathBuf};
 use shardmerge_worker::storage::Location;
 
 use crate::error::{Error, Result};
-use crate::plan::Plan;
+use crate::plan::{ModelInfo, Plan};
 
 /// Refuses an output that overlaps an input model (before anything, even the output's claim,
 /// is written there).
 pub fn check_overlap(plan: &Plan, out: &Location) -> Result<()> {
+    check_overlap_models(&plan.models.iter().collect::<Vec<_>>(), out)
+}
+
+/// [`check_overlap`] for the models `models` (a job without a recipe: `extract-lora`).
+pub fn check_overlap_models(models: &[&ModelInfo], out: &Location) -> Result<()> {
     let out_key = key(out);
-    for m in &plan.models {
+    for m in models {
         let in_key = key(&m.loc);
         if in_key.0 != out_key.0 {
             continue;

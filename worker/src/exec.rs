@@ -57,6 +57,7 @@ pub(crate) fn input_dtype(src: &pb::TensorSource, job: &pb::TensorJob) -> Result
 pub use crate::tensor::view2d;
 
 mod analyse;
+pub mod extract;
 mod group;
 mod kernel;
 mod lora;

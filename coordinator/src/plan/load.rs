@@ -2,7 +2,7 @@
 
 use super::*;
 
-pub(super) async fn read_header(loc: &Location) -> Result<st::Header> {
+pub(crate) async fn read_header(loc: &Location) -> Result<st::Header> {
     let uri = loc.uri();
     let size = retry(|| loc.store.size(&loc.path)).await.map_err(|e| {
         if e.not_found {

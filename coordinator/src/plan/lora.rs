@@ -382,7 +382,7 @@ fn delta(
 }
 
 /// Whether the model's linear layers are GPT-2's Conv1D (weights stored [in, out]).
-fn is_conv1d_model(model: &ModelInfo) -> bool {
+pub(crate) fn is_conv1d_model(model: &ModelInfo) -> bool {
     let t = model
         .config
         .as_ref()

@@ -31,6 +31,7 @@ mod typed;
 pub(crate) mod vocab;
 
 use layout::{lay_out_draws, layout_files};
+pub(crate) use load::read_header;
 pub use load::{load_model, planned_model};
 use slices::*;
 pub use tensor::COPY_METHOD;

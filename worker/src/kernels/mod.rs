@@ -33,6 +33,7 @@ mod gta;
 mod karcher;
 mod linear;
 pub mod lora;
+pub mod lowrank;
 mod model_stock;
 mod multislerp;
 mod nearswap;
