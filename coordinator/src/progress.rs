@@ -174,6 +174,21 @@ pub fn reads_line(s: &pb::JobStatus, inputs: Option<u64>) -> String {
     line
 }
 
+/// What a job read from each of its inputs (each model's location: its store), every pass
+/// included, against the plan's figure: one line each, each starting with a line break; empty
+/// for a status without them (an older coordinator's).
+pub fn input_lines(s: &pb::JobStatus) -> String {
+    let line = |i: &pb::InputRead| {
+        format!(
+            "\n  read from {}: {} (planned {})",
+            i.input,
+            size::human(i.bytes_read),
+            size::human(i.bytes_read_total)
+        )
+    };
+    s.inputs.iter().map(line).collect()
+}
+
 /// Writes `text` to standard output. A reader that went away (`shardmerge status | head -1`)
 /// ends the program quietly, as the pipe asked; another failure to write is reported, exit 1.
 pub(crate) fn stdout(text: &str) {

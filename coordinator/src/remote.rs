@@ -20,7 +20,7 @@ use crate::job::JobManager;
 use crate::journal::Journal;
 use crate::ops;
 use crate::policy::Policy;
-use crate::progress::{cancel_outcome, describe, state_name, stdout};
+use crate::progress::{cancel_outcome, describe, input_lines, reads_line, state_name, stdout};
 use crate::server::{self, Security};
 use crate::size;
 use crate::tls::ServerTls;
@@ -339,6 +339,7 @@ async fn wait_for_end(url: &str, c: &mut Client, id: &str, quiet: bool) -> Resul
                     status.retries,
                     status.output_uri
                 );
+                eprintln!("{}{}", reads_line(&status, None), input_lines(&status));
             }
             stdout(&format!("{id}\n"));
             Ok(())
@@ -437,7 +438,7 @@ pub async fn status(
                 .await
                 .map_err(|s| rpc_err(url, "status", s))?
                 .into_inner();
-            stdout(&format!("{}\n", describe(&s)));
+            stdout(&format!("{}{}\n", describe(&s), input_lines(&s)));
         }
         None => {
             let jobs = c
@@ -450,7 +451,7 @@ pub async fn status(
                 stdout("no jobs\n");
             }
             for s in jobs {
-                stdout(&format!("{}\n", describe(&s)));
+                stdout(&format!("{}{}\n", describe(&s), input_lines(&s)));
             }
         }
     }

@@ -2,13 +2,14 @@
 //! reads; every method reads each input byte at most 1.25 times, whether its tensors stay
 //! whole (default flags) or are cut into statistics units (small tasks and slots: the later
 //! passes and the writes read the row cache), and `plan`, the run's status and the count agree
-//! within 1%.
+//! within 1%, in all and for each input (each model folder: the store it is read from).
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -20,16 +21,23 @@ use shardmerge_worker::storage::{Receipt, Resolver, SResult, Storage, Upload};
 
 /// Counts the bytes of range reads of safetensors data: planning reads each file's first 8
 /// bytes and its header (ranges starting at 0 and 8); every read starting further on is data.
+/// With `by_folder`, also by the folder of the file read (a model's location).
 #[derive(Debug)]
 struct DataReads {
     inner: Arc<dyn Storage>,
     n: Arc<AtomicU64>,
+    by_folder: Option<Arc<Mutex<BTreeMap<String, u64>>>>,
 }
 
 impl DataReads {
     fn count(&self, path: &str, range: &Range<u64>, got: usize) {
         if path.ends_with(".safetensors") && range.start > 8 {
             self.n.fetch_add(got as u64, Ordering::SeqCst);
+            if let Some(by) = &self.by_folder {
+                let folder = path.rsplit_once('/').map_or("", |(d, _)| d);
+                let mut by = by.lock().unwrap();
+                *by.entry(folder.to_string()).or_default() += got as u64;
+            }
         }
     }
 }
@@ -121,15 +129,22 @@ struct Counted {
     /// What the finished job's status says it read.
     status: u64,
     units: usize,
+    /// What the wrapper saw read from each model folder.
+    by_folder: BTreeMap<String, u64>,
+    /// The status's reads by input: location, read, planned.
+    by_input: Vec<(String, u64, u64)>,
 }
 
 async fn counted(recipe: &str, task_size: u64, slot_memory: u64) -> Counted {
     let n = Arc::new(AtomicU64::new(0));
     let n2 = n.clone();
+    let by = Arc::new(Mutex::new(BTreeMap::new()));
+    let by2 = by.clone();
     let resolver = Resolver::with_wrapper(move |s| {
         Arc::new(DataReads {
             inner: s,
             n: n2.clone(),
+            by_folder: Some(by2.clone()),
         }) as Arc<dyn Storage>
     });
     let submit = SubmitOptions {
@@ -152,13 +167,52 @@ async fn counted(recipe: &str, task_size: u64, slot_memory: u64) -> Counted {
     let s = embedded::run(recipe, out.to_str().unwrap(), &o, resolver)
         .await
         .unwrap();
+    let by_folder = by.lock().unwrap().clone();
     Counted {
         read: n.load(Ordering::SeqCst),
         planned: info.bytes_read(),
         inputs: info.bytes_input(),
         status: s.status.bytes_read,
         units: info.cut.units.len(),
+        by_folder,
+        by_input: s
+            .status
+            .inputs
+            .iter()
+            .map(|i| (i.input.clone(), i.bytes_read, i.bytes_read_total))
+            .collect(),
     }
+}
+
+/// Each input's reads in the status against the wrapper's count for its folder (within 1%, the
+/// plan's figure too); every folder read is an input's.
+fn check_inputs(name: &str, layout: &str, c: &Counted) {
+    assert!(
+        !c.by_input.is_empty(),
+        "{name} ({layout}): no reads by input"
+    );
+    let mut folders = c.by_folder.clone();
+    for (input, status, planned) in &c.by_input {
+        let folder = folders
+            .keys()
+            .find(|f| input.ends_with(f.as_str()))
+            .cloned();
+        let read = folder.and_then(|f| folders.remove(&f)).unwrap_or(0);
+        eprintln!("    {input}: read {read} B, status {status} B, planned {planned} B");
+        let off = |a: u64| (a as f64 - read as f64).abs() / (read as f64).max(1.0);
+        assert!(
+            off(*status) <= 0.01,
+            "{name} ({layout}): status says {status} B read from {input}, {read} B were"
+        );
+        assert!(
+            off(*planned) <= 0.01,
+            "{name} ({layout}): plan says {planned} B read from {input}, {read} B were"
+        );
+    }
+    assert!(
+        folders.is_empty(),
+        "{name} ({layout}): read from folders that are no input: {folders:?}"
+    );
 }
 
 fn check(name: &str, layout: &str, c: &Counted) {
@@ -184,6 +238,7 @@ fn check(name: &str, layout: &str, c: &Counted) {
         c.status,
         c.read
     );
+    check_inputs(name, layout, c);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -225,6 +280,7 @@ async fn grid_reads(sweep: &str, points: usize, task_size: u64, slot_memory: u64
         Arc::new(DataReads {
             inner: s,
             n: n2.clone(),
+            by_folder: None,
         }) as Arc<dyn Storage>
     });
     let submit = SubmitOptions {
@@ -359,6 +415,7 @@ async fn a_grid_resumed_after_a_restart_still_reads_once() {
         Arc::new(DataReads {
             inner: s,
             n: n2.clone(),
+            by_folder: None,
         }) as Arc<dyn Storage>
     });
     let o = SubmitOptions {

@@ -2,7 +2,10 @@
 //! they read from object storage is counted (the coordinator, which plans from headers, talks
 //! to the server directly). At default flags each method reads each input byte at most 1.25
 //! times, and the plan's, the job status's and the proxy's figures agree within 1%; so does the
-//! coordinator's Prometheus figure (`shardmerge_job_read_bytes`) summed over all the jobs.
+//! coordinator's Prometheus figure (`shardmerge_job_read_bytes`) summed over all the jobs. The
+//! status's reads by input (each model's prefix) add up to its total and, at default flags,
+//! each is the plan's figure for that input within 1%; the metric by input
+//! (`shardmerge_job_input_read_bytes{input=...}`) adds up to the same total.
 //!
 //! With tensors cut into statistics units (`--memory-limit 8MiB`) the job status still agrees
 //! with the proxy, but a write task (at least 5 MiB, S3's smallest part) that spans the ranges
@@ -90,7 +93,25 @@ fn every_method_reads_each_input_byte_once_over_s3() {
             .concat();
             let id = ok(&cluster.cli(work.path(), &args), &format!("submit {name}"));
             let read = proxy.bytes_from_target() - before;
-            let reported = cluster.job(id.trim()).bytes_read;
+            let status = cluster.job(id.trim());
+            let reported = status.bytes_read;
+            let by_input: u64 = status.inputs.iter().map(|i| i.bytes_read).sum();
+            assert_eq!(
+                by_input, reported,
+                "{name} ({layout}): reads by input {:?}",
+                status.inputs
+            );
+            for i in status.inputs.iter().filter(|_| flags.is_empty()) {
+                let off = (i.bytes_read as f64 - i.bytes_read_total as f64).abs()
+                    / (i.bytes_read_total as f64).max(1.0);
+                assert!(
+                    off <= 0.01 && i.input.starts_with("s3://readonce/models/"),
+                    "{name} ({layout}): {} read {} B, planned {} B",
+                    i.input,
+                    i.bytes_read,
+                    i.bytes_read_total
+                );
+            }
             all_read += read;
             all_reported += reported;
             let plan_mem = if flags.is_empty() { "512MiB" } else { "8MiB" };
@@ -144,6 +165,18 @@ fn every_method_reads_each_input_byte_once_over_s3() {
     assert_eq!(
         exported, all_reported,
         "the metric is the jobs' statuses summed"
+    );
+    let by_input: u64 = page
+        .lines()
+        .filter(|l| l.starts_with("shardmerge_job_input_read_bytes{"))
+        .filter_map(|l| {
+            l.rsplit_once(' ')
+                .and_then(|(_, v)| v.trim().parse::<u64>().ok())
+        })
+        .sum();
+    assert_eq!(
+        by_input, all_reported,
+        "the metric by input adds up: {page}"
     );
     let off = (exported as f64 - all_read as f64).abs() / all_read as f64;
     assert!(

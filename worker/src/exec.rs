@@ -91,12 +91,35 @@ pub struct Executor {
 struct Io {
     /// The task's job (keys its row-cache entries).
     job: String,
-    /// Input bytes read from storage.
+    /// Input bytes read from storage (`read_from`).
     bytes_read: u64,
+    /// The same by input (model name), in the order first read.
+    by_input: Vec<(String, u64)>,
     /// Input bytes read from the row cache instead.
     bytes_cached: u64,
     /// The row-cache pieces it read.
     cached: Vec<rowcache::Key>,
+}
+
+impl Io {
+    /// Counts `n` bytes read from storage for input `model`.
+    fn read_from(&mut self, model: &str, n: u64) {
+        self.bytes_read += n;
+        match self.by_input.iter_mut().find(|(m, _)| m == model) {
+            Some((_, b)) => *b += n,
+            None => self.by_input.push((model.to_string(), n)),
+        }
+    }
+
+    /// The bytes read by input, for the result message.
+    fn inputs(&self) -> Vec<pb::InputRead> {
+        let read = self.by_input.iter().map(|(m, n)| pb::InputRead {
+            input: m.clone(),
+            bytes_read: *n,
+            bytes_read_total: 0,
+        });
+        read.collect()
+    }
 }
 
 impl Executor {
@@ -197,6 +220,7 @@ impl Executor {
         }
         Ok(pb::TaskResult {
             bytes_read: io.bytes_read,
+            inputs: io.inputs(),
             // (an audit computed the bytes and wrote none: metrics and logs count no write)
             bytes_written: if audit { 0 } else { len as u64 },
             checksum,
@@ -324,6 +348,7 @@ impl Executor {
         let partial = partial?;
         Ok(pb::TaskResult {
             bytes_read: io.bytes_read,
+            inputs: io.inputs(),
             stats: Some(partial.to_proto()),
             ..Default::default()
         })
@@ -357,7 +382,7 @@ impl Executor {
             let to = src.data_offset + r.row_end * row_bytes;
             let loc = self.resolver.resolve(&src.uri, Path::new("/"))?;
             let data = retry(|| loc.store.read_range(&loc.path, from..to)).await?;
-            io.bytes_read += to - from;
+            io.read_from(&src.model, to - from);
             if data.len() != dst.len() {
                 return Err(fatal(format!(
                     "{}: read {} bytes of tensor {}, expected {}",

@@ -33,7 +33,8 @@ pub(super) fn summary_lines(s: &embedded::Summary) {
         s.status.output_uri
     );
     eprintln!(
-        "{}",
-        crate::progress::reads_line(&s.status, Some(s.plan.bytes_in()))
+        "{}{}",
+        crate::progress::reads_line(&s.status, Some(s.plan.bytes_in())),
+        crate::progress::input_lines(&s.status)
     );
 }

@@ -152,6 +152,21 @@ fn work_of(plan: &Plan, cut: &Cut) -> (Vec<u64>, u64) {
     (unit_work, stats_total + writes_total)
 }
 
+/// Each input's reads for the status: its location, nothing read yet, and `planned` (by model,
+/// in the plan's order).
+fn input_reads(plan: &Plan, planned: &[u64]) -> Vec<pb::InputRead> {
+    let read = plan
+        .models
+        .iter()
+        .zip(planned)
+        .map(|(m, &t)| pb::InputRead {
+            input: m.loc.uri(),
+            bytes_read: 0,
+            bytes_read_total: t,
+        });
+    read.collect()
+}
+
 impl JobState {
     /// A job with every task queued (or blocked on its statistics), writing to `output_uri`.
     pub fn new(id: String, plan: Plan, cut: Cut, output_uri: String, reduce: Reducer) -> Self {
@@ -191,6 +206,7 @@ impl JobState {
         });
         let units = units.collect();
         let (unit_work, work_total) = work_of(&plan, &cut);
+        let planned = crate::reads::planned_reads(&plan, &cut, false);
         let status = pb::JobStatus {
             job_id: id.clone(),
             state: pb::JobState::Running as i32,
@@ -198,7 +214,8 @@ impl JobState {
             tasks_total: items.len() as u64,
             bytes_total: plan.bytes_out(),
             work_total,
-            bytes_read_total: crate::reads::planned_reads(&plan, &cut, false).iter().sum(),
+            bytes_read_total: planned.iter().sum(),
+            inputs: input_reads(&plan, &planned),
             ..Default::default()
         };
         JobState {
@@ -309,6 +326,7 @@ impl JobState {
         }
         self.status.tasks_done += 1;
         self.status.bytes_read += result.bytes_read;
+        self.count_reads(&result.inputs);
         match it {
             Item::Write(i) => {
                 let t = &self.cut.tasks[i];
@@ -336,6 +354,17 @@ impl JobState {
             }
         }
         Ok(Recorded::Accepted)
+    }
+
+    /// Adds a result's reads by input (named by model, as its task's sources name them) to
+    /// the status's reads by input (by location, in the plan's order).
+    fn count_reads(&mut self, reads: &[pb::InputRead]) {
+        for r in reads {
+            let m = self.plan.models.iter().position(|m| m.name == r.input);
+            if let Some(s) = m.and_then(|m| self.status.inputs.get_mut(m)) {
+                s.bytes_read += r.bytes_read;
+            }
+        }
     }
 
     fn set_queued(&mut self, it: Item) {

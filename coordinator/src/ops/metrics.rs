@@ -44,6 +44,7 @@ pub struct CoordinatorMetrics {
     lease_ttl: Duration,
     counters: ServiceCounters,
     gauges: SnapshotGauges,
+    inputs: super::inputs::InputGauges,
     open: Mutex<HashMap<String, Open>>,
     /// Worker slot ids and when each last called.
     seen: Mutex<HashMap<String, Instant>>,
@@ -93,7 +94,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn as_i64(v: u64) -> i64 {
+pub(super) fn as_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
@@ -282,19 +283,27 @@ impl CoordinatorMetrics {
         // registration order is the order of the scrape
         let counters = ServiceCounters::register(&mut r);
         let gauges = SnapshotGauges::register(&mut r);
+        let inputs = super::inputs::InputGauges::register(&mut r);
         Arc::new(CoordinatorMetrics {
             registry: r,
             mgr,
             lease_ttl,
             counters,
             gauges,
+            inputs,
             open: Mutex::new(HashMap::new()),
             seen: Mutex::new(HashMap::new()),
         })
     }
 
     pub(super) fn saw_worker(&self, id: &str) {
-        lock(&self.seen).insert(id.to_string(), Instant::now());
+        let now = Instant::now();
+        let mut seen = lock(&self.seen);
+        // (every worker call passes here: no new key unless the worker is new)
+        match seen.get_mut(id) {
+            Some(at) => *at = now,
+            None => drop(seen.insert(id.to_string(), now)),
+        }
     }
 
     pub(super) fn granted(&self, lease: &pb::Lease) {
@@ -396,7 +405,9 @@ impl CoordinatorMetrics {
         let (mut read_planned, mut read_done) = (0u64, 0u64);
         let mut audits = [0i64; 3];
         let mut quarantined = std::collections::HashSet::new();
-        for s in self.mgr.list() {
+        let jobs = self.mgr.list();
+        self.inputs.set(&jobs);
+        for s in jobs {
             audits[0] += i64::from(s.audits_passed);
             audits[1] += i64::from(s.audits_failed);
             audits[2] += i64::from(s.audits_skipped);

@@ -29,6 +29,7 @@ use crate::error::Error;
 use crate::job::JobManager;
 use crate::server::{error_chain, Security, Service, MAX_MESSAGE};
 
+mod inputs;
 mod metered;
 mod metrics;
 

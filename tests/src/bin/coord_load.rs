@@ -1,6 +1,6 @@
 //! `coord-load`: the coordinator's own cost under a fleet, without the fleet. Submits a recipe
-//! to a running coordinator, then N simulated worker slots poll, renew once (unless
-//! `--no-renew`) and complete every task as fast as the coordinator hands them out, without
+//! to a running coordinator, then N simulated worker slots (8 per worker process, each process
+//! with its own connection) poll, renew once (unless `--no-renew`) and complete every task as fast as the coordinator hands them out, without
 //! reading or writing any data. Prints the completions per second, the time per RPC (p50,
 //! p99, max) and, given the coordinator's pid, its resident memory; exits 1 if any result was
 //! refused or the job did not succeed.
@@ -110,6 +110,7 @@ fn zero_result(task: Option<&pb::Task>, crcs: &mut HashMap<u64, (u32, u32)>) -> 
             crc32c,
         }),
         stats: None,
+        inputs: Vec::new(),
     }
 }
 
@@ -157,11 +158,16 @@ async fn main() -> Result<(), String> {
         );
     }
     let times = Arc::new(Mutex::new(Times::default()));
+    // a connection per simulated worker process (8 slots each), as a fleet has
+    let mut conns = Vec::new();
+    for _ in 0..a.slots.div_ceil(8) {
+        conns.push(client::client(&a.coordinator)?);
+    }
     let start = Instant::now();
     let mut handles = Vec::new();
     let no_renew = a.no_renew;
     for slot in 0..a.slots {
-        let mut c = c.clone();
+        let mut c = conns[slot / 8].clone();
         let times = times.clone();
         handles.push(tokio::spawn(async move {
             let wid = format!("load-{}/{slot}", slot / 8);

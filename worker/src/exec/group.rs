@@ -68,6 +68,7 @@ impl Executor {
             out.push(partial.map(|st| pb::TaskResult {
                 // the rows were read once, for the first task: the others read nothing
                 bytes_read: if k == 0 { io.bytes_read } else { 0 },
+                inputs: if k == 0 { io.inputs() } else { Vec::new() },
                 stats: Some(st.to_proto()),
                 ..Default::default()
             }));
@@ -125,6 +126,7 @@ impl Executor {
             results.push(pb::TaskResult {
                 // the rows were read once, for the first task: the others read nothing
                 bytes_read: if k == 0 { io.bytes_read } else { 0 },
+                inputs: if k == 0 { io.inputs() } else { Vec::new() },
                 bytes_written: if w.audit { 0 } else { size },
                 checksum,
                 part: Some(part),

@@ -46,7 +46,9 @@ impl Executor {
             }
             let (start, end) = rows;
             let (v, n) = super::rowmap::read_inputs(&self.resolver, job, map, start, end).await?;
-            io.bytes_read += n;
+            for (src, n) in job.inputs.iter().zip(n) {
+                io.read_from(&src.model, n);
+            }
             return Ok(v);
         }
         let bufs: Vec<_> = (0..job.inputs.len()).map(|i| scratch.input(i)).collect();
@@ -68,8 +70,8 @@ impl Executor {
         }
         let mut out = Vec::with_capacity(results.len());
         let mut pieces = Vec::with_capacity(results.len());
-        for r in results {
-            io.bytes_read += r.from_storage;
+        for (r, src) in results.into_iter().zip(&job.inputs) {
+            io.read_from(&src.model, r.from_storage);
             io.bytes_cached += r.from_cache;
             io.cached.extend(r.keys);
             out.push(r.values);

@@ -171,17 +171,17 @@ fn needed(map: &pb::RowMap, i: usize, a: u64, b: u64) -> Vec<(u64, u64)> {
     out
 }
 
-/// Reads what output rows `[a, b)` need of every input. Returns the rows and the bytes read.
+/// Reads what output rows `[a, b)` need of every input. Returns the rows and the bytes read from each input.
 async fn fetch(
     resolver: &Resolver,
     job: &pb::TensorJob,
     map: &pb::RowMap,
     a: u64,
     b: u64,
-) -> Result<(Vec<Fetched>, u64), TaskError> {
+) -> Result<(Vec<Fetched>, Vec<u64>), TaskError> {
     let (_, out_row) = view2d(&job.shape);
     let mut all = Vec::with_capacity(job.inputs.len());
-    let mut read = 0u64;
+    let mut read = vec![0u64; job.inputs.len()];
     for (i, src) in job.inputs.iter().enumerate() {
         let dt = input_dtype(src, job)?;
         let (in_rows, in_row) = view2d(&src.shape);
@@ -208,7 +208,7 @@ async fn fetch(
             let from = src.data_offset + s * row_bytes;
             let to = src.data_offset + e * row_bytes;
             let data = retry(|| loc.store.read_range(&loc.path, from..to)).await?;
-            read += to - from;
+            read[i] += to - from;
             let mut v = Vec::with_capacity(((e - s) * out_row) as usize);
             if in_row == out_row {
                 dtype::decode_extend(dt, &data, &mut v);
@@ -226,14 +226,14 @@ async fn fetch(
 }
 
 /// Rows `[start, end)` of every input of `job`, gathered into the output vocabulary by its row
-/// map, as f32. Returns them and the bytes read.
+/// map, as f32. Returns them and the bytes read from each input.
 pub async fn read_inputs(
     resolver: &Resolver,
     job: &pb::TensorJob,
     map: &pb::RowMap,
     start: u64,
     end: u64,
-) -> Result<(Vec<Vec<f32>>, u64), TaskError> {
+) -> Result<(Vec<Vec<f32>>, Vec<u64>), TaskError> {
     if map.inputs.len() != job.inputs.len() {
         return Err(fatal(format!(
             "tensor {}: its row map has {} inputs, the job {} (plan error)",
@@ -250,10 +250,8 @@ pub async fn read_inputs(
     } else {
         rows
     };
-    let mut bytes = 0;
     let (a, b) = (start.min(real), end.min(real));
-    let (fetched, n) = fetch(resolver, job, map, a, b).await?;
-    bytes += n;
+    let (fetched, mut bytes) = fetch(resolver, job, map, a, b).await?;
     let mut out = assemble(map, &fetched, row_len, a, b, work)
         .map_err(|e| fatal(format!("tensor {}: {e} (plan error)", job.name)))?;
     if end > real {
@@ -264,7 +262,7 @@ pub async fn read_inputs(
         while r < real {
             let re = (r + chunk).min(real);
             let (f, n) = fetch(resolver, job, map, r, re).await?;
-            bytes += n;
+            bytes.iter_mut().zip(n).for_each(|(b, n)| *b += n);
             let part = assemble(map, &f, row_len, r, re, work)
                 .map_err(|e| fatal(format!("tensor {}: {e} (plan error)", job.name)))?;
             for (s, p) in sums.iter_mut().zip(&part) {

@@ -9,11 +9,11 @@ use crate::error::Result;
 use crate::journal::Item;
 
 impl JobState {
-    /// Checks a reported result of task `it` against the plan: a write task's receipt names
-    /// the task's part and exactly its byte length; a statistics task carries statistics and
-    /// no receipt. `multipart`: the output is written in numbered parts (a local file's
-    /// positioned writes carry no part number). `Err` says what was wrong (the result is
-    /// refused and the task runs again).
+    /// Checks a reported result of task `it` against the plan: its reads by input add up to
+    /// its reads; a write task's receipt names the task's part and exactly its byte length; a
+    /// statistics task carries statistics and no receipt. `multipart`: the output is written
+    /// in numbered parts (a local file's positioned writes carry no part number). `Err` says
+    /// what was wrong (the result is refused and the task runs again).
     pub(crate) fn check_result(
         &self,
         it: Item,
@@ -22,6 +22,15 @@ impl JobState {
     ) -> std::result::Result<(), String> {
         // an audit reports the part it would have written, by no part number
         let multipart = multipart && matches!(it, Item::Write(_));
+        // the reads by input add up to the reads (none: a worker that does not report them)
+        let by_input = result.inputs.iter().map(|r| r.bytes_read);
+        let by_input = by_input.fold(0u64, u64::saturating_add);
+        if !result.inputs.is_empty() && by_input != result.bytes_read {
+            return Err(format!(
+                "task {it:?}: the result reports {} bytes read, and {by_input} by input",
+                result.bytes_read
+            ));
+        }
         match it {
             Item::Write(i) | Item::Audit(i) => {
                 let Some(t) = self.cut.tasks.get(i) else {
