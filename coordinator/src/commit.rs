@@ -51,9 +51,7 @@ pub(crate) fn file_sums(plan: &Plan, receipts: &[Vec<Receipt>]) -> Result<Vec<(u
         let mut crc = 0u32;
         let mut size = 0u64;
         for r in parts {
-            let len = usize::try_from(r.size)
-                .map_err(|_| Error::commit(&f.name, format!("part {} too large", r.part_index)))?;
-            crc = crc32c::crc32c_combine(crc, r.crc32c, len);
+            crc = shardmerge_worker::crc::combine(crc, r.crc32c, r.size);
             size += r.size;
         }
         if size != f.layout.total_size {

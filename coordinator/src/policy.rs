@@ -19,12 +19,15 @@
 //! `--allow hf://org/name` (that repository, any revision), and refused by default like any
 //! other reference.
 //!
+//! The benchmark-only `null://BUCKET/PATH` store (it discards what it is given) is allowed by
+//! `--allow-any` alone, with or without a journal; no `--allow` prefix names it.
+//!
 //! The journal (`--state`) is the operator's choice and is not policed; neither is the
 //! embedded `shardmerge run`, which works on any path its user can reach.
 
 use std::path::{Component, Path, PathBuf};
 
-use shardmerge_worker::storage::hub;
+use shardmerge_worker::storage::{hub, null};
 
 use crate::error::Error;
 use crate::recipe::Recipe;
@@ -71,8 +74,16 @@ pub enum Refusal {
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Target {
     Local(PathBuf),
-    S3 { bucket: String, key: Vec<String> },
-    Hub { org: String, name: String },
+    S3 {
+        bucket: String,
+        key: Vec<String>,
+    },
+    Hub {
+        org: String,
+        name: String,
+    },
+    /// The benchmark-only discarding store (`null://`).
+    Null,
 }
 
 /// Removes `.` and `..` without touching the filesystem (`..` at the root stays at the root,
@@ -138,6 +149,9 @@ fn target(uri: &str, base_dir: &Path) -> Result<Target, String> {
             name: id.name,
         });
     }
+    if uri.starts_with(null::PREFIX) {
+        return Ok(Target::Null);
+    }
     if uri.contains("://") && !uri.starts_with("file://") {
         return Err(format!(
             "`{uri}`: unsupported URI scheme (use a local path, file://, s3:// or hf://)"
@@ -187,6 +201,7 @@ impl Policy {
                     org,
                     name: Some(name),
                 },
+                Target::Null => return Err(null_prefix(a)),
                 Target::Local(given) => {
                     let canonical = std::fs::canonicalize(&given).map_err(|e| {
                         Error::usage(
@@ -221,6 +236,12 @@ impl Policy {
         let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
         let p = match target(uri, &cwd).map_err(|e| Error::usage("--state", e))? {
             Target::S3 { bucket, key } => Prefix::S3 { bucket, key },
+            Target::Null => {
+                return Err(Error::usage(
+                    format!("--state {uri}"),
+                    "the null:// store discards data; keep the journal in a local folder or s3://",
+                ))
+            }
             Target::Hub { .. } => {
                 return Err(Error::usage(format!("--state {uri}"),
                     "a Hugging Face repository is read-only; keep the journal in a local folder or s3://"
@@ -330,6 +351,8 @@ impl Policy {
                 _ => false,
             }),
             Target::Local(path) => local_inside(prefixes, &path),
+            // benchmark-only: --allow-any alone lets a job use it
+            Target::Null => false,
         };
         if inside {
             Ok(())
@@ -398,6 +421,13 @@ impl Policy {
             _ => false,
         })
     }
+}
+
+fn null_prefix(a: &str) -> Error {
+    Error::usage(
+        format!("--allow {a}"),
+        "null:// is a benchmark-only store that discards its data; only --allow-any allows it",
+    )
 }
 
 /// `path` with the symlinks of its longest existing ancestor (at or below `root`) resolved;

@@ -4,6 +4,7 @@
 //! (arithmetic); `storage` knows nothing of methods and `kernels` nothing of I/O.
 
 pub mod client;
+pub mod crc;
 pub mod exec;
 pub mod format;
 pub mod kernels;

@@ -73,6 +73,28 @@ fn the_journal_is_never_a_jobs() {
     assert!(check(&p, "out", dir.path()));
 }
 
+/// The benchmark-only null:// store: --allow-any lets a job write there with a journal as
+/// without one (a journaled coordinator refused it as an unknown scheme); no --allow prefix
+/// names it, and it holds no journal.
+#[test]
+fn null_outputs_need_allow_any_journal_or_not() {
+    let base = Path::new("/");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journaled = Policy::new(&[], true)
+        .and_then(|p| p.protect(dir.path().to_str().expect("utf8")))
+        .expect("policy");
+    assert!(journaled
+        .check_one("output", "null://bench/out", base)
+        .is_ok());
+    assert!(Policy::any()
+        .check_one("output", "null://bench/out", base)
+        .is_ok());
+    let local = allow(&[dir.path().to_str().expect("utf8")]);
+    assert!(local.check_one("output", "null://bench/out", base).is_err());
+    assert!(Policy::new(&["null://bench".into()], false).is_err());
+    assert!(Policy::any().protect("null://bench/journal").is_err());
+}
+
 #[test]
 fn local_paths_resolve_like_the_storage_resolver() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -374,30 +374,11 @@ fn crc_of_range(f: &File, tmp: &str, offset: u64, end: u64, buf: &mut Vec<u8>) -
         }
         if at < end {
             let zeros_end = next_data(f, at).map_or(end, |d| d.clamp(at + 1, end));
-            crc = append_zeros(crc, zeros_end - at);
+            crc = crate::crc::append_zeros(crc, zeros_end - at);
             at = zeros_end;
         }
     }
     Ok(crc)
-}
-
-/// `crc` extended by `n` zero bytes, a MiB at a time by [`crc32c::crc32c_combine`].
-fn append_zeros(mut crc: u32, mut n: u64) -> u32 {
-    const BLOCK: usize = 1 << 20;
-    static ZEROS: [u8; 4096] = [0; 4096];
-    static BLOCK_CRC: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    let block = *BLOCK_CRC
-        .get_or_init(|| (0..BLOCK / ZEROS.len()).fold(0, |c, _| crc32c::crc32c_append(c, &ZEROS)));
-    while n >= BLOCK as u64 {
-        crc = crc32c::crc32c_combine(crc, block, BLOCK);
-        n -= BLOCK as u64;
-    }
-    while n > 0 {
-        let k = n.min(ZEROS.len() as u64) as usize;
-        crc = crc32c::crc32c_append(crc, &ZEROS[..k]);
-        n -= k as u64;
-    }
-    crc
 }
 
 /// The first byte of data at or after `offset`; `None` when there is none (or the filesystem

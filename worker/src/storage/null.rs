@@ -30,7 +30,7 @@ use super::object::S3_MIN_PART;
 use super::{Receipt, SResult, Storage, StorageError, Upload};
 
 /// The URI prefix.
-pub(crate) const PREFIX: &str = "null://";
+pub const PREFIX: &str = "null://";
 
 /// A file the store holds: the bytes of a small file, or what is left of a discarded one.
 #[derive(Clone, Debug)]
@@ -218,13 +218,7 @@ impl Storage for NullStorage {
         }
         let (mut size, mut crc) = (0u64, 0u32);
         for r in parts {
-            let len = usize::try_from(r.size).map_err(|_| {
-                StorageError::new(
-                    format!("{}: part {} too large", upload.path, r.part_index),
-                    false,
-                )
-            })?;
-            crc = crc32c::crc32c_combine(crc, r.crc32c, len);
+            crc = crate::crc::combine(crc, r.crc32c, r.size);
             size += r.size;
         }
         tracing::info!(
