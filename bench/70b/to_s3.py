@@ -11,8 +11,13 @@ exactly the file's. Small files (config, index) are put whole. Needs boto3.
 
 The server still reads and writes every copied byte (Garage 2.5 copies block by block: about
 2.8 CPU-s per GiB here), but it stores one block of zeros (content-addressed) and nothing
-crosses the network.
+crosses the network. A shard identical to one already uploaded (same size, same first part,
+zeros after it: the generator writes the same shards for every model) is made with one
+CopyObject of that object instead, which Garage does from its block list without reading
+the data (the object may exceed AWS's 5 GB single-copy limit; Garage does not enforce it).
 """
+
+import hashlib
 
 import errno
 import os
@@ -80,7 +85,8 @@ def holes_after(path, at):
         os.close(fd)
 
 
-def upload_shard(s3, bucket, key, path):
+def upload_shard(s3, bucket, key, path, seen):
+    """seen: (size, digest of the first part) -> key of an uploaded identical object."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(min(size, HEAD))
@@ -89,6 +95,11 @@ def upload_shard(s3, bucket, key, path):
         return
     if not holes_after(path, HEAD):
         sys.exit(f"{path}: holds data past its first {HEAD} bytes; not a sparse checkpoint")
+    same = (size, hashlib.sha256(head).hexdigest())
+    if same in seen:
+        s3.copy_object(Bucket=bucket, Key=key, CopySource={"Bucket": bucket, "Key": seen[same]})
+        return
+    seen[same] = key
     parts = [("body", head)]
     at = HEAD
     while at < size:
@@ -104,12 +115,13 @@ def main():
     bucket, prefix, dirs = sys.argv[1], sys.argv[2].strip("/"), sys.argv[3:]
     s3 = client()
     zero_object(s3, bucket)
+    seen = {}
     for d in dirs:
         name = os.path.basename(os.path.normpath(d))
         for f in sorted(os.listdir(d)):
             path, key = os.path.join(d, f), f"{prefix}/{name}/{f}" if prefix else f"{name}/{f}"
             if f.endswith(".safetensors"):
-                upload_shard(s3, bucket, key, path)
+                upload_shard(s3, bucket, key, path, seen)
             else:
                 with open(path, "rb") as fh:
                     s3.put_object(Bucket=bucket, Key=key, Body=fh.read())
