@@ -259,7 +259,6 @@ pub fn encode_finite(dtype: DType, src: &[f32], dst: &mut [u8]) -> bool {
     !bad
 }
 
-/// Encodes `src` as little-endian `dtype` into `dst` (round to nearest even, as torch does).
 /// [`encode_finite`] to bfloat16. Inlined into [`bf16_finite_avx2`], its build with AVX2 (the
 /// same integer operations, so the same bytes; it encodes every output of a bf16 merge).
 #[inline(always)]
@@ -283,6 +282,7 @@ unsafe fn bf16_finite_avx2(src: &[f32], dst: &mut [u8]) -> bool {
     bf16_finite(src, dst)
 }
 
+/// Encodes `src` as little-endian `dtype` into `dst` (round to nearest even, as torch does).
 pub fn encode(dtype: DType, src: &[f32], dst: &mut [u8]) {
     debug_assert_eq!(dst.len(), src.len() * dtype.size());
     match dtype {
