@@ -56,8 +56,16 @@ pub struct CutOptions {
 /// input its f32 copy and its raw bytes (every input is read at once, each in pieces of at
 /// most a few MiB that the slot keeps for the next task: a segment's rows of every input are
 /// held raw and decoded together, up to that size; kernels work in small chunks).
+/// A derived input (an earlier stage streamed) also holds that stage's working set for its
+/// rows.
 pub fn bytes_per_element(t: &TensorPlan) -> u64 {
-    let inputs: u64 = t.inputs.iter().map(|s| 4 + s.dtype.size() as u64).sum();
+    let inputs: u64 = t
+        .inputs
+        .iter()
+        .map(|s| {
+            4 + s.dtype.size() as u64 + s.derived.as_ref().map_or(0, |d| bytes_per_element(&d.0))
+        })
+        .sum();
     t.out_dtype.size() as u64 + 4 + inputs
 }
 
@@ -102,11 +110,62 @@ pub fn check_fits(plan: &Plan, slot_memory: u64) -> Result<()> {
     Ok(())
 }
 
+/// The stage (its name) of a tensor that must be computed whole in the task that uses it (a
+/// statistics method of a streamed stage) but does not fit a slot whole, with what it needs.
+pub fn unfit_stage(plan: &Plan, o: &CutOptions) -> Option<(String, String)> {
+    let (half, target) = half_and_target(o);
+    plan.tensors.iter().filter(|t| t.derived_whole()).find_map(|t| {
+        let (whole, _) = fits_whole(t, seg_cap_rows(t, half), target, o);
+        let (rows, row_bytes) = t.rows();
+        let need = rows * (row_bytes / t.out_dtype.size() as u64) * bytes_per_element(t);
+        let stage = t.inputs.iter().find(|s| s.derived.as_ref().is_some_and(|d| d.0.needs_whole()))?;
+        (!whole).then(|| {
+            (
+                stage.model.to_string(),
+                format!(
+                    "tensor {} reads tensor {} of stage `{}`, whose method needs all of its rows at once, and computing both in one task takes about {} bytes, more than a worker slot's {} (--memory-limit / --workers)",
+                    t.name, stage.tensor, stage.model, need.saturating_add(rows * row_bytes), o.slot_memory
+                ),
+            )
+        })
+    })
+}
+
+/// Refuses a plan with a streamed stage's tensor that cannot be computed whole in a slot
+/// (see [`unfit_stage`]): such a stage is written as an intermediate instead.
+pub fn check_whole(plan: &Plan, o: &CutOptions) -> Result<()> {
+    match unfit_stage(plan, o) {
+        None => Ok(()),
+        Some((stage, why)) => Err(Error::Exhausted {
+            limit: "--memory-limit",
+            reason: format!("stage `{stage}` cannot be streamed: {why}; write it as an intermediate (shardmerge run and submit do that themselves)"),
+        }),
+    }
+}
+
+/// Half the slot (a task's output buffer, or one segment's working set) and the target task
+/// size.
+fn half_and_target(o: &CutOptions) -> (u64, u64) {
+    let half = (o.slot_memory / 2).max(1);
+    (
+        half,
+        o.task_size.max(o.min_part).min(half.max(o.min_part)).max(1),
+    )
+}
+
+/// The most rows of `t` one segment holds in `half` a slot.
+fn seg_cap_rows(t: &TensorPlan, half: u64) -> u64 {
+    let (_, row_bytes) = t.rows();
+    let row_elems = row_bytes / t.out_dtype.size() as u64;
+    // (an input's LoRA factors: a part whatever the rows, and a part per row)
+    let (lora_fixed, lora_row) = t.lora_memory();
+    (half.saturating_sub(lora_fixed) / (bytes_per_element(t) * row_elems.max(1) + lora_row)).max(1)
+}
+
 pub fn cut(plan: &Plan, o: &CutOptions) -> Cut {
     let mut out = Cut::default();
     // Half the slot for the task's output buffer, half for one segment's f32 working set.
-    let half = (o.slot_memory / 2).max(1);
-    let target = o.task_size.max(o.min_part).min(half.max(o.min_part)).max(1);
+    let (half, target) = half_and_target(o);
     let mut pieces: Vec<Vec<(u64, u64, usize)>> = vec![Vec::new(); plan.tensors.len()];
     for (fi, f) in plan.files.iter().enumerate() {
         let mut cur = TaskDef {
@@ -124,12 +183,7 @@ pub fn cut(plan: &Plan, o: &CutOptions) -> Cut {
         for &ti in &f.tensors {
             let t = &plan.tensors[ti];
             let (rows, row_bytes) = t.rows();
-            let row_elems = row_bytes / t.out_dtype.size() as u64;
-            // (an input's LoRA factors: a part whatever the rows, and a part per row)
-            let (lora_fixed, lora_row) = t.lora_memory();
-            let seg_cap_rows = (half.saturating_sub(lora_fixed)
-                / (bytes_per_element(t) * row_elems.max(1) + lora_row))
-                .max(1);
+            let seg_cap_rows = seg_cap_rows(t, half);
             // the tensors a task describes: bounded too, not only its bytes
             let t_meta = 1 + t.inputs.len();
             if meta > 0 && meta + t_meta > MAX_TASK_META && cur.length >= o.min_part {
@@ -185,12 +239,23 @@ pub fn cut(plan: &Plan, o: &CutOptions) -> Cut {
 /// with statistics passes whose rows fit a segment (`seg_cap_rows`), or whose working set and
 /// output fit the slot.
 fn keep_whole(t: &TensorPlan, seg_cap_rows: u64, target: u64, o: &CutOptions) -> (bool, bool) {
+    let (whole, alone) = fits_whole(t, seg_cap_rows, target, o);
+    // one that reads a streamed stage's statistics tensor is never cut (`check_whole` refuses
+    // a plan where it does not fit)
+    if t.derived_whole() && !whole {
+        return (true, true);
+    }
+    (whole, alone)
+}
+
+/// [`keep_whole`] within the slot: whether `t` fits whole in a segment, or alone in a task.
+fn fits_whole(t: &TensorPlan, seg_cap_rows: u64, target: u64, o: &CutOptions) -> (bool, bool) {
     let (rows, row_bytes) = t.rows();
     let row_elems = row_bytes / t.out_dtype.size() as u64;
     let work = rows * row_elems * bytes_per_element(t);
     let alone =
-        t.passes > 0 && rows > seg_cap_rows && whole_fits(work, rows * row_bytes, target, o);
-    (t.passes > 0 && (rows <= seg_cap_rows || alone), alone)
+        t.needs_whole() && rows > seg_cap_rows && whole_fits(work, rows * row_bytes, target, o);
+    (t.needs_whole() && (rows <= seg_cap_rows || alone), alone)
 }
 
 /// Whether a tensor kept whole in a task of its own fits the slot: its working set `work`, its

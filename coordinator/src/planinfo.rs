@@ -37,21 +37,23 @@ pub async fn describe_given(
     resolver: &Resolver,
     given: &plan::Given,
 ) -> Result<PlanInfo> {
-    let recipe = Recipe::parse(text)?;
-    let plan = plan::plan(
-        recipe,
-        resolver,
-        &o.base_dir,
-        &PlanOptions {
-            out_shard_size: o.out_shard_size,
-            seed: o.seed,
-            rng: o.rng,
-            unsafe_truncate_embeddings: o.unsafe_truncate_embeddings,
-            compute_float32: o.compute_float32,
-            given: given.clone(),
-        },
-    )
-    .await?;
+    let opts = PlanOptions {
+        out_shard_size: o.out_shard_size,
+        seed: o.seed,
+        rng: o.rng,
+        unsafe_truncate_embeddings: o.unsafe_truncate_embeddings,
+        compute_float32: o.compute_float32,
+        given: given.clone(),
+    };
+    let plan = match crate::recipe::stages::split(text)? {
+        // a multi-stage recipe planned as one job (its stages streamed into the final one)
+        Some(st) => {
+            let out = resolver.resolve("OUT", &o.base_dir)?;
+            let at = |n: &str| plan::stages::stage_location(&out, n);
+            plan::stages::plan_streamed(&st, text, resolver, &o.base_dir, &opts, &at).await?
+        }
+        None => plan::plan(Recipe::parse(text)?, resolver, &o.base_dir, &opts).await?,
+    };
     let cut = cut::cut(
         &plan,
         &CutOptions {

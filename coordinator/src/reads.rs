@@ -11,31 +11,42 @@ use crate::plan::{Plan, TensorPlan};
 /// only when `reread` (no row cache).
 pub fn planned_reads(plan: &Plan, cut: &Cut, reread: bool) -> Vec<u64> {
     let mut by_model = vec![0u64; plan.models.len()];
-    let model_of = |name: &str| plan.models.iter().position(|m| m.name == name);
-    let mut add = |t: &TensorPlan, rows: u64, times: u64| {
-        for s in &t.inputs {
-            if let Some(m) = model_of(&s.model) {
-                let n = rows.saturating_mul(s.row_bytes()).saturating_mul(times);
-                by_model[m] = by_model[m].saturating_add(n);
-            }
-        }
-    };
     for task in &cut.tasks {
         for seg in &task.segments {
             if let SegDef::Rows {
                 tensor, start, end, ..
             } = seg
             {
-                add(&plan.tensors[*tensor], end - start, 1);
+                add_reads(plan, &plan.tensors[*tensor], end - start, &mut by_model);
             }
         }
     }
-    if reread {
-        for u in &cut.units {
-            for &(a, b) in &u.ranges {
-                add(&plan.tensors[u.tensor], b - a, u.passes as u64);
+    for u in &cut.units {
+        let t = &plan.tensors[u.tensor];
+        for &(a, b) in &u.ranges {
+            let rows = (b - a).saturating_mul(u.passes as u64);
+            if reread {
+                add_reads(plan, t, rows, &mut by_model);
+            } else {
+                // a streamed stage's rows are computed again for every pass (never cached)
+                for d in t.inputs.iter().filter_map(|s| s.derived.as_ref()) {
+                    add_reads(plan, &d.0, rows, &mut by_model);
+                }
             }
         }
     }
     by_model
+}
+
+/// Adds what `rows` rows of `t` read to each model's count: a derived input (a streamed stage)
+/// reads the inputs of the tensor it is computed from.
+fn add_reads(plan: &Plan, t: &TensorPlan, rows: u64, by_model: &mut [u64]) {
+    for s in &t.inputs {
+        if let Some(d) = &s.derived {
+            add_reads(plan, &d.0, rows, by_model);
+        } else if let Some(m) = plan.models.iter().position(|m| *m.name == *s.model) {
+            let n = rows.saturating_mul(s.row_bytes());
+            by_model[m] = by_model[m].saturating_add(n);
+        }
+    }
 }

@@ -258,7 +258,7 @@ fn all_named_stages_are_each_an_output() {
 fn plan_lists_the_stages() {
     let (out, _) = ok(&root(), &["plan", "examples/multilingual-stages.yml"]);
     assert!(
-        out.contains("stage 1      stage `langs`: ties, intermediate"),
+        out.contains("stage 1      stage `langs`: ties, streamed -> computed in the final stage's tasks, never written"),
         "{out}"
     );
     assert!(out.contains("stage 2      the final (unnamed) stage: task_arithmetic, final output -> OUT; uses `langs`"), "{out}");
@@ -269,6 +269,7 @@ fn plan_lists_the_stages() {
     );
     let v: serde_json::Value = serde_json::from_str(&j).unwrap();
     assert_eq!(v["stages"][1]["uses"][0], "langs");
+    assert_eq!(v["stages"][0]["role"], "streamed");
 }
 
 #[test]

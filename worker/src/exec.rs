@@ -57,6 +57,7 @@ pub(crate) fn input_dtype(src: &pb::TensorSource, job: &pb::TensorJob) -> Result
 pub use crate::tensor::view2d;
 
 mod analyse;
+mod derive;
 pub mod extract;
 mod group;
 mod kernel;
@@ -368,7 +369,7 @@ impl Executor {
         let row_bytes = row_len * odt.size() as u64;
         let mut first: Option<&str> = None;
         for src in &job.inputs {
-            if src.dtype != job.out_dtype || src.shape != job.shape {
+            if src.dtype != job.out_dtype || src.shape != job.shape || src.derived.is_some() {
                 return Err(fatal(format!(
                     "{}: tensor {} of {} is not a {} tensor of shape {:?} (plan error)",
                     src.uri,

@@ -26,6 +26,7 @@ use shardmerge_worker::storage::Resolver;
 mod key;
 mod scratch;
 mod show;
+mod stream;
 
 use scratch::Scratch;
 
@@ -50,6 +51,8 @@ pub(super) enum Role {
     Kept,
     /// An intermediate in the scratch folder, removed at the end.
     Scratch,
+    /// An intermediate streamed into the final job: computed in its tasks, never written.
+    Streamed,
 }
 
 /// One stage to run: where it writes and its recipe with the stages it names located.
@@ -58,6 +61,8 @@ struct StageJob<'a> {
     out: String,
     role: Role,
     text: String,
+    /// Why an intermediate is written rather than streamed.
+    why: Option<String>,
 }
 
 /// The stages a run leaves out, each with why.
@@ -116,6 +121,7 @@ fn schedule<'a>(
             out,
             role,
             text: String::new(),
+            why: None,
         });
     }
     let locs: Vec<(String, String)> = jobs
@@ -221,6 +227,16 @@ async fn before_stage(
             eprintln!("stage {}/{n}: {label} -> {}{what}", k + 1, j.out);
         }
     };
+    if j.role == Role::Streamed {
+        if !quiet {
+            let (n, label) = (jobs.len(), j.stage.label());
+            eprintln!(
+                "stage {}/{n}: {label}: streamed into the final stage's job (not written)",
+                k + 1
+            );
+        }
+        return Ok(None);
+    }
     if j.role != Role::Kept {
         say("");
         return Ok(Some((None, false)));
@@ -251,13 +267,14 @@ pub(super) async fn run(
     let base = &o.submit.base_dir;
     let keep = a.keep_intermediates.as_deref();
     let dir = scratch.path().display().to_string();
-    let (jobs, skipped) = schedule(st, out, keep, &dir, base)?;
+    let (mut jobs, skipped) = schedule(st, out, keep, &dir, base)?;
     for (s, why) in &skipped {
         if !o.quiet {
             eprintln!("{}: not run ({why})", s.label());
         }
     }
-    plan_ahead(&jobs, &o.submit, o.workers, resolver).await?;
+    let infos = plan_ahead(&jobs, &o.submit, o.workers, resolver).await?;
+    stream::choose(&mut jobs, &infos, &o.submit, o.workers, resolver).await?;
     if jobs.iter().any(|j| j.role == Role::Scratch) {
         scratch.create()?;
     }
@@ -291,8 +308,16 @@ pub(super) async fn plan(
     let scratch = Scratch::new(&scratch_parent(engine.scratch.scratch.as_ref()));
     let keep = a.keep_intermediates.as_deref();
     let dir = scratch.path().display().to_string();
-    let (jobs, skipped) = schedule(st, "OUT", keep, &dir, &o.base_dir)?;
+    let (mut jobs, skipped) = schedule(st, "OUT", keep, &dir, &o.base_dir)?;
     let mut infos = plan_ahead(&jobs, &o, engine.workers(), resolver).await?;
+    stream::choose(&mut jobs, &infos, &o, engine.workers(), resolver).await?;
+    if jobs.iter().any(|j| j.role == Role::Streamed) {
+        // the final stage's plan is the one job's, the streamed stages in it
+        if let Some(k) = jobs.iter().position(|j| j.role == Role::Final) {
+            let info = planinfo::describe(&jobs[k].text, &o, engine.workers(), resolver).await?;
+            infos[k] = Some(info);
+        }
+    }
     if engine.scratch.scratch_limit == 0 {
         // no row cache: every statistics pass reads its rows from storage again
         for i in infos.iter_mut().flatten() {
@@ -305,6 +330,7 @@ pub(super) async fn plan(
         .map(|(j, info)| show::Row {
             stage: j.stage,
             role: j.role,
+            why: j.why.as_deref(),
             out: &j.out,
             info: info.as_ref(),
         })
@@ -332,9 +358,17 @@ pub(super) async fn submit(
     let nonce = Scratch::new(Path::new("")).path().display().to_string();
     let dir = format!("{}.{nonce}", a.output.trim_end_matches('/'));
     let keep = s.keep_intermediates.as_deref();
-    let (jobs, skipped) = schedule(st, &a.output, keep, &dir, &base)?;
+    let (mut jobs, skipped) = schedule(st, &a.output, keep, &dir, &base)?;
     for (s, why) in &skipped {
         eprintln!("{}: not run ({why})", s.label());
+    }
+    // the intermediates that stream into the final job, planned from headers here
+    let o = crate::job::SubmitOptions::from_proto(&a.options);
+    match plan_ahead(&jobs, &o, 1, resolver).await {
+        Ok(infos) => stream::choose(&mut jobs, &infos, &o, 1, resolver).await?,
+        Err(e) => eprintln!(
+            "note: the stages could not be planned here ({e}): every intermediate is written"
+        ),
     }
     let scratch: Vec<String> = jobs
         .iter()

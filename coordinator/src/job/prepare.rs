@@ -76,7 +76,6 @@ async fn prepare(
     output: &str,
     o: &SubmitOptions,
 ) -> Result<(Plan, Cut, Location)> {
-    let recipe = Recipe::parse(recipe_text)?;
     let plan_options = PlanOptions {
         out_shard_size: o.out_shard_size,
         seed: o.seed,
@@ -85,15 +84,25 @@ async fn prepare(
         compute_float32: o.compute_float32,
         given: Default::default(),
     };
-    let plan = plan::plan(recipe, resolver, &o.base_dir, &plan_options).await?;
     let out = resolver.resolve(output, &o.base_dir)?;
-    let cut = cut::cut(
-        &plan,
-        &CutOptions {
-            task_size: o.task_size,
-            slot_memory: o.slot_memory_for(&plan)?,
-            min_part: out.store.min_part_size(),
-        },
-    );
+    let plan = match crate::recipe::stages::split(recipe_text)? {
+        // a multi-stage recipe: one job, the earlier stages streamed into the final one
+        Some(st) => {
+            let at = |name: &str| plan::stages::stage_location(&out, name);
+            plan::stages::plan_streamed(&st, recipe_text, resolver, &o.base_dir, &plan_options, &at)
+                .await?
+        }
+        None => {
+            let recipe = Recipe::parse(recipe_text)?;
+            plan::plan(recipe, resolver, &o.base_dir, &plan_options).await?
+        }
+    };
+    let opts = CutOptions {
+        task_size: o.task_size,
+        slot_memory: o.slot_memory_for(&plan)?,
+        min_part: out.store.min_part_size(),
+    };
+    cut::check_whole(&plan, &opts)?;
+    let cut = cut::cut(&plan, &opts);
     Ok((plan, cut, out))
 }

@@ -157,7 +157,7 @@ pub(crate) fn tensor_job(t: &TensorPlan, start: u64, end: u64) -> pb::TensorJob 
         out_dtype: t.out_dtype.to_proto() as i32,
         method: t.method_name().to_string(),
         params: Some(params(&t.params)),
-        inputs: t.inputs.iter().map(source).collect(),
+        inputs: t.inputs.iter().map(|s| source(s, start, end)).collect(),
         model_params: t.model_params.iter().map(|p| params(p)).collect(),
         base_index: t.base.map(|b| b as u32),
         seed: t.seed,
@@ -175,7 +175,9 @@ pub(crate) fn tensor_job(t: &TensorPlan, start: u64, end: u64) -> pb::TensorJob 
     }
 }
 
-fn source(s: &InputPlan) -> pb::TensorSource {
+/// The wire message of an input, for a task over rows `[start, end)`: a derived input carries
+/// the job of the tensor it is computed from, for the same rows.
+fn source(s: &InputPlan, start: u64, end: u64) -> pb::TensorSource {
     pb::TensorSource {
         uri: s.uri.to_string(),
         data_offset: s.data_offset,
@@ -186,6 +188,7 @@ fn source(s: &InputPlan) -> pb::TensorSource {
         tensor: s.tensor.clone(),
         rng_offset: s.rng_offset,
         lora: s.lora.as_deref().map(|l| Box::new(lora(l))),
+        derived: s.derived.as_ref().map(|d| tensor_job(&d.0, start, end)),
     }
 }
 
@@ -254,5 +257,18 @@ mod tests {
         assert_eq!((a.work_bf16, a.work), (b.work_bf16, b.work));
         assert_eq!(job.method, "dare_ties");
         assert_eq!(job.inputs[1].dtype, DType::BF16.to_proto() as i32);
+    }
+
+    /// A derived input (a streamed stage) carries the earlier stage's job for the same rows.
+    #[test]
+    fn a_derived_input_carries_its_stage_job_for_the_task_rows() {
+        let inner = test_tensor("model.layers.0.w", "ties", &[8, 4], 2);
+        let mut t = test_tensor("model.layers.0.w", "linear", &[8, 4], 2);
+        t.inputs[1].derived = Some(crate::plan::Derived(std::sync::Arc::new(inner)));
+        let job = tensor_job(&t, 2, 5);
+        assert!(job.inputs[0].derived.is_none());
+        let d = job.inputs[1].derived.as_ref().expect("derived");
+        assert_eq!((d.method.as_str(), d.inputs.len()), ("ties", 2));
+        assert_eq!(d.shape, vec![8, 4]);
     }
 }

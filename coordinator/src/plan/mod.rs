@@ -26,6 +26,7 @@ mod load;
 pub mod lora;
 mod params;
 mod slices;
+pub mod stages;
 mod tensor;
 mod typed;
 pub(crate) mod vocab;
@@ -38,7 +39,7 @@ pub use tensor::COPY_METHOD;
 use tensor::*;
 #[cfg(test)]
 pub(crate) use typed::test_tensor;
-pub use typed::{InputPlan, Interner, Params, TensorPlan};
+pub use typed::{Derived, InputPlan, Interner, Params, TensorPlan};
 
 /// mergekit's default `--out-shard-size` (bytes).
 pub const DEFAULT_SHARD_SIZE: u64 = 5_000_000_000;
@@ -145,6 +146,7 @@ pub fn split_layer(name: &str) -> Option<(&str, u64, &str)> {
     arch::split_layer_anywhere(name)
 }
 
+#[derive(Clone)]
 pub struct PlanOptions {
     pub out_shard_size: u64,
     pub seed: Option<u64>,

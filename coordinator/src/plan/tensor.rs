@@ -254,6 +254,7 @@ fn tensor_inputs<'a>(
             tensor: in_name.to_string(),
             rng_offset: 0,
             lora: None,
+            derived: None,
         };
         if let Some(a) = &m.adapter {
             a.attach(in_name, &mut input);

@@ -41,6 +41,17 @@ impl Interner {
     }
 }
 
+/// An input computed in the task instead of read: the tensor of an earlier stage of a
+/// multi-stage recipe, streamed (see `plan::stages`). Two are equal when they are the same plan.
+#[derive(Clone, Debug)]
+pub struct Derived(pub Arc<TensorPlan>);
+
+impl PartialEq for Derived {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
 /// One input of a tensor: where its bytes lie and how they are stored.
 #[derive(Clone, Debug, PartialEq)]
 pub struct InputPlan {
@@ -60,6 +71,9 @@ pub struct InputPlan {
     pub rng_offset: u64,
     /// A LoRA adapter applied to it as it is read (`model+adapter`).
     pub lora: Option<Arc<LoraPlan>>,
+    /// Computed in the task from an earlier stage's tensor instead of read from `uri` (which
+    /// then names where that stage's checkpoint would lie, for messages).
+    pub derived: Option<Derived>,
 }
 
 impl InputPlan {
@@ -139,27 +153,56 @@ impl TensorPlan {
     /// wider than the output, such as an embedding with a larger hidden size, is read whole
     /// and cropped).
     pub fn input_row_bytes(&self) -> u64 {
-        self.inputs.iter().map(InputPlan::row_bytes).sum()
+        self.inputs
+            .iter()
+            .map(|s| match &s.derived {
+                Some(d) => d.0.input_row_bytes(),
+                None => s.row_bytes(),
+            })
+            .sum()
     }
 
-    /// Input bytes of the whole tensor (each input byte once), LoRA factors included.
+    /// Input bytes of the whole tensor (each input byte once), LoRA factors included; a
+    /// derived input's are those of the tensor it is computed from.
     pub fn input_bytes(&self) -> u64 {
         self.inputs
             .iter()
             .map(|s| {
-                s.shape.iter().product::<u64>() * s.dtype.size() as u64
-                    + s.lora.as_ref().map_or(0, |l| l.bytes())
+                let own = match &s.derived {
+                    Some(d) => d.0.input_bytes(),
+                    None => s.shape.iter().product::<u64>() * s.dtype.size() as u64,
+                };
+                own + s.lora.as_ref().map_or(0, |l| l.bytes())
             })
             .sum()
     }
 
     /// Memory a task over some of its rows holds for its inputs' LoRA factors: (fixed, per
-    /// row), see [`LoraPlan::memory`].
+    /// row), see [`LoraPlan::memory`]; derived inputs' own inputs included.
     pub fn lora_memory(&self) -> (u64, u64) {
         self.inputs
             .iter()
-            .filter_map(|s| s.lora.as_ref().map(|l| l.memory()))
+            .flat_map(|s| {
+                let own = s.lora.as_ref().map(|l| l.memory());
+                own.into_iter()
+                    .chain(s.derived.as_ref().map(|d| d.0.lora_memory()))
+            })
             .fold((0, 0), |(f, r), (a, b)| (f + a, r + b))
+    }
+
+    /// Whether a task must hold all of its rows at once: its method has statistics passes, or
+    /// an input is derived from a tensor that needs that (an earlier stage's statistics are
+    /// computed in the task, over the whole tensor).
+    pub fn needs_whole(&self) -> bool {
+        self.passes > 0 || self.derived_whole()
+    }
+
+    /// Whether an input is derived from a tensor that must be computed whole: then this one
+    /// cannot be cut into row ranges at all.
+    pub fn derived_whole(&self) -> bool {
+        self.inputs
+            .iter()
+            .any(|s| s.derived.as_ref().is_some_and(|d| d.0.needs_whole()))
     }
 
     /// The kernel's view of this tensor (as the worker builds it from the task).
@@ -201,6 +244,7 @@ pub(crate) fn test_tensor(name: &str, method: &str, shape: &[u64], n: usize) -> 
         tensor: name.to_string(),
         rng_offset: 0,
         lora: None,
+        derived: None,
     };
     TensorPlan {
         name: name.into(),

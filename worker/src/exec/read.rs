@@ -38,9 +38,13 @@ impl Executor {
         scratch: &mut Scratch,
     ) -> Result<Vec<Vec<f32>>, TaskError> {
         if let Some(map) = &job.row_map {
-            if job.inputs.iter().any(|s| s.lora.is_some()) {
+            if job
+                .inputs
+                .iter()
+                .any(|s| s.lora.is_some() || s.derived.is_some())
+            {
                 return Err(fatal(format!(
-                    "tensor {}: a LoRA adapter on a vocabulary-re-mapped embedding (plan error)",
+                    "tensor {}: a LoRA adapter or a streamed stage on a vocabulary-re-mapped embedding (plan error)",
                     job.name
                 )));
             }
@@ -57,7 +61,7 @@ impl Executor {
             .inputs
             .iter()
             .zip(bufs)
-            .map(|(src, bufs)| self.read_input(job, src, rows, bufs, keep, job_id));
+            .map(|(src, bufs)| self.read_one(job, src, rows, bufs, keep, job_id));
         let mut results = futures::future::try_join_all(reads).await?;
         // a LoRA adapter's delta, for the rows read (`model+adapter`)
         let (_, out_row) = view2d(&job.shape);
@@ -79,6 +83,32 @@ impl Executor {
         }
         give_back(&mut scratch.pieces, pieces);
         Ok(out)
+    }
+
+    /// Rows `[start, end)` of input `src`: read ([`Executor::read_input`]), or computed when it
+    /// is derived (a streamed stage, [`Executor::derive_input`]).
+    async fn read_one(
+        &self,
+        job: &pb::TensorJob,
+        src: &pb::TensorSource,
+        rows: (u64, u64),
+        bufs: (Vec<f32>, Vec<u8>),
+        keep: bool,
+        job_id: &str,
+    ) -> Result<Read, TaskError> {
+        let Some(inner) = &src.derived else {
+            return self.read_input(job, src, rows, bufs, keep, job_id).await;
+        };
+        let d = self
+            .derive_input(job, src, inner, rows, bufs, job_id)
+            .await?;
+        Ok(Read {
+            values: d.values,
+            piece: d.piece,
+            from_storage: d.bytes_read,
+            from_cache: 0,
+            keys: Vec::new(),
+        })
     }
 
     /// Reads rows `[start, end)` of input `src`: whole rows a piece (about READ_PIECE bytes)

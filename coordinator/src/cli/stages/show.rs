@@ -10,6 +10,8 @@ use crate::recipe::Recipe;
 pub(super) struct Row<'a> {
     pub(super) stage: &'a Stage,
     pub(super) role: Role,
+    /// Why an intermediate is written rather than streamed.
+    pub(super) why: Option<&'a str>,
     pub(super) out: &'a str,
     /// Its plan; none when it is planned only when it runs.
     pub(super) info: Option<&'a PlanInfo>,
@@ -24,7 +26,14 @@ impl Row<'_> {
             Role::Kept => ("intermediate, kept", self.out.into()),
             Role::Scratch => (
                 "intermediate",
-                "a scratch folder, removed at the end".into(),
+                match self.why {
+                    Some(w) => format!("a scratch folder, removed at the end (written: {w})"),
+                    None => "a scratch folder, removed at the end".into(),
+                },
+            ),
+            Role::Streamed => (
+                "streamed",
+                "computed in the final stage's tasks, never written".into(),
             ),
         }
     }
@@ -75,7 +84,7 @@ pub(super) fn json(rows: &[Row<'_>], skipped: &[(&Stage, &str)]) -> String {
             let (what, to) = r.fate();
             serde_json::json!({
                 "name": r.stage.name, "merge_method": r.method(), "role": what, "out": to,
-                "uses": r.stage.deps, "recipe": r.stage.raw_text(),
+                "uses": r.stage.deps, "recipe": r.stage.raw_text(), "written_because": r.why,
                 "plan": r.info.map(PlanInfo::to_json),
             })
         })
