@@ -53,12 +53,13 @@ impl InputGauges {
             let l = InputLabels {
                 input: input.to_string(),
             };
-            self.read
-                .get_or_create(&l)
-                .set(super::metrics::as_i64(read));
-            self.planned
-                .get_or_create(&l)
-                .set(super::metrics::as_i64(planned));
+            self.read.get_or_create(&l).set(as_i64(read));
+            self.planned.get_or_create(&l).set(as_i64(planned));
         }
     }
+}
+
+/// A byte count as a gauge's value (saturating).
+pub(super) fn as_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
 }

@@ -1,6 +1,7 @@
 //! The coordinator's Prometheus metrics: what the gRPC layer observes (through [`Metered`], in
 //! `metered.rs`) and the job manager's status snapshots at scrape time.
 
+use super::inputs::as_i64;
 use super::*;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -92,10 +93,6 @@ const JOB_STATES: [(pb::JobState, &str); 6] = [
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-pub(super) fn as_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 /// The gauges set from snapshots at scrape time, in registration order: name and help.
