@@ -268,12 +268,8 @@ fn all_files(dir: &std::path::Path) -> std::collections::BTreeMap<String, Vec<u8
         .collect()
 }
 
-/// Runs every point of sweep recipe `sweep` (over the example family) as one grid, reading
-/// through a counting store; checks each point's checkpoint against the point run alone, and
-/// returns the bytes read over the input bytes of one point.
-async fn grid_reads(sweep: &str, points: usize, task_size: u64, slot_memory: u64) -> f64 {
-    let s = shardmerge::recipe::sweep::expand(sweep).unwrap().unwrap();
-    assert_eq!(s.points.len(), points);
+/// A resolver whose stores count the tensor bytes read (all stores together), and the count.
+fn counting_resolver() -> (Resolver, Arc<AtomicU64>) {
     let n = Arc::new(AtomicU64::new(0));
     let n2 = n.clone();
     let counting = Resolver::with_wrapper(move |s| {
@@ -283,6 +279,16 @@ async fn grid_reads(sweep: &str, points: usize, task_size: u64, slot_memory: u64
             by_folder: None,
         }) as Arc<dyn Storage>
     });
+    (counting, n)
+}
+
+/// Runs every point of sweep recipe `sweep` (over the example family) as one grid, reading
+/// through a counting store; checks each point's checkpoint against the point run alone, and
+/// returns the bytes read over the input bytes of one point.
+async fn grid_reads(sweep: &str, points: usize, task_size: u64, slot_memory: u64) -> f64 {
+    let s = shardmerge::recipe::sweep::expand(sweep).unwrap().unwrap();
+    assert_eq!(s.points.len(), points);
+    let (counting, n) = counting_resolver();
     let submit = SubmitOptions {
         task_size,
         slot_memory,
@@ -409,15 +415,7 @@ async fn a_grid_resumed_after_a_restart_still_reads_once() {
     let s = shardmerge::recipe::sweep::expand(TA_GRID).unwrap().unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let state = tmp.path().join("state");
-    let n = Arc::new(AtomicU64::new(0));
-    let n2 = n.clone();
-    let counting = Resolver::with_wrapper(move |s| {
-        Arc::new(DataReads {
-            inner: s,
-            n: n2.clone(),
-            by_folder: None,
-        }) as Arc<dyn Storage>
-    });
+    let (counting, n) = counting_resolver();
     let o = SubmitOptions {
         task_size: 4096,
         slot_memory: 9 * (64 << 10),
