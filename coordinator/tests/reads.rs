@@ -268,6 +268,27 @@ fn all_files(dir: &std::path::Path) -> std::collections::BTreeMap<String, Vec<u8
         .collect()
 }
 
+/// Runs each point of `s` alone (into `tmp/single/K`) and checks its checkpoint is the grid's
+/// `outs[K]`, byte for byte.
+async fn same_as_run_alone(
+    s: &shardmerge::recipe::sweep::Sweep,
+    outs: &[String],
+    o: &RunOptions,
+    tmp: &std::path::Path,
+) {
+    for (k, p) in s.points.iter().enumerate() {
+        let single = tmp.join(format!("single/{k}"));
+        embedded::run(&p.recipe, single.to_str().unwrap(), o, Resolver::new())
+            .await
+            .unwrap();
+        assert!(
+            all_files(&single) == all_files(std::path::Path::new(&outs[k])),
+            "point {}: the grid's checkpoint differs from the point run alone",
+            p.name
+        );
+    }
+}
+
 /// A resolver whose stores count the tensor bytes read (all stores together), and the count.
 fn counting_resolver() -> (Resolver, Arc<AtomicU64>) {
     let n = Arc::new(AtomicU64::new(0));
@@ -328,17 +349,7 @@ async fn grid_reads(sweep: &str, points: usize, task_size: u64, slot_memory: u64
     let info = planinfo::describe(&s.points[0].recipe, &submit, 2, &Resolver::new())
         .await
         .unwrap();
-    for (k, p) in s.points.iter().enumerate() {
-        let single = tmp.path().join(format!("single/{k}"));
-        embedded::run(&p.recipe, single.to_str().unwrap(), &o, Resolver::new())
-            .await
-            .unwrap();
-        assert!(
-            all_files(&single) == all_files(std::path::Path::new(&outs[k])),
-            "point {}: the grid's checkpoint differs from the point run alone",
-            p.name
-        );
-    }
+    same_as_run_alone(&s, &outs, &o, tmp.path()).await;
     let ratio = read as f64 / info.bytes_input() as f64;
     eprintln!(
         "grid of {points} points (task size {task_size}, slot {slot_memory}): read {read} B of {} B input ({ratio:.3}x); status says {reported} B",
@@ -499,15 +510,5 @@ async fn a_grid_resumed_after_a_restart_still_reads_once() {
         quiet: true,
         cache: Some(row_cache()),
     };
-    for (k, p) in s.points.iter().enumerate() {
-        let single = tmp.path().join(format!("single/{k}"));
-        embedded::run(&p.recipe, single.to_str().unwrap(), &run, Resolver::new())
-            .await
-            .unwrap();
-        assert!(
-            all_files(&single) == all_files(std::path::Path::new(&outs[k])),
-            "point {}: the resumed grid's checkpoint differs from the point run alone",
-            p.name
-        );
-    }
+    same_as_run_alone(&s, &outs, &run, tmp.path()).await;
 }
