@@ -196,6 +196,43 @@ pub struct F32Sum {
 
 const LANES: usize = 4;
 
+/// Values per block of [`F32Sum::add_abs`]'s f64 path.
+const BLOCK: usize = 64;
+/// The most binary exponents the nonzero magnitudes of one such block may span.
+const SPAN: u32 = 22;
+
+/// The exact sum of the magnitudes of `c` ([`BLOCK`] values) as an f64, when none is a NaN
+/// or an infinity and the nonzero ones span at most [`SPAN`] binary exponents (else None).
+///
+/// Why it is exact: with `e` the smallest (biased, at least 1) exponent among the nonzero
+/// magnitudes, each is an integer multiple of 2^(e - 150) below 2^(24 + SPAN), so any partial
+/// sum of the block is such a multiple below 64 · 2^46 = 2^52: an f64 holds each exactly,
+/// whatever the order of the additions. The checks are min/max reductions and the sum
+/// independent lanes, so the whole of it vectorises.
+#[inline]
+fn block_sum(c: &[f32]) -> Option<f64> {
+    let (mut hi, mut lo) = (0u32, u32::MAX);
+    for &x in c {
+        let b = x.to_bits() & 0x7fff_ffff;
+        hi = hi.max(b);
+        // (zeros add nothing: they do not count for the span)
+        lo = lo.min(if b == 0 { u32::MAX } else { b });
+    }
+    if hi == 0 {
+        return Some(0.0);
+    }
+    if hi >= 0x7f80_0000 || (hi >> 23) - (lo >> 23).max(1) > SPAN {
+        return None;
+    }
+    let mut acc = [0f64; 8];
+    for q in c.chunks_exact(acc.len()) {
+        for (a, &x) in acc.iter_mut().zip(q) {
+            *a += f64::from(x.abs());
+        }
+    }
+    Some(acc.iter().sum())
+}
+
 impl Default for F32Sum {
     fn default() -> Self {
         F32Sum {
@@ -235,9 +272,24 @@ impl F32Sum {
         self.pending = pending;
     }
 
+    /// [`F32Sum::add_all`] of the magnitudes `|x|` of `xs`: the same exact sum. A block of
+    /// [`BLOCK`] values whose nonzero magnitudes span at most [`SPAN`] binary exponents is
+    /// summed in f64, which is exact for them ([`block_sum`]), and added as one value; any
+    /// other block goes by the buckets ([`F32Sum::add_abs_lanes`]).
+    pub fn add_abs(&mut self, xs: &[f32]) {
+        let mut blocks = xs.chunks_exact(BLOCK);
+        for c in &mut blocks {
+            match block_sum(c) {
+                Some(s) => self.rest.add(s),
+                None => self.add_abs_lanes(c),
+            }
+        }
+        self.add_abs_lanes(blocks.remainder());
+    }
+
     /// [`F32Sum::add_all`] of the magnitudes `|x|` of `xs`, the lanes unrolled (a block of
     /// `LANES` values at a time, its adds independent of each other): the same sum.
-    pub fn add_abs(&mut self, xs: &[f32]) {
+    fn add_abs_lanes(&mut self, xs: &[f32]) {
         let mut blocks = xs.chunks_exact(LANES);
         for c in &mut blocks {
             if c.iter().any(|x| !x.is_finite()) {
@@ -346,6 +398,93 @@ fn ldexp(x: f64, e: i32) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Blocks that take the f64 path (narrow spans of exponents, with zeros of both signs,
+    /// subnormals, values at the span's edge) and blocks that do not (one magnitude too small
+    /// or too large, a NaN, an infinity), mixed and cut at odd places: the same sum as
+    /// [`F32Sum::add_all`], to the bit.
+    #[test]
+    fn add_abs_blocks_are_exact() {
+        let s = super::super::rng::Stream::new(11, 12, 13);
+        let mut vals: Vec<f32> = Vec::new();
+        for block in 0..40u64 {
+            // block `block`'s magnitudes span `span` exponents from 2^`low`
+            let low = (block % 9) as i32 * 17 - 140;
+            let span = [0, 5, 21, 22, 23, 30][(block % 6) as usize];
+            for i in 0..BLOCK as u64 {
+                let u = s.uniform(block * 1000 + i);
+                let e = low + (u * (span as f64 + 1.0)) as i32;
+                let mut v = (2f32.powi(e.clamp(-149, 127)) * (1.0 + u as f32)).min(f32::MAX);
+                if i % 3 == 0 {
+                    v = -v;
+                }
+                if i % 7 == 1 {
+                    v = if i % 2 == 0 { 0.0 } else { -0.0 };
+                }
+                vals.push(v);
+            }
+        }
+        // the same with a NaN in one block, and an infinity in another
+        let mut nan = vals.clone();
+        nan[3 * BLOCK + 5] = f32::NAN;
+        let mut inf = vals.clone();
+        inf[4 * BLOCK + 9] = f32::NEG_INFINITY;
+        let narrow = vals
+            .chunks_exact(BLOCK)
+            .filter(|c| block_sum(c).is_some())
+            .count();
+        assert!(
+            (10..40).contains(&narrow),
+            "{narrow} blocks took the f64 path"
+        );
+        assert!(
+            nan.chunks_exact(BLOCK)
+                .filter(|c| block_sum(c).is_some())
+                .count()
+                < narrow
+        );
+        for v in [&vals[..], &vals[..BLOCK * 6], &nan, &inf] {
+            let mut want = F32Sum::new();
+            want.add_all(v.iter().map(|x| x.abs()));
+            let want = want.finish();
+            for cut in [0, 1, 63, 64, 65, 1000] {
+                let cut = cut.min(v.len());
+                let mut got = F32Sum::new();
+                got.add_abs(&v[..cut]);
+                got.add_abs(&v[cut..]);
+                let got = got.finish();
+                let (g, w) = (got.value(), want.value());
+                assert_eq!(g.to_bits(), w.to_bits(), "cut at {cut}: {g} vs {w}");
+                if g.is_finite() {
+                    assert_eq!(difference(&got, &want), 0.0, "cut at {cut}");
+                }
+            }
+        }
+        // a block at the span's edge sums exactly: every partial sum is below 2^52 units
+        let edge: Vec<f32> = (0..BLOCK)
+            .map(|i| {
+                if i % 2 == 0 {
+                    f32::from_bits(0x7f7f_ffff)
+                } else {
+                    2f32.powi(127 - SPAN as i32)
+                }
+            })
+            .collect();
+        let mut want = F32Sum::new();
+        want.add_all(edge.iter().copied());
+        let mut got = F32Sum::new();
+        got.add_abs(&edge);
+        assert!(block_sum(&edge).is_some());
+        assert_eq!(difference(&got.finish(), &want.finish()), 0.0);
+    }
+
+    /// `a - b`, exactly (then rounded): 0 exactly when the two sums are the same number.
+    fn difference(a: &ExactSum, b: &ExactSum) -> f64 {
+        let minus_b: Vec<(i32, i128)> = b.buckets().iter().map(|&(e, m)| (e, -m)).collect();
+        let mut d = a.clone();
+        d.merge(&ExactSum::from_buckets(minus_b, None));
+        d.value()
+    }
 
     #[test]
     fn add_abs_equals_add_all_of_magnitudes() {
