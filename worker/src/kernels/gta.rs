@@ -484,14 +484,14 @@ impl Method for Gta {
 #[cfg(test)]
 mod tests {
     use super::super::testutil::*;
-    use super::mix::{mix_rounded, mix_rounded_avx2};
+    use super::mix::{mix_f32, mix_f32_avx2, mix_rounded, mix_rounded_avx2};
     use super::*;
 
     /// bf16 op by op, as torch: a hand-computed reference of mergekit's steps for
     /// task_arithmetic (lambda, no normalize) and ties' consensus at density 1.
-    /// The AVX2 build of the bf16 mix gives the baseline build's bits (weights of 1 and not,
-    /// with and without consensus, normalize and lambda; deltas with ties, zeros of both
-    /// signs, infinities and NaN).
+    /// The AVX2 builds of the bf16 and f32 mixes give the baseline builds' bits (weights of 1
+    /// and not, with and without consensus, normalize and lambda; deltas with ties, zeros of
+    /// both signs, infinities and NaN).
     #[test]
     fn mix_builds_agree() {
         if !super::super::round::has_avx2() {
@@ -526,6 +526,7 @@ mod tests {
                     }
                 }
                 let (mut d2, mut a, mut b) = (deltas.clone(), vec![0f32; len], vec![0f32; len]);
+                let d3 = deltas.clone();
                 mix_rounded::<1>(&plan, method.cfg.consensus, &mut deltas, &base, &mut a);
                 // SAFETY: the CPU has AVX2 (checked at the top)
                 unsafe {
@@ -533,6 +534,13 @@ mod tests {
                 };
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&a), bits(&b), "{} w {w}", method.spec.name);
+                // the f32 mix, baseline and AVX2
+                let cons = method.cfg.consensus;
+                let mut scratch = [[0f32; CHUNK]; 3];
+                mix_f32(&plan, cons, 1.7, &d3, &base, &mut a, &mut scratch);
+                // SAFETY: the CPU has AVX2 (checked at the top)
+                unsafe { mix_f32_avx2(&plan, cons, 1.7, &d3, &base, &mut b, &mut scratch) };
+                assert_eq!(bits(&a), bits(&b), "{} w {w} f32", method.spec.name);
             }
         }
     }

@@ -8,6 +8,7 @@ use super::*;
 /// the base. Loops ordered so that each element sees exactly the scalar sequence of
 /// operations (bit-identical however the tensor is cut). `deltas` holds each model's chunk at
 /// `j * CHUNK`; `scratch` is working space, reused across chunks.
+#[inline(always)]
 pub(super) fn mix_f32(
     plan: &Plan,
     consensus: bool,
@@ -68,6 +69,39 @@ pub(super) fn mix_f32(
     for ((o, &b), &m) in out.iter_mut().zip(bc).zip(&*mixed) {
         *o = b + m;
     }
+}
+
+/// [`mix_f32`] built with AVX2 (same bits: IEEE `+ - * /` at any vector width, and Rust
+/// never fuses a multiply and an add).
+///
+/// # Safety
+/// The CPU must support AVX2 ([`crate::kernels::round::has_avx2`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn mix_f32_avx2(
+    plan: &Plan,
+    consensus: bool,
+    total_w: f32,
+    deltas: &[f32],
+    bc: &[f32],
+    out: &mut [f32],
+    scratch: &mut [[f32; CHUNK]; 3],
+) {
+    mix_f32(plan, consensus, total_w, deltas, bc, out, scratch)
+}
+
+/// Never called: `has_avx2` is false off x86-64.
+#[cfg(not(target_arch = "x86_64"))]
+pub(super) unsafe fn mix_f32_avx2(
+    plan: &Plan,
+    consensus: bool,
+    total_w: f32,
+    deltas: &[f32],
+    bc: &[f32],
+    out: &mut [f32],
+    scratch: &mut [[f32; CHUNK]; 3],
+) {
+    mix_f32(plan, consensus, total_w, deltas, bc, out, scratch)
 }
 
 /// The mix of one chunk in working dtype `K` ([`rk`]), op by op as mergekit's torch code:
@@ -253,6 +287,11 @@ impl Mixer {
                 unsafe { mix_rounded_avx2::<1>(plan, cons, deltas, bc, o) }
             }
             Work::BF16 => mix_rounded::<1>(plan, cons, deltas, bc, o),
+            Work::F32 if crate::kernels::round::has_avx2() => {
+                let (t, sc) = (self.total_w, &mut self.scratch);
+                // SAFETY: the CPU has AVX2 (checked at run time just above)
+                unsafe { mix_f32_avx2(plan, cons, t, deltas, bc, o, sc) }
+            }
             Work::F32 => mix_f32(plan, cons, self.total_w, deltas, bc, o, &mut self.scratch),
             _ => mix_rounded::<2>(plan, cons, deltas, bc, o),
         }
