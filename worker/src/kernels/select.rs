@@ -317,19 +317,13 @@ pub fn partial1_with(state0: &Stats, ranks: &[Vec<u64>], keys: &mut KeySource) -
             keys(j, &mut |ks| {
                 low.resize(ks.len(), 0);
                 for &(r, b) in &live {
-                    let (mut n, mut zeros) = (0usize, 0u64);
-                    for &k in ks {
-                        let zero = k == 0;
-                        low[n] = k as u16;
-                        n += usize::from((k >> 16 == b) & !zero);
-                        zeros += u64::from(zero);
-                    }
+                    let n = pack_bucket(ks, b, &mut low);
                     let d = &mut dense[r];
                     for &l in &low[..n] {
                         d[l as usize] += 1;
                     }
                     if b == 0 {
-                        d[0] += zeros;
+                        d[0] += ks.iter().map(|&k| u64::from(k == 0)).sum::<u64>();
                     }
                 }
             });
@@ -337,6 +331,32 @@ pub fn partial1_with(state0: &Stats, ranks: &[Vec<u64>], keys: &mut KeySource) -
         st.hists.extend(dense.iter().map(|d| Hist::from_dense(d)));
     }
     st
+}
+
+/// Keys per block of [`pack_bucket`]'s test for a member of the bucket.
+const PACK_BLOCK: usize = 16;
+
+/// Packs the low 16 bits of the nonzero keys of `ks` whose high 16 bits are `b` into the front
+/// of `low` (as long as `ks`), in order; returns how many. A bucket holds a small share of the
+/// keys, so a block of [`PACK_BLOCK`] keys is first tested (a reduction, which vectorises) and
+/// walked only when it holds one.
+fn pack_bucket(ks: &[u32], b: u32, low: &mut [u16]) -> usize {
+    let mut n = 0usize;
+    for blk in ks.chunks(PACK_BLOCK) {
+        let hit = blk
+            .iter()
+            .fold(0u32, |h, &k| h | u32::from((k >> 16 == b) & (k != 0)));
+        if hit == 0 {
+            continue;
+        }
+        // branch-free: every key is stored, the count advances only for a member (`n` is at
+        // most the keys walked before, so the store stays inside `low`)
+        for &k in blk {
+            low[n] = k as u16;
+            n += usize::from((k >> 16 == b) & (k != 0));
+        }
+    }
+    n
 }
 
 /// Reduces pass 1 into the located boundaries, one child per problem, one [`Boundary`] per rank.
@@ -535,6 +555,39 @@ mod tests {
             let last = odd.len() - 1;
             odd[last] = partial0_resolvable_with(2, &mut |_, f| f(&[1]));
             assert_eq!(resolve0(&s0, &odd, &rk), None);
+        }
+    }
+
+    /// The packed keys of a bucket are its nonzero members in order, whatever the blocks
+    /// hold (none, some, all; zeros in bucket 0) and however long the chunk.
+    #[test]
+    fn pack_bucket_keeps_the_members_in_order() {
+        let s = crate::kernels::rng::Stream::new(7, 8, 9);
+        for (len, spread) in [
+            (0usize, 4u64),
+            (1, 1),
+            (15, 2),
+            (16, 3),
+            (1001, 3),
+            (4096, 200),
+        ] {
+            let ks: Vec<u32> = (0..len as u64)
+                .map(|i| {
+                    let hi = (s.u64(i) % spread) as u32;
+                    let lo = (s.u64(i + 9999) % 3) as u32 * 0x5555;
+                    (hi << 16) | lo
+                })
+                .collect();
+            for b in [0u32, 1, 2, 7] {
+                let want: Vec<u16> = ks
+                    .iter()
+                    .filter(|&&k| k >> 16 == b && k != 0)
+                    .map(|&k| k as u16)
+                    .collect();
+                let mut low = vec![0u16; ks.len()];
+                let n = pack_bucket(&ks, b, &mut low);
+                assert_eq!(&low[..n], &want[..], "len {len} spread {spread} bucket {b}");
+            }
         }
     }
 
