@@ -14,6 +14,9 @@
 use super::stats::{Hist, Stats};
 use super::{KResult, KernelError};
 
+mod count;
+use count::{pack_bucket, Lanes};
+
 /// Passes a selection needs.
 pub const PASSES: u32 = 2;
 
@@ -28,6 +31,32 @@ pub fn key(x: f32) -> u32 {
     } else {
         b
     }
+}
+
+/// `ks[i] = key(vs[i])` (as long as `vs`), in the AVX2 build where the CPU has it (same keys:
+/// integer operations).
+pub fn keys_into(vs: &[f32], ks: &mut [u32]) {
+    #[inline(always)]
+    fn base(vs: &[f32], ks: &mut [u32]) {
+        for (k, &v) in ks.iter_mut().zip(vs) {
+            *k = key(v);
+        }
+    }
+    /// [`keys_into`] built with AVX2.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 ([`super::round::has_avx2`]).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn avx2(vs: &[f32], ks: &mut [u32]) {
+        base(vs, ks)
+    }
+    #[cfg(target_arch = "x86_64")]
+    if super::round::has_avx2() {
+        // SAFETY: the CPU has AVX2 (checked at run time just above)
+        return unsafe { avx2(vs, ks) };
+    }
+    base(vs, ks)
 }
 
 /// How many elements of `n` a magnitude (TIES) trim at `density` keeps: mergekit's
@@ -99,88 +128,12 @@ fn partial0_flagged_with(problems: usize, keys: &mut KeySource) -> (Stats, Vec<b
     for j in 0..problems {
         dense.iter_mut().for_each(|d| *d = 0);
         let mut low = 0u32;
-        keys(j, &mut |ks| {
-            // (a separate pass of ORs vectorises; the counting cannot)
-            low |= ks.iter().fold(0, |l, &k| l | (k & 0xffff));
-            lanes.count(ks, &mut dense);
-        });
+        keys(j, &mut |ks| low |= lanes.count_keys(ks, &mut dense));
         lanes.flush(&mut dense);
         st.hists.push(Hist::from_dense(&dense));
         flags.push(low == 0);
     }
     (st, flags)
-}
-
-/// Counts of the keys' high 16 bits in four interleaved u32 histograms: keys that fall in the
-/// same bin one after another (bfloat16 magnitudes do, by the thousand) then update different
-/// counters, instead of each waiting for the previous increment's store.
-struct Lanes {
-    counts: Vec<u32>,
-    /// Keys counted since the last flush (a flush comes before any count could overflow).
-    held: u64,
-    /// The bins counted since the last flush lie in `[lo, hi]` (a flush reads only those).
-    lo: usize,
-    hi: usize,
-}
-
-impl Lanes {
-    const N: usize = 4;
-
-    fn new() -> Self {
-        Lanes {
-            counts: vec![0; Self::N * BINS],
-            held: 0,
-            lo: BINS,
-            hi: 0,
-        }
-    }
-
-    /// Adds the high 16 bits of `ks` (moving the counts into `dense` first if they could
-    /// overflow).
-    fn count(&mut self, ks: &[u32], dense: &mut [u64]) {
-        if self.held + ks.len() as u64 > u64::from(u32::MAX) {
-            self.flush(dense);
-        }
-        self.held += ks.len() as u64;
-        let (lo, hi) = ks
-            .iter()
-            .fold((u32::MAX, 0), |(lo, hi), &k| (lo.min(k), hi.max(k)));
-        self.lo = self.lo.min((lo >> 16) as usize);
-        self.hi = self.hi.max((hi >> 16) as usize);
-        let c: &mut [u32; Self::N * BINS] = match self.counts.as_mut_slice().try_into() {
-            Ok(c) => c,
-            Err(_) => unreachable!("the lanes are made N * BINS long"),
-        };
-        let quads = ks.chunks_exact(Self::N);
-        let rest = quads.remainder();
-        for q in quads {
-            // a u32 >> 16 is below BINS: indexing the fixed-size array needs no bounds check
-            c[(q[0] >> 16) as usize] += 1;
-            c[BINS + (q[1] >> 16) as usize] += 1;
-            c[2 * BINS + (q[2] >> 16) as usize] += 1;
-            c[3 * BINS + (q[3] >> 16) as usize] += 1;
-        }
-        for &k in rest {
-            c[(k >> 16) as usize] += 1;
-        }
-    }
-
-    /// Moves the counts into `dense` and zeroes them.
-    fn flush(&mut self, dense: &mut [u64]) {
-        if self.held == 0 {
-            return;
-        }
-        let (lo, hi) = (self.lo, self.hi.min(BINS - 1));
-        if lo <= hi {
-            for lane in self.counts.chunks_exact_mut(BINS) {
-                for (d, c) in dense[lo..=hi].iter_mut().zip(&mut lane[lo..=hi]) {
-                    *d += u64::from(*c);
-                    *c = 0;
-                }
-            }
-        }
-        (self.held, self.lo, self.hi) = (0, BINS, 0);
-    }
 }
 
 /// Pass 0 for [`resolve0`]: [`partial0_with`]'s histograms, with one count per problem (1:
@@ -331,32 +284,6 @@ pub fn partial1_with(state0: &Stats, ranks: &[Vec<u64>], keys: &mut KeySource) -
         st.hists.extend(dense.iter().map(|d| Hist::from_dense(d)));
     }
     st
-}
-
-/// Keys per block of [`pack_bucket`]'s test for a member of the bucket.
-const PACK_BLOCK: usize = 16;
-
-/// Packs the low 16 bits of the nonzero keys of `ks` whose high 16 bits are `b` into the front
-/// of `low` (as long as `ks`), in order; returns how many. A bucket holds a small share of the
-/// keys, so a block of [`PACK_BLOCK`] keys is first tested (a reduction, which vectorises) and
-/// walked only when it holds one.
-fn pack_bucket(ks: &[u32], b: u32, low: &mut [u16]) -> usize {
-    let mut n = 0usize;
-    for blk in ks.chunks(PACK_BLOCK) {
-        let hit = blk
-            .iter()
-            .fold(0u32, |h, &k| h | u32::from((k >> 16 == b) & (k != 0)));
-        if hit == 0 {
-            continue;
-        }
-        // branch-free: every key is stored, the count advances only for a member (`n` is at
-        // most the keys walked before, so the store stays inside `low`)
-        for &k in blk {
-            low[n] = k as u16;
-            n += usize::from((k >> 16 == b) & (k != 0));
-        }
-    }
-    n
 }
 
 /// Reduces pass 1 into the located boundaries, one child per problem, one [`Boundary`] per rank.
@@ -642,6 +569,49 @@ mod tests {
             radix_sort_high32(&mut v, &mut tmp);
             assert_eq!(v, want, "n={n} spread={spread}");
         }
+    }
+
+    /// [`keys_into`] (the AVX2 build where the CPU has it) gives [`key`] of every value,
+    /// edge classes included, at any length.
+    #[test]
+    fn keys_into_is_key_of_each() {
+        let mut vs = vec![
+            0.0f32,
+            -0.0,
+            f32::MIN_POSITIVE / 4.0,
+            -1.5,
+            f32::MAX,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -f32::NAN,
+            f32::from_bits(0x7f80_0001),
+        ];
+        vs.extend((0..100).map(|i| (i as f32 * 0.37).sin() * 10f32.powi(i % 9 - 4)));
+        for len in [0, 1, 7, 8, 9, vs.len()] {
+            let mut ks = vec![0u32; len];
+            keys_into(&vs[..len], &mut ks);
+            let want: Vec<u32> = vs[..len].iter().map(|&v| key(v)).collect();
+            assert_eq!(ks, want, "len {len}");
+        }
+    }
+
+    /// Pass 0's counts and low-bit flags are the same from the baseline build as from the
+    /// dispatching one (AVX2 where the CPU has it).
+    #[test]
+    fn count_keys_builds_agree() {
+        let s = crate::kernels::rng::Stream::new(5, 5, 5);
+        let ks: Vec<u32> = (0..5003u64)
+            .map(|i| (s.u64(i) as u32 & 0x00ff_ffff) | 0x3c00_0000)
+            .chain([0, u32::MAX, 0xffff_0000])
+            .collect();
+        let (mut a, mut b) = (Lanes::new(), Lanes::new());
+        let (mut da, mut db) = (vec![0u64; BINS], vec![0u64; BINS]);
+        let la = a.count_keys(&ks, &mut da);
+        let lb = b.count_keys_base(&ks, &mut db);
+        a.flush(&mut da);
+        b.flush(&mut db);
+        assert_eq!((la, da), (lb, db));
     }
 
     #[test]

@@ -113,12 +113,31 @@ fn deltas_in_place(work: Work, x: &mut [f32], b: &[f32]) -> bool {
 }
 
 /// Whether every value of `xs` is finite: one pass of ORs, which vectorises (`all` stops at
-/// the first miss, and a loop that may stop early does not).
+/// the first miss, and a loop that may stop early does not); in the AVX2 build where the CPU
+/// has it.
 fn all_finite(xs: &[f32]) -> bool {
-    let inf = f32::INFINITY.to_bits();
-    xs.iter().fold(0u32, |bad, &v| {
-        bad | u32::from(v.to_bits() & 0x7fff_ffff >= inf)
-    }) == 0
+    #[inline(always)]
+    fn base(xs: &[f32]) -> bool {
+        let inf = f32::INFINITY.to_bits();
+        xs.iter().fold(0u32, |bad, &v| {
+            bad | u32::from(v.to_bits() & 0x7fff_ffff >= inf)
+        }) == 0
+    }
+    /// `base` built with AVX2.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 ([`crate::kernels::round::has_avx2`]).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn avx2(xs: &[f32]) -> bool {
+        base(xs)
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::kernels::round::has_avx2() {
+        // SAFETY: the CPU has AVX2 (checked at run time just above)
+        return unsafe { avx2(xs) };
+    }
+    base(xs)
 }
 
 /// [`for_each_key_chunk`] over held deltas: the selection keys of selection problem `p`.
@@ -136,9 +155,7 @@ fn held_keys(plan: &Plan, d: &[&mut [f32]], p: usize, f: &mut dyn FnMut(&[u32]))
     let mut keys = [0u32; CHUNK];
     for dc in d[j].chunks(CHUNK) {
         let ks = &mut keys[..dc.len()];
-        for (k, &v) in ks.iter_mut().zip(dc) {
-            *k = select::key(v);
-        }
+        select::keys_into(dc, ks);
         f(ks);
     }
 }
@@ -171,4 +188,29 @@ fn l1_in_place(
         st.sums.push(after.finish());
     }
     Ok(st)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::all_finite;
+
+    /// A NaN or an infinity anywhere (the AVX2 build's vector body or its tail) is seen.
+    #[test]
+    fn all_finite_sees_every_position() {
+        let xs: Vec<f32> = (0..37).map(|i| i as f32 * -0.5).collect();
+        assert!(all_finite(&xs));
+        assert!(all_finite(&[
+            f32::MAX,
+            -f32::MAX,
+            f32::MIN_POSITIVE / 2.0,
+            -0.0
+        ]));
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            for at in 0..xs.len() {
+                let mut v = xs.clone();
+                v[at] = bad;
+                assert!(!all_finite(&v), "{bad} at {at}");
+            }
+        }
+    }
 }

@@ -328,9 +328,7 @@ pub(super) fn for_each_key_chunk(
         if plan.work.rounds() {
             let d = &mut d[..xc.len()];
             plan.work.sub_into(xc, bc, d);
-            for (k, &d) in ks.iter_mut().zip(d.iter()) {
-                *k = select::key(d);
-            }
+            select::keys_into(d, ks);
         } else {
             for ((k, &x), &b) in ks.iter_mut().zip(xc).zip(bc) {
                 *k = select::key(x - b);
