@@ -5,6 +5,8 @@
 use crate::error::{Error, Result};
 use crate::plan::{Plan, TensorPlan};
 use crate::size::human;
+use shardmerge_worker::exec::reads_as_stored;
+use shardmerge_worker::tensor::view2d;
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum SegDef {
@@ -57,8 +59,25 @@ pub struct CutOptions {
 /// most a few MiB that the slot keeps for the next task: a segment's rows of every input are
 /// held raw and decoded together, up to that size; kernels work in small chunks).
 /// A derived input (an earlier stage streamed) also holds that stage's working set for its
-/// rows.
+/// rows. A tensor whose rows the worker computes a block at a time from its inputs as stored
+/// ([`reads_as_stored`]) needs the output bytes and each input's bytes as read (the blocks'
+/// f32 values are small and fixed).
 pub fn bytes_per_element(t: &TensorPlan) -> u64 {
+    let (_, out_row) = view2d(&t.shape);
+    let stored = t.inputs.iter().map(|s| {
+        let plain = s.lora.is_none() && s.derived.is_none();
+        (s.dtype.size(), view2d(&s.shape).1, plain)
+    });
+    if reads_as_stored(
+        t.passes,
+        t.out_dtype.is_float(),
+        out_row,
+        t.row_map.is_some(),
+        stored,
+    ) {
+        let inputs: u64 = t.inputs.iter().map(|s| s.dtype.size() as u64).sum();
+        return t.out_dtype.size() as u64 + inputs;
+    }
     let inputs: u64 = t
         .inputs
         .iter()

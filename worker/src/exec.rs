@@ -57,6 +57,7 @@ pub(crate) fn input_dtype(src: &pb::TensorSource, job: &pb::TensorJob) -> Result
 pub use crate::tensor::view2d;
 
 mod analyse;
+mod blocked;
 mod derive;
 pub mod extract;
 mod group;
@@ -67,6 +68,7 @@ mod rowcache;
 mod rowmap;
 mod scratch;
 mod segment;
+pub use blocked::reads_as_stored;
 use kernel::{kernel_points, kernel_rows, partial_rows};
 pub use rowcache::RowCache;
 use scratch::{give_back, sized};
@@ -260,7 +262,7 @@ impl Executor {
         &self,
         job: &pb::TensorJob,
         r: &pb::TensorRows,
-        buf: &mut [u8],
+        buf: &mut Vec<u8>,
         at: usize,
         io: &mut Io,
         scratch: &mut Scratch,
@@ -270,10 +272,23 @@ impl Executor {
         let (_, row_len) = view2d(&job.shape);
         let n = ((r.row_end - r.row_start) * row_len) as usize;
         let end = at + n * odt.size();
+        let blocked = blocked::applies(job, odt)
+            && self
+                .blocked_rows(
+                    &[(job, r)],
+                    odt,
+                    std::slice::from_mut(buf),
+                    (at, end),
+                    io,
+                    scratch,
+                )
+                .await?;
         let dst = buf
             .get_mut(at..end)
             .ok_or_else(|| fatal("segment overruns the task's output range"))?;
-        if odt.is_float() {
+        if blocked {
+            // computed a block at a time (every value finite)
+        } else if odt.is_float() {
             let (values, held) = self.compute_rows(job, r, io, scratch).await?;
             let finite = dtype::encode_finite(odt, &values, dst);
             if !finite {

@@ -9,7 +9,7 @@ use shardmerge_proto as pb;
 
 use super::scratch::{give_back, sized};
 use super::segment::{non_finite, segment_tensor};
-use super::{fatal, kernel_points, partial_rows, Executor, Io, Scratch, TaskError};
+use super::{blocked, fatal, kernel_points, partial_rows, Executor, Io, Scratch, TaskError};
 use crate::format::dtype::{self, DType};
 use crate::tensor::view2d;
 
@@ -190,10 +190,18 @@ impl Executor {
                 _ => Err(fatal("empty segment")),
             })
             .collect::<Result<Vec<_>, _>>()?;
+        // every point from the same inputs, what they share computed once: a block of rows
+        // at a time when the methods have no statistics passes
+        if points.iter().all(|(j, _)| blocked::applies(j, odt))
+            && self
+                .blocked_rows(&points, odt, bufs, (at, end), io, scratch)
+                .await?
+        {
+            return Ok(end);
+        }
         let inputs = self
             .read_inputs(job0, (r0.row_start, r0.row_end), false, io, scratch)
             .await?;
-        // every point from the same inputs, what they share computed once
         let outs = std::mem::take(&mut scratch.points);
         let (res, inputs) = kernel_points(&points, inputs, outs).await;
         let outs = res?;
