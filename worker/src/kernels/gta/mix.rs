@@ -254,10 +254,13 @@ impl Gta {
     }
 }
 
-/// The mix of one chunk (of at most [`CHUNK`] elements), with its working space.
+/// The mix of one chunk (of at most [`CHUNK`] elements), with its working space (the f32
+/// mix's; made at its first chunk: a Mixer is made for every kernel call, and exec/ calls the
+/// kernel once per cache-sized block of rows, where zeroing 24 KiB for a 16-bit mix that never
+/// uses it cost as much as the mix).
 pub(super) struct Mixer {
     total_w: f32,
-    scratch: [[f32; CHUNK]; 3],
+    scratch: Option<Box<[[f32; CHUNK]; 3]>>,
 }
 
 impl Mixer {
@@ -265,7 +268,7 @@ impl Mixer {
         let t: f32 = plan.weights.iter().sum();
         Mixer {
             total_w: if t.abs() < 1e-8 { 1.0 } else { t },
-            scratch: [[0f32; CHUNK]; 3],
+            scratch: None,
         }
     }
 
@@ -287,12 +290,18 @@ impl Mixer {
                 unsafe { mix_rounded_avx2::<1>(plan, cons, deltas, bc, o) }
             }
             Work::BF16 => mix_rounded::<1>(plan, cons, deltas, bc, o),
-            Work::F32 if crate::kernels::round::has_avx2() => {
-                let (t, sc) = (self.total_w, &mut self.scratch);
-                // SAFETY: the CPU has AVX2 (checked at run time just above)
-                unsafe { mix_f32_avx2(plan, cons, t, deltas, bc, o, sc) }
+            Work::F32 => {
+                let t = self.total_w;
+                let sc = self
+                    .scratch
+                    .get_or_insert_with(|| Box::new([[0f32; CHUNK]; 3]));
+                if crate::kernels::round::has_avx2() {
+                    // SAFETY: the CPU has AVX2 (checked at run time just above)
+                    unsafe { mix_f32_avx2(plan, cons, t, deltas, bc, o, sc) }
+                } else {
+                    mix_f32(plan, cons, t, deltas, bc, o, sc)
+                }
             }
-            Work::F32 => mix_f32(plan, cons, self.total_w, deltas, bc, o, &mut self.scratch),
             _ => mix_rounded::<2>(plan, cons, deltas, bc, o),
         }
     }
