@@ -76,6 +76,10 @@ fn buffered(f: &File, tmp: &str, data: &[u8], offset: u64) -> SResult<()> {
 #[cfg(target_os = "linux")]
 fn direct(tmp: &str, mid: &[u8], at: u64) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
+    #[cfg(test)]
+    if tests::REFUSE.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    }
     let d = OpenOptions::new()
         .write(true)
         .custom_flags(libc::O_DIRECT)
@@ -110,6 +114,10 @@ fn direct(_tmp: &str, _mid: &[u8], _at: u64) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// Set: `direct` fails as a filesystem that refuses `O_DIRECT` would (EINVAL).
+    pub(super) static REFUSE: AtomicBool = AtomicBool::new(false);
 
     #[test]
     fn middles_are_aligned_and_inside() {
@@ -128,8 +136,26 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         let tmp = path.to_str().unwrap();
+        write_parts(&path, tmp);
+    }
+
+    /// Where `O_DIRECT` is refused, every byte goes through the page cache: the same file.
+    #[test]
+    fn refused_direct_writes_fall_back_to_the_page_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let tmp = path.to_str().unwrap();
+        REFUSE.store(true, Ordering::Relaxed);
+        let buffered = write_parts(&path, tmp);
+        REFUSE.store(false, Ordering::Relaxed);
+        assert!(buffered.iter().all(|&b| b), "{buffered:?}");
+    }
+
+    /// Writes four parts with ragged ends, last first; whether each went through the page
+    /// cache whole.
+    fn write_parts(path: &std::path::Path, tmp: &str) -> Vec<bool> {
         let total = 3 * DIRECT_MIN as usize + 12_345;
-        let f = File::create(&path).unwrap();
+        let f = File::create(path).unwrap();
         f.set_len(total as u64).unwrap();
         let want: Vec<u8> = (0..total).map(|i| (i * 31 % 251) as u8).collect();
         // cuts at odd offsets: every part has a ragged head and tail
@@ -140,10 +166,12 @@ mod tests {
             2 * DIRECT_MIN as usize + 1,
             total,
         ];
+        let mut buffered = Vec::new();
         for w in cuts.windows(2).rev() {
-            let g = OpenOptions::new().write(true).open(&path).unwrap();
-            write_part_at(&g, tmp, &want[w[0]..w[1]], w[0] as u64).unwrap();
+            let g = OpenOptions::new().write(true).open(path).unwrap();
+            buffered.push(write_part_at(&g, tmp, &want[w[0]..w[1]], w[0] as u64).unwrap());
         }
-        assert_eq!(std::fs::read(&path).unwrap(), want);
+        assert_eq!(std::fs::read(path).unwrap(), want);
+        buffered
     }
 }
