@@ -277,6 +277,28 @@ impl F32Sum {
     /// summed in f64, which is exact for them ([`block_sum`]), and added as one value; any
     /// other block goes by the buckets ([`F32Sum::add_abs_lanes`]).
     pub fn add_abs(&mut self, xs: &[f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if super::round::has_avx2() {
+            // SAFETY: the CPU has AVX2 (checked at run time just above)
+            return unsafe { self.add_abs_avx2(xs) };
+        }
+        self.add_abs_base(xs)
+    }
+
+    /// [`F32Sum::add_abs_base`] built with AVX2 (the same sum: integer reductions and exact
+    /// f64 additions).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 ([`super::round::has_avx2`]).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn add_abs_avx2(&mut self, xs: &[f32]) {
+        self.add_abs_base(xs)
+    }
+
+    /// [`F32Sum::add_abs`] in the baseline build.
+    #[inline(always)]
+    fn add_abs_base(&mut self, xs: &[f32]) {
         let mut blocks = xs.chunks_exact(BLOCK);
         for c in &mut blocks {
             match block_sum(c) {
@@ -457,6 +479,19 @@ mod tests {
                 assert_eq!(g.to_bits(), w.to_bits(), "cut at {cut}: {g} vs {w}");
                 if g.is_finite() {
                     assert_eq!(difference(&got, &want), 0.0, "cut at {cut}");
+                }
+                // the baseline build too (the dispatching one is AVX2's where the CPU has it)
+                let mut base = F32Sum::new();
+                base.add_abs_base(&v[..cut]);
+                base.add_abs_base(&v[cut..]);
+                let base = base.finish();
+                assert_eq!(
+                    base.value().to_bits(),
+                    w.to_bits(),
+                    "baseline, cut at {cut}"
+                );
+                if g.is_finite() {
+                    assert_eq!(difference(&base, &want), 0.0, "baseline, cut at {cut}");
                 }
             }
         }
