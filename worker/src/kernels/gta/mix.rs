@@ -133,10 +133,13 @@ pub(super) fn mix_rounded<const K: u8>(
         }
     }
     let deltas = &*deltas;
+    if !consensus {
+        return sum_rounded::<K>(plan, deltas, base, out);
+    }
     let mut mixed = [0f32; CHUNK];
     let mut div = [0f32; CHUNK];
     let (mixed, div) = (&mut mixed[..len], &mut div[..len]);
-    if consensus {
+    {
         let mut sign = [0f32; CHUNK];
         let sign = &mut sign[..len];
         for j in 0..w.len() {
@@ -162,19 +165,6 @@ pub(super) fn mix_rounded<const K: u8>(
                 *dv = 1.0;
             }
         }
-    } else {
-        for j in 0..w.len() {
-            let wd = &deltas[j * CHUNK..j * CHUNK + len];
-            for (m, &wd) in mixed.iter_mut().zip(wd) {
-                *m += wd;
-            }
-        }
-        let t = rk::<K>(w.iter().sum());
-        let t = if t.abs() < 1e-8 { 1.0 } else { t };
-        for (m, dv) in mixed.iter_mut().zip(div.iter_mut()) {
-            *m = rk::<K>(*m);
-            *dv = t;
-        }
     }
     if plan.normalize {
         for (m, &dv) in mixed.iter_mut().zip(&*div) {
@@ -187,6 +177,41 @@ pub(super) fn mix_rounded<const K: u8>(
             .for_each(|m| *m = rk::<K>(*m * plan.lambda));
     }
     for ((o, &b), &m) in out.iter_mut().zip(base).zip(&*mixed) {
+        *o = rk::<K>(b + m);
+    }
+}
+
+/// [`mix_rounded`] without the sign consensus: the sum of the weighted deltas accumulated in
+/// `out` (it starts as +0.0 plus the first one, the same bits as a sum into zeros, with no
+/// pass of zeros first), rounded; divided by the rounded sum of the weights when `normalize`
+/// (below 1e-8: by 1), times `lambda`, plus the base, each rounded.
+#[inline(always)]
+fn sum_rounded<const K: u8>(plan: &Plan, deltas: &[f32], base: &[f32], out: &mut [f32]) {
+    let len = out.len();
+    let w = &plan.weights;
+    if w.is_empty() {
+        out.fill(0.0);
+    } else {
+        for (o, &wd) in out.iter_mut().zip(&deltas[..len]) {
+            *o = 0.0 + wd;
+        }
+    }
+    for j in 1..w.len() {
+        for (o, &wd) in out.iter_mut().zip(&deltas[j * CHUNK..j * CHUNK + len]) {
+            *o += wd;
+        }
+    }
+    let t = rk::<K>(w.iter().sum());
+    let t = if t.abs() < 1e-8 { 1.0 } else { t };
+    let (normalize, lambda) = (plan.normalize, plan.lambda);
+    for (o, &b) in out.iter_mut().zip(base) {
+        let mut m = rk::<K>(*o);
+        if normalize {
+            m = rk::<K>(m / t);
+        }
+        if lambda != 1.0 {
+            m = rk::<K>(m * lambda);
+        }
         *o = rk::<K>(b + m);
     }
 }

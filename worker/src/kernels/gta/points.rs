@@ -74,18 +74,27 @@ impl Gta {
                 );
             }
             let bc = work.rounded(&base[at..end], &mut bbuf);
-            for (((sparse, scales, mixer), plan), out) in
-                each.iter_mut().zip(plans).zip(outs.iter_mut())
+            let last = each.len().saturating_sub(1);
+            for (k, (((sparse, scales, mixer), plan), out)) in
+                each.iter_mut().zip(plans).zip(outs.iter_mut()).enumerate()
             {
+                // each point works on a copy of the deltas but the last, which may have them
+                let ds = if k == last {
+                    &mut raw
+                } else {
+                    for j in 0..nj {
+                        deltas[j * CHUNK..][..len].copy_from_slice(&raw[j * CHUNK..][..len]);
+                    }
+                    &mut deltas
+                };
                 for (j, (sp, scale)) in sparse.iter_mut().zip(scales.iter()).enumerate() {
-                    let d = &mut deltas[j * CHUNK..][..len];
-                    d.copy_from_slice(&raw[j * CHUNK..][..len]);
+                    let d = &mut ds[j * CHUNK..][..len];
                     sp.sparsify(at, d);
                     if let Some(s) = *scale {
                         work.scale(d, s);
                     }
                 }
-                mixer.mix(self, plan, &mut deltas, bc, &mut out[at..end]);
+                mixer.mix(self, plan, ds, bc, &mut out[at..end]);
             }
         }
         Ok(())
