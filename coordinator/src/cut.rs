@@ -60,8 +60,9 @@ pub struct CutOptions {
 /// held raw and decoded together, up to that size; kernels work in small chunks).
 /// A derived input (an earlier stage streamed) also holds that stage's working set for its
 /// rows. A tensor whose rows the worker computes a block at a time from its inputs as stored
-/// ([`reads_as_stored`]) needs the output bytes and each input's bytes as read (the blocks'
-/// f32 values are small and fixed).
+/// ([`reads_as_stored`]) needs the output bytes and each input's bytes as read, except a local
+/// file's, which the worker reads a block at a time too (the blocks' buffers are small and
+/// fixed).
 pub fn bytes_per_element(t: &TensorPlan) -> u64 {
     let (_, out_row) = view2d(&t.shape);
     let stored = t.inputs.iter().map(|s| {
@@ -75,7 +76,8 @@ pub fn bytes_per_element(t: &TensorPlan) -> u64 {
         t.row_map.is_some(),
         stored,
     ) {
-        let inputs: u64 = t.inputs.iter().map(|s| s.dtype.size() as u64).sum();
+        let held = t.inputs.iter().filter(|s| !is_local_file(&s.uri));
+        let inputs: u64 = held.map(|s| s.dtype.size() as u64).sum();
         return t.out_dtype.size() as u64 + inputs;
     }
     let inputs: u64 = t
@@ -86,6 +88,15 @@ pub fn bytes_per_element(t: &TensorPlan) -> u64 {
         })
         .sum();
     t.out_dtype.size() as u64 + 4 + inputs
+}
+
+/// Whether an input's URI names a file of the worker's filesystem (a path, or `file://`),
+/// which local storage reads a block at a time ([`Storage::positioned`]); an object store's
+/// (`s3://`) or the Hub's rows are held whole for the task.
+///
+/// [`Storage::positioned`]: shardmerge_worker::storage::Storage::positioned
+fn is_local_file(uri: &str) -> bool {
+    uri.starts_with("file://") || !uri.contains("://")
 }
 
 /// Refuses a plan one of whose tensors cannot have a task within `slot_memory`: a task holds

@@ -1,6 +1,7 @@
 //! A write segment of a method without statistics passes, computed a cache-sized block of rows
-//! at a time: each input's rows are read as stored (one range read per input), then for each
-//! block every input's rows are decoded, the kernel applied and the result encoded into the
+//! at a time: for each block every input's rows are read as stored (a local file's a block at
+//! a time, from the page cache into the cache of the core; other stores' in one range read per
+//! input before the first block), decoded, the kernel applied and the result encoded into the
 //! task's output bytes while they are still in the core's cache.
 //!
 //! The general path decodes every input's rows of the task to f32 first, applies the kernel
@@ -11,7 +12,9 @@
 //! block at a time equal rows computed at once (`blocks_equal_the_whole_range` below checks
 //! every such method).
 
+use std::ops::Range;
 use std::path::Path;
+use std::sync::Arc;
 
 use shardmerge_proto as pb;
 
@@ -19,7 +22,7 @@ use super::scratch::sized;
 use super::{fatal, input_dtype, method_of, tensor_ctx, view2d, Executor, Io, Scratch, TaskError};
 use crate::format::dtype::{self, DType};
 use crate::kernels::{Method, RowRange, Stats, TensorCtx};
-use crate::storage::retry;
+use crate::storage::{retry, PositionedRead};
 
 /// Values decoded and computed at a time, all inputs' and outputs' blocks together: small
 /// enough that they and the kernel's chunk buffers stay in a core's L2 cache. (A block is
@@ -105,11 +108,23 @@ impl Executor {
                 .get_mut(i)
                 .map(std::mem::take)
                 .unwrap_or_default();
-            let bytes = self
-                .read_stored(job0, src, (r0.row_start, r0.row_end), piece)
-                .await?;
-            io.read_from(&src.model, bytes.len() as u64);
-            raw.push(bytes);
+            let (loc, range) = self.stored_range(job0, src, (r0.row_start, r0.row_end))?;
+            io.read_from(&src.model, range.end - range.start);
+            // a local file is read a block at a time as the blocks are computed
+            if let Some(at) = loc.store.positioned(&loc.path) {
+                raw.push(Input {
+                    bytes: piece,
+                    at: Some((at, range.start)),
+                });
+                continue;
+            }
+            let mut buf = Some(piece);
+            let bytes = retry(|| {
+                let b = buf.take().unwrap_or_default();
+                loc.store.read_range_into(&loc.path, range.clone(), b)
+            })
+            .await?;
+            raw.push(Input { bytes, at: None });
         }
         // the general path's f32 buffers hold a whole task's rows: a block's are small
         let small = |v: &mut Vec<f32>| {
@@ -138,7 +153,7 @@ impl Executor {
                         .ok_or_else(|| fatal("segment overruns the task's output range"))?,
                 );
             }
-            let res = compute_blocks(&points, odt, &raw, &mut values, &mut outs, &mut dsts);
+            let res = compute_blocks(&points, odt, &mut raw, &mut values, &mut outs, &mut dsts);
             drop(dsts);
             Ok::<_, TaskError>((res, raw, values, outs, taken))
         })
@@ -150,18 +165,18 @@ impl Executor {
         }
         scratch.inputs = values;
         scratch.points = outs;
-        super::give_back(&mut scratch.pieces, raw);
+        let pieces = raw.into_iter().map(|i| i.bytes).collect();
+        super::give_back(&mut scratch.pieces, pieces);
         res
     }
 
-    /// Rows `[start, end)` of input `src` as stored, in one range read (into `buf`).
-    async fn read_stored(
+    /// Where rows `[start, end)` of input `src` lie as stored: its store and byte range.
+    fn stored_range(
         &self,
         job: &pb::TensorJob,
         src: &pb::TensorSource,
         (start, end): (u64, u64),
-        buf: Vec<u8>,
-    ) -> Result<Vec<u8>, TaskError> {
+    ) -> Result<(crate::storage::Location, Range<u64>), TaskError> {
         let dt = input_dtype(src, job)?;
         let (in_rows, in_row) = view2d(&src.shape);
         if end > in_rows {
@@ -173,13 +188,32 @@ impl Executor {
         let row_bytes = in_row * dt.size() as u64;
         let loc = self.resolver.resolve(&src.uri, Path::new("/"))?;
         let range = src.data_offset + start * row_bytes..src.data_offset + end * row_bytes;
-        let mut buf = Some(buf);
-        let got = retry(|| {
-            let b = buf.take().unwrap_or_default();
-            loc.store.read_range_into(&loc.path, range.clone(), b)
-        })
-        .await?;
-        Ok(got)
+        Ok((loc, range))
+    }
+}
+
+/// One input's rows as stored: all of them (`at` None), or read a block at a time into
+/// `bytes` from the file's positioned reads, the rows starting at byte `at.1`.
+struct Input {
+    bytes: Vec<u8>,
+    at: Option<(Arc<dyn PositionedRead>, u64)>,
+}
+
+impl Input {
+    /// The bytes of values `[first, first + n)` of the rows (`es` bytes each).
+    fn values(&mut self, first: usize, n: usize, es: usize) -> Result<&[u8], TaskError> {
+        let (from, len) = (first * es, n * es);
+        match &self.at {
+            None => self
+                .bytes
+                .get(from..from + len)
+                .ok_or_else(|| fatal("input rows short (plan error)")),
+            Some((file, start)) => {
+                self.bytes.resize(len, 0);
+                file.read_exact_at(&mut self.bytes, start + from as u64)?;
+                Ok(&self.bytes)
+            }
+        }
     }
 }
 
@@ -189,7 +223,7 @@ impl Executor {
 fn compute_blocks(
     points: &[Point],
     odt: DType,
-    raw: &[Vec<u8>],
+    raw: &mut [Input],
     values: &mut Vec<Vec<f32>>,
     outs: &mut Vec<Vec<f32>>,
     dsts: &mut [&mut [u8]],
@@ -219,14 +253,8 @@ fn compute_blocks(
         let end = (row + step).min(r0.row_end);
         let n = (end - row) as usize * row_len;
         let first = (row - r0.row_start) as usize * row_len;
-        for ((v, bytes), dt) in values.iter_mut().zip(raw).zip(&dts) {
-            let es = dt.size();
-            let src = bytes.get(first * es..(first + n) * es).ok_or_else(|| {
-                fatal(format!(
-                    "tensor {}: input rows short (plan error)",
-                    job0.name
-                ))
-            })?;
+        for ((v, input), dt) in values.iter_mut().zip(raw.iter_mut()).zip(&dts) {
+            let src = input.values(first, n, dt.size())?;
             *v = sized(std::mem::take(v), n);
             dtype::decode(*dt, src, v);
         }

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{Receipt, SResult, Storage, StorageError, Upload};
+use super::{PositionedRead, Receipt, SResult, Storage, StorageError, Upload};
 
 mod direct;
 
@@ -103,6 +103,32 @@ pub fn try_lock(f: &std::fs::File) -> std::io::Result<()> {
     }
 }
 
+/// An open input file's positioned reads ([`Storage::positioned`]).
+struct Positioned {
+    file: Arc<File>,
+    path: String,
+}
+
+impl PositionedRead for Positioned {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> SResult<()> {
+        let end = offset + buf.len() as u64;
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|e| read_err(&self.path, end, e))
+    }
+}
+
+fn read_err(path: &str, end: u64, e: std::io::Error) -> StorageError {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        StorageError::new(
+            format!("{path}: file ends before byte {end} (truncated?)"),
+            false,
+        )
+    } else {
+        io_err(path, "read", e)
+    }
+}
+
 /// Reads exactly `range` of an open file.
 pub(crate) fn read_exact_range(f: &File, path: &str, range: Range<u64>) -> SResult<Vec<u8>> {
     read_exact_range_into(f, path, range, Vec::new())
@@ -120,16 +146,8 @@ pub(crate) fn read_exact_range_into(
     // the read overwrites all `len` bytes: only growth needs initialising
     buf.truncate(len);
     buf.resize(len, 0);
-    f.read_exact_at(&mut buf, range.start).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            StorageError::new(
-                format!("{path}: file ends before byte {} (truncated?)", range.end),
-                false,
-            )
-        } else {
-            io_err(path, "read", e)
-        }
-    })?;
+    f.read_exact_at(&mut buf, range.start)
+        .map_err(|e| read_err(path, range.end, e))?;
     Ok(buf)
 }
 
@@ -174,6 +192,14 @@ impl Storage for LocalStorage {
 
     fn is_local(&self) -> bool {
         true
+    }
+
+    fn positioned(&self, path: &str) -> Option<Arc<dyn PositionedRead>> {
+        let file = self.reader(path).ok()?;
+        Some(Arc::new(Positioned {
+            file,
+            path: path.to_string(),
+        }))
     }
 
     async fn size(&self, path: &str) -> SResult<u64> {

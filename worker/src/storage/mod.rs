@@ -75,6 +75,14 @@ pub struct Receipt {
     pub crc32c: u32,
 }
 
+/// Positioned reads of one file on the calling thread, for a caller that reads small pieces
+/// as it computes, each while the previous one is still in the core's cache
+/// ([`Storage::positioned`]).
+pub trait PositionedRead: Send + Sync {
+    /// Fills `buf` from byte `offset` of the file (an error if it ends first).
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> SResult<()>;
+}
+
 /// A store of files addressed by path (a local absolute path, or an object key).
 #[async_trait]
 pub trait Storage: Send + Sync + fmt::Debug {
@@ -84,6 +92,12 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// parts into the file at their offset instead of uploading parts).
     fn is_local(&self) -> bool {
         false
+    }
+    /// Positioned reads of `path` on the calling thread, where the store has them cheaply (a
+    /// local file's page cache); None: read through [`Storage::read_range_into`] (wrappers
+    /// give None, so what they count or inject sees every read).
+    fn positioned(&self, _path: &str) -> Option<Arc<dyn PositionedRead>> {
+        None
     }
     /// Smallest part a multi-part output accepts (except a file's last part).
     fn min_part_size(&self) -> u64 {
