@@ -203,13 +203,31 @@ fn sum_rounded<const K: u8>(plan: &Plan, deltas: &[f32], base: &[f32], out: &mut
     }
     let t = rk::<K>(w.iter().sum());
     let t = if t.abs() < 1e-8 { 1.0 } else { t };
-    let (normalize, lambda) = (plan.normalize, plan.lambda);
+    // (one loop per case: with the tests inside, the vectorised loop computed every case)
+    let l = plan.lambda;
+    match (plan.normalize, l != 1.0) {
+        (false, false) => finish::<K, false, false>(out, base, t, l),
+        (true, false) => finish::<K, true, false>(out, base, t, l),
+        (false, true) => finish::<K, false, true>(out, base, t, l),
+        (true, true) => finish::<K, true, true>(out, base, t, l),
+    }
+}
+
+/// `out = r(b + r(r(r(out) / t) · lambda))`, the division only with `N`, the product only with
+/// `L` ([`sum_rounded`]).
+#[inline(always)]
+fn finish<const K: u8, const N: bool, const L: bool>(
+    out: &mut [f32],
+    base: &[f32],
+    t: f32,
+    lambda: f32,
+) {
     for (o, &b) in out.iter_mut().zip(base) {
         let mut m = rk::<K>(*o);
-        if normalize {
+        if N {
             m = rk::<K>(m / t);
         }
-        if lambda != 1.0 {
+        if L {
             m = rk::<K>(m * lambda);
         }
         *o = rk::<K>(b + m);
