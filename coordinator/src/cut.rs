@@ -80,12 +80,17 @@ pub fn bytes_per_element(t: &TensorPlan) -> u64 {
         let inputs: u64 = held.map(|s| s.dtype.size() as u64).sum();
         return t.out_dtype.size() as u64 + inputs;
     }
+    as_f32(t)
+}
+
+/// [`bytes_per_element`] of the general path, every input raw and as f32. A derived input's
+/// stage is computed that way too, whatever its method (exec/derive.rs), so its working set
+/// is this, not the blocked rows' figure.
+fn as_f32(t: &TensorPlan) -> u64 {
     let inputs: u64 = t
         .inputs
         .iter()
-        .map(|s| {
-            4 + s.dtype.size() as u64 + s.derived.as_ref().map_or(0, |d| bytes_per_element(&d.0))
-        })
+        .map(|s| 4 + s.dtype.size() as u64 + s.derived.as_ref().map_or(0, |d| as_f32(&d.0)))
         .sum();
     t.out_dtype.size() as u64 + 4 + inputs
 }
