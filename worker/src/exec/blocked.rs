@@ -13,7 +13,6 @@
 //! every such method).
 
 use std::ops::Range;
-use std::path::Path;
 use std::sync::Arc;
 
 use shardmerge_proto as pb;
@@ -22,7 +21,7 @@ use super::scratch::sized;
 use super::{fatal, input_dtype, method_of, tensor_ctx, view2d, Executor, Io, Scratch, TaskError};
 use crate::format::dtype::{self, DType};
 use crate::kernels::{Method, RowRange, Stats, TensorCtx};
-use crate::storage::{retry, PositionedRead};
+use crate::storage::{retry, Location, PositionedRead};
 
 /// Values decoded and computed at a time, all inputs' and outputs' blocks together: small
 /// enough that they and the kernel's chunk buffers stay in a core's L2 cache. (A block is
@@ -176,17 +175,8 @@ impl Executor {
         job: &pb::TensorJob,
         src: &pb::TensorSource,
         (start, end): (u64, u64),
-    ) -> Result<(crate::storage::Location, Range<u64>), TaskError> {
-        let dt = input_dtype(src, job)?;
-        let (in_rows, in_row) = view2d(&src.shape);
-        if end > in_rows {
-            return Err(fatal(format!(
-                "{}: tensor {} of {} has shape {:?}, too small for output shape {:?}",
-                src.uri, job.name, src.model, src.shape, job.shape
-            )));
-        }
-        let row_bytes = in_row * dt.size() as u64;
-        let loc = self.resolver.resolve(&src.uri, Path::new("/"))?;
+    ) -> Result<(Location, Range<u64>), TaskError> {
+        let (loc, row_bytes) = self.stored_rows(job, src, end)?;
         let range = src.data_offset + start * row_bytes..src.data_offset + end * row_bytes;
         Ok((loc, range))
     }

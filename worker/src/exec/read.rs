@@ -9,7 +9,7 @@ use super::rowcache::Key;
 use super::scratch::{emptied, give_back};
 use super::{fatal, input_dtype, view2d, Executor, Io, Scratch, TaskError};
 use crate::format::dtype;
-use crate::storage::retry;
+use crate::storage::{retry, Location};
 
 /// Bytes of one input read at a time (then decoded before the next piece is read).
 const READ_PIECE: u64 = 4 << 20;
@@ -124,16 +124,9 @@ impl Executor {
     ) -> Result<Read, TaskError> {
         let (_, out_row) = view2d(&job.shape);
         let dt = input_dtype(src, job)?;
-        let (in_rows, in_row) = view2d(&src.shape);
-        if end > in_rows || in_row < out_row {
-            return Err(fatal(format!(
-                "{}: tensor {} of {} has shape {:?}, too small for output shape {:?}",
-                src.uri, job.name, src.model, src.shape, job.shape
-            )));
-        }
+        let (_, in_row) = view2d(&src.shape);
         let es = dt.size() as u64;
-        let loc = self.resolver.resolve(&src.uri, Path::new("/"))?;
-        let row_bytes = in_row * es;
+        let (loc, row_bytes) = self.stored_rows(job, src, end)?;
         let rows_per_piece = (READ_PIECE / row_bytes.max(1)).max(1);
         let n = ((end - start) * out_row) as usize;
         let mut r = Read {
@@ -184,6 +177,27 @@ impl Executor {
         }
         r.piece = piece;
         Ok(r)
+    }
+
+    /// Where input `src`'s rows lie as stored: its store and the bytes of one row, checked to
+    /// hold rows `[.., end)` at least as wide as the output's.
+    pub(super) fn stored_rows(
+        &self,
+        job: &pb::TensorJob,
+        src: &pb::TensorSource,
+        end: u64,
+    ) -> Result<(Location, u64), TaskError> {
+        let (_, out_row) = view2d(&job.shape);
+        let dt = input_dtype(src, job)?;
+        let (in_rows, in_row) = view2d(&src.shape);
+        if end > in_rows || in_row < out_row {
+            return Err(fatal(format!(
+                "{}: tensor {} of {} has shape {:?}, too small for output shape {:?}",
+                src.uri, job.name, src.model, src.shape, job.shape
+            )));
+        }
+        let loc = self.resolver.resolve(&src.uri, Path::new("/"))?;
+        Ok((loc, in_row * dt.size() as u64))
     }
 
     /// Piece `key` from the row cache into `piece`, and whether it was there (else `piece`
