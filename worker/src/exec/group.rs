@@ -86,9 +86,7 @@ impl Executor {
     ) -> Result<Vec<pb::TaskResult>, TaskError> {
         let len = usize::try_from(ws[0].out.length).map_err(|_| fatal("task too large"))?;
         // the buffers of the last group, when the store gave them back
-        let mut spare = std::mem::take(&mut scratch.point_bytes);
-        let mut bufs: Vec<Vec<u8>> = ws.iter().map(|_| spare.pop().unwrap_or_default()).collect();
-        bufs[0] = std::mem::take(&mut scratch.bytes);
+        let bufs = scratch.output_buffers(ws.len());
         // every byte is written below: literals and rows fill [0, len) in order (checked)
         let mut bufs: Vec<Vec<u8>> = bufs.into_iter().map(|b| sized(b, len)).collect();
         let mut io = Io {
@@ -107,14 +105,17 @@ impl Executor {
             )));
         }
         let mut results = Vec::with_capacity(ws.len());
+        let mut spare = Vec::with_capacity(ws.len());
         for (k, (w, buf)) in ws.iter().zip(bufs).enumerate() {
             let size = buf.len() as u64;
             let part = if w.audit {
+                let crc32c = crc32c::crc32c(&buf);
+                spare.push(buf);
                 pb::PartReceipt {
                     part_index: 0,
                     etag: String::new(),
                     size,
-                    crc32c: crc32c::crc32c(&buf),
+                    crc32c,
                 }
             } else {
                 let part = self.put(w.out, buf, scratch).await?;
@@ -133,9 +134,7 @@ impl Executor {
                 stats: None,
             });
         }
-        spare.retain(|b| b.capacity() > 0);
-        scratch.bytes = spare.pop().unwrap_or_default();
-        scratch.point_bytes = spare;
+        scratch.keep_outputs(spare);
         if let Some(c) = &self.cache {
             io.cached.iter().for_each(|k| c.remove(k));
         }

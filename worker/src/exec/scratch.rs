@@ -79,6 +79,23 @@ pub fn release_free_memory() {
     }
 }
 
+impl Scratch {
+    /// The output byte buffers of `n` tasks computed together (a sweep's points): `bytes` and
+    /// `n - 1` of the kept point buffers (empty ones where too few are kept).
+    pub(super) fn output_buffers(&mut self, n: usize) -> Vec<Vec<u8>> {
+        let mut bufs = vec![std::mem::take(&mut self.bytes)];
+        bufs.extend((1..n).map(|_| self.point_bytes.pop().unwrap_or_default()));
+        bufs
+    }
+
+    /// Keeps the output buffers the stores handed back, for [`Scratch::output_buffers`].
+    pub(super) fn keep_outputs(&mut self, mut bufs: Vec<Vec<u8>>) {
+        bufs.retain(|b| b.capacity() > 0);
+        self.bytes = bufs.pop().unwrap_or_default();
+        self.point_bytes.append(&mut bufs);
+    }
+}
+
 /// Puts buffers back into their places in `slots`.
 pub(super) fn give_back<T>(slots: &mut Vec<Vec<T>>, bufs: Vec<Vec<T>>) {
     if slots.len() < bufs.len() {
@@ -133,6 +150,30 @@ mod tests {
         give_back(&mut s.inputs, vec![Vec::new(), Vec::with_capacity(1 << 20)]);
         s.trim();
         assert_eq!(s.held(), 0, "over the limit: everything let go");
+    }
+
+    /// A group of `n` writes gets back the `n` buffers the last one kept: none is dropped
+    /// and made again (a group once took `n` kept buffers and dropped one of them, so every
+    /// sweep task allocated and page-faulted a fresh output buffer).
+    #[test]
+    fn output_buffers_come_back_to_the_next_group() {
+        let mut s = Scratch::new(1 << 30);
+        let bufs: Vec<Vec<u8>> = (1..=5).map(|k| vec![0u8; k * 100]).collect();
+        let mut ptrs: Vec<*const u8> = bufs.iter().map(|b| b.as_ptr()).collect();
+        s.keep_outputs(bufs);
+        for _ in 0..3 {
+            let got = s.output_buffers(5);
+            let mut now: Vec<*const u8> = got.iter().map(|b| b.as_ptr()).collect();
+            assert!(
+                got.iter().all(|b| b.capacity() > 0),
+                "a kept buffer was dropped"
+            );
+            ptrs.sort();
+            now.sort();
+            assert_eq!(now, ptrs, "the same allocations");
+            s.keep_outputs(got);
+        }
+        assert_eq!(s.output_buffers(2).len(), 2);
     }
 
     #[test]
