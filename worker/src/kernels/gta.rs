@@ -545,6 +545,81 @@ mod tests {
         }
     }
 
+    /// The plain 16-bit mix (no consensus; it reads the deltas without changing them, one
+    /// loop for up to four models) is every step rounded as torch rounds it, against `half`'s
+    /// rounding: any model count, weights of 1 and not, `normalize` and `lambda`, with NaNs
+    /// (any quiet payload a rounding leaves), infinities, signed zeros and sums that overflow.
+    #[test]
+    fn plain_mix_rounds_every_step() {
+        let bf = |x: f32| half::bf16::from_f32(x).to_f32();
+        let len = CHUNK - 5;
+        let val = |i: usize, salt: usize| -> f32 {
+            let h = (i * 2654435761 + salt * 40503) % 1000;
+            match h {
+                0 => f32::NAN,
+                1 => f32::from_bits(0xffe5_0000), // a negative quiet NaN with a payload
+                2 => f32::INFINITY,
+                3 => f32::NEG_INFINITY,
+                4 => -0.0,
+                5..=40 => 0.0,
+                41..=60 => bf(3.0e38 * if h.is_multiple_of(2) { 1.0 } else { -1.0 }),
+                _ => bf((h as f32 - 500.0) * 1e-3),
+            }
+        };
+        let base: Vec<f32> = (0..len).map(|i| val(i, 99)).collect();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for n in 0..=6usize {
+            for (w, lambda, normalize) in [(1.0, 1.0, 0.0), (0.3, 0.7, 1.0), (1.7, 2.0, 0.0)] {
+                let mut c = case(&TASK_ARITHMETIC, &[len as u64], n + 1);
+                for i in 1..=n {
+                    let wi = if i % 2 == 0 { 1.0 } else { w * i as f64 };
+                    c.model_params[i].insert("weight".into(), wi);
+                }
+                c.params.insert("lambda".into(), lambda);
+                c.params.insert("normalize".into(), normalize);
+                c.work = Work::BF16;
+                let plan = TASK_ARITHMETIC.plan(&c.ctx()).unwrap();
+                let mut deltas = vec![0f32; n.max(1) * CHUNK];
+                for j in 0..n {
+                    for i in 0..len {
+                        deltas[j * CHUNK + i] = val(i, j);
+                    }
+                }
+                let ws = &plan.weights;
+                let t = bf(ws.iter().sum());
+                let t = if t.abs() < 1e-8 { 1.0 } else { t };
+                let want: Vec<f32> = (0..len)
+                    .map(|i| {
+                        let mut s = 0.0f32;
+                        for (j, &wj) in ws.iter().enumerate() {
+                            s += bf(deltas[j * CHUNK + i] * wj);
+                        }
+                        let mut m = bf(s);
+                        if plan.normalize {
+                            m = bf(m / t);
+                        }
+                        if plan.lambda != 1.0 {
+                            m = bf(m * plan.lambda);
+                        }
+                        bf(base[i] + m)
+                    })
+                    .collect();
+                let kept = deltas.clone();
+                let mut got = vec![0f32; len];
+                let mut mixer = mix::Mixer::new(&plan);
+                assert!(mixer.mix_shared(&TASK_ARITHMETIC, &plan, &deltas, &base, &mut got));
+                assert_eq!(bits(&got), bits(&want), "{n} models, w {w}");
+                assert_eq!(
+                    bits(&deltas),
+                    bits(&kept),
+                    "the deltas are left as they were"
+                );
+                mix_rounded::<1>(&plan, false, &mut deltas, &base, &mut got);
+                assert_eq!(bits(&got), bits(&want), "{n} models, w {w}, baseline build");
+            }
+        }
+    }
+
     #[test]
     fn bf16_op_by_op() {
         let bf = |x: f32| half::bf16::from_f32(x).to_f32();

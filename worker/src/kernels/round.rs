@@ -80,7 +80,7 @@ impl Work {
     pub(crate) fn rounded<'a>(self, xs: &'a [f32], buf: &'a mut [f32]) -> &'a [f32] {
         let buf = match self {
             Work::F32 => return xs,
-            Work::BF16 if is_bf16(xs) => return xs,
+            Work::BF16 if is_bf16_any(xs) => return xs,
             _ => &mut buf[..xs.len()],
         };
         match self {
@@ -132,7 +132,7 @@ fn sub_in_place_k<const K: u8>(x: &mut [f32], b: &[f32]) {
 fn sub_bf16_in_place(x: &mut [f32], b: &[f32]) {
     if is_bf16(x) && is_bf16(b) {
         for (x, &b) in x.iter_mut().zip(b) {
-            *x = rk::<1>(*x - b);
+            *x = rk_arith::<1>(*x - b);
         }
     } else {
         sub_in_place_k::<1>(x, b);
@@ -167,19 +167,58 @@ fn map_k<const K: u8>(xs: &[f32], out: &mut [f32]) {
     }
 }
 
-/// Zero iff `x` is a bfloat16 value that [`rk`] leaves alone: its low 16 bits are zero and it
-/// is not a NaN (rounding makes a NaN quiet).
-#[inline(always)]
-fn off_bf16(x: f32) -> u32 {
-    let b = x.to_bits();
-    (b & 0xffff) | u32::from((b & 0x7fff_ffff) > 0x7f80_0000)
+/// Whether values seen are bfloat16 values that [`rk`] leaves alone: their low 16 bits are
+/// zero and none is a NaN (rounding makes a NaN quiet). Folded over the values with an OR and
+/// a max (no compare per element), which vectorise.
+#[derive(Clone, Copy, Default)]
+struct Bf16Check {
+    /// Every value's bits ORed.
+    low: u32,
+    /// The largest magnitude's bits (above infinity's: a NaN).
+    top: u32,
 }
 
-/// Whether every element of `xs` is a bfloat16 value that [`rk`] leaves alone. One pass of
-/// ORs, which vectorises.
+impl Bf16Check {
+    #[inline(always)]
+    fn see(&mut self, x: f32) {
+        let b = x.to_bits();
+        self.low |= b;
+        self.top = self.top.max(b & 0x7fff_ffff);
+    }
+
+    #[inline(always)]
+    fn ok(self) -> bool {
+        self.low & 0xffff == 0 && self.top <= 0x7f80_0000
+    }
+}
+
+/// Whether every element of `xs` is a bfloat16 value that [`rk`] leaves alone.
 #[inline(always)]
 fn is_bf16(xs: &[f32]) -> bool {
-    xs.iter().fold(0, |bad, &x| bad | off_bf16(x)) == 0
+    let mut c = Bf16Check::default();
+    xs.iter().for_each(|&x| c.see(x));
+    c.ok()
+}
+
+/// [`is_bf16`], in its AVX2 build when the CPU has it (SSE2 has no unsigned max).
+#[inline]
+fn is_bf16_any(xs: &[f32]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU has AVX2 (checked at run time just above)
+        return unsafe { is_bf16_avx2(xs) };
+    }
+    is_bf16(xs)
+}
+
+/// [`is_bf16`] built with AVX2.
+///
+/// # Safety
+/// The CPU must support AVX2 ([`has_avx2`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn is_bf16_avx2(xs: &[f32]) -> bool {
+    is_bf16(xs)
 }
 
 /// Whether the CPU runs AVX2, for the hot loops built twice: for baseline x86-64 (SSE2, four
@@ -218,12 +257,15 @@ unsafe fn sub_bf16_checked_avx2(x: &[f32], b: &[f32], d: &mut [f32]) -> bool {
 /// rounding leaves alone (then `d` is also `r(r(x) - r(b))`).
 #[inline(always)]
 fn sub_bf16_checked(x: &[f32], b: &[f32], d: &mut [f32]) -> bool {
-    let mut bad = 0u32;
+    let mut c = Bf16Check::default();
     for ((d, &x), &b) in d.iter_mut().zip(x).zip(b) {
-        bad |= off_bf16(x) | off_bf16(b);
-        *d = rk::<1>(x - b);
+        c.see(x);
+        c.see(b);
+        // (the rounding without its NaN select: with no NaN among `x` and `b`, a NaN
+        // difference is the default NaN; with one, the result is not used)
+        *d = rk_arith::<1>(x - b);
     }
-    bad == 0
+    c.ok()
 }
 
 fn scale_k<const K: u8>(v: &mut [f32], s: f32) {
@@ -242,6 +284,23 @@ pub fn rk<const K: u8>(x: f32) -> f32 {
         1 => round_bf16(x),
         2 => round_f16(x),
         _ => x,
+    }
+}
+
+/// [`rk`] of a result of IEEE arithmetic on values `rk` gave: the same bits, without the NaN
+/// select of the bfloat16 rounding. Every NaN such arithmetic makes is quiet with its low 16
+/// bits clear (an operand's payload, made quiet, or the default NaN, on x86-64 and Arm
+/// alike), and for those the rounding's addition of at most 0x8000 to the clear low half
+/// carries nothing, so the mask gives the NaN back as `rk` does. Not for values read from a
+/// file (an f32 NaN there may carry any payload): those go through `rk` or [`Work::rounded`].
+#[inline(always)]
+pub fn rk_arith<const K: u8>(x: f32) -> f32 {
+    match K {
+        1 => {
+            let b = x.to_bits();
+            f32::from_bits(b.wrapping_add(0x7fff + ((b >> 16) & 1)) & 0xffff_0000)
+        }
+        _ => rk::<K>(x),
     }
 }
 
@@ -402,6 +461,32 @@ mod tests {
         assert_eq!(rk::<1>(f32::MAX), f32::INFINITY);
         assert_eq!(rk::<2>(-0.0).to_bits(), (-0.0f32).to_bits());
         assert!(rk::<1>(f32::NAN).is_nan() && rk::<2>(f32::NAN).is_nan());
+    }
+
+    /// The rounding without its NaN select is [`rk`] on every value but a NaN, and on a NaN
+    /// with its low 16 bits clear (what arithmetic on rounded values makes), made quiet.
+    #[test]
+    fn rounding_of_arithmetic_results_is_rk() {
+        edge_patterns(|b| {
+            let x = f32::from_bits(b);
+            let nan_as_made = x.is_nan() && b & 0xffff == 0 && b & 0x0040_0000 != 0;
+            if !x.is_nan() || nan_as_made {
+                assert_eq!(
+                    rk_arith::<1>(x).to_bits(),
+                    rk::<1>(x).to_bits(),
+                    "{b:#010x}"
+                );
+                assert_eq!(
+                    rk_arith::<2>(x).to_bits(),
+                    rk::<2>(x).to_bits(),
+                    "{b:#010x}"
+                );
+            }
+        });
+        let made = [0.0f32 * f32::INFINITY, f32::INFINITY - f32::INFINITY];
+        for n in made {
+            assert_eq!(rk_arith::<1>(n).to_bits(), rk::<1>(n).to_bits());
+        }
     }
 
     /// The AVX2 build of the one-pass bf16 subtraction gives the baseline build's bits and

@@ -2,6 +2,7 @@
 //! 16-bit working dtype (with an AVX2 build of the latter).
 
 use super::*;
+use crate::kernels::round::rk_arith;
 
 /// The mix of one chunk in f32: the weighted sum of the (agreeing, with `consensus`) deltas,
 /// divided by the sum of their weights (or `total_w`) when `normalize`, times `lambda`, plus
@@ -109,8 +110,8 @@ pub(super) unsafe fn mix_f32_avx2(
 /// (or all) weighted deltas and of their weights, each accumulated in f32 and rounded (a zero
 /// divisor becomes 1, a plain one below 1e-8 too); then the quotient, the `lambda` product and
 /// the sum with the base, each rounded. `deltas` holds each model's chunk at `j * CHUNK`, in
-/// the working dtype, and is overwritten with the weighted deltas; `base` is in the working
-/// dtype too ([`Work::rounded`]).
+/// the working dtype; with the consensus it is overwritten with the weighted deltas (without,
+/// [`sum_rounded`] reads it as it is); `base` is in the working dtype too ([`Work::rounded`]).
 ///
 /// Inlined into [`mix_rounded_avx2`], its build with AVX2 (same bits: see
 /// [`crate::kernels::round::has_avx2`]).
@@ -122,6 +123,9 @@ pub(super) fn mix_rounded<const K: u8>(
     base: &[f32],
     out: &mut [f32],
 ) {
+    if !consensus {
+        return sum_rounded::<K>(plan, deltas, base, out);
+    }
     let len = out.len();
     let w = &plan.weights;
     // each weighted delta once (the consensus reads it twice). A weight of 1 changes no bit:
@@ -133,9 +137,6 @@ pub(super) fn mix_rounded<const K: u8>(
         }
     }
     let deltas = &*deltas;
-    if !consensus {
-        return sum_rounded::<K>(plan, deltas, base, out);
-    }
     let mut mixed = [0f32; CHUNK];
     let mut div = [0f32; CHUNK];
     let (mixed, div) = (&mut mixed[..len], &mut div[..len]);
@@ -181,57 +182,110 @@ pub(super) fn mix_rounded<const K: u8>(
     }
 }
 
-/// [`mix_rounded`] without the sign consensus: the sum of the weighted deltas accumulated in
-/// `out` (it starts as +0.0 plus the first one, the same bits as a sum into zeros, with no
-/// pass of zeros first), rounded; divided by the rounded sum of the weights when `normalize`
-/// (below 1e-8: by 1), times `lambda`, plus the base, each rounded.
+/// [`mix_rounded`] without the sign consensus, reading `deltas` and leaving them as they are
+/// (a sweep's points mix the same deltas): each weighted delta `r(d · w)` (`d` itself for a
+/// weight of 1), summed in f32 from +0.0 in model order, rounded; divided by the rounded sum
+/// of the weights when `normalize` (below 1e-8: by 1), times `lambda`, plus the base, each
+/// rounded. One loop over the chunk for up to four models (the sum of an element in registers),
+/// a loop per model beyond.
 #[inline(always)]
-fn sum_rounded<const K: u8>(plan: &Plan, deltas: &[f32], base: &[f32], out: &mut [f32]) {
-    let len = out.len();
+pub(super) fn sum_rounded<const K: u8>(plan: &Plan, deltas: &[f32], base: &[f32], out: &mut [f32]) {
     let w = &plan.weights;
-    if w.is_empty() {
-        out.fill(0.0);
-    } else {
-        for (o, &wd) in out.iter_mut().zip(&deltas[..len]) {
-            *o = 0.0 + wd;
-        }
-    }
-    for j in 1..w.len() {
-        for (o, &wd) in out.iter_mut().zip(&deltas[j * CHUNK..j * CHUNK + len]) {
-            *o += wd;
-        }
-    }
     let t = rk::<K>(w.iter().sum());
     let t = if t.abs() < 1e-8 { 1.0 } else { t };
+    let f = Finish {
+        t,
+        lambda: plan.lambda,
+    };
     // (one loop per case: with the tests inside, the vectorised loop computed every case)
-    let l = plan.lambda;
-    match (plan.normalize, l != 1.0) {
-        (false, false) => finish::<K, false, false>(out, base, t, l),
-        (true, false) => finish::<K, true, false>(out, base, t, l),
-        (false, true) => finish::<K, false, true>(out, base, t, l),
-        (true, true) => finish::<K, true, true>(out, base, t, l),
+    match (plan.normalize, plan.lambda != 1.0) {
+        (false, false) => by_count::<K, false, false>(w, deltas, base, out, f),
+        (true, false) => by_count::<K, true, false>(w, deltas, base, out, f),
+        (false, true) => by_count::<K, false, true>(w, deltas, base, out, f),
+        (true, true) => by_count::<K, true, true>(w, deltas, base, out, f),
     }
 }
 
-/// `out = r(b + r(r(r(out) / t) · lambda))`, the division only with `N`, the product only with
-/// `L` ([`sum_rounded`]).
-#[inline(always)]
-fn finish<const K: u8, const N: bool, const L: bool>(
-    out: &mut [f32],
-    base: &[f32],
+/// The divisor and `lambda` of [`finish`].
+#[derive(Clone, Copy)]
+struct Finish {
     t: f32,
     lambda: f32,
+}
+
+/// [`sum_rounded`] with the model count fixed at compile time where it is small.
+#[inline(always)]
+fn by_count<const K: u8, const N: bool, const L: bool>(
+    w: &[f32],
+    deltas: &[f32],
+    base: &[f32],
+    out: &mut [f32],
+    f: Finish,
 ) {
-    for (o, &b) in out.iter_mut().zip(base) {
-        let mut m = rk::<K>(*o);
-        if N {
-            m = rk::<K>(m / t);
+    match *w {
+        [a] => fused::<K, 1, N, L>([a], deltas, base, out, f),
+        [a, b] => fused::<K, 2, N, L>([a, b], deltas, base, out, f),
+        [a, b, c] => fused::<K, 3, N, L>([a, b, c], deltas, base, out, f),
+        [a, b, c, d] => fused::<K, 4, N, L>([a, b, c, d], deltas, base, out, f),
+        _ => {
+            let len = out.len();
+            out.fill(0.0);
+            for (j, &wj) in w.iter().enumerate() {
+                for (o, &d) in out.iter_mut().zip(&deltas[j * CHUNK..j * CHUNK + len]) {
+                    *o += weighted::<K>(d, wj);
+                }
+            }
+            for (o, &b) in out.iter_mut().zip(base) {
+                *o = finish::<K, N, L>(*o, b, f);
+            }
         }
-        if L {
-            m = rk::<K>(m * lambda);
-        }
-        *o = rk::<K>(b + m);
     }
+}
+
+/// `r(d · w)`, or `d` for a weight of 1 (no bit changes: `d` is in the working dtype).
+#[inline(always)]
+fn weighted<const K: u8>(d: f32, w: f32) -> f32 {
+    if w == 1.0 {
+        d
+    } else {
+        rk_arith::<K>(d * w)
+    }
+}
+
+/// [`sum_rounded`] of `J` models in one loop.
+#[inline(always)]
+fn fused<const K: u8, const J: usize, const N: bool, const L: bool>(
+    w: [f32; J],
+    deltas: &[f32],
+    base: &[f32],
+    out: &mut [f32],
+    f: Finish,
+) {
+    let len = out.len();
+    let base = &base[..len];
+    let ds: [&[f32]; J] = std::array::from_fn(|j| &deltas[j * CHUNK..j * CHUNK + len]);
+    for (i, (o, &b)) in out.iter_mut().zip(base).enumerate() {
+        // +0.0 first, as a sum into zeros: a lone -0.0 delta sums to +0.0
+        let mut s = 0.0f32;
+        for j in 0..J {
+            s += weighted::<K>(ds[j][i], w[j]);
+        }
+        *o = finish::<K, N, L>(s, b, f);
+    }
+}
+
+/// `r(b + r(r(r(s) / t) · lambda))`, the division only with `N`, the product only with `L`
+/// ([`sum_rounded`]).
+#[inline(always)]
+fn finish<const K: u8, const N: bool, const L: bool>(s: f32, b: f32, f: Finish) -> f32 {
+    let mut m = rk_arith::<K>(s);
+    if N {
+        m = rk_arith::<K>(m / f.t);
+    }
+    if L {
+        m = rk_arith::<K>(m * f.lambda);
+    }
+    rk_arith::<K>(b + m)
 }
 
 /// [`mix_rounded`] built with AVX2.
@@ -260,6 +314,32 @@ pub(super) unsafe fn mix_rounded_avx2<const K: u8>(
     out: &mut [f32],
 ) {
     mix_rounded::<K>(plan, consensus, deltas, base, out)
+}
+
+/// [`sum_rounded`] built with AVX2.
+///
+/// # Safety
+/// The CPU must support AVX2 ([`crate::kernels::round::has_avx2`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn sum_rounded_avx2<const K: u8>(
+    plan: &Plan,
+    deltas: &[f32],
+    base: &[f32],
+    out: &mut [f32],
+) {
+    sum_rounded::<K>(plan, deltas, base, out)
+}
+
+/// Never called: `has_avx2` is false off x86-64.
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn sum_rounded_avx2<const K: u8>(
+    plan: &Plan,
+    deltas: &[f32],
+    base: &[f32],
+    out: &mut [f32],
+) {
+    sum_rounded::<K>(plan, deltas, base, out)
 }
 
 impl Gta {
@@ -347,5 +427,39 @@ impl Mixer {
             }
             _ => mix_rounded::<2>(plan, cons, deltas, bc, o),
         }
+    }
+
+    /// [`Mixer::mix`] where it reads `deltas` without changing them (in f32, and in a 16-bit
+    /// working dtype without the sign consensus), so that a sweep's points can mix the same
+    /// deltas; false, having done nothing, where it would overwrite them.
+    pub(super) fn mix_shared(
+        &mut self,
+        g: &Gta,
+        plan: &Plan,
+        deltas: &[f32],
+        bc: &[f32],
+        o: &mut [f32],
+    ) -> bool {
+        let avx2 = crate::kernels::round::has_avx2();
+        match plan.work {
+            Work::F32 => {
+                let (cons, t) = (g.cfg.consensus, self.total_w);
+                let sc = self
+                    .scratch
+                    .get_or_insert_with(|| Box::new([[0f32; CHUNK]; 3]));
+                if avx2 {
+                    // SAFETY: the CPU has AVX2 (checked at run time above)
+                    unsafe { mix_f32_avx2(plan, cons, t, deltas, bc, o, sc) }
+                } else {
+                    mix_f32(plan, cons, t, deltas, bc, o, sc)
+                }
+            }
+            _ if g.cfg.consensus => return false,
+            // SAFETY: the CPU has AVX2 (checked at run time above)
+            Work::BF16 if avx2 => unsafe { sum_rounded_avx2::<1>(plan, deltas, bc, o) },
+            Work::BF16 => sum_rounded::<1>(plan, deltas, bc, o),
+            _ => sum_rounded::<2>(plan, deltas, bc, o),
+        }
+        true
     }
 }

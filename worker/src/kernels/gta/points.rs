@@ -78,6 +78,12 @@ impl Gta {
             for (k, (((sparse, scales, mixer), plan), out)) in
                 each.iter_mut().zip(plans).zip(outs.iter_mut()).enumerate()
             {
+                // a point that neither sparsifies nor rescales mixes the deltas as they are
+                let plain = sparse.iter().all(|s| matches!(s, Sparse::All))
+                    && scales.iter().all(Option::is_none);
+                if plain && mixer.mix_shared(self, plan, &raw, bc, &mut out[at..end]) {
+                    continue;
+                }
                 // each point works on a copy of the deltas but the last, which may have them
                 let ds = if k == last {
                     &mut raw
