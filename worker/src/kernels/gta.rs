@@ -33,6 +33,7 @@
 //! after masking (exactly) per model. Element indices of the whole tensor key every random draw
 //! and every tie-break, so cutting the tensor into row ranges never changes a bit.
 
+mod fused;
 mod held;
 mod methods;
 mod mix;
@@ -545,12 +546,13 @@ mod tests {
         }
     }
 
-    /// The plain 16-bit mix (no consensus; it reads the deltas without changing them, one
-    /// loop for up to four models) is every step rounded as torch rounds it, against `half`'s
-    /// rounding: any model count, weights of 1 and not, `normalize` and `lambda`, with NaNs
-    /// (any quiet payload a rounding leaves), infinities, signed zeros and sums that overflow.
+    /// The 16-bit mix is every step rounded as torch rounds it, against `half`'s rounding,
+    /// with and without the sign consensus (one loop for up to four models; without the
+    /// consensus it reads the deltas without changing them): any model count, weights of 1
+    /// and not, `normalize` and `lambda`, with NaNs (any quiet payload a rounding leaves),
+    /// infinities, signed zeros and sums that overflow; baseline and AVX2 builds.
     #[test]
-    fn plain_mix_rounds_every_step() {
+    fn mix_rounds_every_step() {
         let bf = |x: f32| half::bf16::from_f32(x).to_f32();
         let len = CHUNK - 5;
         let val = |i: usize, salt: usize| -> f32 {
@@ -561,63 +563,97 @@ mod tests {
                 2 => f32::INFINITY,
                 3 => f32::NEG_INFINITY,
                 4 => -0.0,
-                5..=40 => 0.0,
+                5 => bf(-1e-39), // a sum that rounds to -0.0
+                6..=40 => 0.0,
                 41..=60 => bf(3.0e38 * if h.is_multiple_of(2) { 1.0 } else { -1.0 }),
                 _ => bf((h as f32 - 500.0) * 1e-3),
             }
         };
         let base: Vec<f32> = (0..len).map(|i| val(i, 99)).collect();
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        for n in 0..=6usize {
-            for (w, lambda, normalize) in [(1.0, 1.0, 0.0), (0.3, 0.7, 1.0), (1.7, 2.0, 0.0)] {
-                let mut c = case(&TASK_ARITHMETIC, &[len as u64], n + 1);
-                for i in 1..=n {
-                    let wi = if i % 2 == 0 { 1.0 } else { w * i as f64 };
-                    c.model_params[i].insert("weight".into(), wi);
-                }
-                c.params.insert("lambda".into(), lambda);
-                c.params.insert("normalize".into(), normalize);
-                c.work = Work::BF16;
-                let plan = TASK_ARITHMETIC.plan(&c.ctx()).unwrap();
-                let mut deltas = vec![0f32; n.max(1) * CHUNK];
-                for j in 0..n {
-                    for i in 0..len {
-                        deltas[j * CHUNK + i] = val(i, j);
+        let cases = [
+            (1.0, 1.0, 0.0),
+            (0.3, 0.7, 1.0),
+            (1.7, 2.0, 0.0),
+            (-0.5, 1.0, 1.0),
+        ];
+        for method in [&TASK_ARITHMETIC, &TIES] {
+            let cons = method.cfg.consensus;
+            for n in 0..=6usize {
+                for (w, lambda, normalize) in cases {
+                    let mut c = case(method, &[len as u64], n + 1);
+                    for i in 1..=n {
+                        let wi = if i % 2 == 0 { 1.0 } else { w * i as f64 };
+                        c.model_params[i].insert("weight".into(), wi);
+                    }
+                    c.params.insert("lambda".into(), lambda);
+                    c.params.insert("normalize".into(), normalize);
+                    c.work = Work::BF16;
+                    let plan = method.plan(&c.ctx()).unwrap();
+                    let mut deltas = vec![0f32; n.max(1) * CHUNK];
+                    for j in 0..n {
+                        for i in 0..len {
+                            deltas[j * CHUNK + i] = val(i, j);
+                        }
+                    }
+                    let want = mix_reference(&plan, cons, &deltas, &base, bf);
+                    let what = format!("{} {n} models, w {w}", method.spec.name);
+                    let kept = deltas.clone();
+                    let mut got = vec![0f32; len];
+                    let mut mixer = mix::Mixer::new(&plan);
+                    if mixer.mix_shared(method, &plan, &deltas, &base, &mut got) {
+                        assert_eq!(bits(&got), bits(&want), "{what}");
+                        assert_eq!(bits(&deltas), bits(&kept), "{what}: deltas changed");
+                    }
+                    mix_rounded::<1>(&plan, cons, &mut deltas, &base, &mut got);
+                    assert_eq!(bits(&got), bits(&want), "{what}, baseline build");
+                    if super::super::round::has_avx2() {
+                        let mut d = kept.clone();
+                        // SAFETY: the CPU has AVX2 (checked just above)
+                        unsafe { mix_rounded_avx2::<1>(&plan, cons, &mut d, &base, &mut got) };
+                        assert_eq!(bits(&got), bits(&want), "{what}, AVX2 build");
                     }
                 }
-                let ws = &plan.weights;
-                let t = bf(ws.iter().sum());
-                let t = if t.abs() < 1e-8 { 1.0 } else { t };
-                let want: Vec<f32> = (0..len)
-                    .map(|i| {
-                        let mut s = 0.0f32;
-                        for (j, &wj) in ws.iter().enumerate() {
-                            s += bf(deltas[j * CHUNK + i] * wj);
-                        }
-                        let mut m = bf(s);
-                        if plan.normalize {
-                            m = bf(m / t);
-                        }
-                        if plan.lambda != 1.0 {
-                            m = bf(m * plan.lambda);
-                        }
-                        bf(base[i] + m)
-                    })
-                    .collect();
-                let kept = deltas.clone();
-                let mut got = vec![0f32; len];
-                let mut mixer = mix::Mixer::new(&plan);
-                assert!(mixer.mix_shared(&TASK_ARITHMETIC, &plan, &deltas, &base, &mut got));
-                assert_eq!(bits(&got), bits(&want), "{n} models, w {w}");
-                assert_eq!(
-                    bits(&deltas),
-                    bits(&kept),
-                    "the deltas are left as they were"
-                );
-                mix_rounded::<1>(&plan, false, &mut deltas, &base, &mut got);
-                assert_eq!(bits(&got), bits(&want), "{n} models, w {w}, baseline build");
             }
         }
+    }
+
+    /// mergekit's bf16 mix element by element, each step rounded with `r`.
+    fn mix_reference(
+        plan: &Plan,
+        consensus: bool,
+        deltas: &[f32],
+        base: &[f32],
+        r: impl Fn(f32) -> f32,
+    ) -> Vec<f32> {
+        let ws = &plan.weights;
+        let t = r(ws.iter().sum());
+        let t = if t.abs() < 1e-8 { 1.0 } else { t };
+        (0..base.len())
+            .map(|i| {
+                let wd: Vec<f32> = (0..ws.len())
+                    .map(|j| r(deltas[j * CHUNK + i] * ws[j]))
+                    .collect();
+                let s = r(wd.iter().fold(0.0, |a, &x| a + x));
+                let keep = |x: f32| !consensus || if s >= 0.0 { x > 0.0 } else { x < 0.0 };
+                let mut m = 0.0f32;
+                let mut dv = 0.0f32;
+                for (&x, &wj) in wd.iter().zip(ws) {
+                    m += if keep(x) { x } else { 0.0 };
+                    dv += if keep(x) { wj } else { 0.0 };
+                }
+                let mut m = r(m);
+                let dv = if consensus { r(dv) } else { t };
+                let dv = if dv == 0.0 { 1.0 } else { dv };
+                if plan.normalize {
+                    m = r(m / dv);
+                }
+                if plan.lambda != 1.0 {
+                    m = r(m * plan.lambda);
+                }
+                r(base[i] + m)
+            })
+            .collect()
     }
 
     #[test]

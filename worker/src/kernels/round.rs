@@ -292,7 +292,7 @@ pub fn rk<const K: u8>(x: f32) -> f32 {
 /// bits clear (an operand's payload, made quiet, or the default NaN, on x86-64 and Arm
 /// alike), and for those the rounding's addition of at most 0x8000 to the clear low half
 /// carries nothing, so the mask gives the NaN back as `rk` does. Not for values read from a
-/// file (an f32 NaN there may carry any payload): those go through `rk` or [`Work::rounded`].
+/// file (an f32 NaN there may carry any payload): those go through `rk` or `Work::rounded`.
 #[inline(always)]
 pub fn rk_arith<const K: u8>(x: f32) -> f32 {
     match K {

@@ -1,8 +1,8 @@
 //! The mix step of generalized task arithmetic over one chunk: in f32, and op by op in a
 //! 16-bit working dtype (with an AVX2 build of the latter).
 
+use super::fused::{consensus_by_count, sum_rounded, sum_rounded_avx2};
 use super::*;
-use crate::kernels::round::rk_arith;
 
 /// The mix of one chunk in f32: the weighted sum of the (agreeing, with `consensus`) deltas,
 /// divided by the sum of their weights (or `total_w`) when `normalize`, times `lambda`, plus
@@ -126,6 +126,18 @@ pub(super) fn mix_rounded<const K: u8>(
     if !consensus {
         return sum_rounded::<K>(plan, deltas, base, out);
     }
+    let (w, l) = (&plan.weights, plan.lambda);
+    // (one loop per case: with the tests inside, the vectorised loop computed every case;
+    // called here, not through a pointer, so that they are inlined into the AVX2 build)
+    let fused = match (plan.normalize, l != 1.0) {
+        (false, false) => consensus_by_count::<K, false, false>(w, deltas, base, out, l),
+        (true, false) => consensus_by_count::<K, true, false>(w, deltas, base, out, l),
+        (false, true) => consensus_by_count::<K, false, true>(w, deltas, base, out, l),
+        (true, true) => consensus_by_count::<K, true, true>(w, deltas, base, out, l),
+    };
+    if fused {
+        return;
+    }
     let len = out.len();
     let w = &plan.weights;
     // each weighted delta once (the consensus reads it twice). A weight of 1 changes no bit:
@@ -182,112 +194,6 @@ pub(super) fn mix_rounded<const K: u8>(
     }
 }
 
-/// [`mix_rounded`] without the sign consensus, reading `deltas` and leaving them as they are
-/// (a sweep's points mix the same deltas): each weighted delta `r(d · w)` (`d` itself for a
-/// weight of 1), summed in f32 from +0.0 in model order, rounded; divided by the rounded sum
-/// of the weights when `normalize` (below 1e-8: by 1), times `lambda`, plus the base, each
-/// rounded. One loop over the chunk for up to four models (the sum of an element in registers),
-/// a loop per model beyond.
-#[inline(always)]
-pub(super) fn sum_rounded<const K: u8>(plan: &Plan, deltas: &[f32], base: &[f32], out: &mut [f32]) {
-    let w = &plan.weights;
-    let t = rk::<K>(w.iter().sum());
-    let t = if t.abs() < 1e-8 { 1.0 } else { t };
-    let f = Finish {
-        t,
-        lambda: plan.lambda,
-    };
-    // (one loop per case: with the tests inside, the vectorised loop computed every case)
-    match (plan.normalize, plan.lambda != 1.0) {
-        (false, false) => by_count::<K, false, false>(w, deltas, base, out, f),
-        (true, false) => by_count::<K, true, false>(w, deltas, base, out, f),
-        (false, true) => by_count::<K, false, true>(w, deltas, base, out, f),
-        (true, true) => by_count::<K, true, true>(w, deltas, base, out, f),
-    }
-}
-
-/// The divisor and `lambda` of [`finish`].
-#[derive(Clone, Copy)]
-struct Finish {
-    t: f32,
-    lambda: f32,
-}
-
-/// [`sum_rounded`] with the model count fixed at compile time where it is small.
-#[inline(always)]
-fn by_count<const K: u8, const N: bool, const L: bool>(
-    w: &[f32],
-    deltas: &[f32],
-    base: &[f32],
-    out: &mut [f32],
-    f: Finish,
-) {
-    match *w {
-        [a] => fused::<K, 1, N, L>([a], deltas, base, out, f),
-        [a, b] => fused::<K, 2, N, L>([a, b], deltas, base, out, f),
-        [a, b, c] => fused::<K, 3, N, L>([a, b, c], deltas, base, out, f),
-        [a, b, c, d] => fused::<K, 4, N, L>([a, b, c, d], deltas, base, out, f),
-        _ => {
-            let len = out.len();
-            out.fill(0.0);
-            for (j, &wj) in w.iter().enumerate() {
-                for (o, &d) in out.iter_mut().zip(&deltas[j * CHUNK..j * CHUNK + len]) {
-                    *o += weighted::<K>(d, wj);
-                }
-            }
-            for (o, &b) in out.iter_mut().zip(base) {
-                *o = finish::<K, N, L>(*o, b, f);
-            }
-        }
-    }
-}
-
-/// `r(d · w)`, or `d` for a weight of 1 (no bit changes: `d` is in the working dtype).
-#[inline(always)]
-fn weighted<const K: u8>(d: f32, w: f32) -> f32 {
-    if w == 1.0 {
-        d
-    } else {
-        rk_arith::<K>(d * w)
-    }
-}
-
-/// [`sum_rounded`] of `J` models in one loop.
-#[inline(always)]
-fn fused<const K: u8, const J: usize, const N: bool, const L: bool>(
-    w: [f32; J],
-    deltas: &[f32],
-    base: &[f32],
-    out: &mut [f32],
-    f: Finish,
-) {
-    let len = out.len();
-    let base = &base[..len];
-    let ds: [&[f32]; J] = std::array::from_fn(|j| &deltas[j * CHUNK..j * CHUNK + len]);
-    for (i, (o, &b)) in out.iter_mut().zip(base).enumerate() {
-        // +0.0 first, as a sum into zeros: a lone -0.0 delta sums to +0.0
-        let mut s = 0.0f32;
-        for j in 0..J {
-            s += weighted::<K>(ds[j][i], w[j]);
-        }
-        *o = finish::<K, N, L>(s, b, f);
-    }
-}
-
-/// `r(b + r(r(r(s) / t) · lambda))`, the division only with `N`, the product only with `L`
-/// ([`sum_rounded`]).
-#[inline(always)]
-fn finish<const K: u8, const N: bool, const L: bool>(s: f32, b: f32, f: Finish) -> f32 {
-    let mut m = rk_arith::<K>(s);
-    if N {
-        m = rk_arith::<K>(m / f.t);
-    }
-    if L {
-        m = rk_arith::<K>(m * f.lambda);
-    }
-    rk_arith::<K>(b + m)
-}
-
 /// [`mix_rounded`] built with AVX2.
 ///
 /// # Safety
@@ -314,32 +220,6 @@ pub(super) unsafe fn mix_rounded_avx2<const K: u8>(
     out: &mut [f32],
 ) {
     mix_rounded::<K>(plan, consensus, deltas, base, out)
-}
-
-/// [`sum_rounded`] built with AVX2.
-///
-/// # Safety
-/// The CPU must support AVX2 ([`crate::kernels::round::has_avx2`]).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn sum_rounded_avx2<const K: u8>(
-    plan: &Plan,
-    deltas: &[f32],
-    base: &[f32],
-    out: &mut [f32],
-) {
-    sum_rounded::<K>(plan, deltas, base, out)
-}
-
-/// Never called: `has_avx2` is false off x86-64.
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn sum_rounded_avx2<const K: u8>(
-    plan: &Plan,
-    deltas: &[f32],
-    base: &[f32],
-    out: &mut [f32],
-) {
-    sum_rounded::<K>(plan, deltas, base, out)
 }
 
 impl Gta {
