@@ -550,7 +550,8 @@ mod tests {
     /// with and without the sign consensus (one loop for up to four models; without the
     /// consensus it reads the deltas without changing them): any model count, weights of 1
     /// and not, `normalize` and `lambda`, with NaNs (any quiet payload a rounding leaves),
-    /// infinities, signed zeros and sums that overflow; baseline and AVX2 builds.
+    /// infinities, signed zeros and sums that overflow; baseline and AVX2 builds. The f32 mix
+    /// too, against the same steps unrounded.
     #[test]
     fn mix_rounds_every_step() {
         let bf = |x: f32| half::bf16::from_f32(x).to_f32();
@@ -604,6 +605,18 @@ mod tests {
                     if mixer.mix_shared(method, &plan, &deltas, &base, &mut got) {
                         assert_eq!(bits(&got), bits(&want), "{what}");
                         assert_eq!(bits(&deltas), bits(&kept), "{what}: deltas changed");
+                    }
+                    // the f32 mix: the same steps without rounding
+                    let f32_want = mix_reference(&plan, cons, &deltas, &base, |x| x);
+                    let t: f32 = plan.weights.iter().sum();
+                    let t = if t.abs() < 1e-8 { 1.0 } else { t };
+                    let mut sc = [[0f32; CHUNK]; 3];
+                    mix_f32(&plan, cons, t, &deltas, &base, &mut got, &mut sc);
+                    assert_eq!(bits(&got), bits(&f32_want), "{what}, f32");
+                    if super::super::round::has_avx2() {
+                        // SAFETY: the CPU has AVX2 (checked just above)
+                        unsafe { mix_f32_avx2(&plan, cons, t, &deltas, &base, &mut got, &mut sc) };
+                        assert_eq!(bits(&got), bits(&f32_want), "{what}, f32 AVX2");
                     }
                     mix_rounded::<1>(&plan, cons, &mut deltas, &base, &mut got);
                     assert_eq!(bits(&got), bits(&want), "{what}, baseline build");

@@ -198,3 +198,94 @@ pub(super) unsafe fn sum_rounded_avx2<const K: u8>(
 ) {
     sum_rounded::<K>(plan, deltas, base, out)
 }
+
+/// [`super::mix::mix_f32`] of up to four models in one loop over the chunk; false, having done
+/// nothing, for more models.
+#[inline(always)]
+pub(super) fn f32_by_count(
+    plan: &Plan,
+    consensus: bool,
+    total_w: f32,
+    deltas: &[f32],
+    base: &[f32],
+    out: &mut [f32],
+) -> bool {
+    let f = Finish {
+        t: total_w,
+        lambda: plan.lambda,
+    };
+    // (one loop per case; called here, not through a pointer, so that they are inlined into
+    // the AVX2 build)
+    match (consensus, plan.normalize, plan.lambda != 1.0) {
+        (false, false, false) => f32_count::<false, false, false>(plan, deltas, base, out, f),
+        (false, true, false) => f32_count::<false, true, false>(plan, deltas, base, out, f),
+        (false, false, true) => f32_count::<false, false, true>(plan, deltas, base, out, f),
+        (false, true, true) => f32_count::<false, true, true>(plan, deltas, base, out, f),
+        (true, false, false) => f32_count::<true, false, false>(plan, deltas, base, out, f),
+        (true, true, false) => f32_count::<true, true, false>(plan, deltas, base, out, f),
+        (true, false, true) => f32_count::<true, false, true>(plan, deltas, base, out, f),
+        (true, true, true) => f32_count::<true, true, true>(plan, deltas, base, out, f),
+    }
+}
+
+#[inline(always)]
+fn f32_count<const C: bool, const N: bool, const L: bool>(
+    plan: &Plan,
+    deltas: &[f32],
+    base: &[f32],
+    out: &mut [f32],
+    f: Finish,
+) -> bool {
+    match *plan.weights {
+        [a] => f32_fused::<C, 1, N, L>([a], deltas, base, out, f),
+        [a, b] => f32_fused::<C, 2, N, L>([a, b], deltas, base, out, f),
+        [a, b, c] => f32_fused::<C, 3, N, L>([a, b, c], deltas, base, out, f),
+        [a, b, c, d] => f32_fused::<C, 4, N, L>([a, b, c, d], deltas, base, out, f),
+        _ => return false,
+    }
+    true
+}
+
+/// [`f32_by_count`] of `J` models: the weighted sum (with `C`, of the deltas that agree with
+/// the sign of the sum of all, and their weights' sum as the divisor, 1 for none; else
+/// `f.t`), divided with `N`, times `lambda` with `L`, plus the base; in the order of
+/// [`super::mix::mix_f32`]'s loops.
+#[inline(always)]
+fn f32_fused<const C: bool, const J: usize, const N: bool, const L: bool>(
+    w: [f32; J],
+    deltas: &[f32],
+    base: &[f32],
+    out: &mut [f32],
+    f: Finish,
+) {
+    let len = out.len();
+    let base = &base[..len];
+    let ds: [&[f32]; J] = std::array::from_fn(|j| &deltas[j * CHUNK..j * CHUNK + len]);
+    for (i, (o, &b)) in out.iter_mut().zip(base).enumerate() {
+        let wd: [f32; J] = std::array::from_fn(|j| ds[j][i] * w[j]);
+        let mut s = 0.0f32;
+        for &x in &wd {
+            s += x;
+        }
+        let (mut m, mut dv) = (s, f.t);
+        if C {
+            (m, dv) = (0.0, 0.0);
+            for (&x, &wj) in wd.iter().zip(&w) {
+                // torch.sign(0) matches neither majority
+                let agree = if s >= 0.0 { x > 0.0 } else { x < 0.0 };
+                m += if agree { x } else { 0.0 };
+                dv += if agree { wj } else { 0.0 };
+            }
+            if dv == 0.0 {
+                dv = 1.0;
+            }
+        }
+        if N {
+            m /= dv;
+        }
+        if L {
+            m *= f.lambda;
+        }
+        *o = b + m;
+    }
+}

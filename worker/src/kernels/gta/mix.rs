@@ -1,7 +1,7 @@
 //! The mix step of generalized task arithmetic over one chunk: in f32, and op by op in a
 //! 16-bit working dtype (with an AVX2 build of the latter).
 
-use super::fused::{consensus_by_count, sum_rounded, sum_rounded_avx2};
+use super::fused::{consensus_by_count, f32_by_count, sum_rounded, sum_rounded_avx2};
 use super::*;
 
 /// The mix of one chunk in f32: the weighted sum of the (agreeing, with `consensus`) deltas,
@@ -19,6 +19,9 @@ pub(super) fn mix_f32(
     out: &mut [f32],
     scratch: &mut [[f32; CHUNK]; 3],
 ) {
+    if f32_by_count(plan, consensus, total_w, deltas, bc, out) {
+        return;
+    }
     let len = out.len();
     let w = &plan.weights;
     let [sum, mixed, div] = scratch;
