@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use shardmerge_proto as pb;
 
+use super::kernel::INLINE_KERNEL;
 use super::scratch::sized;
 use super::{fatal, input_dtype, method_of, tensor_ctx, view2d, Executor, Io, Scratch, TaskError};
 use crate::format::dtype::{self, DType};
@@ -100,6 +101,70 @@ impl Executor {
         let Some(&(job0, r0)) = points.first() else {
             return Ok(true);
         };
+        let mut raw = self.open_inputs(job0, r0, io, scratch).await?;
+        // the general path's f32 buffers hold a whole task's rows: a block's are small
+        let small = |v: &mut Vec<f32>| {
+            if v.capacity() > BLOCK_VALUES {
+                *v = Vec::new();
+            }
+        };
+        scratch.inputs.iter_mut().for_each(small);
+        scratch.points.iter_mut().for_each(small);
+        let (mut values, mut outs) = (
+            std::mem::take(&mut scratch.inputs),
+            std::mem::take(&mut scratch.points),
+        );
+        let rows = r0.row_end.saturating_sub(r0.row_start) as usize;
+        let width = view2d(&job0.shape).1 as usize;
+        let n_values = rows.saturating_mul(width) * (raw.len() + points.len());
+        if n_values <= INLINE_KERNEL {
+            // a small segment on the task's own thread (as exec/kernel.rs does): a hand-off
+            // to the blocking pool and back costs more than computing it
+            let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let mut dsts = segment_dsts(bufs, at, end)?;
+                compute_blocks(points, odt, &mut raw, &mut values, &mut outs, &mut dsts)
+            }))
+            .unwrap_or_else(|_| Err(fatal("kernel panicked")));
+            (scratch.inputs, scratch.points) = (values, outs);
+            let pieces = raw.into_iter().map(|i| i.bytes).collect();
+            super::give_back(&mut scratch.pieces, pieces);
+            return res;
+        }
+        let owned: Vec<(pb::TensorJob, pb::TensorRows)> = points
+            .iter()
+            .map(|(j, r)| ((*j).clone(), (*r).clone()))
+            .collect();
+        // the buffers go to the blocking pool and come back (moved, not copied)
+        let mut taken: Vec<Vec<u8>> = bufs.iter_mut().map(std::mem::take).collect();
+        let done = tokio::task::spawn_blocking(move || {
+            let points: Vec<Point> = owned.iter().map(|(j, r)| (j, r)).collect();
+            let mut dsts = segment_dsts(&mut taken, at, end)?;
+            let res = compute_blocks(&points, odt, &mut raw, &mut values, &mut outs, &mut dsts);
+            drop(dsts);
+            Ok::<_, TaskError>((res, raw, values, outs, taken))
+        })
+        .await;
+        let (res, raw, values, outs, taken) =
+            done.map_err(|e| fatal(format!("kernel panicked: {e}")))??;
+        for (b, t) in bufs.iter_mut().zip(taken) {
+            *b = t;
+        }
+        scratch.inputs = values;
+        scratch.points = outs;
+        let pieces = raw.into_iter().map(|i| i.bytes).collect();
+        super::give_back(&mut scratch.pieces, pieces);
+        res
+    }
+
+    /// Each input's rows of `r0`: a local file's to be read a block at a time as the blocks are
+    /// computed, any other store's read whole now (with retries).
+    async fn open_inputs(
+        &self,
+        job0: &pb::TensorJob,
+        r0: &pb::TensorRows,
+        io: &mut Io,
+        scratch: &mut Scratch,
+    ) -> Result<Vec<Input>, TaskError> {
         let mut raw = Vec::with_capacity(job0.inputs.len());
         for (i, src) in job0.inputs.iter().enumerate() {
             let piece = scratch
@@ -125,48 +190,7 @@ impl Executor {
             .await?;
             raw.push(Input { bytes, at: None });
         }
-        // the general path's f32 buffers hold a whole task's rows: a block's are small
-        let small = |v: &mut Vec<f32>| {
-            if v.capacity() > BLOCK_VALUES {
-                *v = Vec::new();
-            }
-        };
-        scratch.inputs.iter_mut().for_each(small);
-        scratch.points.iter_mut().for_each(small);
-        let (mut values, mut outs) = (
-            std::mem::take(&mut scratch.inputs),
-            std::mem::take(&mut scratch.points),
-        );
-        let owned: Vec<(pb::TensorJob, pb::TensorRows)> = points
-            .iter()
-            .map(|(j, r)| ((*j).clone(), (*r).clone()))
-            .collect();
-        // the buffers go to the blocking pool and come back (moved, not copied)
-        let mut taken: Vec<Vec<u8>> = bufs.iter_mut().map(std::mem::take).collect();
-        let done = tokio::task::spawn_blocking(move || {
-            let points: Vec<Point> = owned.iter().map(|(j, r)| (j, r)).collect();
-            let mut dsts = Vec::with_capacity(taken.len());
-            for b in taken.iter_mut() {
-                dsts.push(
-                    b.get_mut(at..end)
-                        .ok_or_else(|| fatal("segment overruns the task's output range"))?,
-                );
-            }
-            let res = compute_blocks(&points, odt, &mut raw, &mut values, &mut outs, &mut dsts);
-            drop(dsts);
-            Ok::<_, TaskError>((res, raw, values, outs, taken))
-        })
-        .await;
-        let (res, raw, values, outs, taken) =
-            done.map_err(|e| fatal(format!("kernel panicked: {e}")))??;
-        for (b, t) in bufs.iter_mut().zip(taken) {
-            *b = t;
-        }
-        scratch.inputs = values;
-        scratch.points = outs;
-        let pieces = raw.into_iter().map(|i| i.bytes).collect();
-        super::give_back(&mut scratch.pieces, pieces);
-        res
+        Ok(raw)
     }
 
     /// Where rows `[start, end)` of input `src` lie as stored: its store and byte range.
@@ -180,6 +204,16 @@ impl Executor {
         let range = src.data_offset + start * row_bytes..src.data_offset + end * row_bytes;
         Ok((loc, range))
     }
+}
+
+/// Bytes `[at, end)` of every point's output buffer.
+fn segment_dsts(bufs: &mut [Vec<u8>], at: usize, end: usize) -> Result<Vec<&mut [u8]>, TaskError> {
+    bufs.iter_mut()
+        .map(|b| {
+            b.get_mut(at..end)
+                .ok_or_else(|| fatal("segment overruns the task's output range"))
+        })
+        .collect()
 }
 
 /// One input's rows as stored: all of them (`at` None), or read a block at a time into

@@ -163,7 +163,7 @@ fn row_range(r: &pb::TensorRows) -> RowRange {
 
 /// Input values up to which a segment's kernel runs on the task's own thread: handing it to
 /// the blocking pool (a wake-up there and one back) costs more than computing that little.
-const INLINE_KERNEL: usize = 1 << 16;
+pub(super) const INLINE_KERNEL: usize = 1 << 16;
 
 /// The output rows `rows` of `job` in f32 from its inputs' rows, in `out` (reused), and
 /// whether every input was finite when the kernel used the inputs as working memory (only
