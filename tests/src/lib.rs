@@ -29,6 +29,7 @@ use object_store::{ObjectStore, PutPayload};
 
 pub use shardmerge_proto as pb;
 use shardmerge_worker::format::dtype::DType;
+use shardmerge_worker::storage::local::OwnedDir;
 use shardmerge_worker::storage::object::ObjectStorage;
 use shardmerge_worker::storage::Storage;
 
@@ -115,11 +116,21 @@ const ACCESS_KEY: &str = "GK0123456789abcdef01234567";
 const SECRET_KEY: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 const REGION: &str = "us-east-1";
 
+/// A fresh folder for an S3 server's data under the system's temporary folder.
+fn server_dir() -> Result<OwnedDir, String> {
+    OwnedDir::new(&std::env::temp_dir(), "shardmerge-s3-test-")
+        .map(|(d, _)| d)
+        .map_err(|e| format!("a folder for the S3 server: {e}"))
+}
+
 /// A running S3 server on loopback.
 pub struct S3Server {
     pub kind: &'static str,
     pub endpoint: String,
-    dir: tempfile::TempDir,
+    /// Its data and logs: removed when the server is dropped, and by the next test process
+    /// that starts a server when this one ends without dropping it (the shared server lives
+    /// in a static, which is never dropped: each test binary left up to 600 MB behind).
+    dir: OwnedDir,
     child: Mutex<Child>,
     garage: Option<(PathBuf, PathBuf)>,
     /// How the server process was started (program, arguments, environment, log name), to
@@ -179,7 +190,7 @@ impl S3Server {
     }
 
     fn start_minio(bin: &Path) -> Result<S3Server, String> {
-        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let dir = server_dir()?;
         let (port, console) = (free_port(), free_port());
         let launch = Launch {
             bin: bin.to_path_buf(),
@@ -216,7 +227,7 @@ impl S3Server {
     }
 
     fn start_garage(bin: &Path) -> Result<S3Server, String> {
-        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let dir = server_dir()?;
         let (rpc, s3) = (free_port(), free_port());
         let secret: String = (0..32)
             .map(|i| format!("{:02x}", (i * 37 + std::process::id() as usize) % 256))

@@ -16,12 +16,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::storage::local::OwnedDir;
+
 /// How long an unused entry is kept when its space is wanted.
 const IDLE: Duration = Duration::from_secs(600);
 
-/// The folder name's prefix, and the lock file inside that says its owner still runs.
+/// The folder name's prefix.
 const PREFIX: &str = "shardmerge-rows-";
-const OWNER: &str = "owner.lock";
 
 /// A cached piece: the bytes `[from, to)` of input file `uri`, read for job `job`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
@@ -52,44 +53,11 @@ struct Inner {
 #[derive(Debug)]
 pub struct RowCache {
     dir: PathBuf,
-    /// The folder, removed when the cache is dropped.
-    _tmp: tempfile::TempDir,
-    /// Locked for the cache's life: the folder's owner runs.
-    _owner: std::fs::File,
+    /// The folder, removed when the cache is dropped (and by a later cache if this process
+    /// dies first).
+    _owned: OwnedDir,
     limit: u64,
     inner: Mutex<Inner>,
-}
-
-/// Removes the row cache folders in `parent` (other than `mine`) whose owner is gone: their
-/// lock file can be locked, or they have none and were last changed over `IDLE` ago (a folder
-/// being set up has its lock within microseconds). Returns how many went.
-fn remove_abandoned(parent: &Path, mine: &Path) -> usize {
-    let Ok(entries) = std::fs::read_dir(parent) else {
-        return 0;
-    };
-    let mut removed = 0;
-    for e in entries.flatten() {
-        let path = e.path();
-        let ours = e
-            .file_name()
-            .to_str()
-            .is_some_and(|n| n.starts_with(PREFIX));
-        if !ours || path == mine || !e.file_type().is_ok_and(|t| t.is_dir()) {
-            continue;
-        }
-        let gone = match std::fs::File::open(path.join(OWNER)) {
-            // held by a live process: the lock fails; ours now, released as `f` drops
-            Ok(f) => crate::storage::local::try_lock(&f).is_ok(),
-            Err(_) => e
-                .metadata()
-                .and_then(|m| m.modified())
-                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age >= IDLE)),
-        };
-        if gone && std::fs::remove_dir_all(&path).is_ok() {
-            removed += 1;
-        }
-    }
-    removed
 }
 
 impl RowCache {
@@ -97,16 +65,7 @@ impl RowCache {
     /// folder when `None`).
     pub fn new(parent: Option<&Path>, limit: u64) -> std::io::Result<Self> {
         let parent = parent.map_or_else(std::env::temp_dir, Path::to_path_buf);
-        std::fs::create_dir_all(&parent)?;
-        let tmp = tempfile::Builder::new()
-            .prefix(PREFIX)
-            .tempdir_in(&parent)?;
-        // locked before it takes its name, so no sweep ever sees it unlocked
-        let fresh = tmp.path().join("owner.new");
-        let owner = std::fs::File::create(&fresh)?;
-        crate::storage::local::try_lock(&owner)?;
-        std::fs::rename(&fresh, tmp.path().join(OWNER))?;
-        let removed = remove_abandoned(&parent, tmp.path());
+        let (dir, removed) = OwnedDir::new(&parent, PREFIX)?;
         if removed > 0 {
             tracing::info!(
                 "removed {removed} row cache folder(s) in {} left by workers that are gone",
@@ -114,9 +73,8 @@ impl RowCache {
             );
         }
         Ok(RowCache {
-            dir: tmp.path().to_path_buf(),
-            _tmp: tmp,
-            _owner: owner,
+            dir: dir.path().to_path_buf(),
+            _owned: dir,
             limit,
             inner: Mutex::new(Inner::default()),
         })
@@ -299,7 +257,7 @@ mod tests {
         live.put(key(0), vec![1, 2, 3]).await;
         let dead = parent.path().join(format!("{PREFIX}dead"));
         std::fs::create_dir(&dead).unwrap();
-        std::fs::write(dead.join(OWNER), b"").unwrap();
+        std::fs::write(dead.join("owner.lock"), b"").unwrap();
         std::fs::write(dead.join("0"), [0u8; 64]).unwrap();
         let unlocked_young = parent.path().join(format!("{PREFIX}young"));
         std::fs::create_dir(&unlocked_young).unwrap();

@@ -16,6 +16,8 @@ use bytes::Bytes;
 use super::{PositionedRead, Receipt, SResult, Storage, StorageError, Upload};
 
 mod direct;
+mod owned;
+pub use owned::OwnedDir;
 
 #[derive(Debug, Default)]
 pub struct LocalStorage {
