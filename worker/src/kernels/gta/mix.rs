@@ -1,7 +1,7 @@
 //! The mix step of generalized task arithmetic over one chunk: in f32, and op by op in a
 //! 16-bit working dtype (with an AVX2 build of the latter).
 
-use super::fused::{consensus_by_count, f32_by_count, sum_rounded, sum_rounded_avx2};
+use super::fused::{mix_by_count, sum_rounded, sum_rounded_avx2};
 use super::*;
 
 /// The mix of one chunk in f32: the weighted sum of the (agreeing, with `consensus`) deltas,
@@ -19,7 +19,7 @@ pub(super) fn mix_f32(
     out: &mut [f32],
     scratch: &mut [[f32; CHUNK]; 3],
 ) {
-    if f32_by_count(plan, consensus, total_w, deltas, bc, out) {
+    if mix_by_count::<0>(plan, consensus, total_w, deltas, bc, out) {
         return;
     }
     let len = out.len();
@@ -129,16 +129,8 @@ pub(super) fn mix_rounded<const K: u8>(
     if !consensus {
         return sum_rounded::<K>(plan, deltas, base, out);
     }
-    let (w, l) = (&plan.weights, plan.lambda);
-    // (one loop per case: with the tests inside, the vectorised loop computed every case;
-    // called here, not through a pointer, so that they are inlined into the AVX2 build)
-    let fused = match (plan.normalize, l != 1.0) {
-        (false, false) => consensus_by_count::<K, false, false>(w, deltas, base, out, l),
-        (true, false) => consensus_by_count::<K, true, false>(w, deltas, base, out, l),
-        (false, true) => consensus_by_count::<K, false, true>(w, deltas, base, out, l),
-        (true, true) => consensus_by_count::<K, true, true>(w, deltas, base, out, l),
-    };
-    if fused {
+    // (up to four models in one loop; with the consensus the divisor `t` is not used)
+    if mix_by_count::<K>(plan, true, 1.0, deltas, base, out) {
         return;
     }
     let len = out.len();
