@@ -57,8 +57,18 @@ fn run(a: Args) -> io::Result<()> {
     let mut f = File::create(&a.out)?;
     let mut left = a.bytes;
     if a.direct {
-        left = write_direct(&a.out, &buf, left)?;
-        f = std::fs::OpenOptions::new().append(true).open(&a.out)?;
+        match write_direct(&a.out, &buf, left) {
+            Ok(rest) => {
+                left = rest;
+                f = std::fs::OpenOptions::new().append(true).open(&a.out)?;
+            }
+            // (tmpfs and some network filesystems refuse O_DIRECT: the merges then write
+            // through the page cache too, and so does the floor)
+            Err(e) => {
+                eprintln!("io-floor: O_DIRECT refused ({e}); writing through the page cache");
+                f = File::create(&a.out)?;
+            }
+        }
     }
     while left > 0 {
         let n = left.min(buf.len() as u64) as usize;
