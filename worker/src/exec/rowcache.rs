@@ -52,10 +52,9 @@ struct Inner {
 /// The cache of one worker process, shared by its slots.
 #[derive(Debug)]
 pub struct RowCache {
-    dir: PathBuf,
     /// The folder, removed when the cache is dropped (and by a later cache if this process
     /// dies first).
-    _owned: OwnedDir,
+    dir: OwnedDir,
     limit: u64,
     inner: Mutex<Inner>,
 }
@@ -73,8 +72,7 @@ impl RowCache {
             );
         }
         Ok(RowCache {
-            dir: dir.path().to_path_buf(),
-            _owned: dir,
+            dir,
             limit,
             inner: Mutex::new(Inner::default()),
         })
@@ -94,7 +92,7 @@ impl RowCache {
     }
 
     fn path(&self, id: u64) -> PathBuf {
-        self.dir.join(format!("{id}"))
+        self.dir.path().join(format!("{id}"))
     }
 
     /// The piece `key` into `buf` (`Ok`), or `buf` back when it is not here (`Err`).
@@ -242,7 +240,7 @@ mod tests {
         assert!(c.get(&key(0), Vec::new()).await.is_err());
         c.put(key(10), vec![4, 5, 6]).await;
         assert_eq!(c.get(&key(10), Vec::new()).await, Ok(vec![4, 5, 6]));
-        let dir = c.dir.clone();
+        let dir = c.dir.path().to_path_buf();
         assert!(dir.exists());
         drop(c);
         assert!(!dir.exists(), "the scratch folder goes with the cache");
@@ -265,7 +263,7 @@ mod tests {
         std::fs::create_dir(&other).unwrap();
         let next = RowCache::new(Some(parent.path()), 5).unwrap();
         assert!(!dead.exists(), "a gone worker's folder stays");
-        assert!(live.dir.exists() && next.dir.exists());
+        assert!(live.dir.path().exists() && next.dir.path().exists());
         assert_eq!(live.get(&key(0), Vec::new()).await, Ok(vec![1, 2, 3]));
         assert!(unlocked_young.exists() && other.exists());
     }
