@@ -114,15 +114,21 @@ fn fused<const K: u8, const C: bool, const J: usize, const N: bool, const L: boo
                 dv = 1.0;
             }
         }
-        m = rk_arith::<K>(m);
-        if N {
-            m = rk_arith::<K>(m / dv);
-        }
-        if L {
-            m = rk_arith::<K>(m * f.lambda);
-        }
-        *o = rk_arith::<K>(b + m);
+        *o = finish::<K, N, L>(m, dv, f.lambda, b);
     }
+}
+
+/// `r(b + r(r(r(m) / dv) · lambda))`, the division only with `N`, the product only with `L`.
+#[inline(always)]
+fn finish<const K: u8, const N: bool, const L: bool>(m: f32, dv: f32, lambda: f32, b: f32) -> f32 {
+    let mut m = rk_arith::<K>(m);
+    if N {
+        m = rk_arith::<K>(m / dv);
+    }
+    if L {
+        m = rk_arith::<K>(m * lambda);
+    }
+    rk_arith::<K>(b + m)
 }
 
 /// [`super::mix::mix_rounded`] without the sign consensus, reading `deltas` and leaving them
@@ -143,15 +149,10 @@ pub(super) fn sum_rounded<const K: u8>(plan: &Plan, deltas: &[f32], base: &[f32]
             *o += weighted::<K>(d, wj);
         }
     }
+    // (a divisor and a lambda of 1 change no bit of a rounded value: x / 1 and x · 1 are x)
+    let dv = if plan.normalize { t } else { 1.0 };
     for (o, &b) in out.iter_mut().zip(base) {
-        let mut m = rk_arith::<K>(*o);
-        if plan.normalize {
-            m = rk_arith::<K>(m / t);
-        }
-        if plan.lambda != 1.0 {
-            m = rk_arith::<K>(m * plan.lambda);
-        }
-        *o = rk_arith::<K>(b + m);
+        *o = finish::<K, true, true>(*o, dv, plan.lambda, b);
     }
 }
 

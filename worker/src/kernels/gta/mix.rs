@@ -271,8 +271,8 @@ impl Mixer {
     }
 
     /// Mixes one chunk into `o`: `deltas` holds each model's (sparsified, scaled) delta at
-    /// `j * CHUNK` (overwritten in a 16-bit working dtype), `bc` the base's chunk, already in
-    /// the working dtype ([`Work::rounded`]).
+    /// `j * CHUNK` (overwritten by the 16-bit consensus mix), `bc` the base's chunk, already
+    /// in the working dtype ([`Work::rounded`]).
     pub(super) fn mix(
         &mut self,
         g: &Gta,
@@ -281,26 +281,17 @@ impl Mixer {
         bc: &[f32],
         o: &mut [f32],
     ) {
-        let cons = g.cfg.consensus;
+        if self.mix_shared(g, plan, deltas, bc, o) {
+            return;
+        }
+        // the 16-bit mix with the sign consensus
         match plan.work {
             Work::BF16 if crate::kernels::round::has_avx2() => {
                 // SAFETY: the CPU has AVX2 (checked at run time just above)
-                unsafe { mix_rounded_avx2::<1>(plan, cons, deltas, bc, o) }
+                unsafe { mix_rounded_avx2::<1>(plan, true, deltas, bc, o) }
             }
-            Work::BF16 => mix_rounded::<1>(plan, cons, deltas, bc, o),
-            Work::F32 => {
-                let t = self.total_w;
-                let sc = self
-                    .scratch
-                    .get_or_insert_with(|| Box::new([[0f32; CHUNK]; 3]));
-                if crate::kernels::round::has_avx2() {
-                    // SAFETY: the CPU has AVX2 (checked at run time just above)
-                    unsafe { mix_f32_avx2(plan, cons, t, deltas, bc, o, sc) }
-                } else {
-                    mix_f32(plan, cons, t, deltas, bc, o, sc)
-                }
-            }
-            _ => mix_rounded::<2>(plan, cons, deltas, bc, o),
+            Work::BF16 => mix_rounded::<1>(plan, true, deltas, bc, o),
+            _ => mix_rounded::<2>(plan, true, deltas, bc, o),
         }
     }
 
