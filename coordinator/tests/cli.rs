@@ -656,3 +656,44 @@ fn an_empty_environment_variable_is_named_in_the_error() {
         assert!(stderr.contains(var), "{var} not named: {stderr}");
     }
 }
+
+/// `SHARDMERGE_SIMD` caps the vector build the merge loops run (kernels/simd.rs): every cap
+/// gives the same bytes as the widest build, a value it does not know is ignored with a
+/// warning, and the run still succeeds.
+#[test]
+fn every_simd_cap_writes_the_same_bytes() {
+    let (_t, d) = scratch();
+    let ties = "merge_method: ties\nbase_model: models/base\nmodels:\n- model: models/instruct\n  parameters:\n    weight: 1.0\n    density: 0.5\n- model: models/lang_eu\n  parameters:\n    weight: 0.7\n    density: 0.3\nparameters:\n  normalize: true\n";
+    for (name, recipe) in [
+        ("ta", TA.to_string()),
+        ("ties", ties.to_string()),
+        ("ties_bf16", format!("{ties}dtype: bfloat16\n")),
+    ] {
+        std::fs::write(d.join("r.yml"), &recipe).unwrap();
+        let mut want = None;
+        for cap in ["", "base", "avx2", "avx512", "sse9"] {
+            let out = format!("out-{name}-{cap}");
+            let o = bin()
+                .current_dir(&d)
+                .env("SHARDMERGE_SIMD", cap)
+                .args(["run", "r.yml", &out, "--quiet"])
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&o.stderr);
+            assert!(o.status.success(), "{name} {cap}: {stderr}");
+            assert_eq!(
+                stderr.contains("is not one of base, avx2, avx512"),
+                cap == "sse9",
+                "{name} {cap}: {stderr}"
+            );
+            let bytes = std::fs::read(d.join(&out).join("model.safetensors")).unwrap();
+            match &want {
+                None => want = Some(bytes),
+                Some(w) => assert!(
+                    w == &bytes,
+                    "{name}: SHARDMERGE_SIMD={cap} changed the output"
+                ),
+            }
+        }
+    }
+}

@@ -173,7 +173,9 @@ fn closing(toks: &[(Tok, usize)], open: usize) -> usize {
 }
 
 /// From `from`, the end of an item: its `;` or the closing brace of its body, whichever comes
-/// first outside parentheses and brackets. Returns (index of the end, whether it had a body).
+/// first outside parentheses and brackets, or the brace that closes the block around it (a
+/// bodiless `fn` in a macro's input, `simd::wide! { fn f(x: &[f32]) => g }`). Returns (index
+/// of the end, whether it had a body).
 fn item_end(toks: &[(Tok, usize)], from: usize) -> (usize, bool) {
     let mut k = from;
     while k < toks.len() {
@@ -181,6 +183,7 @@ fn item_end(toks: &[(Tok, usize)], from: usize) -> (usize, bool) {
             Tok::Punct('(' | '[') => k = closing(toks, k),
             Tok::Punct(';') => return (k, false),
             Tok::Punct('{') => return (closing(toks, k), true),
+            Tok::Punct('}') => return (k, false),
             _ => {}
         }
         k += 1;
@@ -362,6 +365,10 @@ trait T {
     fn provided<'a>(&'a self) -> &'a str {
         "x"
     }
+}
+
+wide! {
+    fn declared(x: &[f32]) -> bool => one
 }
 
 #[cfg(test)]

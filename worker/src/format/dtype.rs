@@ -4,7 +4,11 @@
 //! GPT-NeoX's causal mask) are never merged: their bytes are copied from the base model, so
 //! their f32 conversions here only serve tests and tools.
 
+use std::mem::MaybeUninit;
+
 use half::f16;
+
+use crate::kernels::simd;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
@@ -197,16 +201,38 @@ pub(crate) fn decode_extend(dtype: DType, src: &[u8], dst: &mut Vec<f32>) {
             src.chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
         ),
-        DType::BF16 => dst.extend(
-            src.chunks_exact(2)
-                .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)),
-        ),
+        DType::BF16 => {
+            let n = src.len() / 2;
+            dst.reserve(n);
+            bf16_widen_wide(simd::level(), src, &mut dst.spare_capacity_mut()[..n]);
+            let len = dst.len() + n;
+            // SAFETY: the `n` elements past the old length were just written (`bf16_widen`
+            // writes one element for each of its `n` pairs of bytes), within the capacity
+            // that `reserve` made
+            unsafe { dst.set_len(len) };
+        }
         DType::F16 => dst.extend(
             src.chunks_exact(2)
                 .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()),
         ),
         _ => dst.extend(src.chunks_exact(dtype.size()).map(|c| int_to_f32(dtype, c))),
     }
+}
+
+/// bfloat16 bytes widened to f32 (exact: the bits shifted up), into uninitialised space (as
+/// long as `src` has pairs of bytes).
+#[inline(always)]
+fn bf16_widen(src: &[u8], dst: &mut [MaybeUninit<f32>]) {
+    for (d, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
+        d.write(f32::from_bits(
+            (u16::from_le_bytes([c[0], c[1]]) as u32) << 16,
+        ));
+    }
+}
+
+simd::wide! {
+    /// [`bf16_widen`] built for `level`.
+    fn bf16_widen_wide(src: &[u8], dst: &mut [MaybeUninit<f32>]) => bf16_widen
 }
 
 /// The bf16 bits of `x`, rounded to nearest even: bit for bit what `half::bf16::from_f32`
@@ -237,15 +263,7 @@ pub fn encode_finite(dtype: DType, src: &[f32], dst: &mut [u8]) -> bool {
                 c.copy_from_slice(&b.to_le_bytes());
             }
         }
-        DType::BF16 => {
-            #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx2") {
-                // SAFETY: `bf16_finite_avx2` requires only AVX2, which the check just above
-                // found on the CPU running this code.
-                return unsafe { bf16_finite_avx2(src, dst) };
-            }
-            return bf16_finite(src, dst);
-        }
+        DType::BF16 => return bf16_finite_wide(simd::level(), src, dst),
         DType::F16 => {
             for (c, s) in dst.chunks_exact_mut(2).zip(src) {
                 let h = f16::from_f32(*s).to_bits();
@@ -259,7 +277,7 @@ pub fn encode_finite(dtype: DType, src: &[f32], dst: &mut [u8]) -> bool {
     !bad
 }
 
-/// [`encode_finite`] to bfloat16. Inlined into [`bf16_finite_avx2`], its build with AVX2 (the
+/// [`encode_finite`] to bfloat16, built for each vector width by [`bf16_finite_wide`] (the
 /// same integer operations, so the same bytes; it encodes every output of a bf16 merge).
 #[inline(always)]
 fn bf16_finite(src: &[f32], dst: &mut [u8]) -> bool {
@@ -272,14 +290,9 @@ fn bf16_finite(src: &[f32], dst: &mut [u8]) -> bool {
     bad == 0
 }
 
-/// [`bf16_finite`] built with AVX2.
-///
-/// # Safety
-/// The CPU must support AVX2.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn bf16_finite_avx2(src: &[f32], dst: &mut [u8]) -> bool {
-    bf16_finite(src, dst)
+simd::wide! {
+    /// [`bf16_finite`] built for `level`.
+    fn bf16_finite_wide(src: &[f32], dst: &mut [u8]) -> bool => bf16_finite
 }
 
 /// Encodes `src` as little-endian `dtype` into `dst` (round to nearest even, as torch does).
@@ -327,6 +340,20 @@ mod tests {
             decode_extend(dt, &bytes, &mut b);
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&b[1..]), bits(&a), "{dt:?}");
+        }
+        // every build of the bf16 widening, odd lengths (a last lone byte is not an element)
+        for len in [0, 1, 2, 3, 31, 33, bytes.len() - 1] {
+            let n = len / 2;
+            let mut want = vec![0f32; n];
+            decode(DType::BF16, &bytes[..2 * n], &mut want);
+            for level in simd::levels() {
+                let mut got: Vec<f32> = Vec::with_capacity(n);
+                bf16_widen_wide(level, &bytes[..len], &mut got.spare_capacity_mut()[..n]);
+                // SAFETY: `bf16_widen` wrote the `n` elements, within the capacity
+                unsafe { got.set_len(n) };
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "{len} {}", level.name());
+            }
         }
     }
 
@@ -410,7 +437,7 @@ mod tests {
         assert_eq!(u16::from_le_bytes(b), 0x3f80);
     }
 
-    /// The bf16 encoding as run (its AVX2 build on a CPU with AVX2) gives the plain loop's
+    /// The bf16 encoding as run (its widest build the CPU runs), and every build, give the plain loop's
     /// bytes and verdict, and half's bytes: every kind of bit pattern, odd lengths.
     #[test]
     fn bf16_encode_builds_agree() {
@@ -425,6 +452,11 @@ mod tests {
             for n in [0, 1, 7, 33, 4099, src.len()] {
                 let (mut a, mut b) = (vec![0u8; 2 * n], vec![0u8; 2 * n]);
                 let ok = encode_finite(DType::BF16, &src[..n], &mut a);
+                for level in simd::levels() {
+                    let l = level.name();
+                    assert_eq!(ok, bf16_finite_wide(level, &src[..n], &mut b), "{n} {l}");
+                    assert_eq!(a, b, "{n} {l}");
+                }
                 assert_eq!(ok, bf16_finite(&src[..n], &mut b), "{n}");
                 assert_eq!(ok, src[..n].iter().all(|x| bf16::from_f32(*x).is_finite()));
                 let half: Vec<u8> = src[..n]

@@ -277,23 +277,7 @@ impl F32Sum {
     /// summed in f64, which is exact for them ([`block_sum`]), and added as one value; any
     /// other block goes by the buckets ([`F32Sum::add_abs_lanes`]).
     pub fn add_abs(&mut self, xs: &[f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if super::round::has_avx2() {
-            // SAFETY: the CPU has AVX2 (checked at run time just above)
-            return unsafe { self.add_abs_avx2(xs) };
-        }
-        self.add_abs_base(xs)
-    }
-
-    /// [`F32Sum::add_abs_base`] built with AVX2 (the same sum: integer reductions and exact
-    /// f64 additions).
-    ///
-    /// # Safety
-    /// The CPU must support AVX2 ([`super::round::has_avx2`]).
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn add_abs_avx2(&mut self, xs: &[f32]) {
-        self.add_abs_base(xs)
+        add_abs_wide(super::simd::level(), self, xs)
     }
 
     /// [`F32Sum::add_abs`] in the baseline build.
@@ -417,6 +401,17 @@ fn ldexp(x: f64, e: i32) -> f64 {
     x * 2f64.powi(e)
 }
 
+#[inline(always)]
+fn add_abs_of(sum: &mut F32Sum, xs: &[f32]) {
+    sum.add_abs_base(xs)
+}
+
+super::simd::wide! {
+    /// [`F32Sum::add_abs_base`] built for `level` (the same sum: integer reductions and exact
+    /// f64 additions).
+    fn add_abs_wide(sum: &mut F32Sum, xs: &[f32]) => add_abs_of
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -480,18 +475,17 @@ mod tests {
                 if g.is_finite() {
                     assert_eq!(difference(&got, &want), 0.0, "cut at {cut}");
                 }
-                // the baseline build too (the dispatching one is AVX2's where the CPU has it)
-                let mut base = F32Sum::new();
-                base.add_abs_base(&v[..cut]);
-                base.add_abs_base(&v[cut..]);
-                let base = base.finish();
-                assert_eq!(
-                    base.value().to_bits(),
-                    w.to_bits(),
-                    "baseline, cut at {cut}"
-                );
-                if g.is_finite() {
-                    assert_eq!(difference(&base, &want), 0.0, "baseline, cut at {cut}");
+                // every build the CPU runs too (the dispatching one is the widest)
+                for level in crate::kernels::simd::levels() {
+                    let l = level.name();
+                    let mut base = F32Sum::new();
+                    add_abs_wide(level, &mut base, &v[..cut]);
+                    add_abs_wide(level, &mut base, &v[cut..]);
+                    let base = base.finish();
+                    assert_eq!(base.value().to_bits(), w.to_bits(), "{l}, cut at {cut}");
+                    if g.is_finite() {
+                        assert_eq!(difference(&base, &want), 0.0, "{l}, cut at {cut}");
+                    }
                 }
             }
         }

@@ -485,19 +485,17 @@ impl Method for Gta {
 #[cfg(test)]
 mod tests {
     use super::super::testutil::*;
-    use super::mix::{mix_f32, mix_f32_avx2, mix_rounded, mix_rounded_avx2};
+    use super::mix::{mix_f32, mix_f32_wide, mix_rounded, mix_rounded_wide};
     use super::*;
+    use crate::kernels::simd;
 
     /// bf16 op by op, as torch: a hand-computed reference of mergekit's steps for
     /// task_arithmetic (lambda, no normalize) and ties' consensus at density 1.
-    /// The AVX2 builds of the bf16 and f32 mixes give the baseline builds' bits (weights of 1
-    /// and not, with and without consensus, normalize and lambda; deltas with ties, zeros of
-    /// both signs, infinities and NaN).
+    /// Every build of the bf16 and f32 mixes the CPU runs gives the baseline build's bits
+    /// (weights of 1 and not, with and without consensus, normalize and lambda; deltas with
+    /// ties, zeros of both signs, infinities and NaN).
     #[test]
     fn mix_builds_agree() {
-        if !super::super::round::has_avx2() {
-            return;
-        }
         let bf = |x: f32| half::bf16::from_f32(x).to_f32();
         let len = CHUNK - 3;
         let val = |i: usize, salt: usize| -> f32 {
@@ -526,22 +524,23 @@ mod tests {
                         deltas[j * CHUNK + i] = val(i, j);
                     }
                 }
-                let (mut d2, mut a, mut b) = (deltas.clone(), vec![0f32; len], vec![0f32; len]);
+                let (mut a, mut b) = (vec![0f32; len], vec![0f32; len]);
                 let d3 = deltas.clone();
-                mix_rounded::<1>(&plan, method.cfg.consensus, &mut deltas, &base, &mut a);
-                // SAFETY: the CPU has AVX2 (checked at the top)
-                unsafe {
-                    mix_rounded_avx2::<1>(&plan, method.cfg.consensus, &mut d2, &base, &mut b)
-                };
-                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&a), bits(&b), "{} w {w}", method.spec.name);
-                // the f32 mix, baseline and AVX2
                 let cons = method.cfg.consensus;
+                mix_rounded::<1>(&plan, cons, &mut deltas, &base, &mut a);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 let mut scratch = [[0f32; CHUNK]; 3];
-                mix_f32(&plan, cons, 1.7, &d3, &base, &mut a, &mut scratch);
-                // SAFETY: the CPU has AVX2 (checked at the top)
-                unsafe { mix_f32_avx2(&plan, cons, 1.7, &d3, &base, &mut b, &mut scratch) };
-                assert_eq!(bits(&a), bits(&b), "{} w {w} f32", method.spec.name);
+                let mut f = vec![0f32; len];
+                mix_f32(&plan, cons, 1.7, &d3, &base, &mut f, &mut scratch);
+                for level in simd::levels() {
+                    let what = format!("{} w {w}, {}", method.spec.name, level.name());
+                    let mut d2 = d3.clone();
+                    mix_rounded_wide::<1>(level, &plan, cons, &mut d2, &base, &mut b);
+                    assert_eq!(bits(&a), bits(&b), "{what}");
+                    // the f32 mix
+                    mix_f32_wide(level, &plan, cons, 1.7, &d3, &base, &mut b, &mut scratch);
+                    assert_eq!(bits(&f), bits(&b), "{what}, f32");
+                }
             }
         }
     }
@@ -550,7 +549,7 @@ mod tests {
     /// with and without the sign consensus (one loop for up to four models; without the
     /// consensus it reads the deltas without changing them): any model count, weights of 1
     /// and not, `normalize` and `lambda`, with NaNs (any quiet payload a rounding leaves),
-    /// infinities, signed zeros and sums that overflow; baseline and AVX2 builds. The f32 mix
+    /// infinities, signed zeros and sums that overflow; every build the CPU runs. The f32 mix
     /// too, against the same steps unrounded.
     #[test]
     fn mix_rounds_every_step() {
@@ -613,18 +612,19 @@ mod tests {
                     let mut sc = [[0f32; CHUNK]; 3];
                     mix_f32(&plan, cons, t, &deltas, &base, &mut got, &mut sc);
                     assert_eq!(bits(&got), bits(&f32_want), "{what}, f32");
-                    if super::super::round::has_avx2() {
-                        // SAFETY: the CPU has AVX2 (checked just above)
-                        unsafe { mix_f32_avx2(&plan, cons, t, &deltas, &base, &mut got, &mut sc) };
-                        assert_eq!(bits(&got), bits(&f32_want), "{what}, f32 AVX2");
-                    }
                     mix_rounded::<1>(&plan, cons, &mut deltas, &base, &mut got);
                     assert_eq!(bits(&got), bits(&want), "{what}, baseline build");
-                    if super::super::round::has_avx2() {
+                    for level in simd::levels() {
+                        let l = level.name();
+                        mix_f32_wide(level, &plan, cons, t, &kept, &base, &mut got, &mut sc);
+                        assert_eq!(bits(&got), bits(&f32_want), "{what}, f32 {l}");
                         let mut d = kept.clone();
-                        // SAFETY: the CPU has AVX2 (checked just above)
-                        unsafe { mix_rounded_avx2::<1>(&plan, cons, &mut d, &base, &mut got) };
-                        assert_eq!(bits(&got), bits(&want), "{what}, AVX2 build");
+                        mix_rounded_wide::<1>(level, &plan, cons, &mut d, &base, &mut got);
+                        assert_eq!(bits(&got), bits(&want), "{what}, {l} build");
+                        if !cons {
+                            fused::sum_rounded_wide::<1>(level, &plan, &kept, &base, &mut got);
+                            assert_eq!(bits(&got), bits(&want), "{what}, {l} sum");
+                        }
                     }
                 }
             }

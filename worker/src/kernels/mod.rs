@@ -22,6 +22,7 @@ pub mod mt;
 pub mod rng;
 pub mod round;
 pub mod select;
+pub mod simd;
 pub mod stats;
 
 pub use error::KernelError;

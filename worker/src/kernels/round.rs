@@ -7,6 +7,8 @@
 //! follow the same steps on f32 values, rounding with [`Work::r`] where torch rounds; with
 //! [`Work::F32`] that is the identity, so the f32 path is the plain arithmetic.
 
+use super::simd;
+
 /// The dtype every operation's result is rounded to.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Work {
@@ -42,13 +44,7 @@ impl Work {
         match self {
             Work::F32 => sub_rounded_k::<0>(x, b, d),
             Work::BF16 => {
-                let fast = if has_avx2() {
-                    // SAFETY: the CPU has AVX2 (checked at run time just above)
-                    unsafe { sub_bf16_checked_avx2(x, b, d) }
-                } else {
-                    sub_bf16_checked(x, b, d)
-                };
-                if !fast {
+                if !sub_bf16_checked_wide(simd::level(), x, b, d) {
                     sub_into_k::<1>(x, b, d);
                 }
             }
@@ -62,11 +58,7 @@ impl Work {
     pub fn sub_in_place(self, x: &mut [f32], b: &[f32]) {
         match self {
             Work::F32 => sub_in_place_k::<0>(x, b),
-            Work::BF16 if has_avx2() => {
-                // SAFETY: the CPU has AVX2 (checked at run time just above)
-                unsafe { sub_bf16_in_place_avx2(x, b) }
-            }
-            Work::BF16 => sub_bf16_in_place(x, b),
+            Work::BF16 => sub_bf16_in_place_wide(simd::level(), x, b),
             Work::F16 => sub_in_place_k::<2>(x, b),
         }
     }
@@ -80,7 +72,7 @@ impl Work {
     pub(crate) fn rounded<'a>(self, xs: &'a [f32], buf: &'a mut [f32]) -> &'a [f32] {
         let buf = match self {
             Work::F32 => return xs,
-            Work::BF16 if is_bf16_any(xs) => return xs,
+            Work::BF16 if is_bf16_wide(simd::level(), xs) => return xs,
             _ => &mut buf[..xs.len()],
         };
         match self {
@@ -139,20 +131,9 @@ fn sub_bf16_in_place(x: &mut [f32], b: &[f32]) {
     }
 }
 
-/// [`sub_bf16_in_place`] built with AVX2.
-///
-/// # Safety
-/// The CPU must support AVX2 ([`has_avx2`]).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn sub_bf16_in_place_avx2(x: &mut [f32], b: &[f32]) {
-    sub_bf16_in_place(x, b)
-}
-
-/// Never called: [`has_avx2`] is false off x86-64.
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn sub_bf16_in_place_avx2(x: &mut [f32], b: &[f32]) {
-    sub_bf16_in_place(x, b)
+simd::wide! {
+    /// [`sub_bf16_in_place`] built for `level`.
+    fn sub_bf16_in_place_wide(x: &mut [f32], b: &[f32]) => sub_bf16_in_place
 }
 
 fn sub_rounded_k<const K: u8>(x: &[f32], b: &[f32], d: &mut [f32]) {
@@ -200,57 +181,14 @@ fn is_bf16(xs: &[f32]) -> bool {
     c.ok()
 }
 
-/// [`is_bf16`], in its AVX2 build when the CPU has it (SSE2 has no unsigned max).
-#[inline]
-fn is_bf16_any(xs: &[f32]) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: the CPU has AVX2 (checked at run time just above)
-        return unsafe { is_bf16_avx2(xs) };
-    }
-    is_bf16(xs)
+simd::wide! {
+    /// [`is_bf16`] built for `level` (SSE2 has no unsigned max).
+    fn is_bf16_wide(xs: &[f32]) -> bool => is_bf16
 }
 
-/// [`is_bf16`] built with AVX2.
-///
-/// # Safety
-/// The CPU must support AVX2 ([`has_avx2`]).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn is_bf16_avx2(xs: &[f32]) -> bool {
-    is_bf16(xs)
-}
-
-/// Whether the CPU runs AVX2, for the hot loops built twice: for baseline x86-64 (SSE2, four
-/// lanes) and with AVX2 enabled (eight). Integer operations and IEEE float `+ - * /` give the
-/// same bits at any vector width (Rust never fuses a multiply and an add on its own), so both
-/// builds compute the same results; the tests run each.
-#[inline]
-pub(crate) fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// [`sub_bf16_checked`] built with AVX2.
-///
-/// # Safety
-/// The CPU must support AVX2 ([`has_avx2`]).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn sub_bf16_checked_avx2(x: &[f32], b: &[f32], d: &mut [f32]) -> bool {
-    sub_bf16_checked(x, b, d)
-}
-
-/// Never called: [`has_avx2`] is false off x86-64.
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn sub_bf16_checked_avx2(x: &[f32], b: &[f32], d: &mut [f32]) -> bool {
-    sub_bf16_checked(x, b, d)
+simd::wide! {
+    /// [`sub_bf16_checked`] built for `level`.
+    fn sub_bf16_checked_wide(x: &[f32], b: &[f32], d: &mut [f32]) -> bool => sub_bf16_checked
 }
 
 /// `d = r(x - b)` in bfloat16, and whether every `x` and `b` is a bfloat16 value that
@@ -489,13 +427,10 @@ mod tests {
         }
     }
 
-    /// The AVX2 build of the one-pass bf16 subtraction gives the baseline build's bits and
-    /// verdict, on inputs in bf16 (the one-pass case) and not.
+    /// Every build of the one-pass bf16 subtraction the CPU runs gives the baseline build's
+    /// bits and verdict, on inputs in bf16 (the one-pass case) and not.
     #[test]
     fn sub_builds_agree() {
-        if !has_avx2() {
-            return;
-        }
         let mut xs = Vec::new();
         edge_patterns(|b| xs.push(f32::from_bits(b)));
         let bs: Vec<f32> = xs.iter().rev().copied().collect();
@@ -504,11 +439,25 @@ mod tests {
             for (xc, bc) in x.chunks(2048).zip(b.chunks(2048)) {
                 let (mut d1, mut d2) = (vec![0f32; xc.len()], vec![0f32; xc.len()]);
                 let v1 = sub_bf16_checked(xc, bc, &mut d1);
-                // SAFETY: the CPU has AVX2 (checked at the top)
-                let v2 = unsafe { sub_bf16_checked_avx2(xc, bc, &mut d2) };
-                assert_eq!(v1, v2);
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&d1), bits(&d2));
+                for level in simd::levels() {
+                    let v2 = sub_bf16_checked_wide(level, xc, bc, &mut d2);
+                    assert_eq!(v1, v2, "{}", level.name());
+                    assert_eq!(bits(&d1), bits(&d2), "{}", level.name());
+                    let mut x2 = xc.to_vec();
+                    sub_bf16_in_place_wide(level, &mut x2, bc);
+                    assert_eq!(
+                        bits(&x2),
+                        bits(&{
+                            let mut x1 = xc.to_vec();
+                            sub_bf16_in_place(&mut x1, bc);
+                            x1
+                        }),
+                        "{} in place",
+                        level.name()
+                    );
+                    assert_eq!(is_bf16_wide(level, xc), is_bf16(xc), "{}", level.name());
+                }
             }
         }
     }

@@ -33,30 +33,22 @@ pub fn key(x: f32) -> u32 {
     }
 }
 
-/// `ks[i] = key(vs[i])` (as long as `vs`), in the AVX2 build where the CPU has it (same keys:
+/// `ks[i] = key(vs[i])` (as long as `vs`), in the widest build the CPU runs (same keys:
 /// integer operations).
 pub fn keys_into(vs: &[f32], ks: &mut [u32]) {
-    #[inline(always)]
-    fn base(vs: &[f32], ks: &mut [u32]) {
-        for (k, &v) in ks.iter_mut().zip(vs) {
-            *k = key(v);
-        }
+    keys_into_wide(super::simd::level(), vs, ks)
+}
+
+#[inline(always)]
+fn keys_into_base(vs: &[f32], ks: &mut [u32]) {
+    for (k, &v) in ks.iter_mut().zip(vs) {
+        *k = key(v);
     }
-    /// [`keys_into`] built with AVX2.
-    ///
-    /// # Safety
-    /// The CPU must support AVX2 ([`super::round::has_avx2`]).
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn avx2(vs: &[f32], ks: &mut [u32]) {
-        base(vs, ks)
-    }
-    #[cfg(target_arch = "x86_64")]
-    if super::round::has_avx2() {
-        // SAFETY: the CPU has AVX2 (checked at run time just above)
-        return unsafe { avx2(vs, ks) };
-    }
-    base(vs, ks)
+}
+
+super::simd::wide! {
+    /// [`keys_into`] built for `level`.
+    fn keys_into_wide(vs: &[f32], ks: &mut [u32]) => keys_into_base
 }
 
 /// How many elements of `n` a magnitude (TIES) trim at `density` keeps: mergekit's
@@ -571,7 +563,7 @@ mod tests {
         }
     }
 
-    /// [`keys_into`] (the AVX2 build where the CPU has it) gives [`key`] of every value,
+    /// [`keys_into`] (the widest build the CPU runs, and every build) gives [`key`] of every value,
     /// edge classes included, at any length.
     #[test]
     fn keys_into_is_key_of_each() {
@@ -593,11 +585,15 @@ mod tests {
             keys_into(&vs[..len], &mut ks);
             let want: Vec<u32> = vs[..len].iter().map(|&v| key(v)).collect();
             assert_eq!(ks, want, "len {len}");
+            for level in super::super::simd::levels() {
+                keys_into_wide(level, &vs[..len], &mut ks);
+                assert_eq!(ks, want, "len {len}, {}", level.name());
+            }
         }
     }
 
-    /// Pass 0's counts and low-bit flags are the same from the baseline build as from the
-    /// dispatching one (AVX2 where the CPU has it).
+    /// Pass 0's counts and low-bit flags are the same from every build the CPU runs as from
+    /// the baseline one.
     #[test]
     fn count_keys_builds_agree() {
         let s = crate::kernels::rng::Stream::new(5, 5, 5);
@@ -605,13 +601,17 @@ mod tests {
             .map(|i| (s.u64(i) as u32 & 0x00ff_ffff) | 0x3c00_0000)
             .chain([0, u32::MAX, 0xffff_0000])
             .collect();
-        let (mut a, mut b) = (Lanes::new(), Lanes::new());
-        let (mut da, mut db) = (vec![0u64; BINS], vec![0u64; BINS]);
-        let la = a.count_keys(&ks, &mut da);
+        let mut b = Lanes::new();
+        let mut db = vec![0u64; BINS];
         let lb = b.count_keys_base(&ks, &mut db);
-        a.flush(&mut da);
         b.flush(&mut db);
-        assert_eq!((la, da), (lb, db));
+        for level in super::super::simd::levels() {
+            let mut a = Lanes::new();
+            let mut da = vec![0u64; BINS];
+            let la = count::count_keys_wide(level, &mut a, &ks, &mut da);
+            a.flush(&mut da);
+            assert_eq!((la, &da), (lb, &db), "{}", level.name());
+        }
     }
 
     #[test]

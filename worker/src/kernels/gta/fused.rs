@@ -7,6 +7,7 @@
 
 use super::*;
 use crate::kernels::round::rk_arith;
+use crate::kernels::simd;
 
 /// The mix of one chunk in working dtype `K` (0: f32, [`rk`]'s 1 and 2: bfloat16, float16)
 /// in one loop, with the sign consensus or without (then `t`, the weights' sum, divides when
@@ -27,7 +28,7 @@ pub(super) fn mix_by_count<const K: u8>(
     };
     let (d, b, o) = (deltas, base, out);
     // (one loop per case: with the tests inside, the vectorised loop computed every case;
-    // called here, not through a pointer, so that they are inlined into the AVX2 builds)
+    // called here, not through a pointer, so that they are inlined into the wide builds)
     match (consensus, plan.normalize, plan.lambda != 1.0) {
         (false, false, false) => by_count::<K, false, false, false>(plan, d, b, o, f),
         (false, true, false) => by_count::<K, false, true, false>(plan, d, b, o, f),
@@ -156,28 +157,12 @@ pub(super) fn sum_rounded<const K: u8>(plan: &Plan, deltas: &[f32], base: &[f32]
     }
 }
 
-/// [`sum_rounded`] built with AVX2.
-///
-/// # Safety
-/// The CPU must support AVX2 ([`crate::kernels::round::has_avx2`]).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-pub(super) unsafe fn sum_rounded_avx2<const K: u8>(
-    plan: &Plan,
-    deltas: &[f32],
-    base: &[f32],
-    out: &mut [f32],
-) {
-    sum_rounded::<K>(plan, deltas, base, out)
-}
-
-/// Never called: `has_avx2` is false off x86-64.
-#[cfg(not(target_arch = "x86_64"))]
-pub(super) unsafe fn sum_rounded_avx2<const K: u8>(
-    plan: &Plan,
-    deltas: &[f32],
-    base: &[f32],
-    out: &mut [f32],
-) {
-    sum_rounded::<K>(plan, deltas, base, out)
+simd::wide! {
+    /// [`sum_rounded`] built for `level`.
+    pub(super) fn sum_rounded_wide<const K: u8>(
+        plan: &Plan,
+        deltas: &[f32],
+        base: &[f32],
+        out: &mut [f32],
+    ) => sum_rounded
 }

@@ -113,31 +113,22 @@ fn deltas_in_place(work: Work, x: &mut [f32], b: &[f32]) -> bool {
 }
 
 /// Whether every value of `xs` is finite: one pass of ORs, which vectorises (`all` stops at
-/// the first miss, and a loop that may stop early does not); in the AVX2 build where the CPU
-/// has it.
+/// the first miss, and a loop that may stop early does not); in the widest build the CPU runs.
 fn all_finite(xs: &[f32]) -> bool {
-    #[inline(always)]
-    fn base(xs: &[f32]) -> bool {
-        let inf = f32::INFINITY.to_bits();
-        xs.iter().fold(0u32, |bad, &v| {
-            bad | u32::from(v.to_bits() & 0x7fff_ffff >= inf)
-        }) == 0
-    }
-    /// `base` built with AVX2.
-    ///
-    /// # Safety
-    /// The CPU must support AVX2 ([`crate::kernels::round::has_avx2`]).
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn avx2(xs: &[f32]) -> bool {
-        base(xs)
-    }
-    #[cfg(target_arch = "x86_64")]
-    if crate::kernels::round::has_avx2() {
-        // SAFETY: the CPU has AVX2 (checked at run time just above)
-        return unsafe { avx2(xs) };
-    }
-    base(xs)
+    all_finite_wide(crate::kernels::simd::level(), xs)
+}
+
+#[inline(always)]
+fn all_finite_base(xs: &[f32]) -> bool {
+    let inf = f32::INFINITY.to_bits();
+    xs.iter().fold(0u32, |bad, &v| {
+        bad | u32::from(v.to_bits() & 0x7fff_ffff >= inf)
+    }) == 0
+}
+
+crate::kernels::simd::wide! {
+    /// [`all_finite_base`] built for `level`.
+    fn all_finite_wide(xs: &[f32]) -> bool => all_finite_base
 }
 
 /// [`for_each_key_chunk`] over held deltas: the selection keys of selection problem `p`.
@@ -192,9 +183,9 @@ fn l1_in_place(
 
 #[cfg(test)]
 mod tests {
-    use super::all_finite;
+    use super::{all_finite, all_finite_wide};
 
-    /// A NaN or an infinity anywhere (the AVX2 build's vector body or its tail) is seen.
+    /// A NaN or an infinity anywhere (each build's vector body or its tail) is seen.
     #[test]
     fn all_finite_sees_every_position() {
         let xs: Vec<f32> = (0..37).map(|i| i as f32 * -0.5).collect();
@@ -210,6 +201,13 @@ mod tests {
                 let mut v = xs.clone();
                 v[at] = bad;
                 assert!(!all_finite(&v), "{bad} at {at}");
+                for level in crate::kernels::simd::levels() {
+                    assert!(
+                        !all_finite_wide(level, &v),
+                        "{bad} at {at}, {}",
+                        level.name()
+                    );
+                }
             }
         }
     }

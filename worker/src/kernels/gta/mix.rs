@@ -1,8 +1,9 @@
 //! The mix step of generalized task arithmetic over one chunk: in f32, and op by op in a
-//! 16-bit working dtype (with an AVX2 build of the latter).
+//! 16-bit working dtype (each built for every vector width, [`crate::kernels::simd`]).
 
-use super::fused::{mix_by_count, sum_rounded, sum_rounded_avx2};
+use super::fused::{mix_by_count, sum_rounded, sum_rounded_wide};
 use super::*;
+use crate::kernels::simd;
 
 /// The mix of one chunk in f32: the weighted sum of the (agreeing, with `consensus`) deltas,
 /// divided by the sum of their weights (or `total_w`) when `normalize`, times `lambda`, plus
@@ -75,37 +76,17 @@ pub(super) fn mix_f32(
     }
 }
 
-/// [`mix_f32`] built with AVX2 (same bits: IEEE `+ - * /` at any vector width, and Rust
-/// never fuses a multiply and an add).
-///
-/// # Safety
-/// The CPU must support AVX2 ([`crate::kernels::round::has_avx2`]).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-pub(super) unsafe fn mix_f32_avx2(
-    plan: &Plan,
-    consensus: bool,
-    total_w: f32,
-    deltas: &[f32],
-    bc: &[f32],
-    out: &mut [f32],
-    scratch: &mut [[f32; CHUNK]; 3],
-) {
-    mix_f32(plan, consensus, total_w, deltas, bc, out, scratch)
-}
-
-/// Never called: `has_avx2` is false off x86-64.
-#[cfg(not(target_arch = "x86_64"))]
-pub(super) unsafe fn mix_f32_avx2(
-    plan: &Plan,
-    consensus: bool,
-    total_w: f32,
-    deltas: &[f32],
-    bc: &[f32],
-    out: &mut [f32],
-    scratch: &mut [[f32; CHUNK]; 3],
-) {
-    mix_f32(plan, consensus, total_w, deltas, bc, out, scratch)
+simd::wide! {
+    /// [`mix_f32`] built for `level`.
+    pub(super) fn mix_f32_wide(
+        plan: &Plan,
+        consensus: bool,
+        total_w: f32,
+        deltas: &[f32],
+        bc: &[f32],
+        out: &mut [f32],
+        scratch: &mut [[f32; CHUNK]; 3],
+    ) => mix_f32
 }
 
 /// The mix of one chunk in working dtype `K` ([`rk`]), op by op as mergekit's torch code:
@@ -116,8 +97,7 @@ pub(super) unsafe fn mix_f32_avx2(
 /// the working dtype; with the consensus it is overwritten with the weighted deltas (without,
 /// [`sum_rounded`] reads it as it is); `base` is in the working dtype too ([`Work::rounded`]).
 ///
-/// Inlined into [`mix_rounded_avx2`], its build with AVX2 (same bits: see
-/// [`crate::kernels::round::has_avx2`]).
+/// Inlined into each build of [`mix_rounded_wide`] (same bits: see [`crate::kernels::simd`]).
 #[inline(always)]
 pub(super) fn mix_rounded<const K: u8>(
     plan: &Plan,
@@ -189,32 +169,15 @@ pub(super) fn mix_rounded<const K: u8>(
     }
 }
 
-/// [`mix_rounded`] built with AVX2.
-///
-/// # Safety
-/// The CPU must support AVX2 ([`crate::kernels::round::has_avx2`]).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-pub(super) unsafe fn mix_rounded_avx2<const K: u8>(
-    plan: &Plan,
-    consensus: bool,
-    deltas: &mut [f32],
-    base: &[f32],
-    out: &mut [f32],
-) {
-    mix_rounded::<K>(plan, consensus, deltas, base, out)
-}
-
-/// Never called: `has_avx2` is false off x86-64.
-#[cfg(not(target_arch = "x86_64"))]
-pub(super) unsafe fn mix_rounded_avx2<const K: u8>(
-    plan: &Plan,
-    consensus: bool,
-    deltas: &mut [f32],
-    base: &[f32],
-    out: &mut [f32],
-) {
-    mix_rounded::<K>(plan, consensus, deltas, base, out)
+simd::wide! {
+    /// [`mix_rounded`] built for `level`.
+    pub(super) fn mix_rounded_wide<const K: u8>(
+        plan: &Plan,
+        consensus: bool,
+        deltas: &mut [f32],
+        base: &[f32],
+        out: &mut [f32],
+    ) => mix_rounded
 }
 
 impl Gta {
@@ -285,13 +248,10 @@ impl Mixer {
             return;
         }
         // the 16-bit mix with the sign consensus
+        let level = simd::level();
         match plan.work {
-            Work::BF16 if crate::kernels::round::has_avx2() => {
-                // SAFETY: the CPU has AVX2 (checked at run time just above)
-                unsafe { mix_rounded_avx2::<1>(plan, true, deltas, bc, o) }
-            }
-            Work::BF16 => mix_rounded::<1>(plan, true, deltas, bc, o),
-            _ => mix_rounded::<2>(plan, true, deltas, bc, o),
+            Work::BF16 => mix_rounded_wide::<1>(level, plan, true, deltas, bc, o),
+            _ => mix_rounded_wide::<2>(level, plan, true, deltas, bc, o),
         }
     }
 
@@ -306,25 +266,18 @@ impl Mixer {
         bc: &[f32],
         o: &mut [f32],
     ) -> bool {
-        let avx2 = crate::kernels::round::has_avx2();
+        let level = simd::level();
         match plan.work {
             Work::F32 => {
                 let (cons, t) = (g.cfg.consensus, self.total_w);
                 let sc = self
                     .scratch
                     .get_or_insert_with(|| Box::new([[0f32; CHUNK]; 3]));
-                if avx2 {
-                    // SAFETY: the CPU has AVX2 (checked at run time above)
-                    unsafe { mix_f32_avx2(plan, cons, t, deltas, bc, o, sc) }
-                } else {
-                    mix_f32(plan, cons, t, deltas, bc, o, sc)
-                }
+                mix_f32_wide(level, plan, cons, t, deltas, bc, o, sc)
             }
             _ if g.cfg.consensus => return false,
-            // SAFETY: the CPU has AVX2 (checked at run time above)
-            Work::BF16 if avx2 => unsafe { sum_rounded_avx2::<1>(plan, deltas, bc, o) },
-            Work::BF16 => sum_rounded::<1>(plan, deltas, bc, o),
-            _ => sum_rounded::<2>(plan, deltas, bc, o),
+            Work::BF16 => sum_rounded_wide::<1>(level, plan, deltas, bc, o),
+            _ => sum_rounded_wide::<2>(level, plan, deltas, bc, o),
         }
         true
     }

@@ -3,7 +3,7 @@
 //! passes read.
 
 use super::*;
-use crate::kernels::KernelError;
+use crate::kernels::{simd, KernelError};
 
 /// Elements per chunk of the streaming kernels: small enough that every model's chunk of
 /// deltas stays in L1/L2, large enough to amortise the per-chunk bookkeeping.
@@ -135,17 +135,12 @@ impl Sparse {
 }
 
 /// [`window_block`] over `src` into `dst` (as long), block by block in element order, in the
-/// AVX2 build when the CPU has it (same bits: integer compares and a product by 0 or 1).
+/// widest build the CPU runs (same bits: integer compares and a product by 0 or 1).
 fn window(lo: &mut Edge, hi: &mut Edge, src: &[f32], dst: &mut [f32]) {
     // walk with copies in registers: updating the counters through `self` on every element
     // chains each one behind a store and a reload
     let (mut l, mut h) = (*lo, *hi);
-    if crate::kernels::round::has_avx2() {
-        // SAFETY: the CPU has AVX2 (checked at run time just above)
-        unsafe { window_avx2(&mut l, &mut h, src, dst) }
-    } else {
-        window_blocks(&mut l, &mut h, src, dst)
-    }
+    window_wide(simd::level(), &mut l, &mut h, src, dst);
     (*lo, *hi) = (l, h);
 }
 
@@ -156,20 +151,9 @@ fn window_blocks(lo: &mut Edge, hi: &mut Edge, src: &[f32], dst: &mut [f32]) {
     }
 }
 
-/// [`window_blocks`] built with AVX2.
-///
-/// # Safety
-/// The CPU must support AVX2 ([`crate::kernels::round::has_avx2`]).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn window_avx2(lo: &mut Edge, hi: &mut Edge, src: &[f32], dst: &mut [f32]) {
-    window_blocks(lo, hi, src, dst)
-}
-
-/// Never called: `has_avx2` is false off x86-64.
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn window_avx2(lo: &mut Edge, hi: &mut Edge, src: &[f32], dst: &mut [f32]) {
-    window_blocks(lo, hi, src, dst)
+simd::wide! {
+    /// [`window_blocks`] built for `level`.
+    fn window_wide(lo: &mut Edge, hi: &mut Edge, src: &[f32], dst: &mut [f32]) => window_blocks
 }
 
 /// Elements per block of [`window_block`].
@@ -375,7 +359,7 @@ pub(super) fn della_axis(ctx: &TensorCtx) -> KResult<(usize, usize)> {
 mod tests {
     use super::*;
 
-    type WindowFn = fn(&mut Edge, &mut Edge, &[f32], &mut [f32]);
+    type WindowFn = dyn Fn(&mut Edge, &mut Edge, &[f32], &mut [f32]);
 
     #[test]
     fn window_blocks_agree_with_the_walk_in_order() {
@@ -420,9 +404,12 @@ mod tests {
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&got), bits(&want));
             assert_eq!((l2.seen, h2.seen), (l.seen, h.seen));
-            // the whole walk from a source, in both builds, in chunks cut at odd places
-            // (the baseline build, and the dispatching one: AVX2 where the CPU has it)
-            let builds: [WindowFn; 2] = [|l, h, s, d| window_blocks(l, h, s, d), window];
+            // the whole walk from a source, in every build the CPU runs and the dispatching
+            // one, in chunks cut at odd places
+            let mut builds: Vec<Box<WindowFn>> = vec![Box::new(window)];
+            for level in simd::levels() {
+                builds.push(Box::new(move |l, h, s, d| window_wide(level, l, h, s, d)));
+            }
             for build in builds {
                 let (mut l3, mut h3) = (edge(lk, lneed, lseen), edge(hk, hneed, hseen));
                 let mut out = vec![7f32; vals.len()];

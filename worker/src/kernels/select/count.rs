@@ -28,15 +28,10 @@ impl Lanes {
     }
 
     /// [`Lanes::count`], and the OR of the keys' low 16 bits (a separate pass of ORs
-    /// vectorises; the counting cannot); in the AVX2 build where the CPU has it (same counts:
+    /// vectorises; the counting cannot); in the widest build the CPU runs (same counts:
     /// integer operations).
     pub(super) fn count_keys(&mut self, ks: &[u32], dense: &mut [u64]) -> u32 {
-        if crate::kernels::round::has_avx2() {
-            // SAFETY: the CPU has AVX2 (checked at run time just above)
-            unsafe { self.count_keys_avx2(ks, dense) }
-        } else {
-            self.count_keys_base(ks, dense)
-        }
+        count_keys_wide(crate::kernels::simd::level(), self, ks, dense)
     }
 
     #[inline(always)]
@@ -44,22 +39,6 @@ impl Lanes {
         let low = ks.iter().fold(0, |l, &k| l | (k & 0xffff));
         self.count(ks, dense);
         low
-    }
-
-    /// [`Lanes::count_keys_base`] built with AVX2.
-    ///
-    /// # Safety
-    /// The CPU must support AVX2 ([`crate::kernels::round::has_avx2`]).
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn count_keys_avx2(&mut self, ks: &[u32], dense: &mut [u64]) -> u32 {
-        self.count_keys_base(ks, dense)
-    }
-
-    /// Never called: `has_avx2` is false off x86-64.
-    #[cfg(not(target_arch = "x86_64"))]
-    unsafe fn count_keys_avx2(&mut self, ks: &[u32], dense: &mut [u64]) -> u32 {
-        self.count_keys_base(ks, dense)
     }
 
     /// Adds the high 16 bits of `ks` (moving the counts into `dense` first if they could
@@ -135,4 +114,15 @@ pub(super) fn pack_bucket(ks: &[u32], b: u32, low: &mut [u16]) -> usize {
         }
     }
     n
+}
+
+#[inline(always)]
+fn count_keys_of(lanes: &mut Lanes, ks: &[u32], dense: &mut [u64]) -> u32 {
+    lanes.count_keys_base(ks, dense)
+}
+
+crate::kernels::simd::wide! {
+    /// [`Lanes::count_keys_base`] built for `level`.
+    pub(super) fn count_keys_wide(lanes: &mut Lanes, ks: &[u32], dense: &mut [u64]) -> u32
+        => count_keys_of
 }
