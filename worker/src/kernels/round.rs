@@ -53,13 +53,19 @@ impl Work {
     }
 
     /// [`Work::sub_into`] with the result over `x`: `x = r(r(x) - r(b))` elementwise (each
-    /// element's result depends on its own `x` and `b` only, so the same bits).
+    /// element's result depends on its own `x` and `b` only, so the same bits); and whether
+    /// every `x` was finite before (folded into a pass the subtraction makes anyway).
     #[inline]
-    pub fn sub_in_place(self, x: &mut [f32], b: &[f32]) {
+    pub fn sub_in_place(self, x: &mut [f32], b: &[f32]) -> bool {
         match self {
-            Work::F32 => sub_in_place_k::<0>(x, b),
+            Work::F32 => sub_f32_in_place_wide(simd::level(), x, b),
             Work::BF16 => sub_bf16_in_place_wide(simd::level(), x, b),
-            Work::F16 => sub_in_place_k::<2>(x, b),
+            Work::F16 => {
+                let mut c = Bf16Check::default();
+                x.iter().for_each(|&v| c.see(v));
+                sub_in_place_k::<2>(x, b);
+                c.finite()
+            }
         }
     }
 
@@ -119,21 +125,41 @@ fn sub_in_place_k<const K: u8>(x: &mut [f32], b: &[f32]) {
 }
 
 /// [`sub_in_place_k`] in bfloat16: when rounding leaves every `x` and `b` alone (inputs read
-/// from a bf16 checkpoint; one pass of ORs, which vectorises), `r(x - b)` alone.
+/// from a bf16 checkpoint; one pass of ORs and maxes, which vectorises), `r(x - b)` alone.
+/// Whether every `x` was finite (that pass's max tells).
 #[inline(always)]
-fn sub_bf16_in_place(x: &mut [f32], b: &[f32]) {
-    if is_bf16(x) && is_bf16(b) {
+fn sub_bf16_in_place(x: &mut [f32], b: &[f32]) -> bool {
+    let mut c = Bf16Check::default();
+    x.iter().for_each(|&v| c.see(v));
+    if c.ok() && is_bf16(b) {
         for (x, &b) in x.iter_mut().zip(b) {
             *x = rk_arith::<1>(*x - b);
         }
     } else {
         sub_in_place_k::<1>(x, b);
     }
+    c.finite()
+}
+
+/// `x = x - b` in f32, and whether every `x` was finite, in one loop.
+#[inline(always)]
+fn sub_f32_in_place(x: &mut [f32], b: &[f32]) -> bool {
+    let mut c = Bf16Check::default();
+    for (x, &b) in x.iter_mut().zip(b) {
+        c.see(*x);
+        *x -= b;
+    }
+    c.finite()
+}
+
+simd::wide! {
+    /// [`sub_f32_in_place`] built for `level`.
+    fn sub_f32_in_place_wide(x: &mut [f32], b: &[f32]) -> bool => sub_f32_in_place
 }
 
 simd::wide! {
     /// [`sub_bf16_in_place`] built for `level`.
-    fn sub_bf16_in_place_wide(x: &mut [f32], b: &[f32]) => sub_bf16_in_place
+    fn sub_bf16_in_place_wide(x: &mut [f32], b: &[f32]) -> bool => sub_bf16_in_place
 }
 
 fn sub_rounded_k<const K: u8>(x: &[f32], b: &[f32], d: &mut [f32]) {
@@ -170,6 +196,12 @@ impl Bf16Check {
     #[inline(always)]
     fn ok(self) -> bool {
         self.low & 0xffff == 0 && self.top <= 0x7f80_0000
+    }
+
+    /// No value seen was a NaN or an infinity.
+    #[inline(always)]
+    fn finite(self) -> bool {
+        self.top < 0x7f80_0000
     }
 }
 
@@ -424,6 +456,52 @@ mod tests {
         let made = [0.0f32 * f32::INFINITY, f32::INFINITY - f32::INFINITY];
         for n in made {
             assert_eq!(rk_arith::<1>(n).to_bits(), rk::<1>(n).to_bits());
+        }
+    }
+
+    /// The subtraction in place gives [`Work::sub_into`]'s bits in every dtype and every build
+    /// the CPU runs, and says whether every `x` was finite: edge patterns (NaNs, infinities,
+    /// values with low bits set), and a bf16 run where one non-finite value sits anywhere.
+    #[test]
+    fn sub_in_place_gives_sub_into_and_finiteness() {
+        let mut xs = Vec::new();
+        edge_patterns(|b| xs.push(f32::from_bits(b)));
+        let bs: Vec<f32> = xs.iter().rev().copied().collect();
+        let bf: Vec<f32> = (0..300)
+            .map(|i| half_bf16(i as f32 * 0.37 - 50.0))
+            .collect();
+        let mut cases = vec![(xs.clone(), bs.clone())];
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            for at in [0, 1, 150, 299] {
+                let mut x = bf.clone();
+                x[at] = bad;
+                cases.push((x, bf.iter().rev().copied().collect()));
+            }
+        }
+        cases.push((bf.clone(), bf.iter().rev().copied().collect()));
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for (x, b) in &cases {
+            for (xc, bc) in x.chunks(2048).zip(b.chunks(2048)) {
+                let finite = xc.iter().all(|v| v.is_finite());
+                for work in [Work::F32, Work::BF16, Work::F16] {
+                    let mut want = vec![0f32; xc.len()];
+                    work.sub_into(xc, bc, &mut want);
+                    let mut got = xc.to_vec();
+                    assert_eq!(work.sub_in_place(&mut got, bc), finite, "{work:?}");
+                    assert_eq!(bits(&got), bits(&want), "{work:?}");
+                    for level in simd::levels() {
+                        let l = level.name();
+                        let mut got = xc.to_vec();
+                        let f = match work {
+                            Work::F32 => sub_f32_in_place_wide(level, &mut got, bc),
+                            Work::BF16 => sub_bf16_in_place_wide(level, &mut got, bc),
+                            Work::F16 => continue,
+                        };
+                        assert_eq!(f, finite, "{work:?} {l}");
+                        assert_eq!(bits(&got), bits(&want), "{work:?} {l}");
+                    }
+                }
+            }
         }
     }
 

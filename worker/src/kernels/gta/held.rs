@@ -106,8 +106,7 @@ impl Gta {
 fn deltas_in_place(work: Work, x: &mut [f32], b: &[f32]) -> bool {
     let mut finite = true;
     for (xc, bc) in x.chunks_mut(CHUNK).zip(b.chunks(CHUNK)) {
-        finite &= all_finite(xc);
-        work.sub_in_place(xc, bc);
+        finite &= work.sub_in_place(xc, bc);
     }
     finite
 }
