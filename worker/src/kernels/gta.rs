@@ -1064,4 +1064,70 @@ mod tests {
             }
         }
     }
+
+    /// The held path ([`Method::whole_in_place`]: each delta made in place of its input, by
+    /// pass 0's walk over its keys where it is a selection problem) gives the bits of the
+    /// method run whole, in f32 and bf16, with a model that is no selection problem (at
+    /// density one) and without; and it says whether every input was finite (a NaN or an
+    /// infinity in the base or in any model, at any place).
+    #[test]
+    fn held_equals_whole() {
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let bf = |v: Vec<f32>| -> Vec<f32> {
+            v.iter()
+                .map(|&x| half::bf16::from_f32(x).to_f32())
+                .collect()
+        };
+        for m in [
+            &TIES,
+            &DARE_TIES,
+            &BREADCRUMBS_TIES,
+            &BREADCRUMBS,
+            &DARE_LINEAR,
+        ] {
+            for work in [Work::F32, Work::BF16] {
+                for d3 in [0.3, 1.0] {
+                    let mut c = case(m, &[37, 19], 4);
+                    c.base = Some(1);
+                    c.work = work;
+                    c.params.insert("rescale".into(), 1.0);
+                    set(&mut c, 0, "weight", 0.7);
+                    set(&mut c, 0, "density", 0.4);
+                    set(&mut c, 2, "density", 0.55);
+                    set(&mut c, 3, "density", d3);
+                    let clean: Vec<Vec<f32>> = tie_inputs(37 * 19, 4).into_iter().map(bf).collect();
+                    let mut cases = vec![(clean.clone(), true)];
+                    for (i, at, bad) in
+                        [(1, 0, f32::NAN), (0, 700, f32::INFINITY), (3, 5, f32::NAN)]
+                    {
+                        let mut v = clean.clone();
+                        v[i][at] = bad;
+                        cases.push((v, false));
+                    }
+                    for (inputs, finite) in cases {
+                        let what = format!("{} {work:?} d3 {d3} finite {finite}", m.spec.name);
+                        let ctx = c.ctx();
+                        let refs: Vec<&[f32]> = inputs.iter().map(Vec::as_slice).collect();
+                        let mut want = vec![0f32; 37 * 19];
+                        let whole = crate::kernels::run_whole(m, &ctx, &refs, &mut want);
+                        let mut held_in = inputs.clone();
+                        let mut muts: Vec<&mut [f32]> =
+                            held_in.iter_mut().map(Vec::as_mut_slice).collect();
+                        let mut got = vec![f32::NAN; 37 * 19];
+                        let Some(held) = m.whole_in_place(&ctx, &mut muts, &mut got) else {
+                            panic!("{what}: not held");
+                        };
+                        match (whole, held) {
+                            (Ok(()), Ok(f)) => {
+                                assert_eq!(bits(&got), bits(&want), "{what}");
+                                assert_eq!(f, finite, "{what}");
+                            }
+                            (Err(w), Err(_)) => assert!(!finite, "{what}: {w}"),
+                            (w, h) => panic!("{what}: whole {w:?}, held {h:?}"),
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

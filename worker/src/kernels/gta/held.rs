@@ -53,9 +53,10 @@ impl Gta {
             .map(|x| &mut **x)
             .collect();
         let mut finite = all_finite(base);
-        for dj in d.iter_mut() {
-            finite &= deltas_in_place(plan.work, dj, base);
-        }
+        // each model's delta is made in place of its input once: by pass 0's walk over its
+        // keys when it is a selection problem (the keys of a chunk are taken while it is in
+        // cache), else before the first pass that reads it
+        let mut made = vec![false; d.len()];
         let whole = RowRange {
             start: 0,
             end: ctx.rows,
@@ -64,17 +65,21 @@ impl Gta {
         let mut state = Stats::default();
         let mut masked = vec![false; d.len()];
         for pass in 0..plan.sel_passes + plan.l1_passes {
-            let partial = if pass < plan.sel_passes {
-                let mut keys = |p: usize, f: &mut dyn FnMut(&[u32])| held_keys(plan, &d, p, f);
-                if pass == 0 {
-                    select::partial0_resolvable_with(plan.ranks.len(), &mut keys)
+            let partial = if pass == 0 && plan.sel_passes > 0 {
+                let mut keys = |p: usize, f: &mut dyn FnMut(&[u32])| {
+                    finite &= deltas_keys(plan, &mut d, &mut made, base, p, f);
+                };
+                select::partial0_resolvable_with(plan.ranks.len(), &mut keys)
+            } else {
+                finite &= make_deltas(plan.work, &mut d, &mut made, base);
+                if pass >= plan.sel_passes {
+                    l1_in_place(plan, ctx, &state, whole, &mut d, &mut masked)?
                 } else if resolved(&state) {
                     Stats::default()
                 } else {
+                    let mut keys = |p: usize, f: &mut dyn FnMut(&[u32])| held_keys(plan, &d, p, f);
                     select::partial1_with(&state, &plan.ranks, &mut keys)
                 }
-            } else {
-                l1_in_place(plan, ctx, &state, whole, &mut d, &mut masked)?
             };
             match self.reduce(ctx, pass, state, vec![partial])? {
                 Reduced::More(s) => state = s,
@@ -84,6 +89,7 @@ impl Gta {
                 }
             }
         }
+        finite &= make_deltas(plan.work, &mut d, &mut made, base);
         let sel_state = state.child(0);
         let mut sparse = Vec::with_capacity(d.len());
         for (j, &m) in masked.iter().enumerate() {
@@ -99,6 +105,49 @@ impl Gta {
         });
         Ok(finite)
     }
+}
+
+/// The deltas of the models not made yet (`made[j]` false), in place; whether every input
+/// they were made from was finite.
+fn make_deltas(work: Work, d: &mut [&mut [f32]], made: &mut [bool], base: &[f32]) -> bool {
+    let mut finite = true;
+    for (dj, m) in d.iter_mut().zip(made.iter_mut()) {
+        if !*m {
+            finite &= deltas_in_place(work, dj, base);
+            *m = true;
+        }
+    }
+    finite
+}
+
+/// [`held_keys`] of selection problem `p` in pass 0, making its model's delta in place first
+/// chunk by chunk (unless made already) and taking each chunk's keys while it is in cache;
+/// whether every input value it made the delta from was finite.
+fn deltas_keys(
+    plan: &Plan,
+    d: &mut [&mut [f32]],
+    made: &mut [bool],
+    base: &[f32],
+    p: usize,
+    f: &mut dyn FnMut(&[u32]),
+) -> bool {
+    let Some(j) = problem_model(plan, p) else {
+        return true;
+    };
+    if made[j] {
+        held_keys(plan, d, p, f);
+        return true;
+    }
+    made[j] = true;
+    let mut finite = true;
+    let mut keys = [0u32; CHUNK];
+    for (xc, bc) in d[j].chunks_mut(CHUNK).zip(base.chunks(CHUNK)) {
+        finite &= plan.work.sub_in_place(xc, bc);
+        let ks = &mut keys[..xc.len()];
+        select::keys_into(xc, ks);
+        f(ks);
+    }
+    finite
 }
 
 /// `x = r(x - b)` in the working dtype, as [`Work::sub_into`] gives it, chunk by chunk; whether
@@ -132,14 +181,7 @@ crate::kernels::simd::wide! {
 
 /// [`for_each_key_chunk`] over held deltas: the selection keys of selection problem `p`.
 fn held_keys(plan: &Plan, d: &[&mut [f32]], p: usize, f: &mut dyn FnMut(&[u32])) {
-    let Some(j) = plan
-        .keep
-        .iter()
-        .enumerate()
-        .filter(|(_, k)| matches!(k, Keep::Window { .. }))
-        .map(|(j, _)| j)
-        .nth(p)
-    else {
+    let Some(j) = problem_model(plan, p) else {
         return;
     };
     let mut keys = [0u32; CHUNK];
@@ -148,6 +190,16 @@ fn held_keys(plan: &Plan, d: &[&mut [f32]], p: usize, f: &mut dyn FnMut(&[u32]))
         select::keys_into(dc, ks);
         f(ks);
     }
+}
+
+/// The model whose delta selection problem `p` ranks (the `p`-th with a window).
+fn problem_model(plan: &Plan, p: usize) -> Option<usize> {
+    plan.keep
+        .iter()
+        .enumerate()
+        .filter(|(_, k)| matches!(k, Keep::Window { .. }))
+        .map(|(j, _)| j)
+        .nth(p)
 }
 
 /// The L1 pass over held deltas: the sums [`Method::partial`] gives, with each rescaled
