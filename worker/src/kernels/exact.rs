@@ -208,9 +208,10 @@ const SPAN: u32 = 22;
 /// magnitudes, each is an integer multiple of 2^(e - 150) below 2^(24 + SPAN), so any partial
 /// sum of the block is such a multiple below 64 · 2^46 = 2^52: an f64 holds each exactly,
 /// whatever the order of the additions. The checks are min/max reductions and the sum
-/// independent lanes, so the whole of it vectorises.
-#[inline]
-fn block_sum(c: &[f32]) -> Option<f64> {
+/// independent lanes, so the whole of it vectorises (the magnitudes are widened to f64 into an
+/// array first: widening inside the sum's loop was built two lanes wide, at half the speed).
+#[inline(always)]
+fn block_sum(c: &[f32; BLOCK]) -> Option<f64> {
     let (mut hi, mut lo) = (0u32, u32::MAX);
     for &x in c {
         let b = x.to_bits() & 0x7fff_ffff;
@@ -224,10 +225,14 @@ fn block_sum(c: &[f32]) -> Option<f64> {
     if hi >= 0x7f80_0000 || (hi >> 23) - (lo >> 23).max(1) > SPAN {
         return None;
     }
+    let mut wide = [0f64; BLOCK];
+    for (w, &x) in wide.iter_mut().zip(c) {
+        *w = f64::from(x.abs());
+    }
     let mut acc = [0f64; 8];
-    for q in c.chunks_exact(acc.len()) {
+    for q in wide.chunks_exact(acc.len()) {
         for (a, &x) in acc.iter_mut().zip(q) {
-            *a += f64::from(x.abs());
+            *a += x;
         }
     }
     Some(acc.iter().sum())
@@ -283,14 +288,14 @@ impl F32Sum {
     /// [`F32Sum::add_abs`] in the baseline build.
     #[inline(always)]
     fn add_abs_base(&mut self, xs: &[f32]) {
-        let mut blocks = xs.chunks_exact(BLOCK);
-        for c in &mut blocks {
+        let (blocks, rest) = xs.as_chunks::<BLOCK>();
+        for c in blocks {
             match block_sum(c) {
                 Some(s) => self.rest.add(s),
                 None => self.add_abs_lanes(c),
             }
         }
-        self.add_abs_lanes(blocks.remainder());
+        self.add_abs_lanes(rest);
     }
 
     /// [`F32Sum::add_all`] of the magnitudes `|x|` of `xs`, the lanes unrolled (a block of
@@ -447,7 +452,9 @@ mod tests {
         let mut inf = vals.clone();
         inf[4 * BLOCK + 9] = f32::NEG_INFINITY;
         let narrow = vals
-            .chunks_exact(BLOCK)
+            .as_chunks::<BLOCK>()
+            .0
+            .iter()
             .filter(|c| block_sum(c).is_some())
             .count();
         assert!(
@@ -455,7 +462,9 @@ mod tests {
             "{narrow} blocks took the f64 path"
         );
         assert!(
-            nan.chunks_exact(BLOCK)
+            nan.as_chunks::<BLOCK>()
+                .0
+                .iter()
                 .filter(|c| block_sum(c).is_some())
                 .count()
                 < narrow
@@ -503,7 +512,8 @@ mod tests {
         want.add_all(edge.iter().copied());
         let mut got = F32Sum::new();
         got.add_abs(&edge);
-        assert!(block_sum(&edge).is_some());
+        let block: &[f32; BLOCK] = edge.as_slice().try_into().unwrap();
+        assert!(block_sum(block).is_some());
         assert_eq!(difference(&got.finish(), &want.finish()), 0.0);
     }
 
