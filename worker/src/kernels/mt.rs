@@ -137,6 +137,7 @@ impl Mt19937 {
         g
     }
 
+    #[inline(always)]
     fn twist(&mut self) {
         let w = &mut *self.w;
         for k in 0..N - M {
@@ -161,8 +162,14 @@ impl Mt19937 {
         temper(y)
     }
 
-    /// The next `out.len()` outputs.
+    /// The next `out.len()` outputs, in the widest build the CPU runs (integer operations: the
+    /// same words).
     pub fn fill(&mut self, out: &mut [u32]) {
+        fill_wide(super::simd::level(), self, out)
+    }
+
+    #[inline(always)]
+    fn fill_base(&mut self, out: &mut [u32]) {
         let mut k = 0;
         while k < out.len() {
             if self.i >= N {
@@ -212,6 +219,16 @@ impl Mt19937 {
             self.i = n as usize;
         }
     }
+}
+
+#[inline(always)]
+fn fill_of(mt: &mut Mt19937, out: &mut [u32]) {
+    mt.fill_base(out)
+}
+
+super::simd::wide! {
+    /// [`Mt19937::fill_base`] built for `level` (its twists too).
+    fn fill_wide(mt: &mut Mt19937, out: &mut [u32]) => fill_of
 }
 
 /// Sets `w` (a window) to `g(A)·w`: the XOR of the windows `A^i·w` over the set bits `i` of
@@ -442,6 +459,28 @@ mod tests {
             g.next_u32();
         }
         assert_eq!(g.next_u32(), 4_123_659_995);
+    }
+
+    /// Every build of `fill` the CPU runs gives the outputs `next_u32` gives one by one,
+    /// across several twists and from odd starting points.
+    #[test]
+    fn fill_builds_give_the_stream() {
+        let mut one = Mt19937::new(77);
+        let want: Vec<u32> = (0..5 * N + 13).map(|_| one.next_u32()).collect();
+        for level in crate::kernels::simd::levels() {
+            let mut g = Mt19937::new(77);
+            let mut got = vec![0u32; want.len()];
+            let mut at = 0;
+            for len in [1, 623, 624, 625, 7, 2000].iter().cycle() {
+                if at == got.len() {
+                    break;
+                }
+                let end = (at + len).min(got.len());
+                fill_wide(level, &mut g, &mut got[at..end]);
+                at = end;
+            }
+            assert!(got == want, "{}", level.name());
+        }
     }
 
     #[test]
