@@ -406,15 +406,10 @@ fn ldexp(x: f64, e: i32) -> f64 {
     x * 2f64.powi(e)
 }
 
-#[inline(always)]
-fn add_abs_of(sum: &mut F32Sum, xs: &[f32]) {
-    sum.add_abs_base(xs)
-}
-
 super::simd::wide! {
     /// [`F32Sum::add_abs_base`] built for `level` (the same sum: integer reductions and exact
     /// f64 additions).
-    fn add_abs_wide(sum: &mut F32Sum, xs: &[f32]) => add_abs_of
+    fn add_abs_wide(sum: &mut F32Sum, xs: &[f32]) => F32Sum::add_abs_base
 }
 
 #[cfg(test)]

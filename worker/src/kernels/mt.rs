@@ -221,14 +221,9 @@ impl Mt19937 {
     }
 }
 
-#[inline(always)]
-fn fill_of(mt: &mut Mt19937, out: &mut [u32]) {
-    mt.fill_base(out)
-}
-
 super::simd::wide! {
     /// [`Mt19937::fill_base`] built for `level` (its twists too).
-    fn fill_wide(mt: &mut Mt19937, out: &mut [u32]) => fill_of
+    fn fill_wide(mt: &mut Mt19937, out: &mut [u32]) => Mt19937::fill_base
 }
 
 /// Sets `w` (a window) to `g(A)·w`: the XOR of the windows `A^i·w` over the set bits `i` of

@@ -205,6 +205,25 @@ impl Bf16Check {
     }
 }
 
+/// Whether every value of `xs` is finite (no NaN, no infinity): [`Bf16Check`]'s max, one fold
+/// that vectorises (`all` stops at the first miss, and a loop that may stop early does not),
+/// in the widest build the CPU runs.
+pub(crate) fn all_finite(xs: &[f32]) -> bool {
+    all_finite_wide(simd::level(), xs)
+}
+
+#[inline(always)]
+fn all_finite_base(xs: &[f32]) -> bool {
+    let mut c = Bf16Check::default();
+    xs.iter().for_each(|&x| c.see(x));
+    c.finite()
+}
+
+simd::wide! {
+    /// [`all_finite_base`] built for `level`.
+    fn all_finite_wide(xs: &[f32]) -> bool => all_finite_base
+}
+
 /// Whether every element of `xs` is a bfloat16 value that [`rk`] leaves alone.
 #[inline(always)]
 fn is_bf16(xs: &[f32]) -> bool {
@@ -500,6 +519,33 @@ mod tests {
                         assert_eq!(f, finite, "{work:?} {l}");
                         assert_eq!(bits(&got), bits(&want), "{work:?} {l}");
                     }
+                }
+            }
+        }
+    }
+
+    /// A NaN or an infinity anywhere (each build's vector body or its tail) is seen.
+    #[test]
+    fn all_finite_sees_every_position() {
+        let xs: Vec<f32> = (0..37).map(|i| i as f32 * -0.5).collect();
+        assert!(all_finite(&xs));
+        assert!(all_finite(&[
+            f32::MAX,
+            -f32::MAX,
+            f32::MIN_POSITIVE / 2.0,
+            -0.0
+        ]));
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            for at in 0..xs.len() {
+                let mut v = xs.clone();
+                v[at] = bad;
+                assert!(!all_finite(&v), "{bad} at {at}");
+                for level in simd::levels() {
+                    assert!(
+                        !all_finite_wide(level, &v),
+                        "{bad} at {at}, {}",
+                        level.name()
+                    );
                 }
             }
         }

@@ -97,12 +97,14 @@ pub fn levels() -> Vec<Level> {
 
 /// Defines `fn NAME(level: Level, args...)` that runs `BODY(args...)` (an `#[inline(always)]`
 /// function, so each build gets its own copy of the loop) built for `level`. Const generics
-/// are passed on: `wide! { fn mix_wide<const K: u8>(x: &[f32]) => mix }`.
+/// are passed on: `wide! { fn mix_wide<const K: u8>(x: &[f32]) => mix }`; a method is named
+/// by its type, its receiver the first argument: `wide! { fn f(s: &mut Sum, x: &[f32]) =>
+/// Sum::add }`.
 macro_rules! wide {
     (
         $(#[$meta:meta])*
         $vis:vis fn $name:ident $(<$(const $cn:ident: $ct:ty),+>)?
-            ($($arg:ident: $aty:ty),* $(,)?) $(-> $ret:ty)? => $body:ident
+            ($($arg:ident: $aty:ty),* $(,)?) $(-> $ret:ty)? => $($body:ident)::+
     ) => {
         $(#[$meta])*
         #[allow(clippy::too_many_arguments)]
@@ -115,12 +117,12 @@ macro_rules! wide {
                 #[target_feature(enable = "avx2")]
                 #[allow(clippy::too_many_arguments)]
                 unsafe fn avx2 $(<$(const $cn: $ct),+>)? ($($arg: $aty),*) $(-> $ret)? {
-                    $body $(::<$($cn),+>)? ($($arg),*)
+                    $($body)::+ $(::<$($cn),+>)? ($($arg),*)
                 }
                 #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512dq")]
                 #[allow(clippy::too_many_arguments)]
                 unsafe fn avx512 $(<$(const $cn: $ct),+>)? ($($arg: $aty),*) $(-> $ret)? {
-                    $body $(::<$($cn),+>)? ($($arg),*)
+                    $($body)::+ $(::<$($cn),+>)? ($($arg),*)
                 }
                 if level.avx512() {
                     // SAFETY: a `Level` is made only for what the CPU has (simd::level and
@@ -134,7 +136,7 @@ macro_rules! wide {
             }
             #[cfg(not(target_arch = "x86_64"))]
             let _ = level;
-            $body $(::<$($cn),+>)? ($($arg),*)
+            $($body)::+ $(::<$($cn),+>)? ($($arg),*)
         }
     };
 }

@@ -52,7 +52,7 @@ impl Gta {
             .chain(after.iter_mut())
             .map(|x| &mut **x)
             .collect();
-        let mut finite = all_finite(base);
+        let mut finite = crate::kernels::round::all_finite(base);
         // each model's delta is made in place of its input once: by pass 0's walk over its
         // keys when it is a selection problem (the keys of a chunk are taken while it is in
         // cache), else before the first pass that reads it
@@ -160,25 +160,6 @@ fn deltas_in_place(work: Work, x: &mut [f32], b: &[f32]) -> bool {
     finite
 }
 
-/// Whether every value of `xs` is finite: one pass of ORs, which vectorises (`all` stops at
-/// the first miss, and a loop that may stop early does not); in the widest build the CPU runs.
-fn all_finite(xs: &[f32]) -> bool {
-    all_finite_wide(crate::kernels::simd::level(), xs)
-}
-
-#[inline(always)]
-fn all_finite_base(xs: &[f32]) -> bool {
-    let inf = f32::INFINITY.to_bits();
-    xs.iter().fold(0u32, |bad, &v| {
-        bad | u32::from(v.to_bits() & 0x7fff_ffff >= inf)
-    }) == 0
-}
-
-crate::kernels::simd::wide! {
-    /// [`all_finite_base`] built for `level`.
-    fn all_finite_wide(xs: &[f32]) -> bool => all_finite_base
-}
-
 /// [`for_each_key_chunk`] over held deltas: the selection keys of selection problem `p`.
 fn held_keys(plan: &Plan, d: &[&mut [f32]], p: usize, f: &mut dyn FnMut(&[u32])) {
     let Some(j) = problem_model(plan, p) else {
@@ -230,36 +211,4 @@ fn l1_in_place(
         st.sums.push(after.finish());
     }
     Ok(st)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{all_finite, all_finite_wide};
-
-    /// A NaN or an infinity anywhere (each build's vector body or its tail) is seen.
-    #[test]
-    fn all_finite_sees_every_position() {
-        let xs: Vec<f32> = (0..37).map(|i| i as f32 * -0.5).collect();
-        assert!(all_finite(&xs));
-        assert!(all_finite(&[
-            f32::MAX,
-            -f32::MAX,
-            f32::MIN_POSITIVE / 2.0,
-            -0.0
-        ]));
-        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
-            for at in 0..xs.len() {
-                let mut v = xs.clone();
-                v[at] = bad;
-                assert!(!all_finite(&v), "{bad} at {at}");
-                for level in crate::kernels::simd::levels() {
-                    assert!(
-                        !all_finite_wide(level, &v),
-                        "{bad} at {at}, {}",
-                        level.name()
-                    );
-                }
-            }
-        }
-    }
 }

@@ -116,13 +116,8 @@ pub(super) fn pack_bucket(ks: &[u32], b: u32, low: &mut [u16]) -> usize {
     n
 }
 
-#[inline(always)]
-fn count_keys_of(lanes: &mut Lanes, ks: &[u32], dense: &mut [u64]) -> u32 {
-    lanes.count_keys_base(ks, dense)
-}
-
 crate::kernels::simd::wide! {
     /// [`Lanes::count_keys_base`] built for `level`.
     pub(super) fn count_keys_wide(lanes: &mut Lanes, ks: &[u32], dense: &mut [u64]) -> u32
-        => count_keys_of
+        => Lanes::count_keys_base
 }
