@@ -105,6 +105,57 @@ async fn f16_inputs() {
     sixteen_bit(DType::F16).await;
 }
 
+/// A whole tensor of a statistics method computed from bf16 inputs as stored (the read bytes,
+/// widened chunk by chunk): a NaN in the base model's input is passed through with a warning, as
+/// mergekit does, and finite inputs turned into infinities by the weight and lambda fail the
+/// job naming the tensor. (The inputs' finiteness is then read from the stored bytes: the
+/// slot's decoded buffers hold another task's values.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_inputs_judge_non_finite_outputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let nan_in = |nan: bool| {
+        move |m: &str, t: &BTreeMap<String, Tensor>, d: &Path| {
+            let mut t = round_to(t, DType::BF16);
+            if nan && m == "base" {
+                let v = t.get_mut("model.layers.1.mlp.up_proj.weight").unwrap();
+                v.values[5] = f32::NAN;
+            }
+            let cfg = golden().join("models").join(m).join("config.json");
+            write(d, &t, DType::BF16, None, Some(&cfg))
+        }
+    };
+    let ties = |w: &str| {
+        format!("merge_method: ties\nbase_model: models/base\ndtype: bfloat16\nparameters: {{normalize: false, lambda: {w}}}\nmodels:\n- model: models/instruct\n  parameters: {{weight: {w}, density: 0.5}}\n- model: models/lang_eu\n  parameters: {{weight: 1.0, density: 0.7}}\n")
+    };
+    let (a, b) = (tmp.path().join("nan"), tmp.path().join("clean"));
+    derive(&a, nan_in(true));
+    derive(&b, nan_in(false));
+    run(
+        &ties("1.0"),
+        &a,
+        &tmp.path().join("o1"),
+        2,
+        64 << 20,
+        512 << 20,
+    )
+    .await
+    .expect("a NaN in is a NaN out, with a warning");
+    let e = run(
+        &ties("1e30"),
+        &b,
+        &tmp.path().join("o2"),
+        2,
+        64 << 20,
+        512 << 20,
+    )
+    .await
+    .expect_err("finite inputs, infinite output");
+    assert!(
+        e.contains("turned finite inputs into a non-finite output"),
+        "{e}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bf16_output_is_rounded_to_nearest_even() {
     // task_arithmetic_lambda_bf16 writes bfloat16: compare with the f32 result rounded once

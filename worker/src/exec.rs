@@ -69,7 +69,7 @@ mod rowmap;
 mod scratch;
 mod segment;
 pub use blocked::reads_as_stored;
-use kernel::{kernel_points, kernel_rows, partial_rows};
+use kernel::{kernel_points, kernel_rows, kernel_stored, partial_rows};
 pub use rowcache::RowCache;
 use scratch::{give_back, sized};
 pub use scratch::{release_free_memory, Scratch};
@@ -289,17 +289,22 @@ impl Executor {
         if blocked {
             // computed a block at a time (every value finite)
         } else if odt.is_float() {
-            let (values, held) = self.compute_rows(job, r, io, scratch).await?;
+            let (values, kept) = self.compute_rows(job, r, io, scratch).await?;
             let finite = dtype::encode_finite(odt, &values, dst);
             if !finite {
                 // the inputs of this segment are still in the slot's buffers, unless the
                 // kernel used them as working memory (it then said whether they were finite)
-                let n_in = job.inputs.len().min(scratch.inputs.len());
-                let inputs_finite = held.unwrap_or_else(|| {
-                    scratch.inputs[..n_in]
+                let n_in = job.inputs.len();
+                let inputs_finite = match kept {
+                    Kept::Finite(f) => f,
+                    Kept::Decoded => scratch.inputs[..n_in.min(scratch.inputs.len())]
                         .iter()
-                        .all(|v| v.iter().all(|x| x.is_finite()))
-                });
+                        .all(|v| v.iter().all(|x| x.is_finite())),
+                    Kept::Stored(dts) => dts
+                        .iter()
+                        .zip(&scratch.pieces)
+                        .all(|(&dt, b)| stored_view(dt, b).is_some_and(|s| s.all_finite())),
+                };
                 non_finite(job, r, &values, odt, inputs_finite)?;
             }
             scratch.out = values;
@@ -431,22 +436,45 @@ impl Executor {
 
     /// Reads a row range of every input and computes the output rows in f32, in the slot's
     /// output buffer (give it back to `scratch.out` when done with the values). With them,
-    /// whether every input value was finite when the kernel used the inputs as working memory
-    /// (the slot's input buffers no longer hold them), else None.
+    /// where the inputs' values are still to be found (for the message on a non-finite output).
     async fn compute_rows(
         &self,
         job: &pb::TensorJob,
         r: &pb::TensorRows,
         io: &mut Io,
         scratch: &mut Scratch,
-    ) -> Result<(Vec<f32>, Option<bool>), TaskError> {
-        let inputs = self
-            .read_inputs(job, (r.row_start, r.row_end), false, io, scratch)
-            .await?;
+    ) -> Result<(Vec<f32>, Kept), TaskError> {
+        let rows = (r.row_start, r.row_end);
         let out = std::mem::take(&mut scratch.out);
+        if let Some(dts) = read::stored_dtypes(job, rows) {
+            let inputs = self.read_stored(job, rows, io, scratch).await?;
+            let (res, inputs) = kernel_stored(job, &dts, inputs, out).await;
+            give_back(&mut scratch.pieces, inputs);
+            return res.map(|v| (v, Kept::Stored(dts)));
+        }
+        let inputs = self.read_inputs(job, rows, false, io, scratch).await?;
         let (res, inputs) = kernel_rows(job, r, inputs, out, true).await;
         give_back(&mut scratch.inputs, inputs);
-        res
+        res.map(|(v, held)| (v, held.map_or(Kept::Decoded, Kept::Finite)))
+    }
+}
+
+/// Where a segment's input values are after its kernel ran ([`Executor::compute_rows`]).
+enum Kept {
+    /// Decoded, in the slot's input buffers.
+    Decoded,
+    /// As stored, in the slot's read buffers (in these dtypes).
+    Stored(Vec<DType>),
+    /// Gone (the kernel used them as working memory): whether they were all finite.
+    Finite(bool),
+}
+
+/// Bytes of a 16-bit float dtype as the kernels take them stored.
+fn stored_view(dt: DType, b: &[u8]) -> Option<kernels::Stored<'_>> {
+    match dt {
+        DType::BF16 => Some(kernels::Stored::Bf16(b)),
+        DType::F16 => Some(kernels::Stored::F16(b)),
+        _ => None,
     }
 }
 

@@ -194,7 +194,7 @@ impl Executor {
     }
 
     /// Where rows `[start, end)` of input `src` lie as stored: its store and byte range.
-    fn stored_range(
+    pub(super) fn stored_range(
         &self,
         job: &pb::TensorJob,
         src: &pb::TensorSource,

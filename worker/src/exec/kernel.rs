@@ -5,6 +5,7 @@ use shardmerge_proto as pb;
 
 use super::scratch::sized;
 use super::{fatal, method_of, tensor_ctx, TaskError};
+use crate::format::dtype::DType;
 use crate::kernels::{self, RowRange, Stats};
 
 /// Runs `job`'s kernel over rows `r` of its `inputs` (read already) into `out` (resized);
@@ -37,6 +38,47 @@ pub(super) async fn kernel_rows(
     let done = tokio::task::spawn_blocking(move || {
         let mut inputs = inputs;
         let res = compute(&job, stats.as_ref(), rows, &mut inputs, out, overwrite);
+        (res, inputs)
+    })
+    .await;
+    match done {
+        Ok(r) => r,
+        Err(e) => (Err(fatal(format!("kernel panicked: {e}"))), Vec::new()),
+    }
+}
+
+/// Runs `job`'s kernel over the whole tensor from its `inputs` as stored (in dtypes `dts`,
+/// [`super::read::stored_dtypes`]) into `out` (resized); gives the inputs back with the result.
+pub(super) async fn kernel_stored(
+    job: &pb::TensorJob,
+    dts: &[DType],
+    inputs: Vec<Vec<u8>>,
+    out: Vec<f32>,
+) -> (Result<Vec<f32>, TaskError>, Vec<Vec<u8>>) {
+    let run = move |job: &pb::TensorJob, dts: &[DType], inputs: &[Vec<u8>], out: Vec<f32>| {
+        let ctx = tensor_ctx(job)?;
+        let m = method_of(job)?;
+        let views = dts
+            .iter()
+            .zip(inputs)
+            .map(|(&dt, b)| super::stored_view(dt, b))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| fatal(format!("tensor {}: an input is not 16-bit", job.name)))?;
+        let mut out = sized(out, (ctx.rows as usize) * ctx.row_len);
+        m.whole_stored(&ctx, &views, &mut out)
+            .map_err(|e| fatal(format!("tensor {}: {}: {e}", job.name, job.method)))?;
+        Ok(out)
+    };
+    let bytes: usize = inputs.iter().map(Vec::len).sum();
+    if bytes / 2 <= INLINE_KERNEL {
+        let res =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(job, dts, &inputs, out)))
+                .unwrap_or_else(|_| Err(fatal("kernel panicked")));
+        return (res, inputs);
+    }
+    let (job, dts) = (job.clone(), dts.to_vec());
+    let done = tokio::task::spawn_blocking(move || {
+        let res = run(&job, &dts, &inputs, out);
         (res, inputs)
     })
     .await;

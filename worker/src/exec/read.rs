@@ -8,7 +8,7 @@ use shardmerge_proto as pb;
 use super::rowcache::Key;
 use super::scratch::{emptied, give_back};
 use super::{fatal, input_dtype, view2d, Executor, Io, Scratch, TaskError};
-use crate::format::dtype;
+use crate::format::dtype::{self, DType};
 use crate::storage::{retry, Location};
 
 /// Bytes of one input read at a time (then decoded before the next piece is read).
@@ -83,6 +83,41 @@ impl Executor {
         }
         give_back(&mut scratch.pieces, pieces);
         Ok(out)
+    }
+
+    /// Rows `rows` of every input of `job` as stored, one range read each (with retries), in
+    /// the slot's read buffers: for a kernel that takes them so ([`stored_dtypes`]).
+    pub(super) async fn read_stored(
+        &self,
+        job: &pb::TensorJob,
+        rows: (u64, u64),
+        io: &mut Io,
+        scratch: &mut Scratch,
+    ) -> Result<Vec<Vec<u8>>, TaskError> {
+        let bufs: Vec<Vec<u8>> = (0..job.inputs.len())
+            .map(|i| {
+                scratch
+                    .pieces
+                    .get_mut(i)
+                    .map(std::mem::take)
+                    .unwrap_or_default()
+            })
+            .collect();
+        let reads = job.inputs.iter().zip(bufs).map(|(src, buf)| async move {
+            let (loc, range) = self.stored_range(job, src, rows)?;
+            let mut buf = Some(buf);
+            let bytes = retry(|| {
+                let b = buf.take().unwrap_or_default();
+                loc.store.read_range_into(&loc.path, range.clone(), b)
+            })
+            .await?;
+            Ok::<_, TaskError>(bytes)
+        });
+        let got = futures::future::try_join_all(reads).await?;
+        for (src, b) in job.inputs.iter().zip(&got) {
+            io.read_from(&src.model, b.len() as u64);
+        }
+        Ok(got)
     }
 
     /// Rows `[start, end)` of input `src`: read ([`Executor::read_input`]), or computed when it
@@ -211,4 +246,26 @@ impl Executor {
             _ => (piece, false),
         }
     }
+}
+
+/// The dtypes of `job`'s inputs when its kernel computes rows `rows` from the inputs as stored
+/// ([`crate::kernels::Method::takes_stored`]): the whole tensor, of 16-bit float inputs read
+/// as they are (no LoRA adapter, no streamed stage, no vocabulary re-map) with the output's
+/// row length. Else None: they are read decoded.
+pub(super) fn stored_dtypes(job: &pb::TensorJob, (start, end): (u64, u64)) -> Option<Vec<DType>> {
+    let (rows, out_row) = view2d(&job.shape);
+    if start != 0 || end != rows || job.row_map.is_some() {
+        return None;
+    }
+    let dts = job
+        .inputs
+        .iter()
+        .map(|s| {
+            let dt = input_dtype(s, job).ok()?;
+            let plain = s.lora.is_none() && s.derived.is_none() && view2d(&s.shape).1 == out_row;
+            (plain && matches!(dt, DType::BF16 | DType::F16)).then_some(dt)
+        })
+        .collect::<Option<Vec<_>>>()?;
+    let (ctx, m) = (super::tensor_ctx(job).ok()?, super::method_of(job).ok()?);
+    m.takes_stored(&ctx).then_some(dts)
 }

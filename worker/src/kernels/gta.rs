@@ -39,12 +39,14 @@ mod methods;
 mod mix;
 mod points;
 mod sparse;
+mod stored;
 
 pub use methods::{
     BREADCRUMBS, BREADCRUMBS_TIES, DARE_LINEAR, DARE_TIES, DELLA, DELLA_LINEAR, TASK_ARITHMETIC,
     TIES,
 };
 
+use mix::Base;
 use sparse::{della_axis, for_each_key_chunk, Sparse, CHUNK};
 
 use super::exact::F32Sum;
@@ -52,7 +54,7 @@ use super::round::{rk, Work};
 use super::select;
 use super::stats::merge_sums;
 use super::KernelError::{Missing, Param, Shape};
-use super::{KResult, Method, MethodSpec, Reduced, RowRange, Stats, TensorCtx};
+use super::{KResult, Method, MethodSpec, Reduced, RowRange, Stats, Stored, TensorCtx};
 
 /// How deltas are sparsified.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -454,7 +456,7 @@ impl Method for Gta {
         }
         let scales = rescale_factors(&plan, state)?;
         let (work, others) = (plan.work, &plan.others);
-        self.mix_chunks(&plan, &scales, base, out, |j, at, d| {
+        self.mix_chunks(&plan, &scales, Base::Decoded(base), out, |j, at, d| {
             let end = at + d.len();
             sparse[j].fill(work, &inputs[others[j]][at..end], &base[at..end], at, d);
         });
@@ -468,6 +470,14 @@ impl Method for Gta {
         out: &mut [f32],
     ) -> Option<KResult<bool>> {
         self.whole_held(ctx, inputs, out)
+    }
+
+    fn takes_stored(&self, ctx: &TensorCtx) -> bool {
+        self.stored_applies(ctx)
+    }
+
+    fn whole_stored(&self, ctx: &TensorCtx, inputs: &[Stored], out: &mut [f32]) -> KResult<()> {
+        self.whole_from_stored(ctx, inputs, out)
     }
 
     fn apply_points(
@@ -1069,9 +1079,10 @@ mod tests {
     /// pass 0's walk over its keys where it is a selection problem) gives the bits of the
     /// method run whole, in f32 and bf16, with a model that is no selection problem (at
     /// density one) and without; and it says whether every input was finite (a NaN or an
-    /// infinity in the base or in any model, at any place).
+    /// infinity in the base or in any model, at any place). So does the path from the inputs
+    /// as stored ([`Method::whole_stored`]).
     #[test]
-    fn held_equals_whole() {
+    fn held_and_stored_equal_whole() {
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         let bf = |v: Vec<f32>| -> Vec<f32> {
             v.iter()
@@ -1117,13 +1128,30 @@ mod tests {
                         let Some(held) = m.whole_in_place(&ctx, &mut muts, &mut got) else {
                             panic!("{what}: not held");
                         };
-                        match (whole, held) {
+                        match (&whole, held) {
                             (Ok(()), Ok(f)) => {
                                 assert_eq!(bits(&got), bits(&want), "{what}");
                                 assert_eq!(f, finite, "{what}");
                             }
                             (Err(w), Err(_)) => assert!(!finite, "{what}: {w}"),
                             (w, h) => panic!("{what}: whole {w:?}, held {h:?}"),
+                        }
+                        // the same inputs as stored (bf16 bytes: the values are bf16)
+                        let bytes: Vec<Vec<u8>> = inputs
+                            .iter()
+                            .map(|v| {
+                                v.iter()
+                                    .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+                                    .collect()
+                            })
+                            .collect();
+                        let stored: Vec<Stored> = bytes.iter().map(|b| Stored::Bf16(b)).collect();
+                        assert!(m.takes_stored(&ctx), "{what}");
+                        let mut got = vec![f32::NAN; 37 * 19];
+                        match (&whole, m.whole_stored(&ctx, &stored, &mut got)) {
+                            (Ok(()), Ok(())) => assert_eq!(bits(&got), bits(&want), "{what}"),
+                            (Err(_), Err(_)) => {}
+                            (w, s) => panic!("{what}: whole {w:?}, stored {s:?}"),
                         }
                     }
                 }

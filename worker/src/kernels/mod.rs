@@ -24,6 +24,7 @@ pub mod round;
 pub mod select;
 pub mod simd;
 pub mod stats;
+pub mod stored;
 
 pub use error::KernelError;
 
@@ -41,11 +42,14 @@ mod nearswap;
 mod nuslerp;
 mod passthrough;
 mod ram;
+mod registry;
 pub mod report;
 mod sce;
 mod slerp;
 
+pub use registry::{method, registry, task_method};
 pub use stats::Stats;
+pub use stored::Stored;
 
 /// Whether a method takes a base model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -414,47 +418,21 @@ pub trait Method: Send + Sync {
     ) -> Option<KResult<bool>> {
         None
     }
-}
 
-/// Every method, by mergekit name.
-pub fn registry() -> &'static [&'static dyn Method] {
-    static ALL: &[&dyn Method] = &[
-        &linear::Linear,
-        &gta::TASK_ARITHMETIC,
-        &gta::TIES,
-        &gta::DARE_LINEAR,
-        &gta::DARE_TIES,
-        &gta::BREADCRUMBS,
-        &gta::BREADCRUMBS_TIES,
-        &gta::DELLA,
-        &gta::DELLA_LINEAR,
-        &slerp::Slerp,
-        &passthrough::Passthrough,
-        &nearswap::NearSwap,
-        &ram::Ram,
-        &ram::RamPlusTl,
-        &model_stock::ModelStock,
-        &nuslerp::NuSlerp,
-        &multislerp::MultiSlerp,
-        &karcher::Karcher,
-        &sce::Sce,
-        &arcee_fusion::ArceeFusion,
-    ];
-    ALL
-}
-
-/// Looks a method up by its mergekit name.
-pub fn method(name: &str) -> Option<&'static dyn Method> {
-    registry().iter().copied().find(|m| m.spec().name == name)
-}
-
-/// Looks up what a task may name: a merge method, or the merge report's statistics
-/// ([`report::NAME`]), which no recipe can name.
-pub fn task_method(name: &str) -> Option<&'static dyn Method> {
-    if name == report::NAME {
-        return Some(&report::REPORT);
+    /// Whether [`Method::whole_stored`] computes the whole of tensor `ctx` (its caller then
+    /// hands it the inputs as stored instead of decoded).
+    fn takes_stored(&self, _ctx: &TensorCtx) -> bool {
+        false
     }
-    method(name)
+
+    /// [`run_whole`] over a whole tensor whose inputs come as stored ([`Stored`]), for a
+    /// tensor [`Method::takes_stored`] accepts: the same output bits, reading less memory
+    /// where the method walks its inputs several times.
+    fn whole_stored(&self, _ctx: &TensorCtx, _inputs: &[Stored], _out: &mut [f32]) -> KResult<()> {
+        Err(KernelError::Internal(
+            "this method takes its inputs decoded, not as stored".into(),
+        ))
+    }
 }
 
 /// Runs every statistics pass over a whole tensor held in memory, then `apply`: the path for a

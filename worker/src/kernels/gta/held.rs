@@ -100,7 +100,7 @@ impl Gta {
             });
         }
         let scales = rescale_factors(plan, &state)?;
-        self.mix_chunks(plan, &scales, base, out, |j, at, dst| {
+        self.mix_chunks(plan, &scales, Base::Decoded(base), out, |j, at, dst| {
             sparse[j].sparsify_from(at, &d[j][at..at + dst.len()], dst);
         });
         Ok(finite)
@@ -174,7 +174,7 @@ fn held_keys(plan: &Plan, d: &[&mut [f32]], p: usize, f: &mut dyn FnMut(&[u32]))
 }
 
 /// The model whose delta selection problem `p` ranks (the `p`-th with a window).
-fn problem_model(plan: &Plan, p: usize) -> Option<usize> {
+pub(super) fn problem_model(plan: &Plan, p: usize) -> Option<usize> {
     plan.keep
         .iter()
         .enumerate()

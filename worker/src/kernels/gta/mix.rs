@@ -180,6 +180,27 @@ simd::wide! {
     ) => mix_rounded
 }
 
+/// The base's values, for [`Gta::mix_chunks`]: decoded already, or as stored.
+#[derive(Clone, Copy)]
+pub(super) enum Base<'a> {
+    Decoded(&'a [f32]),
+    Stored(Stored<'a>),
+}
+
+impl Base<'_> {
+    /// Elements `[at, end)` (at most [`CHUNK`]): borrowed, or widened into `buf`.
+    fn chunk<'b>(&'b self, at: usize, end: usize, buf: &'b mut [f32; CHUNK]) -> &'b [f32] {
+        match self {
+            Base::Decoded(v) => &v[at..end],
+            Base::Stored(s) => {
+                let b = &mut buf[..end - at];
+                s.widen(at, b);
+                b
+            }
+        }
+    }
+}
+
 impl Gta {
     /// The mix of every model's sparsified delta over `out`'s elements: `fill(j, at, d)` writes
     /// model `j`'s sparsified (unscaled) delta of elements `[at, at + d.len())` into `d`, chunk
@@ -188,7 +209,7 @@ impl Gta {
         &self,
         plan: &Plan,
         scales: &[Option<f32>],
-        base: &[f32],
+        base: Base,
         out: &mut [f32],
         mut fill: impl FnMut(usize, usize, &mut [f32]),
     ) {
@@ -197,7 +218,7 @@ impl Gta {
         // that each element sees exactly the scalar sequence of operations (bit-identical).
         let mut deltas = vec![0f32; plan.others.len() * CHUNK];
         let mut mixer = Mixer::new(plan);
-        let mut bbuf = [0f32; CHUNK];
+        let (mut bbuf, mut wide) = ([0f32; CHUNK], [0f32; CHUNK]);
         for at in (0..n).step_by(CHUNK) {
             let end = (at + CHUNK).min(n);
             let len = end - at;
@@ -209,7 +230,7 @@ impl Gta {
                 }
             }
             // the base in the working dtype once (usually as read: only checked)
-            let bc = plan.work.rounded(&base[at..end], &mut bbuf);
+            let bc = plan.work.rounded(base.chunk(at, end, &mut wide), &mut bbuf);
             mixer.mix(self, plan, &mut deltas, bc, &mut out[at..end]);
         }
     }

@@ -1,0 +1,153 @@
+//! A whole tensor from its inputs as stored ([`Stored`]: 16-bit floats): every statistics pass
+//! and the mix widen the chunk of the model and of the base they need and subtract, instead of
+//! reading deltas decoded up front. A pass then reads 4 bytes per element and model from memory
+//! where the held path ([`super::held`]) reads 8 to 12, and nothing is decoded before the first
+//! pass: on a tensor that does not fit in cache the passes are memory-bound, so recomputing
+//! the delta costs less than storing it. The same steps on the same values as
+//! [`Method::partial`] and [`Method::apply`] over the whole tensor, so the same bits.
+
+use super::held::problem_model;
+use super::*;
+
+impl Gta {
+    /// [`Method::takes_stored`]: tensors with statistics passes (the held path's), except
+    /// with a DELLA drop (it ranks decoded rows).
+    pub(super) fn stored_applies(&self, ctx: &TensorCtx) -> bool {
+        self.plan(ctx).is_ok_and(|plan| {
+            plan.sel_passes + plan.l1_passes > 0
+                && !plan.keep.iter().any(|k| matches!(k, Keep::Della { .. }))
+        })
+    }
+
+    /// [`Method::whole_stored`].
+    pub(super) fn whole_from_stored(
+        &self,
+        ctx: &TensorCtx,
+        inputs: &[Stored],
+        out: &mut [f32],
+    ) -> KResult<()> {
+        let plan = self.plan(ctx)?;
+        if !self.stored_applies(ctx) {
+            return Err(crate::kernels::KernelError::internal(
+                "whole_stored on a tensor takes_stored refuses",
+            ));
+        }
+        if inputs.len() != ctx.n_models() {
+            return Err(Shape(format!(
+                "expected {} inputs, got {}",
+                ctx.n_models(),
+                inputs.len()
+            )));
+        }
+        let n = (ctx.rows as usize).checked_mul(ctx.row_len);
+        if n != Some(out.len()) || inputs.iter().any(|x| x.len() != out.len()) {
+            return Err(Shape(
+                "stored inputs differ from the output in length".into(),
+            ));
+        }
+        let base = *inputs
+            .get(plan.base)
+            .ok_or_else(|| Param(format!("base model index {} is out of range", plan.base)))?;
+        let t = Deltas {
+            work: plan.work,
+            base,
+            models: plan.others.iter().map(|&i| inputs[i]).collect(),
+        };
+        let whole = RowRange {
+            start: 0,
+            end: ctx.rows,
+            index: 0,
+        };
+        let state = crate::kernels::run_passes(self, ctx, |pass, st| {
+            Ok(vec![stored_partial(&plan, ctx, pass, st, whole, &t)?])
+        })?;
+        let sel_state = state.child(0);
+        let mut sparse = Vec::with_capacity(t.models.len());
+        for j in 0..t.models.len() {
+            sparse.push(Sparse::new(&plan, ctx, sel_state, whole, &[], j)?);
+        }
+        let scales = rescale_factors(&plan, &state)?;
+        let (mut d, mut b) = ([0f32; CHUNK], [0f32; CHUNK]);
+        self.mix_chunks(&plan, &scales, Base::Stored(base), out, |j, at, dst| {
+            let delta = t.chunk(j, at, &mut d[..dst.len()], &mut b);
+            sparse[j].sparsify_from(at, delta, dst);
+        });
+        Ok(())
+    }
+}
+
+/// The deltas of a tensor's models, from their stored values a chunk at a time.
+struct Deltas<'a> {
+    work: Work,
+    base: Stored<'a>,
+    /// The non-base inputs, in order.
+    models: Vec<Stored<'a>>,
+}
+
+impl Deltas<'_> {
+    /// Model `j`'s delta over elements `[at, at + d.len())` (at most [`CHUNK`]), in `d`
+    /// (`b` is working space): `r(x - b)` in the working dtype, as [`Work::sub_into`] gives it.
+    fn chunk<'d>(&self, j: usize, at: usize, d: &'d mut [f32], b: &mut [f32; CHUNK]) -> &'d [f32] {
+        self.models[j].delta(&self.base, self.work, at, d, &mut b[..d.len()]);
+        d
+    }
+
+    /// Model `j`'s delta, chunk by chunk in element order, to `f`.
+    fn each(&self, j: usize, mut f: impl FnMut(usize, &mut [f32])) {
+        let n = self.base.len();
+        let (mut d, mut b) = ([0f32; CHUNK], [0f32; CHUNK]);
+        for at in (0..n).step_by(CHUNK) {
+            let dc = &mut d[..CHUNK.min(n - at)];
+            self.chunk(j, at, dc, &mut b);
+            f(at, dc);
+        }
+    }
+}
+
+/// [`Method::partial`] of pass `pass` over the whole tensor, from the stored inputs.
+fn stored_partial(
+    plan: &Plan,
+    ctx: &TensorCtx,
+    pass: u32,
+    state: &Stats,
+    rows: RowRange,
+    t: &Deltas,
+) -> KResult<Stats> {
+    if pass < plan.sel_passes {
+        let mut keys = |p: usize, f: &mut dyn FnMut(&[u32])| {
+            let Some(j) = problem_model(plan, p) else {
+                return;
+            };
+            let mut ks = [0u32; CHUNK];
+            t.each(j, |_, dc| {
+                let ks = &mut ks[..dc.len()];
+                select::keys_into(dc, ks);
+                f(ks);
+            });
+        };
+        return Ok(if pass == 0 {
+            select::partial0_resolvable_with(plan.ranks.len(), &mut keys)
+        } else if resolved(state) {
+            Stats::default()
+        } else {
+            select::partial1_with(state, &plan.ranks, &mut keys)
+        });
+    }
+    // L1 pass: as `partial`'s, the drop drawn here and again (the same draws) in the mix
+    let mut st = Stats::default();
+    for j in 0..t.models.len() {
+        let mut before = F32Sum::new();
+        let mut after = F32Sum::new();
+        if plan.keep[j].rescalable() {
+            let mut sp = Sparse::new(plan, ctx, state.child(0), rows, &[], j)?;
+            t.each(j, |at, dc| {
+                before.add_abs(dc);
+                sp.sparsify(at, dc);
+                after.add_abs(dc);
+            });
+        }
+        st.sums.push(before.finish());
+        st.sums.push(after.finish());
+    }
+    Ok(st)
+}
