@@ -1075,6 +1075,46 @@ mod tests {
         }
     }
 
+    /// A tensor large enough for pass 0 to keep the keys pass 1 counts ([`select::Capture`],
+    /// f32 keys): the stored path gives the bits of the method run whole.
+    #[test]
+    fn stored_with_kept_keys_equals_whole() {
+        let (rows, cols) = (400, 1001);
+        let n = rows * cols;
+        let inputs: Vec<Vec<f32>> = (0..4)
+            .map(|i| {
+                data(n, 7 + i, 1.0)
+                    .iter()
+                    .map(|&x| half::bf16::from_f32(x).to_f32())
+                    .collect()
+            })
+            .collect();
+        for m in [&TIES, &BREADCRUMBS_TIES] {
+            let mut c = case(m, &[rows as u64, cols as u64], 4);
+            c.base = Some(0);
+            set(&mut c, 1, "density", 0.3);
+            set(&mut c, 2, "density", 0.55);
+            set(&mut c, 3, "density", 0.8);
+            let ctx = c.ctx();
+            let refs: Vec<&[f32]> = inputs.iter().map(Vec::as_slice).collect();
+            let mut want = vec![0f32; n];
+            crate::kernels::run_whole(m, &ctx, &refs, &mut want).unwrap();
+            let bytes: Vec<Vec<u8>> = inputs
+                .iter()
+                .map(|v| {
+                    v.iter()
+                        .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+                        .collect()
+                })
+                .collect();
+            let stored: Vec<Stored> = bytes.iter().map(|b| Stored::Bf16(b)).collect();
+            let mut got = vec![f32::NAN; n];
+            m.whole_stored(&ctx, &stored, &mut got).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert!(bits(&got) == bits(&want), "{}", m.spec.name);
+        }
+    }
+
     /// The held path ([`Method::whole_in_place`]: each delta made in place of its input, by
     /// pass 0's walk over its keys where it is a selection problem) gives the bits of the
     /// method run whole, in f32 and bf16, with a model that is no selection problem (at

@@ -14,7 +14,9 @@
 use super::stats::{Hist, Stats};
 use super::{KResult, KernelError};
 
+mod capture;
 mod count;
+pub use capture::Capture;
 use count::{pack_bucket, Lanes};
 
 /// Passes a selection needs.
@@ -232,27 +234,8 @@ pub fn partial1(state0: &Stats, keys: &[&[u32]], ranks: &[Vec<u64>]) -> Stats {
 /// all its boundaries.
 pub fn partial1_with(state0: &Stats, ranks: &[Vec<u64>], keys: &mut KeySource) -> Stats {
     let mut st = Stats::default();
-    let mut at = 0;
-    for (j, rs) in ranks.iter().enumerate() {
-        let buckets: Vec<u64> = rs
-            .iter()
-            .enumerate()
-            .map(|(r, _)| {
-                state0
-                    .counts
-                    .get((at + r) * 3 + 1)
-                    .copied()
-                    .unwrap_or(BINS as u64)
-            })
-            .collect();
-        at += rs.len();
-        let mut dense = vec![vec![0u64; BINS]; buckets.len()];
-        let live: Vec<(usize, u32)> = buckets
-            .iter()
-            .enumerate()
-            .filter(|(_, &b)| b < BINS as u64)
-            .map(|(r, &b)| (r, b as u32))
-            .collect();
+    for (j, (rs, live)) in ranks.iter().zip(live_buckets(state0, ranks)).enumerate() {
+        let mut dense = vec![vec![0u64; BINS]; rs.len()];
         if !live.is_empty() {
             // Branch-free: the keys of the bucket are first packed into `low` (every key is
             // stored, the count advances only for a match), then counted. Keys of exactly 0,
@@ -276,6 +259,25 @@ pub fn partial1_with(state0: &Stats, ranks: &[Vec<u64>], keys: &mut KeySource) -
         st.hists.extend(dense.iter().map(|d| Hist::from_dense(d)));
     }
     st
+}
+
+/// Per problem, the boundaries (index among its ranks, high bucket) that pass 0 located in a
+/// bucket (a rank equal to the element count has none): what pass 1 counts.
+fn live_buckets(state0: &Stats, ranks: &[Vec<u64>]) -> Vec<Vec<(usize, u32)>> {
+    let mut at = 0;
+    ranks
+        .iter()
+        .map(|rs| {
+            let live = (0..rs.len())
+                .filter_map(|r| {
+                    let b = state0.counts.get((at + r) * 3 + 1).copied();
+                    b.filter(|&b| b < BINS as u64).map(|b| (r, b as u32))
+                })
+                .collect();
+            at += rs.len();
+            live
+        })
+        .collect()
 }
 
 /// Reduces pass 1 into the located boundaries, one child per problem, one [`Boundary`] per rank.

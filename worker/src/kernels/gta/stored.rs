@@ -58,8 +58,24 @@ impl Gta {
             end: ctx.rows,
             index: 0,
         };
+        let mut cap = capture(&plan, &t);
         let state = crate::kernels::run_passes(self, ctx, |pass, st| {
-            Ok(vec![stored_partial(&plan, ctx, pass, st, whole, &t)?])
+            if let (1, Some(c)) = (pass, &cap) {
+                if pass < plan.sel_passes && !resolved(st) {
+                    if let Some(p) = c.partial1(st, &plan.ranks) {
+                        return Ok(vec![p]);
+                    }
+                }
+            }
+            Ok(vec![stored_partial(
+                &plan,
+                ctx,
+                pass,
+                st,
+                whole,
+                &t,
+                cap.as_mut(),
+            )?])
         })?;
         let sel_state = state.child(0);
         let mut sparse = Vec::with_capacity(t.models.len());
@@ -104,7 +120,32 @@ impl Deltas<'_> {
     }
 }
 
-/// [`Method::partial`] of pass `pass` over the whole tensor, from the stored inputs.
+/// For a tensor whose selection takes a second pass (f32 or float16 keys; bfloat16 ones are
+/// located by the first) and that is large enough for a sample to tell: a [`select::Capture`]
+/// guessed from the keys of every 16th chunk, which pass 0 then fills.
+fn capture(plan: &Plan, t: &Deltas) -> Option<select::Capture> {
+    let n = t.base.len();
+    if plan.sel_passes < 2 || matches!(plan.work, Work::BF16) || n < 16 * CHUNK {
+        return None;
+    }
+    let (mut d, mut b, mut ks) = ([0f32; CHUNK], [0f32; CHUNK], [0u32; CHUNK]);
+    let mut sample = |p: usize, f: &mut dyn FnMut(&[u32])| {
+        let Some(j) = problem_model(plan, p) else {
+            return;
+        };
+        for at in (0..n).step_by(16 * CHUNK) {
+            let dc = &mut d[..CHUNK.min(n - at)];
+            t.chunk(j, at, dc, &mut b);
+            let k = &mut ks[..dc.len()];
+            select::keys_into(dc, k);
+            f(k);
+        }
+    };
+    Some(select::Capture::new(&plan.ranks, n as u64, &mut sample))
+}
+
+/// [`Method::partial`] of pass `pass` over the whole tensor, from the stored inputs; pass 0
+/// shows its keys to `cap` as it counts them.
 fn stored_partial(
     plan: &Plan,
     ctx: &TensorCtx,
@@ -112,6 +153,7 @@ fn stored_partial(
     state: &Stats,
     rows: RowRange,
     t: &Deltas,
+    mut cap: Option<&mut select::Capture>,
 ) -> KResult<Stats> {
     if pass < plan.sel_passes {
         let mut keys = |p: usize, f: &mut dyn FnMut(&[u32])| {
@@ -122,6 +164,11 @@ fn stored_partial(
             t.each(j, |_, dc| {
                 let ks = &mut ks[..dc.len()];
                 select::keys_into(dc, ks);
+                if pass == 0 {
+                    if let Some(c) = cap.as_deref_mut() {
+                        c.see(p, ks);
+                    }
+                }
                 f(ks);
             });
         };
