@@ -15,6 +15,10 @@ use bytes::Bytes;
 
 use super::{PositionedRead, Receipt, SResult, Storage, StorageError, Upload};
 
+mod read;
+use read::read_err;
+pub(crate) use read::{read_exact_range, read_exact_range_into};
+
 mod direct;
 mod owned;
 pub use owned::OwnedDir;
@@ -118,39 +122,6 @@ impl PositionedRead for Positioned {
             .read_exact_at(buf, offset)
             .map_err(|e| read_err(&self.path, end, e))
     }
-}
-
-fn read_err(path: &str, end: u64, e: std::io::Error) -> StorageError {
-    if e.kind() == std::io::ErrorKind::UnexpectedEof {
-        StorageError::new(
-            format!("{path}: file ends before byte {end} (truncated?)"),
-            false,
-        )
-    } else {
-        io_err(path, "read", e)
-    }
-}
-
-/// Reads exactly `range` of an open file.
-pub(crate) fn read_exact_range(f: &File, path: &str, range: Range<u64>) -> SResult<Vec<u8>> {
-    read_exact_range_into(f, path, range, Vec::new())
-}
-
-/// `read_exact_range` into `buf`, replacing its contents.
-pub(crate) fn read_exact_range_into(
-    f: &File,
-    path: &str,
-    range: Range<u64>,
-    mut buf: Vec<u8>,
-) -> SResult<Vec<u8>> {
-    let len = usize::try_from(range.end.saturating_sub(range.start))
-        .map_err(|_| StorageError::new(format!("{path}: read too large"), false))?;
-    // the read overwrites all `len` bytes: only growth needs initialising
-    buf.truncate(len);
-    buf.resize(len, 0);
-    f.read_exact_at(&mut buf, range.start)
-        .map_err(|e| read_err(path, range.end, e))?;
-    Ok(buf)
 }
 
 /// Starts writing `len` bytes of `f` from `offset` back to the disk, without waiting for it:
