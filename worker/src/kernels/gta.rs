@@ -37,6 +37,7 @@ mod fused;
 mod held;
 mod methods;
 mod mix;
+mod partial;
 mod points;
 mod sparse;
 mod stored;
@@ -47,6 +48,7 @@ pub use methods::{
 };
 
 use mix::Base;
+use partial::{partial_of, Sources};
 use sparse::{della_axis, for_each_key_chunk, Sparse, CHUNK};
 
 use super::exact::F32Sum;
@@ -346,43 +348,24 @@ impl Method for Gta {
         let plan = self.plan(ctx)?;
         let len = inputs.first().map_or(0, |x| x.len());
         check_inputs(ctx, inputs, len)?;
-        if pass < plan.sel_passes {
-            let problems = plan.ranks.len();
-            let mut keys =
-                |j: usize, f: &mut dyn FnMut(&[u32])| for_each_key_chunk(&plan, inputs, j, f);
-            return Ok(if pass == 0 {
-                select::partial0_resolvable_with(problems, &mut keys)
-            } else if resolved(state) {
-                // pass 0 located the boundaries (bfloat16 keys): nothing to count
-                Stats::default()
-            } else {
-                select::partial1_with(state, &plan.ranks, &mut keys)
-            });
-        }
-        // L1 pass: Σ|δ| and Σ|masked δ| per model (zero sums for models not rescaled)
-        let mut st = Stats::default();
-        for j in 0..plan.others.len() {
-            let mut before = F32Sum::new();
-            let mut after = F32Sum::new();
-            if plan.keep[j].rescalable() {
-                let x = inputs[plan.others[j]];
-                let b = inputs[plan.base];
-                let mut sp = Sparse::new(&plan, ctx, state.child(0), rows, inputs, j)?;
-                let mut d = [0f32; CHUNK];
-                for at in (0..len).step_by(CHUNK) {
-                    let end = (at + CHUNK).min(len);
-                    let dc = &mut d[..end - at];
-                    // the sums are exact, so summing chunk by chunk changes no bit
-                    plan.work.sub_into(&x[at..end], &b[at..end], dc);
-                    before.add_abs(dc);
-                    sp.sparsify(at, dc);
-                    after.add_abs(dc);
-                }
+        let mut keys =
+            |j: usize, f: &mut dyn FnMut(&[u32])| for_each_key_chunk(&plan, inputs, j, f);
+        let mut deltas = |j: usize, f: &mut dyn FnMut(usize, &mut [f32])| {
+            let (x, b) = (inputs[plan.others[j]], inputs[plan.base]);
+            let mut d = [0f32; CHUNK];
+            for at in (0..len).step_by(CHUNK) {
+                let end = (at + CHUNK).min(len);
+                let dc = &mut d[..end - at];
+                plan.work.sub_into(&x[at..end], &b[at..end], dc);
+                f(at, dc);
             }
-            st.sums.push(before.finish());
-            st.sums.push(after.finish());
-        }
-        Ok(st)
+        };
+        let sources = Sources {
+            inputs,
+            keys: &mut keys,
+            deltas: &mut deltas,
+        };
+        partial_of(&plan, ctx, pass, state, rows, sources)
     }
 
     fn reduce(
@@ -1075,6 +1058,15 @@ mod tests {
         }
     }
 
+    /// Values (bfloat16 values) as bfloat16 bytes, as a checkpoint stores them.
+    fn bf16_bytes(inputs: &[Vec<f32>]) -> Vec<Vec<u8>> {
+        let le = |x: &f32| half::bf16::from_f32(*x).to_le_bytes();
+        inputs
+            .iter()
+            .map(|v| v.iter().flat_map(le).collect())
+            .collect()
+    }
+
     /// A tensor large enough for pass 0 to keep the keys pass 1 counts ([`select::Capture`],
     /// f32 keys): the stored path gives the bits of the method run whole.
     #[test]
@@ -1099,14 +1091,7 @@ mod tests {
             let refs: Vec<&[f32]> = inputs.iter().map(Vec::as_slice).collect();
             let mut want = vec![0f32; n];
             crate::kernels::run_whole(m, &ctx, &refs, &mut want).unwrap();
-            let bytes: Vec<Vec<u8>> = inputs
-                .iter()
-                .map(|v| {
-                    v.iter()
-                        .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
-                        .collect()
-                })
-                .collect();
+            let bytes = bf16_bytes(&inputs);
             let stored: Vec<Stored> = bytes.iter().map(|b| Stored::Bf16(b)).collect();
             let mut got = vec![f32::NAN; n];
             m.whole_stored(&ctx, &stored, &mut got).unwrap();
@@ -1177,14 +1162,7 @@ mod tests {
                             (w, h) => panic!("{what}: whole {w:?}, held {h:?}"),
                         }
                         // the same inputs as stored (bf16 bytes: the values are bf16)
-                        let bytes: Vec<Vec<u8>> = inputs
-                            .iter()
-                            .map(|v| {
-                                v.iter()
-                                    .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
-                                    .collect()
-                            })
-                            .collect();
+                        let bytes = bf16_bytes(&inputs);
                         let stored: Vec<Stored> = bytes.iter().map(|b| Stored::Bf16(b)).collect();
                         assert!(m.takes_stored(&ctx), "{what}");
                         let mut got = vec![f32::NAN; 37 * 19];

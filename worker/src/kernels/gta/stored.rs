@@ -155,46 +155,28 @@ fn stored_partial(
     t: &Deltas,
     mut cap: Option<&mut select::Capture>,
 ) -> KResult<Stats> {
-    if pass < plan.sel_passes {
-        let mut keys = |p: usize, f: &mut dyn FnMut(&[u32])| {
-            let Some(j) = problem_model(plan, p) else {
-                return;
-            };
-            let mut ks = [0u32; CHUNK];
-            t.each(j, |_, dc| {
-                let ks = &mut ks[..dc.len()];
-                select::keys_into(dc, ks);
-                if pass == 0 {
-                    if let Some(c) = cap.as_deref_mut() {
-                        c.see(p, ks);
-                    }
-                }
-                f(ks);
-            });
+    let mut keys = |p: usize, f: &mut dyn FnMut(&[u32])| {
+        let Some(j) = problem_model(plan, p) else {
+            return;
         };
-        return Ok(if pass == 0 {
-            select::partial0_resolvable_with(plan.ranks.len(), &mut keys)
-        } else if resolved(state) {
-            Stats::default()
-        } else {
-            select::partial1_with(state, &plan.ranks, &mut keys)
+        let mut ks = [0u32; CHUNK];
+        t.each(j, |_, dc| {
+            let ks = &mut ks[..dc.len()];
+            select::keys_into(dc, ks);
+            if pass == 0 {
+                if let Some(c) = cap.as_deref_mut() {
+                    c.see(p, ks);
+                }
+            }
+            f(ks);
         });
-    }
-    // L1 pass: as `partial`'s, the drop drawn here and again (the same draws) in the mix
-    let mut st = Stats::default();
-    for j in 0..t.models.len() {
-        let mut before = F32Sum::new();
-        let mut after = F32Sum::new();
-        if plan.keep[j].rescalable() {
-            let mut sp = Sparse::new(plan, ctx, state.child(0), rows, &[], j)?;
-            t.each(j, |at, dc| {
-                before.add_abs(dc);
-                sp.sparsify(at, dc);
-                after.add_abs(dc);
-            });
-        }
-        st.sums.push(before.finish());
-        st.sums.push(after.finish());
-    }
-    Ok(st)
+    };
+    // (an L1 pass draws a rescaled drop here and again, the same draws, in the mix)
+    let mut deltas = |j: usize, f: &mut dyn FnMut(usize, &mut [f32])| t.each(j, f);
+    let src = Sources {
+        inputs: &[],
+        keys: &mut keys,
+        deltas: &mut deltas,
+    };
+    partial_of(plan, ctx, pass, state, rows, src)
 }
