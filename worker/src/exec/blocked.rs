@@ -22,7 +22,7 @@ use super::scratch::sized;
 use super::{fatal, input_dtype, method_of, tensor_ctx, view2d, Executor, Io, Scratch, TaskError};
 use crate::format::dtype::{self, DType};
 use crate::kernels::{Method, RowRange, Stats, TensorCtx};
-use crate::storage::{retry, Location, PositionedRead};
+use crate::storage::{Location, PositionedRead};
 
 /// Values decoded and computed at a time, all inputs' and outputs' blocks together: small
 /// enough that they and the kernel's chunk buffers stay in a core's L2 cache. (A block is
@@ -167,11 +167,7 @@ impl Executor {
     ) -> Result<Vec<Input>, TaskError> {
         let mut raw = Vec::with_capacity(job0.inputs.len());
         for (i, src) in job0.inputs.iter().enumerate() {
-            let piece = scratch
-                .pieces
-                .get_mut(i)
-                .map(std::mem::take)
-                .unwrap_or_default();
+            let piece = scratch.piece(i);
             let (loc, range) = self.stored_range(job0, src, (r0.row_start, r0.row_end))?;
             io.read_from(&src.model, range.end - range.start);
             // a local file is read a block at a time as the blocks are computed
@@ -182,12 +178,7 @@ impl Executor {
                 });
                 continue;
             }
-            let mut buf = Some(piece);
-            let bytes = retry(|| {
-                let b = buf.take().unwrap_or_default();
-                loc.store.read_range_into(&loc.path, range.clone(), b)
-            })
-            .await?;
+            let bytes = super::read::read_whole(&loc, range, piece).await?;
             raw.push(Input { bytes, at: None });
         }
         Ok(raw)

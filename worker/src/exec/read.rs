@@ -94,24 +94,10 @@ impl Executor {
         io: &mut Io,
         scratch: &mut Scratch,
     ) -> Result<Vec<Vec<u8>>, TaskError> {
-        let bufs: Vec<Vec<u8>> = (0..job.inputs.len())
-            .map(|i| {
-                scratch
-                    .pieces
-                    .get_mut(i)
-                    .map(std::mem::take)
-                    .unwrap_or_default()
-            })
-            .collect();
+        let bufs: Vec<Vec<u8>> = (0..job.inputs.len()).map(|i| scratch.piece(i)).collect();
         let reads = job.inputs.iter().zip(bufs).map(|(src, buf)| async move {
             let (loc, range) = self.stored_range(job, src, rows)?;
-            let mut buf = Some(buf);
-            let bytes = retry(|| {
-                let b = buf.take().unwrap_or_default();
-                loc.store.read_range_into(&loc.path, range.clone(), b)
-            })
-            .await?;
-            Ok::<_, TaskError>(bytes)
+            read_whole(&loc, range, buf).await
         });
         let got = futures::future::try_join_all(reads).await?;
         for (src, b) in job.inputs.iter().zip(&got) {
@@ -268,4 +254,19 @@ pub(super) fn stored_dtypes(job: &pb::TensorJob, (start, end): (u64, u64)) -> Op
         .collect::<Option<Vec<_>>>()?;
     let (ctx, m) = (super::tensor_ctx(job).ok()?, super::method_of(job).ok()?);
     m.takes_stored(&ctx).then_some(dts)
+}
+
+/// Bytes `range` of `loc` in one range read (with retries), into `buf` (reused on the first
+/// try).
+pub(super) async fn read_whole(
+    loc: &Location,
+    range: std::ops::Range<u64>,
+    buf: Vec<u8>,
+) -> Result<Vec<u8>, TaskError> {
+    let mut buf = Some(buf);
+    Ok(retry(|| {
+        let b = buf.take().unwrap_or_default();
+        loc.store.read_range_into(&loc.path, range.clone(), b)
+    })
+    .await?)
 }

@@ -57,11 +57,16 @@ impl Scratch {
                 .get_mut(i)
                 .map(std::mem::take)
                 .unwrap_or_default(),
-            self.pieces
-                .get_mut(i)
-                .map(std::mem::take)
-                .unwrap_or_default(),
+            self.piece(i),
         )
+    }
+
+    /// Input `i`'s read buffer, for the caller to fill.
+    pub(super) fn piece(&mut self, i: usize) -> Vec<u8> {
+        self.pieces
+            .get_mut(i)
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 }
 
