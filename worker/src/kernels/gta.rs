@@ -37,6 +37,7 @@ mod fused;
 mod held;
 mod methods;
 mod mix;
+mod once;
 mod partial;
 mod points;
 mod sparse;
@@ -1097,6 +1098,53 @@ mod tests {
             m.whole_stored(&ctx, &stored, &mut got).unwrap();
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert!(bits(&got) == bits(&want), "{}", m.spec.name);
+        }
+    }
+
+    /// A tensor large enough for a sample to bracket its boundaries: the one walk
+    /// ([`once`]) takes it, and gives the bits of the method run whole, in f32 and bf16, with
+    /// breadcrumbs' two boundaries, a model at density one, and NaN and infinite inputs.
+    #[test]
+    fn one_walk_equals_whole() {
+        let (rows, cols) = (1000, 1111);
+        let n = rows * cols;
+        let mut inputs: Vec<Vec<f32>> = (0..4)
+            .map(|i| {
+                data(n, 3 + i, 1.0)
+                    .iter()
+                    .map(|&x| half::bf16::from_f32(x).to_f32())
+                    .collect()
+            })
+            .collect();
+        inputs[2][5] = f32::NAN;
+        inputs[0][n - 9] = f32::INFINITY;
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for m in [&TIES, &BREADCRUMBS_TIES, &BREADCRUMBS] {
+            for work in [Work::F32, Work::BF16] {
+                let mut c = case(m, &[rows as u64, cols as u64], 4);
+                c.base = Some(0);
+                c.work = work;
+                set(&mut c, 1, "density", 0.3);
+                set(&mut c, 2, "density", 0.55);
+                set(&mut c, 3, "density", 1.0);
+                let ctx = c.ctx();
+                let refs: Vec<&[f32]> = inputs.iter().map(Vec::as_slice).collect();
+                let mut want = vec![0f32; n];
+                crate::kernels::run_whole(m, &ctx, &refs, &mut want).unwrap();
+                let bytes = bf16_bytes(&inputs);
+                let stored: Vec<Stored> = bytes.iter().map(|b| Stored::Bf16(b)).collect();
+                let t = stored::Deltas {
+                    work,
+                    base: stored[0],
+                    models: stored[1..].to_vec(),
+                };
+                let mut got = vec![f32::NAN; n];
+                let plan = m.plan(&ctx).unwrap();
+                // (any share: breadcrumbs' two boundaries per model take more than production tries)
+                let took = m.whole_in_one_walk(&plan, &ctx, &t, &mut got, 1.0).unwrap();
+                assert!(took, "{} {work:?}: the walk gave up", m.spec.name);
+                assert!(bits(&got) == bits(&want), "{} {work:?}", m.spec.name);
+            }
         }
     }
 

@@ -14,8 +14,10 @@
 use super::stats::{Hist, Stats};
 use super::{KResult, KernelError};
 
+mod bracket;
 mod capture;
 mod count;
+pub use bracket::{Brackets, TRY_SHARE};
 pub use capture::Capture;
 use count::{pack_bucket, Lanes};
 

@@ -70,6 +70,27 @@ impl Stored<'_> {
         work.sub_in_place(d, tmp);
     }
 
+    /// Appends the values at `pos`, in that order, as stored, to `buf`.
+    ///
+    /// Panics when a position is past the end.
+    pub fn gather(&self, pos: &[u32], buf: &mut Vec<u8>) {
+        let src = self.bytes();
+        let from = buf.len();
+        buf.resize(from + 2 * pos.len(), 0);
+        for (o, &i) in buf[from..].chunks_exact_mut(2).zip(pos) {
+            let i = 2 * i as usize;
+            o.copy_from_slice(&src[i..i + 2]);
+        }
+    }
+
+    /// Values stored as this input's are, in `bytes`.
+    pub fn like<'b>(&self, bytes: &'b [u8]) -> Stored<'b> {
+        match self {
+            Stored::Bf16(_) => Stored::Bf16(bytes),
+            Stored::F16(_) => Stored::F16(bytes),
+        }
+    }
+
     /// Whether every value is finite (no exponent of all ones).
     pub fn all_finite(&self) -> bool {
         let exp: u16 = match self {

@@ -53,6 +53,9 @@ impl Gta {
             base,
             models: plan.others.iter().map(|&i| inputs[i]).collect(),
         };
+        if self.whole_in_one_walk(&plan, ctx, &t, out, select::TRY_SHARE)? {
+            return Ok(());
+        }
         let whole = RowRange {
             start: 0,
             end: ctx.rows,
@@ -93,23 +96,29 @@ impl Gta {
 }
 
 /// The deltas of a tensor's models, from their stored values a chunk at a time.
-struct Deltas<'a> {
-    work: Work,
-    base: Stored<'a>,
+pub(super) struct Deltas<'a> {
+    pub(super) work: Work,
+    pub(super) base: Stored<'a>,
     /// The non-base inputs, in order.
-    models: Vec<Stored<'a>>,
+    pub(super) models: Vec<Stored<'a>>,
 }
 
 impl Deltas<'_> {
     /// Model `j`'s delta over elements `[at, at + d.len())` (at most [`CHUNK`]), in `d`
     /// (`b` is working space): `r(x - b)` in the working dtype, as [`Work::sub_into`] gives it.
-    fn chunk<'d>(&self, j: usize, at: usize, d: &'d mut [f32], b: &mut [f32; CHUNK]) -> &'d [f32] {
+    pub(super) fn chunk<'d>(
+        &self,
+        j: usize,
+        at: usize,
+        d: &'d mut [f32],
+        b: &mut [f32; CHUNK],
+    ) -> &'d [f32] {
         self.models[j].delta(&self.base, self.work, at, d, &mut b[..d.len()]);
         d
     }
 
     /// Model `j`'s delta, chunk by chunk in element order, to `f`.
-    fn each(&self, j: usize, mut f: impl FnMut(usize, &mut [f32])) {
+    pub(super) fn each(&self, j: usize, mut f: impl FnMut(usize, &mut [f32])) {
         let n = self.base.len();
         let (mut d, mut b) = ([0f32; CHUNK], [0f32; CHUNK]);
         for at in (0..n).step_by(CHUNK) {
@@ -128,20 +137,26 @@ fn capture(plan: &Plan, t: &Deltas) -> Option<select::Capture> {
     if plan.sel_passes < 2 || matches!(plan.work, Work::BF16) || n < 16 * CHUNK {
         return None;
     }
+    Some(select::Capture::new(&plan.ranks, n as u64, &mut |p, f| {
+        sample_keys(plan, t, p, f)
+    }))
+}
+
+/// The keys of every 16th chunk of selection problem `p`, to `f`: a sample for
+/// [`select::Capture`] and [`select::Brackets`].
+pub(super) fn sample_keys(plan: &Plan, t: &Deltas, p: usize, f: &mut dyn FnMut(&[u32])) {
+    let n = t.base.len();
     let (mut d, mut b, mut ks) = ([0f32; CHUNK], [0f32; CHUNK], [0u32; CHUNK]);
-    let mut sample = |p: usize, f: &mut dyn FnMut(&[u32])| {
-        let Some(j) = problem_model(plan, p) else {
-            return;
-        };
-        for at in (0..n).step_by(16 * CHUNK) {
-            let dc = &mut d[..CHUNK.min(n - at)];
-            t.chunk(j, at, dc, &mut b);
-            let k = &mut ks[..dc.len()];
-            select::keys_into(dc, k);
-            f(k);
-        }
+    let Some(j) = problem_model(plan, p) else {
+        return;
     };
-    Some(select::Capture::new(&plan.ranks, n as u64, &mut sample))
+    for at in (0..n).step_by(16 * CHUNK) {
+        let dc = &mut d[..CHUNK.min(n - at)];
+        t.chunk(j, at, dc, &mut b);
+        let k = &mut ks[..dc.len()];
+        select::keys_into(dc, k);
+        f(k);
+    }
 }
 
 /// [`Method::partial`] of pass `pass` over the whole tensor, from the stored inputs; pass 0

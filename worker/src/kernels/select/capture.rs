@@ -72,15 +72,33 @@ impl Capture {
 }
 
 /// The range of high buckets that the boundaries at `ranks` (among `n` keys) fall in, as a
-/// sample of `sn` keys with high-bucket counts `dense` locates them, widened by a margin for
-/// the sample's error (5 standard deviations of a sampled rank); None without a boundary to
-/// locate.
+/// sample of `sn` keys with high-bucket counts `dense` locates them ([`bucket_range`]); None
+/// without a boundary to locate.
 fn window(ranks: &[u64], n: u64, dense: &[u32], sn: u64) -> Option<(u32, u32)> {
-    let live: Vec<u64> = ranks.iter().copied().filter(|&r| r < n).collect();
-    if live.is_empty() || sn == 0 || n == 0 {
+    let mut live = ranks.iter().filter(|&&r| r < n).peekable();
+    live.peek()?;
+    live.map(|&r| bucket_range(r, n, dense, sn, 10))
+        .try_fold((u32::MAX, 0), |(lo, hi), w| {
+            w.map(|(l, h)| (lo.min(l), hi.max(h)))
+        })
+}
+
+/// The range of high buckets that the boundary at rank `r` (among `n` keys) falls in, as a
+/// sample of `sn` keys with high-bucket counts `dense` locates it, widened by a margin for
+/// the sample's error: `sigmas` standard deviations of a sampled rank at the median (more
+/// elsewhere), and 16 keys; None from an empty sample.
+pub(super) fn bucket_range(
+    r: u64,
+    n: u64,
+    dense: &[u32],
+    sn: u64,
+    sigmas: u64,
+) -> Option<(u32, u32)> {
+    if sn == 0 || n == 0 {
         return None;
     }
-    let margin = 5 * (sn as f64).sqrt() as u64 + 16;
+    // (the standard deviation at the median is sqrt(sn) / 2)
+    let margin = sigmas * (sn as f64).sqrt() as u64 / 2 + 16;
     let at = |r: u64| -> u32 {
         let mut before = 0;
         for (b, &c) in dense.iter().enumerate() {
@@ -91,13 +109,8 @@ fn window(ranks: &[u64], n: u64, dense: &[u32], sn: u64) -> Option<(u32, u32)> {
         }
         (BINS - 1) as u32
     };
-    let (mut lo, mut hi) = (u32::MAX, 0);
-    for r in live {
-        let q = ((r as u128 * sn as u128) / n as u128) as u64;
-        lo = lo.min(at(q.saturating_sub(margin)));
-        hi = hi.max(at((q + margin).min(sn - 1)));
-    }
-    Some((lo, hi))
+    let q = ((r as u128 * sn as u128) / n as u128) as u64;
+    Some((at(q.saturating_sub(margin)), at((q + margin).min(sn - 1))))
 }
 
 /// Appends the keys of `ks` whose high 16 bits lie in `[lo, hi]` to `out`, in order. A
