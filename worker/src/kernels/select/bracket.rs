@@ -306,18 +306,22 @@ unsafe fn see_avx512(
         let k = unsafe { _mm512_loadu_si512(b.as_ptr().cast()) };
         let under = _mm512_cmplt_epu32_mask(k, vlo);
         let inside = _mm512_cmple_epu32_mask(_mm512_sub_epi32(k, vlo), vw);
-        // the members' positions packed to the low lanes, stored whole (a compressing store
-        // to memory is microcoded, and slow, on many CPUs): the lanes past the members are
-        // overwritten by the next block's, or left past the count
-        let packed = _mm512_maskz_compress_epi32(inside, pos);
-        let dst = &mut out[c..c + 16];
-        // SAFETY: `dst` is 16 u32s, the 64 bytes an unaligned store writes; it is in bounds
-        // (checked by the slice) because `c` counts the members of the blocks before, at
-        // most their 16 keys each, so `c + 16` is at most the keys walked so far, within
-        // `ks.len()`, which the caller keeps within `out.len()` (CHUNK)
-        unsafe { _mm512_storeu_si512(dst.as_mut_ptr().cast(), packed) };
         below += u64::from(under.count_ones());
-        c += inside.count_ones() as usize;
+        // most blocks have no member (a bracket holds a few percent of the keys): skipping
+        // them keeps the count off the loop's critical path
+        if inside != 0 {
+            // the members' positions packed to the low lanes, stored whole (a compressing
+            // store to memory is microcoded, and slow, on many CPUs): the lanes past the
+            // members are overwritten by the next block's, or left past the count
+            let packed = _mm512_maskz_compress_epi32(inside, pos);
+            let dst = &mut out[c..c + 16];
+            // SAFETY: `dst` is 16 u32s, the 64 bytes an unaligned store writes; it is in
+            // bounds (checked by the slice) because `c` counts the members of the blocks
+            // before, at most their 16 keys each, so `c + 16` is at most the keys walked so
+            // far, within `ks.len()`, which the caller keeps within `out.len()` (CHUNK)
+            unsafe { _mm512_storeu_si512(dst.as_mut_ptr().cast(), packed) };
+            c += inside.count_ones() as usize;
+        }
         pos = _mm512_add_epi32(pos, step);
     }
     let done = ks.len() - rest.len();
