@@ -1068,20 +1068,33 @@ mod tests {
             .collect()
     }
 
+    /// Four inputs of `n` values each (from seed `seed` on), rounded to bfloat16.
+    fn bf16_inputs(n: usize, seed: u64) -> Vec<Vec<f32>> {
+        (0..4)
+            .map(|i| {
+                data(n, seed + i, 1.0)
+                    .iter()
+                    .map(|&x| half::bf16::from_f32(x).to_f32())
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// `m` run whole over `inputs` (the reference the stored paths must equal).
+    fn run_whole_of(m: &Gta, ctx: &TensorCtx, inputs: &[Vec<f32>]) -> Vec<f32> {
+        let refs: Vec<&[f32]> = inputs.iter().map(Vec::as_slice).collect();
+        let mut want = vec![0f32; refs[0].len()];
+        crate::kernels::run_whole(m, ctx, &refs, &mut want).unwrap();
+        want
+    }
+
     /// A tensor large enough for pass 0 to keep the keys pass 1 counts ([`select::Capture`],
     /// f32 keys): the stored path gives the bits of the method run whole.
     #[test]
     fn stored_with_kept_keys_equals_whole() {
         let (rows, cols) = (400, 1001);
         let n = rows * cols;
-        let inputs: Vec<Vec<f32>> = (0..4)
-            .map(|i| {
-                data(n, 7 + i, 1.0)
-                    .iter()
-                    .map(|&x| half::bf16::from_f32(x).to_f32())
-                    .collect()
-            })
-            .collect();
+        let inputs = bf16_inputs(n, 7);
         for m in [&TIES, &BREADCRUMBS_TIES] {
             let mut c = case(m, &[rows as u64, cols as u64], 4);
             c.base = Some(0);
@@ -1089,9 +1102,7 @@ mod tests {
             set(&mut c, 2, "density", 0.55);
             set(&mut c, 3, "density", 0.8);
             let ctx = c.ctx();
-            let refs: Vec<&[f32]> = inputs.iter().map(Vec::as_slice).collect();
-            let mut want = vec![0f32; n];
-            crate::kernels::run_whole(m, &ctx, &refs, &mut want).unwrap();
+            let want = run_whole_of(m, &ctx, &inputs);
             let bytes = bf16_bytes(&inputs);
             let stored: Vec<Stored> = bytes.iter().map(|b| Stored::Bf16(b)).collect();
             let mut got = vec![f32::NAN; n];
@@ -1108,14 +1119,7 @@ mod tests {
     fn one_walk_equals_whole() {
         let (rows, cols) = (1000, 1111);
         let n = rows * cols;
-        let mut inputs: Vec<Vec<f32>> = (0..4)
-            .map(|i| {
-                data(n, 3 + i, 1.0)
-                    .iter()
-                    .map(|&x| half::bf16::from_f32(x).to_f32())
-                    .collect()
-            })
-            .collect();
+        let mut inputs = bf16_inputs(n, 3);
         inputs[2][5] = f32::NAN;
         inputs[0][n - 9] = f32::INFINITY;
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
@@ -1128,9 +1132,7 @@ mod tests {
                 set(&mut c, 2, "density", 0.55);
                 set(&mut c, 3, "density", 1.0);
                 let ctx = c.ctx();
-                let refs: Vec<&[f32]> = inputs.iter().map(Vec::as_slice).collect();
-                let mut want = vec![0f32; n];
-                crate::kernels::run_whole(m, &ctx, &refs, &mut want).unwrap();
+                let want = run_whole_of(m, &ctx, &inputs);
                 let bytes = bf16_bytes(&inputs);
                 let stored: Vec<Stored> = bytes.iter().map(|b| Stored::Bf16(b)).collect();
                 let t = stored::Deltas {

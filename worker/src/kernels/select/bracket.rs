@@ -338,21 +338,11 @@ mod tests {
     };
     use super::*;
 
-    /// Keys with many ties (a tenth of them 0), from a few thousand distinct values.
+    /// Keys with many ties (an eleventh of them 0, the others of about 10,000 values): the
+    /// capture's test keys with their low 12 bits cleared.
     fn keys(n: usize, seed: u64) -> Vec<u32> {
-        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                if x.is_multiple_of(10) {
-                    0
-                } else {
-                    ((x % 5000) as f32 * 1e-3 - 2.5).abs().to_bits() & 0xffff_f000
-                }
-            })
-            .collect()
+        let ks = super::super::capture::tests::keys(n, seed);
+        ks.into_iter().map(|k| k & 0xffff_f000).collect()
     }
 
     /// The radix passes' boundaries (pass 1 skipped where pass 0 resolves them).
@@ -441,7 +431,7 @@ mod tests {
         assert!(b.resolve().is_none());
     }
 
-    /// A boundary among many equal keys (a tenth of them are 0, the rank at 5%) puts more
+    /// A boundary among many equal keys (an eleventh of them are 0, the rank at 5%) puts more
     /// keys inside its bracket than merging them again is worth: declined up front.
     #[test]
     fn declines_where_the_sample_puts_many_keys_inside() {

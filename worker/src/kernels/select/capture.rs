@@ -140,12 +140,12 @@ fn keep_range(ks: &[u32], lo: u32, hi: u32, out: &mut Vec<u32>) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::super::{partial0, reduce0};
     use super::*;
 
     /// Keys with many ties, from a few hundred distinct values, in `n` elements.
-    fn keys(n: usize, seed: u64) -> Vec<u32> {
+    pub(in crate::kernels::select) fn keys(n: usize, seed: u64) -> Vec<u32> {
         let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
         (0..n)
             .map(|_| {
