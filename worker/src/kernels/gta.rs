@@ -1143,7 +1143,8 @@ mod tests {
                 let mut got = vec![f32::NAN; n];
                 let plan = m.plan(&ctx).unwrap();
                 // (any share: breadcrumbs' two boundaries per model take more than production tries)
-                let took = m.whole_in_one_walk(&plan, &ctx, &t, &mut got, 1.0).unwrap();
+                let sample = std::cell::OnceCell::new();
+                let took = (m.whole_in_one_walk(&plan, &ctx, &t, &mut got, &sample, 1.0)).unwrap();
                 assert!(took, "{} {work:?}: the walk gave up", m.spec.name);
                 assert!(bits(&got) == bits(&want), "{} {work:?}", m.spec.name);
             }

@@ -17,9 +17,11 @@ use super::{KResult, KernelError};
 mod bracket;
 mod capture;
 mod count;
+mod sample;
 pub use bracket::{Brackets, TRY_SHARE};
 pub use capture::Capture;
 use count::{pack_bucket, Lanes};
+pub use sample::Sample;
 
 /// Passes a selection needs.
 pub const PASSES: u32 = 2;

@@ -8,12 +8,14 @@
 //! and the boundaries are the radix passes': the output is [`super::stored`]'s, bit for bit,
 //! for one walk over the inputs instead of two or three.
 
-use super::stored::{sample_keys, Deltas};
+use std::cell::OnceCell;
+
+use super::stored::{sampled, Deltas};
 use super::*;
 
 impl Gta {
     /// `out` from `t` in one walk; false (with `out` partly written) where it does not apply,
-    /// the sample puts more than `try_share` of the elements inside the brackets
+    /// the sample (taken into `sample` where there is none) puts more than `try_share` of the elements inside the brackets
     /// ([`select::TRY_SHARE`]) or misled, and the radix passes must locate the boundaries.
     pub(super) fn whole_in_one_walk(
         &self,
@@ -21,6 +23,7 @@ impl Gta {
         ctx: &TensorCtx,
         t: &Deltas,
         out: &mut [f32],
+        sample: &OnceCell<select::Sample>,
         try_share: f64,
     ) -> KResult<bool> {
         let n = out.len();
@@ -31,8 +34,8 @@ impl Gta {
         if plan.l1_passes > 0 || !windows_only || n < 16 * CHUNK || u32::try_from(n).is_err() {
             return Ok(false);
         }
-        let mut sample = |p: usize, f: &mut dyn FnMut(&[u32])| sample_keys(plan, t, p, f);
-        let Some(br) = select::Brackets::new(&plan.ranks, n as u64, &mut sample, try_share) else {
+        let sample = sampled(sample, plan, t);
+        let Some(br) = select::Brackets::new(&plan.ranks, n as u64, sample, try_share) else {
             return Ok(false);
         };
         SCRATCH.with_borrow_mut(|s| {

@@ -6,6 +6,8 @@
 //! the delta costs less than storing it. The same steps on the same values as
 //! [`Method::partial`] and [`Method::apply`] over the whole tensor, so the same bits.
 
+use std::cell::OnceCell;
+
 use super::held::problem_model;
 use super::*;
 
@@ -53,7 +55,9 @@ impl Gta {
             base,
             models: plan.others.iter().map(|&i| inputs[i]).collect(),
         };
-        if self.whole_in_one_walk(&plan, ctx, &t, out, select::TRY_SHARE)? {
+        // (taken at most once: the capture reuses the one walk's sample where it declined)
+        let sample = OnceCell::new();
+        if self.whole_in_one_walk(&plan, ctx, &t, out, &sample, select::TRY_SHARE)? {
             return Ok(());
         }
         let whole = RowRange {
@@ -61,7 +65,7 @@ impl Gta {
             end: ctx.rows,
             index: 0,
         };
-        let mut cap = capture(&plan, &t);
+        let mut cap = capture(&plan, &t, &sample);
         let state = crate::kernels::run_passes(self, ctx, |pass, st| {
             if let (1, Some(c)) = (pass, &cap) {
                 if pass < plan.sel_passes && !resolved(st) {
@@ -132,19 +136,29 @@ impl Deltas<'_> {
 /// For a tensor whose selection takes a second pass (f32 or float16 keys; bfloat16 ones are
 /// located by the first) and that is large enough for a sample to tell: a [`select::Capture`]
 /// guessed from the keys of every 16th chunk, which pass 0 then fills.
-fn capture(plan: &Plan, t: &Deltas) -> Option<select::Capture> {
+fn capture(plan: &Plan, t: &Deltas, sample: &OnceCell<select::Sample>) -> Option<select::Capture> {
     let n = t.base.len();
     if plan.sel_passes < 2 || matches!(plan.work, Work::BF16) || n < 16 * CHUNK {
         return None;
     }
-    Some(select::Capture::new(&plan.ranks, n as u64, &mut |p, f| {
-        sample_keys(plan, t, p, f)
-    }))
+    let s = sampled(sample, plan, t);
+    Some(select::Capture::new(&plan.ranks, n as u64, s))
+}
+
+/// The sample of `t`'s keys in `cell` ([`sample_keys`]), taken on first use.
+pub(super) fn sampled<'c>(
+    cell: &'c OnceCell<select::Sample>,
+    plan: &Plan,
+    t: &Deltas,
+) -> &'c select::Sample {
+    cell.get_or_init(|| {
+        select::Sample::new(plan.ranks.len(), &mut |p, f| sample_keys(plan, t, p, f))
+    })
 }
 
 /// The keys of every 16th chunk of selection problem `p`, to `f`: a sample for
 /// [`select::Capture`] and [`select::Brackets`].
-pub(super) fn sample_keys(plan: &Plan, t: &Deltas, p: usize, f: &mut dyn FnMut(&[u32])) {
+fn sample_keys(plan: &Plan, t: &Deltas, p: usize, f: &mut dyn FnMut(&[u32])) {
     let n = t.base.len();
     let (mut d, mut b, mut ks) = ([0f32; CHUNK], [0f32; CHUNK], [0u32; CHUNK]);
     let Some(j) = problem_model(plan, p) else {

@@ -8,10 +8,10 @@
 //! locates the boundaries with the radix passes instead. The boundaries are those the radix
 //! passes give, so the verdicts, and every bit after them, are the same.
 
-use super::{capture::bucket_range, KeySource, Stats, BINS};
+use super::{capture::bucket_range, Stats};
 
 /// Elements a walk shows [`Brackets::see`] at a time, at most.
-pub const CHUNK: usize = 2048;
+const CHUNK: usize = 2048;
 
 /// A bracket's margin around a rank the sample locates, in standard deviations of a sampled
 /// rank at the median (more elsewhere), plus 16 keys: a sample misleads it about once in
@@ -54,26 +54,19 @@ pub struct Brackets {
 }
 
 impl Brackets {
-    /// Brackets guessed from a sample of each problem's keys (`sample(p, f)` calls `f` on
-    /// those of problem `p`, every element equally likely to be in it) for the ranks
-    /// `ranks[p]` among its `n` keys; None when a problem's sample is empty, or puts more
+    /// Brackets guessed from a sample of each problem's keys ([`super::Sample`]) for the
+    /// ranks `ranks[p]` among its `n` keys; None when a problem's sample is empty, or puts more
     /// than `try_share` of the elements inside the brackets ([`TRY_SHARE`]).
     pub fn new(
         ranks: &[Vec<u64>],
         n: u64,
-        sample: &mut KeySource,
+        sample: &super::Sample,
         try_share: f64,
     ) -> Option<Brackets> {
-        let mut dense = vec![0u32; BINS];
         let mut sides = Vec::with_capacity(ranks.len());
         let mut share = 0.0;
         for (p, rs) in ranks.iter().enumerate() {
-            dense.iter_mut().for_each(|d| *d = 0);
-            let mut sn = 0u64;
-            sample(p, &mut |ks| {
-                sn += ks.len() as u64;
-                ks.iter().for_each(|&k| dense[(k >> 16) as usize] += 1);
-            });
+            let (dense, sn) = sample.problem(p);
             let mut ss = Vec::with_capacity(rs.len());
             let mut inside = 0u64;
             for &rank in rs {
@@ -82,7 +75,7 @@ impl Brackets {
                 } else if rank >= n {
                     Side::Fixed(u32::MAX)
                 } else {
-                    let (blo, bhi) = bucket_range(rank, n, &dense, sn, MARGIN)?;
+                    let (blo, bhi) = bucket_range(rank, n, dense, sn, MARGIN)?;
                     inside += (dense[blo as usize..=bhi as usize].iter())
                         .map(|&c| u64::from(c))
                         .sum::<u64>();
@@ -334,7 +327,7 @@ unsafe fn see_avx512(
 #[cfg(test)]
 mod tests {
     use super::super::{
-        boundaries, partial0, partial1, reduce0, reduce1, resolve0, Boundary, Cursor,
+        boundaries, partial0, partial1, reduce0, reduce1, resolve0, Boundary, Cursor, Sample,
     };
     use super::*;
 
@@ -386,13 +379,10 @@ mod tests {
             let ranks = vec![vec![n64 / 2, n64], vec![n64 / 5, n64 * 19 / 20]];
             let refs: Vec<&[u32]> = ks.iter().map(Vec::as_slice).collect();
             let want = radix(&refs, &ranks, n64);
-            let mut b = Brackets::new(
-                &ranks,
-                n64,
-                &mut |p, f| f(&ks[p].iter().step_by(16).copied().collect::<Vec<_>>()),
-                1.0,
-            )
-            .unwrap();
+            let s = Sample::new(2, &mut |p, f| {
+                f(&ks[p].iter().step_by(16).copied().collect::<Vec<_>>())
+            });
+            let mut b = Brackets::new(&ranks, n64, &s, 1.0).unwrap();
             let prov = b.provisional();
             let mask = walk(&mut b, &ks);
             let got = b.resolve().expect("the sample brackets the ranks");
@@ -426,7 +416,8 @@ mod tests {
             .step_by(16)
             .map(|&k| (f32::from_bits(k) * 10.0 + 1.0).to_bits())
             .collect();
-        let mut b = Brackets::new(&ranks, n as u64, &mut |_, f| f(&wrong), 1.0).unwrap();
+        let s = Sample::new(1, &mut |_, f| f(&wrong));
+        let mut b = Brackets::new(&ranks, n as u64, &s, 1.0).unwrap();
         walk(&mut b, &[ks]);
         assert!(b.resolve().is_none());
     }
@@ -439,10 +430,10 @@ mod tests {
         let ks = keys(n, 5);
         let sample: Vec<u32> = ks.iter().step_by(16).copied().collect();
         let ranks = vec![vec![n as u64 / 20, n as u64]];
-        let mut s = |_: usize, f: &mut dyn FnMut(&[u32])| f(&sample);
-        assert!(Brackets::new(&ranks, n as u64, &mut s, TRY_SHARE).is_none());
+        let s = Sample::new(1, &mut |_, f| f(&sample));
+        assert!(Brackets::new(&ranks, n as u64, &s, TRY_SHARE).is_none());
         let ranks = vec![vec![n as u64 / 2, n as u64]];
-        assert!(Brackets::new(&ranks, n as u64, &mut s, TRY_SHARE).is_some());
+        assert!(Brackets::new(&ranks, n as u64, &s, TRY_SHARE).is_some());
     }
 
     #[test]

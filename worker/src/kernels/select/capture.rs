@@ -20,22 +20,13 @@ pub struct Capture {
 }
 
 impl Capture {
-    /// Windows guessed from a sample of each problem's keys (`sample(p, f)` calls `f` on
-    /// those of problem `p`; every element equally likely to be in it), for the ranks
-    /// `ranks[p]` among its `n` keys.
-    pub fn new(ranks: &[Vec<u64>], n: u64, sample: &mut super::KeySource) -> Capture {
-        let mut dense = vec![0u32; BINS];
-        let windows = ranks
-            .iter()
-            .enumerate()
+    /// Windows guessed from a sample of each problem's keys ([`super::Sample`]), for the
+    /// ranks `ranks[p]` among its `n` keys.
+    pub fn new(ranks: &[Vec<u64>], n: u64, sample: &super::Sample) -> Capture {
+        let windows = (ranks.iter().enumerate())
             .map(|(p, rs)| {
-                dense.iter_mut().for_each(|d| *d = 0);
-                let mut sn = 0u64;
-                sample(p, &mut |ks| {
-                    sn += ks.len() as u64;
-                    ks.iter().for_each(|&k| dense[(k >> 16) as usize] += 1);
-                });
-                window(rs, n, &dense, sn)
+                let (dense, sn) = sample.problem(p);
+                window(rs, n, dense, sn)
             })
             .collect();
         Capture {
@@ -180,7 +171,8 @@ pub(super) mod tests {
                 .iter()
                 .map(|k| k.iter().step_by(16).copied().collect())
                 .collect();
-            let mut c = Capture::new(&ranks, n as u64, &mut |p, f| f(&sample[p]));
+            let s = super::super::Sample::new(2, &mut |p, f| f(&sample[p]));
+            let mut c = Capture::new(&ranks, n as u64, &s);
             for (p, k) in ks.iter().enumerate() {
                 k.chunks(2048).for_each(|ch| c.see(p, ch));
             }
@@ -198,7 +190,8 @@ pub(super) mod tests {
                         .collect()
                 })
                 .collect();
-            let mut c = Capture::new(&ranks, n as u64, &mut |p, f| f(&wrong[p]));
+            let s = super::super::Sample::new(2, &mut |p, f| f(&wrong[p]));
+            let mut c = Capture::new(&ranks, n as u64, &s);
             for (p, k) in ks.iter().enumerate() {
                 c.see(p, k);
             }
