@@ -5,7 +5,8 @@
 use crate::error::{Error, Result};
 use crate::plan::{Plan, TensorPlan};
 use crate::size::human;
-use shardmerge_worker::exec::reads_as_stored;
+use shardmerge_worker::exec::{reads_as_stored, whole_as_stored};
+use shardmerge_worker::kernels::NOTED_SHARE;
 use shardmerge_worker::tensor::view2d;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -81,6 +82,30 @@ pub fn bytes_per_element(t: &TensorPlan) -> u64 {
         return t.out_dtype.size() as u64 + inputs;
     }
     as_f32(t)
+}
+
+/// Bytes an element of tensor `t` takes in a task that computes it whole: less than
+/// [`bytes_per_element`] for a statistics tensor whose kernel takes its inputs as stored
+/// ([`whole_as_stored`]), which holds its f32 output, the one walk's working space (the
+/// elements it notes, at most one in [`NOTED_SHARE`]: a position, each input's 2 bytes and a
+/// mix) and the inputs that are not local files (a local one is mapped: page cache, not the
+/// slot's memory).
+pub fn whole_bytes_per_element(t: &TensorPlan) -> u64 {
+    let (_, out_row) = view2d(&t.shape);
+    let stored = t.inputs.iter().map(|s| {
+        let plain = s.lora.is_none() && s.derived.is_none();
+        (s.dtype, view2d(&s.shape).1, plain)
+    });
+    let row_map = t.row_map.is_some();
+    let takes = t.passes > 0
+        && t.ctx()
+            .is_ok_and(|ctx| whole_as_stored(t.method, &ctx, out_row, row_map, stored));
+    if !takes {
+        return bytes_per_element(t);
+    }
+    let noted = (8 + 2 * t.inputs.len() as u64).div_ceil(NOTED_SHARE as u64);
+    let held = t.inputs.iter().filter(|s| !is_local_file(&s.uri));
+    4 + noted + held.map(|s| s.dtype.size() as u64).sum::<u64>()
 }
 
 /// [`bytes_per_element`] of the general path, every input raw and as f32. A derived input's
@@ -287,10 +312,12 @@ fn keep_whole(t: &TensorPlan, seg_cap_rows: u64, target: u64, o: &CutOptions) ->
 fn fits_whole(t: &TensorPlan, seg_cap_rows: u64, target: u64, o: &CutOptions) -> (bool, bool) {
     let (rows, row_bytes) = t.rows();
     let row_elems = row_bytes / t.out_dtype.size() as u64;
-    let work = rows * row_elems * bytes_per_element(t);
-    let alone =
-        t.needs_whole() && rows > seg_cap_rows && whole_fits(work, rows * row_bytes, target, o);
-    (t.needs_whole() && (rows <= seg_cap_rows || alone), alone)
+    let bpe = whole_bytes_per_element(t);
+    let work = rows * row_elems * bpe;
+    // (seg_cap_rows is the general path's: one computed from its inputs as stored takes less)
+    let shares = rows <= seg_cap_rows || (bpe < bytes_per_element(t) && work <= o.slot_memory / 2);
+    let alone = t.needs_whole() && !shares && whole_fits(work, rows * row_bytes, target, o);
+    (t.needs_whole() && (shares || alone), alone)
 }
 
 /// Whether a tensor kept whole in a task of its own fits the slot: its working set `work`, its

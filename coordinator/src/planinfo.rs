@@ -75,8 +75,13 @@ pub async fn describe_given(
                         tensor, start, end, ..
                     } => {
                         let tj = &plan.tensors[*tensor];
-                        let (_, row) = shardmerge_worker::tensor::view2d(&tj.shape);
-                        (end - start) * row * bytes_per_element(tj)
+                        let (rows, row) = shardmerge_worker::tensor::view2d(&tj.shape);
+                        let bpe = if *start == 0 && *end == rows {
+                            cut::whole_bytes_per_element(tj)
+                        } else {
+                            bytes_per_element(tj)
+                        };
+                        (end - start) * row * bpe
                     }
                 })
                 .max()

@@ -438,3 +438,47 @@ async fn every_method_on_odd_bf16_sharded_inputs_is_split_invariant() {
         );
     }
 }
+
+/// The planner charges a statistics tensor of 16-bit local inputs what the worker holds for it:
+/// its f32 output and the walk's working space, its inputs mapped (page cache). In slots
+/// where that fits and the general path's figure (every input raw and as f32) does not, the
+/// bf16 checkpoint's tensors stay whole and the same values stored as f32 are cut into
+/// statistics units; both merge to the same bytes (`bf16_inputs`).
+#[tokio::test]
+async fn statistics_tensors_of_16_bit_local_inputs_are_charged_as_mapped() {
+    use shardmerge::job::SubmitOptions;
+    use shardmerge::planinfo;
+    use shardmerge_worker::storage::Resolver;
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("half"), tmp.path().join("wide"));
+    for (dir, dt) in [(&a, DType::BF16), (&b, DType::F32)] {
+        derive(dir, |m, t, d| {
+            let cfg = golden().join("models").join(m).join("config.json");
+            write(d, &round_to(t, DType::BF16), dt, None, Some(&cfg))
+        });
+    }
+    let ties = recipe("ties_multilingual");
+    let describe = |dir: &Path, slot_memory: u64| {
+        let o = SubmitOptions {
+            base_dir: dir.to_path_buf(),
+            task_size: 4096,
+            slot_memory,
+            ..Default::default()
+        };
+        let ties = ties.clone();
+        async move { (planinfo::describe(&ties, &o, 2, &Resolver::new()).await).unwrap() }
+    };
+    let info = describe(&a, 1 << 30).await;
+    let n = (info.plan.tensors.iter())
+        .filter(|t| t.passes > 0)
+        .map(|t| t.shape.iter().product::<u64>())
+        .max()
+        .unwrap();
+    let (half, wide) = (describe(&a, 16 * n).await, describe(&b, 16 * n).await);
+    assert!(
+        half.cut.units.is_empty(),
+        "bf16 inputs: {} statistics units",
+        half.cut.units.len()
+    );
+    assert!(!wide.cut.units.is_empty(), "f32 inputs: no statistics unit");
+}

@@ -10,7 +10,7 @@ use shardmerge_proto as pb;
 
 use crate::format::dtype::{self, DType};
 use crate::kernels::{self, TensorCtx};
-use crate::storage::{retry, Resolver, Storage, StorageError, Upload};
+use crate::storage::{self, retry, Resolver, Storage, StorageError, Upload};
 
 /// A task failure: retryable ones (I/O) are run again, the others fail the job.
 #[derive(Debug, Clone)]
@@ -70,6 +70,7 @@ mod scratch;
 mod segment;
 pub use blocked::reads_as_stored;
 use kernel::{kernel_points, kernel_rows, kernel_stored, partial_rows};
+pub use read::whole_as_stored;
 pub use rowcache::RowCache;
 use scratch::{give_back, sized};
 pub use scratch::{release_free_memory, Scratch};
@@ -300,10 +301,15 @@ impl Executor {
                     Kept::Decoded => scratch.inputs[..n_in.min(scratch.inputs.len())]
                         .iter()
                         .all(|v| v.iter().all(|x| x.is_finite())),
-                    Kept::Stored(dts) => dts
-                        .iter()
-                        .zip(&scratch.pieces)
-                        .all(|(&dt, b)| stored_view(dt, b).is_some_and(|s| s.all_finite())),
+                    Kept::Stored(dts, mapped) => {
+                        dts.iter()
+                            .zip(&scratch.pieces)
+                            .zip(&mapped)
+                            .all(|((&dt, b), m)| {
+                                let b = m.as_deref().unwrap_or(b);
+                                stored_view(dt, b).is_some_and(|s| s.all_finite())
+                            })
+                    }
                 };
                 non_finite(job, r, &values, odt, inputs_finite)?;
             }
@@ -449,8 +455,9 @@ impl Executor {
         if let Some(dts) = read::stored_dtypes(job, rows) {
             let inputs = self.read_stored(job, rows, io, scratch).await?;
             let (res, inputs) = kernel_stored(job, &dts, inputs, out).await;
-            give_back(&mut scratch.pieces, inputs);
-            return res.map(|v| (v, Kept::Stored(dts)));
+            let (bufs, mapped) = inputs.into_iter().map(read::StoredIn::into_parts).unzip();
+            give_back(&mut scratch.pieces, bufs);
+            return res.map(|v| (v, Kept::Stored(dts, mapped)));
         }
         let inputs = self.read_inputs(job, rows, false, io, scratch).await?;
         let (res, inputs) = kernel_rows(job, r, inputs, out, true).await;
@@ -463,8 +470,8 @@ impl Executor {
 enum Kept {
     /// Decoded, in the slot's input buffers.
     Decoded,
-    /// As stored, in the slot's read buffers (in these dtypes).
-    Stored(Vec<DType>),
+    /// As stored (in these dtypes): mapped, or in the slot's read buffers.
+    Stored(Vec<DType>, Vec<Option<storage::Mapped>>),
     /// Gone (the kernel used them as working memory): whether they were all finite.
     Finite(bool),
 }

@@ -1,8 +1,12 @@
 //! Running a tensor's kernel over input rows already read, off the async runtime: the rows of
 //! a write segment (apply, or the whole tensor) and a statistics pass's partial statistics.
 
+use std::cell::Cell;
+use std::ops::Range;
+
 use shardmerge_proto as pb;
 
+use super::read::StoredIn;
 use super::scratch::sized;
 use super::{fatal, method_of, tensor_ctx, TaskError};
 use crate::format::dtype::DType;
@@ -52,10 +56,10 @@ pub(super) async fn kernel_rows(
 pub(super) async fn kernel_stored(
     job: &pb::TensorJob,
     dts: &[DType],
-    inputs: Vec<Vec<u8>>,
+    inputs: Vec<StoredIn>,
     out: Vec<f32>,
-) -> (Result<Vec<f32>, TaskError>, Vec<Vec<u8>>) {
-    let run = move |job: &pb::TensorJob, dts: &[DType], inputs: &[Vec<u8>], out: Vec<f32>| {
+) -> (Result<Vec<f32>, TaskError>, Vec<StoredIn>) {
+    let run = move |job: &pb::TensorJob, dts: &[DType], inputs: &[StoredIn], out: Vec<f32>| {
         let ctx = tensor_ctx(job)?;
         let m = method_of(job)?;
         let views = dts
@@ -65,11 +69,11 @@ pub(super) async fn kernel_stored(
             .collect::<Option<Vec<_>>>()
             .ok_or_else(|| fatal(format!("tensor {}: an input is not 16-bit", job.name)))?;
         let mut out = sized(out, (ctx.rows as usize) * ctx.row_len);
-        m.whole_stored(&ctx, &views, &mut out)
+        m.whole_stored(&ctx, &views, &mut out, &release_behind(inputs))
             .map_err(|e| fatal(format!("tensor {}: {}: {e}", job.name, job.method)))?;
         Ok(out)
     };
-    let bytes: usize = inputs.iter().map(Vec::len).sum();
+    let bytes: usize = inputs.iter().map(|b| b.len()).sum();
     if bytes / 2 <= INLINE_KERNEL {
         let res =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(job, dts, &inputs, out)))
@@ -85,6 +89,35 @@ pub(super) async fn kernel_stored(
     match done {
         Ok(r) => r,
         Err(e) => (Err(fatal(format!("kernel panicked: {e}"))), Vec::new()),
+    }
+}
+
+/// The fewest elements whose mapped pages are let go at once (the kernel tells a chunk at a
+/// time).
+const RELEASE_AT_LEAST: usize = 256 << 10;
+
+/// [`kernels::Method::whole_stored`]'s `let_go` for `inputs` (16-bit values): the pages of the
+/// mapped ones are let go behind each walk, so that a tensor's inputs are not all counted in
+/// the worker's resident set at once (they are page cache either way).
+fn release_behind(inputs: &[StoredIn]) -> impl Fn(Range<usize>) + '_ {
+    // elements told but not let go yet: one run of contiguous ranges
+    let pending = Cell::new(0..0);
+    move |r: Range<usize>| {
+        let p = pending.take();
+        let run = if p.end == r.start && !p.is_empty() {
+            p.start..r.end
+        } else {
+            r
+        };
+        if run.len() < RELEASE_AT_LEAST {
+            pending.set(run);
+            return;
+        }
+        for x in inputs {
+            if let StoredIn::Mapped(m, _) = x {
+                m.release(2 * run.start..2 * run.end);
+            }
+        }
     }
 }
 

@@ -9,7 +9,8 @@ use super::rowcache::Key;
 use super::scratch::{emptied, give_back};
 use super::{fatal, input_dtype, view2d, Executor, Io, Scratch, TaskError};
 use crate::format::dtype::{self, DType};
-use crate::storage::{retry, Location};
+use crate::kernels::{Method, TensorCtx};
+use crate::storage::{retry, Location, Mapped};
 
 /// Bytes of one input read at a time (then decoded before the next piece is read).
 const READ_PIECE: u64 = 4 << 20;
@@ -85,19 +86,29 @@ impl Executor {
         Ok(out)
     }
 
-    /// Rows `rows` of every input of `job` as stored, one range read each (with retries), in
-    /// the slot's read buffers: for a kernel that takes them so ([`stored_dtypes`]).
+    /// Rows `rows` of every input of `job` as stored, for a kernel that takes them so
+    /// ([`stored_dtypes`]): a local file's mapped, any other one range read each (with
+    /// retries) into the slot's read buffers.
     pub(super) async fn read_stored(
         &self,
         job: &pb::TensorJob,
         rows: (u64, u64),
         io: &mut Io,
         scratch: &mut Scratch,
-    ) -> Result<Vec<Vec<u8>>, TaskError> {
+    ) -> Result<Vec<StoredIn>, TaskError> {
         let bufs: Vec<Vec<u8>> = (0..job.inputs.len()).map(|i| scratch.piece(i)).collect();
         let reads = job.inputs.iter().zip(bufs).map(|(src, buf)| async move {
             let (loc, range) = self.stored_range(job, src, rows)?;
-            read_whole(&loc, range, buf).await
+            if let Some(file) = loc.store.positioned(&loc.path) {
+                match file.map(range.clone()) {
+                    Ok(Some(m)) => return Ok(StoredIn::Mapped(m, buf)),
+                    Ok(None) => {}
+                    // (a filesystem that cannot map, or a file shorter than its header says:
+                    // the read says what is wrong, or works)
+                    Err(e) => tracing::warn!("{e}: reading it instead of mapping it"),
+                }
+            }
+            read_whole(&loc, range, buf).await.map(StoredIn::Read)
         });
         let got = futures::future::try_join_all(reads).await?;
         for (src, b) in job.inputs.iter().zip(&got) {
@@ -234,26 +245,72 @@ impl Executor {
     }
 }
 
+/// One input of a whole tensor as stored ([`Executor::read_stored`]).
+pub(super) enum StoredIn {
+    /// Read into a slot's read buffer.
+    Read(Vec<u8>),
+    /// A local file's bytes, mapped; with the slot's read buffer it left unused.
+    Mapped(Mapped, Vec<u8>),
+}
+
+impl std::ops::Deref for StoredIn {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            StoredIn::Read(b) => b,
+            StoredIn::Mapped(m, _) => m,
+        }
+    }
+}
+
+impl StoredIn {
+    /// The slot's read buffer, to reuse; the mapping, if any, to keep looking at.
+    pub(super) fn into_parts(self) -> (Vec<u8>, Option<Mapped>) {
+        match self {
+            StoredIn::Read(b) => (b, None),
+            StoredIn::Mapped(m, b) => (b, Some(m)),
+        }
+    }
+}
+
 /// The dtypes of `job`'s inputs when its kernel computes rows `rows` from the inputs as stored
-/// ([`crate::kernels::Method::takes_stored`]): the whole tensor, of 16-bit float inputs read
-/// as they are (no LoRA adapter, no streamed stage, no vocabulary re-map) with the output's
-/// row length. Else None: they are read decoded.
+/// ([`whole_as_stored`]): the whole tensor. Else None: they are read decoded.
 pub(super) fn stored_dtypes(job: &pb::TensorJob, (start, end): (u64, u64)) -> Option<Vec<DType>> {
     let (rows, out_row) = view2d(&job.shape);
-    if start != 0 || end != rows || job.row_map.is_some() {
+    if start != 0 || end != rows {
         return None;
     }
     let dts = job
         .inputs
         .iter()
-        .map(|s| {
-            let dt = input_dtype(s, job).ok()?;
-            let plain = s.lora.is_none() && s.derived.is_none() && view2d(&s.shape).1 == out_row;
-            (plain && matches!(dt, DType::BF16 | DType::F16)).then_some(dt)
-        })
+        .map(|s| input_dtype(s, job).ok())
         .collect::<Option<Vec<_>>>()?;
     let (ctx, m) = (super::tensor_ctx(job).ok()?, super::method_of(job).ok()?);
-    m.takes_stored(&ctx).then_some(dts)
+    let inputs = job.inputs.iter().zip(&dts).map(|(s, &dt)| {
+        let plain = s.lora.is_none() && s.derived.is_none();
+        (dt, view2d(&s.shape).1, plain)
+    });
+    whole_as_stored(m, &ctx, out_row, job.row_map.is_some(), inputs).then_some(dts)
+}
+
+/// Whether method `m` computes a whole tensor `ctx` from its inputs as stored
+/// ([`crate::kernels::Method::takes_stored`]), each `(dtype, row length, plain)`: 16-bit
+/// floats read as they are (`plain`: no LoRA adapter, no streamed stage) with the output's row
+/// length `out_row`, and no vocabulary re-map. A local input is then mapped, not read into
+/// the slot's memory, and the planner charges the tensor's memory by that.
+pub fn whole_as_stored(
+    m: &dyn Method,
+    ctx: &TensorCtx,
+    out_row: u64,
+    row_map: bool,
+    mut inputs: impl Iterator<Item = (DType, u64, bool)>,
+) -> bool {
+    !row_map
+        && inputs.all(|(dt, row, plain)| {
+            plain && row == out_row && matches!(dt, DType::BF16 | DType::F16)
+        })
+        && m.takes_stored(ctx)
 }
 
 /// Bytes `range` of `loc` in one range read (with retries), into `buf` (reused on the first

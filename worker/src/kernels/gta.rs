@@ -38,6 +38,7 @@ mod held;
 mod methods;
 mod mix;
 mod once;
+pub use once::NOTED_SHARE;
 mod partial;
 mod points;
 mod sparse;
@@ -460,8 +461,14 @@ impl Method for Gta {
         self.stored_applies(ctx)
     }
 
-    fn whole_stored(&self, ctx: &TensorCtx, inputs: &[Stored], out: &mut [f32]) -> KResult<()> {
-        self.whole_from_stored(ctx, inputs, out)
+    fn whole_stored(
+        &self,
+        ctx: &TensorCtx,
+        inputs: &[Stored],
+        out: &mut [f32],
+        let_go: &dyn Fn(std::ops::Range<usize>),
+    ) -> KResult<()> {
+        self.whole_from_stored(ctx, inputs, out, let_go)
     }
 
     fn apply_points(
@@ -1089,7 +1096,8 @@ mod tests {
     }
 
     /// A tensor large enough for pass 0 to keep the keys pass 1 counts ([`select::Capture`],
-    /// f32 keys): the stored path gives the bits of the method run whole.
+    /// f32 keys): the stored path gives the bits of the method run whole, and tells its caller
+    /// it is done with every element by the end (the worker lets mapped pages go by it).
     #[test]
     fn stored_with_kept_keys_equals_whole() {
         let (rows, cols) = (400, 1001);
@@ -1106,7 +1114,13 @@ mod tests {
             let bytes = bf16_bytes(&inputs);
             let stored: Vec<Stored> = bytes.iter().map(|b| Stored::Bf16(b)).collect();
             let mut got = vec![f32::NAN; n];
-            m.whole_stored(&ctx, &stored, &mut got).unwrap();
+            let done = std::cell::Cell::new(0);
+            let let_go = |r: std::ops::Range<usize>| {
+                assert!(r.start <= r.end && r.end <= n, "{r:?}");
+                done.set(done.get().max(r.end));
+            };
+            m.whole_stored(&ctx, &stored, &mut got, &let_go).unwrap();
+            assert_eq!(done.get(), n, "{}: let go of elements up to", m.spec.name);
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert!(bits(&got) == bits(&want), "{}", m.spec.name);
         }
@@ -1139,12 +1153,14 @@ mod tests {
                     work,
                     base: stored[0],
                     models: stored[1..].to_vec(),
+                    let_go: &|_| {},
                 };
                 let mut got = vec![f32::NAN; n];
                 let plan = m.plan(&ctx).unwrap();
                 // (any share: breadcrumbs' two boundaries per model take more than production tries)
                 let sample = std::cell::OnceCell::new();
-                let took = (m.whole_in_one_walk(&plan, &ctx, &t, &mut got, &sample, 1.0)).unwrap();
+                let took =
+                    (m.whole_in_one_walk(&plan, &ctx, &t, &mut got, (&sample, 1.0))).unwrap();
                 assert!(took, "{} {work:?}: the walk gave up", m.spec.name);
                 assert!(bits(&got) == bits(&want), "{} {work:?}", m.spec.name);
             }
@@ -1217,7 +1233,7 @@ mod tests {
                         let stored: Vec<Stored> = bytes.iter().map(|b| Stored::Bf16(b)).collect();
                         assert!(m.takes_stored(&ctx), "{what}");
                         let mut got = vec![f32::NAN; 37 * 19];
-                        match (&whole, m.whole_stored(&ctx, &stored, &mut got)) {
+                        match (&whole, m.whole_stored(&ctx, &stored, &mut got, &|_| {})) {
                             (Ok(()), Ok(())) => assert_eq!(bits(&got), bits(&want), "{what}"),
                             (Err(_), Err(_)) => {}
                             (w, s) => panic!("{what}: whole {w:?}, stored {s:?}"),

@@ -15,6 +15,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::ops::Range;
 
 mod error;
 pub mod exact;
@@ -27,6 +28,8 @@ pub mod stats;
 pub mod stored;
 
 pub use error::KernelError;
+/// The share of a whole tensor's elements that its one walk over inputs as stored may note (the planner charges its working space by it).
+pub use gta::NOTED_SHARE;
 
 mod arcee_fusion;
 #[cfg(test)]
@@ -427,8 +430,16 @@ pub trait Method: Send + Sync {
 
     /// [`run_whole`] over a whole tensor whose inputs come as stored ([`Stored`]), for a
     /// tensor [`Method::takes_stored`] accepts: the same output bits, reading less memory
-    /// where the method walks its inputs several times.
-    fn whole_stored(&self, _ctx: &TensorCtx, _inputs: &[Stored], _out: &mut [f32]) -> KResult<()> {
+    /// where the method walks its inputs several times. It calls `let_go(r)` as it goes, for
+    /// elements `r` of every input that it will not read again soon (the caller may let their
+    /// memory go, as long as it can give the same values again).
+    fn whole_stored(
+        &self,
+        _ctx: &TensorCtx,
+        _inputs: &[Stored],
+        _out: &mut [f32],
+        _let_go: &dyn Fn(Range<usize>),
+    ) -> KResult<()> {
         Err(KernelError::Internal(
             "this method takes its inputs decoded, not as stored".into(),
         ))

@@ -20,7 +20,9 @@ use read::read_err;
 pub(crate) use read::{read_exact_range, read_exact_range_into};
 
 mod direct;
+mod map;
 mod owned;
+pub use map::Mapped;
 pub use owned::OwnedDir;
 
 #[derive(Debug, Default)]
@@ -121,6 +123,10 @@ impl PositionedRead for Positioned {
         self.file
             .read_exact_at(buf, offset)
             .map_err(|e| read_err(&self.path, end, e))
+    }
+
+    fn map(&self, range: Range<u64>) -> SResult<Option<Mapped>> {
+        Mapped::new(&self.file, &self.path, range)
     }
 }
 

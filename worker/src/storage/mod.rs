@@ -19,6 +19,8 @@ pub mod local;
 pub mod null;
 pub mod object;
 
+pub use local::Mapped;
+
 /// A storage failure. `retryable` failures (I/O hiccups, throttling) may succeed on retry;
 /// the others (missing file, bad request) will not.
 #[derive(Debug, Clone)]
@@ -81,6 +83,13 @@ pub struct Receipt {
 pub trait PositionedRead: Send + Sync {
     /// Fills `buf` from byte `offset` of the file (an error if it ends first).
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> SResult<()>;
+
+    /// Bytes `range` of the file mapped into memory instead of read (for a whole tensor that a
+    /// method walks several times: no copy, and page cache instead of the slot's memory); None
+    /// where the store does not map, or the range is empty: read it instead.
+    fn map(&self, _range: Range<u64>) -> SResult<Option<Mapped>> {
+        Ok(None)
+    }
 }
 
 /// A store of files addressed by path (a local absolute path, or an object key).

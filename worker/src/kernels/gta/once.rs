@@ -15,16 +15,16 @@ use super::*;
 
 impl Gta {
     /// `out` from `t` in one walk; false (with `out` partly written) where it does not apply,
-    /// the sample (taken into `sample` where there is none) puts more than `try_share` of the elements inside the brackets
-    /// ([`select::TRY_SHARE`]) or misled, and the radix passes must locate the boundaries.
+    /// the sample (taken into `sample` where there is none) puts more than `try_share` of the
+    /// elements inside the brackets ([`select::TRY_SHARE`]) or misled, and the radix passes
+    /// must locate the boundaries.
     pub(super) fn whole_in_one_walk(
         &self,
         plan: &Plan,
         ctx: &TensorCtx,
         t: &Deltas,
         out: &mut [f32],
-        sample: &OnceCell<select::Sample>,
-        try_share: f64,
+        (sample, try_share): (&OnceCell<select::Sample>, f64),
     ) -> KResult<bool> {
         let n = out.len();
         let windows_only = plan
@@ -42,7 +42,21 @@ impl Gta {
             s.again.clear();
             s.bufs.resize_with(t.models.len() + 1, Vec::new);
             s.bufs.iter_mut().for_each(Vec::clear);
-            self.walk(plan, ctx, t, out, br, s)
+            s.mixed.clear();
+            // room for the most elements the walk notes, taken once (growing by doubling
+            // would hold the old and the new buffer at once); pages only as they are written
+            let most = n / NOTED_SHARE + CHUNK;
+            s.again.reserve(most);
+            s.bufs.iter_mut().for_each(|b| b.reserve(2 * most));
+            s.mixed.reserve(most);
+            let r = self.walk(plan, ctx, (t, out), br, s);
+            // a thread keeps the buffers of layer-sized tensors (fresh pages for each cost
+            // page faults), not those of an embedding: every thread of the pool would
+            let kept = s.again.capacity() * 8 + s.bufs.iter().map(Vec::capacity).sum::<usize>();
+            if kept > KEEP_SCRATCH {
+                *s = Scratch::default();
+            }
+            r
         })
     }
 
@@ -51,8 +65,7 @@ impl Gta {
         &self,
         plan: &Plan,
         ctx: &TensorCtx,
-        t: &Deltas,
-        out: &mut [f32],
+        (t, out): (&Deltas, &mut [f32]),
         mut br: select::Brackets,
         s: &mut Scratch,
     ) -> KResult<bool> {
@@ -71,6 +84,7 @@ impl Gta {
         let mut here = Vec::with_capacity(CHUNK);
         let mut mask = [0u64; CHUNK / 64];
         let last = t.models.len().saturating_sub(1);
+        let (cap, mut over) = (out.len() / NOTED_SHARE, false);
         self.mix_chunks(
             plan,
             &unscaled(t),
@@ -85,7 +99,7 @@ impl Gta {
                     br.see(p, at as u32, k, &mut mask);
                 }
                 sparse[j].sparsify_from(at, delta, dst);
-                if j == last && !br.gave_up() {
+                if j == last && !br.gave_up() && !over {
                     here.clear();
                     set_bits(&mask, at as u32, &mut here);
                     mask = [0; CHUNK / 64];
@@ -94,10 +108,14 @@ impl Gta {
                         .zip(bufs.iter_mut())
                         .for_each(|(x, buf)| x.gather(&here, buf));
                     again.extend_from_slice(&here);
+                    over = again.len() > cap;
+                }
+                if j == last {
+                    (t.let_go)(at..at + dst.len());
                 }
             },
         );
-        if br.gave_up() {
+        if br.gave_up() || over {
             return Ok(false);
         }
         self.mix_again(plan, ctx, out, (t, &problem), br, s)
@@ -125,6 +143,7 @@ impl Gta {
             work: t.work,
             base,
             models,
+            let_go: &|_| {},
         };
         for (j, p) in problem.iter().enumerate() {
             if let Some(p) = *p {
@@ -187,6 +206,14 @@ struct Scratch {
     /// Their mix.
     mixed: Vec<f32>,
 }
+
+/// The walk notes at most one element in this many (else the radix passes run): its working
+/// space is then at most `(8 + 2 * inputs) / NOTED_SHARE` bytes an element (a position, each
+/// input's 2 bytes, the mix again), which is what the planner charges for it.
+pub const NOTED_SHARE: usize = 8;
+
+/// The most bytes of working space a thread keeps between tensors.
+const KEEP_SCRATCH: usize = 64 << 20;
 
 thread_local! {
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();

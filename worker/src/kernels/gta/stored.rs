@@ -7,6 +7,7 @@
 //! [`Method::partial`] and [`Method::apply`] over the whole tensor, so the same bits.
 
 use std::cell::OnceCell;
+use std::ops::Range;
 
 use super::held::problem_model;
 use super::*;
@@ -27,6 +28,7 @@ impl Gta {
         ctx: &TensorCtx,
         inputs: &[Stored],
         out: &mut [f32],
+        let_go: &dyn Fn(Range<usize>),
     ) -> KResult<()> {
         let plan = self.plan(ctx)?;
         if !self.stored_applies(ctx) {
@@ -34,30 +36,11 @@ impl Gta {
                 "whole_stored on a tensor takes_stored refuses",
             ));
         }
-        if inputs.len() != ctx.n_models() {
-            return Err(Shape(format!(
-                "expected {} inputs, got {}",
-                ctx.n_models(),
-                inputs.len()
-            )));
-        }
-        let n = (ctx.rows as usize).checked_mul(ctx.row_len);
-        if n != Some(out.len()) || inputs.iter().any(|x| x.len() != out.len()) {
-            return Err(Shape(
-                "stored inputs differ from the output in length".into(),
-            ));
-        }
-        let base = *inputs
-            .get(plan.base)
-            .ok_or_else(|| Param(format!("base model index {} is out of range", plan.base)))?;
-        let t = Deltas {
-            work: plan.work,
-            base,
-            models: plan.others.iter().map(|&i| inputs[i]).collect(),
-        };
+        let t = Deltas::of(&plan, ctx, inputs, out.len(), let_go)?;
+        let base = t.base;
         // (taken at most once: the capture reuses the one walk's sample where it declined)
         let sample = OnceCell::new();
-        if self.whole_in_one_walk(&plan, ctx, &t, out, &sample, select::TRY_SHARE)? {
+        if self.whole_in_one_walk(&plan, ctx, &t, out, (&sample, select::TRY_SHARE))? {
             return Ok(());
         }
         let whole = RowRange {
@@ -91,9 +74,13 @@ impl Gta {
         }
         let scales = rescale_factors(&plan, &state)?;
         let (mut d, mut b) = ([0f32; CHUNK], [0f32; CHUNK]);
+        let last = t.models.len().saturating_sub(1);
         self.mix_chunks(&plan, &scales, Base::Stored(base), out, |j, at, dst| {
             let delta = t.chunk(j, at, &mut d[..dst.len()], &mut b);
             sparse[j].sparsify_from(at, delta, dst);
+            if j == last {
+                (t.let_go)(at..at + dst.len());
+            }
         });
         Ok(())
     }
@@ -105,9 +92,44 @@ pub(super) struct Deltas<'a> {
     pub(super) base: Stored<'a>,
     /// The non-base inputs, in order.
     pub(super) models: Vec<Stored<'a>>,
+    /// Told the elements each walk is done with ([`Method::whole_stored`]).
+    pub(super) let_go: &'a dyn Fn(Range<usize>),
 }
 
-impl Deltas<'_> {
+impl<'a> Deltas<'a> {
+    /// The deltas of `inputs` (as stored) by `plan`, checked against tensor `ctx` and its
+    /// output's length `n`.
+    fn of(
+        plan: &Plan,
+        ctx: &TensorCtx,
+        inputs: &[Stored<'a>],
+        n: usize,
+        let_go: &'a dyn Fn(Range<usize>),
+    ) -> KResult<Self> {
+        if inputs.len() != ctx.n_models() {
+            return Err(Shape(format!(
+                "expected {} inputs, got {}",
+                ctx.n_models(),
+                inputs.len()
+            )));
+        }
+        let want = (ctx.rows as usize).checked_mul(ctx.row_len);
+        if want != Some(n) || inputs.iter().any(|x| x.len() != n) {
+            return Err(Shape(
+                "stored inputs differ from the output in length".into(),
+            ));
+        }
+        let base = *inputs
+            .get(plan.base)
+            .ok_or_else(|| Param(format!("base model index {} is out of range", plan.base)))?;
+        Ok(Deltas {
+            work: plan.work,
+            base,
+            models: plan.others.iter().map(|&i| inputs[i]).collect(),
+            let_go,
+        })
+    }
+
     /// Model `j`'s delta over elements `[at, at + d.len())` (at most [`CHUNK`]), in `d`
     /// (`b` is working space): `r(x - b)` in the working dtype, as [`Work::sub_into`] gives it.
     pub(super) fn chunk<'d>(
@@ -129,6 +151,7 @@ impl Deltas<'_> {
             let dc = &mut d[..CHUNK.min(n - at)];
             self.chunk(j, at, dc, &mut b);
             f(at, dc);
+            (self.let_go)(at..at + dc.len());
         }
     }
 }
@@ -170,6 +193,8 @@ fn sample_keys(plan: &Plan, t: &Deltas, p: usize, f: &mut dyn FnMut(&[u32])) {
         let k = &mut ks[..dc.len()];
         select::keys_into(dc, k);
         f(k);
+        // (reading a chunk maps in the pages around it too)
+        (t.let_go)(at..n.min(at + 16 * CHUNK));
     }
 }
 
