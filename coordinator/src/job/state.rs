@@ -182,9 +182,16 @@ impl JobState {
         let mut blocked_by = Vec::new();
         let mut dependents = vec![Vec::new(); cut.units.len()];
         let mut file_remaining = vec![0usize; plan.files.len()];
+        // the largest tasks first: a whole embedding left for last kept one slot busy while
+        // the others had nothing left to do
+        let mut ready: Vec<(u64, usize)> = (cut.tasks.iter().enumerate())
+            .filter(|(_, t)| t.deps.is_empty())
+            .map(|(i, t)| (write_work(&plan, t), i))
+            .collect();
+        ready.sort_by_key(|&(w, i)| (std::cmp::Reverse(w), i));
+        queue.extend(ready.into_iter().map(|(_, i)| Item::Write(i)));
         for (i, t) in cut.tasks.iter().enumerate() {
             let state = if t.deps.is_empty() {
-                queue.push_back(Item::Write(i));
                 ItemState::Queued
             } else {
                 ItemState::Blocked

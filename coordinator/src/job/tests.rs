@@ -135,6 +135,17 @@ fn a_new_job_queues_what_is_ready_and_blocks_what_waits() {
     );
 }
 
+/// Ready writes go out largest first (their bytes written and read), in task order among
+/// equals: a large task left for last keeps one slot busy while the others wait for the end.
+#[test]
+fn the_largest_ready_writes_go_first() {
+    let (plan, mut cut) = plan_and_cut();
+    cut.tasks[2].length = 64;
+    let mut j = JobState::new("job-1".into(), plan, cut, "file:///out".into(), fake_reduce);
+    let g = j.lease_next(10, W, Instant::now(), RULES);
+    assert_eq!(items(&g), [S0, S1, Item::Write(2), Item::Write(0)]);
+}
+
 #[test]
 fn an_expired_lease_is_queued_again_under_a_new_lease() {
     let mut j = job();
