@@ -29,6 +29,9 @@ const DIRECT_MIN: u64 = 256 << 10;
 static BOUNCES: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
 const SPARE: usize = 4;
 
+/// The most bytes one aligned copy holds (a multiple of [`ALIGN`]).
+const BOUNCE: usize = 8 << 20;
+
 /// The aligned middle `[a, b)` of the file range `[offset, offset + len)` (empty: a == b).
 pub(super) fn middle(offset: u64, len: u64) -> (u64, u64) {
     let end = offset + len;
@@ -74,7 +77,8 @@ fn buffered(f: &File, tmp: &str, data: &[u8], offset: u64) -> SResult<()> {
 }
 
 /// `mid` (a multiple of ALIGN long) at `at` (a multiple of ALIGN) through an `O_DIRECT`
-/// handle, from an ALIGN-aligned copy.
+/// handle, from an ALIGN-aligned copy of at most [`BOUNCE`] bytes at a time (a whole part's
+/// copy took as much memory again as a 131 MB embedding's part, and the spares kept it).
 #[cfg(target_os = "linux")]
 fn direct(tmp: &str, mid: &[u8], at: u64) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
@@ -88,18 +92,25 @@ fn direct(tmp: &str, mid: &[u8], at: u64) -> std::io::Result<()> {
         .open(tmp)?;
     let spare = BOUNCES.lock().ok().and_then(|mut v| v.pop());
     let mut b = spare.unwrap_or_default();
-    let need = mid.len() + ALIGN as usize;
+    let need = mid.len().min(BOUNCE) + ALIGN as usize;
     if b.len() < need {
         b = vec![0u8; need];
     }
     let pad = b.as_ptr().align_offset(ALIGN as usize);
-    let res = match b.get_mut(pad..pad + mid.len()) {
-        Some(buf) => {
-            buf.copy_from_slice(mid);
-            d.write_all_at(buf, at)
+    let mut res = Ok(());
+    // (pieces of BOUNCE bytes, a multiple of ALIGN: each starts aligned in the file)
+    for (k, piece) in mid.chunks(BOUNCE).enumerate() {
+        res = match b.get_mut(pad..pad + piece.len()) {
+            Some(buf) => {
+                buf.copy_from_slice(piece);
+                d.write_all_at(buf, at + (k * BOUNCE) as u64)
+            }
+            None => Err(std::io::Error::other("bounce buffer too short")),
+        };
+        if res.is_err() {
+            break;
         }
-        None => Err(std::io::Error::other("bounce buffer too short")),
-    };
+    }
     if let Ok(mut v) = BOUNCES.lock() {
         if v.len() < SPARE {
             v.push(b);
@@ -159,10 +170,12 @@ mod tests {
         );
     }
 
-    /// Writes four parts with ragged ends, last first; for each, whether it asked to be
-    /// written back and whether its aligned middle is large enough to be written directly.
+    /// Writes five parts with ragged ends, last first (one with a middle of more than one
+    /// aligned copy); for each, whether it asked to be written back and whether its aligned
+    /// middle is large enough to be written directly.
     fn write_parts(path: &std::path::Path, tmp: &str) -> Vec<(bool, bool)> {
-        let total = 3 * DIRECT_MIN as usize + 12_345;
+        let long = 2 * DIRECT_MIN as usize + 1 + BOUNCE + 9_000;
+        let total = long + DIRECT_MIN as usize + 12_345;
         let f = File::create(path).unwrap();
         f.set_len(total as u64).unwrap();
         let want: Vec<u8> = (0..total).map(|i| (i * 31 % 251) as u8).collect();
@@ -172,6 +185,7 @@ mod tests {
             777,
             DIRECT_MIN as usize + 5000,
             2 * DIRECT_MIN as usize + 1,
+            long,
             total,
         ];
         let mut buffered = Vec::new();
