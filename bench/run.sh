@@ -92,6 +92,19 @@ floor_of() { # merge name -> its floor's key (the inputs it reads: base + 1, 2 o
 OUT_BYTES=$(bytes_of $(files_of base))   # a merge writes a model shaped like the base
 
 # --- timing ---------------------------------------------------------------------------------
+# READ[key] of a shardmerge run: the bytes its summary says it read from storage (each
+# point's "N.NNx the input tensors'" times the inputs' bytes; tested against a counting
+# storage wrapper in coordinator/tests/reads.rs). rchar misses a local input that a statistics
+# tensor maps (worker/src/storage/local/map.rs) and counts the row cache's scratch reads.
+tool_reads() { # key
+    local key=$1 f x
+    f=$(floor_of "$key")
+    local inb=IN_BYTES_$f
+    x=$(sed -n "s/.* \([0-9.]*\)x the input tensors' .*/\1/p" "$DATA/out/stderr.txt" |
+        awk '{ s += $1 } END { if (NR) printf "%.4f", s }')
+    [[ -n $x ]] && READ[$key]=$(awk -v x="$x" -v b="${!inb}" 'BEGIN { printf "%.0f", x * b }')
+    return 0
+}
 mkdir -p "$DATA/out"
 declare -A WALL RSS STATUS SHA READ
 timed() { # key cmd... -> WALL[key] seconds, RSS[key] MB, READ[key] bytes read, STATUS[key]
@@ -100,7 +113,8 @@ timed() { # key cmd... -> WALL[key] seconds, RSS[key] MB, READ[key] bytes read, 
     tf=$(mktemp)
     rf=$(mktemp)
     echo "== $key: $*"
-    bench/rchar.py "$rf" "$TIME" -f '%e %M' -o "$tf" "$@" || rc=$?
+    bench/rchar.py "$rf" "$TIME" -f '%e %M' -o "$tf" "$@" 2>"$DATA/out/stderr.txt" || rc=$?
+    tail -n 12 "$DATA/out/stderr.txt" >&2
     local w=- k=0
     read -r w k < <(tail -n 1 "$tf") || true
     READ[$key]=$(cat "$rf" 2>/dev/null || echo 0)
@@ -126,7 +140,9 @@ merge() { # key recipe [shardmerge options...]
     rm -rf "$out"
     local extra=("$@")
     [[ -n ${BENCH_WORKERS:-} ]] && extra+=(--workers "$BENCH_WORKERS")
-    timed "$key" "$REL/shardmerge" run "$recipe" "$out" --quiet "${extra[@]}"
+    # (not --quiet: the summary's reads replace rchar, which does not see mapped inputs)
+    timed "$key" "$REL/shardmerge" run "$recipe" "$out" "${extra[@]}"
+    tool_reads "$key"
     if [[ ${STATUS[$key]} == ok ]]; then
         OUTSIZE[$key]=$(du -sb "$out" | cut -f1)
         if [[ -n ${BENCH_SHA256:-} ]]; then
@@ -315,7 +331,8 @@ target() { # value limit label
 echo
 echo "targets (ratios within this run; a machine shared with other work moves them; reads from"
 echo "storage at most 1.25x the input bytes are tested by coordinator/tests/reads.rs and"
-echo "tests/tests/reads_s3.rs: read_GB above also counts the row cache's reads of its scratch files):"
+echo "tests/tests/reads_s3.rs; read_GB above is a merge's own count of its reads from storage,"
+echo "and rchar for the floors and mergekit):"
 for name in "${METHODS[@]}"; do
     case $name in
         task_arithmetic*) lim=1.3 ;;
