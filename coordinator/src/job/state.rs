@@ -31,7 +31,7 @@ use crate::plan::{Plan, TensorPlan};
 pub(crate) use audit::sampled;
 pub use audit::{AuditEvent, AuditRules};
 pub use leased::{Granted, Holder, Renewal, TaskFailed};
-use work::{stats_work, write_work};
+use work::{largest_first, stats_work, write_work};
 
 /// How many times a task that fails with a retryable error runs before its job fails.
 pub const MAX_ATTEMPTS: u32 = 5;
@@ -182,14 +182,7 @@ impl JobState {
         let mut blocked_by = Vec::new();
         let mut dependents = vec![Vec::new(); cut.units.len()];
         let mut file_remaining = vec![0usize; plan.files.len()];
-        // the largest tasks first: a whole embedding left for last kept one slot busy while
-        // the others had nothing left to do
-        let mut ready: Vec<(u64, usize)> = (cut.tasks.iter().enumerate())
-            .filter(|(_, t)| t.deps.is_empty())
-            .map(|(i, t)| (write_work(&plan, t), i))
-            .collect();
-        ready.sort_by_key(|&(w, i)| (std::cmp::Reverse(w), i));
-        queue.extend(ready.into_iter().map(|(_, i)| Item::Write(i)));
+        queue.extend(largest_first(&plan, &cut));
         for (i, t) in cut.tasks.iter().enumerate() {
             let state = if t.deps.is_empty() {
                 ItemState::Queued
