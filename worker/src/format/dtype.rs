@@ -175,11 +175,7 @@ pub fn decode(dtype: DType, src: &[u8], dst: &mut [f32]) {
                 *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
             }
         }
-        DType::BF16 => {
-            for (d, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
-                *d = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
-            }
-        }
+        DType::BF16 => bf16_decode_wide(simd::level(), src, dst),
         DType::F16 => {
             for (d, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
                 *d = f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
@@ -191,6 +187,20 @@ pub fn decode(dtype: DType, src: &[u8], dst: &mut [f32]) {
             }
         }
     }
+}
+
+/// bfloat16 bytes to f32: each value's bits in the high half.
+#[inline(always)]
+fn bf16_decode(src: &[u8], dst: &mut [f32]) {
+    for (d, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
+        *d = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
+    }
+}
+
+simd::wide! {
+    /// [`bf16_decode`] built for `level` (the blocked path decodes every bf16 input with it: in
+    /// the baseline build it was an eighth of a task arithmetic merge's time).
+    fn bf16_decode_wide(src: &[u8], dst: &mut [f32]) => bf16_decode
 }
 
 /// Decodes little-endian elements of `dtype` from `src` onto the end of `dst`, without
