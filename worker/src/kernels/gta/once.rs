@@ -52,7 +52,8 @@ impl Gta {
             let r = self.walk(plan, ctx, (t, out), br, s);
             // a thread keeps the buffers of layer-sized tensors (fresh pages for each cost
             // page faults), not those of an embedding: every thread of the pool would
-            let kept = s.again.capacity() * 8 + s.bufs.iter().map(Vec::capacity).sum::<usize>();
+            let bufs: usize = s.bufs.iter().map(Vec::capacity).sum();
+            let kept = 4 * (s.again.capacity() + s.mixed.capacity()) + bufs;
             if kept > KEEP_SCRATCH {
                 *s = Scratch::default();
             }
