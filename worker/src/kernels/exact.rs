@@ -190,6 +190,9 @@ pub struct F32Sum {
     buckets: Box<[[i64; 256]; LANES]>,
     /// Values added since the last fold: a bucket holds 2^39 mantissas before it could overflow.
     pending: u64,
+    /// The exact f64 sums of whole blocks ([`block_sum`]), by exponent: one indexed add per
+    /// block, where [`ExactSum::add`] searches its buckets.
+    blocks: F64Sum,
     /// NaNs and infinities go the slow way.
     rest: ExactSum,
 }
@@ -243,6 +246,7 @@ impl Default for F32Sum {
         F32Sum {
             buckets: Box::new([[0; 256]; LANES]),
             pending: 0,
+            blocks: F64Sum::new(),
             rest: ExactSum::new(),
         }
     }
@@ -291,7 +295,7 @@ impl F32Sum {
         let (blocks, rest) = xs.as_chunks::<BLOCK>();
         for c in blocks {
             match block_sum(c) {
-                Some(s) => self.rest.add(s),
+                Some(s) => self.blocks.add(s),
                 None => self.add_abs_lanes(c),
             }
         }
@@ -337,6 +341,7 @@ impl F32Sum {
     /// The exact sum.
     pub fn finish(mut self) -> ExactSum {
         self.fold();
+        self.rest.merge(&self.blocks.finish());
         self.rest
     }
 }

@@ -168,8 +168,10 @@ impl Mt19937 {
         fill_wide(super::simd::level(), self, out)
     }
 
+    /// [`Mt19937::fill`] inlined into its caller's build (for a caller that is itself built
+    /// for the CPU's SIMD level).
     #[inline(always)]
-    fn fill_base(&mut self, out: &mut [u32]) {
+    pub(super) fn fill_base(&mut self, out: &mut [u32]) {
         let mut k = 0;
         while k < out.len() {
             if self.i >= N {

@@ -103,18 +103,30 @@ impl Draws {
             }
             Draws::Torch(g) => {
                 let t = (p.clamp(0.0, 1.0) * (1u64 << 24) as f64).ceil() as u32;
-                let mut buf = [0u32; 512];
-                for chunk in d.chunks_mut(buf.len()) {
-                    let r = &mut buf[..chunk.len()];
-                    g.fill(r);
-                    for (v, &r) in chunk.iter_mut().zip(r.iter()) {
-                        let keep = (r & 0x00ff_ffff) < t;
-                        *v *= f32::from(u8::from(keep));
-                    }
-                }
+                torch_mask_wide(super::simd::level(), g, t, d);
             }
         }
     }
+}
+
+/// [`Draws::mask`] from torch's generator `g`, for the integer threshold `t` on 24 bits.
+#[inline(always)]
+fn torch_mask(g: &mut super::mt::Mt19937, t: u32, d: &mut [f32]) {
+    let mut buf = [0u32; 512];
+    for chunk in d.chunks_mut(buf.len()) {
+        let r = &mut buf[..chunk.len()];
+        g.fill_base(r);
+        for (v, &r) in chunk.iter_mut().zip(r.iter()) {
+            let keep = (r & 0x00ff_ffff) < t;
+            *v *= f32::from(u8::from(keep));
+        }
+    }
+}
+
+super::simd::wide! {
+    /// [`torch_mask`] built for `level`, the generator's steps inlined (integer operations
+    /// and products by 0 or 1: the same bits in every build).
+    fn torch_mask_wide(g: &mut super::mt::Mt19937, t: u32, d: &mut [f32]) => torch_mask
 }
 
 impl Drop for Draws {
@@ -180,8 +192,19 @@ mod tests {
                     .iter()
                     .map(|&x| if a.uniform() < p { x } else { x * 0.0 })
                     .collect();
-                b.mask(p, &mut v);
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                // every build the CPU runs, in uneven pieces (the dispatching one is the widest)
+                if let Draws::Torch(g) = &b {
+                    let t = (p * (1u64 << 24) as f64).ceil() as u32;
+                    for level in crate::kernels::simd::levels() {
+                        let (mut g, mut w) = (g.clone(), v.clone());
+                        let (x, y) = w.split_at_mut(1001);
+                        torch_mask_wide(level, &mut g, t, x);
+                        torch_mask_wide(level, &mut g, t, y);
+                        assert_eq!(bits(&w), bits(&want), "p {p}, {}", level.name());
+                    }
+                }
+                b.mask(p, &mut v);
                 assert_eq!(bits(&v), bits(&want), "p {p}");
             }
         }
