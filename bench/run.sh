@@ -29,6 +29,10 @@
 #                       (times reads and compute without the disk's writes)
 #   BENCH_COLD=1        the sweep, its single runs and its floor each start with the inputs
 #                       evicted from the page cache (read from the disk)
+#   BENCH_REPEAT=N      run each merge N times (default 2; with BENCH_COMPUTE=both the two
+#                       computes take turns going first) and report its fastest wall time and
+#                       largest peak RSS: one run's noise on a shared machine moves a ratio
+#                       by 10% or more
 #   BENCH_SHA256=1      print the sha256 of each merge's output files (to show that a change
 #                       left the output byte-identical: compare two runs)
 set -euo pipefail
@@ -134,12 +138,14 @@ recipe_for() { # name -> path of the recipe reading $DATA
     sed "s#bench-data/#$DATA/#g" "bench/$1.yml" >"$r"
     echo "$r"
 }
-merge() { # key recipe [shardmerge options...]
+merge() { # key recipe [shardmerge options...]: one run; a key run again keeps its fastest
     local key=$1 recipe=$2 out=$DATA/out/$1
     shift 2
     rm -rf "$out"
     local extra=("$@")
     [[ -n ${BENCH_WORKERS:-} ]] && extra+=(--workers "$BENCH_WORKERS")
+    local prev_wall=${WALL[$key]:-} prev_rss=${RSS[$key]:-0} prev_status=${STATUS[$key]:-ok}
+    local prev_sha=${SHA[$key]:-}
     # (not --quiet: the summary's reads replace rchar, which does not see mapped inputs)
     timed "$key" "$REL/shardmerge" run "$recipe" "$out" "${extra[@]}"
     tool_reads "$key"
@@ -149,9 +155,16 @@ merge() { # key recipe [shardmerge options...]
             # every safetensors file under OUT (a sweep writes one folder per point)
             SHA[$key]=$(cd "$out" && find . -name '*.safetensors' | LC_ALL=C sort |
                 xargs -r sha256sum | sha256sum | cut -c1-16)
+            [[ -n $prev_sha && $prev_sha != "${SHA[$key]}" ]] && STATUS[$key]="FAILED sha differs"
         fi
     fi
     rm -rf "$out"
+    [[ -n $prev_wall ]] || return 0
+    # a repeat: the fastest wall time, the largest peak RSS, any failure
+    WALL[$key]=$(awk -v a="$prev_wall" -v b="${WALL[$key]}" 'BEGIN { print (a < b ? a : b) }')
+    local rss_now=${RSS[$key]}
+    ((prev_rss > rss_now)) && RSS[$key]=$prev_rss
+    [[ $prev_status == ok ]] || STATUS[$key]=$prev_status
 }
 COMPUTE=${BENCH_COMPUTE:-recipe}
 case $COMPUTE in
@@ -167,13 +180,28 @@ mergekit() { # key recipe: mergekit-yaml from BENCH_MERGEKIT on the same recipe
     timed "$key" "$BENCH_MERGEKIT/bin/mergekit-yaml" "$recipe" "$out"
     rm -rf "$out"
 }
-merges() { # the merges, each way BENCH_COMPUTE asks for
-    local name
+REPEAT=${BENCH_REPEAT:-2}
+[[ $REPEAT =~ ^[1-9][0-9]*$ ]] || {
+    echo "bench: BENCH_REPEAT=$REPEAT: expected a count of runs (1 or more)" >&2
+    exit 2
+}
+merges() { # the merges, each way BENCH_COMPUTE asks for, BENCH_REPEAT times
+    local name r c
     for name in "${METHODS[@]}"; do
-        local recipe
+        local recipe order
         recipe=$(recipe_for "$name")
-        [[ $COMPUTE != f32 ]] && merge "$name" "$recipe"
-        [[ $COMPUTE != recipe ]] && merge "${name}_f32" "$recipe" --compute-dtype float32
+        for ((r = 0; r < REPEAT; r++)); do
+            # the two computes take turns going first: neither always follows the other
+            order=(recipe f32)
+            ((r % 2)) && order=(f32 recipe)
+            for c in "${order[@]}"; do
+                if [[ $c == recipe && $COMPUTE != f32 ]]; then
+                    merge "$name" "$recipe"
+                elif [[ $c == f32 && $COMPUTE != recipe ]]; then
+                    merge "${name}_f32" "$recipe" --compute-dtype float32
+                fi
+            done
+        done
         [[ -n ${BENCH_MERGEKIT:-} ]] && mergekit "mergekit_$name" "$recipe"
     done
     return 0
@@ -251,6 +279,7 @@ gb() { awk -v b="$1" 'BEGIN { printf "%.2f", b / 1e9 }'; }
 echo
 echo "shardmerge benchmark  ($(nproc) cores, $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo); warm page cache; output $(gb "$OUT_BYTES") GB)"
 echo "inputs: base + 1 $(gb "$IN_BYTES_pair") GB, base + 2 $(gb "$IN_BYTES_ta") GB, base + 3 $(gb "$IN_BYTES_ties") GB; floor = the faster of its first and last run"
+echo "a merge's wall_s: the fastest of its $REPEAT runs (BENCH_REPEAT), rss_MB the largest"
 echo
 printf '%-24s %8s %8s %8s %8s %8s  %-8s %s\n' run wall_s x_floor read_GB x_input rss_MB status sha256
 fail=0
