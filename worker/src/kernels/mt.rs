@@ -137,14 +137,28 @@ impl Mt19937 {
         g
     }
 
+    /// The next `N` raw words, in place: word `k` from words `k` and `k + 1` and the word `M`
+    /// places on, that is, past the window's end, the new word `N - M` places back. (The same
+    /// as `w[k] = next_word(w[k], w[k + 1], w[(k + M) % N])` for `k` in order, the last with
+    /// `w[0]` for `w[k + 1]`; split into slices that do not overlap where a word comes from
+    /// another part of the window, so that each loop vectorises.)
     #[inline(always)]
     fn twist(&mut self) {
+        const A: usize = N - M; // 227 words from old ones only
         let w = &mut *self.w;
-        for k in 0..N - M {
-            w[k] = next_word(w[k], w[k + 1], w[k + M]);
+        let (lo, hi) = w.split_at_mut(A);
+        let far = &hi[M - A..];
+        for k in 0..A - 1 {
+            lo[k] = next_word(lo[k], lo[k + 1], far[k]);
         }
-        for k in N - M..N - 1 {
-            w[k] = next_word(w[k], w[k + 1], w[k + M - N]);
+        lo[A - 1] = next_word(lo[A - 1], hi[0], far[A - 1]);
+        // words A..2A from the new words 0..A, then words 2A..N-1 from the new words A..N-A-1
+        for k in 0..A {
+            hi[k] = next_word(hi[k], hi[k + 1], lo[k]);
+        }
+        let (mid, top) = hi.split_at_mut(A);
+        for j in 0..top.len() - 1 {
+            top[j] = next_word(top[j], top[j + 1], mid[j]);
         }
         w[N - 1] = next_word(w[N - 1], w[0], w[M - 1]);
         self.i = 0;
