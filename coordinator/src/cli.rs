@@ -60,7 +60,8 @@ enum Cmd {
         #[command(flatten)]
         points: sweep::PointArgs,
         /// Also write the merge report (report.json, report.csv, report.html; see `report`)
-        /// into OUT/report after the merge (it reads the inputs once more)
+        /// into OUT/report after the merge (it reads the inputs once more; of a sweep, also
+        /// each point's checkpoint, for its distance from the base)
         #[arg(long)]
         report: bool,
         #[command(flatten)]
@@ -210,7 +211,7 @@ async fn main_inner(cli: Cli) -> Result<()> {
             let ways = merge::Ways::new(&points, &stages, &engine);
             merge::refuse_report(report, &text)?;
             merge::run(&text, &out, &o, &ways, resolver.clone()).await?;
-            report::after_run(report, &text, &out, &engine, &o, &resolver).await
+            report::after_run(report, &text, &out, (&engine, &points), &o, &resolver).await
         }
         Cmd::Report(c) => c.run(&resolver).await,
         Cmd::ExtractLora(c) => c.run(&resolver).await,

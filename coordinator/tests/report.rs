@@ -81,12 +81,16 @@ fn figures_match_numpy_on_the_example_family() {
     let recipe = tmp.path().join("sweep.yml");
     std::fs::write(&recipe, SWEEP).unwrap();
     let out = tmp.path().join("report");
-    ok(
-        &repo(),
-        &["report", recipe.to_str().unwrap(), out.to_str().unwrap()],
-    );
+    // the sweep's two points written first, so the report measures their distances too
+    let sweep = tmp.path().join("sweep");
+    let (r, s) = (recipe.to_str().unwrap(), sweep.to_str().unwrap());
+    ok(&repo(), &["run", r, s, "--quiet"]);
+    let o = out.to_str().unwrap();
+    ok(&repo(), &["report", r, o, "--sweep-out", s]);
     let r = json(&out.join("report.json"));
     assert_eq!(r["schema"], "shardmerge.report/1");
+    assert_eq!(r["distance_points"], r["points"]);
+    assert!(r["total"]["distance"][1].as_f64().unwrap() > 0.0);
     assert_eq!(r["densities"], serde_json::json!([0.3, 0.5, 0.9]));
     assert_eq!(r["points"].as_array().unwrap().len(), 2);
     assert_eq!(r["models"].as_array().unwrap().len(), 4);
@@ -109,6 +113,7 @@ fn figures_match_numpy_on_the_example_family() {
         .current_dir(repo())
         .arg(repo().join("coordinator/tests/report/numpy_check.py"))
         .arg(out.join("report.json"))
+        .arg(&sweep)
         .output()
         .unwrap();
     let said = String::from_utf8_lossy(&o.stdout);
@@ -214,6 +219,20 @@ fn run_report_writes_it_next_to_the_checkpoint_and_refusals_name_the_reason() {
     let (code, err) = run_in(d, &["report", "nobase.yml", "rep"]);
     assert_eq!(code, 1);
     assert!(err.contains("base_model"), "{err}");
+    // --sweep-out measures a sweep's points: refused for a recipe that sweeps nothing, and
+    // for a folder whose index.json lists none of them
+    let (code, err) = run_in(d, &["report", "r.yml", "rep", "--sweep-out", "out"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("sweeps nothing"), "{err}");
+    let sweep = std::fs::read_to_string(d.join("r.yml")).unwrap().replacen(
+        "weight: 1.0",
+        "weight: {sweep: [0.5, 1.0]}",
+        1,
+    );
+    std::fs::write(d.join("sweep.yml"), sweep).unwrap();
+    let (code, err) = run_in(d, &["report", "sweep.yml", "rep", "--sweep-out", "out"]);
+    assert_ne!(code, 0, "{err}");
+    assert!(!d.join("rep/report.json").exists());
 }
 
 /// Chromium: $SHARDMERGE_CHROMIUM, else `chromium` (Debian's) or `chromium-headless-shell`.
@@ -246,12 +265,17 @@ fn the_page_renders_in_a_headless_browser_with_the_json_figures() {
         let stripped = html.replace("xmlns=\"http://www.w3.org/2000/svg\"", "");
         assert!(!stripped.contains(bad), "report.html holds {bad}");
     }
+    browser_check(&out);
+}
+
+/// The page in `dir` opened in headless Chromium against its report.json (browser_check.py).
+fn browser_check(dir: &Path) {
     let (Some(py), Some(chrome)) = (python_with("playwright"), chromium()) else {
         return missing("Playwright (PyPI) or Chromium (Debian's chromium)");
     };
     let o = Command::new(py)
         .arg(repo().join("coordinator/tests/report/browser_check.py"))
-        .arg(&out)
+        .arg(dir)
         .arg(chrome)
         .output()
         .unwrap();
@@ -295,4 +319,10 @@ fn the_worked_example_sweeps_and_reports() {
     assert_eq!(r["models"].as_array().unwrap().len(), 2);
     assert_eq!(r["densities"], serde_json::json!([]));
     assert!(r["total"]["cosine"][0].is_f64());
+    // every point run is measured against the base, and the page plots it
+    assert_eq!(r["distance_points"], r["points"]);
+    assert_eq!(r["total"]["distance"].as_array().unwrap().len(), 9);
+    let page = std::fs::read_to_string(out.join("report/report.html")).unwrap();
+    assert!(page.contains("data-metric=\"distance_ratio\""));
+    browser_check(&out.join("report"));
 }

@@ -4,8 +4,11 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use super::args::EngineArgs;
+use super::sweep::PointArgs;
 use crate::embedded::RunOptions;
+use crate::error::Error;
 use crate::error::Result;
+use crate::recipe::sweep::Point;
 use crate::report::{self, ReportOptions};
 use crate::size;
 use shardmerge_worker::storage::Resolver;
@@ -19,6 +22,10 @@ pub(super) struct ReportCmd {
     out: String,
     #[command(flatten)]
     engine: EngineArgs,
+    /// Of a sweep recipe: the folder a `run` of it wrote; the report then measures each point
+    /// its index.json lists, its distance from the base (reading each point's checkpoint once)
+    #[arg(long, value_name = "DIR")]
+    sweep_out: Option<String>,
     /// Replace report files OUT already holds
     #[arg(long)]
     overwrite: bool,
@@ -31,8 +38,59 @@ impl ReportCmd {
     pub(super) async fn run(&self, resolver: &Resolver) -> Result<()> {
         let text = super::read_recipe(&self.recipe)?;
         let (out, e) = (&self.out, &self.engine);
-        report(&text, out, e, self.overwrite, self.quiet, resolver).await
+        let points = match &self.sweep_out {
+            None => Vec::new(),
+            Some(dir) => listed_points(&text, dir, resolver).await?,
+        };
+        report(&text, out, e, points, self.overwrite, self.quiet, resolver).await
     }
+}
+
+/// The points of the sweep `text` that `DIR/index.json` lists as written, with their folders.
+async fn listed_points(
+    text: &str,
+    dir: &str,
+    resolver: &Resolver,
+) -> Result<Vec<(String, String)>> {
+    let Some(s) = crate::recipe::sweep::expand(text)? else {
+        return Err(Error::usage(
+            "--sweep-out",
+            "measures the points of a sweep, and this recipe sweeps nothing",
+        ));
+    };
+    let listed = super::sweep::prior_points(dir, false, resolver).await?;
+    let names: Vec<&str> = listed
+        .iter()
+        .filter_map(|v| v.get("name")?.as_str())
+        .collect();
+    let picked: Vec<&Point> = s
+        .points
+        .iter()
+        .filter(|p| names.contains(&p.name.as_str()))
+        .collect();
+    if picked.is_empty() {
+        return Err(Error::usage(
+            "--sweep-out",
+            format!("{dir}/index.json lists no point of this recipe's sweep: pass the folder `shardmerge run` wrote this sweep into"),
+        ));
+    }
+    point_folders(dir, &picked, resolver)
+}
+
+/// Each point's name and its folder `OUT/NAME`, as a full URI.
+fn point_folders(
+    out: &str,
+    points: &[&Point],
+    resolver: &Resolver,
+) -> Result<Vec<(String, String)>> {
+    let cwd = crate::paths::cwd();
+    points
+        .iter()
+        .map(|p| {
+            let at = resolver.resolve(&super::sweep::point_out(out, p), &cwd)?;
+            Ok((p.name.clone(), at.uri()))
+        })
+        .collect()
 }
 
 /// Computes the report of `text` and writes it into the folder `out`.
@@ -40,6 +98,7 @@ pub(super) async fn report(
     text: &str,
     out: &str,
     engine: &EngineArgs,
+    points: Vec<(String, String)>,
     overwrite: bool,
     quiet: bool,
     resolver: &Resolver,
@@ -49,6 +108,7 @@ pub(super) async fn report(
     let o = ReportOptions {
         submit: engine.submit_options(),
         workers: engine.workers(),
+        points,
     };
     let start = Instant::now();
     let r = report::compute(text, &loc, &o, resolver).await?;
@@ -64,22 +124,38 @@ pub(super) async fn report(
             start.elapsed().as_secs_f64(),
             loc.join("report.html").uri()
         );
+        if !r.distance_points.is_empty() {
+            eprintln!(
+                "  with the distance from the base of {} sweep point(s)",
+                r.distance_points.len()
+            );
+        }
+    }
+    if let Some(note) = &r.distance_note {
+        eprintln!("note: {note}");
     }
     Ok(())
 }
 
-/// `run --report`: the report of the recipe just merged into `out`, into `OUT/report`.
+/// `run --report`: the report of the recipe just merged into `out`, into `OUT/report`; of a
+/// sweep, with the distance from the base of each point the run wrote.
 pub(super) async fn after_run(
     asked: bool,
     text: &str,
     out: &str,
-    engine: &EngineArgs,
+    (engine, picks): (&EngineArgs, &PointArgs),
     o: &RunOptions,
     resolver: &Resolver,
 ) -> Result<()> {
     if !asked {
         return Ok(());
     }
+    let sweep = crate::recipe::sweep::expand(text)?;
+    let points = match super::sweep::points(&sweep, picks)? {
+        Some((_, picked)) => point_folders(out, &picked, resolver)?,
+        None => Vec::new(),
+    };
     let at = format!("{}/report", out.trim_end_matches('/'));
-    report(text, &at, engine, o.submit.overwrite, o.quiet, resolver).await
+    let (overwrite, quiet) = (o.submit.overwrite, o.quiet);
+    report(text, &at, engine, points, overwrite, quiet, resolver).await
 }

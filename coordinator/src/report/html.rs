@@ -224,6 +224,13 @@ fn table(r: &Report, scope: &str, entries: &[Entry]) -> String {
     for d in &r.densities {
         let _ = write!(s, "<th>conflicts @{d}</th>");
     }
+    for p in &r.distance_points {
+        let _ = write!(
+            s,
+            "<th>‖{0} − base‖</th><th>‖{0} − base‖/‖base‖</th>",
+            esc(p)
+        );
+    }
     s += "</tr>\n";
     for e in entries {
         let f = &e.figures;
@@ -250,6 +257,10 @@ fn table(r: &Report, scope: &str, entries: &[Entry]) -> String {
         }
         for (k, d) in r.densities.iter().enumerate() {
             s += &cell("conflict_rate", &d.to_string(), f.conflict_rate[k]);
+        }
+        for (k, p) in r.distance_points.iter().enumerate() {
+            s += &cell("distance", p, f.distances[k]);
+            s += &cell("distance_ratio", p, f.distance_ratios[k]);
         }
         s += "</tr>\n";
     }
@@ -288,6 +299,16 @@ fn plots(r: &Report) -> String {
             values: per_layer(&|e| e.figures.conflict_rate[k]),
         })
         .collect();
+    let dist: Vec<Series> = r
+        .distance_points
+        .iter()
+        .enumerate()
+        .map(|(k, p)| Series {
+            label: p.clone(),
+            subject: p.clone(),
+            values: per_layer(&|e| e.figures.distance_ratios[k]),
+        })
+        .collect();
     let mut s = line_plot(
         "task-vector norm / base norm, per layer",
         "norm_ratio",
@@ -305,6 +326,14 @@ fn plots(r: &Report) -> String {
             &conf,
         );
     }
+    if !dist.is_empty() {
+        s += &line_plot(
+            "sweep points: distance from the base / base norm, per layer",
+            "distance_ratio",
+            &layers,
+            &dist,
+        );
+    }
     s
 }
 
@@ -315,7 +344,7 @@ pub fn page(r: &Report) -> String {
         esc(&r.base),
         r.models.iter().map(|m| esc(m)).collect::<Vec<_>>().join(", "),
         if r.densities.is_empty() { "none".to_string() } else { r.densities.iter().map(f64::to_string).collect::<Vec<_>>().join(", ") },
-        if r.points.is_empty() { String::new() } else { format!(" Sweep of {} points.", r.points.len()) }
+        if r.points.is_empty() { String::new() } else { format!(" Sweep of {} points ({} measured against the base).", r.points.len(), r.distance_points.len()) }
     );
     s += "<h2>Per layer</h2>\n";
     s += &plots(r);

@@ -20,7 +20,7 @@ use shardmerge_worker::tensor::view2d;
 use crate::arch::Place;
 use crate::error::{Error, Result};
 use crate::job::{tensor_job, SubmitOptions};
-use crate::plan::{self, Params, Plan, PlanOptions, TensorPlan};
+use crate::plan::{self, InputPlan, ModelInfo, Params, Plan, PlanOptions, TensorPlan};
 use crate::recipe::{sweep, Recipe};
 
 mod html;
@@ -36,6 +36,8 @@ pub struct ReportOptions {
     pub submit: SubmitOptions,
     /// Tensors computed at once.
     pub workers: usize,
+    /// Sweep points whose checkpoints to measure against the base: (point name, its folder).
+    pub points: Vec<(String, String)>,
 }
 
 /// One row of the report: a tensor, a layer, a module kind or the whole model.
@@ -57,6 +59,10 @@ pub struct Report {
     pub densities: Vec<f64>,
     /// The sweep points the recipe expands to (none for a plain recipe).
     pub points: Vec<String>,
+    /// The points whose checkpoints were measured: the order of the distance figures.
+    pub distance_points: Vec<String>,
+    /// Why the points' distances were not measured, when they were asked for and were not.
+    pub distance_note: Option<String>,
     pub tensors: Vec<Entry>,
     pub layers: Vec<Entry>,
     pub kinds: Vec<Entry>,
@@ -153,15 +159,83 @@ fn ranges(t: &TensorPlan, budget: u64) -> Vec<(u64, u64)> {
 }
 
 /// The plan of the report's statistics over tensor `t`: its inputs, read as the merge reads
-/// them, with the report's pseudo-method, the trims `params` asks for, and f32 arithmetic.
-/// (Its `passes` are the merge's: the executor runs the report's own over the whole tensor.)
-fn stats_plan(t: &TensorPlan, params: &std::sync::Arc<Params>) -> TensorPlan {
-    TensorPlan {
+/// them, then the tensor of each checkpoint of `points` (sweep points' outputs), with the
+/// report's pseudo-method, the trims `params` asks for, and f32 arithmetic. (Its `passes`
+/// are the merge's: the executor runs the report's own over the whole tensor.)
+fn stats_plan(
+    t: &TensorPlan,
+    params: &std::sync::Arc<Params>,
+    points: &[ModelInfo],
+) -> Result<TensorPlan> {
+    let mut p = TensorPlan {
         method: &kr::REPORT,
         params: params.clone(),
         compute: Work::F32,
         ..t.clone()
+    };
+    let no_params = std::sync::Arc::new(Params::new());
+    for m in points {
+        p.inputs.push(point_input(t, m)?);
+        p.model_params.push(no_params.clone());
     }
+    Ok(p)
+}
+
+/// Tensor `t` of the checkpoint a sweep point wrote, as an input: it must be there, floating
+/// point and of `t`'s shape.
+fn point_input(t: &TensorPlan, m: &ModelInfo) -> Result<InputPlan> {
+    let bad = |why: &str| Error::input(m.loc.uri(), format!("sweep point {}: {why}", m.name));
+    let (uri, info) = m.tensors.get(&t.name).ok_or_else(|| {
+        bad(&format!(
+            "tensor {} is missing from its checkpoint (was it written by another recipe?)",
+            t.name
+        ))
+    })?;
+    let dtype = match info.dtype {
+        shardmerge_worker::format::safetensors::StDtype::Float(dt) if info.shape == t.shape => dt,
+        _ => {
+            return Err(bad(&format!(
+                "tensor {} is not a floating-point tensor of shape {:?} (was it written by another recipe?)",
+                t.name, t.shape
+            )))
+        }
+    };
+    Ok(InputPlan {
+        uri: uri.clone(),
+        data_offset: info.start,
+        dtype,
+        shape: info.shape.clone(),
+        model: m.name.as_str().into(),
+        model_key: 0,
+        tensor: t.name.clone(),
+        rng_offset: 0,
+        lora: None,
+        derived: None,
+    })
+}
+
+/// The checkpoints of `points` (headers only), or why their distances are not measured: a
+/// vocabulary-aligned embedding (its rows re-mapped by token) is not compared with a point.
+async fn point_models(
+    points: &[(String, String)],
+    tensors: &[&TensorPlan],
+    o: &SubmitOptions,
+    resolver: &Resolver,
+) -> Result<(Vec<ModelInfo>, Option<String>)> {
+    if points.is_empty() {
+        return Ok((Vec::new(), None));
+    }
+    if let Some(t) = tensors.iter().find(|t| t.row_map.is_some()) {
+        let why = format!("the distances of the sweep points from the base are not measured: tensor {} is re-mapped into the output vocabulary (tokenizer), which the report does not compare with a point yet", t.name);
+        return Ok((Vec::new(), Some(why)));
+    }
+    let mut models = Vec::with_capacity(points.len());
+    for (name, at) in points {
+        let mut m = plan::load_model(resolver, &o.base_dir, at).await?;
+        m.name = name.clone();
+        models.push(m);
+    }
+    Ok((models, None))
 }
 
 /// Computes the report of a recipe (a sweep's: the models of its first point, the densities of
@@ -189,14 +263,16 @@ pub async fn compute(
     let (base, models, tensors) = covered(&plans[0])?;
     let budget = o.submit.slot_memory / 2;
     let exec = Executor::new(resolver.clone());
-    let params = std::sync::Arc::new(kr::density_params(&ds).into_iter().collect());
-    let jobs: Vec<_> = tensors
-        .iter()
-        .map(|t| {
-            let stats = stats_plan(t, &params);
-            (tensor_job(&stats, 0, view2d(&t.shape).0), ranges(t, budget))
-        })
-        .collect();
+    let (measured, distance_note) = point_models(&o.points, &tensors, &o.submit, resolver).await?;
+    let mut params: Params = kr::density_params(&ds).into_iter().collect();
+    params.insert("points".into(), measured.len() as f64);
+    let params = std::sync::Arc::new(params);
+    let mut jobs = Vec::with_capacity(tensors.len());
+    for t in &tensors {
+        let stats = stats_plan(t, &params, &measured)?;
+        let r = ranges(&stats, budget);
+        jobs.push((tensor_job(&stats, 0, view2d(&t.shape).0), r));
+    }
     let results: Vec<(Stats, u64)> = futures::stream::iter(jobs)
         .map(|(job, r)| {
             let exec = exec.clone();
@@ -235,6 +311,8 @@ pub async fn compute(
         models,
         densities: ds,
         points: expanded.map_or_else(Vec::new, |s| s.points.into_iter().map(|p| p.name).collect()),
+        distance_points: measured.into_iter().map(|m| m.name).collect(),
+        distance_note,
         tensors: named.into_iter().map(|(e, _)| e).collect(),
         layers,
         kinds,

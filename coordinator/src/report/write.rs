@@ -40,6 +40,8 @@ fn entry_json(e: &Entry) -> Value {
         "conflict_rate": nums(&f.conflict_rate),
         "conflicts": f.conflicts,
         "overlap": f.overlaps,
+        "distance": nums(&f.distances),
+        "distance_ratio": nums(&f.distance_ratios),
     })
 }
 
@@ -52,6 +54,7 @@ pub fn to_json(r: &Report) -> Value {
         "pairs": r.pairs().iter().map(|&(i, j)| json!([r.models[i], r.models[j]])).collect::<Vec<_>>(),
         "densities": r.densities,
         "points": r.points,
+        "distance_points": r.distance_points,
         "bytes_read": r.bytes_read,
         "total": entry_json(&r.total),
         "kinds": r.kinds.iter().map(entry_json).collect::<Vec<_>>(),
@@ -124,6 +127,10 @@ pub fn to_csv(r: &Report) -> String {
                 line("conflict_rate", d, fv(f.conflict_rate[k]));
                 line("conflicts", d, f.conflicts[k].to_string());
                 line("overlap", d, f.overlaps[k].to_string());
+            }
+            for (k, p) in r.distance_points.iter().enumerate() {
+                line("distance", p, fv(f.distances[k]));
+                line("distance_ratio", p, fv(f.distance_ratios[k]));
             }
         }
     }

@@ -26,6 +26,8 @@ def lookup(rep, scope, name, metric, subject):
         i = [f"{a}|{b}" for a, b in rep["pairs"]].index(subject)
     elif metric == "conflict_rate":
         i = [repr_density(d) for d in rep["densities"]].index(subject)
+    elif metric in ("distance", "distance_ratio"):
+        i = rep["distance_points"].index(subject)
     else:
         raise KeyError(metric)
     return entry[metric][i]
@@ -70,6 +72,7 @@ def main():
     problems += [f"console: {t}" for t in errors]
     problems += [f"fetched {u}" for u in requests if not u.startswith("file://")]
     want_plots = 1 + (len(rep["pairs"]) > 0) + (len(rep["densities"]) > 0)
+    want_plots += len(rep.get("distance_points", [])) > 0
     if plots != want_plots:
         problems.append(f"{plots} line plots, expected {want_plots}")
     if len(rep["models"]) >= 2 and heat != len(rep["pairs"]) * 2:

@@ -1,6 +1,7 @@
 """Checks a shardmerge report.json against an independent numpy computation.
 
-usage: numpy_check.py REPORT_JSON   (run from the folder the recipe's model paths are relative to)
+usage: numpy_check.py REPORT_JSON [SWEEP_OUT]   (run from the folder the recipe's model paths
+are relative to; SWEEP_OUT: the folder holding the checkpoints of the report's distance_points)
 
 Reads every model's safetensors (bf16/f16/f32, sharded or not) with numpy alone, computes each
 reported tensor's figures and the per-layer, per-kind and whole-model figures from them, and
@@ -52,8 +53,9 @@ def read_tensors(folder):
     return out
 
 
-def tensor_sums(base, xs, densities):
-    """The exact-in-spirit sums and counts of one tensor (f64 sums of f32 deltas)."""
+def tensor_sums(base, xs, densities, points=()):
+    """The exact-in-spirit sums and counts of one tensor (f64 sums of f32 deltas); `points`:
+    sweep points' tensors, each one's squared distance from the base."""
     b64 = base.astype(np.float64)
     deltas = [(x - base).astype(np.float32) for x in xs]  # float32 subtraction
     d64 = [d.astype(np.float64) for d in deltas]
@@ -68,6 +70,9 @@ def tensor_sums(base, xs, densities):
             same = (deltas[i] > 0) == (deltas[j] > 0)
             s["both"].append(int(both.sum()))
             s["agree"].append(int((both & same).sum()))
+    if points:
+        dist = [(p - base).astype(np.float32).astype(np.float64) for p in points]
+        s["dist_sq"] = [float(np.dot(d, d)) for d in dist]
     s["overlap"], s["conflicts"] = [], []
     for d in densities:
         k = min(max(1, int(d * n)), n)
@@ -110,7 +115,7 @@ def figures(s):
             cos.append(ratio(s["dot"][k], norms[i] * norms[j]))
             agree.append(ratio(s["agree"][k], s["both"][k]))
             k += 1
-    return {
+    out = {
         "elements": s["elements"],
         "base_norm": base,
         "norm": norms,
@@ -122,6 +127,11 @@ def figures(s):
         "conflicts": s["conflicts"],
         "overlap": s["overlap"],
     }
+    if "dist_sq" in s:
+        dist = [math.sqrt(x) for x in s["dist_sq"]]
+        out["distance"] = dist
+        out["distance_ratio"] = [ratio(x, base) for x in dist]
+    return out
 
 
 def compare(where, got, want, bad):
@@ -152,11 +162,15 @@ def main():
     base = read_tensors(rep["base"])
     models = [read_tensors(m) for m in rep["models"]]
     ds = rep["densities"]
+    names = rep.get("distance_points", [])
+    if names and len(sys.argv) < 3:
+        sys.exit("the report measured sweep points: pass the sweep's folder as SWEEP_OUT")
+    points = [read_tensors(os.path.join(sys.argv[2], p)) for p in names]
     bad, count = [], 0
     groups = {}
     for t in rep["tensors"]:
         name = t["name"]
-        s = tensor_sums(base[name], [m[name] for m in models], ds)
+        s = tensor_sums(base[name], [m[name] for m in models], ds, [p[name] for p in points])
         count += compare(f"tensor {name}", t, figures(s), bad)
         keys = [("kind", t["kind"]), ("total", "all")]
         if t["layer"] is not None:

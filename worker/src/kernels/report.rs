@@ -12,7 +12,12 @@
 //! densities: `sums` is the upper triangle, in row order, of the Gram matrix of
 //! `[base, δ₀, …, δₘ₋₁]`; `counts` is `[elements]`, then per pair `i < j` of models (row order)
 //! `[both non-zero, same sign]`, then per density `[≥ 2 trimmed non-zero, sign conflict]`.
+//!
+//! A sweep's points: with the parameter `points` = P, the last P inputs are not models but
+//! the checkpoints the points wrote, and each one's squared distance from the base,
+//! Σ (pₖ − base)², is an exact sum after the Gram triangle (`sums[(m+1)(m+2)/2 + k]`).
 
+use super::exact::F64Sum;
 use super::select::{self, magnitude_keep, Boundary, Cursor};
 use super::stats::{gram_upper, merge_sums};
 use super::{
@@ -75,6 +80,8 @@ pub fn pair_index(m: usize, i: usize, j: usize) -> usize {
 struct Shape {
     base: usize,
     others: Vec<usize>,
+    /// Inputs that are sweep points' outputs (the last `points`).
+    points: Vec<usize>,
     densities: Vec<f64>,
     /// Rank boundary per selection problem (density-major: `d * m + j`).
     ranks: Vec<Vec<u64>>,
@@ -88,7 +95,16 @@ impl Shape {
                 "base model index {base} is out of range"
             )));
         }
-        let others = ctx.others();
+        let n_in = ctx.n_models();
+        let p = ctx.params.get("points").copied().unwrap_or(0.0);
+        let models = n_in.saturating_sub(p as usize);
+        if p < 0.0 || p.fract() != 0.0 || models < 2 || base >= models {
+            return Err(KernelError::param(format!(
+                "report points {p}: the inputs must be the base, at least one model, then the points ({n_in} inputs)"
+            )));
+        }
+        let others: Vec<usize> = ctx.others().into_iter().filter(|&i| i < models).collect();
+        let points = (models..n_in).collect();
         let densities = densities(ctx)?;
         let n = ctx.numel();
         let ranks = densities
@@ -98,6 +114,7 @@ impl Shape {
         Ok(Shape {
             base,
             others,
+            points,
             densities,
             ranks,
         })
@@ -129,6 +146,14 @@ fn sums_and_counts(s: &Shape, sel: &Stats, rows: RowRange, inputs: &[&[f32]]) ->
             delta(s, inputs, i - 1, e)
         }
     });
+    for &p in &s.points {
+        let mut d2 = F64Sum::new();
+        for (&x, &b) in inputs[p].iter().zip(inputs[s.base]) {
+            let d = f64::from(x - b);
+            d2.add(d * d);
+        }
+        st.sums.push(d2.finish());
+    }
     let pairs = m * m.saturating_sub(1) / 2;
     let mut counts = vec![0u64; 1 + 2 * pairs + 2 * s.densities.len()];
     counts[0] = len as u64;
@@ -216,6 +241,9 @@ pub struct Figures {
     pub conflict_rate: Vec<f64>,
     pub conflicts: Vec<u64>,
     pub overlaps: Vec<u64>,
+    /// Per sweep point measured: ‖pₖ − base‖ and ‖pₖ − base‖ / ‖base‖.
+    pub distances: Vec<f64>,
+    pub distance_ratios: Vec<f64>,
 }
 
 fn ratio(a: f64, b: f64) -> f64 {
@@ -250,7 +278,15 @@ pub fn figures(m: usize, n_d: usize, st: &Stats) -> Figures {
         conflict_rate: Vec::with_capacity(n_d),
         conflicts: Vec::with_capacity(n_d),
         overlaps: Vec::with_capacity(n_d),
+        distances: Vec::new(),
+        distance_ratios: Vec::new(),
     };
+    let gram = n * (n + 1) / 2;
+    for s in st.sums.iter().skip(gram) {
+        let d = s.value().sqrt();
+        f.distances.push(d);
+        f.distance_ratios.push(ratio(d, base_norm));
+    }
     for i in 0..m {
         for j in i + 1..m {
             let c = 1 + 2 * pair_index(m, i, j);
@@ -442,6 +478,8 @@ mod tests {
             conflict_rate: vec![],
             conflicts: vec![],
             overlaps: vec![],
+            distances: vec![],
+            distance_ratios: vec![],
         };
         for i in 0..m {
             for j in i + 1..m {
@@ -556,6 +594,43 @@ mod tests {
             (fj.norms, fj.cosines, fj.both_nonzero),
             (direct.norms, direct.cosines, direct.both_nonzero)
         );
+    }
+
+    /// Sweep points appended as inputs: each one's distance from the base is a direct f64
+    /// computation's, the same bits however the tensor is cut, and the models' figures are
+    /// those without the points.
+    #[test]
+    fn points_distances_match_a_direct_computation() {
+        let ds = [0.5];
+        let (c, inputs) = case(6, 7, &ds);
+        let plain = figures(3, 1, &stats_cut(&c, &inputs, 6));
+        let mut cp = Case::new(&[6, 7], 6);
+        cp.base = Some(1);
+        cp.params = c.params.clone();
+        cp.params.insert("points".into(), 2.0);
+        let mut all = inputs.clone();
+        all.push(data(42, 5, 1.0));
+        all.push(inputs[1].clone()); // a point equal to the base: distance 0
+        let f = figures(3, 1, &stats_cut(&cp, &all, 6));
+        let direct: f64 = all[4]
+            .iter()
+            .zip(&inputs[1])
+            .map(|(&p, &b)| f64::from(p - b).powi(2))
+            .sum();
+        close(&f.distances, &[direct.sqrt(), 0.0]);
+        close(&f.distance_ratios[..1], &[direct.sqrt() / plain.base_norm]);
+        for per in [1, 4] {
+            assert_eq!(figures(3, 1, &stats_cut(&cp, &all, per)), f, "{per} rows");
+        }
+        let f_models = Figures {
+            distances: vec![],
+            distance_ratios: vec![],
+            ..f
+        };
+        assert_eq!(f_models, plain);
+        // points without a model besides the base, or more points than inputs: refused
+        cp.params.insert("points".into(), 5.0);
+        assert!(REPORT.check(&cp.ctx()).is_err());
     }
 
     #[test]
