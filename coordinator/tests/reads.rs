@@ -412,6 +412,28 @@ async fn a_sweep_reads_each_input_byte_once_for_all_its_points() {
     assert!(ratio <= 1.25, "ties grid, cut: read {ratio:.2}x the input");
 }
 
+const METHODS_GRID: &str = "sweep_methods: [task_arithmetic, ties]
+base_model: examples/models/base
+models:
+  - model: examples/models/instruct
+    parameters: {weight: 1.0}
+  - model: examples/models/lang_eu
+    parameters:
+      weight: {sweep: [0.5, 1.0]}
+parameters:
+  density: 0.5
+dtype: bfloat16
+";
+
+/// A grid whose points are cut differently (task_arithmetic cut at any row, TIES into
+/// statistics units) reads the inputs once per cut: each group of points with the same cut
+/// is led by its first point (unlinked, every TIES point read them on its own: 3x).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grid_of_methods_reads_once_per_cut() {
+    let ratio = grid_reads(METHODS_GRID, 4, 4096, 4 * (64 << 10)).await;
+    assert!(ratio <= 2.25, "methods grid: read {ratio:.2}x the input");
+}
+
 /// A grid's points stay linked across a coordinator restart: each job's journal record names
 /// the grid's first job, and the restarted coordinator links the points again before any
 /// leases a task, so the resumed grid still reads each input byte about once (unlinked, its 9

@@ -1,7 +1,8 @@
 //! Jobs that share their reads: the points of a sweep are jobs of their own (each with its
-//! output, claim, uploads, journal record, audits and commit), linked so that each task of the
-//! first one (the *leader*) is leased together with the same task of every other one (its
-//! *riders*) when those read exactly the same input rows. The worker reads the rows once and
+//! output, claim, uploads, journal record, audits and commit), linked so that each task of a
+//! *leader* is leased together with the same task of its *riders*: the later points whose
+//! tasks read exactly the same input rows. The points fall into groups by what they read, each
+//! led by its first point (a grid that varies the method may cut its points two ways). The worker reads the rows once and
 //! computes each rider from them (`Lease::riders`, the worker's `exec/group.rs`).
 //!
 //! The manager compares what tasks read (their cut: files, byte ranges, tensors' rows, and the
@@ -57,8 +58,8 @@ pub(crate) fn same_reads(pa: &Plan, a: &Cut, pb: &Plan, b: &Cut) -> bool {
 
 impl JobManager {
     /// Submits the points of a grid (recipe, output) as jobs of their own, cut to share a
-    /// slot (`SubmitOptions::points`), and links them to the first: no task of any runs before
-    /// they are all linked. An error submitting one cancels those submitted before it.
+    /// slot (`SubmitOptions::points`), and links them ([`Self::link`]): no task of any runs
+    /// before they are all linked. An error submitting one cancels those submitted before it.
     pub async fn submit_grid(
         &self,
         points: &[(&str, &str)],
@@ -85,42 +86,53 @@ impl JobManager {
             tracing::info!(
                 job = %lead,
                 points = ids.len(),
-                "grid: {linked} of {} other point(s) read the rows of {lead}'s tasks",
+                "grid: {linked} of {} other point(s) ride on an earlier point with the same cut, reading its rows",
                 rest.len()
             );
         }
         Ok(jobs)
     }
 
-    /// Links jobs `riders` to job `leader` (see the module's comment): those whose tasks read
-    /// what the leader's read. Returns how many were linked; the others run on their own.
-    /// Every one of them, and the leader, may lease tasks from now on.
-    pub fn link(&self, leader: &str, riders: &[String]) -> usize {
+    /// Links the points of a grid (see the module's comment): `first` and `others` in point
+    /// order, each point riding on the first before it whose tasks read what its tasks read,
+    /// so each group of points with the same cut (a `sweep_methods` grid's task_arithmetic
+    /// points and its TIES points, say) reads the rows once. Returns how many ride; every
+    /// point may lease tasks from now on. (A point already linked, or gone, is left as it is.)
+    pub fn link(&self, first: &str, others: &[String]) -> usize {
         let mut jobs = lock(&self.jobs);
-        for id in riders.iter().map(String::as_str).chain([leader]) {
-            if let Some(j) = jobs.get_mut(id) {
+        let order: Vec<&str> = std::iter::once(first)
+            .chain(others.iter().map(String::as_str).filter(|r| *r != first))
+            .collect();
+        for id in &order {
+            if let Some(j) = jobs.get_mut(*id) {
                 j.held = false;
             }
         }
-        let Some(lp) = jobs
-            .get(leader)
-            .map(|j| (j.state.plan.clone(), j.state.cut.clone()))
-        else {
-            return 0;
-        };
-        let mut linked = Vec::new();
-        for r in riders.iter().filter(|r| *r != leader) {
-            let Some(j) = jobs.get_mut(r) else { continue };
-            if j.leader.is_none() && same_reads(&lp.0, &lp.1, &j.state.plan, &j.state.cut) {
-                j.leader = Some(leader.to_string());
-                linked.push(r.clone());
+        let mut leaders: Vec<&str> = Vec::new();
+        let mut rides: Vec<(&str, &str)> = Vec::new();
+        for id in order {
+            let Some(j) = jobs.get(id).filter(|j| j.leader.is_none()) else {
+                continue;
+            };
+            let alike = |l: &&&str| {
+                jobs.get(**l).is_some_and(|lj| {
+                    same_reads(&lj.state.plan, &lj.state.cut, &j.state.plan, &j.state.cut)
+                })
+            };
+            match leaders.iter().find(alike) {
+                Some(&lead) => rides.push((id, lead)),
+                None => leaders.push(id),
             }
         }
-        let n = linked.len();
-        if let Some(l) = jobs.get_mut(leader) {
-            l.riders.extend(linked);
+        for &(id, lead) in &rides {
+            if let Some(j) = jobs.get_mut(id) {
+                j.leader = Some(lead.to_string());
+            }
+            if let Some(l) = jobs.get_mut(lead) {
+                l.riders.push(id.to_string());
+            }
         }
-        n
+        rides.len()
     }
 }
 

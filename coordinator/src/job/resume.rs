@@ -78,7 +78,7 @@ impl JobManager {
             let linked = self.link(&leader, &points);
             tracing::info!(
                 job = %leader,
-                "grid resumed: {linked} of {} other point(s) read the rows of {leader}'s tasks",
+                "grid resumed: {linked} of {} other point(s) ride on an earlier point with the same cut",
                 points.len()
             );
         }
