@@ -48,7 +48,7 @@ impl ExactSum {
     }
 
     #[inline]
-    fn add_bucket(&mut self, e: i32, m: i128) {
+    pub(crate) fn add_bucket(&mut self, e: i32, m: i128) {
         if let Some(b) = self.buckets.get_mut(self.hint) {
             if b.0 == e {
                 b.1 += m;

@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::ops::Range;
 
+pub mod dot;
 mod error;
 pub mod exact;
 pub mod mt;

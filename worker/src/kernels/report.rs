@@ -17,9 +17,9 @@
 //! the checkpoints the points wrote, and each one's squared distance from the base,
 //! Σ (pₖ − base)², is an exact sum after the Gram triangle (`sums[(m+1)(m+2)/2 + k]`).
 
-use super::exact::F64Sum;
+use super::dot::DotSum;
 use super::select::{self, magnitude_keep, Boundary, Cursor};
-use super::stats::{gram_upper, merge_sums};
+use super::stats::merge_sums;
 use super::{
     BaseRule, KResult, KernelError, Method, MethodSpec, Reduced, RowRange, Stats, TensorCtx,
 };
@@ -129,31 +129,14 @@ impl Shape {
     }
 }
 
-/// The f32 delta of element `e` of model `j` (an index into `others`).
-#[inline]
-fn delta(s: &Shape, inputs: &[&[f32]], j: usize, e: usize) -> f32 {
-    inputs[s.others[j]][e] - inputs[s.base][e]
-}
-
 /// Sums and counts of one row range (the last pass).
 fn sums_and_counts(s: &Shape, sel: &Stats, rows: RowRange, inputs: &[&[f32]]) -> KResult<Stats> {
     let len = inputs.first().map_or(0, |x| x.len());
     let m = s.others.len();
-    let mut st = gram_upper(m + 1, len, |i, e| {
-        if i == 0 {
-            inputs[s.base][e]
-        } else {
-            delta(s, inputs, i - 1, e)
-        }
-    });
-    for &p in &s.points {
-        let mut d2 = F64Sum::new();
-        for (&x, &b) in inputs[p].iter().zip(inputs[s.base]) {
-            let d = f64::from(x - b);
-            d2.add(d * d);
-        }
-        st.sums.push(d2.finish());
-    }
+    // the Gram matrix of [base, δ₀, …] in upper-triangle row order, then each point's distance
+    let mut sums: Vec<DotSum> = (0..(m + 1) * (m + 2) / 2 + s.points.len())
+        .map(|_| DotSum::new())
+        .collect();
     let pairs = m * m.saturating_sub(1) / 2;
     let mut counts = vec![0u64; 1 + 2 * pairs + 2 * s.densities.len()];
     counts[0] = len as u64;
@@ -162,45 +145,102 @@ fn sums_and_counts(s: &Shape, sel: &Stats, rows: RowRange, inputs: &[&[f32]]) ->
         .collect::<Option<Vec<Boundary>>>()
         .ok_or_else(|| KernelError::internal("report selection state is missing a boundary"))?;
     let mut cursors: Vec<Cursor> = bounds.iter().map(|b| Cursor::new(b, rows.index)).collect();
-    let mut d = vec![0f32; m * CHUNK];
+    let mut d = vec![0f32; (m + 1) * CHUNK];
+    let mut keys = vec![0u32; m * CHUNK];
     for at in (0..len).step_by(CHUNK) {
         let n = CHUNK.min(len - at);
-        for j in 0..m {
-            for k in 0..n {
-                d[j * CHUNK + k] = delta(s, inputs, j, at + k);
+        let base = &inputs[s.base][at..at + n];
+        for (j, &i) in s.others.iter().enumerate() {
+            diff(&inputs[i][at..at + n], base, &mut d[j * CHUNK..][..n]);
+        }
+        let vec = |i: usize| {
+            if i == 0 {
+                base
+            } else {
+                &d[(i - 1) * CHUNK..][..n]
             }
+        };
+        let mut k = 0;
+        for i in 0..=m {
+            for j in i..=m {
+                sums[k].add_products(vec(i), vec(j));
+                k += 1;
+            }
+        }
+        for (&p, sum) in s.points.iter().zip(&mut sums[k..]) {
+            let t = &mut d[m * CHUNK..][..n];
+            diff(&inputs[p][at..at + n], base, t);
+            sum.add_products(t, t);
         }
         for i in 0..m {
             for j in i + 1..m {
                 let c = 1 + 2 * pair_index(m, i, j);
-                for k in 0..n {
-                    let (a, b) = (d[i * CHUNK + k], d[j * CHUNK + k]);
-                    let both = a != 0.0 && b != 0.0;
-                    counts[c] += u64::from(both);
-                    counts[c + 1] += u64::from(both && (a > 0.0) == (b > 0.0));
-                }
+                let (both, same) = sign_counts(&d[i * CHUNK..][..n], &d[j * CHUNK..][..n]);
+                counts[c] += both;
+                counts[c + 1] += same;
+            }
+        }
+        if !s.densities.is_empty() {
+            for j in 0..m {
+                select::keys_into(&d[j * CHUNK..][..n], &mut keys[j * CHUNK..][..n]);
             }
         }
         for di in 0..s.densities.len() {
             let c = 1 + 2 * pairs + 2 * di;
-            for k in 0..n {
-                let (mut pos, mut neg, mut kept) = (false, false, 0u32);
-                for j in 0..m {
-                    let v = d[j * CHUNK + k];
-                    // kept: ranks at or above the boundary (the k largest |δ|)
-                    if !cursors[di * m + j].below(select::key(v)) {
-                        pos |= v > 0.0;
-                        neg |= v < 0.0;
-                        kept += u32::from(v != 0.0);
-                    }
-                }
-                counts[c] += u64::from(kept >= 2);
-                counts[c + 1] += u64::from(pos && neg);
-            }
+            let (conflicts, overlaps) = trimmed_counts(&d, &keys, n, &mut cursors[di * m..][..m]);
+            counts[c] += overlaps;
+            counts[c + 1] += conflicts;
         }
     }
-    st.counts = counts;
-    Ok(st)
+    Ok(Stats {
+        sums: sums.into_iter().map(DotSum::finish).collect(),
+        counts,
+        ..Default::default()
+    })
+}
+
+/// Of `n` elements of a chunk, trimmed at one density (`cursors`: each model's boundary, in
+/// model order; `d` and `keys`: each model's deltas and their keys, `CHUNK` apart): how many
+/// have trimmed deltas of both signs, and how many have at least two non-zero ones. An element
+/// is kept when it ranks at or above its model's boundary (the k largest |δ|).
+fn trimmed_counts(d: &[f32], keys: &[u32], n: usize, cursors: &mut [Cursor]) -> (u64, u64) {
+    let (mut pos, mut neg, mut nz) = ([0u8; CHUNK], [0u8; CHUNK], [0u8; CHUNK]);
+    let mut kept = [0u8; CHUNK];
+    for (j, cur) in cursors.iter_mut().enumerate() {
+        cur.kept_into(&keys[j * CHUNK..][..n], &mut kept[..n]);
+        let dj = &d[j * CHUNK..][..n];
+        for k in 0..n {
+            let (v, kk) = (dj[k], kept[k]);
+            pos[k] |= kk & u8::from(v > 0.0);
+            neg[k] |= kk & u8::from(v < 0.0);
+            // (at least two is all that counts: capped, whatever the number of models)
+            nz[k] = (nz[k] + (kk & u8::from(v != 0.0))).min(2);
+        }
+    }
+    let (mut conflicts, mut overlaps) = (0u32, 0u32);
+    for k in 0..n {
+        conflicts += u32::from(pos[k] & neg[k]);
+        overlaps += u32::from(nz[k] >= 2);
+    }
+    (u64::from(conflicts), u64::from(overlaps))
+}
+
+/// `out = x − base`, in f32.
+fn diff(x: &[f32], base: &[f32], out: &mut [f32]) {
+    for ((o, &x), &b) in out.iter_mut().zip(x).zip(base) {
+        *o = x - b;
+    }
+}
+
+/// Of the elements where `a` and `b` are both non-zero: how many, and how many of the same sign.
+fn sign_counts(a: &[f32], b: &[f32]) -> (u64, u64) {
+    let (mut both, mut same) = (0u32, 0u32);
+    for (&x, &y) in a.iter().zip(b) {
+        let nz = x != 0.0 && y != 0.0;
+        both += u32::from(nz);
+        same += u32::from(nz && (x > 0.0) == (y > 0.0));
+    }
+    (u64::from(both), u64::from(same))
 }
 
 /// Folds tensors' (or ranges') statistics into one: exact sums added, counts added. A layer's
@@ -345,12 +385,12 @@ impl Method for Report {
             let m = s.others.len();
             let mut keys = |p: usize, f: &mut dyn FnMut(&[u32])| {
                 let j = p % m;
-                let mut k = [0u32; CHUNK];
+                let (mut k, mut dj) = ([0u32; CHUNK], [0f32; CHUNK]);
                 for at in (0..len).step_by(CHUNK) {
                     let n = CHUNK.min(len - at);
-                    for (e, kk) in k[..n].iter_mut().enumerate() {
-                        *kk = select::key(delta(&s, inputs, j, at + e));
-                    }
+                    let base = &inputs[s.base][at..at + n];
+                    diff(&inputs[s.others[j]][at..at + n], base, &mut dj[..n]);
+                    select::keys_into(&dj[..n], &mut k[..n]);
                     f(&k[..n]);
                 }
             };

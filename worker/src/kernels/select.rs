@@ -101,6 +101,49 @@ impl<'a> Cursor<'a> {
     }
 }
 
+impl Cursor<'_> {
+    /// [`Cursor::below`] of each of `keys` in turn, negated into `kept` (1: at or above the
+    /// boundary). Where the boundary's rank does not fall among these keys, every key equal to
+    /// the boundary's is kept, or none is: a comparison each.
+    pub fn kept_into(&mut self, keys: &[u32], kept: &mut [u8]) {
+        let (key, need) = (self.b.key, self.b.need);
+        let level = super::simd::level();
+        let equal = count_equal_wide(level, keys, key);
+        if self.seen >= need || self.seen + equal <= need {
+            compare_wide(level, keys, key, self.seen >= need, kept);
+            self.seen += equal;
+        } else {
+            for (o, &k) in kept.iter_mut().zip(keys) {
+                *o = u8::from(!self.below(k));
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn count_equal(keys: &[u32], key: u32) -> u64 {
+    keys.iter().map(|&k| u64::from(k == key)).sum()
+}
+
+/// `kept[i] = keys[i] > key`, or `>=` with `or_equal`.
+#[inline(always)]
+fn compare(keys: &[u32], key: u32, or_equal: bool, kept: &mut [u8]) {
+    let eq = u8::from(or_equal);
+    for (o, &k) in kept.iter_mut().zip(keys) {
+        *o = u8::from(k > key) | (eq & u8::from(k == key));
+    }
+}
+
+super::simd::wide! {
+    /// [`count_equal`] built for `level`.
+    fn count_equal_wide(keys: &[u32], key: u32) -> u64 => count_equal
+}
+
+super::simd::wide! {
+    /// [`compare`] built for `level`.
+    fn compare_wide(keys: &[u32], key: u32, or_equal: bool, kept: &mut [u8]) => compare
+}
+
 /// Pass 0, one range: a histogram of the high 16 bits of each problem's keys.
 pub fn partial0(keys: &[&[u32]]) -> Stats {
     partial0_with(keys.len(), &mut |j, f| f(keys[j]))
@@ -395,6 +438,33 @@ pub fn radix_sort_high32(v: &mut Vec<u64>, tmp: &mut Vec<u64>) {
 
 #[cfg(test)]
 mod tests {
+    /// `kept_into` over chunks of any size says what `below` says element by element, with
+    /// the boundary's rank before, inside and after each chunk.
+    #[test]
+    fn kept_into_agrees_with_below() {
+        let keys: Vec<u32> = (0..5000u32).map(|i| (i * 7919 % 13) / 3).collect();
+        for need in [0, 1, 100, 383, 384, 1000, 5000] {
+            let b = super::Boundary {
+                key: 2,
+                need,
+                prefix: vec![0],
+            };
+            let (mut one, mut many) = (super::Cursor::new(&b, 0), super::Cursor::new(&b, 0));
+            let want: Vec<u8> = keys.iter().map(|&k| u8::from(!one.below(k))).collect();
+            let mut got = vec![0u8; keys.len()];
+            let mut at = 0;
+            for size in [1usize, 7, 64, 300, 2048].iter().cycle() {
+                if at >= keys.len() {
+                    break;
+                }
+                let end = (at + size).min(keys.len());
+                many.kept_into(&keys[at..end], &mut got[at..end]);
+                at = end;
+            }
+            assert_eq!(got, want, "need {need}");
+        }
+    }
+
     use super::*;
 
     /// Runs the two passes over `keys` cut at `cuts`, returns the boundaries for `ranks`.

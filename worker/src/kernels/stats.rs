@@ -8,7 +8,8 @@
 
 use shardmerge_proto as pb;
 
-use super::exact::{ExactSum, F64Sum};
+use super::dot::DotSum;
+use super::exact::ExactSum;
 
 /// Counts per 16-bit bin, stored sparsely (bins ascending).
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -154,23 +155,28 @@ pub fn merge_sums(partials: &[Stats]) -> Vec<ExactSum> {
 
 /// Partial Gram matrix of `n` vectors of `len` elements: exact sums of xᵢ·xⱼ for i ≤ j,
 /// upper triangle in row order (`n(n+1)/2` sums). `x(i, e)` is element `e` of vector `i`.
+/// The vectors are taken a chunk at a time, each pair's products summed by a [`DotSum`].
 pub fn gram_upper(n: usize, len: usize, x: impl Fn(usize, usize) -> f32) -> Stats {
-    let mut sums = vec![F64Sum::new(); n * (n + 1) / 2];
-    let mut v = vec![0f64; n];
-    for e in 0..len {
-        for (i, vi) in v.iter_mut().enumerate() {
-            *vi = x(i, e) as f64;
+    const CHUNK: usize = 1024;
+    let mut sums: Vec<DotSum> = (0..n * (n + 1) / 2).map(|_| DotSum::new()).collect();
+    let mut v = vec![0f32; n * CHUNK];
+    for at in (0..len).step_by(CHUNK) {
+        let m = CHUNK.min(len - at);
+        for (i, vi) in v.chunks_exact_mut(CHUNK).enumerate() {
+            for (e, ve) in vi[..m].iter_mut().enumerate() {
+                *ve = x(i, at + e);
+            }
         }
-        let mut at = 0;
+        let mut k = 0;
         for i in 0..n {
             for j in i..n {
-                sums[at].add(v[i] * v[j]);
-                at += 1;
+                sums[k].add_products(&v[i * CHUNK..][..m], &v[j * CHUNK..][..m]);
+                k += 1;
             }
         }
     }
     Stats {
-        sums: sums.into_iter().map(F64Sum::finish).collect(),
+        sums: sums.into_iter().map(DotSum::finish).collect(),
         ..Default::default()
     }
 }
