@@ -102,6 +102,12 @@ impl DotSum {
         (self.lo, self.hi, self.pending) = (usize::MAX, 0, 0);
     }
 
+    /// The exact sum so far; the sum starts again from zero.
+    pub fn take(&mut self) -> ExactSum {
+        self.fold();
+        std::mem::replace(&mut self.total, ExactSum::new())
+    }
+
     /// The exact sum.
     pub fn finish(mut self) -> ExactSum {
         self.fold();

@@ -8,7 +8,7 @@
 //! exact sums (‖δᵢ‖² and δᵢ·δⱼ). With `filter_wise` they are taken per vector along the last
 //! dimension (a 1-D tensor is one vector), which lies inside a row and needs no pass.
 
-use super::exact::ExactSum;
+use super::dot::DotSum;
 use super::{
     BaseRule, KResult, KernelError, Method, MethodSpec, ParamDef, RowRange, Stats, TensorCtx,
 };
@@ -25,20 +25,29 @@ static SPEC: MethodSpec = MethodSpec {
 };
 
 /// Sums of one group of vectors: ‖δᵢ‖² for each i, then δᵢ·δⱼ for each pair i < j.
-fn gram(base: &[f32], others: &[&[f32]], sums: &mut [ExactSum], range: std::ops::Range<usize>) {
+fn gram(base: &[f32], others: &[&[f32]], sums: &mut [DotSum], range: std::ops::Range<usize>) {
+    const CHUNK: usize = 1024;
     let n = others.len();
-    for e in range {
-        let b = base[e];
+    let mut d = vec![0f32; n * CHUNK];
+    let mut at0 = range.start;
+    while at0 < range.end {
+        let end = (at0 + CHUNK).min(range.end);
+        let m = end - at0;
+        for (o, di) in others.iter().zip(d.chunks_exact_mut(CHUNK)) {
+            for ((x, &v), &b) in di.iter_mut().zip(&o[at0..end]).zip(&base[at0..end]) {
+                *x = v - b;
+            }
+        }
         let mut at = n;
         for i in 0..n {
-            let di = (others[i][e] - b) as f64;
-            sums[i].add(di * di);
-            for o in &others[i + 1..] {
-                let dj = (o[e] - b) as f64;
-                sums[at].add(di * dj);
+            let di = &d[i * CHUNK..][..m];
+            sums[i].add_products(di, di);
+            for j in i + 1..n {
+                sums[at].add_products(di, &d[j * CHUNK..][..m]);
                 at += 1;
             }
         }
+        at0 = end;
     }
 }
 
@@ -122,10 +131,12 @@ impl Method for ModelStock {
     ) -> KResult<Stats> {
         let (base, others) = split(ctx, inputs)?;
         let n = others.len();
-        let mut sums = vec![ExactSum::new(); n + n * (n.saturating_sub(1)) / 2];
+        let mut sums: Vec<DotSum> = (0..n + n * n.saturating_sub(1) / 2)
+            .map(|_| DotSum::new())
+            .collect();
         gram(base, &others, &mut sums, 0..base.len());
         Ok(Stats {
-            sums,
+            sums: sums.into_iter().map(DotSum::finish).collect(),
             ..Default::default()
         })
     }
@@ -166,15 +177,14 @@ impl Method for ModelStock {
         if len == 0 {
             return Ok(());
         }
-        let mut sums = vec![ExactSum::new(); npairs];
+        let mut sums: Vec<DotSum> = (0..npairs).map(|_| DotSum::new()).collect();
         let mut vals = vec![0f64; npairs];
         let mut s = 0;
         while s < out.len() {
             let e = (s + len).min(out.len());
-            sums.iter_mut().for_each(|x| *x = ExactSum::new());
             gram(base, &others, &mut sums, s..e);
-            for (v, x) in vals.iter_mut().zip(&sums) {
-                *v = x.value();
+            for (v, x) in vals.iter_mut().zip(&mut sums) {
+                *v = x.take().value();
             }
             blend(factor(n, &vals), base, &others, out, s..e);
             s = e;

@@ -9,7 +9,7 @@
 //! rest mirrors mergekit's numpy float32 arithmetic: norms rounded to f32 with the 1e-8 guard
 //! (a tensor whose norm is at most 1e-8 is used unnormalised), the angle in f32.
 
-use super::exact::ExactSum;
+use super::dot::DotSum;
 use super::stats::sum_values;
 use super::{
     BaseRule, KResult, KernelError, Method, MethodSpec, ParamDef, Reduced, RowRange, Stats,
@@ -105,15 +105,12 @@ impl Method for Slerp {
             (Some(a), Some(b)) if a.len() == b.len() => (*a, *b),
             _ => return Err(KernelError::shape("slerp needs two inputs of equal length")),
         };
-        let (mut aa, mut bb, mut ab) = (ExactSum::new(), ExactSum::new(), ExactSum::new());
-        for (&x, &y) in a.iter().zip(b) {
-            let (x, y) = (x as f64, y as f64);
-            aa.add(x * x);
-            bb.add(y * y);
-            ab.add(x * y);
-        }
+        let (mut aa, mut bb, mut ab) = (DotSum::new(), DotSum::new(), DotSum::new());
+        aa.add_products(a, a);
+        bb.add_products(b, b);
+        ab.add_products(a, b);
         Ok(Stats {
-            sums: vec![aa, bb, ab],
+            sums: vec![aa.finish(), bb.finish(), ab.finish()],
             ..Default::default()
         })
     }
