@@ -3,11 +3,13 @@
 //!
 //! The product of two f32 values is exact in f64 and has at most 48 significant bits (two
 //! 24-bit significands), so the five lowest bits of its 53-bit f64 significand are zero.
-//! Shifted down those five bits, the signed significand fits 48 bits, and an i64 bucket
-//! holds 2^15 of them before it could overflow. [`DotSum`] adds each product's significand
-//! to the bucket of its f64 exponent, indexed directly, in a few lanes taken in turn (so
-//! neighbouring products of one exponent do not wait on each other's store), and folds the
-//! buckets into an [`ExactSum`] before any could overflow. The result is the exact sum, so it
+//! Shifted down those five bits, the signed significand fits 48 bits. [`DotSum`] takes the
+//! products a block at a time: where a block's nonzero products span at most [`SPAN`]
+//! exponents, their significands aligned to the least one are summed exactly in integer lanes
+//! ([`aligned`]) and the block added as one value; otherwise each significand goes to the
+//! i64 bucket of its exponent (2^15 of them fit), indexed directly, in a few lanes taken in
+//! turn (so neighbouring products of one exponent do not wait on each other's store), and the
+//! buckets are folded into an [`ExactSum`] before any could overflow. The result is the exact sum, so it
 //! rounds to the same value as [`F64Sum`](super::exact::F64Sum) or [`ExactSum`] of the same
 //! products, in any order.
 
@@ -69,6 +71,15 @@ impl DotSum {
         for (xb, yb) in x.chunks(BLOCK).zip(y.chunks(BLOCK)) {
             let n = xb.len();
             let (lo, hi) = split_wide(level, xb, yb, &mut es[..n], &mut ms[..n]);
+            if hi < 0x7ff && hi.saturating_sub(lo) <= SPAN {
+                // one exact integer sum for the block, added at its least exponent
+                let (h, l) = aligned_wide(level, &es[..n], &ms[..n], lo);
+                let v = (i128::from(h) << 24) + i128::from(l);
+                if v != 0 {
+                    self.total.add_bucket(lo as i32 - 1075 + 5, v);
+                }
+                continue;
+            }
             for (k, (&e, &m)) in es[..n].iter().zip(&ms[..n]).enumerate() {
                 self.buckets[k % LANES][e as usize & 0x7ff] += m;
             }
@@ -118,9 +129,13 @@ impl DotSum {
 /// Products worked out a block at a time.
 const BLOCK: usize = 256;
 
+/// The most exponents a block's nonzero products may span to be summed by [`aligned`].
+const SPAN: u32 = 31;
+
 /// Each product x[k]·y[k]'s f64 exponent into `es` and its signed significand, shifted down
 /// its five zero bits, into `ms` (0 for a NaN or an infinity, which the caller adds on its
-/// own); the least and the greatest exponent. Independent lanes, so it vectorises.
+/// own); the least exponent of a nonzero product (`u32::MAX` for none) and the greatest
+/// exponent. Independent lanes, so it vectorises.
 #[inline(always)]
 fn split(x: &[f32], y: &[f32], es: &mut [u32], ms: &mut [i64]) -> (u32, u32) {
     let (mut lo, mut hi) = (u32::MAX, 0u32);
@@ -132,10 +147,32 @@ fn split(x: &[f32], y: &[f32], es: &mut [u32], ms: &mut [i64]) -> (u32, u32) {
         let s = (bits as i64) >> 63;
         *m = (sig ^ s) - s;
         *e = ex;
-        lo = lo.min(ex);
+        // (a zero product has exponent 0 and adds nothing: it does not count for the span)
+        lo = lo.min(if ex == 0 { u32::MAX } else { ex });
         hi = hi.max(ex);
     }
     (lo, hi)
+}
+
+/// The sum of the significands `ms`, each shifted up by its exponent in `es` less `lo` (at
+/// most [`SPAN`]; zeros, whose exponent is 0, add nothing), as `(h, l)` with the sum
+/// `h · 2^24 + l`: each significand split into its high part (`m >> 24`) and its low 24 bits,
+/// both summed in i64. Exact: a part shifted is below 2^(24 + SPAN) = 2^55 in magnitude, and
+/// [`BLOCK`] = 2^8 of them sum below 2^63. Independent lanes, so it vectorises.
+#[inline(always)]
+fn aligned(es: &[u32], ms: &[i64], lo: u32) -> (i64, i64) {
+    let (mut h, mut l) = (0i64, 0i64);
+    for (&e, &m) in es.iter().zip(ms) {
+        let s = if e == 0 { 0 } else { e.wrapping_sub(lo) & 63 };
+        h += (m >> 24) << s;
+        l += (m & 0xff_ffff) << s;
+    }
+    (h, l)
+}
+
+super::simd::wide! {
+    /// [`aligned`] built for `level`.
+    fn aligned_wide(es: &[u32], ms: &[i64], lo: u32) -> (i64, i64) => aligned
 }
 
 super::simd::wide! {
@@ -193,6 +230,55 @@ mod tests {
         d.add_products(&big[..1000], &big[..1000]);
         d.add_products(&big[1000..], &big[1000..]);
         assert_eq!(d.finish().value(), by_f64sum(&big, &big).value());
+    }
+
+    /// Blocks summed whole ([`aligned`]): products spanning up to [`SPAN`] exponents, of both
+    /// signs, with zeros, and the extreme block (the largest significands, all negative, half
+    /// of them [`SPAN`] exponents above the others); and a block just past the span.
+    #[test]
+    fn blocks_of_close_exponents_sum_exactly() {
+        let mut r = 0x1234_5677_u32;
+        let mut next = || {
+            r ^= r << 13;
+            r ^= r >> 17;
+            r ^= r << 5;
+            r
+        };
+        for span in [0, 5, 15, 30] {
+            let (x, y): (Vec<f32>, Vec<f32>) = (0..3000)
+                .map(|k| {
+                    let v = next();
+                    let e = (v % (span / 2 + 1)) as i32 - 3;
+                    let a = (1.0 + f32::from((v >> 8) as u16) / 65536.0) * 2f32.powi(e);
+                    let a = if v & 1 == 0 { a } else { -a };
+                    (
+                        if k % 11 == 0 { 0.0 } else { a },
+                        1.0 + (v >> 20) as f32 / 4096.0,
+                    )
+                })
+                .unzip();
+            let mut d = DotSum::new();
+            d.add_products(&x, &y);
+            assert_eq!(d.finish().value(), by_f64sum(&x, &y).value(), "span {span}");
+        }
+        let top = -f32::from_bits(0x3fff_ffff); // -(2 - 2^-23) · 2
+        for (half, gap) in [(15, 15), (15, 16)] {
+            // products 2^(2·gap) apart: within SPAN, then just past it
+            let big = top * 2f32.powi(half);
+            let x: Vec<f32> = (0..BLOCK)
+                .map(|k| {
+                    if k % 2 == 0 {
+                        big
+                    } else {
+                        top * 2f32.powi(half - gap)
+                    }
+                })
+                .collect();
+            let y: Vec<f32> = x.iter().map(|v| v.abs()).collect();
+            let mut d = DotSum::new();
+            d.add_products(&x, &y);
+            assert_eq!(d.finish().value(), by_f64sum(&x, &y).value(), "gap {gap}");
+        }
     }
 
     #[test]
