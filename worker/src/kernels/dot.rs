@@ -4,9 +4,9 @@
 //! The product of two f32 values is exact in f64 and has at most 48 significant bits (two
 //! 24-bit significands), so the five lowest bits of its 53-bit f64 significand are zero.
 //! Shifted down those five bits, the signed significand fits 48 bits. [`DotSum`] takes the
-//! products a block at a time: where a block's nonzero products span at most [`SPAN`]
+//! products a block at a time: where a block's nonzero products span at most `SPAN`
 //! exponents, their significands aligned to the least one are summed exactly in integer lanes
-//! ([`aligned`]) and the block added as one value; otherwise each significand goes to the
+//! (`aligned`) and the block added as one value; otherwise each significand goes to the
 //! i64 bucket of its exponent (2^15 of them fit), indexed directly, in a few lanes taken in
 //! turn (so neighbouring products of one exponent do not wait on each other's store), and the
 //! buckets are folded into an [`ExactSum`] before any could overflow. The result is the exact sum, so it
@@ -48,7 +48,7 @@ impl DotSum {
         Self::default()
     }
 
-    /// Adds x[k]·y[k] for every k (the shorter length).
+    /// Adds `x[k]·y[k]` for every `k` (the shorter length).
     pub fn add_products(&mut self, x: &[f32], y: &[f32]) {
         let n = x.len().min(y.len());
         let (x, y) = (&x[..n], &y[..n]);
@@ -132,7 +132,7 @@ const BLOCK: usize = 256;
 /// The most exponents a block's nonzero products may span to be summed by [`aligned`].
 const SPAN: u32 = 31;
 
-/// Each product x[k]·y[k]'s f64 exponent into `es` and its signed significand, shifted down
+/// Each product `x[k]·y[k]`'s f64 exponent into `es` and its signed significand, shifted down
 /// its five zero bits, into `ms` (0 for a NaN or an infinity, which the caller adds on its
 /// own); the least exponent of a nonzero product (`u32::MAX` for none) and the greatest
 /// exponent. Independent lanes, so it vectorises.

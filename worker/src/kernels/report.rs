@@ -4,9 +4,9 @@
 //! It runs as a method with statistics passes and no output: with trim densities, two passes of
 //! the TIES kernel's exact rank selection ([`select`], one problem per density and model, the
 //! window [`magnitude_keep`] gives), then one pass of sums and counts. Every figure is an exact
-//! sum ([`ExactSum`], via [`gram_upper`]) or an integer count, so a tensor cut into row ranges,
-//! and a layer or a whole model summed from its tensors ([`merge`]), give the same bits as one
-//! piece. Deltas are float32 differences of the inputs (whatever the recipe's `dtype`).
+//! sum ([`DotSum`], laid out as [`super::stats::gram_upper`] lays out its sums) or an integer
+//! count, so a tensor cut into row ranges, and a layer or a whole model summed from its tensors
+//! ([`merge`]), give the same bits as one piece. Deltas are float32 differences of the inputs (whatever the recipe's `dtype`).
 //!
 //! Layout of a tensor's (reduced) [`Stats`], with `m` models besides the base and `D`
 //! densities: `sums` is the upper triangle, in row order, of the Gram matrix of
@@ -348,7 +348,7 @@ pub fn figures(m: usize, n_d: usize, st: &Stats) -> Figures {
 }
 
 /// Index of the Gram sum of vectors `i <= j` among `n` (upper triangle, row order), as
-/// [`gram_upper`] lays them out.
+/// [`super::stats::gram_upper`] lays them out.
 pub fn gram_upper_index(n: usize, i: usize, j: usize) -> usize {
     i * n - i * i.saturating_sub(1) / 2 + (j - i)
 }
