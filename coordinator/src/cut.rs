@@ -3,7 +3,7 @@
 //! its pieces run the statistics passes first, and the tasks writing them wait for it.
 
 use crate::error::{Error, Result};
-use crate::plan::{Plan, TensorPlan};
+use crate::plan::{InputPlan, Plan, TensorPlan};
 use crate::size::human;
 use shardmerge_worker::exec::{reads_as_stored, whole_as_stored};
 use shardmerge_worker::kernels::NOTED_SHARE;
@@ -293,6 +293,67 @@ pub fn cut(plan: &Plan, o: &CutOptions) -> Cut {
     }
     number_pieces(plan, &pieces, &mut out);
     out
+}
+
+/// The cut of `plan` laid out as `like`'s: the same tasks (files, byte ranges, segments' rows),
+/// its own headers, and statistics units of its own for the tensors its method needs them for.
+/// `like` is another point of a grid (another method over the same inputs and output layout)
+/// whose cut is at least as fine: computing `plan` over `like`'s rows needs no more memory per
+/// element than `like` itself, wherever `like` keeps a tensor whole and wherever it cuts one.
+/// The points then read the same rows (`job/group.rs`) and read them once. `None` where the
+/// layouts differ or `plan` needs more than `like` is cut for: it keeps its own cut.
+pub fn cut_like(plan: &Plan, like: &Plan, o: &CutOptions) -> Option<Cut> {
+    if !fits_like(plan, like) {
+        return None;
+    }
+    let mut out = Cut::default();
+    let mut pieces: Vec<Vec<(u64, u64, usize)>> = vec![Vec::new(); plan.tensors.len()];
+    for t in cut(like, o).tasks {
+        let header = &plan.files[t.file].layout.header;
+        let segments = t.segments.into_iter().map(|s| match s {
+            SegDef::Literal(_) => SegDef::Literal(header.clone()),
+            SegDef::Rows {
+                tensor, start, end, ..
+            } => {
+                pieces[tensor].push((start, end, 0));
+                SegDef::Rows {
+                    tensor,
+                    start,
+                    end,
+                    range_index: 0,
+                }
+            }
+        });
+        out.tasks.push(TaskDef {
+            segments: segments.collect(),
+            deps: Vec::new(),
+            ..t
+        });
+    }
+    number_pieces(plan, &pieces, &mut out);
+    Some(out)
+}
+
+/// Whether `plan` can be computed over `like`'s cut ([`cut_like`]): the same files (headers of
+/// the same length, the same tensors), each tensor of the same shape, output type and inputs
+/// (no streamed stage), needing statistics only where `like` does, and no more memory per
+/// element, cut or whole.
+pub fn fits_like(plan: &Plan, like: &Plan) -> bool {
+    let files =
+        plan.files.len() == like.files.len()
+            && plan.files.iter().zip(&like.files).all(|(a, b)| {
+                a.layout.header.len() == b.layout.header.len() && a.tensors == b.tensors
+            });
+    let tensors = plan.tensors.len() == like.tensors.len()
+        && plan.tensors.iter().zip(&like.tensors).all(|(a, b)| {
+            (&a.shape, a.out_dtype, &a.row_map) == (&b.shape, b.out_dtype, &b.row_map)
+                && InputPlan::all_read_as(&a.inputs, &b.inputs)
+                && a.inputs.iter().all(|s| s.derived.is_none())
+                && (a.passes == 0 || b.passes > 0)
+                && bytes_per_element(a) <= bytes_per_element(b)
+                && whole_bytes_per_element(a) <= whole_bytes_per_element(b)
+        });
+    files && tensors
 }
 
 /// Whether tensor `t` stays whole in one task, and whether that task is its own: a tensor

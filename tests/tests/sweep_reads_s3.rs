@@ -1,8 +1,8 @@
 //! A sweep submitted to a coordinator reads its inputs once for all its points: the points'
 //! jobs are submitted together and linked, and the workers, which reach the S3 server through
 //! a counting TCP proxy, read each input byte at most 1.25 times for the whole grid (a 3 x 3
-//! task_arithmetic grid and a 2-density x 2-weight TIES grid), while each point's checkpoint
-//! is byte-identical to the embedded run of its expanded recipe alone.
+//! task_arithmetic grid, a 2-density x 2-weight TIES grid and a grid of both methods), while
+//! each point's checkpoint is byte-identical to the embedded run of its expanded recipe alone.
 
 use std::path::Path;
 
@@ -28,6 +28,19 @@ models:
   parameters: {weight: {sweep: [0.5, 1.0]}}
 parameters:
   density: {sweep: [0.3, 0.7]}
+";
+
+/// task_arithmetic and TIES points, which each method alone would cut differently: every
+/// point is cut like the TIES ones, and the grid still reads the inputs once.
+const METHODS_GRID: &str = "sweep_methods: [task_arithmetic, ties]
+base_model: M/m0
+models:
+- model: M/m1
+  parameters: {weight: 1.0}
+- model: M/m2
+  parameters: {weight: {sweep: [0.5, 1.0]}}
+parameters:
+  density: 0.5
 ";
 
 /// Bytes of a safetensors file past its header.
@@ -68,7 +81,12 @@ fn a_submitted_sweep_reads_each_input_byte_once_over_s3() {
     }
     cluster.add_worker();
     cluster.add_worker();
-    for (name, grid, points) in [("ta", TA_GRID, 9), ("ties", TIES_GRID, 4)] {
+    let grids = [
+        ("ta", TA_GRID, 9),
+        ("ties", TIES_GRID, 4),
+        ("methods", METHODS_GRID, 4),
+    ];
+    for (name, grid, points) in grids {
         std::fs::write(dir.join("s3.yml"), grid.replace("M/", &bucket.uri("M/"))).expect("write");
         let before = proxy.bytes_from_target();
         let args = [

@@ -1,9 +1,12 @@
 //! Jobs that share their reads: the points of a sweep are jobs of their own (each with its
 //! output, claim, uploads, journal record, audits and commit), linked so that each task of a
-//! *leader* is leased together with the same task of its *riders*: the later points whose
+//! *leader* is leased together with the same task of its *riders*: the other points whose
 //! tasks read exactly the same input rows. The points fall into groups by what they read, each
-//! led by its first point (a grid that varies the method may cut its points two ways). The worker reads the rows once and
-//! computes each rider from them (`Lease::riders`, the worker's `exec/group.rs`).
+//! led by the point with the most statistics units. A grid that varies the method would cut
+//! its points several ways (task_arithmetic at any row, TIES whole or into statistics units):
+//! every point of one is cut like the method with the finest cut where it can be
+//! (`cut::cut_like`), so it is one group too. The worker reads the rows once and computes each
+//! rider from them (`Lease::riders`, the worker's `exec/group.rs`).
 //!
 //! The manager compares what tasks read (their cut: files, byte ranges, tensors' rows, and the
 //! tensors' inputs), never what they compute: the points may differ in any parameter or
@@ -22,11 +25,11 @@ use super::{lock, tasks, Job, JobManager, SubmitOptions};
 use crate::cut::{Cut, SegDef};
 use crate::error::Result;
 use crate::journal::Item;
-use crate::plan::Plan;
+use crate::plan::{InputPlan, Plan};
 
 /// Whether every task of `b` reads what the same task of `a` reads: the same cut (files,
-/// byte ranges, segments' tensors and rows, statistics units), over tensors with the same
-/// inputs. Literal bytes (headers) may differ.
+/// byte ranges, segments' tensors and rows; each statistics unit of `b` one of `a`'s), over
+/// tensors with the same inputs. Literal bytes (headers) may differ.
 pub(crate) fn same_reads(pa: &Plan, a: &Cut, pb: &Plan, b: &Cut) -> bool {
     let rows = |s: &SegDef| match s {
         SegDef::Literal(l) => (usize::MAX, l.len() as u64, 0, 0),
@@ -43,15 +46,17 @@ pub(crate) fn same_reads(pa: &Plan, a: &Cut, pb: &Plan, b: &Cut) -> bool {
                 == (y.file, y.offset, y.length, y.segments.len())
                 && x.segments.iter().map(rows).eq(y.segments.iter().map(rows))
         });
-    let units = a.units.len() == b.units.len()
-        && a.units
+    // (b's statistics units are among a's: a TIES leader's, say, and none of a
+    // task_arithmetic rider's; `lease_riders` finds b's unit of a's)
+    let units = b.units.iter().all(|y| {
+        a.units
             .iter()
-            .zip(&b.units)
-            .all(|(x, y)| (x.tensor, &x.ranges) == (y.tensor, &y.ranges));
+            .any(|x| (x.tensor, &x.ranges) == (y.tensor, &y.ranges))
+    });
     let tensors = pa.tensors.len() == pb.tensors.len()
         && pa.tensors.iter().zip(&pb.tensors).all(|(x, y)| {
-            (&x.shape, x.out_dtype, &x.inputs, &x.row_map)
-                == (&y.shape, y.out_dtype, &y.inputs, &y.row_map)
+            (&x.shape, x.out_dtype, &x.row_map) == (&y.shape, y.out_dtype, &y.row_map)
+                && InputPlan::all_read_as(&x.inputs, &y.inputs)
         });
     tasks && units && tensors
 }
@@ -67,10 +72,11 @@ impl JobManager {
     ) -> Result<Vec<(String, Arc<Plan>)>> {
         let mut o = o.clone();
         o.points = u32::try_from(points.len().max(1)).unwrap_or(u32::MAX);
+        let like = methods(points);
         let mut jobs: Vec<(String, Arc<Plan>)> = Vec::with_capacity(points.len());
         for (recipe, out) in points {
             let leader = jobs.first().map(|(id, _)| id.as_str());
-            match self.submit_point(recipe, out, &o, leader).await {
+            match self.submit_point(recipe, out, &o, leader, &like).await {
                 Ok(j) => jobs.push(j),
                 Err(e) => {
                     for (jid, _) in &jobs {
@@ -94,10 +100,10 @@ impl JobManager {
     }
 
     /// Links the points of a grid (see the module's comment): `first` and `others` in point
-    /// order, each point riding on the first before it whose tasks read what its tasks read,
-    /// so each group of points with the same cut (a `sweep_methods` grid's task_arithmetic
-    /// points and its TIES points, say) reads the rows once. Returns how many ride; every
-    /// point may lease tasks from now on. (A point already linked, or gone, is left as it is.)
+    /// order, each point riding on the first leader (the points with the most statistics units
+    /// first) whose tasks read what its tasks read, so each group of points with the same cut
+    /// reads the rows once. Returns how many ride; every point may lease tasks from now on.
+    /// (A point already linked, or gone, is left as it is.)
     pub fn link(&self, first: &str, others: &[String]) -> usize {
         let mut jobs = lock(&self.jobs);
         let order: Vec<&str> = std::iter::once(first)
@@ -108,6 +114,19 @@ impl JobManager {
                 j.held = false;
             }
         }
+        // the points with the most statistics units (then passes) first: one whose units are
+        // among another's rides on it (a grid's task_arithmetic points on its first TIES
+        // point, say), and a leader's passes are never fewer than its riders'
+        let mut order = order;
+        order.sort_by_key(|id| {
+            std::cmp::Reverse(jobs.get(*id).map_or((0, 0), |j| {
+                let units = &j.state.cut.units;
+                (
+                    units.len(),
+                    units.iter().map(|u| u64::from(u.passes)).sum::<u64>(),
+                )
+            }))
+        });
         let mut leaders: Vec<&str> = Vec::new();
         let mut rides: Vec<(&str, &str)> = Vec::new();
         for id in order {
@@ -157,18 +176,55 @@ pub(super) struct Poller<'a> {
     pub rules: LeaseRules,
 }
 
+/// One recipe of each method of a grid's points (`sweep_methods`), in point order, when they
+/// have more than one: every point is cut like the one of them with the finest cut
+/// (`cut::cut_like`), so that they all read the same rows. Empty for a grid of one method.
+fn methods(points: &[(&str, &str)]) -> Vec<String> {
+    let mut seen: Vec<(String, String)> = Vec::new();
+    for (recipe, _) in points {
+        // (a recipe that does not parse fails its own submission)
+        let Ok(r) = crate::recipe::Recipe::parse(recipe) else {
+            continue;
+        };
+        if !seen.iter().any(|(m, _)| *m == r.merge_method) {
+            seen.push((r.merge_method, recipe.to_string()));
+        }
+    }
+    if seen.len() < 2 {
+        return Vec::new();
+    }
+    seen.into_iter().map(|(_, text)| text).collect()
+}
+
 /// Leases task `item` of each of `riders` that has it queued to the poller, as riders of a
-/// lease of the leader's task.
+/// lease of the leader's task. `units`: the tensor of each of the leader's statistics units
+/// (a rider's statistics task of a tensor is its unit of that tensor, whatever its index).
 pub(super) fn lease_riders(
     jobs: &mut HashMap<String, Job>,
     leases: &mut LeaseTable,
-    riders: &[String],
+    (riders, units): (&[String], &[usize]),
     item: Item,
     p: &Poller<'_>,
 ) -> Vec<pb::Lease> {
     let mut out = Vec::new();
     for r in riders {
         let Some(j) = jobs.get_mut(r) else { continue };
+        let item = match item {
+            Item::Stats { unit, range } => {
+                let tensor = units.get(unit).copied();
+                let Some(unit) = j
+                    .state
+                    .cut
+                    .units
+                    .iter()
+                    .position(|u| Some(u.tensor) == tensor)
+                else {
+                    continue;
+                };
+                Item::Stats { unit, range }
+            }
+            other => other,
+        };
         let Some(g) = j.state.lease_rider(item, p.worker, p.now, p.rules) else {
             continue;
         };

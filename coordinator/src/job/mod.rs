@@ -209,7 +209,7 @@ impl JobManager {
         output: &str,
         o: &SubmitOptions,
     ) -> Result<(String, Arc<Plan>)> {
-        self.submit_point(recipe_text, output, o, None).await
+        self.submit_point(recipe_text, output, o, None, &[]).await
     }
 
     /// [`Self::submit`] of a point of a grid, recording the grid's first job (`grid_leader`)
@@ -220,8 +220,9 @@ impl JobManager {
         output: &str,
         o: &SubmitOptions,
         grid_leader: Option<&str>,
+        cut_like: &[String],
     ) -> Result<(String, Arc<Plan>)> {
-        let (plan, cut, out) = self.prepare(recipe_text, output, o).await?;
+        let (plan, cut, out) = self.prepare(recipe_text, output, o, cut_like).await?;
         // Refuses an output that overlaps an input, before anything is written there.
         crate::output::check_overlap(&plan, &out)?;
         let id = self.fresh_id();
@@ -229,7 +230,16 @@ impl JobManager {
         // back if the job does not start.
         let claim = Arc::new(Claim::take(&out, &id, o.overwrite, None).await?);
         match self
-            .start(&id, recipe_text, &plan, &cut, &out, o, &claim, grid_leader)
+            .start(
+                &id,
+                recipe_text,
+                &plan,
+                &cut,
+                &out,
+                o,
+                &claim,
+                (grid_leader, cut_like),
+            )
             .await
         {
             Ok(uploads) => {
@@ -261,7 +271,7 @@ impl JobManager {
         out: &Location,
         o: &SubmitOptions,
         claim: &Claim,
-        grid_leader: Option<&str>,
+        (grid_leader, cut_like): (Option<&str>, &[String]),
     ) -> Result<Vec<Upload>> {
         // Refuses an output that holds files without --overwrite. With --overwrite nothing in
         // it changes until the commit.
@@ -282,6 +292,7 @@ impl JobManager {
             layout_crc: layout_crc(plan, cut),
             claim: claim.token(),
             grid_leader: grid_leader.unwrap_or_default().to_string(),
+            cut_like: cut_like.to_vec(),
         };
         if let Err(e) = self.journal.job_started(&rec).await {
             for u in &uploads {

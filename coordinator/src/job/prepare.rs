@@ -5,6 +5,8 @@
 //! through the runtime's I/O), so a large or hostile submission cannot hold a runtime thread
 //! that `ListJobs`, polls and running jobs need; at most [`PLANS_AT_ONCE`] plans run at once,
 //! and one that takes longer than `--max-plan-time` is refused.
+//!
+//! [`cut_like`]: crate::cut::cut_like
 
 use std::time::Duration;
 
@@ -24,12 +26,14 @@ pub const DEFAULT_MAX_PLAN_TIME: Duration = Duration::from_secs(300);
 
 impl JobManager {
     /// Plans a job and cuts it into tasks (reads headers only), on a blocking thread, within
-    /// the coordinator's `--max-plan-time`.
+    /// the coordinator's `--max-plan-time`. `cut_like`: the recipes of a grid's other methods
+    /// (one point of each), whose cut the job takes when it can ([`cut_like`]).
     pub(super) async fn prepare(
         &self,
         recipe_text: &str,
         output: &str,
         o: &SubmitOptions,
+        cut_like: &[String],
     ) -> Result<(Plan, Cut, Location)> {
         let budget = self.limits().max_plan_time;
         let too_long = || Error::Exhausted {
@@ -43,6 +47,7 @@ impl JobManager {
         };
         let planning = self.planning.clone();
         let (text, output, o) = (recipe_text.to_string(), output.to_string(), o.clone());
+        let like = cut_like.to_vec();
         let resolver = self.resolver.clone();
         let rt = tokio::runtime::Handle::current();
         let work = tokio::task::spawn_blocking(move || {
@@ -52,7 +57,7 @@ impl JobManager {
                     .await
                     .ok()?
                     .ok()?;
-                tokio::time::timeout(budget, prepare(&resolver, &text, &output, &o))
+                tokio::time::timeout(budget, prepare(&resolver, &text, &output, &o, &like))
                     .await
                     .ok()
             })
@@ -75,6 +80,7 @@ async fn prepare(
     recipe_text: &str,
     output: &str,
     o: &SubmitOptions,
+    cut_like: &[String],
 ) -> Result<(Plan, Cut, Location)> {
     let plan_options = PlanOptions {
         out_shard_size: o.out_shard_size,
@@ -103,6 +109,38 @@ async fn prepare(
         min_part: out.store.min_part_size(),
     };
     cut::check_whole(&plan, &opts)?;
-    let cut = cut::cut(&plan, &opts);
+    let cut = match like_plan(resolver, cut_like, o, &plan_options).await? {
+        Some(like) => cut::cut_like(&plan, &like, &opts).unwrap_or_else(|| cut::cut(&plan, &opts)),
+        None => cut::cut(&plan, &opts),
+    };
     Ok((plan, cut, out))
+}
+
+/// Of the recipes `cut_like` (a grid's methods), the plan whose cut the others take: the one
+/// the most of them fit ([`cut::fits_like`]), then the one with the most statistics passes
+/// (its leader's passes are never fewer than a rider's), then the first. The same recipes
+/// always give the same choice (a resumed job is cut as before).
+async fn like_plan(
+    resolver: &Resolver,
+    cut_like: &[String],
+    o: &SubmitOptions,
+    plan_options: &PlanOptions,
+) -> Result<Option<Plan>> {
+    let mut plans = Vec::with_capacity(cut_like.len());
+    for text in cut_like {
+        plans.push(plan::plan(Recipe::parse(text)?, resolver, &o.base_dir, plan_options).await?);
+    }
+    let score = |p: &Plan| {
+        let fit = plans.iter().filter(|q| cut::fits_like(q, p)).count();
+        let passes: u64 = p.tensors.iter().map(|t| u64::from(t.passes)).sum();
+        (fit, passes)
+    };
+    let mut best: Option<((usize, u64), usize)> = None;
+    for (k, p) in plans.iter().enumerate() {
+        let s = score(p);
+        if best.is_none_or(|(b, _)| s > b) {
+            best = Some((s, k));
+        }
+    }
+    Ok(best.map(|(_, k)| plans.swap_remove(k)))
 }

@@ -90,7 +90,7 @@ impl JobManager {
     async fn resume(&self, u: Unfinished) -> Result<()> {
         let o = SubmitOptions::from_proto(&u.job.options.clone().unwrap_or_default());
         let (plan, cut, out) = self
-            .prepare(&u.job.recipe_yaml, &u.job.output_uri, &o)
+            .prepare(&u.job.recipe_yaml, &u.job.output_uri, &o, &u.job.cut_like)
             .await?;
         if layout_crc(&plan, &cut) != u.job.layout_crc || u.job.uploads.len() != plan.files.len() {
             return Err(Error::InputChanged {

@@ -105,8 +105,13 @@ impl JobManager {
                 j.publish();
             }
             let riders = j.riders.clone();
+            let units: Vec<usize> = match riders.is_empty() {
+                true => Vec::new(),
+                false => j.state.cut.units.iter().map(|u| u.tensor).collect(),
+            };
             for (g, l) in granted.iter().zip(given.iter_mut()) {
-                l.riders = group::lease_riders(&mut jobs, &mut leases, &riders, g.item, &p);
+                let of = (riders.as_slice(), units.as_slice());
+                l.riders = group::lease_riders(&mut jobs, &mut leases, of, g.item, &p);
             }
             out.leases.extend(given);
         }

@@ -77,6 +77,30 @@ pub struct InputPlan {
 }
 
 impl InputPlan {
+    /// Whether `other` reads the same bytes: the same file, place, type, shape, adapter and
+    /// stage, whatever the model's name or where its random draws start (a DARE point's
+    /// inputs and a TIES point's, in a grid of methods).
+    pub fn reads_as(&self, other: &InputPlan) -> bool {
+        (
+            &self.uri,
+            self.data_offset,
+            self.dtype,
+            &self.shape,
+            &self.tensor,
+        ) == (
+            &other.uri,
+            other.data_offset,
+            other.dtype,
+            &other.shape,
+            &other.tensor,
+        ) && (&self.lora, &self.derived) == (&other.lora, &other.derived)
+    }
+
+    /// Whether two tensors' inputs read the same bytes, input by input ([`Self::reads_as`]).
+    pub fn all_read_as(a: &[InputPlan], b: &[InputPlan]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.reads_as(y))
+    }
+
     /// Bytes one of its rows takes in its file.
     pub fn row_bytes(&self) -> u64 {
         let (_, row_len) = view2d(&self.shape);

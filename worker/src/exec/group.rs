@@ -289,7 +289,20 @@ fn shared_stats<'a>(tasks: &[&'a pb::Task]) -> Option<Vec<Pass<'a>>> {
 
 /// Whether two tensors' rows read the same bytes.
 fn same_tensor_reads(s: &pb::TensorJob, t: &pb::TensorJob) -> bool {
-    (&s.shape, s.out_dtype, &s.inputs, &s.row_map) == (&t.shape, t.out_dtype, &t.inputs, &t.row_map)
+    (&s.shape, s.out_dtype, &s.row_map) == (&t.shape, t.out_dtype, &t.row_map)
+        && s.inputs.len() == t.inputs.len()
+        && s.inputs
+            .iter()
+            .zip(&t.inputs)
+            .all(|(a, b)| same_source(a, b))
+}
+
+/// Whether two inputs are the same bytes: everything but the model's name and its random
+/// keys (where its draws start: a DARE point's and a TIES point's inputs read alike).
+fn same_source(a: &pb::TensorSource, b: &pb::TensorSource) -> bool {
+    (&a.uri, a.data_offset, a.dtype, &a.shape, &a.tensor)
+        == (&b.uri, b.data_offset, b.dtype, &b.shape, &b.tensor)
+        && (&a.lora, &a.derived) == (&b.lora, &b.derived)
 }
 
 fn same_segments(a: &Write<'_>, b: &Write<'_>) -> bool {
@@ -372,6 +385,19 @@ mod tests {
         assert!(shared_writes(&[&a, &b]).is_some());
         assert!(shared_writes(&[&a]).is_none(), "one task alone is no group");
         assert!(shared_writes(&[&a, &b, &c]).is_none());
+        // where an input's random draws start (a DARE point's, against a TIES point's) is no
+        // difference in what is read; where its bytes start is
+        fn source(t: &mut pb::Task) -> &mut pb::TensorSource {
+            match &mut t.kind {
+                Some(pb::task::Kind::Write(w)) => &mut w.tensors[0].inputs[0],
+                _ => unreachable!("a write task"),
+            }
+        }
+        let (mut d, mut e) = (b.clone(), b.clone());
+        source(&mut d).rng_offset = 4096;
+        source(&mut e).data_offset = 8;
+        assert!(shared_writes(&[&a, &d]).is_some());
+        assert!(shared_writes(&[&a, &e]).is_none());
     }
 
     fn pass(job: &str, pass: u32, rows: (u64, u64)) -> pb::Task {
