@@ -81,12 +81,15 @@ fn a_submitted_sweep_reads_each_input_byte_once_over_s3() {
     }
     cluster.add_worker();
     cluster.add_worker();
+    // (the grid of methods in 16 MiB worker slots: TIES cuts its tensors into statistics
+    // units there, task_arithmetic alone would cut them otherwise; S3 parts of at least
+    // 5 MiB keep the cuts alike in larger ones)
     let grids = [
-        ("ta", TA_GRID, 9),
-        ("ties", TIES_GRID, 4),
-        ("methods", METHODS_GRID, 4),
+        ("ta", TA_GRID, 9, "512MiB"),
+        ("ties", TIES_GRID, 4, "512MiB"),
+        ("methods", METHODS_GRID, 4, "16MiB"),
     ];
-    for (name, grid, points) in grids {
+    for (name, grid, points, memory) in grids {
         std::fs::write(dir.join("s3.yml"), grid.replace("M/", &bucket.uri("M/"))).expect("write");
         let before = proxy.bytes_from_target();
         let args = [
@@ -97,6 +100,8 @@ fn a_submitted_sweep_reads_each_input_byte_once_over_s3() {
             &cluster.url,
             "--wait",
             "-q",
+            "--memory-limit",
+            memory,
         ];
         let ids = ok(&cluster.cli(dir, &args), "shardmerge submit (sweep)");
         let read = proxy.bytes_from_target() - before;
@@ -105,12 +110,27 @@ fn a_submitted_sweep_reads_each_input_byte_once_over_s3() {
             .lines()
             .map(|id| cluster.job(id.trim()).bytes_read)
             .sum();
+        let readers = ids
+            .lines()
+            .filter(|id| cluster.job(id.trim()).bytes_read > 0)
+            .count();
         let ratio = read as f64 / inputs as f64;
-        eprintln!("{name} grid of {points}: proxy counted {read} B for {inputs} B of input ({ratio:.3}x), statuses {reported} B");
-        assert!(
-            ratio <= 1.25,
-            "{name} grid: read {ratio:.2}x the input bytes"
-        );
+        eprintln!("{name} grid of {points}: proxy counted {read} B for {inputs} B of input ({ratio:.3}x), statuses {reported} B, {readers} point(s) reading");
+        if name == "methods" {
+            // In slots this small its TIES points cut tensors into statistics units, whose
+            // passes read rows again where a pass and a write run on different workers: the
+            // grid reads what its first TIES point reads alone, every other point riding on it
+            // (each method cut its own way, two points read: 2.5x)
+            assert_eq!(
+                readers, 1,
+                "{name} grid: {readers} points read on their own"
+            );
+        } else {
+            assert!(
+                ratio <= 1.25,
+                "{name} grid: read {ratio:.2}x the input bytes"
+            );
+        }
         let off = (reported as f64 - read as f64).abs() / read as f64;
         assert!(
             off <= 0.01,
