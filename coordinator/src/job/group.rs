@@ -72,7 +72,7 @@ impl JobManager {
     ) -> Result<Vec<(String, Arc<Plan>)>> {
         let mut o = o.clone();
         o.points = u32::try_from(points.len().max(1)).unwrap_or(u32::MAX);
-        let like = methods(points);
+        let like = super::prepare::CutLike::new(methods(points));
         let mut jobs: Vec<(String, Arc<Plan>)> = Vec::with_capacity(points.len());
         for (recipe, out) in points {
             let leader = jobs.first().map(|(id, _)| id.as_str());

@@ -51,6 +51,7 @@ use crate::plan::Plan;
 use lease::{LeaseRules, LeaseTable};
 pub(crate) use limits::Limits;
 pub use options::{ProcessBudget, SubmitOptions, MIN_SLOT_MEMORY};
+use prepare::CutLike;
 pub use state::AuditRules;
 use state::JobState;
 pub(crate) use tasks::tensor_job;
@@ -209,7 +210,9 @@ impl JobManager {
         output: &str,
         o: &SubmitOptions,
     ) -> Result<(String, Arc<Plan>)> {
-        self.submit_point(recipe_text, output, o, None, &[]).await
+        let alone = CutLike::new(Vec::new());
+        self.submit_point(recipe_text, output, o, None, &alone)
+            .await
     }
 
     /// [`Self::submit`] of a point of a grid, recording the grid's first job (`grid_leader`)
@@ -220,7 +223,7 @@ impl JobManager {
         output: &str,
         o: &SubmitOptions,
         grid_leader: Option<&str>,
-        cut_like: &[String],
+        cut_like: &Arc<CutLike>,
     ) -> Result<(String, Arc<Plan>)> {
         let (plan, cut, out) = self.prepare(recipe_text, output, o, cut_like).await?;
         // Refuses an output that overlaps an input, before anything is written there.
@@ -271,7 +274,7 @@ impl JobManager {
         out: &Location,
         o: &SubmitOptions,
         claim: &Claim,
-        (grid_leader, cut_like): (Option<&str>, &[String]),
+        (grid_leader, cut_like): (Option<&str>, &CutLike),
     ) -> Result<Vec<Upload>> {
         // Refuses an output that holds files without --overwrite. With --overwrite nothing in
         // it changes until the commit.
@@ -292,7 +295,7 @@ impl JobManager {
             layout_crc: layout_crc(plan, cut),
             claim: claim.token(),
             grid_leader: grid_leader.unwrap_or_default().to_string(),
-            cut_like: cut_like.to_vec(),
+            cut_like: cut_like.texts.clone(),
         };
         if let Err(e) = self.journal.job_started(&rec).await {
             for u in &uploads {

@@ -8,6 +8,7 @@
 //!
 //! [`cut_like`]: crate::cut::cut_like
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use shardmerge_worker::storage::{Location, Resolver};
@@ -26,14 +27,14 @@ pub const DEFAULT_MAX_PLAN_TIME: Duration = Duration::from_secs(300);
 
 impl JobManager {
     /// Plans a job and cuts it into tasks (reads headers only), on a blocking thread, within
-    /// the coordinator's `--max-plan-time`. `cut_like`: the recipes of a grid's other methods
-    /// (one point of each), whose cut the job takes when it can ([`cut_like`]).
+    /// the coordinator's `--max-plan-time`. `like`: a grid's methods, whose cut the job
+    /// takes when it can ([`cut_like`]).
     pub(super) async fn prepare(
         &self,
         recipe_text: &str,
         output: &str,
         o: &SubmitOptions,
-        cut_like: &[String],
+        like: &Arc<CutLike>,
     ) -> Result<(Plan, Cut, Location)> {
         let budget = self.limits().max_plan_time;
         let too_long = || Error::Exhausted {
@@ -47,7 +48,7 @@ impl JobManager {
         };
         let planning = self.planning.clone();
         let (text, output, o) = (recipe_text.to_string(), output.to_string(), o.clone());
-        let like = cut_like.to_vec();
+        let like = like.clone();
         let resolver = self.resolver.clone();
         let rt = tokio::runtime::Handle::current();
         let work = tokio::task::spawn_blocking(move || {
@@ -80,7 +81,7 @@ async fn prepare(
     recipe_text: &str,
     output: &str,
     o: &SubmitOptions,
-    cut_like: &[String],
+    like: &CutLike,
 ) -> Result<(Plan, Cut, Location)> {
     let plan_options = PlanOptions {
         out_shard_size: o.out_shard_size,
@@ -109,8 +110,12 @@ async fn prepare(
         min_part: out.store.min_part_size(),
     };
     cut::check_whole(&plan, &opts)?;
-    let cut = match like_plan(resolver, cut_like, o, &plan_options).await? {
-        Some(like) => cut::cut_like(&plan, &like, &opts).unwrap_or_else(|| cut::cut(&plan, &opts)),
+    let chosen = like
+        .plan
+        .get_or_try_init(|| like_plan(resolver, &like.texts, o, &plan_options))
+        .await?;
+    let cut = match chosen {
+        Some(like) => cut::cut_like(&plan, like, &opts).unwrap_or_else(|| cut::cut(&plan, &opts)),
         None => cut::cut(&plan, &opts),
     };
     Ok((plan, cut, out))
@@ -125,7 +130,7 @@ async fn like_plan(
     cut_like: &[String],
     o: &SubmitOptions,
     plan_options: &PlanOptions,
-) -> Result<Option<Plan>> {
+) -> Result<Option<Arc<Plan>>> {
     let mut plans = Vec::with_capacity(cut_like.len());
     for text in cut_like {
         plans.push(plan::plan(Recipe::parse(text)?, resolver, &o.base_dir, plan_options).await?);
@@ -142,5 +147,23 @@ async fn like_plan(
             best = Some((s, k));
         }
     }
-    Ok(best.map(|(_, k)| plans.swap_remove(k)))
+    Ok(best.map(|(_, k)| Arc::new(plans.swap_remove(k))))
+}
+
+/// The methods of a grid whose cut its points take ([`cut_like`]): one recipe of each (the
+/// job's record keeps them, `JournalJob.cut_like`), and the plan chosen among them, planned
+/// once for all the points (each point would otherwise plan every method again).
+#[derive(Debug, Default)]
+pub struct CutLike {
+    pub texts: Vec<String>,
+    plan: tokio::sync::OnceCell<Option<Arc<Plan>>>,
+}
+
+impl CutLike {
+    pub fn new(texts: Vec<String>) -> Arc<Self> {
+        Arc::new(CutLike {
+            texts,
+            plan: Default::default(),
+        })
+    }
 }

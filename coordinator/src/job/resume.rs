@@ -89,8 +89,10 @@ impl JobManager {
     /// they complete.
     async fn resume(&self, u: Unfinished) -> Result<()> {
         let o = SubmitOptions::from_proto(&u.job.options.clone().unwrap_or_default());
+        // (each point of a grid of methods plans them again: a restart is rare)
+        let like = super::prepare::CutLike::new(u.job.cut_like.clone());
         let (plan, cut, out) = self
-            .prepare(&u.job.recipe_yaml, &u.job.output_uri, &o, &u.job.cut_like)
+            .prepare(&u.job.recipe_yaml, &u.job.output_uri, &o, &like)
             .await?;
         if layout_crc(&plan, &cut) != u.job.layout_crc || u.job.uploads.len() != plan.files.len() {
             return Err(Error::InputChanged {
