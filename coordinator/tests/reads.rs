@@ -438,12 +438,26 @@ random_seed: 7
 dtype: bfloat16
 ";
 
+/// Five methods with statistics passes or draws of their own (DARE draws, breadcrumbs trims
+/// at both ends), over the same models.
+const METHODS5_GRID: &str =
+    "sweep_methods: [task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs_ties]
+base_model: examples/models/base
+models:
+  - model: examples/models/instruct
+    parameters: {weight: 1.0, density: 0.6}
+  - model: examples/models/lang_eu
+    parameters: {weight: 0.8, density: 0.5}
+random_seed: 11
+dtype: bfloat16
+";
+
 /// A grid whose methods would cut it differently (task_arithmetic at any row, TIES into
 /// statistics units) reads the inputs once: every point is cut like its TIES points
 /// (`cut::cut_like`), and its task_arithmetic points ride on the first TIES point (cut their
 /// own way, each method's points read the inputs once: 2x; unlinked, 3x). A DARE-TIES point
 /// joins them too (its inputs differ from the others' only in where their draws start: 3x
-/// before).
+/// before), and so do dare_linear and breadcrumbs_ties points (two statistics passes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grid_of_methods_reads_once() {
     let ratio = grid_reads(METHODS_GRID, 4, 4096, 4 * (64 << 10)).await;
@@ -457,6 +471,11 @@ async fn a_grid_of_methods_reads_once() {
     // three methods, one of them drawing DARE's masks
     let ratio = grid_reads(METHODS3_GRID, 3, 4096, 3 * (64 << 10)).await;
     assert!(ratio <= 1.25, "3-methods grid: read {ratio:.2}x the input");
+    // five, whole and cut into statistics units
+    for slot in [64 << 20, 5 * (64 << 10)] {
+        let ratio = grid_reads(METHODS5_GRID, 5, 4096, slot).await;
+        assert!(ratio <= 1.25, "5-methods grid: read {ratio:.2}x the input");
+    }
 }
 
 /// A grid's points stay linked across a coordinator restart: each job's journal record names
