@@ -3,7 +3,7 @@
 //! its pieces run the statistics passes first, and the tasks writing them wait for it.
 
 use crate::error::{Error, Result};
-use crate::plan::{InputPlan, Plan, TensorPlan};
+use crate::plan::{Plan, TensorPlan};
 use crate::size::human;
 use shardmerge_worker::exec::{reads_as_stored, whole_as_stored};
 use shardmerge_worker::kernels::NOTED_SHARE;
@@ -346,8 +346,7 @@ pub fn fits_like(plan: &Plan, like: &Plan) -> bool {
             });
     let tensors = plan.tensors.len() == like.tensors.len()
         && plan.tensors.iter().zip(&like.tensors).all(|(a, b)| {
-            (&a.shape, a.out_dtype, &a.row_map) == (&b.shape, b.out_dtype, &b.row_map)
-                && InputPlan::all_read_as(&a.inputs, &b.inputs)
+            a.reads_as(b)
                 && a.inputs.iter().all(|s| s.derived.is_none())
                 && (a.passes == 0 || b.passes > 0)
                 && bytes_per_element(a) <= bytes_per_element(b)

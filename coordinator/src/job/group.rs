@@ -25,7 +25,7 @@ use super::{lock, tasks, Job, JobManager, SubmitOptions};
 use crate::cut::{Cut, SegDef};
 use crate::error::Result;
 use crate::journal::Item;
-use crate::plan::{InputPlan, Plan};
+use crate::plan::Plan;
 
 /// Whether every task of `b` reads what the same task of `a` reads: the same cut (files,
 /// byte ranges, segments' tensors and rows; each statistics unit of `b` one of `a`'s), over
@@ -54,10 +54,11 @@ pub(crate) fn same_reads(pa: &Plan, a: &Cut, pb: &Plan, b: &Cut) -> bool {
             .any(|x| (x.tensor, &x.ranges) == (y.tensor, &y.ranges))
     });
     let tensors = pa.tensors.len() == pb.tensors.len()
-        && pa.tensors.iter().zip(&pb.tensors).all(|(x, y)| {
-            (&x.shape, x.out_dtype, &x.row_map) == (&y.shape, y.out_dtype, &y.row_map)
-                && InputPlan::all_read_as(&x.inputs, &y.inputs)
-        });
+        && pa
+            .tensors
+            .iter()
+            .zip(&pb.tensors)
+            .all(|(x, y)| x.reads_as(y));
     tasks && units && tensors
 }
 

@@ -96,11 +96,6 @@ impl InputPlan {
         ) && (&self.lora, &self.derived) == (&other.lora, &other.derived)
     }
 
-    /// Whether two tensors' inputs read the same bytes, input by input ([`Self::reads_as`]).
-    pub fn all_read_as(a: &[InputPlan], b: &[InputPlan]) -> bool {
-        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.reads_as(y))
-    }
-
     /// Bytes one of its rows takes in its file.
     pub fn row_bytes(&self) -> u64 {
         let (_, row_len) = view2d(&self.shape);
@@ -157,6 +152,20 @@ impl fmt::Debug for TensorPlan {
 }
 
 impl TensorPlan {
+    /// Whether a task over rows of `other` reads what the same task over rows of this tensor
+    /// reads: the same shape, output type and row map, and inputs that read the same bytes
+    /// ([`InputPlan::reads_as`]), whatever the method or parameters.
+    pub fn reads_as(&self, other: &TensorPlan) -> bool {
+        (&self.shape, self.out_dtype, &self.row_map)
+            == (&other.shape, other.out_dtype, &other.row_map)
+            && self.inputs.len() == other.inputs.len()
+            && self
+                .inputs
+                .iter()
+                .zip(&other.inputs)
+                .all(|(x, y)| x.reads_as(y))
+    }
+
     /// The method's name (mergekit's).
     pub fn method_name(&self) -> &'static str {
         self.method.spec().name
