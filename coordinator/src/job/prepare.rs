@@ -114,10 +114,10 @@ async fn prepare(
         .plan
         .get_or_try_init(|| like_plan(resolver, &like.texts, o, &plan_options))
         .await?;
-    let cut = match chosen {
-        Some(like) => cut::cut_like(&plan, like, &opts).unwrap_or_else(|| cut::cut(&plan, &opts)),
-        None => cut::cut(&plan, &opts),
-    };
+    let cut = chosen
+        .as_deref()
+        .and_then(|like| cut::cut_like(&plan, like, &opts))
+        .unwrap_or_else(|| cut::cut(&plan, &opts));
     Ok((plan, cut, out))
 }
 
