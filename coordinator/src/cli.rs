@@ -60,8 +60,8 @@ enum Cmd {
         #[command(flatten)]
         points: sweep::PointArgs,
         /// Also write the merge report (report.json, report.csv, report.html; see `report`)
-        /// into OUT/report after the merge (it reads the inputs once more; of a sweep, also
-        /// each point's checkpoint, for its distance from the base)
+        /// into OUT/report, computed from the rows the merge reads (of a sweep, its points'
+        /// distances from the base read the base and each point's checkpoint)
         #[arg(long)]
         report: bool,
         #[command(flatten)]
@@ -206,12 +206,13 @@ async fn main_inner(cli: Cli) -> Result<()> {
             report,
             stages,
         } => {
-            let o = merge::run_options(&engine, overwrite, quiet)?;
+            let mut o = merge::run_options(&engine, overwrite, quiet)?;
             let text = read_recipe(&recipe)?;
             let ways = merge::Ways::new(&points, &stages, &engine);
             merge::refuse_report(report, &text)?;
+            o.tap = report::before_run(report, &text, &engine, &resolver).await?;
             merge::run(&text, &out, &o, &ways, resolver.clone()).await?;
-            report::after_run(report, &text, &out, (&engine, &points), &o, &resolver).await
+            report::after_run(&text, &out, (&engine, &points), &o, &resolver).await
         }
         Cmd::Report(c) => c.run(&resolver).await,
         Cmd::ExtractLora(c) => c.run(&resolver).await,

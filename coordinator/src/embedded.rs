@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shardmerge_proto as pb;
-use shardmerge_worker::exec::{Executor, RowCache};
+use shardmerge_worker::exec::{Executor, ReportTap, RowCache};
 use shardmerge_worker::pull::{self, LoopOptions};
 use shardmerge_worker::storage::Resolver;
 use tokio::sync::watch;
@@ -28,6 +28,8 @@ pub struct RunOptions {
     /// The row cache the workers keep statistics passes' rows in (none: every pass reads
     /// storage again).
     pub cache: Option<Arc<RowCache>>,
+    /// The report the workers compute from the rows they read (`run --report`), if any.
+    pub tap: Option<Arc<ReportTap>>,
 }
 
 pub struct Summary {
@@ -86,7 +88,9 @@ pub async fn run(
         plan.bytes_out()
     );
     let (stop_tx, stop_rx) = watch::channel(false);
-    let exec = Executor::new(resolver).with_cache(o.cache.clone());
+    let exec = Executor::new(resolver)
+        .with_cache(o.cache.clone())
+        .with_tap(o.tap.clone());
     let opts = LoopOptions {
         worker_id: "embedded".into(),
         slots: o.workers.max(1),

@@ -32,6 +32,7 @@ fn opts(task_size: u64) -> RunOptions {
         },
         quiet: true,
         cache: Some(row_cache()),
+        tap: None,
     }
 }
 

@@ -185,6 +185,7 @@ async fn grid(recipe: &str, outs: &[std::path::PathBuf], workers: usize, task: u
         },
         quiet: true,
         cache: Some(row_cache()),
+        tap: None,
     };
     let outs: Vec<String> = outs
         .iter()

@@ -162,6 +162,7 @@ async fn counted(recipe: &str, task_size: u64, slot_memory: u64) -> Counted {
         submit,
         quiet: true,
         cache: Some(row_cache()),
+        tap: None,
     };
     let out = tmp.path().join("out");
     let s = embedded::run(recipe, out.to_str().unwrap(), &o, resolver)
@@ -321,6 +322,7 @@ async fn grid_reads(sweep: &str, points: usize, task_size: u64, slot_memory: u64
         submit: submit.clone(),
         quiet: true,
         cache: Some(row_cache()),
+        tap: None,
     };
     let tmp = tempfile::tempdir().unwrap();
     let outs: Vec<String> = (0..points)
@@ -590,6 +592,7 @@ async fn resumed_grid_reads(sweep: &str, n_points: usize, slot_memory: u64) {
         submit: o.clone(),
         quiet: true,
         cache: Some(row_cache()),
+        tap: None,
     };
     same_as_run_alone(&s, &outs, &run, tmp.path()).await;
 }

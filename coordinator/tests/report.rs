@@ -235,6 +235,67 @@ fn run_report_writes_it_next_to_the_checkpoint_and_refusals_name_the_reason() {
     assert!(!d.join("rep/report.json").exists());
 }
 
+/// `run --report` computes the report from the merge's own reads: what the merge read, the
+/// report does not read again (the distances of a sweep's points read the base and the
+/// points' checkpoints; a tensor whose report trims at a density and that the merge read in
+/// pieces is read again), and its figures are those `report` computes reading everything.
+#[test]
+fn run_report_reads_only_what_the_merge_did_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    family(d);
+    let ta = "merge_method: task_arithmetic\nbase_model: base\nmodels:\n- model: instruct\n  parameters: {weight: 1.0}\n- model: lang_eu\n  parameters: {weight: 0.7}\n";
+    std::fs::write(d.join("ta.yml"), ta).unwrap();
+    let sweep = ta.replacen("weight: 0.7", "weight: {sweep: [0.5, 1.0]}", 1);
+    std::fs::write(d.join("sweep.yml"), sweep).unwrap();
+    // (every recipe reads the same three models)
+    let input = {
+        let o = Command::new(env!("CARGO_BIN_EXE_shardmerge"))
+            .current_dir(d)
+            .args(["plan", "ta.yml", "--json"])
+            .output()
+            .unwrap();
+        let plan: Value = serde_json::from_slice(&o.stdout).unwrap();
+        plan["bytes_input"].as_u64().unwrap()
+    };
+    // (recipe, merge flags, whether the report reads: none, or the sweep points' distances)
+    let small = ["--task-size", "64KiB"];
+    let cases: [(&str, &[&str], bool); 5] = [
+        ("r.yml", &[], false),
+        ("ta.yml", &[], false),
+        ("ta.yml", &small, false),
+        ("r.yml", &small, false),
+        ("sweep.yml", &small, true),
+    ];
+    for (k, (recipe, flags, reads)) in cases.into_iter().enumerate() {
+        let out = format!("out{k}");
+        let mut args = vec!["run", recipe, &out, "--report", "--quiet", "--workers", "2"];
+        args.extend(flags);
+        ok(d, &args);
+        let rep = format!("rep{k}");
+        let mut args = vec!["report", recipe, &rep, "--quiet"];
+        if recipe == "sweep.yml" {
+            args.extend(["--sweep-out", &out]);
+        }
+        ok(d, &args);
+        let mut tapped = json(&d.join(&out).join("report/report.json"));
+        let mut alone = json(&d.join(&rep).join("report.json"));
+        let read = tapped["bytes_read"].as_u64().unwrap();
+        let all = alone["bytes_read"].as_u64().unwrap();
+        assert!(all >= input);
+        if reads {
+            // the sweep's points' distances: the base and the points' checkpoints read, not
+            // the two models (of the same size as the base)
+            assert_eq!(all - read, input / 3 * 2, "{recipe} {flags:?}: read {read}");
+        } else {
+            assert_eq!(read, 0, "{recipe} {flags:?}: the report read again");
+        }
+        tapped["bytes_read"] = Value::Null;
+        alone["bytes_read"] = Value::Null;
+        assert_eq!(tapped, alone, "{recipe} {flags:?}");
+    }
+}
+
 /// Chromium: $SHARDMERGE_CHROMIUM, else `chromium` (Debian's) or `chromium-headless-shell`.
 fn chromium() -> Option<PathBuf> {
     if let Ok(p) = std::env::var("SHARDMERGE_CHROMIUM") {

@@ -44,16 +44,6 @@ pub(crate) fn fatal(msg: impl Into<String>) -> TaskError {
     }
 }
 
-/// The stored dtype of one input of `job`.
-pub(crate) fn input_dtype(src: &pb::TensorSource, job: &pb::TensorJob) -> Result<DType, TaskError> {
-    DType::from_proto(src.dtype).ok_or_else(|| {
-        fatal(format!(
-            "{}: input of {} has no float dtype",
-            src.uri, job.name
-        ))
-    })
-}
-
 pub use crate::tensor::view2d;
 
 mod analyse;
@@ -68,13 +58,16 @@ mod rowcache;
 mod rowmap;
 mod scratch;
 mod segment;
+mod tap;
 pub use blocked::reads_as_stored;
 use kernel::{kernel_points, kernel_rows, kernel_stored, partial_rows};
+pub(crate) use read::input_dtype;
 pub use read::whole_as_stored;
 pub use rowcache::RowCache;
 use scratch::{give_back, sized};
 pub use scratch::{release_free_memory, Scratch};
 use segment::{non_finite, segment_tensor};
+pub use tap::ReportTap;
 
 /// Builds the kernel's view of a tensor job (see [`crate::tensor::tensor_ctx`]).
 pub fn tensor_ctx(job: &pb::TensorJob) -> Result<TensorCtx<'_>, TaskError> {
@@ -88,6 +81,8 @@ pub struct Executor {
     /// Where statistics passes keep the rows they read for the tensor's next passes and its
     /// write task (none: every pass reads storage).
     pub cache: Option<Arc<RowCache>>,
+    /// The report computed from the rows the kernels are given (`run --report`), if any.
+    pub tap: Option<Arc<ReportTap>>,
 }
 
 /// What a task did, for the result message.
@@ -131,12 +126,19 @@ impl Executor {
         Executor {
             resolver,
             cache: None,
+            tap: None,
         }
     }
 
     /// This executor, keeping statistics passes' rows in `cache`.
     pub fn with_cache(mut self, cache: Option<Arc<RowCache>>) -> Self {
         self.cache = cache;
+        self
+    }
+
+    /// This executor, handing the input rows its kernels are given to `tap`.
+    pub fn with_tap(mut self, tap: Option<Arc<ReportTap>>) -> Self {
+        self.tap = tap;
         self
     }
 
@@ -370,7 +372,7 @@ impl Executor {
         let inputs = self
             .read_inputs(job, (r.row_start, r.row_end), true, &mut io, scratch)
             .await?;
-        let (partial, inputs) = partial_rows(job, r, s.pass, inputs).await;
+        let (partial, inputs) = partial_rows(job, r, s.pass, (inputs, self.tap.clone())).await;
         give_back(&mut scratch.inputs, inputs);
         let partial = partial?;
         Ok(pb::TaskResult {
@@ -454,13 +456,13 @@ impl Executor {
         let out = std::mem::take(&mut scratch.out);
         if let Some(dts) = read::stored_dtypes(job, rows) {
             let inputs = self.read_stored(job, rows, io, scratch).await?;
-            let (res, inputs) = kernel_stored(job, &dts, inputs, out).await;
+            let (res, inputs) = kernel_stored(job, &dts, inputs, (out, self.tap.clone())).await;
             let (bufs, mapped) = inputs.into_iter().map(read::StoredIn::into_parts).unzip();
             give_back(&mut scratch.pieces, bufs);
             return res.map(|v| (v, Kept::Stored(dts, mapped)));
         }
         let inputs = self.read_inputs(job, rows, false, io, scratch).await?;
-        let (res, inputs) = kernel_rows(job, r, inputs, out, true).await;
+        let (res, inputs) = kernel_rows(job, r, inputs, out, (true, self.tap.clone())).await;
         give_back(&mut scratch.inputs, inputs);
         res.map(|(v, held)| (v, held.map_or(Kept::Decoded, Kept::Finite)))
     }

@@ -30,6 +30,7 @@ pub(super) fn run_options(engine: &EngineArgs, overwrite: bool, quiet: bool) -> 
         },
         quiet,
         cache: engine.scratch.cache()?,
+        tap: None,
     })
 }
 

@@ -1,6 +1,7 @@
 //! `shardmerge report RECIPE OUT`, and the report of `run --report`.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::args::EngineArgs;
@@ -10,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::recipe::sweep::Point;
 use crate::report::{self, ReportOptions};
 use crate::size;
+use shardmerge_worker::exec::ReportTap;
 use shardmerge_worker::storage::Resolver;
 
 /// `shardmerge report`'s arguments.
@@ -41,7 +43,8 @@ impl ReportCmd {
             None => Vec::new(),
             Some(dir) => listed_points(&text, dir, resolver).await?,
         };
-        report(&text, out, e, points, self.overwrite, self.quiet, resolver).await
+        let how = (self.overwrite, self.quiet, None);
+        report(&text, out, e, points, how, resolver).await
     }
 }
 
@@ -92,25 +95,21 @@ fn point_folders(
         .collect()
 }
 
-/// Computes the report of `text` and writes it into the folder `out`.
+/// Computes the report of `text` and writes it into the folder `out` (`how`: whether to replace
+/// a report there, whether quietly, and the tap a merge fed, if any).
 pub(super) async fn report(
     text: &str,
     out: &str,
     engine: &EngineArgs,
     points: Vec<(String, String)>,
-    overwrite: bool,
-    quiet: bool,
+    (overwrite, quiet, tap): (bool, bool, Option<&ReportTap>),
     resolver: &Resolver,
 ) -> Result<()> {
     let loc = resolver.resolve(out, &crate::paths::cwd())?;
     report::write::check_free(&loc, overwrite).await?;
-    let o = ReportOptions {
-        submit: engine.submit_options(),
-        workers: engine.workers(),
-        points,
-    };
+    let o = options(engine, points);
     let start = Instant::now();
-    let r = report::compute(text, &loc, &o, resolver).await?;
+    let r = report::compute(text, &loc, &o, resolver, tap).await?;
     report::write(&r, &loc).await?;
     if !quiet {
         eprintln!(
@@ -136,25 +135,49 @@ pub(super) async fn report(
     Ok(())
 }
 
-/// `run --report`: the report of the recipe just merged into `out`, into `OUT/report`; of a
-/// sweep, with the distance from the base of each point the run wrote.
-pub(super) async fn after_run(
+fn options(engine: &EngineArgs, points: Vec<(String, String)>) -> ReportOptions {
+    ReportOptions {
+        submit: engine.submit_options(),
+        workers: engine.workers(),
+        points,
+    }
+}
+
+/// `run --report`, before the merge: the tap the merge is to feed, so that the report reads
+/// no input the merge reads (planned now, so that a recipe the report refuses is refused
+/// before the merge runs).
+pub(super) async fn before_run(
     asked: bool,
+    text: &str,
+    engine: &EngineArgs,
+    resolver: &Resolver,
+) -> Result<Option<Arc<ReportTap>>> {
+    if !asked {
+        return Ok(None);
+    }
+    let o = options(engine, Vec::new());
+    Ok(Some(Arc::new(report::tap_for(text, &o, resolver).await?)))
+}
+
+/// `run --report`: the report of the recipe just merged into `out`, into `OUT/report`, from
+/// what the merge fed the tap `o.tap`; of a sweep, with the distance from the base of each
+/// point the run wrote.
+pub(super) async fn after_run(
     text: &str,
     out: &str,
     (engine, picks): (&EngineArgs, &PointArgs),
     o: &RunOptions,
     resolver: &Resolver,
 ) -> Result<()> {
-    if !asked {
+    let Some(tap) = &o.tap else {
         return Ok(());
-    }
+    };
     let sweep = crate::recipe::sweep::expand(text)?;
     let points = match super::sweep::points(&sweep, picks)? {
         Some((_, picked)) => point_folders(out, &picked, resolver)?,
         None => Vec::new(),
     };
     let at = format!("{}/report", out.trim_end_matches('/'));
-    let (overwrite, quiet) = (o.submit.overwrite, o.quiet);
-    report(text, &at, engine, points, overwrite, quiet, resolver).await
+    let how = (o.submit.overwrite, o.quiet, Some(&**tap));
+    report(text, &at, engine, points, how, resolver).await
 }

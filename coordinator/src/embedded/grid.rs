@@ -51,7 +51,9 @@ pub async fn run_grid(
         slot_memory: o.submit.whole_slot(&plan)?,
         max_idle: Duration::from_millis(20),
     };
-    let exec = Executor::new(resolver).with_cache(o.cache.clone());
+    let exec = Executor::new(resolver)
+        .with_cache(o.cache.clone())
+        .with_tap(o.tap.clone());
     let workers = tokio::spawn(pull::run(mgr.clone(), exec, opts, stop_rx));
     let bar = progress_bar(1, o.quiet);
     let mut interrupted = false;

@@ -10,8 +10,10 @@
 
 use std::collections::BTreeMap;
 
+use std::sync::Arc;
+
 use futures::{StreamExt, TryStreamExt};
-use shardmerge_worker::exec::{Executor, Scratch};
+use shardmerge_worker::exec::{Executor, ReportTap, Scratch};
 use shardmerge_worker::kernels::report::{self as kr, Figures};
 use shardmerge_worker::kernels::{round::Work, Stats};
 use shardmerge_worker::storage::{Location, Resolver};
@@ -238,15 +240,12 @@ async fn point_models(
     Ok((models, None))
 }
 
-/// Computes the report of a recipe (a sweep's: the models of its first point, the densities of
-/// every point), reading each tensor's inputs once when its rows fit a slot.
-/// `out`, where the report goes, is refused when it is, holds or sits inside an input's folder.
-pub async fn compute(
+/// The plans of `text` (of each sweep point), the densities they trim at, and the sweep.
+async fn plans(
     text: &str,
-    out: &Location,
-    o: &ReportOptions,
+    o: &SubmitOptions,
     resolver: &Resolver,
-) -> Result<Report> {
+) -> Result<(Option<sweep::Sweep>, Vec<Plan>, Vec<f64>)> {
     let expanded = sweep::expand(text)?;
     let texts: Vec<&str> = match &expanded {
         Some(s) => s.points.iter().map(|p| p.recipe.as_str()).collect(),
@@ -254,33 +253,130 @@ pub async fn compute(
     };
     let mut plans = Vec::with_capacity(texts.len());
     for t in texts {
-        plans.push(plan_of(t, &o.submit, resolver).await?);
+        plans.push(plan_of(t, o, resolver).await?);
     }
+    let ds = densities(&plans);
+    Ok((expanded, plans, ds))
+}
+
+/// The report's parameters: its trim densities and the number of sweep points measured.
+fn report_params(ds: &[f64], points: usize) -> Arc<Params> {
+    let mut params: Params = kr::density_params(ds).into_iter().collect();
+    params.insert("points".into(), points as f64);
+    Arc::new(params)
+}
+
+/// A tap for the merge of `text` to feed (`run --report`): the report's statistics of every
+/// tensor it covers, computed from the rows the merge reads ([`compute`] then reads only
+/// what the tap did not see). Planned as [`compute`] plans the report.
+pub async fn tap_for(text: &str, o: &ReportOptions, resolver: &Resolver) -> Result<ReportTap> {
+    let (_, plans, ds) = plans(text, &o.submit, resolver).await?;
+    let (_, _, tensors) = covered(&plans[0])?;
+    let params = report_params(&ds, 0);
+    let jobs = tensors
+        .iter()
+        .map(|t| {
+            Ok(tensor_job(
+                &stats_plan(t, &params, &[])?,
+                0,
+                view2d(&t.shape).0,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    ReportTap::new(jobs).map_err(|e| Error::plan("report", e.message))
+}
+
+/// The plan of the distances from the base of the checkpoints of `points` over tensor `t`:
+/// the report's statistics of the base alone, then the points.
+fn distances_plan(t: &TensorPlan, points: &[ModelInfo]) -> Result<TensorPlan> {
+    let b = t
+        .base
+        .ok_or_else(|| Error::plan(&t.name, "no base model"))?;
+    let base = TensorPlan {
+        inputs: vec![t.inputs[b].clone()],
+        model_params: vec![t.model_params[b].clone()],
+        base: Some(0),
+        ..t.clone()
+    };
+    stats_plan(&base, &report_params(&[], points.len()), points)
+}
+
+/// What to compute of each tensor of `tensors`: a job to run (its row ranges within
+/// `budget`), a tap's statistics of the models, or both (the job then measures the points'
+/// distances only).
+type StatsJob = (
+    Option<(shardmerge_proto::TensorJob, Vec<(u64, u64)>)>,
+    Option<Stats>,
+);
+
+fn stats_jobs(
+    tensors: &[&TensorPlan],
+    tap: Option<&ReportTap>,
+    measured: &[ModelInfo],
+    params: &Arc<Params>,
+    budget: u64,
+) -> Result<Vec<StatsJob>> {
+    let mut jobs = Vec::with_capacity(tensors.len());
+    for t in tensors {
+        let rows = view2d(&t.shape).0;
+        let job = match tap.and_then(|tp| tp.stats(&t.name)) {
+            Some(st) if measured.is_empty() => (None, Some(st)),
+            Some(st) => {
+                let d = distances_plan(t, measured)?;
+                (
+                    Some((tensor_job(&d, 0, rows), ranges(&d, budget))),
+                    Some(st),
+                )
+            }
+            None => {
+                let stats = stats_plan(t, params, measured)?;
+                let r = ranges(&stats, budget);
+                (Some((tensor_job(&stats, 0, rows), r)), None)
+            }
+        };
+        jobs.push(job);
+    }
+    Ok(jobs)
+}
+
+/// Computes the report of a recipe (a sweep's: the models of its first point, the densities of
+/// every point), reading each tensor's inputs once when its rows fit a slot; with `tap` (the
+/// merge's, `run --report`), the tensors it covered are not read (the sweep points' distances
+/// from the base read the base and the points' checkpoints).
+/// `out`, where the report goes, is refused when it is, holds or sits inside an input's folder.
+pub async fn compute(
+    text: &str,
+    out: &Location,
+    o: &ReportOptions,
+    resolver: &Resolver,
+    tap: Option<&ReportTap>,
+) -> Result<Report> {
+    let (expanded, plans, ds) = plans(text, &o.submit, resolver).await?;
     for p in &plans {
         crate::output::check_overlap(p, out)?;
     }
-    let ds = densities(&plans);
     let (base, models, tensors) = covered(&plans[0])?;
     let budget = o.submit.slot_memory / 2;
     let exec = Executor::new(resolver.clone());
     let (measured, distance_note) = point_models(&o.points, &tensors, &o.submit, resolver).await?;
-    let mut params: Params = kr::density_params(&ds).into_iter().collect();
-    params.insert("points".into(), measured.len() as f64);
-    let params = std::sync::Arc::new(params);
-    let mut jobs = Vec::with_capacity(tensors.len());
-    for t in &tensors {
-        let stats = stats_plan(t, &params, &measured)?;
-        let r = ranges(&stats, budget);
-        jobs.push((tensor_job(&stats, 0, view2d(&t.shape).0), r));
-    }
+    let params = report_params(&ds, measured.len());
+    let jobs = stats_jobs(&tensors, tap, &measured, &params, budget)?;
     let results: Vec<(Stats, u64)> = futures::stream::iter(jobs)
-        .map(|(job, r)| {
+        .map(|(read, tapped)| {
             let exec = exec.clone();
             async move {
+                let Some((job, r)) = read else {
+                    return Ok::<_, Error>((tapped.unwrap_or_default(), 0));
+                };
                 let mut scratch = Scratch::new(0);
-                exec.tensor_stats(&job, &r, &mut scratch)
+                let (st, n) = exec
+                    .tensor_stats(&job, &r, &mut scratch)
                     .await
-                    .map_err(|e| Error::plan(&job.name, e.message))
+                    .map_err(|e| Error::plan(&job.name, e.message))?;
+                Ok(match tapped {
+                    Some(models) => (kr::with_distances(models, &st), n),
+                    None => (st, n),
+                })
             }
         })
         .buffered(o.workers.max(1))

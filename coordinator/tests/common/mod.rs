@@ -196,6 +196,7 @@ pub async fn run_opts(
         submit,
         quiet: true,
         cache: Some(row_cache()),
+        tap: None,
     };
     embedded::run(recipe, out.to_str().unwrap(), &o, Resolver::new())
         .await

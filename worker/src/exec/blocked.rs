@@ -19,7 +19,9 @@ use shardmerge_proto as pb;
 
 use super::kernel::INLINE_KERNEL;
 use super::scratch::sized;
-use super::{fatal, input_dtype, method_of, tensor_ctx, view2d, Executor, Io, Scratch, TaskError};
+use super::{
+    fatal, input_dtype, method_of, tensor_ctx, view2d, Executor, Io, ReportTap, Scratch, TaskError,
+};
 use crate::format::dtype::{self, DType};
 use crate::kernels::{Method, RowRange, Stats, TensorCtx};
 use crate::storage::{Location, PositionedRead};
@@ -122,7 +124,15 @@ impl Executor {
             // to the blocking pool and back costs more than computing it
             let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 let mut dsts = segment_dsts(bufs, at, end)?;
-                compute_blocks(points, odt, &mut raw, &mut values, &mut outs, &mut dsts)
+                let tap = self.tap.as_deref();
+                compute_blocks(
+                    points,
+                    odt,
+                    (raw.as_mut_slice(), tap),
+                    &mut values,
+                    &mut outs,
+                    &mut dsts,
+                )
             }))
             .unwrap_or_else(|_| Err(fatal("kernel panicked")));
             (scratch.inputs, scratch.points) = (values, outs);
@@ -136,10 +146,12 @@ impl Executor {
             .collect();
         // the buffers go to the blocking pool and come back (moved, not copied)
         let mut taken: Vec<Vec<u8>> = bufs.iter_mut().map(std::mem::take).collect();
+        let tap = self.tap.clone();
         let done = tokio::task::spawn_blocking(move || {
             let points: Vec<Point> = owned.iter().map(|(j, r)| (j, r)).collect();
             let mut dsts = segment_dsts(&mut taken, at, end)?;
-            let res = compute_blocks(&points, odt, &mut raw, &mut values, &mut outs, &mut dsts);
+            let raw_tap = (raw.as_mut_slice(), tap.as_deref());
+            let res = compute_blocks(&points, odt, raw_tap, &mut values, &mut outs, &mut dsts);
             drop(dsts);
             Ok::<_, TaskError>((res, raw, values, outs, taken))
         })
@@ -234,11 +246,12 @@ impl Input {
 
 /// The blocks of the points' rows: each input's block decoded from `raw` into `values`
 /// (reused), every point's kernel applied into its `outs` buffer (reused) and encoded into
-/// its `dsts`. False at the first block whose output is not finite.
+/// its `dsts`. False at the first block whose output is not finite. Each block's inputs are
+/// handed to `tap`, if any.
 fn compute_blocks(
     points: &[Point],
     odt: DType,
-    raw: &mut [Input],
+    (raw, tap): (&mut [Input], Option<&ReportTap>),
     values: &mut Vec<Vec<f32>>,
     outs: &mut Vec<Vec<f32>>,
     dsts: &mut [&mut [u8]],
@@ -264,6 +277,7 @@ fn compute_blocks(
     let states = vec![Stats::default(); points.len()];
     let mut row = r0.row_start;
     let mut at = 0usize;
+    let mut tapped = tap.and_then(|t| t.blocks(job0, (r0.row_start, r0.row_end)));
     while row < r0.row_end {
         let end = (row + step).min(r0.row_end);
         let n = (end - row) as usize * row_len;
@@ -277,6 +291,9 @@ fn compute_blocks(
             *o = sized(std::mem::take(o), n);
         }
         let refs: Vec<&[f32]> = values.iter().map(Vec::as_slice).collect();
+        if let Some(b) = &mut tapped {
+            b.add((row, end), &refs);
+        }
         let rows = RowRange {
             start: row,
             end,
@@ -294,6 +311,9 @@ fn compute_blocks(
         }
         at += ob;
         row = end;
+    }
+    if let Some(b) = tapped {
+        b.finish();
     }
     Ok(true)
 }

@@ -45,7 +45,7 @@ impl Executor {
             row_end: end,
             ..Default::default()
         };
-        let (res, inputs) = kernel_rows(inner, &rows, inputs, buf, true).await;
+        let (res, inputs) = kernel_rows(inner, &rows, inputs, buf, (true, None)).await;
         let (values, held) = res?;
         // the bytes its checkpoint would hold
         let mut bytes = sized(piece, values.len() * odt.size());

@@ -63,7 +63,8 @@ impl Executor {
         };
         let mut out = Vec::with_capacity(ss.len());
         for (k, p) in ss.iter().enumerate() {
-            let (partial, back) = partial_rows(p.job, p.rows, p.pass, inputs).await;
+            let (partial, back) =
+                partial_rows(p.job, p.rows, p.pass, (inputs, self.tap.clone())).await;
             inputs = back;
             out.push(partial.map(|st| pb::TaskResult {
                 // the rows were read once, for the first task: the others read nothing
@@ -202,7 +203,7 @@ impl Executor {
             .read_inputs(job0, (r0.row_start, r0.row_end), false, io, scratch)
             .await?;
         let outs = std::mem::take(&mut scratch.points);
-        let (res, inputs) = kernel_points(&points, inputs, outs).await;
+        let (res, inputs) = kernel_points(&points, inputs, (outs, self.tap.clone())).await;
         let outs = res?;
         for ((job, r), (buf, values)) in points.iter().zip(bufs.iter_mut().zip(&outs)) {
             if !dtype::encode_finite(odt, values, &mut buf[at..end]) {
@@ -288,7 +289,7 @@ fn shared_stats<'a>(tasks: &[&'a pb::Task]) -> Option<Vec<Pass<'a>>> {
 }
 
 /// Whether two tensors' rows read the same bytes.
-fn same_tensor_reads(s: &pb::TensorJob, t: &pb::TensorJob) -> bool {
+pub(super) fn same_tensor_reads(s: &pb::TensorJob, t: &pb::TensorJob) -> bool {
     (&s.shape, s.out_dtype, &s.row_map) == (&t.shape, t.out_dtype, &t.row_map)
         && s.inputs.len() == t.inputs.len()
         && s.inputs

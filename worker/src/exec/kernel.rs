@@ -3,25 +3,26 @@
 
 use std::cell::Cell;
 use std::ops::Range;
+use std::sync::Arc;
 
 use shardmerge_proto as pb;
 
 use super::read::StoredIn;
 use super::scratch::sized;
-use super::{fatal, method_of, tensor_ctx, TaskError};
+use super::{fatal, method_of, tensor_ctx, ReportTap, TaskError};
 use crate::format::dtype::DType;
 use crate::kernels::{self, RowRange, Stats};
 
 /// Runs `job`'s kernel over rows `r` of its `inputs` (read already) into `out` (resized);
 /// gives the inputs back with the result. With `overwrite` a kernel may use the inputs as
 /// working memory (they are not read again): the result then says whether they were all
-/// finite (else None).
+/// finite (else None). The inputs are handed to `tap` first, if any.
 pub(super) async fn kernel_rows(
     job: &pb::TensorJob,
     r: &pb::TensorRows,
     inputs: Vec<Vec<f32>>,
     out: Vec<f32>,
-    overwrite: bool,
+    (overwrite, tap): (bool, Option<Arc<ReportTap>>),
 ) -> (Result<(Vec<f32>, Option<bool>), TaskError>, Vec<Vec<f32>>) {
     let rows = RowRange {
         start: r.row_start,
@@ -33,6 +34,7 @@ pub(super) async fn kernel_rows(
         let mut inputs = inputs;
         // (a panic is an error of the task, as from the blocking pool)
         let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            tap_decoded(tap.as_deref(), job, rows, &inputs);
             compute(job, r.stats.as_ref(), rows, &mut inputs, out, overwrite)
         }))
         .unwrap_or_else(|_| Err(fatal("kernel panicked")));
@@ -41,6 +43,7 @@ pub(super) async fn kernel_rows(
     let (job, stats) = (job.clone(), r.stats.clone());
     let done = tokio::task::spawn_blocking(move || {
         let mut inputs = inputs;
+        tap_decoded(tap.as_deref(), &job, rows, &inputs);
         let res = compute(&job, stats.as_ref(), rows, &mut inputs, out, overwrite);
         (res, inputs)
     })
@@ -53,14 +56,19 @@ pub(super) async fn kernel_rows(
 
 /// Runs `job`'s kernel over the whole tensor from its `inputs` as stored (in dtypes `dts`,
 /// [`super::read::stored_dtypes`]) into `out` (resized); gives the inputs back with the result.
+/// The inputs are handed to `tap` first, if any.
 pub(super) async fn kernel_stored(
     job: &pb::TensorJob,
     dts: &[DType],
     inputs: Vec<StoredIn>,
-    out: Vec<f32>,
+    (out, tap): (Vec<f32>, Option<Arc<ReportTap>>),
 ) -> (Result<Vec<f32>, TaskError>, Vec<StoredIn>) {
     let run = move |job: &pb::TensorJob, dts: &[DType], inputs: &[StoredIn], out: Vec<f32>| {
         let ctx = tensor_ctx(job)?;
+        if let Some(t) = &tap {
+            let raw: Vec<&[u8]> = inputs.iter().map(|b| &b[..]).collect();
+            t.stored(job, (0, ctx.rows), &raw);
+        }
         let m = method_of(job)?;
         let views = dts
             .iter()
@@ -129,9 +137,14 @@ fn release_behind(inputs: &[StoredIn]) -> impl Fn(Range<usize>) + '_ {
 pub(super) async fn kernel_points(
     points: &[(&pb::TensorJob, &pb::TensorRows)],
     inputs: Vec<Vec<f32>>,
-    outs: Vec<Vec<f32>>,
+    (outs, tap): (Vec<Vec<f32>>, Option<Arc<ReportTap>>),
 ) -> (Result<Vec<Vec<f32>>, TaskError>, Vec<Vec<f32>>) {
     let values: usize = inputs.iter().map(Vec::len).sum();
+    if let Some(&(job0, r0)) = points.first() {
+        if values <= INLINE_KERNEL {
+            tap_decoded(tap.as_deref(), job0, row_range(r0), &inputs);
+        }
+    }
     if values <= INLINE_KERNEL {
         let mut inputs = inputs;
         let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -147,6 +160,9 @@ pub(super) async fn kernel_points(
     let done = tokio::task::spawn_blocking(move || {
         let mut inputs = inputs;
         let points: Vec<_> = owned.iter().map(|(j, r)| (j, r)).collect();
+        if let Some(&(job0, r0)) = points.first() {
+            tap_decoded(tap.as_deref(), job0, row_range(r0), &inputs);
+        }
         let res = compute_points(&points, &mut inputs, outs);
         (res, inputs)
     })
@@ -281,12 +297,12 @@ fn compute(
 }
 
 /// Runs pass `pass` of `job`'s statistics over rows `r` of its `inputs` (read already); gives
-/// the inputs back with the partial statistics.
+/// the inputs back with the partial statistics. The inputs are handed to `tap` first, if any.
 pub(super) async fn partial_rows(
     job: &pb::TensorJob,
     r: &pb::TensorRows,
     pass: u32,
-    inputs: Vec<Vec<f32>>,
+    (inputs, tap): (Vec<Vec<f32>>, Option<Arc<ReportTap>>),
 ) -> (Result<Stats, TaskError>, Vec<Vec<f32>>) {
     let state = r.stats.as_ref().map(Stats::from_proto).unwrap_or_default();
     let job = job.clone();
@@ -295,12 +311,13 @@ pub(super) async fn partial_rows(
         let run = || -> Result<Stats, TaskError> {
             let ctx = tensor_ctx(&job)?;
             let m = method_of(&job)?;
-            let refs: Vec<&[f32]> = inputs.iter().map(Vec::as_slice).collect();
             let rows = RowRange {
                 start: rs,
                 end: re,
                 index: ri,
             };
+            tap_decoded(tap.as_deref(), &job, rows, &inputs);
+            let refs: Vec<&[f32]> = inputs.iter().map(Vec::as_slice).collect();
             m.partial(&ctx, pass, &state, rows, &refs)
                 .map_err(|e| fatal(format!("tensor {}: {e}", job.name)))
         };
@@ -310,5 +327,13 @@ pub(super) async fn partial_rows(
     match done {
         Ok(r) => r,
         Err(e) => (Err(fatal(format!("kernel panicked: {e}"))), Vec::new()),
+    }
+}
+
+/// Hands rows `rows` of `job`'s decoded inputs to `tap`, if any.
+fn tap_decoded(tap: Option<&ReportTap>, job: &pb::TensorJob, rows: RowRange, inputs: &[Vec<f32>]) {
+    if let Some(t) = tap {
+        let refs: Vec<&[f32]> = inputs.iter().map(Vec::as_slice).collect();
+        t.decoded(job, (rows.start, rows.end), &refs);
     }
 }

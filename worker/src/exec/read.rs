@@ -7,7 +7,7 @@ use shardmerge_proto as pb;
 
 use super::rowcache::Key;
 use super::scratch::{emptied, give_back};
-use super::{fatal, input_dtype, view2d, Executor, Io, Scratch, TaskError};
+use super::{fatal, view2d, Executor, Io, Scratch, TaskError};
 use crate::format::dtype::{self, DType};
 use crate::kernels::{Method, TensorCtx};
 use crate::storage::{retry, Location, Mapped};
@@ -22,6 +22,16 @@ struct Read {
     from_storage: u64,
     from_cache: u64,
     keys: Vec<Key>,
+}
+
+/// The stored dtype of one input of `job`.
+pub(crate) fn input_dtype(src: &pb::TensorSource, job: &pb::TensorJob) -> Result<DType, TaskError> {
+    DType::from_proto(src.dtype).ok_or_else(|| {
+        fatal(format!(
+            "{}: input of {} has no float dtype",
+            src.uri, job.name
+        ))
+    })
 }
 
 impl Executor {

@@ -98,9 +98,11 @@ impl Shape {
         let n_in = ctx.n_models();
         let p = ctx.params.get("points").copied().unwrap_or(0.0);
         let models = n_in.saturating_sub(p as usize);
-        if p < 0.0 || p.fract() != 0.0 || models < 2 || base >= models {
+        // (the base alone with points: their distances only, [`with_distances`])
+        let least = if p >= 1.0 { 1 } else { 2 };
+        if p < 0.0 || p.fract() != 0.0 || models < least || base >= models {
             return Err(KernelError::param(format!(
-                "report points {p}: the inputs must be the base, at least one model, then the points ({n_in} inputs)"
+                "report points {p}: the inputs must be the base, the models (at least one, unless there are points), then the points ({n_in} inputs)"
             )));
         }
         let others: Vec<usize> = ctx.others().into_iter().filter(|&i| i < models).collect();
@@ -260,6 +262,15 @@ pub fn merge(parts: &[Stats]) -> Stats {
         counts,
         ..Default::default()
     }
+}
+
+/// The models' statistics `models` (no points) with the points' distances of `distances`
+/// (statistics of the base alone followed by the points, `points` = P): the same statistics as
+/// one computation over the base, the models and the points, each sum exact.
+pub fn with_distances(models: Stats, distances: &Stats) -> Stats {
+    let mut sums = models.sums;
+    sums.extend(distances.sums.iter().skip(1).cloned());
+    Stats { sums, ..models }
 }
 
 /// A tensor's (or a group's) figures, from its statistics: `m` models besides the base, `n_d`
@@ -665,10 +676,18 @@ mod tests {
         let f_models = Figures {
             distances: vec![],
             distance_ratios: vec![],
-            ..f
+            ..f.clone()
         };
         assert_eq!(f_models, plain);
-        // points without a model besides the base, or more points than inputs: refused
+        // the distances computed apart (the base and the points alone) and joined to the
+        // models' statistics: the same figures
+        let mut cd = Case::new(&[6, 7], 3);
+        cd.base = Some(0);
+        cd.params.insert("points".into(), 2.0);
+        let apart = stats_cut(&cd, &[inputs[1].clone(), all[4].clone(), all[5].clone()], 2);
+        let models = stats_cut(&c, &inputs, 3);
+        assert_eq!(figures(3, 1, &with_distances(models, &apart)), f);
+        // more points than inputs besides the base: refused
         cp.params.insert("points".into(), 5.0);
         assert!(REPORT.check(&cp.ctx()).is_err());
     }

@@ -1,0 +1,444 @@
+//! The merge report computed from a merge's own reads (`run --report`): the executor hands
+//! every input row range its kernels are given to a [`ReportTap`], which computes the report's
+//! statistics of the tensors it was built for from those values, no read of its own.
+//!
+//! A tensor's statistics are exact sums and counts, so its row ranges' partial statistics,
+//! folded, equal the tensor's computed at once (`kernels::report`). The tap folds each range's
+//! as it comes, and notes the rows folded: a range that meets them (seen again, by a retried
+//! task or another point of a sweep, or overlapping another cut's) is not computed, lest its
+//! rows count twice. A tensor's statistics are its tap's once its rows are all folded (one
+//! statistics value per tensor, whatever the number of tasks). A tensor whose report
+//! trims at some density needs its whole tensor at once (two selection passes precede the
+//! sums): only a range that is the whole tensor counts for it. What the tap could not cover
+//! (a tensor cut so, one read some other way, or one whose inputs differ from the report's)
+//! the report reads as it would without the tap.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+use shardmerge_proto as pb;
+
+use super::{input_dtype, method_of, tensor_ctx, TaskError};
+use crate::format::dtype::{self, DType};
+use crate::kernels::{self, Reduced, RowRange, Stats};
+
+/// Values of each input decoded at a time from stored bytes.
+const CHUNK_VALUES: usize = 1 << 18;
+
+/// Report statistics gathered from the rows a merge reads.
+#[derive(Debug, Default)]
+pub struct ReportTap {
+    tensors: HashMap<String, Tapped>,
+}
+
+#[derive(Debug)]
+struct Tapped {
+    /// The report's job for the tensor (its method the report's).
+    job: pb::TensorJob,
+    /// It has selection passes: only the whole tensor at once counts.
+    whole: bool,
+    got: Mutex<Got>,
+}
+
+/// What a tensor's tap has folded: the rows (disjoint ranges, adjacent ones joined) and their
+/// statistics, folded as they came.
+#[derive(Debug, Default)]
+struct Got {
+    /// Start → end of each range of rows folded.
+    rows: BTreeMap<u64, u64>,
+    stats: Option<Stats>,
+}
+
+impl Got {
+    /// Whether rows `[a, b)` meet rows folded already (a range seen again, or overlapping
+    /// one seen: not folded, lest its rows count twice).
+    fn meets(&self, (a, b): (u64, u64)) -> bool {
+        self.rows
+            .range(..b)
+            .next_back()
+            .is_some_and(|(_, &e)| e > a)
+    }
+
+    /// Notes rows `[a, b)` folded (disjoint from those before), joining adjacent ranges.
+    fn add(&mut self, (mut a, mut b): (u64, u64)) {
+        if let Some((&s, _)) = self.rows.range(..a).next_back().filter(|(_, &e)| e == a) {
+            a = s;
+        }
+        if let Some(e) = self.rows.remove(&b) {
+            b = e;
+        }
+        self.rows.insert(a, b);
+    }
+}
+
+impl ReportTap {
+    /// A tap for the report's tensor jobs `jobs` (one per tensor, by name). A job with a
+    /// re-mapped vocabulary or an input that is not a plain stored tensor is left to the
+    /// report's own reads.
+    pub fn new(jobs: Vec<pb::TensorJob>) -> Result<ReportTap, TaskError> {
+        let mut tensors = HashMap::with_capacity(jobs.len());
+        for job in jobs {
+            let plain = job.row_map.is_none()
+                && job
+                    .inputs
+                    .iter()
+                    .all(|s| s.lora.is_none() && s.derived.is_none() && s.shape == job.shape);
+            if !plain {
+                continue;
+            }
+            let whole = method_of(&job)?.passes(&tensor_ctx(&job)?) > 1;
+            let got = Mutex::new(Got::default());
+            tensors.insert(job.name.clone(), Tapped { job, whole, got });
+        }
+        Ok(ReportTap { tensors })
+    }
+
+    /// The report's job for the tensor a merge's `job` computes, when the tap covers it and
+    /// the merge reads exactly the report's inputs, in the same order, and `rows` is a range
+    /// the tap wants and meets none folded already.
+    fn wanted(&self, job: &pb::TensorJob, rows: (u64, u64)) -> Option<&Tapped> {
+        let t = self.tensors.get(&job.name)?;
+        if !super::group::same_tensor_reads(&t.job, job) {
+            return None;
+        }
+        let total = crate::tensor::view2d(&t.job.shape).0;
+        if (t.whole && rows != (0, total)) || rows.0 >= rows.1 || rows.1 > total {
+            return None;
+        }
+        let seen = lock(&t.got).meets(rows);
+        (!seen).then_some(t)
+    }
+
+    /// Rows `rows` of `job`'s inputs, decoded (as its kernel is given them).
+    pub(super) fn decoded(&self, job: &pb::TensorJob, rows: (u64, u64), inputs: &[&[f32]]) {
+        let Some(t) = self.wanted(job, rows) else {
+            return;
+        };
+        let n = (rows.1 - rows.0) as usize * crate::tensor::view2d(&job.shape).1 as usize;
+        if inputs.iter().any(|v| v.len() != n) {
+            return;
+        }
+        let r = statistics(&t.job, rows, |pass, state, at, out| {
+            let part: Vec<&[f32]> = inputs
+                .iter()
+                .map(|v| &v[at.first..at.first + at.n])
+                .collect();
+            out.push(partial(&t.job, pass, state, at.rows, &part)?);
+            Ok(())
+        });
+        t.keep(rows, r);
+    }
+
+    /// Rows `rows` of `job`'s inputs as stored (each input's bytes in its dtype).
+    pub(super) fn stored(&self, job: &pb::TensorJob, rows: (u64, u64), inputs: &[&[u8]]) {
+        let Some(t) = self.wanted(job, rows) else {
+            return;
+        };
+        let dts: Option<Vec<DType>> = t
+            .job
+            .inputs
+            .iter()
+            .map(|s| input_dtype(s, job).ok())
+            .collect();
+        let Some(dts) = dts else {
+            return;
+        };
+        let mut bufs: Vec<Vec<f32>> = vec![Vec::new(); inputs.len()];
+        let r = statistics(&t.job, rows, |pass, state, at, out| {
+            for ((b, raw), dt) in bufs.iter_mut().zip(inputs).zip(&dts) {
+                let bytes = raw
+                    .get(at.first * dt.size()..(at.first + at.n) * dt.size())
+                    .ok_or_else(|| super::fatal("stored rows short"))?;
+                b.resize(at.n, 0.0);
+                dtype::decode(*dt, bytes, b);
+            }
+            let part: Vec<&[f32]> = bufs.iter().map(Vec::as_slice).collect();
+            out.push(partial(&t.job, pass, state, at.rows, &part)?);
+            Ok(())
+        });
+        t.keep(rows, r);
+    }
+
+    /// An accumulator of rows `rows` of `job`'s inputs handed over a block of rows at a time
+    /// ([`Blocks::add`]), kept when [`Blocks::finish`]ed: a range with no selection passes.
+    pub(super) fn blocks(&self, job: &pb::TensorJob, rows: (u64, u64)) -> Option<Blocks<'_>> {
+        let t = self.wanted(job, rows).filter(|t| !t.whole)?;
+        Some(Blocks {
+            t,
+            rows,
+            parts: Vec::new(),
+            failed: false,
+        })
+    }
+
+    /// The reduced statistics of tensor `name`, when the ranges folded cover it.
+    pub fn stats(&self, name: &str) -> Option<Stats> {
+        let t = self.tensors.get(name)?;
+        let got = lock(&t.got);
+        let total = crate::tensor::view2d(&t.job.shape).0;
+        let whole = got.rows.len() == 1 && got.rows.get(&0) == Some(&total);
+        whole.then(|| got.stats.clone()).flatten()
+    }
+}
+
+impl Tapped {
+    /// Folds the statistics `r` of rows `rows`, unless they meet rows folded meanwhile.
+    fn keep(&self, rows: (u64, u64), r: Result<Stats, TaskError>) {
+        let folded = r.and_then(|st| {
+            let mut got = lock(&self.got);
+            if got.meets(rows) {
+                return Ok(());
+            }
+            // (of a whole tensor, its statistics reduced already: nothing to fold them with)
+            got.stats = Some(match got.stats.take() {
+                None => st,
+                Some(before) => fold(&self.job, vec![before, st])?,
+            });
+            got.add(rows);
+            Ok(())
+        });
+        match folded {
+            Ok(()) => {}
+            // (the report reads the tensor itself, and says what is wrong)
+            Err(e) => tracing::debug!("report tap: tensor {}: {e}", self.job.name),
+        }
+    }
+}
+
+/// A range's statistics gathered a block of rows at a time ([`ReportTap::blocks`]).
+pub(super) struct Blocks<'a> {
+    t: &'a Tapped,
+    rows: (u64, u64),
+    parts: Vec<Stats>,
+    failed: bool,
+}
+
+impl Blocks<'_> {
+    /// Rows `[start, end)` of the inputs, decoded: the next block of the range.
+    pub(super) fn add(&mut self, (start, end): (u64, u64), inputs: &[&[f32]]) {
+        if self.failed {
+            return;
+        }
+        let r = statistics(&self.t.job, (start, end), |pass, state, at, out| {
+            let part: Vec<&[f32]> = inputs
+                .iter()
+                .map(|v| v.get(at.first..at.first + at.n).unwrap_or_default())
+                .collect();
+            out.push(partial(&self.t.job, pass, state, at.rows, &part)?);
+            Ok(())
+        });
+        match r {
+            Ok(st) => self.parts.push(st),
+            Err(e) => {
+                tracing::debug!("report tap: tensor {}: {e}", self.t.job.name);
+                self.failed = true;
+            }
+        }
+    }
+
+    /// Keeps the range's statistics (every block of it added).
+    pub(super) fn finish(self) {
+        if self.failed {
+            return;
+        }
+        let r = fold(&self.t.job, self.parts);
+        self.t.keep(self.rows, r);
+    }
+}
+
+/// The last (only) pass's partials of ranges of `job` folded into one.
+fn fold(job: &pb::TensorJob, parts: Vec<Stats>) -> Result<Stats, TaskError> {
+    let ctx = tensor_ctx(job)?;
+    let m = method_of(job)?;
+    match m.reduce(&ctx, 0, Stats::default(), parts) {
+        Ok(Reduced::Done(s)) => Ok(s),
+        Ok(Reduced::More(_)) => Err(super::fatal("report statistics: more than one pass")),
+        Err(e) => Err(super::fatal(format!("tensor {}: {e}", job.name))),
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// One chunk of a range's rows: the rows (the range index the chunk's ordinal), and where
+/// its values are among the range's (`n` from value `first`).
+#[derive(Clone, Copy)]
+struct Chunk {
+    rows: RowRange,
+    first: usize,
+    n: usize,
+}
+
+/// The statistics of rows `rows` of `job` from `chunk(pass, state, chunk, out)`, which pushes
+/// the partial of one chunk of whole rows: every pass run and reduced, so that of a range
+/// with one pass its folded partials, of the whole tensor its statistics.
+fn statistics(
+    job: &pb::TensorJob,
+    (start, end): (u64, u64),
+    mut chunk: impl FnMut(u32, &Stats, Chunk, &mut Vec<Stats>) -> Result<(), TaskError>,
+) -> Result<Stats, TaskError> {
+    let ctx = tensor_ctx(job)?;
+    let m = method_of(job)?;
+    let row_len = ctx.row_len.max(1);
+    let per = (CHUNK_VALUES / row_len).max(1) as u64;
+    let named = |e: kernels::KernelError| super::fatal(format!("tensor {}: {e}", job.name));
+    let mut state = Stats::default();
+    for pass in 0..m.passes(&ctx) {
+        let mut parts = Vec::new();
+        let (mut row, mut index) = (start, 0u32);
+        while row < end {
+            let e = (row + per).min(end);
+            let at = Chunk {
+                rows: RowRange {
+                    start: row,
+                    end: e,
+                    index,
+                },
+                first: ((row - start) as usize) * row_len,
+                n: ((e - row) as usize) * row_len,
+            };
+            chunk(pass, &state, at, &mut parts)?;
+            (row, index) = (e, index.saturating_add(1));
+        }
+        match m.reduce(&ctx, pass, state, parts).map_err(named)? {
+            Reduced::More(s) => state = s,
+            Reduced::Done(s) => return Ok(s),
+        }
+    }
+    Ok(state)
+}
+
+/// One chunk's partial statistics of `pass`.
+fn partial(
+    job: &pb::TensorJob,
+    pass: u32,
+    state: &Stats,
+    rows: RowRange,
+    inputs: &[&[f32]],
+) -> Result<Stats, TaskError> {
+    let ctx = tensor_ctx(job)?;
+    method_of(job)?
+        .partial(&ctx, pass, state, rows, inputs)
+        .map_err(|e| super::fatal(format!("tensor {}: {e}", job.name)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::report;
+
+    /// The report's job over a `rows` x 3 tensor of three f32 inputs (base first), trimming
+    /// at `densities`.
+    fn job(rows: u64, densities: &[f64]) -> pb::TensorJob {
+        let mut params: HashMap<String, f64> =
+            report::density_params(densities).into_iter().collect();
+        params.insert("points".into(), 0.0);
+        let src = |m: &str| pb::TensorSource {
+            uri: format!("file:///{m}.safetensors"),
+            dtype: DType::F32.to_proto() as i32,
+            shape: vec![rows, 3],
+            model: m.into(),
+            ..Default::default()
+        };
+        pb::TensorJob {
+            name: "w".into(),
+            shape: vec![rows, 3],
+            out_dtype: DType::F32.to_proto() as i32,
+            method: report::NAME.into(),
+            params: Some(pb::ParamMap {
+                values: params.into_iter().collect(),
+            }),
+            inputs: vec![src("base"), src("a"), src("b")],
+            model_params: vec![pb::ParamMap::default(); 3],
+            base_index: Some(0),
+            ..Default::default()
+        }
+    }
+
+    fn values(rows: u64) -> Vec<Vec<f32>> {
+        (0..3)
+            .map(|i| {
+                (0..rows * 3)
+                    .map(|k| ((k * 7 + i * 13) % 11) as f32 * 0.25 - 1.0)
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn feed(tap: &ReportTap, j: &pb::TensorJob, v: &[Vec<f32>], (a, b): (u64, u64)) {
+        let refs: Vec<&[f32]> = v
+            .iter()
+            .map(|x| &x[a as usize * 3..b as usize * 3])
+            .collect();
+        tap.decoded(j, (a, b), &refs);
+    }
+
+    /// Ranges seen twice (a retried task's, another point's) count once, and the ranges
+    /// folded give the statistics of the whole tensor at once; a range overlapping one folded
+    /// is not folded (its rows would count twice), and a gap leaves the tensor to the
+    /// report's own reads until it is filled.
+    #[test]
+    fn ranges_tile_once_whatever_came_twice() {
+        let j = job(10, &[]);
+        let v = values(10);
+        let whole = ReportTap::new(vec![j.clone()]).unwrap();
+        feed(&whole, &j, &v, (0, 10));
+        let want = whole.stats("w").unwrap();
+        let tap = ReportTap::new(vec![j.clone()]).unwrap();
+        for r in [(0, 4), (4, 10), (0, 4), (0, 6), (6, 10), (4, 10)] {
+            feed(&tap, &j, &v, r);
+        }
+        assert_eq!(tap.stats("w"), Some(want.clone()));
+        let gap = ReportTap::new(vec![j.clone()]).unwrap();
+        feed(&gap, &j, &v, (0, 4));
+        feed(&gap, &j, &v, (5, 10));
+        feed(&gap, &j, &v, (3, 6));
+        assert_eq!(gap.stats("w"), None);
+        // another tensor's rows, or a merge reading other inputs, are not taken
+        let mut other = j.clone();
+        other.inputs[2].uri = "file:///c.safetensors".into();
+        feed(&gap, &other, &v, (4, 5));
+        assert_eq!(gap.stats("w"), None);
+        feed(&gap, &j, &v, (4, 5));
+        assert_eq!(gap.stats("w"), Some(want));
+    }
+
+    /// With trim densities only the whole tensor at once counts; its stored bytes give the
+    /// statistics its decoded values give.
+    #[test]
+    fn trims_take_the_whole_tensor_and_stored_bytes_decode_alike() {
+        let j = job(9, &[0.5]);
+        let v = values(9);
+        let tap = ReportTap::new(vec![j.clone()]).unwrap();
+        feed(&tap, &j, &v, (0, 4));
+        feed(&tap, &j, &v, (4, 9));
+        assert_eq!(tap.stats("w"), None);
+        feed(&tap, &j, &v, (0, 9));
+        let decoded = tap.stats("w").unwrap();
+        let stored = ReportTap::new(vec![j.clone()]).unwrap();
+        let bytes: Vec<Vec<u8>> = v
+            .iter()
+            .map(|x| x.iter().flat_map(|f| f.to_le_bytes()).collect())
+            .collect();
+        let raw: Vec<&[u8]> = bytes.iter().map(Vec::as_slice).collect();
+        stored.stored(&j, (0, 9), &raw);
+        assert_eq!(stored.stats("w"), Some(decoded));
+    }
+
+    #[test]
+    fn ranges_folded_join_and_meet() {
+        let mut g = Got::default();
+        for r in [(4, 6), (0, 2), (2, 4), (8, 9)] {
+            assert!(!g.meets(r), "{r:?}");
+            g.add(r);
+        }
+        assert_eq!(g.rows, BTreeMap::from([(0, 6), (8, 9)]));
+        for r in [(0, 1), (5, 7), (3, 9), (8, 9), (7, 10)] {
+            assert!(g.meets(r), "{r:?}");
+        }
+        assert!(!g.meets((6, 8)) && !g.meets((9, 12)));
+        g.add((6, 8));
+        assert_eq!(g.rows, BTreeMap::from([(0, 9)]));
+    }
+}
