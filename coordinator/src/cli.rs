@@ -60,8 +60,8 @@ enum Cmd {
         #[command(flatten)]
         points: sweep::PointArgs,
         /// Also write the merge report (report.json, report.csv, report.html; see `report`)
-        /// into OUT/report, computed from the rows the merge reads (of a sweep, its points'
-        /// distances from the base read the base and each point's checkpoint)
+        /// into OUT/report, computed from the rows the merge reads and (of a sweep) the values
+        /// each point writes
         #[arg(long)]
         report: bool,
         #[command(flatten)]

@@ -275,12 +275,13 @@ impl Executor {
         let (_, row_len) = view2d(&job.shape);
         let n = ((r.row_end - r.row_start) * row_len) as usize;
         let end = at + n * odt.size();
+        let job_id = io.job.clone();
         let blocked = blocked::applies(job, odt)
             && self
                 .blocked_rows(
                     &[(job, r)],
                     odt,
-                    std::slice::from_mut(buf),
+                    (std::slice::from_mut(buf), &[job_id.as_str()]),
                     (at, end),
                     io,
                     scratch,

@@ -44,6 +44,12 @@ pub async fn run_grid(
         return Ok(Vec::new());
     };
     let ids: Vec<String> = jobs.iter().map(|(j, _)| j.clone()).collect();
+    if let Some(tap) = &o.tap {
+        // the report measures each point by its output's location (`report::compute`)
+        for (id, p) in ids.iter().zip(points) {
+            tap.name_point(id, &resolver.resolve(p.out, &super::cwd())?.uri());
+        }
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     let opts = LoopOptions {
         worker_id: "embedded".into(),

@@ -301,6 +301,17 @@ fn distances_plan(t: &TensorPlan, points: &[ModelInfo]) -> Result<TensorPlan> {
     stats_plan(&base, &report_params(&[], points.len()), points)
 }
 
+/// Of tensor `name`, the distances of the sweep points `measured` that `tap` measured as the
+/// merge wrote them (the statistics [`kr::with_distances`] joins), when it measured all of
+/// them (none measured: none to join).
+fn tapped_distances(tap: &ReportTap, name: &str, measured: &[ModelInfo]) -> Option<Stats> {
+    let sums = measured
+        .iter()
+        .map(|m| tap.distance(name, &m.loc.uri()))
+        .collect::<Option<Vec<_>>>()?;
+    Some(kr::Distance::statistics(sums))
+}
+
 /// What to compute of each tensor of `tensors`: a job to run (its row ranges within
 /// `budget`), a tap's statistics of the models, or both (the job then measures the points'
 /// distances only).
@@ -319,15 +330,17 @@ fn stats_jobs(
     let mut jobs = Vec::with_capacity(tensors.len());
     for t in tensors {
         let rows = view2d(&t.shape).0;
-        let job = match tap.and_then(|tp| tp.stats(&t.name)) {
-            Some(st) if measured.is_empty() => (None, Some(st)),
-            Some(st) => {
-                let d = distances_plan(t, measured)?;
-                (
-                    Some((tensor_job(&d, 0, rows), ranges(&d, budget))),
-                    Some(st),
-                )
-            }
+        let job = match tap.and_then(|tp| Some((tp.stats(&t.name)?, tp))) {
+            Some((st, tp)) => match tapped_distances(tp, &t.name, measured) {
+                Some(d) => (None, Some(kr::with_distances(st, &d))),
+                None => {
+                    let d = distances_plan(t, measured)?;
+                    (
+                        Some((tensor_job(&d, 0, rows), ranges(&d, budget))),
+                        Some(st),
+                    )
+                }
+            },
             None => {
                 let stats = stats_plan(t, params, measured)?;
                 let r = ranges(&stats, budget);

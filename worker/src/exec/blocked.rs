@@ -95,7 +95,7 @@ impl Executor {
         &self,
         points: &[Point<'_>],
         odt: DType,
-        bufs: &mut [Vec<u8>],
+        (bufs, jobs): (&mut [Vec<u8>], &[&str]),
         (at, end): (usize, usize),
         io: &mut Io,
         scratch: &mut Scratch,
@@ -124,15 +124,8 @@ impl Executor {
             // to the blocking pool and back costs more than computing it
             let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 let mut dsts = segment_dsts(bufs, at, end)?;
-                let tap = self.tap.as_deref();
-                compute_blocks(
-                    points,
-                    odt,
-                    (raw.as_mut_slice(), tap),
-                    &mut values,
-                    &mut outs,
-                    &mut dsts,
-                )
+                let tap = (raw.as_mut_slice(), self.tap.as_deref(), jobs);
+                compute_blocks(points, odt, tap, &mut values, &mut outs, &mut dsts)
             }))
             .unwrap_or_else(|_| Err(fatal("kernel panicked")));
             (scratch.inputs, scratch.points) = (values, outs);
@@ -147,10 +140,12 @@ impl Executor {
         // the buffers go to the blocking pool and come back (moved, not copied)
         let mut taken: Vec<Vec<u8>> = bufs.iter_mut().map(std::mem::take).collect();
         let tap = self.tap.clone();
+        let jobs: Vec<String> = jobs.iter().map(|j| j.to_string()).collect();
         let done = tokio::task::spawn_blocking(move || {
             let points: Vec<Point> = owned.iter().map(|(j, r)| (j, r)).collect();
             let mut dsts = segment_dsts(&mut taken, at, end)?;
-            let raw_tap = (raw.as_mut_slice(), tap.as_deref());
+            let jobs: Vec<&str> = jobs.iter().map(String::as_str).collect();
+            let raw_tap = (raw.as_mut_slice(), tap.as_deref(), jobs.as_slice());
             let res = compute_blocks(&points, odt, raw_tap, &mut values, &mut outs, &mut dsts);
             drop(dsts);
             Ok::<_, TaskError>((res, raw, values, outs, taken))
@@ -246,12 +241,12 @@ impl Input {
 
 /// The blocks of the points' rows: each input's block decoded from `raw` into `values`
 /// (reused), every point's kernel applied into its `outs` buffer (reused) and encoded into
-/// its `dsts`. False at the first block whose output is not finite. Each block's inputs are
-/// handed to `tap`, if any.
+/// its `dsts`. False at the first block whose output is not finite. Each block's inputs, and
+/// the values written of the merge jobs `jobs` (the points'), are handed to `tap`, if any.
 fn compute_blocks(
     points: &[Point],
     odt: DType,
-    (raw, tap): (&mut [Input], Option<&ReportTap>),
+    (raw, tap, jobs): (&mut [Input], Option<&ReportTap>, &[&str]),
     values: &mut Vec<Vec<f32>>,
     outs: &mut Vec<Vec<f32>>,
     dsts: &mut [&mut [u8]],
@@ -277,7 +272,9 @@ fn compute_blocks(
     let states = vec![Stats::default(); points.len()];
     let mut row = r0.row_start;
     let mut at = 0usize;
-    let mut tapped = tap.and_then(|t| t.blocks(job0, (r0.row_start, r0.row_end)));
+    let range = (r0.row_start, r0.row_end);
+    let mut tapped = tap.and_then(|t| t.blocks(job0, range));
+    let mut written = tap.and_then(|t| t.outputs(jobs, job0, range));
     while row < r0.row_end {
         let end = (row + step).min(r0.row_end);
         let n = (end - row) as usize * row_len;
@@ -309,11 +306,18 @@ fn compute_blocks(
                 return Ok(false);
             }
         }
+        if let Some(w) = &mut written {
+            let blocks: Vec<&[u8]> = dsts.iter().map(|d| &d[at..at + ob]).collect();
+            w.add(&refs, &blocks, odt);
+        }
         at += ob;
         row = end;
     }
     if let Some(b) = tapped {
         b.finish();
+    }
+    if let Some(w) = written {
+        w.finish();
     }
     Ok(true)
 }

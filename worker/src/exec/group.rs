@@ -190,11 +190,12 @@ impl Executor {
                 _ => Err(fatal("empty segment")),
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let jobs: Vec<&str> = ws.iter().map(|w| w.job).collect();
         // every point from the same inputs, what they share computed once: a block of rows
         // at a time when the methods have no statistics passes
         if points.iter().all(|(j, _)| blocked::applies(j, odt))
             && self
-                .blocked_rows(&points, odt, bufs, (at, end), io, scratch)
+                .blocked_rows(&points, odt, (bufs, &jobs), (at, end), io, scratch)
                 .await?
         {
             return Ok(end);
@@ -211,9 +212,32 @@ impl Executor {
                 non_finite(job, r, values, odt, finite)?;
             }
         }
+        self.tap_written(&jobs, (job0, r0), &inputs, (bufs, at, end), odt);
         scratch.points = outs;
         give_back(&mut scratch.inputs, inputs);
         Ok(end)
+    }
+}
+
+impl Executor {
+    /// Hands the tap, if any, the values the jobs `jobs` wrote of rows `r0` of `job0` (bytes
+    /// `[at, end)` of each one's buffer in `bufs`) with the inputs they were computed from.
+    fn tap_written(
+        &self,
+        jobs: &[&str],
+        (job0, r0): (&pb::TensorJob, &pb::TensorRows),
+        inputs: &[Vec<f32>],
+        (bufs, at, end): (&[Vec<u8>], usize, usize),
+        odt: DType,
+    ) {
+        let range = (r0.row_start, r0.row_end);
+        let Some(mut w) = self.tap.as_ref().and_then(|t| t.outputs(jobs, job0, range)) else {
+            return;
+        };
+        let refs: Vec<&[f32]> = inputs.iter().map(Vec::as_slice).collect();
+        let written: Vec<&[u8]> = bufs.iter().map(|b| &b[at..end]).collect();
+        w.add(&refs, &written, odt);
+        w.finish();
     }
 }
 

@@ -20,6 +20,8 @@ use shardmerge_proto as pb;
 
 use super::{input_dtype, method_of, tensor_ctx, TaskError};
 use crate::format::dtype::{self, DType};
+use crate::kernels::exact::ExactSum;
+use crate::kernels::report::Distance;
 use crate::kernels::{self, Reduced, RowRange, Stats};
 
 /// Values of each input decoded at a time from stored bytes.
@@ -29,6 +31,8 @@ const CHUNK_VALUES: usize = 1 << 18;
 #[derive(Debug, Default)]
 pub struct ReportTap {
     tensors: HashMap<String, Tapped>,
+    /// A merge job's id → the sweep point it writes ([`ReportTap::name_point`]).
+    points: Mutex<HashMap<String, String>>,
 }
 
 #[derive(Debug)]
@@ -38,6 +42,9 @@ struct Tapped {
     /// It has selection passes: only the whole tensor at once counts.
     whole: bool,
     got: Mutex<Got>,
+    /// Per sweep point: its distance from the base over the rows folded (each [`Got`]'s
+    /// statistics one exact sum).
+    dists: Mutex<HashMap<String, Got>>,
 }
 
 /// What a tensor's tap has folded: the rows (disjoint ranges, adjacent ones joined) and their
@@ -87,10 +94,83 @@ impl ReportTap {
                 continue;
             }
             let whole = method_of(&job)?.passes(&tensor_ctx(&job)?) > 1;
-            let got = Mutex::new(Got::default());
-            tensors.insert(job.name.clone(), Tapped { job, whole, got });
+            let (got, dists) = Default::default();
+            tensors.insert(
+                job.name.clone(),
+                Tapped {
+                    job,
+                    whole,
+                    got,
+                    dists,
+                },
+            );
         }
-        Ok(ReportTap { tensors })
+        let points = Mutex::default();
+        Ok(ReportTap { tensors, points })
+    }
+
+    /// Says that the merge job `job_id` writes sweep point `point` (a name the report uses
+    /// to ask for its distances, [`ReportTap::distance`]): the values its kernels compute are
+    /// measured against the base as they are written.
+    pub fn name_point(&self, job_id: &str, point: &str) {
+        lock(&self.points).insert(job_id.to_string(), point.to_string());
+    }
+
+    /// Of tensor `name`, the distance from the base of sweep point `point`'s values, when the
+    /// ranges measured cover the tensor.
+    pub fn distance(&self, name: &str, point: &str) -> Option<ExactSum> {
+        let t = self.tensors.get(name)?;
+        let dists = lock(&t.dists);
+        let got = dists.get(point)?;
+        let total = crate::tensor::view2d(&t.job.shape).0;
+        let whole = got.rows.len() == 1 && got.rows.get(&0) == Some(&total);
+        whole
+            .then(|| got.stats.as_ref()?.sums.first().cloned())
+            .flatten()
+    }
+
+    /// Of the merge job `job_id`'s tensor `job`, the report's tensor and the sweep point,
+    /// when its values over `rows` are to be measured.
+    fn point_wanted(
+        &self,
+        job_id: &str,
+        job: &pb::TensorJob,
+        rows: (u64, u64),
+    ) -> Option<(&Tapped, String)> {
+        let point = lock(&self.points).get(job_id)?.clone();
+        let t = self.tensors.get(&job.name)?;
+        if !super::group::same_tensor_reads(&t.job, job) {
+            return None;
+        }
+        let seen = lock(&t.dists).get(&point).is_some_and(|g| g.meets(rows));
+        (!seen).then_some((t, point))
+    }
+
+    /// A measure of the values the merge jobs `jobs` write over rows `rows` of `job` (the
+    /// same tensor read alike by each), a block of rows at a time ([`Outputs::add`]).
+    pub(super) fn outputs(
+        &self,
+        jobs: &[&str],
+        job: &pb::TensorJob,
+        rows: (u64, u64),
+    ) -> Option<Outputs<'_>> {
+        let points: Vec<Option<(Distance, String)>> = jobs
+            .iter()
+            .map(|j| {
+                let (_, point) = self.point_wanted(j, job, rows)?;
+                Some((Distance::new(), point))
+            })
+            .collect();
+        let t = self.tensors.get(&job.name)?;
+        let base = t.job.base_index? as usize;
+        let any = points.iter().any(Option::is_some);
+        any.then_some(Outputs {
+            t,
+            rows,
+            base,
+            points,
+            decoded: Vec::new(),
+        })
     }
 
     /// The report's job for the tensor a merge's `job` computes, when the tap covers it and
@@ -254,6 +334,56 @@ fn fold(job: &pb::TensorJob, parts: Vec<Stats>) -> Result<Stats, TaskError> {
         Ok(Reduced::Done(s)) => Ok(s),
         Ok(Reduced::More(_)) => Err(super::fatal("report statistics: more than one pass")),
         Err(e) => Err(super::fatal(format!("tensor {}: {e}", job.name))),
+    }
+}
+
+/// Sweep points' values measured against the base as they are written
+/// ([`ReportTap::outputs`]).
+pub(super) struct Outputs<'a> {
+    t: &'a Tapped,
+    rows: (u64, u64),
+    /// Which of the inputs is the base.
+    base: usize,
+    /// Per merge job: its distance so far and its point (none: not measured).
+    points: Vec<Option<(Distance, String)>>,
+    decoded: Vec<f32>,
+}
+
+impl Outputs<'_> {
+    /// The next block: the inputs' values, and each job's values as written (`out[k]`, in
+    /// dtype `odt`).
+    pub(super) fn add(&mut self, inputs: &[&[f32]], out: &[&[u8]], odt: DType) {
+        let Some(base) = inputs.get(self.base) else {
+            return;
+        };
+        for (p, bytes) in self.points.iter_mut().zip(out) {
+            let Some((d, _)) = p else {
+                continue;
+            };
+            self.decoded.resize(bytes.len() / odt.size(), 0.0);
+            dtype::decode(odt, bytes, &mut self.decoded);
+            d.add(&self.decoded, base);
+        }
+    }
+
+    /// Keeps each point's distance over the rows (every block of them added).
+    pub(super) fn finish(self) {
+        let mut dists = lock(&self.t.dists);
+        for (d, point) in self.points.into_iter().flatten() {
+            let got = dists.entry(point).or_default();
+            if got.meets(self.rows) {
+                continue;
+            }
+            let mut sum = d.finish();
+            if let Some(before) = got.stats.take().and_then(|s| s.sums.into_iter().next()) {
+                sum.merge(&before);
+            }
+            got.stats = Some(Stats {
+                sums: vec![sum],
+                ..Default::default()
+            });
+            got.add(self.rows);
+        }
     }
 }
 

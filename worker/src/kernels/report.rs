@@ -18,6 +18,7 @@
 //! Σ (pₖ − base)², is an exact sum after the Gram triangle (`sums[(m+1)(m+2)/2 + k]`).
 
 use super::dot::DotSum;
+use super::exact::ExactSum;
 use super::select::{self, magnitude_keep, Boundary, Cursor};
 use super::stats::merge_sums;
 use super::{
@@ -261,6 +262,48 @@ pub fn merge(parts: &[Stats]) -> Stats {
         sums: merge_sums(parts),
         counts,
         ..Default::default()
+    }
+}
+
+/// A sweep point's distance from the base over some values, accumulated: Σ (pₖ − base)², each
+/// difference in f32 and the sum exact, as the report's statistics compute it for a point given
+/// as an input (`run --report` computes it from the values the merge wrote, `exec/tap.rs`).
+pub struct Distance(DotSum);
+
+impl Distance {
+    pub fn new() -> Self {
+        Distance(DotSum::new())
+    }
+
+    /// Adds the values `point` of the point and `base` of the base, element by element.
+    pub fn add(&mut self, point: &[f32], base: &[f32]) {
+        let mut t = [0f32; CHUNK];
+        for (p, b) in point.chunks(CHUNK).zip(base.chunks(CHUNK)) {
+            let t = &mut t[..p.len()];
+            diff(p, b, t);
+            self.0.add_products(t, t);
+        }
+    }
+
+    /// The distances' statistics to join to the models' ([`with_distances`]): one exact sum
+    /// per point, in the points' order.
+    pub fn statistics(points: Vec<ExactSum>) -> Stats {
+        let mut sums = vec![ExactSum::default()];
+        sums.extend(points);
+        Stats {
+            sums,
+            ..Default::default()
+        }
+    }
+
+    pub fn finish(self) -> ExactSum {
+        self.0.finish()
+    }
+}
+
+impl Default for Distance {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -686,7 +729,20 @@ mod tests {
         cd.params.insert("points".into(), 2.0);
         let apart = stats_cut(&cd, &[inputs[1].clone(), all[4].clone(), all[5].clone()], 2);
         let models = stats_cut(&c, &inputs, 3);
-        assert_eq!(figures(3, 1, &with_distances(models, &apart)), f);
+        assert_eq!(figures(3, 1, &with_distances(models.clone(), &apart)), f);
+        // and accumulated from the points' values and the base's, in any pieces
+        let points: Vec<ExactSum> = [4, 5]
+            .iter()
+            .map(|&k| {
+                let mut d = Distance::new();
+                for (p, b) in all[k].chunks(5).zip(inputs[1].chunks(5)) {
+                    d.add(p, b);
+                }
+                d.finish()
+            })
+            .collect();
+        let joined = with_distances(models, &Distance::statistics(points));
+        assert_eq!(figures(3, 1, &joined), f);
         // more points than inputs besides the base: refused
         cp.params.insert("points".into(), 5.0);
         assert!(REPORT.check(&cp.ctx()).is_err());
