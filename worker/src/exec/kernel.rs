@@ -67,7 +67,7 @@ pub(super) async fn kernel_stored(
         let ctx = tensor_ctx(job)?;
         if let Some(t) = &tap {
             let raw: Vec<&[u8]> = inputs.iter().map(|b| &b[..]).collect();
-            t.stored(job, (0, ctx.rows), &raw);
+            t.stored(job, (0, ctx.rows), &raw, &release_behind(inputs));
         }
         let m = method_of(job)?;
         let views = dts

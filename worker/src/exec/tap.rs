@@ -24,8 +24,11 @@ use crate::kernels::exact::ExactSum;
 use crate::kernels::report::Distance;
 use crate::kernels::{self, Reduced, RowRange, Stats};
 
-/// Values of each input decoded at a time from stored bytes.
+/// Values of each input decoded at a time from stored bytes, at least: a range is cut into at
+/// most [`MOST_CHUNKS`] chunks (each chunk's partial statistics are held until its pass is
+/// reduced; a selection pass's are histograms of a few MB).
 const CHUNK_VALUES: usize = 1 << 18;
+const MOST_CHUNKS: usize = 32;
 
 /// Report statistics gathered from the rows a merge reads.
 #[derive(Debug, Default)]
@@ -198,7 +201,8 @@ impl ReportTap {
         if inputs.iter().any(|v| v.len() != n) {
             return;
         }
-        let r = statistics(&t.job, rows, |pass, state, at, out| {
+        // (decoded already: the range is one chunk)
+        let r = statistics(&t.job, rows, n, |pass, state, at, out| {
             let part: Vec<&[f32]> = inputs
                 .iter()
                 .map(|v| &v[at.first..at.first + at.n])
@@ -209,8 +213,15 @@ impl ReportTap {
         t.keep(rows, r);
     }
 
-    /// Rows `rows` of `job`'s inputs as stored (each input's bytes in its dtype).
-    pub(super) fn stored(&self, job: &pb::TensorJob, rows: (u64, u64), inputs: &[&[u8]]) {
+    /// Rows `rows` of `job`'s inputs as stored (each input's bytes in its dtype); `let_go`
+    /// is told each range of values decoded (mapped pages to let go behind the walk).
+    pub(super) fn stored(
+        &self,
+        job: &pb::TensorJob,
+        rows: (u64, u64),
+        inputs: &[&[u8]],
+        let_go: &dyn Fn(std::ops::Range<usize>),
+    ) {
         let Some(t) = self.wanted(job, rows) else {
             return;
         };
@@ -224,7 +235,9 @@ impl ReportTap {
             return;
         };
         let mut bufs: Vec<Vec<f32>> = vec![Vec::new(); inputs.len()];
-        let r = statistics(&t.job, rows, |pass, state, at, out| {
+        let n = (rows.1 - rows.0) as usize * crate::tensor::view2d(&job.shape).1 as usize;
+        let per = CHUNK_VALUES.max(n.div_ceil(MOST_CHUNKS));
+        let r = statistics(&t.job, rows, per, |pass, state, at, out| {
             for ((b, raw), dt) in bufs.iter_mut().zip(inputs).zip(&dts) {
                 let bytes = raw
                     .get(at.first * dt.size()..(at.first + at.n) * dt.size())
@@ -232,6 +245,7 @@ impl ReportTap {
                 b.resize(at.n, 0.0);
                 dtype::decode(*dt, bytes, b);
             }
+            let_go(at.first..at.first + at.n);
             let part: Vec<&[f32]> = bufs.iter().map(Vec::as_slice).collect();
             out.push(partial(&t.job, pass, state, at.rows, &part)?);
             Ok(())
@@ -299,12 +313,9 @@ impl Blocks<'_> {
         if self.failed {
             return;
         }
-        let r = statistics(&self.t.job, (start, end), |pass, state, at, out| {
-            let part: Vec<&[f32]> = inputs
-                .iter()
-                .map(|v| v.get(at.first..at.first + at.n).unwrap_or_default())
-                .collect();
-            out.push(partial(&self.t.job, pass, state, at.rows, &part)?);
+        let n = inputs.first().map_or(0, |v| v.len());
+        let r = statistics(&self.t.job, (start, end), n, |pass, state, at, out| {
+            out.push(partial(&self.t.job, pass, state, at.rows, inputs)?);
             Ok(())
         });
         match r {
@@ -401,17 +412,18 @@ struct Chunk {
 }
 
 /// The statistics of rows `rows` of `job` from `chunk(pass, state, chunk, out)`, which pushes
-/// the partial of one chunk of whole rows: every pass run and reduced, so that of a range
+/// the partial of one chunk of whole rows (about `values` values each): every pass run and reduced, so that of a range
 /// with one pass its folded partials, of the whole tensor its statistics.
 fn statistics(
     job: &pb::TensorJob,
     (start, end): (u64, u64),
+    values: usize,
     mut chunk: impl FnMut(u32, &Stats, Chunk, &mut Vec<Stats>) -> Result<(), TaskError>,
 ) -> Result<Stats, TaskError> {
     let ctx = tensor_ctx(job)?;
     let m = method_of(job)?;
     let row_len = ctx.row_len.max(1);
-    let per = (CHUNK_VALUES / row_len).max(1) as u64;
+    let per = (values / row_len).max(1) as u64;
     let named = |e: kernels::KernelError| super::fatal(format!("tensor {}: {e}", job.name));
     let mut state = Stats::default();
     for pass in 0..m.passes(&ctx) {
@@ -552,7 +564,7 @@ mod tests {
             .map(|x| x.iter().flat_map(|f| f.to_le_bytes()).collect())
             .collect();
         let raw: Vec<&[u8]> = bytes.iter().map(Vec::as_slice).collect();
-        stored.stored(&j, (0, 9), &raw);
+        stored.stored(&j, (0, 9), &raw, &|_| {});
         assert_eq!(stored.stats("w"), Some(decoded));
     }
 
