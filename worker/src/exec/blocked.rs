@@ -179,6 +179,7 @@ impl Executor {
             io.read_from(&src.model, range.end - range.start);
             // a local file is read a block at a time as the blocks are computed
             if let Some(at) = loc.store.positioned(&loc.path) {
+                at.will_need(range.clone());
                 raw.push(Input {
                     bytes: piece,
                     at: Some((at, range.start)),

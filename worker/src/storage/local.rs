@@ -128,7 +128,31 @@ impl PositionedRead for Positioned {
     fn map(&self, range: Range<u64>) -> SResult<Option<Mapped>> {
         Mapped::new(&self.file, &self.path, range)
     }
+
+    fn will_need(&self, range: Range<u64>) {
+        will_need(&self.file, range);
+    }
 }
+
+/// `posix_fadvise(WILLNEED)` of bytes `range` of `f` (see [`PositionedRead::will_need`]).
+#[cfg(target_os = "linux")]
+fn will_need(f: &File, range: Range<u64>) {
+    use std::os::fd::AsRawFd;
+    let (Ok(at), Ok(n)) = (
+        libc::off64_t::try_from(range.start),
+        libc::off64_t::try_from(range.end.saturating_sub(range.start)),
+    ) else {
+        return;
+    };
+    // SAFETY: posix_fadvise on a descriptor `f` owns and keeps open for the call; it reads and
+    // writes no memory of ours (it only asks the kernel to read the file's pages ahead).
+    unsafe {
+        libc::posix_fadvise64(f.as_raw_fd(), at, n, libc::POSIX_FADV_WILLNEED);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn will_need(_f: &File, _range: Range<u64>) {}
 
 /// Starts writing `len` bytes of `f` from `offset` back to the disk, without waiting for it:
 /// the part's pages go to the disk while the job computes the next ones, and the fsync that

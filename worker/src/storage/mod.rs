@@ -90,6 +90,11 @@ pub trait PositionedRead: Send + Sync {
     fn map(&self, _range: Range<u64>) -> SResult<Option<Mapped>> {
         Ok(None)
     }
+
+    /// Says that bytes `range` are about to be read: a local file starts reading them into
+    /// the page cache in the background, so that reads a block at a time (computed as they
+    /// come) do not each wait for the disk. Best effort, no error.
+    fn will_need(&self, _range: Range<u64>) {}
 }
 
 /// A store of files addressed by path (a local absolute path, or an object key).
