@@ -9,7 +9,6 @@
 //! arithmetic on tensor data happens here.
 
 use std::collections::BTreeMap;
-
 use std::sync::Arc;
 
 use futures::{StreamExt, TryStreamExt};

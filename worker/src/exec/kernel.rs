@@ -140,15 +140,10 @@ pub(super) async fn kernel_points(
     (outs, tap): (Vec<Vec<f32>>, Option<Arc<ReportTap>>),
 ) -> (Result<Vec<Vec<f32>>, TaskError>, Vec<Vec<f32>>) {
     let values: usize = inputs.iter().map(Vec::len).sum();
-    if let Some(&(job0, r0)) = points.first() {
-        if values <= INLINE_KERNEL {
-            tap_decoded(tap.as_deref(), job0, row_range(r0), &inputs);
-        }
-    }
     if values <= INLINE_KERNEL {
         let mut inputs = inputs;
         let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            compute_points(points, &mut inputs, outs)
+            compute_points(points, &mut inputs, (outs, tap.as_deref()))
         }))
         .unwrap_or_else(|_| Err(fatal("kernel panicked")));
         return (res, inputs);
@@ -160,10 +155,7 @@ pub(super) async fn kernel_points(
     let done = tokio::task::spawn_blocking(move || {
         let mut inputs = inputs;
         let points: Vec<_> = owned.iter().map(|(j, r)| (j, r)).collect();
-        if let Some(&(job0, r0)) = points.first() {
-            tap_decoded(tap.as_deref(), job0, row_range(r0), &inputs);
-        }
-        let res = compute_points(&points, &mut inputs, outs);
+        let res = compute_points(&points, &mut inputs, (outs, tap.as_deref()));
         (res, inputs)
     })
     .await;
@@ -173,17 +165,18 @@ pub(super) async fn kernel_points(
     }
 }
 
-/// [`kernel_points`] on this thread.
+/// [`kernel_points`] on this thread (the inputs handed to `tap` first, if any).
 fn compute_points(
     points: &[(&pb::TensorJob, &pb::TensorRows)],
     inputs: &mut [Vec<f32>],
-    outs: Vec<Vec<f32>>,
+    (outs, tap): (Vec<Vec<f32>>, Option<&ReportTap>),
 ) -> Result<Vec<Vec<f32>>, TaskError> {
     let mut outs = outs;
     outs.resize_with(points.len(), Vec::new);
     let Some(((job0, r0), rest)) = points.split_first() else {
         return Ok(outs);
     };
+    tap_decoded(tap, job0, row_range(r0), inputs);
     // together only when every point runs the same method over the same range
     let alike = rest.iter().all(|(j, r)| {
         (&j.method, r.row_start, r.row_end, r.range_index)

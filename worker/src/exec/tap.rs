@@ -69,6 +69,11 @@ impl Got {
             .is_some_and(|(_, &e)| e > a)
     }
 
+    /// Whether the rows folded are `[0, total)`, all of them.
+    fn covers(&self, total: u64) -> bool {
+        self.rows.len() == 1 && self.rows.get(&0) == Some(&total)
+    }
+
     /// Notes rows `[a, b)` folded (disjoint from those before), joining adjacent ranges.
     fn add(&mut self, (mut a, mut b): (u64, u64)) {
         if let Some((&s, _)) = self.rows.range(..a).next_back().filter(|(_, &e)| e == a) {
@@ -126,8 +131,7 @@ impl ReportTap {
         let dists = lock(&t.dists);
         let got = dists.get(point)?;
         let total = crate::tensor::view2d(&t.job.shape).0;
-        let whole = got.rows.len() == 1 && got.rows.get(&0) == Some(&total);
-        whole
+        got.covers(total)
             .then(|| got.stats.as_ref()?.sums.first().cloned())
             .flatten()
     }
@@ -270,8 +274,7 @@ impl ReportTap {
         let t = self.tensors.get(name)?;
         let got = lock(&t.got);
         let total = crate::tensor::view2d(&t.job.shape).0;
-        let whole = got.rows.len() == 1 && got.rows.get(&0) == Some(&total);
-        whole.then(|| got.stats.clone()).flatten()
+        got.covers(total).then(|| got.stats.clone()).flatten()
     }
 }
 
