@@ -21,7 +21,7 @@ use shardmerge_proto as pb;
 use super::{input_dtype, method_of, tensor_ctx, TaskError};
 use crate::format::dtype::{self, DType};
 use crate::kernels::exact::ExactSum;
-use crate::kernels::report::Distance;
+use crate::kernels::report::{self, Distance};
 use crate::kernels::{self, Reduced, RowRange, Stats};
 
 /// Values of each input decoded at a time from stored bytes, at least: a range is cut into at
@@ -72,6 +72,20 @@ impl Got {
     /// Whether the rows folded are `[0, total)`, all of them.
     fn covers(&self, total: u64) -> bool {
         self.rows.len() == 1 && self.rows.get(&0) == Some(&total)
+    }
+
+    /// Folds the statistics `st` of rows `rows` in (exact sums and counts added, as the
+    /// report folds a tensor's ranges and a layer's tensors: `report::merge`), unless they
+    /// meet rows folded already.
+    fn fold_in(&mut self, rows: (u64, u64), st: Stats) {
+        if self.meets(rows) {
+            return;
+        }
+        self.stats = Some(match self.stats.take() {
+            None => st,
+            Some(before) => report::merge(&[before, st]),
+        });
+        self.add(rows);
     }
 
     /// Notes rows `[a, b)` folded (disjoint from those before), joining adjacent ranges.
@@ -145,10 +159,7 @@ impl ReportTap {
         rows: (u64, u64),
     ) -> Option<(&Tapped, String)> {
         let point = lock(&self.points).get(job_id)?.clone();
-        let t = self.tensors.get(&job.name)?;
-        if !super::group::same_tensor_reads(&t.job, job) {
-            return None;
-        }
+        let t = self.tensor_of(job)?;
         let seen = lock(&t.dists).get(&point).is_some_and(|g| g.meets(rows));
         (!seen).then_some((t, point))
     }
@@ -180,14 +191,18 @@ impl ReportTap {
         })
     }
 
+    /// The tensor a merge's `job` computes, when the tap covers it and the merge reads exactly
+    /// the report's inputs, in the same order.
+    fn tensor_of(&self, job: &pb::TensorJob) -> Option<&Tapped> {
+        let t = self.tensors.get(&job.name)?;
+        super::group::same_tensor_reads(&t.job, job).then_some(t)
+    }
+
     /// The report's job for the tensor a merge's `job` computes, when the tap covers it and
     /// the merge reads exactly the report's inputs, in the same order, and `rows` is a range
     /// the tap wants and meets none folded already.
     fn wanted(&self, job: &pb::TensorJob, rows: (u64, u64)) -> Option<&Tapped> {
-        let t = self.tensors.get(&job.name)?;
-        if !super::group::same_tensor_reads(&t.job, job) {
-            return None;
-        }
+        let t = self.tensor_of(job)?;
         let total = crate::tensor::view2d(&t.job.shape).0;
         if (t.whole && rows != (0, total)) || rows.0 >= rows.1 || rows.1 > total {
             return None;
@@ -281,21 +296,8 @@ impl ReportTap {
 impl Tapped {
     /// Folds the statistics `r` of rows `rows`, unless they meet rows folded meanwhile.
     fn keep(&self, rows: (u64, u64), r: Result<Stats, TaskError>) {
-        let folded = r.and_then(|st| {
-            let mut got = lock(&self.got);
-            if got.meets(rows) {
-                return Ok(());
-            }
-            // (of a whole tensor, its statistics reduced already: nothing to fold them with)
-            got.stats = Some(match got.stats.take() {
-                None => st,
-                Some(before) => fold(&self.job, vec![before, st])?,
-            });
-            got.add(rows);
-            Ok(())
-        });
-        match folded {
-            Ok(()) => {}
+        match r {
+            Ok(st) => lock(&self.got).fold_in(rows, st),
             // (the report reads the tensor itself, and says what is wrong)
             Err(e) => tracing::debug!("report tap: tensor {}: {e}", self.job.name),
         }
@@ -332,22 +334,9 @@ impl Blocks<'_> {
 
     /// Keeps the range's statistics (every block of it added).
     pub(super) fn finish(self) {
-        if self.failed {
-            return;
+        if !self.failed {
+            self.t.keep(self.rows, Ok(report::merge(&self.parts)));
         }
-        let r = fold(&self.t.job, self.parts);
-        self.t.keep(self.rows, r);
-    }
-}
-
-/// The last (only) pass's partials of ranges of `job` folded into one.
-fn fold(job: &pb::TensorJob, parts: Vec<Stats>) -> Result<Stats, TaskError> {
-    let ctx = tensor_ctx(job)?;
-    let m = method_of(job)?;
-    match m.reduce(&ctx, 0, Stats::default(), parts) {
-        Ok(Reduced::Done(s)) => Ok(s),
-        Ok(Reduced::More(_)) => Err(super::fatal("report statistics: more than one pass")),
-        Err(e) => Err(super::fatal(format!("tensor {}: {e}", job.name))),
     }
 }
 
@@ -384,19 +373,11 @@ impl Outputs<'_> {
     pub(super) fn finish(self) {
         let mut dists = lock(&self.t.dists);
         for (d, point) in self.points.into_iter().flatten() {
-            let got = dists.entry(point).or_default();
-            if got.meets(self.rows) {
-                continue;
-            }
-            let mut sum = d.finish();
-            if let Some(before) = got.stats.take().and_then(|s| s.sums.into_iter().next()) {
-                sum.merge(&before);
-            }
-            got.stats = Some(Stats {
-                sums: vec![sum],
+            let st = Stats {
+                sums: vec![d.finish()],
                 ..Default::default()
-            });
-            got.add(self.rows);
+            };
+            dists.entry(point).or_default().fold_in(self.rows, st);
         }
     }
 }
@@ -415,8 +396,9 @@ struct Chunk {
 }
 
 /// The statistics of rows `rows` of `job` from `chunk(pass, state, chunk, out)`, which pushes
-/// the partial of one chunk of whole rows (about `values` values each): every pass run and reduced, so that of a range
-/// with one pass its folded partials, of the whole tensor its statistics.
+/// the partial of one chunk of whole rows (about `values` values each): every pass run and
+/// reduced, so that of a range with one pass its folded partials, of the whole tensor its
+/// statistics.
 fn statistics(
     job: &pb::TensorJob,
     (start, end): (u64, u64),
