@@ -5,12 +5,11 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use shardmerge_proto as pb;
 
 use crate::format::dtype::{self, DType};
 use crate::kernels::{self, TensorCtx};
-use crate::storage::{self, retry, Resolver, Storage, StorageError, Upload};
+use crate::storage::{self, retry, Resolver, StorageError};
 
 /// A task failure: retryable ones (I/O) are run again, the others fail the job.
 #[derive(Debug, Clone)]
@@ -53,6 +52,7 @@ pub mod extract;
 mod group;
 mod kernel;
 mod lora;
+mod out;
 mod read;
 mod rowcache;
 mod rowmap;
@@ -61,6 +61,8 @@ mod segment;
 mod tap;
 pub use blocked::reads_as_stored;
 use kernel::{kernel_points, kernel_rows, kernel_stored, partial_rows};
+use out::Part;
+pub use out::{Staged, Writes};
 pub(crate) use read::input_dtype;
 pub use read::whole_as_stored;
 pub use rowcache::RowCache;
@@ -142,34 +144,62 @@ impl Executor {
         self
     }
 
-    /// Runs one task with the slot's buffers.
+    /// Runs one task with the slot's buffers (its bytes written before it returns).
     pub async fn run(
         &self,
         task: &pb::Task,
         scratch: &mut Scratch,
     ) -> Result<pb::TaskResult, TaskError> {
+        let mut results = self.finish(self.stage(task, scratch).await, scratch).await;
+        results
+            .pop()
+            .unwrap_or_else(|| Err(fatal("a task without a result")))
+    }
+
+    /// Computes one task with the slot's buffers: a write task's bytes are left to write.
+    async fn stage(&self, task: &pb::Task, scratch: &mut Scratch) -> Staged {
         let r = match &task.kind {
-            Some(pb::task::Kind::Write(w)) => {
-                self.run_write(w, &task.job_id, task.audit, scratch).await
-            }
-            Some(pb::task::Kind::Stats(s)) => self.run_stats(s, &task.job_id, scratch).await,
+            Some(pb::task::Kind::Write(w)) => self
+                .compute_write(w, &task.job_id, task.audit, scratch)
+                .await
+                .map(Staged::Writes),
+            Some(pb::task::Kind::Stats(s)) => self
+                .run_stats(s, &task.job_id, scratch)
+                .await
+                .map(|r| Staged::Done(vec![Ok(r)])),
             None => Err(fatal(
                 "task has no kind (coordinator/worker version mismatch?)",
             )),
         };
         scratch.trim();
-        r
+        r.unwrap_or_else(|e| Staged::Done(vec![Err(e)]))
     }
 
-    /// Computes a write task's bytes and writes them; `audit`: writes nothing, and reports the
-    /// size and CRC-32C of the bytes as the receipt (an audit of another worker's result).
-    async fn run_write(
+    /// Writes what `staged` left to write, now, keeping the buffers for the slot's next tasks.
+    async fn finish(
+        &self,
+        staged: Staged,
+        scratch: &mut Scratch,
+    ) -> Vec<Result<pb::TaskResult, TaskError>> {
+        match staged {
+            Staged::Done(results) => results,
+            Staged::Writes(w) => {
+                let (results, bufs) = self.write_out(w).await;
+                scratch.keep_outputs(bufs);
+                results
+            }
+        }
+    }
+
+    /// Computes a write task's bytes, to be written; `audit`: to write nothing, and report
+    /// the size and CRC-32C of the bytes as the receipt (an audit of another worker's result).
+    async fn compute_write(
         &self,
         w: &pb::WriteTask,
         job_id: &str,
         audit: bool,
         scratch: &mut Scratch,
-    ) -> Result<pb::TaskResult, TaskError> {
+    ) -> Result<Writes, TaskError> {
         let out = w
             .output
             .as_ref()
@@ -205,57 +235,24 @@ impl Executor {
                 "segments fill {at} of the task's {len} bytes (plan error)"
             )));
         }
-        let part = if audit {
-            // an audit writes nothing: the receipt says what would have been written
-            let part = pb::PartReceipt {
-                part_index: 0,
-                etag: String::new(),
-                size: len as u64,
-                crc32c: crc32c::crc32c(&buf),
-            };
-            scratch.bytes = buf;
-            part
-        } else {
-            self.put(out, buf, scratch).await?
-        };
-        // the part is written (or audited, after it was): the rows the statistics passes kept
-        // for it are not needed again
-        if let Some(c) = &self.cache {
-            io.cached.iter().for_each(|k| c.remove(k));
-        }
-        Ok(pb::TaskResult {
-            bytes_read: io.bytes_read,
-            inputs: io.inputs(),
-            // (an audit computed the bytes and wrote none: metrics and logs count no write)
-            bytes_written: if audit { 0 } else { len as u64 },
-            // (unused: the part receipt's CRC-32C is the part's checksum)
-            checksum: 0,
-            part: Some(part),
-            stats: None,
-        })
-    }
-
-    /// Writes a task's bytes `buf` to its output target; returns the part's receipt.
-    async fn put(
-        &self,
-        out: &pb::OutputTarget,
-        buf: Vec<u8>,
-        scratch: &mut Scratch,
-    ) -> Result<pb::PartReceipt, TaskError> {
-        let (store, upload, part_index) = self.sink(out)?;
-        let data = Bytes::from(buf);
-        let receipt = store
-            .write_part(&upload, part_index, out.offset, data.clone())
-            .await?;
-        // The store is done with the bytes: take the buffer back when nothing else holds it.
-        if let Ok(b) = data.try_into_mut() {
-            scratch.bytes = b.into();
-        }
-        Ok(pb::PartReceipt {
-            part_index: receipt.part_index,
-            etag: receipt.etag,
-            size: receipt.size,
-            crc32c: receipt.crc32c,
+        Ok(Writes {
+            parts: vec![Part {
+                // (an audit writes nothing: its receipt says what would have been written)
+                out: (!audit).then(|| out.clone()),
+                buf,
+                result: pb::TaskResult {
+                    bytes_read: io.bytes_read,
+                    inputs: io.inputs(),
+                    // (an audit computed the bytes and wrote none: metrics and logs count no
+                    // write)
+                    bytes_written: if audit { 0 } else { len as u64 },
+                    // (unused: the part receipt's CRC-32C is the part's checksum)
+                    checksum: 0,
+                    part: None,
+                    stats: None,
+                },
+            }],
+            cached: io.cached,
         })
     }
 
@@ -321,35 +318,6 @@ impl Executor {
             self.copy_rows(job, r, odt, dst, io).await?;
         }
         Ok(end)
-    }
-
-    fn sink(&self, out: &pb::OutputTarget) -> Result<(Arc<dyn Storage>, Upload, u32), TaskError> {
-        match &out.sink {
-            Some(pb::output_target::Sink::Local(l)) => {
-                let loc = self.resolver.resolve(&l.path, Path::new("/"))?;
-                let final_path = self.resolver.resolve(&out.uri, Path::new("/"))?.path;
-                Ok((
-                    loc.store,
-                    Upload {
-                        path: final_path,
-                        id: loc.path,
-                    },
-                    0,
-                ))
-            }
-            Some(pb::output_target::Sink::Multipart(m)) => {
-                let loc = self.resolver.resolve(&m.store, Path::new("/"))?;
-                Ok((
-                    loc.store,
-                    Upload {
-                        path: m.key.clone(),
-                        id: m.upload_id.clone(),
-                    },
-                    m.part_index,
-                ))
-            }
-            None => Err(fatal("output without a sink")),
-        }
     }
 
     async fn run_stats(
@@ -491,24 +459,4 @@ fn stored_view(dt: DType, b: &[u8]) -> Option<kernels::Stored<'_>> {
 pub(super) fn method_of(job: &pb::TensorJob) -> Result<&'static dyn kernels::Method, TaskError> {
     kernels::task_method(&job.method)
         .ok_or_else(|| fatal(format!("unknown merge method {:?}", job.method)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn written_bytes_come_back_as_the_same_buffer() {
-        // run_write hands the output to the store as `Bytes` and takes the allocation back
-        // once the store has dropped its copy.
-        let buf = vec![7u8; 1 << 20];
-        let ptr = buf.as_ptr();
-        let data = Bytes::from(buf);
-        let store_copy = data.clone();
-        assert!(data.clone().try_into_mut().is_err(), "still shared");
-        drop(store_copy);
-        let back: Vec<u8> = data.try_into_mut().expect("unique again").into();
-        assert_eq!(back.as_ptr(), ptr);
-        assert_eq!(back.len(), 1 << 20);
-    }
 }

@@ -9,7 +9,10 @@ use async_trait::async_trait;
 use shardmerge_proto as pb;
 use tokio::sync::watch;
 
-use crate::exec::{Executor, Scratch};
+use crate::exec::{Executor, Scratch, Staged};
+
+mod behind;
+use behind::{Behind, Group};
 
 /// Why a call to a work source failed: what a caller can act on, with the message a person
 /// reads (naming the call and the coordinator).
@@ -99,6 +102,8 @@ async fn slot_loop(
     let worker_id = format!("{}/{slot}", opts.worker_id);
     let mut backoff = Duration::from_millis(5);
     let mut scratch = Scratch::new(opts.slot_memory);
+    // the last group's writes, while the slot computes the next one
+    let mut behind: Option<Behind> = None;
     while !*stop.borrow() {
         let resp = source
             .poll(pb::PollWorkRequest {
@@ -113,6 +118,7 @@ async fn slot_loop(
                 r.leases
             }
             Ok(r) => {
+                behind::settle(&mut behind, &mut scratch).await;
                 if scratch.held() > 0 {
                     // idle: the slot's buffers go back to the system until work comes
                     scratch = Scratch::new(opts.slot_memory);
@@ -136,9 +142,11 @@ async fn slot_loop(
             }
         };
         for lease in leases {
-            run_one(&source, &exec, &worker_id, lease, &mut scratch, &mut stop).await;
+            let slot = (&mut scratch, &mut behind, opts.slot_memory);
+            run_one(&source, &exec, &worker_id, lease, slot, &mut stop).await;
         }
     }
+    behind::settle(&mut behind, &mut scratch).await;
 }
 
 /// Resolves when `stop` turns true (never, if its sender is gone without saying so).
@@ -148,12 +156,14 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     }
 }
 
+/// Runs a lease and its riders in a slot (its buffers, the writes behind it and its memory):
+/// computes them, then writes their bytes behind the slot (`behind`) or reports their results.
 async fn run_one(
     source: &Arc<dyn WorkSource>,
     exec: &Executor,
     worker_id: &str,
     lease: pb::Lease,
-    scratch: &mut Scratch,
+    (scratch, behind, slot_memory): (&mut Scratch, &mut Option<Behind>, u64),
     stop: &mut watch::Receiver<bool>,
 ) {
     // the lease and its riders (tasks of other jobs reading the same rows), run together
@@ -166,47 +176,55 @@ async fn run_one(
         return;
     };
     let ids: Vec<String> = leases.iter().map(|l| l.lease_id.clone()).collect();
-    let renewer = spawn_renewer(source, worker_id, &ids, lease.ttl_ms);
+    let group = Group {
+        worker_id: worker_id.to_string(),
+        leases: leases
+            .iter()
+            .zip(&tasks)
+            .map(|(l, t)| (l.lease_id.clone(), t.task_id))
+            .collect(),
+        started: std::time::Instant::now(),
+        renewer: spawn_renewer(source, worker_id, &ids, lease.ttl_ms),
+    };
+    behind::settle_for(behind, scratch, behind::out_bytes(&tasks), slot_memory).await;
     // A stop (SIGTERM, SIGINT) drops the task where it is and hands the lease back as a
     // retryable failure, so the task runs again at once elsewhere instead of waiting for the
     // lease to expire. A task is pure: what it wrote so far is written again, the same.
-    let started = std::time::Instant::now();
-    let results = tokio::select! {
-        r = exec.run_group(&tasks, scratch) => Some(r),
+    let staged = tokio::select! {
+        r = exec.stage_group(&tasks, scratch) => Some(r),
         _ = stopped(stop) => None,
     };
-    renewer.abort();
-    let Some(results) = results else {
-        for (l, task) in leases.iter().zip(&tasks) {
-            tracing::info!(worker = %worker_id, "stopping: handing task {} back", task.task_id);
-            if let Err(e) = source
-                .fail(pb::FailTaskRequest {
-                    worker_id: worker_id.to_string(),
-                    lease_id: l.lease_id.clone(),
-                    error: format!("worker {worker_id} stopped; task handed back"),
-                    retryable: true,
-                })
-                .await
-            {
-                tracing::warn!("handing task {} back failed: {e}", task.task_id);
-            }
-        }
+    let Some(staged) = staged else {
+        group.renewer.abort();
+        hand_back(source.as_ref(), worker_id, &group.leases).await;
         return;
     };
-    // the riders first: when the lead task's result unblocks its job's next tasks (a
-    // statistics unit's last pass), the riders' are unblocked already and go with them
-    let done: Vec<_> = leases.iter().zip(&tasks).zip(results).collect();
-    for ((l, task), result) in done.into_iter().rev() {
-        let id = &l.lease_id;
-        report(
-            source.as_ref(),
-            worker_id,
-            id,
-            task.task_id,
-            started,
-            result,
-        )
-        .await;
+    // the writes behind the slot end before this group's begin: two groups' at most
+    behind::settle(behind, scratch).await;
+    match staged {
+        Staged::Writes(w) => *behind = Some(behind::spawn(source, exec, w, group, stop.clone())),
+        Staged::Done(results) => {
+            group.renewer.abort();
+            behind::finish(source.as_ref(), &group, results).await;
+        }
+    }
+}
+
+/// Hands the leases `(lease id, task id)` back as retryable failures: the worker is stopping.
+async fn hand_back(source: &dyn WorkSource, worker_id: &str, leases: &[(String, u64)]) {
+    for (lease_id, task) in leases {
+        tracing::info!(worker = %worker_id, "stopping: handing task {task} back");
+        if let Err(e) = source
+            .fail(pb::FailTaskRequest {
+                worker_id: worker_id.to_string(),
+                lease_id: lease_id.clone(),
+                error: format!("worker {worker_id} stopped; task handed back"),
+                retryable: true,
+            })
+            .await
+        {
+            tracing::warn!("handing task {task} back failed: {e}");
+        }
     }
 }
 

@@ -716,6 +716,31 @@ fn one_worker_holds_at_most_max_slots_per_worker_leases() {
     assert_eq!(poll("greedy", 100).len(), 1);
 }
 
+/// `free_slots` is what a worker can start now: a worker id that holds leases (a slot
+/// writing its last group behind it) gets that many more, up to `--max-slots-per-worker`.
+#[test]
+fn a_worker_holding_leases_gets_what_its_free_slots_ask_up_to_the_cap() {
+    let mgr = manager(
+        &["a"],
+        super::Limits {
+            max_slots_per_worker: 2,
+            ..Default::default()
+        },
+    );
+    let poll = |n: u32| {
+        mgr.poll(&pb::PollWorkRequest {
+            worker_id: "slot".into(),
+            free_slots: n,
+            slot_memory: 0,
+        })
+        .leases
+        .len()
+    };
+    assert_eq!(poll(1), 1);
+    assert_eq!(poll(1), 1, "the lease it holds kept it from the next");
+    assert_eq!(poll(1), 0, "past the cap");
+}
+
 #[test]
 fn progress_counts_statistics_passes_and_ends_at_the_total() {
     let mut j = job();

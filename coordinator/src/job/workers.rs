@@ -58,9 +58,9 @@ impl JobManager {
         let mut jobs = lock(&self.jobs);
         let mut leases = lock(&self.leases);
         let held = leases.held_by(&req.worker_id);
-        let want = (req.free_slots.max(1) as usize)
-            .min(max_slots)
-            .saturating_sub(held);
+        // `free_slots` is what the worker can start now, beside what it holds (a slot writing
+        // its last group behind it holds that group's leases while it computes the next)
+        let want = (req.free_slots.max(1) as usize).min(max_slots.saturating_sub(held));
         if want == 0 {
             tracing::debug!(worker = %req.worker_id, "holds {held} leases, the most one worker may");
             out.retry_after_ms = 250;

@@ -10,6 +10,7 @@ use shardmerge_proto as pb;
 use super::scratch::{give_back, sized};
 use super::segment::{non_finite, segment_tensor};
 use super::{blocked, fatal, kernel_points, partial_rows, Executor, Io, Scratch, TaskError};
+use super::{Part, Staged, Writes};
 use crate::format::dtype::{self, DType};
 use crate::tensor::view2d;
 
@@ -18,12 +19,19 @@ type TaskResult = Result<pb::TaskResult, TaskError>;
 impl Executor {
     /// Runs `tasks` (a leased task, then its riders); one result per task, in order.
     pub async fn run_group(&self, tasks: &[&pb::Task], scratch: &mut Scratch) -> Vec<TaskResult> {
+        let staged = self.stage_group(tasks, scratch).await;
+        self.finish(staged, scratch).await
+    }
+
+    /// Computes a group (as [`Executor::run_group`]), leaving its write tasks' bytes to write
+    /// ([`Executor::write_out`]) when it is one write task or write tasks that share reads.
+    pub async fn stage_group(&self, tasks: &[&pb::Task], scratch: &mut Scratch) -> Staged {
         if let Some(writes) = shared_writes(tasks) {
-            let r = self.run_writes(&writes, scratch).await;
+            let r = self.compute_writes(&writes, scratch).await;
             scratch.trim();
             return match r {
-                Ok(results) => results.into_iter().map(Ok).collect(),
-                Err(e) => tasks.iter().map(|_| Err(e.clone())).collect(),
+                Ok(w) => Staged::Writes(w),
+                Err(e) => Staged::Done(tasks.iter().map(|_| Err(e.clone())).collect()),
             };
         }
         if let Some(stats) = shared_stats(tasks) {
@@ -31,13 +39,16 @@ impl Executor {
                 .run_stats_group(&stats, &tasks[0].job_id, scratch)
                 .await;
             scratch.trim();
-            return r;
+            return Staged::Done(r);
+        }
+        if let [task] = tasks {
+            return self.stage(task, scratch).await;
         }
         let mut out = Vec::with_capacity(tasks.len());
         for t in tasks {
             out.push(self.run(t, scratch).await);
         }
-        out
+        Staged::Done(out)
     }
 
     /// Statistics passes over the same rows (checked by `shared_stats`): the rows read once
@@ -79,12 +90,12 @@ impl Executor {
     }
 
     /// Computes write tasks that read the same rows (checked by `shared_writes`), reading each
-    /// segment's rows once, and writes each task's bytes to its own output.
-    async fn run_writes(
+    /// segment's rows once, each task's bytes to be written to its own output.
+    async fn compute_writes(
         &self,
         ws: &[Write<'_>],
         scratch: &mut Scratch,
-    ) -> Result<Vec<pb::TaskResult>, TaskError> {
+    ) -> Result<Writes, TaskError> {
         let len = usize::try_from(ws[0].out.length).map_err(|_| fatal("task too large"))?;
         // the buffers of the last group, when the store gave them back
         let bufs = scratch.output_buffers(ws.len());
@@ -105,41 +116,25 @@ impl Executor {
                 "segments fill {at} of the task's {len} bytes (plan error)"
             )));
         }
-        let mut results = Vec::with_capacity(ws.len());
-        let mut spare = Vec::with_capacity(ws.len());
-        for (k, (w, buf)) in ws.iter().zip(bufs).enumerate() {
-            let size = buf.len() as u64;
-            let part = if w.audit {
-                let crc32c = crc32c::crc32c(&buf);
-                spare.push(buf);
-                pb::PartReceipt {
-                    part_index: 0,
-                    etag: String::new(),
-                    size,
-                    crc32c,
-                }
-            } else {
-                let part = self.put(w.out, buf, scratch).await?;
-                // (`put` hands the buffer back in `scratch.bytes` when the store let it go)
-                spare.push(std::mem::take(&mut scratch.bytes));
-                part
-            };
-            results.push(pb::TaskResult {
+        let parts = ws.iter().zip(bufs).enumerate();
+        let parts = parts.map(|(k, (w, buf))| Part {
+            out: (!w.audit).then(|| w.out.clone()),
+            result: pb::TaskResult {
                 // the rows were read once, for the first task: the others read nothing
                 bytes_read: if k == 0 { io.bytes_read } else { 0 },
                 inputs: if k == 0 { io.inputs() } else { Vec::new() },
-                bytes_written: if w.audit { 0 } else { size },
+                bytes_written: if w.audit { 0 } else { buf.len() as u64 },
                 // (unused: the part receipt's CRC-32C is the part's checksum)
                 checksum: 0,
-                part: Some(part),
+                part: None,
                 stats: None,
-            });
-        }
-        scratch.keep_outputs(spare);
-        if let Some(c) = &self.cache {
-            io.cached.iter().for_each(|k| c.remove(k));
-        }
-        Ok(results)
+            },
+            buf,
+        });
+        Ok(Writes {
+            parts: parts.collect(),
+            cached: io.cached,
+        })
     }
 
     /// Segment `s` of every task into its buffer from byte `at`: literals copied, rows read

@@ -94,7 +94,7 @@ impl Scratch {
     }
 
     /// Keeps the output buffers the stores handed back, for [`Scratch::output_buffers`].
-    pub(super) fn keep_outputs(&mut self, mut bufs: Vec<Vec<u8>>) {
+    pub fn keep_outputs(&mut self, mut bufs: Vec<Vec<u8>>) {
         bufs.retain(|b| b.capacity() > 0);
         self.bytes = bufs.pop().unwrap_or_default();
         self.point_bytes.append(&mut bufs);

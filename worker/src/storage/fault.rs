@@ -27,6 +27,9 @@ pub struct FaultPlan {
     pub check_index_last: bool,
     /// Every small-file write (config, model card, index: the commit) waits this long first.
     pub delay_puts_ms: u64,
+    /// Every part write first takes a permit of this semaphore (and keeps it): a test lets
+    /// writes through one at a time.
+    pub write_gate: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 #[derive(Debug)]
@@ -151,6 +154,12 @@ impl Storage for FaultyStorage {
         offset: u64,
         data: Bytes,
     ) -> SResult<Receipt> {
+        if let Some(gate) = &self.plan.write_gate {
+            let permit = gate.acquire().await;
+            permit
+                .map_err(|_| StorageError::new("write gate closed", false))?
+                .forget();
+        }
         let n = self.writes.fetch_add(1, Ordering::SeqCst) + 1;
         if self.plan.break_writes_after > 0 && n > self.plan.break_writes_after {
             return Err(StorageError::new(
