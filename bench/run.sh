@@ -27,8 +27,9 @@
 #                       one by one (bench/task_arithmetic-sweep.yml; on by default)
 #   BENCH_SWEEP_OUT=null  the sweep and its single runs write to the discarding null:// store
 #                       (times reads and compute without the disk's writes)
-#   BENCH_COLD=1        the sweep, its single runs and its floor each start with the inputs
-#                       evicted from the page cache (read from the disk)
+#   BENCH_COLD=0        the sweep, its single runs and its floors read their inputs from the
+#                       page cache where they are there (by default each starts with the
+#                       inputs evicted from it, read from the disk, as a real sweep's are)
 #   BENCH_REPEAT=N      run each merge N times (default 2; with BENCH_COMPUTE=both the two
 #                       computes take turns going first) and report its fastest wall time and
 #                       largest peak RSS: one run's noise on a shared machine moves a ratio
@@ -216,11 +217,13 @@ merge_null() { # key recipe: shardmerge run into null://bench/KEY, the output di
     [[ -n ${BENCH_WORKERS:-} ]] && extra+=(--workers "$BENCH_WORKERS")
     timed "$key" "$REL/shardmerge" run "$recipe" "null://bench/$key" --quiet "${extra[@]}"
 }
-# BENCH_COLD=1: each of them (and the sweep's floor) starts with the inputs out of the page
-# cache (posix_fadvise DONTNEED on the input files only: the rest of the machine's cache stays),
-# so they are read from the disk, as inputs that do not fit in RAM would be.
+# Each of them (and the sweep's floors) starts with the inputs out of the page cache
+# (posix_fadvise DONTNEED on the input files only: the rest of the machine's cache stays), so
+# they are read from the disk, as the inputs of the sweeps the tool is for are: an 8B family's
+# 48 GB or a 70B one's 420 GB is never in the page cache, while the bench family's 4.5 GB would
+# be, and a single run would then read it from memory. BENCH_COLD=0 leaves the cache as it is.
 cold() {
-    [[ ${BENCH_COLD:-} == 1 ]] || return 0
+    [[ ${BENCH_COLD:-1} == 1 ]] || return 0
     python3 -c 'import os, sys
 for f in sys.argv[1:]:
     fd = os.open(f, os.O_RDONLY)
@@ -236,8 +239,8 @@ sweep_vs_singles() {
         cold
         timed floor_sweep5 "$REL/io-floor" --out "$DATA/out/floor.bin" --bytes $((5 * OUT_BYTES)) "${TA_IN[@]}"
         rm -f "$DATA/out/floor.bin"
-        # and with the outputs written past the page cache, as the merges write them: what no
-        # sweep on this disk can go below
+        # and with the outputs written past the page cache, as the merges write them (read,
+        # then written: a merge overlaps the two)
         cold
         timed floor_sweep5_direct "$REL/io-floor" --direct --out "$DATA/out/floor.bin" \
             --bytes $((5 * OUT_BYTES)) "${TA_IN[@]}"
@@ -334,7 +337,11 @@ if [[ ${STATUS[sweep5]:-} == ok ]]; then
         mean=$(awk -v a="$singles" -v n="$n" 'BEGIN { printf "%.2f", a / n }')
         SWEEP_X=$(ratio "${WALL[sweep5]}" "$mean")
         echo
-        [[ ${BENCH_COLD:-} == 1 ]] && echo "(BENCH_COLD=1: the inputs evicted from the page cache before the sweep, each single run and the sweep's floor)"
+        if [[ ${BENCH_COLD:-1} == 1 ]]; then
+            echo "(the inputs evicted from the page cache before the sweep, each single run and the sweep's two floors: read from the disk; BENCH_COLD=0 to leave them cached)"
+        else
+            echo "(BENCH_COLD=0: the inputs read from the page cache where they were there)"
+        fi
         echo "sweep of 5 task_arithmetic points: ${WALL[sweep5]} s = ${SWEEP_X} single runs (the $n single runs: $singles s, $mean s each);"
         echo "  read $(gb "${READ[sweep5]}") GB = $(ratio "${READ[sweep5]}" "$IN_BYTES_ta")x the input, the singles $(gb "$read1") GB = $(ratio "$read1" "$IN_BYTES_ta")x"
         if [[ ${STATUS[floor_sweep5]:-} == ok ]]; then
@@ -343,8 +350,9 @@ if [[ ${STATUS[sweep5]:-} == ok ]]; then
             echo "  the sweep took $(ratio "${WALL[sweep5]}" "${WALL[floor_sweep5]}")x its floor, a single run $(ratio "$mean" "$fl")x its"
         fi
         if [[ ${STATUS[floor_sweep5_direct]:-} == ok ]]; then
-            echo "  the same with the outputs written past the page cache (O_DIRECT, as the merges write): ${WALL[floor_sweep5_direct]} s"
-            echo "  = $(ratio "${WALL[floor_sweep5_direct]}" "$mean") single runs, a bound no sweep on this disk goes below (the sweep took $(ratio "${WALL[sweep5]}" "${WALL[floor_sweep5_direct]}")x it)"
+            echo "  the same with the outputs written past the page cache (O_DIRECT, as the merges write), reading and then writing: ${WALL[floor_sweep5_direct]} s"
+            echo "  = $(ratio "${WALL[floor_sweep5_direct]}" "$mean") single runs (the sweep took $(ratio "${WALL[sweep5]}" "${WALL[floor_sweep5_direct]}")x it: a merge writes while it reads; its writes alone are the second"
+            echo "  time io-floor printed above, and no sweep on this disk goes below those)"
         fi
     fi
 fi
