@@ -93,7 +93,8 @@ impl Scratch {
         bufs
     }
 
-    /// Keeps the output buffers the stores handed back, for [`Scratch::output_buffers`].
+    /// Keeps the output buffers the stores handed back, for the slot's next tasks
+    /// (`Scratch::output_buffers`).
     pub fn keep_outputs(&mut self, mut bufs: Vec<Vec<u8>>) {
         bufs.retain(|b| b.capacity() > 0);
         self.bytes = bufs.pop().unwrap_or_default();
