@@ -12,6 +12,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use super::{io_err, SResult};
@@ -24,10 +25,14 @@ const ALIGN: u64 = 4096;
 /// (a second open and a copy cost more than they save).
 const DIRECT_MIN: u64 = 256 << 10;
 
-/// Aligned copies kept for the next parts (at most [`SPARE`]): one per write in flight, so
-/// their number is bounded by the worker's slots, not by the threads that ran writes.
+/// Aligned copies kept for the next parts: at most as many as direct writes were ever in
+/// flight at once ([`PEAK`]; a worker's slots, times the points of a sweep group, whose parts
+/// are written together), so that the writes of the next groups copy into buffers already
+/// mapped instead of each faulting in a fresh one.
 static BOUNCES: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
-const SPARE: usize = 4;
+/// Direct writes in flight now, and the most that ever were.
+static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
 
 /// The most bytes one aligned copy holds (a multiple of [`ALIGN`]).
 const BOUNCE: usize = 8 << 20;
@@ -90,6 +95,8 @@ fn direct(tmp: &str, mid: &[u8], at: u64) -> std::io::Result<()> {
         .write(true)
         .custom_flags(libc::O_DIRECT)
         .open(tmp)?;
+    let now = IN_FLIGHT.fetch_add(1, Ordering::Relaxed) + 1;
+    PEAK.fetch_max(now, Ordering::Relaxed);
     let spare = BOUNCES.lock().ok().and_then(|mut v| v.pop());
     let mut b = spare.unwrap_or_default();
     let need = mid.len().min(BOUNCE) + ALIGN as usize;
@@ -112,10 +119,11 @@ fn direct(tmp: &str, mid: &[u8], at: u64) -> std::io::Result<()> {
         }
     }
     if let Ok(mut v) = BOUNCES.lock() {
-        if v.len() < SPARE {
+        if v.len() < PEAK.load(Ordering::Relaxed) {
             v.push(b);
         }
     }
+    IN_FLIGHT.fetch_sub(1, Ordering::Relaxed);
     res
 }
 
